@@ -1,0 +1,28 @@
+//! ordo-core: everything the two daemons share.
+//!
+//! Module map:
+//! - [`envelope`]: the message contract between producer and projector (body, ids, properties).
+//! - [`config`]: TOML + `ORDO__SECTION__KEY` loading, the sections both daemons share, validation.
+//! - [`secret`]: connection strings that never reach a log line.
+//! - [`checkpoint`]: the producer's resume-token store (`ordo_checkpoints`), fenced by a lease.
+//! - [`lease`]: leader election for one active producer per stream (`ordo_leases`).
+//! - [`projection`]: declarative and custom projections, folded in memory.
+//! - [`servicebus`]: the only module that knows azservicebus; ordo's own traits over it.
+//! - [`mongo`]: connecting to MongoDB with ordo's defaults.
+//! - [`telemetry`]: logs, the Prometheus recorder, `/healthz` `/readyz` `/metrics`.
+//! - [`metrics`]: every metric name, in one place.
+//! - [`shutdown`]: the root cancellation token, task tracker and signal handling.
+//! - [`retry`]: the capped, jittered backoff every fault path uses.
+
+pub mod checkpoint;
+pub mod config;
+pub mod envelope;
+pub mod lease;
+pub mod metrics;
+pub mod mongo;
+pub mod projection;
+pub mod retry;
+pub mod secret;
+pub mod servicebus;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,1 @@
+//! A Service Bus-compatible AMQP 1.0 broker for tests and local development.

@@ -1,1 +1,38 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ordo_core::cli::{config_path, load_config, Loaded};
+
+/// Tails the MongoDB change stream of the events collection and publishes every event to a
+/// partitioned Service Bus topic (SessionId = PartitionKey = aggregateId).
+#[derive(Debug, Parser)]
+#[command(name = "ordo-producer", version)]
+struct Cli {
+    /// TOML configuration file (also `ORDO_CONFIG`); `ORDO__SECTION__KEY` overrides it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print it with secrets as ***, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match load_config::<ordo_producer::ProducerConfig>(
+        "ordo-producer",
+        config_path(cli.config).as_deref(),
+        cli.check_config,
+    ) {
+        Loaded::Run(cfg) => cfg,
+        Loaded::Exit(code) => return code,
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(ordo_producer::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ordo-producer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

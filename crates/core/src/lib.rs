@@ -2,6 +2,7 @@
 //!
 //! Module map:
 //! - [`envelope`]: the message contract between producer and projector (body, ids, properties).
+//! - [`cli`]: what both binaries do before `run`: parse flags, load or check the config.
 //! - [`config`]: TOML + `ORDO__SECTION__KEY` loading, the sections both daemons share, validation.
 //! - [`secret`]: connection strings that never reach a log line.
 //! - [`checkpoint`]: the producer's resume-token store (`ordo_checkpoints`), fenced by a lease.
@@ -15,6 +16,7 @@
 //! - [`retry`]: the capped, jittered backoff every fault path uses.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod lease;

@@ -1,1 +1,76 @@
-//! metrics
+//! Every metric name ordo exports, in one place, so dashboards and docs can rely on them.
+//!
+//! Counters end in `_total`, durations are seconds. Labels are noted per name.
+
+/// Events published and acknowledged by Service Bus (producer).
+pub const EVENTS_PUBLISHED: &str = "ordo_events_published_total";
+/// Time from taking an event off the change stream to the broker's acknowledgement (producer).
+pub const PUBLISH_LATENCY: &str = "ordo_publish_latency_seconds";
+/// Now minus the cluster time of the newest change-stream event seen (producer).
+pub const CHANGE_STREAM_LAG: &str = "ordo_change_stream_lag_seconds";
+/// Now minus the wall time of the last saved checkpoint (producer).
+pub const CHECKPOINT_AGE: &str = "ordo_checkpoint_age_seconds";
+/// Checkpoints written (producer).
+pub const CHECKPOINTS_SAVED: &str = "ordo_checkpoints_saved_total";
+/// Events that could not be published and were parked; label `reason` (producer).
+pub const EVENTS_PARKED: &str = "ordo_events_parked_total";
+/// Times the change stream's history was lost and events were re-published from the
+/// collection; label `cause` (producer).
+pub const HISTORY_LOST: &str = "ordo_history_lost_total";
+/// Events re-published by recovery or the `beginning` start mode (producer).
+pub const EVENTS_REPUBLISHED: &str = "ordo_events_republished_total";
+/// 1 while this producer holds the stream's lease (producer).
+pub const LEASE_HELD: &str = "ordo_lease_held";
+/// Retries of a failed operation; label `op` (both).
+pub const RETRIES: &str = "ordo_retries_total";
+
+/// Events applied to read models (projector).
+pub const EVENTS_APPLIED: &str = "ordo_events_applied_total";
+/// Time to apply one batch: fold, write, settle (projector).
+pub const APPLY_LATENCY: &str = "ordo_apply_latency_seconds";
+/// Now minus the event's own timestamp, when applied (projector).
+pub const END_TO_END_LAG: &str = "ordo_end_to_end_lag_seconds";
+/// Messages whose version was already applied (projector).
+pub const DUPLICATES: &str = "ordo_duplicates_total";
+/// Events read from the events collection to heal a gap (projector).
+pub const GAPS_HEALED: &str = "ordo_gap_events_healed_total";
+/// Messages dead-lettered; label `reason` (projector).
+pub const DEAD_LETTERED: &str = "ordo_dead_lettered_total";
+/// Aggregates blocked by this process since start (projector).
+pub const AGGREGATES_BLOCKED: &str = "ordo_aggregates_blocked_total";
+/// Blocked aggregates currently recorded in `ordo_blocked` (projector).
+pub const BLOCKED_AGGREGATES: &str = "ordo_blocked_aggregates";
+/// Sessions this process holds now (projector).
+pub const SESSIONS_HELD: &str = "ordo_sessions_held";
+/// Session lock renewals (projector).
+pub const LOCK_RENEWALS: &str = "ordo_lock_renewals_total";
+/// Session locks lost before the worker released them (projector).
+pub const LOCKS_LOST: &str = "ordo_locks_lost_total";
+/// Version guards that failed because another writer moved the document (projector).
+pub const GUARD_CONFLICTS: &str = "ordo_guard_conflicts_total";
+
+/// Every name above, for the docs test and the `/metrics` smoke test.
+pub const ALL: &[&str] = &[
+    EVENTS_PUBLISHED,
+    PUBLISH_LATENCY,
+    CHANGE_STREAM_LAG,
+    CHECKPOINT_AGE,
+    CHECKPOINTS_SAVED,
+    EVENTS_PARKED,
+    HISTORY_LOST,
+    EVENTS_REPUBLISHED,
+    LEASE_HELD,
+    RETRIES,
+    EVENTS_APPLIED,
+    APPLY_LATENCY,
+    END_TO_END_LAG,
+    DUPLICATES,
+    GAPS_HEALED,
+    DEAD_LETTERED,
+    AGGREGATES_BLOCKED,
+    BLOCKED_AGGREGATES,
+    SESSIONS_HELD,
+    LOCK_RENEWALS,
+    LOCKS_LOST,
+    GUARD_CONFLICTS,
+];

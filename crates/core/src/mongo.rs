@@ -1,1 +1,70 @@
-//! mongo
+//! Connecting to MongoDB, and one classification of its errors for every retry loop.
+
+use std::time::Duration;
+
+use mongodb::error::{Error, ErrorKind};
+use mongodb::options::ClientOptions;
+use mongodb::Client;
+
+use crate::config::MongoConfig;
+
+/// Opens a client with ordo's defaults: the app name shows in the server's logs and `currentOp`.
+pub async fn connect(cfg: &MongoConfig, app_name: &str) -> Result<Client, Error> {
+    let mut options = ClientOptions::parse(cfg.uri().expose()).await?;
+    options.app_name.get_or_insert_with(|| app_name.to_string());
+    options
+        .server_selection_timeout
+        .get_or_insert(Duration::from_secs(10));
+    options
+        .connect_timeout
+        .get_or_insert(Duration::from_secs(5));
+    Client::with_options(options)
+}
+
+/// Server codes that mean "try again": node shutting down or stepping down, network trouble,
+/// exceeded time limits, write conflicts, interrupted operations.
+const TRANSIENT_CODES: &[i32] = &[
+    6, 7, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 134, 50, 63, 150, 234,
+    133, 251,
+];
+
+/// True when an error is worth retrying: network, pool, server selection, a transient label
+/// or one of [`TRANSIENT_CODES`] (as answered by a server or injected by `failCommand`).
+pub fn is_transient(e: &Error) -> bool {
+    if e.contains_label("RetryableWriteError")
+        || e.contains_label("ResumableChangeStreamError")
+        || e.contains_label("TransientTransactionError")
+    {
+        return true;
+    }
+    match e.kind.as_ref() {
+        ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::ServerSelection { .. } => true,
+        _ => server_code(e).is_some_and(|c| TRANSIENT_CODES.contains(&c)),
+    }
+}
+
+/// The server's error code, from a command error or a write-concern error.
+pub fn server_code(e: &Error) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(wc)) => Some(wc.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(we)) => Some(we.code),
+        ErrorKind::InsertMany(im) => im.write_concern_error.as_ref().map(|wc| wc.code),
+        _ => None,
+    }
+}
+
+/// True for a duplicate-key error (11000), which ordo's guarded upserts read as "already there".
+pub fn is_duplicate_key(e: &Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(we)) => we.code == 11000,
+        ErrorKind::InsertMany(im) => im
+            .write_errors
+            .as_ref()
+            .is_some_and(|errs| errs.iter().all(|w| w.code == 11000)),
+        ErrorKind::Command(c) => c.code == 11000,
+        _ => false,
+    }
+}

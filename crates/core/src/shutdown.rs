@@ -1,1 +1,101 @@
-//! shutdown
+//! Graceful shutdown: one root [`CancellationToken`], one [`TaskTracker`], a bounded grace period.
+//!
+//! On SIGTERM or SIGINT the token is cancelled. Readiness flips first (the telemetry server
+//! watches the same token), loops stop taking work (`run_until_cancelled`), in-flight work is
+//! finished or released, and [`Shutdown::drain`] waits for the tracked tasks at most the grace
+//! period. A second signal does not wait: the process exits at once.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The root token and tracker of a daemon.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Cancelled when the daemon must stop.
+    pub token: CancellationToken,
+    /// Every long-running task of the daemon.
+    pub tracker: TaskTracker,
+}
+
+/// How the drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every task finished within the grace period.
+    Clean,
+    /// The grace period ran out with tasks still running.
+    TimedOut,
+}
+
+impl Shutdown {
+    /// A fresh root.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels the token on the first SIGTERM/SIGINT; exits the process with status 130 on the
+    /// second, for an operator who does not want to wait.
+    pub fn listen_for_signals(&self) {
+        let token = self.token.clone();
+        tokio::spawn(async move {
+            let first = wait_for_signal().await;
+            tracing::info!(signal = first, "shutdown requested");
+            token.cancel();
+            let second = wait_for_signal().await;
+            tracing::warn!(signal = second, "second signal: exiting without waiting");
+            std::process::exit(130);
+        });
+    }
+
+    /// Waits for the tracked tasks, at most `grace`.
+    pub async fn drain(&self, grace: Duration) -> Drained {
+        self.tracker.close();
+        match tokio::time::timeout(grace, self.tracker.wait()).await {
+            Ok(()) => Drained::Clean,
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    tasks = self.tracker.len(),
+                    "grace period over with tasks still running"
+                );
+                Drained::TimedOut
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "ctrl-c"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drain_waits_for_tasks_and_is_bounded() {
+        let s = Shutdown::new();
+        let token = s.token.clone();
+        s.tracker.spawn(async move { token.cancelled().await });
+        s.token.cancel();
+        assert_eq!(s.drain(Duration::from_secs(5)).await, Drained::Clean);
+
+        let s = Shutdown::new();
+        s.tracker.spawn(std::future::pending::<()>());
+        assert_eq!(s.drain(Duration::from_millis(50)).await, Drained::TimedOut);
+    }
+}

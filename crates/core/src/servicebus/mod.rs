@@ -1,1 +1,178 @@
-//! servicebus
+//! The only place that knows the Service Bus client crate (azservicebus).
+//!
+//! ordo talks to Service Bus through the types of this module, so the official Azure crate can
+//! replace azservicebus once it can accept sessions. Layout:
+//! - this file: the connection string ([`Endpoint`]) and the client ([`connect`]);
+//! - `sender`: the producer's publishing side;
+//! - `receiver`: the projector's session side.
+//!
+//! Two client quirks are handled here: azservicebus ignores `UseDevelopmentEmulator=true` (ordo
+//! reads it and opens plain AMQP itself), and it drops any port in `Endpoint=` (plain AMQP is
+//! always 5672, TLS always 5671), so a connection string with another port is refused at start
+//! instead of silently dialling the wrong one.
+
+use std::time::Duration;
+
+use azservicebus::core::BasicRetryPolicy;
+use azservicebus::{ServiceBusClient, ServiceBusClientOptions, ServiceBusRetryOptions};
+
+use crate::secret::Secret;
+
+/// The client type the daemons use.
+pub type Client = ServiceBusClient<BasicRetryPolicy>;
+
+/// What ordo needs to know about a connection string before handing it to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name of the namespace (or emulator address).
+    pub host: String,
+    /// `UseDevelopmentEmulator=true`: plain AMQP on 5672, no TLS.
+    pub emulator: bool,
+}
+
+/// A connection string that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// No `Endpoint=` part.
+    #[error("no Endpoint=sb://HOST part (value hidden: it holds a key)")]
+    MissingEndpoint,
+    /// `Endpoint=` is not `sb://host[:port][/]`.
+    #[error("Endpoint {0:?} is not of the form sb://HOST")]
+    BadEndpoint(String),
+    /// A port the AMQP client would silently ignore.
+    #[error("Endpoint port {port} cannot be used: the AMQP client always dials {expected}; give the emulator its own address (127.0.0.N) instead of a port")]
+    Port {
+        /// The port in the string.
+        port: u16,
+        /// The port the client dials.
+        expected: u16,
+    },
+    /// Neither a key nor a signature.
+    #[error("no SharedAccessKeyName/SharedAccessKey or SharedAccessSignature (value hidden)")]
+    MissingCredential,
+}
+
+impl Endpoint {
+    /// Parses the parts of a connection string ordo cares about.
+    pub fn parse(conn: &Secret) -> Result<Endpoint, EndpointError> {
+        let mut endpoint = None;
+        let mut emulator = false;
+        let mut key_name = false;
+        let mut key = false;
+        let mut sas = false;
+        for part in conn.expose().split(';') {
+            let Some((k, v)) = part.split_once('=') else {
+                continue;
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "endpoint" => endpoint = Some(v.trim().to_string()),
+                "usedevelopmentemulator" => emulator = v.trim().eq_ignore_ascii_case("true"),
+                "sharedaccesskeyname" => key_name = !v.trim().is_empty(),
+                "sharedaccesskey" => key = !v.trim().is_empty(),
+                "sharedaccesssignature" => sas = !v.trim().is_empty(),
+                _ => {}
+            }
+        }
+        let endpoint = endpoint.ok_or(EndpointError::MissingEndpoint)?;
+        let rest = endpoint
+            .strip_prefix("sb://")
+            .ok_or_else(|| EndpointError::BadEndpoint(endpoint.clone()))?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(EndpointError::BadEndpoint(endpoint.clone()));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                let port: u16 = p
+                    .parse()
+                    .map_err(|_| EndpointError::BadEndpoint(endpoint.clone()))?;
+                (h.to_string(), Some(port))
+            }
+            _ => (authority.to_string(), None),
+        };
+        let expected = if emulator { 5672 } else { 5671 };
+        if let Some(port) = port {
+            if port != expected {
+                return Err(EndpointError::Port { port, expected });
+            }
+        }
+        if !(sas || (key_name && key)) {
+            return Err(EndpointError::MissingCredential);
+        }
+        Ok(Endpoint { host, emulator })
+    }
+}
+
+/// Opens a client: plain AMQP for the emulator, TLS otherwise. `identifier` names the client in
+/// the broker's diagnostics.
+pub async fn connect(conn: &Secret, identifier: &str) -> Result<Client, azure_core::Error> {
+    let endpoint = Endpoint::parse(conn).map_err(|e| {
+        azure_core::Error::message(azure_core::error::ErrorKind::Other, e.to_string())
+    })?;
+    let options = ServiceBusClientOptions {
+        identifier: Some(identifier.to_string()),
+        retry_options: ServiceBusRetryOptions {
+            // ordo retries forever itself, with its own backoff; the client's own retries only
+            // hide faults from the readiness probe, so keep them short.
+            max_retries: 1,
+            try_timeout: Duration::from_secs(20),
+            ..ServiceBusRetryOptions::default()
+        },
+        ..ServiceBusClientOptions::default()
+    };
+    if endpoint.emulator {
+        ServiceBusClient::unsecured()
+            .new_from_connection_string(conn.expose(), options)
+            .await
+    } else {
+        ServiceBusClient::new_from_connection_string(conn.expose(), options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Endpoint, EndpointError> {
+        Endpoint::parse(&Secret::new(s))
+    }
+
+    #[test]
+    fn emulator_and_cloud_strings_parse() {
+        assert_eq!(
+            parse("Endpoint=sb://127.0.0.3;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true").unwrap(),
+            Endpoint { host: "127.0.0.3".into(), emulator: true }
+        );
+        assert_eq!(
+            parse(
+                "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=v"
+            )
+            .unwrap(),
+            Endpoint {
+                host: "ns.servicebus.windows.net".into(),
+                emulator: false
+            }
+        );
+        assert!(parse("Endpoint=sb://localhost:5672;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true").is_ok());
+    }
+
+    #[test]
+    fn unusable_strings_are_refused_with_the_reason() {
+        assert_eq!(
+            parse("SharedAccessKey=v"),
+            Err(EndpointError::MissingEndpoint)
+        );
+        assert_eq!(
+            parse("Endpoint=sb://localhost:5673;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"),
+            Err(EndpointError::Port { port: 5673, expected: 5672 })
+        );
+        assert_eq!(
+            parse("Endpoint=sb://ns.servicebus.windows.net"),
+            Err(EndpointError::MissingCredential)
+        );
+        assert!(matches!(
+            parse("Endpoint=https://x;SharedAccessSignature=s"),
+            Err(EndpointError::BadEndpoint(_))
+        ));
+    }
+}

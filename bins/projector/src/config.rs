@@ -1,0 +1,30 @@
+//! `ordo-projector`'s configuration: the shared sections plus `[projector]`.
+
+use serde::{Deserialize, Serialize};
+
+use ordo_core::config::{
+    ConfigError, MongoConfig, ServiceBusConfig, ShutdownConfig, TelemetryConfig, Validate,
+};
+
+/// The whole configuration file of `ordo-projector`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorConfig {
+    /// Source events and ordo's own collections.
+    pub mongodb: MongoConfig,
+    /// The topic to publish to.
+    pub servicebus: ServiceBusConfig,
+    /// Logs, metrics, health port.
+    pub telemetry: TelemetryConfig,
+    /// SIGTERM handling.
+    pub shutdown: ShutdownConfig,
+}
+
+impl Validate for ProjectorConfig {
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        self.mongodb.validate()?;
+        self.servicebus.validate()?;
+        self.telemetry.validate()?;
+        self.shutdown.validate()
+    }
+}

@@ -18,6 +18,9 @@ use azservicebus::{ServiceBusClient, ServiceBusClientOptions, ServiceBusRetryOpt
 
 use crate::secret::Secret;
 
+pub mod receiver;
+pub mod sender;
+
 /// The client type the daemons use.
 pub type Client = ServiceBusClient<BasicRetryPolicy>;
 

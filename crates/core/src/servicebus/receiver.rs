@@ -1,0 +1,1 @@
+//! The projector side of Service Bus: session receivers.

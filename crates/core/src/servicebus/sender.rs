@@ -1,0 +1,1 @@
+//! The producer side of Service Bus: publishing [`crate::envelope::WireMessage`]s.

@@ -1,0 +1,175 @@
+//! A dependency-free SVG line chart: throughput and lag over time.
+
+use std::fmt::Write;
+
+/// One line of the chart.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend label.
+    pub label: String,
+    /// Stroke colour (CSS).
+    pub color: &'static str,
+    /// (seconds since start, value) points.
+    pub points: Vec<(f64, f64)>,
+    /// Plot on the right axis instead of the left one.
+    pub right_axis: bool,
+}
+
+fn max_of(series: &[&Series]) -> f64 {
+    series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(0.0_f64, f64::max)
+        .max(1e-9)
+}
+
+/// Renders `series` as an SVG document of 960x420 px with a title and axis labels.
+pub fn render(title: &str, left_label: &str, right_label: &str, series: &[Series]) -> String {
+    let (w, h, ml, mr, mt, mb) = (960.0, 420.0, 70.0, 70.0, 40.0, 50.0);
+    let pw = w - ml - mr;
+    let ph = h - mt - mb;
+    let t_max = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(0.0_f64, f64::max)
+        .max(1.0);
+    let left: Vec<&Series> = series.iter().filter(|s| !s.right_axis).collect();
+    let right: Vec<&Series> = series.iter().filter(|s| s.right_axis).collect();
+    let (l_max, r_max) = (max_of(&left) * 1.1, max_of(&right) * 1.1);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>
+<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>
+"##,
+        w / 2.0,
+        escape(title)
+    );
+    for i in 0..=4 {
+        let y = mt + ph - ph * f64::from(i) / 4.0;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{ml}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text><text x="{}" y="{:.1}">{}</text>"##,
+            ml + pw,
+            ml - 6.0,
+            y + 4.0,
+            fmt_num(l_max * f64::from(i) / 4.0),
+            ml + pw + 6.0,
+            y + 4.0,
+            if right.is_empty() {
+                String::new()
+            } else {
+                fmt_num(r_max * f64::from(i) / 4.0)
+            }
+        );
+        let x = ml + pw * f64::from(i) / 4.0;
+        let _ = writeln!(
+            svg,
+            r##"<text x="{x:.1}" y="{}" text-anchor="middle">{:.0}s</text>"##,
+            mt + ph + 18.0,
+            t_max * f64::from(i) / 4.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<text x="16" y="{:.1}" transform="rotate(-90 16 {:.1})" text-anchor="middle">{}</text><text x="{:.1}" y="{:.1}" transform="rotate(90 {:.1} {:.1})" text-anchor="middle">{}</text><text x="{:.1}" y="{}" text-anchor="middle">time since start</text>"##,
+        mt + ph / 2.0,
+        mt + ph / 2.0,
+        escape(left_label),
+        w - 14.0,
+        mt + ph / 2.0,
+        w - 14.0,
+        mt + ph / 2.0,
+        escape(right_label),
+        ml + pw / 2.0,
+        h - 10.0
+    );
+    for (k, s) in series.iter().enumerate() {
+        let max = if s.right_axis { r_max } else { l_max };
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .map(|(t, v)| {
+                format!(
+                    "{:.1},{:.1}",
+                    ml + pw * t / t_max,
+                    mt + ph - ph * (v / max).min(1.0)
+                )
+            })
+            .collect();
+        let dash = if s.right_axis {
+            r#" stroke-dasharray="5,3""#
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{}" stroke-width="2"{dash} points="{}"/>"#,
+            s.color,
+            pts.join(" ")
+        );
+        let ly = mt + 14.0 + 16.0 * k as f64;
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            ml + 10.0,
+            ml + 30.0,
+            s.color,
+            ml + 36.0,
+            ly + 4.0,
+            escape(&s.label)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series_with_its_points() {
+        let svg = render(
+            "t <1>",
+            "events/s",
+            "lag s",
+            &[
+                Series {
+                    label: "published".into(),
+                    color: "#1f77b4",
+                    points: vec![(0.0, 0.0), (1.0, 100.0), (2.0, 50.0)],
+                    right_axis: false,
+                },
+                Series {
+                    label: "lag".into(),
+                    color: "#d62728",
+                    points: vec![(0.0, 0.5), (2.0, 1.5)],
+                    right_axis: true,
+                },
+            ],
+        );
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("t &lt;1&gt;"));
+        assert!(svg.contains(">published<") && svg.contains(">lag<"));
+    }
+}

@@ -1,0 +1,397 @@
+//! Entity configuration: what the emulated namespace contains.
+//!
+//! The TOML mirrors the knobs of a real Service Bus namespace that ordo relies on. Durations are
+//! human-readable strings (`"30s"`, `"10m"`) so the file reads like the portal.
+
+use std::{path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Service Bus Standard/Premium default for the largest accepted message (256 KiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE_BYTES: u64 = 256 * 1024;
+/// Service Bus default lock duration for queues and subscriptions.
+pub const DEFAULT_LOCK_DURATION: Duration = Duration::from_secs(60);
+/// Service Bus default maximum delivery count.
+pub const DEFAULT_MAX_DELIVERY_COUNT: u32 = 10;
+/// Default message time-to-live: Service Bus uses "forever"; 14 days keeps timestamps sane.
+pub const DEFAULT_MESSAGE_TTL: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// The whole emulated namespace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmulatorConfig {
+    /// Namespace-wide settings (credentials printed in the connection string).
+    #[serde(default)]
+    pub namespace: NamespaceConfig,
+    /// Topics with their subscriptions.
+    #[serde(default)]
+    pub topics: Vec<TopicConfig>,
+    /// Queues.
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
+}
+
+/// Namespace-wide settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Shared access key name put in the connection string (and required for SASL PLAIN).
+    #[serde(default = "default_key_name")]
+    pub key_name: String,
+    /// Shared access key put in the connection string. Signatures are not verified: the
+    /// emulator is for local use, and CBS tokens made from any key are accepted.
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// Host name written into the connection string; defaults to the bind address.
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+fn default_key_name() -> String {
+    "RootManageSharedAccessKey".to_owned()
+}
+
+fn default_key() -> String {
+    "SAS_KEY_VALUE".to_owned()
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        Self {
+            key_name: default_key_name(),
+            key: default_key(),
+            hostname: None,
+        }
+    }
+}
+
+/// A topic: an ingress point that fans every message out to its subscriptions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Entity name (case-insensitive on the wire, like Service Bus).
+    pub name: String,
+    /// Number of partitions; `0`/absent means not partitioned. Partitioned entities enforce the
+    /// "PartitionKey equals SessionId" rule; messages are not physically split.
+    #[serde(default)]
+    pub partition_count: u32,
+    /// Largest accepted message (or batch), in bytes.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size_bytes: u64,
+    /// Duplicate detection history window; absent disables duplicate detection.
+    #[serde(default, with = "opt_duration")]
+    pub duplicate_detection_window: Option<Duration>,
+    /// Time-to-live applied when a message carries none (and the upper bound for those that do).
+    #[serde(default = "default_ttl", with = "duration")]
+    pub default_message_ttl: Duration,
+    /// Subscriptions of this topic.
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// A subscription: a message store fed by its topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    /// Subscription name.
+    pub name: String,
+    /// Whether receivers must accept a session to receive.
+    #[serde(default)]
+    pub requires_session: bool,
+    /// How long a peek-lock (or session lock) lasts before it must be renewed.
+    #[serde(default = "default_lock", with = "duration")]
+    pub lock_duration: Duration,
+    /// Deliveries after which a message goes to the dead-letter queue.
+    #[serde(default = "default_max_delivery_count")]
+    pub max_delivery_count: u32,
+    /// Move expired messages to the dead-letter queue instead of dropping them.
+    #[serde(default)]
+    pub dead_lettering_on_message_expiration: bool,
+    /// Overrides the topic's default TTL for this subscription when shorter.
+    #[serde(default, with = "opt_duration")]
+    pub default_message_ttl: Option<Duration>,
+}
+
+/// A queue: ingress and message store in one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Entity name.
+    pub name: String,
+    /// Number of partitions; see [`TopicConfig::partition_count`].
+    #[serde(default)]
+    pub partition_count: u32,
+    /// Largest accepted message (or batch), in bytes.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size_bytes: u64,
+    /// Duplicate detection history window; absent disables duplicate detection.
+    #[serde(default, with = "opt_duration")]
+    pub duplicate_detection_window: Option<Duration>,
+    /// Time-to-live applied when a message carries none.
+    #[serde(default = "default_ttl", with = "duration")]
+    pub default_message_ttl: Duration,
+    /// Whether receivers must accept a session to receive.
+    #[serde(default)]
+    pub requires_session: bool,
+    /// Peek-lock duration.
+    #[serde(default = "default_lock", with = "duration")]
+    pub lock_duration: Duration,
+    /// Deliveries after which a message goes to the dead-letter queue.
+    #[serde(default = "default_max_delivery_count")]
+    pub max_delivery_count: u32,
+    /// Move expired messages to the dead-letter queue instead of dropping them.
+    #[serde(default)]
+    pub dead_lettering_on_message_expiration: bool,
+}
+
+fn default_max_message_size() -> u64 {
+    DEFAULT_MAX_MESSAGE_SIZE_BYTES
+}
+fn default_ttl() -> Duration {
+    DEFAULT_MESSAGE_TTL
+}
+fn default_lock() -> Duration {
+    DEFAULT_LOCK_DURATION
+}
+fn default_max_delivery_count() -> u32 {
+    DEFAULT_MAX_DELIVERY_COUNT
+}
+
+impl EmulatorConfig {
+    /// The namespace every ordo component expects: topic `ordo-events` (partitioned, duplicate
+    /// detection on) with the session subscription `projector` (30 s locks, 10 deliveries).
+    pub fn default_ordo() -> Self {
+        Self {
+            namespace: NamespaceConfig::default(),
+            topics: vec![TopicConfig {
+                name: "ordo-events".to_owned(),
+                partition_count: 16,
+                max_message_size_bytes: DEFAULT_MAX_MESSAGE_SIZE_BYTES,
+                duplicate_detection_window: Some(Duration::from_secs(600)),
+                default_message_ttl: DEFAULT_MESSAGE_TTL,
+                subscriptions: vec![SubscriptionConfig {
+                    name: "projector".to_owned(),
+                    requires_session: true,
+                    lock_duration: Duration::from_secs(30),
+                    max_delivery_count: 10,
+                    dead_lettering_on_message_expiration: true,
+                    default_message_ttl: None,
+                }],
+            }],
+            queues: Vec::new(),
+        }
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Checks the values a TOML parser cannot: names, ranges, uniqueness.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for (i, topic) in self.topics.iter().enumerate() {
+            let key = |field: &str| format!("topics[{i}].{field}");
+            check_name(&key("name"), &topic.name)?;
+            if !names.insert(topic.name.to_ascii_lowercase()) {
+                return Err(invalid(key("name"), &topic.name, "duplicate entity name"));
+            }
+            check_size(&key("max_message_size_bytes"), topic.max_message_size_bytes)?;
+            check_window(
+                &key("duplicate_detection_window"),
+                topic.duplicate_detection_window,
+            )?;
+            check_positive(&key("default_message_ttl"), topic.default_message_ttl)?;
+            let mut subs = std::collections::HashSet::new();
+            for (j, sub) in topic.subscriptions.iter().enumerate() {
+                let key = |field: &str| format!("topics[{i}].subscriptions[{j}].{field}");
+                check_name(&key("name"), &sub.name)?;
+                if !subs.insert(sub.name.to_ascii_lowercase()) {
+                    return Err(invalid(
+                        key("name"),
+                        &sub.name,
+                        "duplicate subscription name",
+                    ));
+                }
+                check_lock(&key("lock_duration"), sub.lock_duration)?;
+                check_delivery_count(&key("max_delivery_count"), sub.max_delivery_count)?;
+                if let Some(ttl) = sub.default_message_ttl {
+                    check_positive(&key("default_message_ttl"), ttl)?;
+                }
+            }
+        }
+        for (i, queue) in self.queues.iter().enumerate() {
+            let key = |field: &str| format!("queues[{i}].{field}");
+            check_name(&key("name"), &queue.name)?;
+            if !names.insert(queue.name.to_ascii_lowercase()) {
+                return Err(invalid(key("name"), &queue.name, "duplicate entity name"));
+            }
+            check_size(&key("max_message_size_bytes"), queue.max_message_size_bytes)?;
+            check_window(
+                &key("duplicate_detection_window"),
+                queue.duplicate_detection_window,
+            )?;
+            check_positive(&key("default_message_ttl"), queue.default_message_ttl)?;
+            check_lock(&key("lock_duration"), queue.lock_duration)?;
+            check_delivery_count(&key("max_delivery_count"), queue.max_delivery_count)?;
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: String, value: impl std::fmt::Display, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 260
+        && !name.starts_with('/')
+        && !name.ends_with('/')
+        && !name.starts_with('$')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | '~'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key.to_owned(),
+            format!("{name:?}"),
+            "names use letters, digits, '-', '_', '.', '~' and inner '/' only",
+        ))
+    }
+}
+
+fn check_size(key: &str, size: u64) -> Result<(), ConfigError> {
+    if (1024..=100 * 1024 * 1024).contains(&size) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key.to_owned(),
+            size,
+            "must be between 1024 and 104857600 bytes",
+        ))
+    }
+}
+
+fn check_window(key: &str, window: Option<Duration>) -> Result<(), ConfigError> {
+    match window {
+        Some(w) if w.is_zero() || w > Duration::from_secs(7 * 24 * 3600) => Err(invalid(
+            key.to_owned(),
+            humantime::format_duration(w),
+            "must be between 1s and 7 days",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_lock(key: &str, lock: Duration) -> Result<(), ConfigError> {
+    if lock >= Duration::from_millis(100) && lock <= Duration::from_secs(300) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key.to_owned(),
+            humantime::format_duration(lock),
+            "must be between 100ms and 5m",
+        ))
+    }
+}
+
+fn check_positive(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        Err(invalid(key.to_owned(), "0s", "must be positive"))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_delivery_count(key: &str, count: u32) -> Result<(), ConfigError> {
+    if (1..=2000).contains(&count) {
+        Ok(())
+    } else {
+        Err(invalid(key.to_owned(), count, "must be between 1 and 2000"))
+    }
+}
+
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {text:?}: {e} (use e.g. \"30s\")"))
+        })
+    }
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Some).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {text:?}: {e} (use e.g. \"10m\")"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_is_the_ordo_default() {
+        let text = include_str!("../../../config/servicebus-emulator.toml");
+        let config = EmulatorConfig::from_toml_str(text).unwrap();
+        assert_eq!(config, EmulatorConfig::default_ordo());
+    }
+
+    #[test]
+    fn errors_name_key_and_value() {
+        let text = "[[topics]]\nname = \"t\"\n[[topics.subscriptions]]\nname = \"s\"\nlock_duration = \"10m\"\n";
+        let err = EmulatorConfig::from_toml_str(text).unwrap_err().to_string();
+        assert!(
+            err.contains("topics[0].subscriptions[0].lock_duration"),
+            "{err}"
+        );
+        assert!(err.contains("10m"), "{err}");
+
+        let text = "[[topics]]\nname = \"t\"\ndefault_message_ttl = \"soon\"\n";
+        let err = EmulatorConfig::from_toml_str(text).unwrap_err().to_string();
+        assert!(
+            err.contains("default_message_ttl") && err.contains("soon"),
+            "{err}"
+        );
+    }
+}

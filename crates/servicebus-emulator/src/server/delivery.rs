@@ -1,0 +1,489 @@
+//! Broker-to-client links: receivers on queues, subscriptions and dead-letter queues.
+//!
+//! A session receiver first needs a session: named (refused while another receiver holds it)
+//! or "next available" (held until one has messages, then granted, or refused with
+//! `com.microsoft:timeout` after the server timeout, as Service Bus does). The grant is echoed in
+//! the source filter and the lock expiry in the `com.microsoft:locked-until-utc` link property.
+//!
+//! While a link runs, every message it took is tracked: sent-but-unsettled ones are released
+//! with delivery count + 1 when the link, connection or session lock goes away; one taken but
+//! not yet sent (waiting for credit) goes back untouched.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use fe2o3_amqp::{
+    acceptor::{LinkAcceptor, LinkEndpoint, ListenerSessionHandle},
+    link::{delivery::Sendable, Sender},
+};
+use fe2o3_amqp_types::{
+    definitions::{Fields, SenderSettleMode},
+    messaging::Outcome,
+    performatives::Attach,
+    primitives::{Symbol, Timestamp, Value},
+};
+use futures::{stream::FuturesUnordered, StreamExt};
+use serde_amqp::{described::Described, descriptor::Descriptor};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use super::{refuse, ConnCtx};
+use crate::{
+    store::{now_ms, AcquireError, Entity, Holder, LinkId, Next, Part, Settle},
+    wire,
+};
+
+/// Server timeout of accept-next-session when the client names none (Service Bus: 60 s).
+pub(crate) const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A parked session receiver whose wait is over.
+#[derive(Debug)]
+pub(crate) struct Ready {
+    attach: Attach,
+    entity: Arc<Entity>,
+    link: LinkId,
+    delete: bool,
+    grant: Option<(Arc<str>, i64)>,
+}
+
+impl Ready {
+    /// Gives back a granted session lock that will never be used.
+    pub(crate) fn abandon(self) {
+        if let Some((id, _)) = &self.grant {
+            self.entity
+                .release_link(Part::Main, std::iter::empty(), Some(id), self.link);
+        }
+    }
+}
+
+enum SessionRequest {
+    None,
+    Next,
+    Named(String),
+}
+
+fn session_request(attach: &Attach) -> SessionRequest {
+    let filter = attach.source.as_ref().and_then(|s| s.filter.as_ref());
+    match filter.and_then(|f| f.get(&Symbol::from(wire::SESSION_FILTER))) {
+        None => SessionRequest::None,
+        Some(Value::String(id)) => SessionRequest::Named(id.clone()),
+        Some(Value::Described(d)) => match &d.value {
+            Value::String(id) => SessionRequest::Named(id.clone()),
+            _ => SessionRequest::Next,
+        },
+        Some(_) => SessionRequest::Next,
+    }
+}
+
+fn requested_timeout(attach: &Attach) -> Duration {
+    let value = attach
+        .properties
+        .as_ref()
+        .and_then(|p| p.get(&Symbol::from(wire::LINK_TIMEOUT)));
+    let ms = match value {
+        Some(Value::Uint(n)) => Some(*n as u64),
+        Some(Value::Ulong(n)) => Some(*n),
+        Some(Value::Int(n)) if *n > 0 => Some(*n as u64),
+        Some(Value::Long(n)) if *n > 0 => Some(*n as u64),
+        _ => None,
+    };
+    ms.map(Duration::from_millis)
+        .unwrap_or(DEFAULT_ACCEPT_TIMEOUT)
+}
+
+pub(crate) async fn accept(
+    attach: Attach,
+    session: &mut ListenerSessionHandle,
+    ctx: &ConnCtx,
+    entity: Arc<Entity>,
+    part: Part,
+    ready: &mpsc::Sender<Ready>,
+) {
+    let delete = matches!(attach.snd_settle_mode, SenderSettleMode::Settled);
+    let link = ctx.shared.next_id();
+    let request = session_request(&attach);
+    let sessionful = entity.settings.requires_session && part == Part::Main;
+    match (sessionful, request) {
+        (false, SessionRequest::None) => {
+            start(attach, session, ctx, entity, part, link, delete, None).await;
+        }
+        (false, _) => {
+            let error = wire::error(
+                "amqp:not-allowed",
+                format!(
+                    "The entity '{}' does not require sessions; a session receiver cannot be created.",
+                    entity.path
+                ),
+            );
+            refuse(attach, session, ctx, error).await;
+        }
+        (true, SessionRequest::None) => {
+            let error = wire::error(
+                "amqp:not-allowed",
+                format!(
+                    "It is not possible for an entity that requires sessions to create a non-sessionful message receiver. Entity: '{}'",
+                    entity.path
+                ),
+            );
+            refuse(attach, session, ctx, error).await;
+        }
+        (true, request) => {
+            let holder = Holder {
+                link,
+                connection: ctx.id,
+                link_name: Arc::from(attach.name.as_str()),
+                container: ctx.container.clone(),
+            };
+            let wanted = match &request {
+                SessionRequest::Named(id) => Some(id.as_str()),
+                _ => None,
+            };
+            match entity.acquire_session(wanted, &holder, now_ms()) {
+                Ok(grant) => {
+                    let ready = Ready {
+                        attach,
+                        entity,
+                        link,
+                        delete,
+                        grant: Some(grant),
+                    };
+                    complete_session_attach(ready, session, ctx).await;
+                }
+                Err(AcquireError::Locked) => {
+                    let error = wire::error(
+                        wire::ERR_SESSION_CANNOT_BE_LOCKED,
+                        format!(
+                            "The requested session '{}' cannot be accepted. It may be locked by another receiver.",
+                            wanted.unwrap_or_default()
+                        ),
+                    );
+                    refuse(attach, session, ctx, error).await;
+                }
+                Err(AcquireError::NoneAvailable) => {
+                    let timeout = requested_timeout(&attach);
+                    let ready = ready.clone();
+                    let cancel = ctx.cancel.clone();
+                    ctx.tracker.spawn(async move {
+                        wait_for_session(attach, entity, holder, delete, timeout, ready, cancel)
+                            .await
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn wait_for_session(
+    attach: Attach,
+    entity: Arc<Entity>,
+    holder: Holder,
+    delete: bool,
+    timeout: Duration,
+    ready: mpsc::Sender<Ready>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let grant = loop {
+        let notified = entity.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Ok(grant) = entity.acquire_session(None, &holder, now_ms()) {
+            break Some(grant);
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => break None,
+            _ = cancel.cancelled() => return,
+        }
+    };
+    let message = Ready {
+        attach,
+        entity,
+        link: holder.link,
+        delete,
+        grant,
+    };
+    if let Err(mpsc::error::SendError(message)) = ready.send(message).await {
+        message.abandon();
+    }
+}
+
+/// Finishes a session receiver's attach: grant (echoing the session id) or time-out refusal.
+pub(crate) async fn complete_session_attach(
+    ready: Ready,
+    session: &mut ListenerSessionHandle,
+    ctx: &ConnCtx,
+) {
+    let Ready {
+        mut attach,
+        entity,
+        link,
+        delete,
+        grant,
+    } = ready;
+    let Some((id, until)) = grant else {
+        let error = wire::error(
+            wire::ERR_TIMEOUT,
+            "The operation did not complete within the allotted timeout: no session is available.",
+        );
+        refuse(attach, session, ctx, error).await;
+        return;
+    };
+    if let Some(source) = attach.source.as_mut() {
+        let filter = source.filter.get_or_insert_with(Default::default);
+        filter.insert(
+            Symbol::from(wire::SESSION_FILTER),
+            Value::Described(Box::new(Described {
+                descriptor: Descriptor::Code(wire::SESSION_FILTER_CODE),
+                value: Value::String(id.to_string()),
+            })),
+        );
+    }
+    info!(connection = ctx.id, entity = %entity.path, session = %id, link = %attach.name, "session granted");
+    start(
+        attach,
+        session,
+        ctx,
+        entity,
+        Part::Main,
+        link,
+        delete,
+        Some((id, until)),
+    )
+    .await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start(
+    attach: Attach,
+    session: &mut ListenerSessionHandle,
+    ctx: &ConnCtx,
+    entity: Arc<Entity>,
+    part: Part,
+    link: LinkId,
+    delete: bool,
+    grant: Option<(Arc<str>, i64)>,
+) {
+    let mut builder = LinkAcceptor::builder();
+    if let Some((_, until)) = &grant {
+        let mut properties = Fields::default();
+        properties.insert(
+            Symbol::from(wire::LOCKED_UNTIL_UTC),
+            Value::Timestamp(Timestamp::from_milliseconds(*until)),
+        );
+        builder = builder.properties(properties);
+    }
+    let session_id = grant.map(|(id, _)| id);
+    match builder
+        .build()
+        .accept_incoming_attach(attach, session)
+        .await
+    {
+        Ok(LinkEndpoint::Sender(sender)) => {
+            let run = Run {
+                entity,
+                part,
+                link,
+                delete,
+                session: session_id,
+                ctx: ctx.clone(),
+            };
+            ctx.tracker.spawn(run.run(sender));
+        }
+        Ok(LinkEndpoint::Receiver(_)) => {}
+        Err(e) => {
+            debug!(connection = ctx.id, error = %e, "receiver attach failed");
+            if session_id.is_some() {
+                entity.release_link(Part::Main, std::iter::empty(), session_id.as_ref(), link);
+            }
+        }
+    }
+}
+
+struct Run {
+    entity: Arc<Entity>,
+    part: Part,
+    link: LinkId,
+    delete: bool,
+    session: Option<Arc<str>>,
+    ctx: ConnCtx,
+}
+
+type Outstanding = Arc<Mutex<HashSet<u128>>>;
+
+fn settle_of(outcome: Outcome) -> Settle {
+    match outcome {
+        Outcome::Accepted(_) => Settle::Complete,
+        Outcome::Modified(m) if m.undeliverable_here == Some(true) => {
+            Settle::Defer(m.message_annotations.map(|a| {
+                fe2o3_amqp_types::messaging::MessageAnnotations(
+                    a.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+                )
+            }))
+        }
+        Outcome::Modified(m) => Settle::Abandon(m.message_annotations.map(|a| {
+            fe2o3_amqp_types::messaging::MessageAnnotations(
+                a.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+            )
+        })),
+        Outcome::Rejected(r) => {
+            let info = r.error.as_ref().and_then(|e| e.info.as_ref());
+            let text = |name: &str| match info.and_then(|i| i.get(&Symbol::from(name))) {
+                Some(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            };
+            Settle::DeadLetter {
+                reason: text("DeadLetterReason"),
+                description: text("DeadLetterErrorDescription"),
+                properties: None,
+            }
+        }
+        Outcome::Released(_) => Settle::Unsent,
+        #[allow(unreachable_patterns)]
+        _ => Settle::Lost,
+    }
+}
+
+impl Run {
+    async fn run(self, mut sender: Sender) {
+        let outstanding: Outstanding = Arc::default();
+        let (fut_tx, fut_rx) = mpsc::unbounded_channel();
+        let settler = tokio::spawn(settle_loop(
+            fut_rx,
+            self.entity.clone(),
+            self.part,
+            outstanding.clone(),
+        ));
+        let lost = self.deliver(&mut sender, &outstanding, fut_tx).await;
+        settler.abort();
+        let _ = settler.await;
+        let tokens: Vec<u128> = outstanding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        self.entity
+            .release_link(self.part, tokens, self.session.as_ref(), self.link);
+        if lost {
+            let error = wire::error(
+                wire::ERR_SESSION_LOCK_LOST,
+                "The session lock has expired on the MessageSession. Accept a new MessageSession.",
+            );
+            super::with_deadline(sender.close_with_error(error)).await;
+        } else {
+            super::with_deadline(sender.close()).await;
+        }
+        debug!(connection = self.ctx.id, entity = %self.entity.path, "receiver link ended");
+    }
+
+    /// Returns true when the session lock was lost (the link is then detached with an error).
+    async fn deliver(
+        &self,
+        sender: &mut Sender,
+        outstanding: &Outstanding,
+        fut_tx: mpsc::UnboundedSender<(u128, DeliveryFuture)>,
+    ) -> bool {
+        let notify = self.entity.notifier(self.part);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = now_ms();
+            match self.entity.next_delivery(
+                self.part,
+                self.session.as_ref(),
+                self.link,
+                self.delete,
+                now,
+            ) {
+                Next::Deliver(delivery) => {
+                    let token = delivery.token;
+                    let message = wire::delivered_message(&delivery, !self.delete);
+                    let sendable = Sendable::builder()
+                        .message(message)
+                        .settled(self.delete)
+                        .build();
+                    let sent = tokio::select! {
+                        r = sender.send_batchable(sendable) => r,
+                        _ = self.ctx.cancel.cancelled() => {
+                            self.unsend(token);
+                            return false;
+                        }
+                    };
+                    match sent {
+                        Ok(fut) if !self.delete => {
+                            outstanding
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(token);
+                            let _ = fut_tx.send((token, Box::pin(fut)));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!(error = %e, "send failed");
+                            self.unsend(token);
+                            return false;
+                        }
+                    }
+                }
+                Next::Empty => {
+                    let expiry = self.session_lock_deadline();
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = sender.on_detach() => return false,
+                        _ = self.ctx.cancel.cancelled() => return false,
+                        _ = tokio::time::sleep(expiry) => {}
+                    }
+                }
+                Next::SessionLockLost => return true,
+            }
+        }
+    }
+
+    /// Wake-up interval while idle, so an expired session lock is noticed without traffic.
+    fn session_lock_deadline(&self) -> Duration {
+        Duration::from_millis(if self.session.is_some() { 250 } else { 5_000 })
+    }
+
+    /// A message taken for delivery but never put on the wire goes back as it was.
+    fn unsend(&self, token: u128) {
+        if !self.delete {
+            self.entity
+                .settle(self.part, token, Settle::Unsent, now_ms());
+        }
+    }
+}
+
+type DeliveryFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Outcome, fe2o3_amqp::link::SendError>> + Send>,
+>;
+
+async fn settle_loop(
+    mut rx: mpsc::UnboundedReceiver<(u128, DeliveryFuture)>,
+    entity: Arc<Entity>,
+    part: Part,
+    outstanding: Outstanding,
+) {
+    let mut pending = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        if !open && pending.is_empty() {
+            return;
+        }
+        tokio::select! {
+            next = rx.recv(), if open => match next {
+                Some((token, fut)) => pending.push(async move { (token, fut.await) }),
+                None => open = false,
+            },
+            Some((token, result)) = pending.next(), if !pending.is_empty() => {
+                if let Ok(outcome) = result {
+                    outstanding.lock().unwrap_or_else(|e| e.into_inner()).remove(&token);
+                    entity.settle(part, token, settle_of(outcome), now_ms());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Links on which clients send to a topic or queue.
+//!
+//! Each transfer (a single message or a 0x80013700 batch) is accepted only after its messages
+//! are in every subscription's store, so an `Accepted` outcome means "durably enqueued" as far
+//! as the emulator's lifetime goes (suspend/resume keeps it).
+
+use std::sync::Arc;
+
+use fe2o3_amqp::{
+    acceptor::{LinkAcceptor, LinkEndpoint, ListenerSessionHandle},
+    link::Receiver,
+};
+use fe2o3_amqp_types::{messaging::Body, primitives::Value};
+use tracing::{debug, warn};
+
+use super::ConnCtx;
+use crate::{namespace::Ingress, wire};
+
+pub(crate) async fn accept(
+    attach: fe2o3_amqp_types::performatives::Attach,
+    session: &mut ListenerSessionHandle,
+    ctx: &ConnCtx,
+    ingress: Arc<Ingress>,
+) {
+    // The advertised max-message-size is how Service Bus announces its limit; clients size
+    // batches from it, and fe2o3 detaches an oversized transfer with
+    // amqp:link:message-size-exceeded (the receiver keeps the default auto credit of 200).
+    let acceptor = LinkAcceptor::builder()
+        .max_message_size(ingress.max_message_size)
+        .build();
+    match acceptor.accept_incoming_attach(attach, session).await {
+        Ok(LinkEndpoint::Receiver(receiver)) => {
+            ctx.tracker.spawn(run(receiver, ctx.clone(), ingress));
+        }
+        Ok(LinkEndpoint::Sender(_)) => {}
+        Err(e) => debug!(connection = ctx.id, error = %e, "sender attach failed"),
+    }
+}
+
+async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>) {
+    loop {
+        let delivery = tokio::select! {
+            d = receiver.recv::<Body<Value>>() => d,
+            _ = ctx.cancel.cancelled() => return,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(connection = ctx.id, entity = %ingress.name, error = %e, "sender link ended");
+                return;
+            }
+        };
+        let format = *delivery.message_format();
+        let (info, message) = delivery.into_parts();
+        let result = wire::unbatch(message, format)
+            .map_err(|e| wire::error(wire::ERR_ARGUMENT, e))
+            .and_then(|messages| {
+                ingress
+                    .ingest(messages)
+                    .map_err(|r| wire::error(r.condition, r.description))
+            });
+        let disposed = match result {
+            Ok(outcome) => {
+                if outcome.duplicates > 0 {
+                    debug!(entity = %ingress.name, duplicates = outcome.duplicates, "dropped duplicates");
+                }
+                receiver.accept(info).await
+            }
+            Err(error) => {
+                warn!(entity = %ingress.name, condition = ?error.condition, "refused transfer");
+                receiver.reject(info, error).await
+            }
+        };
+        if disposed.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The AMQP side: TCP listener, SASL, connections, sessions and link dispatch.
+//!
+//! Module map:
+//! - `mod.rs` (this file): listener, connections, sessions, and the decision what an incoming
+//!   attach is (CBS, `$management`, a sender to a topic/queue, a receiver on a subscription/queue).
+//! - `delivery`: broker-to-client links (receivers of the client), including session grants.
+//! - `ingest`: client-to-broker links that send messages to topics and queues.
+//! - `request`: request/response nodes (`$cbs`, `$management`) and the routing of replies.
+//! - `sasl`: the SASL mechanisms we offer (ANONYMOUS and PLAIN).
+
+mod delivery;
+mod ingest;
+mod request;
+mod sasl;
+
+use std::{
+    net::Shutdown,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use fe2o3_amqp::acceptor::{ConnectionAcceptor, ListenerSessionHandle, SessionAcceptor};
+use fe2o3_amqp_types::{definitions::Role, performatives::Attach};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::EmulatorConfig,
+    namespace::{Address, Namespace},
+};
+
+/// State shared by every connection of one emulator.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub namespace: Namespace,
+    pub config: EmulatorConfig,
+    next_id: AtomicU64,
+    pub connections: AtomicUsize,
+}
+
+impl Shared {
+    pub(crate) fn new(config: EmulatorConfig) -> Self {
+        Self {
+            namespace: Namespace::new(&config),
+            config,
+            next_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Per-connection context handed to link tasks.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub id: u64,
+    pub container: Arc<str>,
+    /// Cancelled when the connection ends (or the broker suspends): link tasks stop and release
+    /// their locks.
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Accepts connections until `cancel` fires; each connection runs on `tracker`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = cancel.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let ctx = ConnCtx {
+                    shared: shared.clone(),
+                    id: shared.next_id(),
+                    container: Arc::from(format!("conn-{peer}")),
+                    cancel: cancel.child_token(),
+                    tracker: tracker.clone(),
+                };
+                tracker.spawn(connection(stream, ctx));
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, ctx: ConnCtx) {
+    // A second handle on the socket lets suspend() cut the connection like a network outage,
+    // whatever state the AMQP engine is in.
+    let killer = match stream.into_std().and_then(|s| {
+        let clone = s.try_clone()?;
+        Ok((TcpStream::from_std(s)?, clone))
+    }) {
+        Ok((stream, killer)) => (stream, killer),
+        Err(e) => {
+            warn!(error = %e, "cannot set up connection");
+            return;
+        }
+    };
+    let (stream, killer) = killer;
+    let ns = &ctx.shared.config.namespace;
+    let acceptor = ConnectionAcceptor::builder()
+        .container_id("ordo-servicebus-emulator")
+        .max_frame_size(65_536u32)
+        .channel_max(4096u16)
+        .idle_time_out(120_000u32)
+        .sasl_acceptor(sasl::Mechanisms::new(&ns.key_name, &ns.key))
+        .build();
+    let accepted = tokio::select! {
+        r = acceptor.accept(stream) => r,
+        _ = ctx.cancel.cancelled() => {
+            let _ = killer.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    let mut conn = match accepted {
+        Ok(conn) => conn,
+        Err(e) => {
+            debug!(connection = ctx.id, error = %e, "connection handshake failed");
+            return;
+        }
+    };
+    ctx.shared.connections.fetch_add(1, Ordering::Relaxed);
+    debug!(connection = ctx.id, "connection opened");
+    let session_acceptor = SessionAcceptor::new();
+    loop {
+        tokio::select! {
+            session = session_acceptor.accept(&mut conn) => match session {
+                Ok(session) => {
+                    ctx.tracker.spawn(session_loop(session, ctx.clone()));
+                }
+                Err(e) => {
+                    debug!(connection = ctx.id, error = %e, "connection ended");
+                    break;
+                }
+            },
+            _ = ctx.cancel.cancelled() => {
+                let _ = killer.shutdown(Shutdown::Both);
+                break;
+            }
+        }
+    }
+    ctx.cancel.cancel();
+    let _ = killer.shutdown(Shutdown::Both);
+    ctx.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(conn);
+    debug!(connection = ctx.id, "connection closed");
+}
+
+/// Processes the attaches of one AMQP session. Attaches are handled one at a time, but a
+/// session receiver that must wait for a session is parked in its own task and comes back
+/// through `ready`, so it never blocks other links of the session.
+async fn session_loop(mut session: ListenerSessionHandle, ctx: ConnCtx) {
+    let routes = Arc::new(request::Routes::default());
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<delivery::Ready>(16);
+    loop {
+        tokio::select! {
+            attach = session.next_incoming_attach() => match attach {
+                Some(attach) => on_attach(attach, &mut session, &ctx, &routes, &ready_tx).await,
+                None => break,
+            },
+            Some(ready) = ready_rx.recv() => {
+                delivery::complete_session_attach(ready, &mut session, &ctx).await;
+            }
+            _ = ctx.cancel.cancelled() => break,
+        }
+    }
+    // Grants that arrived after the session ended still hold a session lock: give it back.
+    ready_rx.close();
+    while let Ok(ready) = ready_rx.try_recv() {
+        ready.abandon();
+    }
+    let _ = session.end().await;
+}
+
+fn address_of(attach: &Attach) -> Option<String> {
+    let address = match attach.role {
+        // The client sends: the address is its target.
+        Role::Sender => target_address(attach),
+        Role::Receiver => attach
+            .source
+            .as_ref()
+            .and_then(|s| s.address.as_ref())
+            .map(|a| a.to_string()),
+    };
+    address
+}
+
+/// The address of an attach's target, when it is a plain target (not a coordinator).
+pub(crate) fn target_address(attach: &Attach) -> Option<String> {
+    #[allow(irrefutable_let_patterns)]
+    match attach.target.as_deref() {
+        Some(fe2o3_amqp_types::messaging::TargetArchetype::Target(t)) => {
+            t.address.as_ref().map(|a| a.to_string())
+        }
+        _ => None,
+    }
+}
+
+async fn on_attach(
+    attach: Attach,
+    session: &mut ListenerSessionHandle,
+    ctx: &ConnCtx,
+    routes: &Arc<request::Routes>,
+    ready: &tokio::sync::mpsc::Sender<delivery::Ready>,
+) {
+    let address = address_of(&attach).unwrap_or_default();
+    debug!(connection = ctx.id, link = %attach.name, role = ?attach.role, %address, "attach");
+    let resolved = ctx.shared.namespace.resolve(&address);
+    match (attach.role.clone(), resolved) {
+        (Role::Sender, Address::Cbs) => {
+            request::accept_request_link(attach, session, ctx, routes, request::Node::Cbs).await
+        }
+        (Role::Sender, Address::Management(entity, part)) => {
+            let node = request::Node::Management {
+                entity,
+                part,
+                path: address,
+            };
+            request::accept_request_link(attach, session, ctx, routes, node).await
+        }
+        (Role::Receiver, Address::Cbs | Address::Management(..)) => {
+            request::accept_reply_link(attach, session, ctx, routes).await
+        }
+        (Role::Sender, _) => match ctx.shared.namespace.ingress_for(&address) {
+            Some(ingress) => ingest::accept(attach, session, ctx, ingress).await,
+            None => refuse(attach, session, ctx, not_found(&address)).await,
+        },
+        (Role::Receiver, Address::Store(entity, part)) => {
+            delivery::accept(attach, session, ctx, entity, part, ready).await
+        }
+        (Role::Receiver, _) => refuse(attach, session, ctx, not_found(&address)).await,
+    }
+}
+
+fn not_found(address: &str) -> fe2o3_amqp_types::definitions::Error {
+    crate::wire::error(
+        crate::wire::ERR_NOT_FOUND,
+        format!("The messaging entity '{address}' could not be found."),
+    )
+}
+
+/// Refuses a link the Service Bus way: complete the attach with a null terminus, then detach
+/// it with the error.
+pub(crate) async fn refuse(
+    mut attach: Attach,
+    session: &mut ListenerSessionHandle,
+    ctx: &ConnCtx,
+    error: fe2o3_amqp_types::definitions::Error,
+) {
+    info!(connection = ctx.id, link = %attach.name, condition = ?error.condition, "refusing link");
+    match attach.role {
+        Role::Sender => attach.target = None,
+        Role::Receiver => attach.source = None,
+    }
+    let acceptor = fe2o3_amqp::acceptor::LinkAcceptor::builder()
+        .verify_incoming_source(false)
+        .verify_incoming_target(false)
+        .build();
+    match acceptor.accept_incoming_attach(attach, session).await {
+        // The detach handshake runs on its own so a slow peer cannot stall the session.
+        Ok(fe2o3_amqp::acceptor::LinkEndpoint::Sender(s)) => {
+            ctx.tracker.spawn(with_deadline(s.close_with_error(error)));
+        }
+        Ok(fe2o3_amqp::acceptor::LinkEndpoint::Receiver(r)) => {
+            ctx.tracker.spawn(with_deadline(r.close_with_error(error)));
+        }
+        Err(e) => debug!(connection = ctx.id, error = %e, "refused attach failed"),
+    }
+}
+
+/// Bounds a detach handshake: a peer that never answers must not keep a task alive.
+pub(crate) async fn with_deadline<F: std::future::Future>(f: F) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), f).await;
+}

@@ -1,0 +1,495 @@
+//! Request/response nodes: `$cbs` (put-token) and each entity's `$management`.
+//!
+//! Clients differ in how they pair requests and replies: azservicebus attaches a reply
+//! receiver whose target is its client node and names it in `reply-to`; pyamqp-based SDKs send
+//! no `reply-to` and expect the answer on their receiver attached to the same node, matched by
+//! `correlation-id`. [`Routes`] serves both.
+
+use std::sync::{Arc, Mutex};
+
+use fe2o3_amqp::{
+    acceptor::{LinkAcceptor, LinkEndpoint, ListenerSessionHandle},
+    link::{delivery::Sendable, Receiver, Sender},
+};
+use fe2o3_amqp_types::{
+    messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties},
+    performatives::Attach,
+    primitives::{Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value},
+};
+use tokio::sync::{mpsc, Notify};
+use tracing::{debug, warn};
+
+use super::ConnCtx;
+use crate::{
+    store::{now_ms, AmqpMessage, Entity, LockError, Part},
+    wire,
+};
+
+/// How long a request waits for its reply link to be attached.
+const REPLY_ROUTE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Largest number of messages one peek returns, whatever the client asks.
+const MAX_PEEK: usize = 1000;
+
+/// Which node a request link talks to.
+#[derive(Debug, Clone)]
+pub(crate) enum Node {
+    Cbs,
+    Management {
+        entity: Option<Arc<Entity>>,
+        part: Part,
+        path: String,
+    },
+}
+
+#[derive(Debug)]
+struct Route {
+    id: u64,
+    target: Option<String>,
+    node: String,
+    tx: mpsc::Sender<AmqpMessage>,
+}
+
+/// Reply links of one AMQP session.
+#[derive(Debug, Default)]
+pub(crate) struct Routes {
+    routes: Mutex<Vec<Route>>,
+    added: Notify,
+}
+
+impl Routes {
+    fn find(&self, reply_to: Option<&str>, node: &str) -> Option<mpsc::Sender<AmqpMessage>> {
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let by_target = reply_to.and_then(|r| {
+            routes
+                .iter()
+                .find(|route| route.target.as_deref() == Some(r))
+        });
+        by_target
+            .or_else(|| routes.iter().rev().find(|route| route.node == node))
+            .map(|route| route.tx.clone())
+    }
+
+    async fn wait_for(
+        &self,
+        reply_to: Option<&str>,
+        node: &str,
+    ) -> Option<mpsc::Sender<AmqpMessage>> {
+        let deadline = tokio::time::Instant::now() + REPLY_ROUTE_WAIT;
+        loop {
+            let added = self.added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            if let Some(tx) = self.find(reply_to, node) {
+                return Some(tx);
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+fn node_key(address: &str) -> String {
+    crate::namespace::strip_host(address)
+        .trim_matches('/')
+        .to_ascii_lowercase()
+}
+
+pub(crate) async fn accept_reply_link(
+    attach: Attach,
+    session: &mut ListenerSessionHandle,
+    ctx: &ConnCtx,
+    routes: &Arc<Routes>,
+) {
+    let target = super::target_address(&attach);
+    let node = attach
+        .source
+        .as_ref()
+        .and_then(|s| s.address.as_ref())
+        .map(|a| node_key(a))
+        .unwrap_or_default();
+    match LinkAcceptor::new()
+        .accept_incoming_attach(attach, session)
+        .await
+    {
+        Ok(LinkEndpoint::Sender(sender)) => {
+            let (tx, rx) = mpsc::channel(64);
+            let id = ctx.shared.next_id();
+            routes
+                .routes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Route {
+                    id,
+                    target,
+                    node,
+                    tx,
+                });
+            routes.added.notify_waiters();
+            let routes = routes.clone();
+            let ctx = ctx.clone();
+            ctx.tracker.clone().spawn(async move {
+                reply_loop(sender, rx, &ctx).await;
+                routes
+                    .routes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|r| r.id != id);
+            });
+        }
+        Ok(LinkEndpoint::Receiver(_)) => {}
+        Err(e) => debug!(connection = ctx.id, error = %e, "reply link attach failed"),
+    }
+}
+
+async fn reply_loop(mut sender: Sender, mut rx: mpsc::Receiver<AmqpMessage>, ctx: &ConnCtx) {
+    loop {
+        let message = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => return },
+            _ = sender.on_detach() => return,
+            _ = ctx.cancel.cancelled() => return,
+        };
+        let sendable = Sendable::builder().message(message).settled(true).build();
+        match sender.send_batchable(sendable).await {
+            // The outcome of a reply carries no information; settle in the background.
+            Ok(fut) => {
+                ctx.tracker.spawn(async move {
+                    let _ = fut.await;
+                });
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+pub(crate) async fn accept_request_link(
+    attach: Attach,
+    session: &mut ListenerSessionHandle,
+    ctx: &ConnCtx,
+    routes: &Arc<Routes>,
+    node: Node,
+) {
+    let node_address = super::target_address(&attach)
+        .map(|a| node_key(&a))
+        .unwrap_or_default();
+    match LinkAcceptor::new()
+        .accept_incoming_attach(attach, session)
+        .await
+    {
+        Ok(LinkEndpoint::Receiver(receiver)) => {
+            ctx.tracker.spawn(request_loop(
+                receiver,
+                ctx.clone(),
+                routes.clone(),
+                node,
+                node_address,
+            ));
+        }
+        Ok(LinkEndpoint::Sender(_)) => {}
+        Err(e) => debug!(connection = ctx.id, error = %e, "request link attach failed"),
+    }
+}
+
+async fn request_loop(
+    mut receiver: Receiver,
+    ctx: ConnCtx,
+    routes: Arc<Routes>,
+    node: Node,
+    node_address: String,
+) {
+    loop {
+        let delivery = tokio::select! {
+            d = receiver.recv::<Body<Value>>() => d,
+            _ = ctx.cancel.cancelled() => return,
+        };
+        let Ok(delivery) = delivery else { return };
+        let (info, request) = delivery.into_parts();
+        if receiver.accept(info).await.is_err() {
+            return;
+        }
+        let reply = match &node {
+            Node::Cbs => put_token(&request),
+            Node::Management { entity, part, path } => {
+                management(&request, entity.as_deref(), *part, path, &ctx)
+            }
+        };
+        let reply_to = request
+            .properties
+            .as_ref()
+            .and_then(|p| p.reply_to.as_ref())
+            .map(|a| a.to_string());
+        let message = reply.into_message(&request);
+        match routes.wait_for(reply_to.as_deref(), &node_address).await {
+            Some(tx) => {
+                let _ = tx.send(message).await;
+            }
+            None => warn!(
+                connection = ctx.id,
+                node = %node_address,
+                reply_to = ?reply_to,
+                "no reply link for request; answer dropped"
+            ),
+        }
+    }
+}
+
+/// A management answer before it becomes a message.
+struct Reply {
+    status: i32,
+    description: String,
+    condition: Option<&'static str>,
+    body: Value,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Self {
+        Self {
+            status: 200,
+            description: "OK".into(),
+            condition: None,
+            body,
+        }
+    }
+
+    fn error(status: i32, condition: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            status,
+            description: description.into(),
+            condition: Some(condition),
+            body: Value::Null,
+        }
+    }
+
+    fn into_message(self, request: &AmqpMessage) -> AmqpMessage {
+        let mut app = OrderedMap::new();
+        app.insert("statusCode".to_owned(), SimpleValue::Int(self.status));
+        app.insert(
+            "statusDescription".to_owned(),
+            SimpleValue::String(self.description),
+        );
+        if let Some(condition) = self.condition {
+            app.insert(
+                "errorCondition".to_owned(),
+                SimpleValue::Symbol(Symbol::from(condition)),
+            );
+        }
+        let request_props = request.properties.as_ref();
+        let properties = Properties {
+            correlation_id: request_props.and_then(|p| p.message_id.clone()),
+            to: request_props.and_then(|p| p.reply_to.clone()),
+            ..Default::default()
+        };
+        Message {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(properties),
+            application_properties: Some(ApplicationProperties(app)),
+            body: Body::Value(AmqpValue(self.body)),
+            footer: None,
+        }
+    }
+}
+
+fn app_text<'a>(request: &'a AmqpMessage, name: &str) -> Option<&'a str> {
+    match request.application_properties.as_ref()?.0.get(name)? {
+        SimpleValue::String(s) => Some(s.as_str()),
+        SimpleValue::Symbol(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// CBS put-token: every token is accepted (the emulator does not verify signatures), with the
+/// 202 status every Service Bus client checks for.
+fn put_token(request: &AmqpMessage) -> Reply {
+    match app_text(request, "operation") {
+        Some("put-token") => Reply {
+            status: 202,
+            description: "Accepted".into(),
+            condition: None,
+            body: Value::Null,
+        },
+        other => Reply::error(
+            400,
+            wire::ERR_NOT_IMPLEMENTED,
+            format!("unsupported $cbs operation {other:?}"),
+        ),
+    }
+}
+
+fn body_map(request: &AmqpMessage) -> Option<&OrderedMap<Value, Value>> {
+    match &request.body {
+        Body::Value(AmqpValue(Value::Map(map))) => Some(map),
+        _ => None,
+    }
+}
+
+fn field<'a>(map: Option<&'a OrderedMap<Value, Value>>, name: &str) -> Option<&'a Value> {
+    map?.get(&Value::String(name.to_owned()))
+}
+
+fn text_field(map: Option<&OrderedMap<Value, Value>>, name: &str) -> Option<String> {
+    match field(map, name)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Symbol(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn int_field(map: Option<&OrderedMap<Value, Value>>, name: &str) -> Option<i64> {
+    Some(match field(map, name)? {
+        Value::Long(n) => *n,
+        Value::Int(n) => *n as i64,
+        Value::Short(n) => *n as i64,
+        Value::Uint(n) => *n as i64,
+        Value::Ulong(n) => *n as i64,
+        Value::Ushort(n) => *n as i64,
+        _ => return None,
+    })
+}
+
+fn map_of(entries: Vec<(&str, Value)>) -> Value {
+    let mut map = OrderedMap::new();
+    for (k, v) in entries {
+        map.insert(Value::String(k.to_owned()), v);
+    }
+    Value::Map(map)
+}
+
+fn lock_error(e: LockError) -> Reply {
+    match e {
+        LockError::SessionLockLost => Reply::error(
+            410,
+            wire::ERR_SESSION_LOCK_LOST,
+            "The session lock has expired or the session is not locked by this receiver.",
+        ),
+        LockError::MessageLockLost => Reply::error(
+            410,
+            wire::ERR_MESSAGE_LOCK_LOST,
+            "The lock supplied is invalid. Either the lock expired, or the message has already been removed from the queue.",
+        ),
+    }
+}
+
+fn management(
+    request: &AmqpMessage,
+    entity: Option<&Entity>,
+    part: Part,
+    path: &str,
+    ctx: &ConnCtx,
+) -> Reply {
+    let operation = app_text(request, "operation").unwrap_or_default();
+    let link_name = app_text(request, "associated-link-name");
+    let map = body_map(request);
+    let now = now_ms();
+    let Some(entity) = entity else {
+        return Reply::error(
+            400,
+            wire::ERR_NOT_IMPLEMENTED,
+            format!("operation {operation} is not available on {path}"),
+        );
+    };
+    debug!(connection = ctx.id, entity = %entity.path, operation, "management request");
+    let session_id = text_field(map, "session-id");
+    match operation {
+        "com.microsoft:renew-session-lock" => {
+            let Some(id) = session_id else {
+                return Reply::error(400, wire::ERR_ARGUMENT, "session-id is required");
+            };
+            match entity.renew_session_lock(&id, ctx.id, link_name, now) {
+                Ok(until) => Reply::ok(map_of(vec![(
+                    "expiration",
+                    Value::Timestamp(Timestamp::from_milliseconds(until)),
+                )])),
+                Err(e) => lock_error(e),
+            }
+        }
+        "com.microsoft:get-session-state" => {
+            let Some(id) = session_id else {
+                return Reply::error(400, wire::ERR_ARGUMENT, "session-id is required");
+            };
+            match entity.session_state(&id, ctx.id, link_name, now) {
+                // Never null: clients decode the key as binary.
+                Ok(state) => Reply::ok(map_of(vec![(
+                    "session-state",
+                    Value::Binary(Binary::from(state.unwrap_or_default())),
+                )])),
+                Err(e) => lock_error(e),
+            }
+        }
+        "com.microsoft:set-session-state" => {
+            let Some(id) = session_id else {
+                return Reply::error(400, wire::ERR_ARGUMENT, "session-id is required");
+            };
+            let state = match field(map, "session-state") {
+                Some(Value::Binary(b)) => Some(b.to_vec()),
+                _ => None,
+            };
+            match entity.set_session_state(&id, state, ctx.id, link_name, now) {
+                Ok(()) => Reply::ok(map_of(vec![])),
+                Err(e) => lock_error(e),
+            }
+        }
+        "com.microsoft:renew-lock" => {
+            let tokens: Vec<u128> = match field(map, "lock-tokens") {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| match v {
+                        Value::Uuid(u) => Some(wire::token_from_uuid(u)),
+                        _ => None,
+                    })
+                    .collect(),
+                Some(Value::List(l)) => l
+                    .iter()
+                    .filter_map(|v| match v {
+                        Value::Uuid(u) => Some(wire::token_from_uuid(u)),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => return Reply::error(400, wire::ERR_ARGUMENT, "lock-tokens is required"),
+            };
+            match entity.renew_message_locks(part, &tokens, now) {
+                Ok(expirations) => Reply::ok(map_of(vec![(
+                    "expirations",
+                    Value::Array(Array::from(
+                        expirations
+                            .into_iter()
+                            .map(|t| Value::Timestamp(Timestamp::from_milliseconds(t)))
+                            .collect::<Vec<_>>(),
+                    )),
+                )])),
+                Err(e) => lock_error(e),
+            }
+        }
+        "com.microsoft:peek-message" => {
+            let from = int_field(map, "from-sequence-number").unwrap_or(0);
+            let count = int_field(map, "message-count")
+                .unwrap_or(1)
+                .clamp(1, MAX_PEEK as i64);
+            let peeked = entity.peek(part, from, count as usize, session_id.as_deref());
+            if peeked.is_empty() {
+                return Reply {
+                    status: 204,
+                    description: "No Content".into(),
+                    condition: None,
+                    body: Value::Null,
+                };
+            }
+            let messages = peeked
+                .iter()
+                .map(|s| {
+                    map_of(vec![(
+                        "message",
+                        Value::Binary(Binary::from(wire::encode_peeked(s))),
+                    )])
+                })
+                .collect();
+            Reply::ok(map_of(vec![("messages", Value::List(messages))]))
+        }
+        other => Reply::error(
+            501,
+            wire::ERR_NOT_IMPLEMENTED,
+            format!("operation {other} is not supported by the emulator"),
+        ),
+    }
+}

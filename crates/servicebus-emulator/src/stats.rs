@@ -1,0 +1,74 @@
+//! Inspection snapshots for tests and operators (also served as JSON over HTTP).
+
+use serde::Serialize;
+
+/// A point-in-time view of the whole namespace.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NamespaceStats {
+    /// One entry per queue and per subscription, sorted by path.
+    pub entities: Vec<EntityStats>,
+    /// Open AMQP connections.
+    pub connections: usize,
+}
+
+impl NamespaceStats {
+    /// Looks up an entity by path (`topic/Subscriptions/sub` or `queue`), case-insensitively.
+    pub fn entity(&self, path: &str) -> Option<&EntityStats> {
+        self.entities
+            .iter()
+            .find(|e| e.path.eq_ignore_ascii_case(path))
+    }
+}
+
+/// Counters of one queue or subscription.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EntityStats {
+    /// `topic/Subscriptions/sub` or `queue`.
+    pub path: String,
+    /// Messages waiting or in flight (Service Bus "active" count includes locked ones).
+    pub active: usize,
+    /// Active messages currently locked by a receiver.
+    pub locked: usize,
+    /// Deferred messages.
+    pub deferred: usize,
+    /// Messages in the dead-letter queue.
+    pub dead_lettered: usize,
+    /// Sessions that have messages, state or a lock holder, sorted by id.
+    pub sessions: Vec<SessionStats>,
+}
+
+/// One session of a session-enabled entity.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Session id.
+    pub id: String,
+    /// Active messages of the session (waiting or locked).
+    pub active: usize,
+    /// Messages of the session currently locked.
+    pub locked: usize,
+    /// Whether session state is set.
+    pub has_state: bool,
+    /// Who holds the session lock: `container-id/link-name`.
+    pub holder: Option<String>,
+    /// When the session lock expires, Unix milliseconds.
+    pub locked_until_ms: Option<i64>,
+}
+
+/// A message of a dead-letter queue, as seen by [`crate::EmulatorHandle::dead_letters`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeadLetteredMessage {
+    /// Sequence number assigned at enqueue.
+    pub sequence_number: i64,
+    /// `properties.message-id` as text.
+    pub message_id: Option<String>,
+    /// `properties.group-id`.
+    pub session_id: Option<String>,
+    /// `DeadLetterReason` application property.
+    pub reason: Option<String>,
+    /// `DeadLetterErrorDescription` application property.
+    pub description: Option<String>,
+    /// Deliveries before it was dead-lettered.
+    pub delivery_count: u32,
+    /// Concatenated `Data` sections of the body (empty for other body kinds).
+    pub body: Vec<u8>,
+}

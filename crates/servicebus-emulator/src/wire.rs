@@ -1,0 +1,170 @@
+//! Service Bus conventions on top of AMQP 1.0: annotation names and types, error conditions,
+//! batch decoding and the shape of delivered messages.
+//!
+//! The annotation types matter: clients such as azservicebus abort on an unexpected type, so
+//! sequence numbers are `long` and times are AMQP `timestamp`s, exactly as the service sends.
+
+use fe2o3_amqp_types::{
+    definitions::{self, ErrorCondition},
+    messaging::{
+        message::__private::{Deserializable, Serializable},
+        Body, DeliveryAnnotations, Header, MessageAnnotations, MessageId,
+    },
+    primitives::{Symbol, Timestamp, Uuid, Value},
+};
+
+use crate::store::{AmqpMessage, Delivery, Stored};
+
+/// Message format of a Service Bus batch: one `Data` section per encoded message.
+pub(crate) const BATCH_FORMAT: u32 = 0x8001_3700;
+
+pub(crate) const SEQUENCE_NUMBER: &str = "x-opt-sequence-number";
+pub(crate) const ENQUEUED_TIME: &str = "x-opt-enqueued-time";
+pub(crate) const LOCKED_UNTIL: &str = "x-opt-locked-until";
+pub(crate) const ENQUEUE_SEQUENCE_NUMBER: &str = "x-opt-enqueue-sequence-number";
+pub(crate) const PARTITION_KEY: &str = "x-opt-partition-key";
+pub(crate) const LOCK_TOKEN: &str = "x-opt-lock-token";
+
+pub(crate) const SESSION_FILTER: &str = "com.microsoft:session-filter";
+/// Descriptor code of the `com.microsoft:session-filter` described type (0x00000137:0000000C).
+pub(crate) const SESSION_FILTER_CODE: u64 = 0x0000_0137_0000_000C;
+pub(crate) const LOCKED_UNTIL_UTC: &str = "com.microsoft:locked-until-utc";
+pub(crate) const LINK_TIMEOUT: &str = "com.microsoft:timeout";
+
+pub(crate) const ERR_TIMEOUT: &str = "com.microsoft:timeout";
+pub(crate) const ERR_SESSION_CANNOT_BE_LOCKED: &str = "com.microsoft:session-cannot-be-locked";
+pub(crate) const ERR_SESSION_LOCK_LOST: &str = "com.microsoft:session-lock-lost";
+pub(crate) const ERR_MESSAGE_LOCK_LOST: &str = "com.microsoft:message-lock-lost";
+pub(crate) const ERR_NOT_FOUND: &str = "amqp:not-found";
+pub(crate) const ERR_ARGUMENT: &str = "com.microsoft:argument-error";
+pub(crate) const ERR_NOT_IMPLEMENTED: &str = "amqp:not-implemented";
+
+/// An AMQP error with a (possibly vendor-specific) condition symbol.
+pub(crate) fn error(condition: &str, description: impl Into<String>) -> definitions::Error {
+    definitions::Error::new(
+        ErrorCondition::Custom(Symbol::from(condition)),
+        Some(description.into()),
+        None,
+    )
+}
+
+/// `properties.message-id` as text, whatever its AMQP type.
+pub(crate) fn message_id_text(message: &AmqpMessage) -> Option<String> {
+    Some(match message.properties.as_ref()?.message_id.as_ref()? {
+        MessageId::String(s) => s.clone(),
+        MessageId::Ulong(n) => n.to_string(),
+        MessageId::Uuid(u) => uuid::Uuid::from_bytes(u.clone().into_inner()).to_string(),
+        MessageId::Binary(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+    })
+}
+
+/// The `x-opt-partition-key` annotation, when present and a string.
+pub(crate) fn partition_key(message: &AmqpMessage) -> Option<&str> {
+    let annotations = &message.message_annotations.as_ref()?.0;
+    match annotations
+        .get(&PARTITION_KEY as &dyn fe2o3_amqp_types::messaging::annotations::AnnotationKey)?
+    {
+        Value::String(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// Concatenated `Data` sections of a body.
+pub(crate) fn body_bytes(message: &AmqpMessage) -> Vec<u8> {
+    match &message.body {
+        Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Splits a transfer into the messages it carries: itself, or each `Data` section of a batch.
+pub(crate) fn unbatch(
+    message: AmqpMessage,
+    format: Option<u32>,
+) -> Result<Vec<AmqpMessage>, String> {
+    if format != Some(BATCH_FORMAT) {
+        return Ok(vec![message]);
+    }
+    let Body::Data(sections) = message.body else {
+        return Err("a batch (message format 0x80013700) must carry Data sections".into());
+    };
+    sections
+        .into_inner()
+        .into_iter()
+        .map(|data| {
+            serde_amqp::from_slice::<Deserializable<AmqpMessage>>(&data.0)
+                .map(|d| d.0)
+                .map_err(|e| format!("undecodable message in batch: {e}"))
+        })
+        .collect()
+}
+
+fn key(name: &str) -> fe2o3_amqp_types::messaging::annotations::OwnedKey {
+    Symbol::from(name).into()
+}
+
+/// Adds the broker annotations every received or peeked message carries.
+fn annotate(message: &mut AmqpMessage, seq: i64, enqueued_ms: i64, locked_until_ms: Option<i64>) {
+    let annotations = message
+        .message_annotations
+        .get_or_insert_with(|| MessageAnnotations(Default::default()));
+    annotations.0.insert(key(SEQUENCE_NUMBER), Value::Long(seq));
+    annotations.0.insert(
+        key(ENQUEUED_TIME),
+        Value::Timestamp(Timestamp::from_milliseconds(enqueued_ms)),
+    );
+    annotations
+        .0
+        .insert(key(ENQUEUE_SEQUENCE_NUMBER), Value::Long(seq));
+    if let Some(until) = locked_until_ms {
+        annotations.0.insert(
+            key(LOCKED_UNTIL),
+            Value::Timestamp(Timestamp::from_milliseconds(until)),
+        );
+    }
+}
+
+fn header_with_count(message: &mut AmqpMessage, delivery_count: u32) {
+    let header = message.header.get_or_insert_with(Header::default);
+    header.delivery_count = delivery_count;
+    header.first_acquirer = delivery_count == 0;
+}
+
+/// The message as a receiver sees it: broker annotations, lock token, header delivery-count.
+pub(crate) fn delivered_message(delivery: &Delivery, peek_lock: bool) -> AmqpMessage {
+    let mut message = (*delivery.message).clone();
+    header_with_count(&mut message, delivery.delivery_count);
+    annotate(
+        &mut message,
+        delivery.seq,
+        delivery.enqueued_ms,
+        peek_lock.then_some(delivery.locked_until_ms),
+    );
+    if peek_lock {
+        let annotations = message
+            .delivery_annotations
+            .get_or_insert_with(|| DeliveryAnnotations(Default::default()));
+        annotations.0.insert(
+            key(LOCK_TOKEN),
+            Value::Uuid(Uuid::from(delivery.token.to_be_bytes())),
+        );
+    }
+    message
+}
+
+/// Encoded form of a stored message for `$management` answers (peek).
+pub(crate) fn encode_peeked(stored: &Stored) -> Vec<u8> {
+    let mut message = (*stored.message).clone();
+    header_with_count(&mut message, stored.delivery_count);
+    annotate(&mut message, stored.seq, stored.enqueued_ms, None);
+    encode(&message)
+}
+
+pub(crate) fn encode(message: &AmqpMessage) -> Vec<u8> {
+    serde_amqp::to_vec(&Serializable(message)).unwrap_or_default()
+}
+
+/// A lock token from its wire form (AMQP uuid).
+pub(crate) fn token_from_uuid(uuid: &Uuid) -> u128 {
+    u128::from_be_bytes(*uuid.as_inner())
+}

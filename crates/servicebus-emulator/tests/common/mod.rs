@@ -1,0 +1,105 @@
+//! Shared helpers of the conformance tests: an emulator on its own loopback address and
+//! azservicebus clients pointed at it.
+#![allow(dead_code)]
+
+use std::{
+    future::Future,
+    hash::{BuildHasher, Hasher},
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use azservicebus::{ServiceBusClient, ServiceBusClientOptions};
+use ordo_servicebus_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+
+pub type Client = ServiceBusClient<azservicebus::core::BasicRetryPolicy>;
+
+pub const TOPIC: &str = "ordo-events";
+pub const SUBSCRIPTION: &str = "projector";
+
+fn random_octet() -> u8 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    2 + (hasher.finish() % 249) as u8
+}
+
+/// Starts an emulator on a random 127.0.0.N:5672, retrying while addresses are taken.
+pub async fn start(config: EmulatorConfig) -> EmulatorHandle {
+    for _ in 0..200 {
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, random_octet()));
+        match Emulator::start(config.clone(), ip).await {
+            Ok(handle) => return handle,
+            Err(e) if e.is_addr_in_use() => continue,
+            Err(e) => panic!("cannot start emulator: {e}"),
+        }
+    }
+    panic!("no free loopback address found");
+}
+
+pub async fn start_default() -> EmulatorHandle {
+    start(EmulatorConfig::default_ordo()).await
+}
+
+pub async fn client(emulator: &EmulatorHandle) -> Client {
+    ServiceBusClient::unsecured()
+        .new_from_connection_string(
+            emulator.connection_string(),
+            ServiceBusClientOptions::default(),
+        )
+        .await
+        .expect("client connects")
+}
+
+/// Fails the test when `f` does not finish within `secs` seconds.
+pub async fn within<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("operation timed out")
+}
+
+/// Waits until `cond` holds, failing after `secs` seconds.
+pub async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn message(session: &str, id: &str, body: &[u8]) -> azservicebus::ServiceBusMessage {
+    let mut m = azservicebus::ServiceBusMessage::new(body.to_vec());
+    m.set_message_id(id).unwrap();
+    m.set_session_id(Some(session.to_owned())).unwrap();
+    m
+}
+
+/// Runs a test body on a runtime with roomy stacks: azservicebus futures are large in debug
+/// builds and overflow the default 2 MiB test thread stack.
+pub fn run<F>(body: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    const STACK: usize = 32 * 1024 * 1024;
+    std::thread::Builder::new()
+        .stack_size(STACK)
+        .spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_stack_size(STACK)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(Box::pin(body))
+        })
+        .unwrap()
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+}

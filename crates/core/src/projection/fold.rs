@@ -1,0 +1,225 @@
+//! The fold: one aggregate's events, in version order, into one read-model document.
+//!
+//! A worker holds a session (an exclusive lease on one aggregate), so it keeps the aggregate's
+//! [`ReadModel`] in memory, folds a whole batch into it and writes once, guarded by the version
+//! it read. Every message goes through [`classify`] first: the read model carries the version
+//! it has applied (`lastEventId`), so redeliveries and duplicates are recognised by version
+//! alone and applying any interleaving of duplicates gives the same document as applying each
+//! event once (see the property test below).
+
+use mongodb::bson::{Bson, DateTime, Document};
+
+use super::error::ApplyError;
+
+/// Marks a tombstone: the aggregate was deleted by a `delete` rule. The document stays, with
+/// `lastEventId`, so the version guard keeps working and a late duplicate of an earlier event
+/// cannot resurrect the aggregate. Readers filter `{_deleted: {$ne: true}}`.
+pub const DELETED_FIELD: &str = "_deleted";
+
+/// Field holding the applied version.
+pub const VERSION_FIELD: &str = "lastEventId";
+
+/// Field holding the time of the last write.
+pub const UPDATED_AT_FIELD: &str = "lastUpdatedAt";
+
+/// Custom projection logic; declarative rules implement it too, so both fold the same way.
+pub trait Projection: Send + Sync + std::fmt::Debug {
+    /// Unique name, used by `rebuild --projection` and in `ordo_blocked`.
+    fn name(&self) -> &str;
+
+    /// The collection the projection owns (one document per aggregate).
+    fn collection(&self) -> &str;
+
+    /// Whether this projection cares about the event. An event it does not select still
+    /// advances the version of a document that already exists, so versions stay contiguous.
+    fn selects(&self, aggregate_type: Option<&str>, event_type: &str) -> bool;
+
+    /// Applies one event. `doc` is `None` while the aggregate has no document (never created or
+    /// deleted); setting it to `None` deletes it. `event` is shaped like the source event
+    /// (`Envelope::to_event_document`). An error is a poison event.
+    fn apply(&self, doc: &mut Option<Document>, event: &Document) -> Result<(), ApplyError>;
+}
+
+/// What the version rule says about an event of version `v` given the applied version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `v <= applied`: already applied; settle it without changes.
+    Duplicate,
+    /// `v == applied + 1`: apply it.
+    Apply,
+    /// `v > applied + 1`: versions `from..=to` are missing; read them from the events
+    /// collection and apply them first.
+    Gap {
+        /// First missing version.
+        from: i64,
+        /// Last missing version (`v - 1`).
+        to: i64,
+    },
+}
+
+/// The version rule.
+pub fn classify(applied: i64, v: i64) -> Step {
+    if v <= applied {
+        Step::Duplicate
+    } else if v == applied + 1 {
+        Step::Apply
+    } else {
+        Step::Gap {
+            from: applied + 1,
+            to: v - 1,
+        }
+    }
+}
+
+/// One aggregate's read model in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadModel {
+    /// The aggregate id (`_id` of the document).
+    pub id: String,
+    /// Applied version; 0 when no document exists.
+    pub version: i64,
+    /// The projection's fields (without `_id`, `lastEventId`, `lastUpdatedAt`); `None` when the
+    /// aggregate has no document or was deleted.
+    pub doc: Option<Document>,
+}
+
+impl ReadModel {
+    /// An aggregate with no document.
+    pub fn empty(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            version: 0,
+            doc: None,
+        }
+    }
+
+    /// Reads a stored document (or a tombstone).
+    pub fn from_document(id: impl Into<String>, mut stored: Document) -> Self {
+        let version = match stored.get(VERSION_FIELD) {
+            Some(Bson::Int64(v)) => *v,
+            Some(Bson::Int32(v)) => i64::from(*v),
+            Some(Bson::Double(d)) => *d as i64,
+            _ => 0,
+        };
+        let deleted = stored.get_bool(DELETED_FIELD).unwrap_or(false);
+        for f in ["_id", VERSION_FIELD, UPDATED_AT_FIELD, DELETED_FIELD] {
+            stored.remove(f);
+        }
+        Self {
+            id: id.into(),
+            version,
+            doc: (!deleted).then_some(stored),
+        }
+    }
+
+    /// The document to store: the fields plus `_id`, `lastEventId`, `lastUpdatedAt`, or a
+    /// tombstone when deleted.
+    pub fn to_document(&self, now: DateTime) -> Document {
+        let mut out = Document::new();
+        out.insert("_id", self.id.clone());
+        match &self.doc {
+            Some(d) => out.extend(d.clone()),
+            None => {
+                out.insert(DELETED_FIELD, true);
+            }
+        }
+        out.insert(VERSION_FIELD, self.version);
+        out.insert(UPDATED_AT_FIELD, now);
+        out
+    }
+
+    /// Whether the projection ignores this event entirely: it does not select it and the
+    /// aggregate has no document yet. Such events leave no version behind, so an aggregate the
+    /// projection never selects costs no write; when a later event is selected, its version
+    /// shows a gap and the missing events are read (and applied) from the events collection.
+    pub fn ignores(&self, projection: &dyn Projection, event: &Document) -> bool {
+        self.version == 0 && self.doc.is_none() && !selected(projection, event)
+    }
+
+    /// Applies the event whose version must be `version + 1` (the caller ran [`classify`]).
+    /// An event the projection does not select only advances the version.
+    pub fn apply(
+        &mut self,
+        projection: &dyn Projection,
+        event: &Document,
+    ) -> Result<(), ApplyError> {
+        let v = event_version(event);
+        debug_assert_eq!(v, self.version + 1, "classify before apply");
+        if selected(projection, event) {
+            projection.apply(&mut self.doc, event)?;
+        }
+        self.version = v;
+        Ok(())
+    }
+
+    /// Whether there is anything to store: a document, or a stored one to update.
+    pub fn needs_write(&self, loaded_version: i64) -> bool {
+        self.version > loaded_version && (self.doc.is_some() || loaded_version > 0)
+    }
+}
+
+fn selected(projection: &dyn Projection, event: &Document) -> bool {
+    projection.selects(
+        event.get_str("aggregateType").ok(),
+        event.get_str("eventType").unwrap_or_default(),
+    )
+}
+
+/// The `eventId` of an event document (0 when absent, which never applies).
+pub fn event_version(event: &Document) -> i64 {
+    match event.get("eventId") {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Double(d)) => *d as i64,
+        _ => 0,
+    }
+}
+
+/// Folds `events` (any order, duplicates allowed) into `model` by the version rule, as if
+/// every event were delivered once and in order. Stops at the first gap and returns it
+/// (`Some(Step::Gap)`) so the caller can fetch the missing events.
+pub fn fold_events<'a>(
+    projection: &dyn Projection,
+    model: &mut ReadModel,
+    events: impl IntoIterator<Item = &'a Document>,
+) -> Result<Option<Step>, ApplyError> {
+    let mut sorted: Vec<&Document> = events.into_iter().collect();
+    sorted.sort_by_key(|e| event_version(e));
+    for e in sorted {
+        match classify(model.version, event_version(e)) {
+            Step::Duplicate => {}
+            _ if model.ignores(projection, e) => {}
+            Step::Apply => model.apply(projection, e)?,
+            gap @ Step::Gap { .. } => return Ok(Some(gap)),
+        }
+    }
+    Ok(None)
+}
+
+/// Folds an aggregate's complete history (versions 1..=n from the events collection) from
+/// scratch, as `repair` and `rebuild` do. A hole in the history is returned as the gap.
+pub fn fold_history<'a>(
+    projection: &dyn Projection,
+    id: &str,
+    events: impl IntoIterator<Item = &'a Document>,
+) -> Result<Result<ReadModel, Step>, ApplyError> {
+    let mut model = ReadModel::empty(id);
+    let mut sorted: Vec<&Document> = events.into_iter().collect();
+    sorted.sort_by_key(|e| event_version(e));
+    let mut seen = 0;
+    for e in sorted {
+        let v = event_version(e);
+        match classify(seen, v) {
+            Step::Duplicate => continue,
+            gap @ Step::Gap { .. } => return Ok(Err(gap)),
+            Step::Apply => {}
+        }
+        seen = v;
+        if model.ignores(projection, e) {
+            continue;
+        }
+        model.version = v - 1;
+        model.apply(projection, e)?;
+    }
+    Ok(Ok(model))
+}

@@ -1,0 +1,147 @@
+//! Service Bus for tests: the embedded emulator on its own loopback address, or a real namespace
+//! named by `ORDO_TEST_SERVICEBUS_CONNECTION_STRING`.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::Context as _;
+use ordo_servicebus_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+
+use crate::Unavailable;
+
+/// Environment variable naming a real Service Bus namespace to test against.
+pub const CONNECTION_STRING_ENV: &str = "ORDO_TEST_SERVICEBUS_CONNECTION_STRING";
+/// Topic to use with a real namespace (default `ordo-events`).
+pub const TOPIC_ENV: &str = "ORDO_TEST_SERVICEBUS_TOPIC";
+/// Session-enabled subscription to use with a real namespace (default `projector`).
+pub const SUBSCRIPTION_ENV: &str = "ORDO_TEST_SERVICEBUS_SUBSCRIPTION";
+
+const DEFAULT_TOPIC: &str = "ordo-events";
+const DEFAULT_SUBSCRIPTION: &str = "projector";
+
+/// A Service Bus namespace to test against.
+///
+/// The emulator binds `127.0.0.N:5672` with a random `N` in 2..=250: Service Bus clients
+/// always dial port 5672, so parallel tests are told apart by address. The emulator stops when
+/// the fixture is dropped (or at [`TestServiceBus::shutdown`]).
+#[derive(Debug)]
+pub struct TestServiceBus {
+    emulator: Option<EmulatorHandle>,
+    connection_string: String,
+    topic: String,
+    subscription: String,
+}
+
+impl TestServiceBus {
+    /// The namespace every ordo component expects: topic `ordo-events` with the session
+    /// subscription `projector`.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(EmulatorConfig::default_ordo()).await
+    }
+
+    /// An emulator with `config`; [`TestServiceBus::topic`] and
+    /// [`TestServiceBus::subscription`] name its first topic and that topic's first
+    /// subscription. With a real namespace `config` is ignored.
+    pub async fn start_with(config: EmulatorConfig) -> anyhow::Result<Self> {
+        if let Ok(cs) = std::env::var(CONNECTION_STRING_ENV) {
+            if !cs.trim().is_empty() {
+                return Ok(Self {
+                    emulator: None,
+                    connection_string: cs,
+                    topic: env_or(TOPIC_ENV, DEFAULT_TOPIC),
+                    subscription: env_or(SUBSCRIPTION_ENV, DEFAULT_SUBSCRIPTION),
+                });
+            }
+        }
+        let topic = config.topics.first();
+        let topic_name = topic.map_or(DEFAULT_TOPIC.to_owned(), |t| t.name.clone());
+        let subscription = topic
+            .and_then(|t| t.subscriptions.first())
+            .map_or(DEFAULT_SUBSCRIPTION.to_owned(), |s| s.name.clone());
+        let emulator = start_on_free_loopback(config).await?;
+        Ok(Self {
+            connection_string: emulator.connection_string(),
+            emulator: Some(emulator),
+            topic: topic_name,
+            subscription,
+        })
+    }
+
+    /// The connection string daemons and clients use.
+    pub fn connection_string(&self) -> &str {
+        &self.connection_string
+    }
+
+    /// The topic the producer publishes to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The session-enabled subscription the projector reads.
+    pub fn subscription(&self) -> &str {
+        &self.subscription
+    }
+
+    /// Whether the tests run against a namespace named by the environment.
+    pub fn is_external(&self) -> bool {
+        self.emulator.is_none()
+    }
+
+    /// The emulator, for stats, dead letters and fault injection; [`Unavailable`] against a real
+    /// namespace.
+    pub fn emulator(&self) -> Result<&EmulatorHandle, Unavailable> {
+        self.emulator.as_ref().ok_or(Unavailable {
+            what: "control the service bus emulator",
+            reason: "ORDO_TEST_SERVICEBUS_CONNECTION_STRING points at a real namespace",
+        })
+    }
+
+    /// Simulates a broker outage (connections cut, state kept); see
+    /// [`EmulatorHandle::suspend`].
+    pub async fn suspend(&self) -> Result<(), Unavailable> {
+        self.emulator()?.suspend().await;
+        Ok(())
+    }
+
+    /// Ends the outage started by [`TestServiceBus::suspend`]. The outer error is
+    /// [`Unavailable`]; the inner one a failed re-bind.
+    pub async fn resume(&self) -> Result<anyhow::Result<()>, Unavailable> {
+        Ok(self
+            .emulator()?
+            .resume()
+            .await
+            .context("resuming the emulator"))
+    }
+
+    /// Stops the emulator and waits for its connections to end.
+    pub async fn shutdown(mut self) {
+        if let Some(emulator) = self.emulator.take() {
+            emulator.shutdown().await;
+        }
+    }
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+async fn start_on_free_loopback(config: EmulatorConfig) -> anyhow::Result<EmulatorHandle> {
+    const ATTEMPTS: usize = 64;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, rand::random_range(2..=250)));
+        match Emulator::start(config.clone(), ip).await {
+            Ok(handle) => return Ok(handle),
+            Err(ordo_servicebus_emulator::Error::AddrInUse(addr)) => {
+                tracing::debug!(%addr, "emulator address taken, trying another");
+                last = Some(addr);
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("starting the emulator on {ip}")))
+            }
+        }
+    }
+    anyhow::bail!("no free 127.0.0.N:5672 after {ATTEMPTS} attempts (last tried {last:?})")
+}

@@ -1,9 +1,12 @@
 //! `ordo-producer`'s configuration: the shared sections plus `[producer]`.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use ordo_core::config::{
-    ConfigError, MongoConfig, ServiceBusConfig, ShutdownConfig, TelemetryConfig, Validate,
+    check_duration, check_range, ConfigError, MongoConfig, ServiceBusConfig, ShutdownConfig,
+    TelemetryConfig, Validate,
 };
 
 /// The whole configuration file of `ordo-producer`.
@@ -18,6 +21,142 @@ pub struct ProducerConfig {
     pub telemetry: TelemetryConfig,
     /// SIGTERM handling.
     pub shutdown: ShutdownConfig,
+    /// Publishing, checkpoints, leases, start and recovery.
+    pub producer: ProducerSection,
+}
+
+/// Where to start when the stream has no checkpoint yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    /// Only events inserted from now on.
+    Now,
+    /// Every event already in the collection, then the live stream.
+    Beginning,
+    /// Events inserted at or after this time (seconds since the epoch).
+    Time(i64),
+}
+
+/// What to do with an event that cannot become a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInvalid {
+    /// Record it in `ordo_parked` and carry on.
+    Park,
+    /// Stop the daemon with a non-zero exit; the checkpoint stays before the event.
+    Halt,
+}
+
+/// `[producer]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerSection {
+    /// Name of the stream (lease and checkpoint key); default `"{database}.{events_collection}"`.
+    pub stream: Option<String>,
+    /// Start point without a checkpoint: `now`, `beginning` or an RFC 3339 timestamp.
+    pub start_at: String,
+    /// Publishers (one connection and sender each) sending concurrently across sessions.
+    pub senders: usize,
+    /// Most messages read but not yet acknowledged by the broker.
+    pub max_in_flight_messages: usize,
+    /// Most message bytes read but not yet acknowledged by the broker.
+    pub max_in_flight_bytes: usize,
+    /// Most messages of one session in one batch.
+    pub max_batch_messages: usize,
+    /// Largest message body accepted by the topic; larger events are invalid.
+    pub max_message_bytes: usize,
+    /// `park` (record in `ordo_parked`, carry on) or `halt` (exit non-zero).
+    pub on_invalid: OnInvalid,
+    /// Longest time between checkpoint saves while events flow.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// Save a checkpoint after this many acknowledged events, even before the interval.
+    pub checkpoint_every_events: u64,
+    /// How long one getMore waits for new events; an empty answer advances the idle checkpoint.
+    #[serde(with = "humantime_serde")]
+    pub max_await_time: Duration,
+    /// Events read per change-stream and scan batch.
+    pub read_batch_size: u32,
+    /// After lost history, re-publish from this long before the checkpoint's wall time.
+    #[serde(with = "humantime_serde")]
+    pub history_safety_margin: Duration,
+    /// Field whose time selects the events to re-publish after lost history: `_id` (the
+    /// ObjectId's creation second) or a date field such as `timestamp`.
+    pub replay_time_field: String,
+    /// Sort order of collection scans (`beginning` and lost-history replay), e.g. `{ _id = 1 }`;
+    /// it must follow insertion order per aggregate.
+    pub scan_sort: toml::Table,
+    /// Lifetime of the stream's lease; a standby takes over at most this long after a crash.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Bound on one broker send before it counts as a fault.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// First retry delay after a fault.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Largest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for ProducerSection {
+    fn default() -> Self {
+        let mut sort = toml::Table::new();
+        sort.insert("_id".into(), toml::Value::Integer(1));
+        Self {
+            stream: None,
+            start_at: "now".into(),
+            senders: 8,
+            max_in_flight_messages: 5000,
+            max_in_flight_bytes: 32 * 1024 * 1024,
+            max_batch_messages: 100,
+            max_message_bytes: 256 * 1024,
+            on_invalid: OnInvalid::Park,
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_every_events: 1000,
+            max_await_time: Duration::from_millis(500),
+            read_batch_size: 1000,
+            history_safety_margin: Duration::from_secs(300),
+            replay_time_field: "_id".into(),
+            scan_sort: sort,
+            lease_ttl: Duration::from_secs(15),
+            send_timeout: Duration::from_secs(30),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ProducerSection {
+    /// The parsed start mode (validated).
+    pub fn start_at(&self) -> StartAt {
+        parse_start_at(&self.start_at).expect("validated: producer.start_at")
+    }
+}
+
+fn parse_start_at(s: &str) -> Result<StartAt, String> {
+    match s {
+        "now" => Ok(StartAt::Now),
+        "beginning" => Ok(StartAt::Beginning),
+        t => time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map(|t| StartAt::Time(t.unix_timestamp()))
+            .map_err(|e| {
+                format!("{t:?} is neither \"now\", \"beginning\" nor an RFC 3339 time: {e}")
+            }),
+    }
+}
+
+impl ProducerConfig {
+    /// The stream name (validated to be set).
+    pub fn stream(&self) -> String {
+        self.producer.stream.clone().unwrap_or_else(|| {
+            format!(
+                "{}.{}",
+                self.mongodb.database(),
+                self.mongodb.events_collection
+            )
+        })
+    }
 }
 
 impl Validate for ProducerConfig {
@@ -25,6 +164,119 @@ impl Validate for ProducerConfig {
         self.mongodb.validate()?;
         self.servicebus.validate()?;
         self.telemetry.validate()?;
-        self.shutdown.validate()
+        self.shutdown.validate()?;
+        let p = &self.producer;
+        if p.stream.as_deref() == Some("") {
+            return Err(ConfigError::invalid("producer.stream", "must not be empty"));
+        }
+        parse_start_at(&p.start_at).map_err(|e| ConfigError::invalid("producer.start_at", e))?;
+        check_range("producer.senders", p.senders, 1, 64)?;
+        check_range(
+            "producer.max_in_flight_messages",
+            p.max_in_flight_messages,
+            1,
+            1_000_000,
+        )?;
+        check_range("producer.max_batch_messages", p.max_batch_messages, 1, 4500)?;
+        check_range(
+            "producer.max_message_bytes",
+            p.max_message_bytes,
+            1024,
+            100 * 1024 * 1024,
+        )?;
+        if p.max_in_flight_bytes < p.max_message_bytes {
+            return Err(ConfigError::invalid(
+                "producer.max_in_flight_bytes",
+                format!(
+                    "{} is smaller than producer.max_message_bytes ({})",
+                    p.max_in_flight_bytes, p.max_message_bytes
+                ),
+            ));
+        }
+        check_duration(
+            "producer.checkpoint_interval",
+            p.checkpoint_interval,
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        )?;
+        check_range(
+            "producer.checkpoint_every_events",
+            p.checkpoint_every_events,
+            1,
+            10_000_000,
+        )?;
+        check_duration(
+            "producer.max_await_time",
+            p.max_await_time,
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        )?;
+        check_range("producer.read_batch_size", p.read_batch_size, 1, 100_000)?;
+        check_duration(
+            "producer.history_safety_margin",
+            p.history_safety_margin,
+            Duration::ZERO,
+            Duration::from_secs(30 * 24 * 3600),
+        )?;
+        if p.replay_time_field.is_empty() {
+            return Err(ConfigError::invalid(
+                "producer.replay_time_field",
+                "must not be empty",
+            ));
+        }
+        if p.scan_sort.is_empty() {
+            return Err(ConfigError::invalid(
+                "producer.scan_sort",
+                "must not be empty",
+            ));
+        }
+        for (k, v) in &p.scan_sort {
+            if !matches!(v, toml::Value::Integer(1) | toml::Value::Integer(-1)) {
+                return Err(ConfigError::invalid(
+                    format!("producer.scan_sort.{k}"),
+                    format!("{v} must be 1 or -1"),
+                ));
+            }
+        }
+        check_duration(
+            "producer.lease_ttl",
+            p.lease_ttl,
+            Duration::from_secs(1),
+            Duration::from_secs(600),
+        )?;
+        check_duration(
+            "producer.send_timeout",
+            p.send_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        )?;
+        check_duration(
+            "producer.retry_initial",
+            p.retry_initial,
+            Duration::from_millis(1),
+            Duration::from_secs(60),
+        )?;
+        check_duration(
+            "producer.retry_max",
+            p.retry_max,
+            p.retry_initial,
+            Duration::from_secs(600),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_modes_parse() {
+        assert_eq!(parse_start_at("now"), Ok(StartAt::Now));
+        assert_eq!(parse_start_at("beginning"), Ok(StartAt::Beginning));
+        assert_eq!(
+            parse_start_at("1970-01-01T00:01:00Z"),
+            Ok(StartAt::Time(60))
+        );
+        assert!(parse_start_at("yesterday").is_err());
     }
 }

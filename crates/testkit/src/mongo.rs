@@ -403,6 +403,12 @@ impl TestMongo {
         &self.uri
     }
 
+    /// The connection string with this fixture's database as its path, for configurations that
+    /// take the database from the URI (`MONGODB_URI`).
+    pub fn uri_with_database(&self) -> String {
+        with_database(&self.uri, &self.db_name)
+    }
+
     /// A client connected to the server.
     pub fn client(&self) -> &Client {
         &self.client
@@ -488,9 +494,10 @@ impl Drop for TestMongo {
         if self.server.is_some() {
             return; // the server and its data go away with it
         }
-        // A real deployment keeps databases: drop ours, best effort, on a separate runtime
-        // because Drop cannot await.
-        let client = self.client.clone();
+        // A real deployment keeps databases: drop ours, best effort. Drop cannot await, and the
+        // fixture's client runs its connection tasks on the test's runtime (blocked right here),
+        // so use a fresh client on a runtime of its own.
+        let uri = self.uri.clone();
         let db = self.db_name.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -500,8 +507,15 @@ impl Drop for TestMongo {
                 return;
             };
             rt.block_on(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), client.database(&db).drop())
-                    .await;
+                let drop_db = async {
+                    let client = Client::with_uri_str(&uri).await?;
+                    client.database(&db).drop().await?;
+                    client.shutdown().await;
+                    Ok::<_, mongodb::error::Error>(())
+                };
+                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), drop_db).await {
+                    eprintln!("could not drop test database {db}: {e}");
+                }
             });
         })
         .join();
@@ -511,6 +525,17 @@ impl Drop for TestMongo {
 /// `ordo_test_<16 hex digits>`: unique per fixture, well under MongoDB's 63-byte limit.
 pub fn unique_db_name() -> String {
     format!("ordo_test_{:016x}", rand::random::<u64>())
+}
+
+/// `uri` with its path (the default database) replaced by `db`, options kept.
+fn with_database(uri: &str, db: &str) -> String {
+    let hosts_start = uri.find("://").map_or(0, |i| i + 3);
+    let rest = &uri[hosts_start..];
+    let hosts_end = hosts_start + rest.find(['/', '?']).unwrap_or(rest.len());
+    let query = uri[hosts_end..]
+        .find('?')
+        .map_or("", |i| &uri[hosts_end + i..]);
+    format!("{}/{db}{query}", &uri[..hosts_end])
 }
 
 /// The URI with any `user:password@` removed, for messages.
@@ -539,6 +564,22 @@ mod tests {
             async move { exited }
         })
         .await;
+    }
+
+    #[test]
+    fn puts_the_database_into_the_uri() {
+        assert_eq!(
+            with_database("mongodb://127.0.0.1:5/?directConnection=true", "d"),
+            "mongodb://127.0.0.1:5/d?directConnection=true"
+        );
+        assert_eq!(
+            with_database("mongodb://h1,h2:7/old?rs=x", "d"),
+            "mongodb://h1,h2:7/d?rs=x"
+        );
+        assert_eq!(
+            with_database("mongodb+srv://u:p@c.net", "d"),
+            "mongodb+srv://u:p@c.net/d"
+        );
     }
 
     #[test]

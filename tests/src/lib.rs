@@ -6,4 +6,5 @@
 pub mod chart;
 pub mod prom;
 pub mod sample;
+pub mod stack;
 pub mod stats;

@@ -160,7 +160,7 @@ impl Generator {
                     (
                         "Order",
                         "ItemAddedToOrder",
-                        doc! { "sku": sku, "quantity": qty, "price": price },
+                        doc! { "sku": sku, "qty": qty, "price": price },
                     )
                 }
             }

@@ -1,0 +1,295 @@
+//! A whole ordo deployment on one machine: the stand-ins (or real services), one producer and
+//! any number of projectors as real processes, and the check that matters in the end: every
+//! read model equals the fold of the events collection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use mongodb::Database;
+use ordo_core::envelope::{Envelope, EventFields};
+use ordo_core::projection::{
+    fold_history, DeclarativeProjection, Projection, ProjectionsFile, ReadModel,
+};
+use ordo_servicebus_emulator::EmulatorConfig;
+use ordo_testkit::{bin_path, free_health_addr, paths::workspace_root, Daemon, TestMongo};
+
+pub use ordo_testkit::servicebus::TestServiceBus;
+
+/// The deployment.
+#[derive(Debug)]
+pub struct Stack {
+    /// MongoDB (SecantusDB unless a real URI is given).
+    pub mongo: TestMongo,
+    /// Service Bus (the emulator unless a real namespace is given).
+    pub bus: TestServiceBus,
+    /// The producer, when running.
+    pub producer: Option<Daemon>,
+    /// The projectors; `None` where one was killed and not restarted.
+    pub projectors: Vec<Option<Daemon>>,
+    /// The projections both the projectors and the verification use.
+    pub projections_file: PathBuf,
+    /// Producer `start_at`.
+    pub start_at: String,
+    /// Extra `[projector]` lines (tuning for tests).
+    pub projector_extra: String,
+    /// Extra `[producer]` lines.
+    pub producer_extra: String,
+}
+
+/// The outcome of [`Stack::verify`].
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Aggregates checked.
+    pub aggregates: usize,
+    /// Events folded.
+    pub events: usize,
+    /// Aggregates whose read model differs from the fold, with a description.
+    pub mismatches: Vec<String>,
+}
+
+impl Verdict {
+    /// True when every read model equals the fold.
+    pub fn ok(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}
+
+/// The emulator configuration ordo's end-to-end runs use: the default entities with a short
+/// session lock, so the sessions of a killed projector move on within seconds.
+pub fn emulator_config(lock: Duration) -> EmulatorConfig {
+    let mut cfg = EmulatorConfig::default_ordo();
+    for t in &mut cfg.topics {
+        for s in &mut t.subscriptions {
+            s.lock_duration = lock;
+        }
+    }
+    cfg
+}
+
+impl Stack {
+    /// Starts the stand-ins (or connects to the services named by `ORDO_TEST_*`).
+    pub async fn start(lock: Duration) -> anyhow::Result<Self> {
+        let mongo = TestMongo::start().await.context("start MongoDB stand-in")?;
+        let bus = TestServiceBus::start_with(emulator_config(lock))
+            .await
+            .context("start Service Bus stand-in")?;
+        Ok(Self {
+            mongo,
+            bus,
+            producer: None,
+            projectors: Vec::new(),
+            projections_file: workspace_root().join("config/projections.toml"),
+            start_at: "beginning".into(),
+            projector_extra: String::new(),
+            producer_extra: String::new(),
+        })
+    }
+
+    /// The database of the run.
+    pub fn db(&self) -> Database {
+        self.mongo.database()
+    }
+
+    fn common(&self, health: SocketAddr) -> String {
+        format!(
+            r#"[mongodb]
+uri = {uri:?}
+database = {db:?}
+events_collection = "events"
+
+[servicebus]
+connection_string = {sb:?}
+topic = {topic:?}
+subscription = {sub:?}
+
+[telemetry]
+listen = "{health}"
+log_format = "json"
+log_level = "info"
+
+[shutdown]
+grace_period = "10s"
+"#,
+            uri = self.mongo.uri(),
+            db = self.mongo.db_name(),
+            sb = self.bus.connection_string(),
+            topic = self.bus.topic(),
+            sub = self.bus.subscription(),
+        )
+    }
+
+    /// The producer's configuration file.
+    pub fn producer_config(&self, health: SocketAddr) -> String {
+        format!(
+            "{}\n[producer]\nstart_at = {:?}\n{}\n",
+            self.common(health),
+            self.start_at,
+            self.producer_extra
+        )
+    }
+
+    /// A projector's configuration file.
+    pub fn projector_config(&self, health: SocketAddr) -> String {
+        format!(
+            "{}\n[projector]\nprojections_file = {:?}\n{}\n",
+            self.common(health),
+            self.projections_file.display().to_string(),
+            self.projector_extra
+        )
+    }
+
+    /// Starts the producer and waits until it is ready.
+    pub async fn spawn_producer(&mut self) -> anyhow::Result<()> {
+        let health = free_health_addr();
+        let mut d = Daemon::spawn(
+            &bin_path("ordo-producer"),
+            &self.producer_config(health),
+            health,
+            &[],
+        )?;
+        d.wait_ready(Duration::from_secs(60)).await?;
+        self.producer = Some(d);
+        Ok(())
+    }
+
+    /// Starts projector `slot` (a new one when `slot == len`) and waits until it is ready.
+    pub async fn spawn_projector(&mut self, slot: usize) -> anyhow::Result<()> {
+        let health = free_health_addr();
+        let mut d = Daemon::spawn(
+            &bin_path("ordo-projector"),
+            &self.projector_config(health),
+            health,
+            &[],
+        )?;
+        d.wait_ready(Duration::from_secs(60)).await?;
+        if slot == self.projectors.len() {
+            self.projectors.push(Some(d));
+        } else {
+            self.projectors[slot] = Some(d);
+        }
+        Ok(())
+    }
+
+    /// Sum of a metric over every running daemon.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let mut total = 0.0;
+        for d in self.producer.iter().chain(self.projectors.iter().flatten()) {
+            if let Ok((200, text)) = d.http_get("/metrics").await {
+                total += crate::prom::sum(&text, name);
+            }
+        }
+        total
+    }
+
+    /// The compiled projections.
+    pub fn projections(&self) -> anyhow::Result<Vec<DeclarativeProjection>> {
+        let text = std::fs::read_to_string(&self.projections_file)?;
+        Ok(ProjectionsFile::load_str(&text)?)
+    }
+
+    /// Number of aggregates whose read model has reached the last version in the events
+    /// collection, out of all aggregates.
+    pub async fn caught_up(&self) -> anyhow::Result<(usize, usize)> {
+        let db = self.db();
+        let mut latest: BTreeMap<String, i64> = BTreeMap::new();
+        let mut cur = db
+            .collection::<Document>("events")
+            .aggregate(vec![
+                doc! {"$group": {"_id": "$aggregateId", "v": {"$max": "$eventId"}}},
+            ])
+            .await?;
+        while let Some(d) = cur.try_next().await? {
+            if let (Ok(id), Some(v)) = (d.get_str("_id"), d.get("v")) {
+                latest.insert(
+                    id.to_string(),
+                    ordo_core::projection::fold::event_version(&doc! {"eventId": v.clone()}),
+                );
+            }
+        }
+        let mut done = 0;
+        for p in self.projections()? {
+            let mut cur = db
+                .collection::<Document>(p.collection())
+                .find(doc! {})
+                .projection(doc! {"lastEventId": 1})
+                .await?;
+            while let Some(d) = cur.try_next().await? {
+                let id = d.get_str("_id").unwrap_or_default();
+                let v = ReadModel::from_document(id, d.clone()).version;
+                if latest.get(id) == Some(&v) {
+                    done += 1;
+                }
+            }
+        }
+        Ok((done, latest.len()))
+    }
+
+    /// Folds every aggregate's events (through the wire envelope, exactly as the projector sees
+    /// them) and compares with the stored read models.
+    pub async fn verify(&self) -> anyhow::Result<Verdict> {
+        let db = self.db();
+        let fields = EventFields::default();
+        let mut by_aggregate: BTreeMap<String, Vec<Document>> = BTreeMap::new();
+        let mut cur = db
+            .collection::<Document>("events")
+            .find(doc! {})
+            .sort(doc! {"aggregateId": 1, "eventId": 1})
+            .await?;
+        let mut verdict = Verdict::default();
+        while let Some(raw) = cur.try_next().await? {
+            let env = Envelope::from_event(&raw, &fields, self.mongo.db_name(), "events")?;
+            by_aggregate
+                .entry(env.aggregate_id.clone())
+                .or_default()
+                .push(env.to_event_document()?);
+            verdict.events += 1;
+        }
+        let projections = self.projections()?;
+        for p in &projections {
+            let coll = db.collection::<Document>(p.collection());
+            for (id, events) in &by_aggregate {
+                let expected = match fold_history(p, id, events.iter())? {
+                    Ok(model) => model,
+                    Err(step) => {
+                        verdict
+                            .mismatches
+                            .push(format!("{id}: events collection has a hole: {step:?}"));
+                        continue;
+                    }
+                };
+                let stored = coll.find_one(doc! {"_id": id}).await?;
+                let actual = stored.map(|d| ReadModel::from_document(id.clone(), d));
+                let matches = match &actual {
+                    None => expected.doc.is_none() && expected.version == 0,
+                    Some(a) => *a == expected,
+                };
+                if expected.doc.is_some() || expected.version > 0 {
+                    verdict.aggregates += 1;
+                }
+                if !matches {
+                    verdict.mismatches.push(format!(
+                        "{}/{id}: stored {:?} != fold {:?}",
+                        p.name(),
+                        actual,
+                        expected
+                    ));
+                }
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// Aggregates recorded in `ordo_blocked`.
+    pub async fn blocked(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .db()
+            .collection::<Document>("ordo_blocked")
+            .count_documents(doc! {})
+            .await?)
+    }
+}

@@ -405,8 +405,15 @@ impl Run {
                         .message(message)
                         .settled(self.delete)
                         .build();
+                    // While this waits for credit, an earlier message of the session may come
+                    // back (abandon, lock loss): then the held one goes back and we pick again,
+                    // so order is never broken. `send_batchable` is cancel-safe.
                     let sent = tokio::select! {
                         r = sender.send_batchable(sendable) => r,
+                        _ = &mut notified => {
+                            self.unsend(token);
+                            continue;
+                        }
                         _ = self.ctx.cancel.cancelled() => {
                             self.unsend(token);
                             return false;

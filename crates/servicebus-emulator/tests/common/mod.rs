@@ -103,3 +103,71 @@ where
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e));
 }
+
+/// The ordo namespace with shorter locks and fewer deliveries, for expiry and dead-letter tests.
+pub fn short_config(lock: Duration, max_delivery_count: u32) -> EmulatorConfig {
+    let mut config = EmulatorConfig::default_ordo();
+    config.namespace.session_accept_timeout = Duration::from_secs(1);
+    let sub = &mut config.topics[0].subscriptions[0];
+    sub.lock_duration = lock;
+    sub.max_delivery_count = max_delivery_count;
+    config
+}
+
+pub const PATH: &str = "ordo-events/Subscriptions/projector";
+
+pub async fn send(client: &mut Client, messages: Vec<azservicebus::ServiceBusMessage>) {
+    let mut sender = within(
+        10,
+        client.create_sender(TOPIC, azservicebus::ServiceBusSenderOptions::default()),
+    )
+    .await
+    .unwrap();
+    within(10, sender.send_messages(messages)).await.unwrap();
+    within(10, sender.dispose()).await.unwrap();
+}
+
+/// Accepts a named session or the next available one; the error is the client's message.
+pub async fn accept(
+    client: &mut Client,
+    session: Option<&str>,
+) -> Result<azservicebus::ServiceBusSessionReceiver, String> {
+    let options = azservicebus::ServiceBusSessionReceiverOptions::default();
+    within(20, async {
+        match session {
+            Some(id) => {
+                client
+                    .accept_session_for_subscription(TOPIC, SUBSCRIPTION, id, options)
+                    .await
+            }
+            None => {
+                client
+                    .accept_next_session_for_subscription(TOPIC, SUBSCRIPTION, options)
+                    .await
+            }
+        }
+    })
+    .await
+    .map_err(|e| format!("{e:?}"))
+}
+
+/// Receives exactly `n` messages (failing after 10 s).
+pub async fn receive(
+    receiver: &mut azservicebus::ServiceBusSessionReceiver,
+    n: usize,
+) -> Vec<azservicebus::ServiceBusReceivedMessage> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let batch = within(
+            10,
+            receiver.receive_messages_with_max_wait_time(
+                (n - got.len()) as u32,
+                Some(Duration::from_secs(5)),
+            ),
+        )
+        .await
+        .unwrap();
+        got.extend(batch);
+    }
+    got
+}

@@ -17,15 +17,16 @@ fn locked_named_session_is_refused_and_accept_next_times_out() {
         let _holder = accept(&mut client, Some("s1")).await.unwrap();
 
         let mut other = common::client(&emulator).await;
-        let refused = accept(&mut other, Some("s1"))
-            .await
-            .err()
-            .expect("must be refused");
+        let Err(refused) = accept(&mut other, Some("s1")).await else {
+            panic!("a locked session must be refused");
+        };
         assert!(refused.contains("session-cannot-be-locked"), "{refused}");
 
         // Nothing else has messages: accept-next gives up after the server timeout (1 s here).
         let started = std::time::Instant::now();
-        let timed_out = accept(&mut other, None).await.err().expect("must time out");
+        let Err(timed_out) = accept(&mut other, None).await else {
+            panic!("accept-next must time out");
+        };
         assert!(timed_out.contains("timeout"), "{timed_out}");
         assert!(started.elapsed() >= Duration::from_millis(900));
         emulator.shutdown().await;

@@ -12,6 +12,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use mongodb::Database;
 use ordo_core::envelope::{Envelope, EventFields};
+use ordo_core::projection::fold::event_version;
 use ordo_core::projection::{
     fold_history, DeclarativeProjection, Projection, ProjectionsFile, ReadModel,
 };
@@ -74,8 +75,13 @@ pub fn emulator_config(lock: Duration) -> EmulatorConfig {
 impl Stack {
     /// Starts the stand-ins (or connects to the services named by `ORDO_TEST_*`).
     pub async fn start(lock: Duration) -> anyhow::Result<Self> {
+        Self::start_with(emulator_config(lock)).await
+    }
+
+    /// [`Stack::start`] with a given emulator configuration.
+    pub async fn start_with(emulator: EmulatorConfig) -> anyhow::Result<Self> {
         let mongo = TestMongo::start().await.context("start MongoDB stand-in")?;
-        let bus = TestServiceBus::start_with(emulator_config(lock))
+        let bus = TestServiceBus::start_with(emulator)
             .await
             .context("start Service Bus stand-in")?;
         Ok(Self {
@@ -282,6 +288,35 @@ grace_period = "10s"
             }
         }
         Ok(verdict)
+    }
+
+    /// For every read model: its `lastUpdatedAt` minus the insert time of the event it last
+    /// applied, in seconds — the end-to-end latency of each aggregate's newest event.
+    pub async fn final_latencies(&self) -> anyhow::Result<Vec<f64>> {
+        let db = self.db();
+        let mut inserted: BTreeMap<(String, i64), i64> = BTreeMap::new();
+        let mut cur = db.collection::<Document>("events").find(doc! {}).await?;
+        while let Some(e) = cur.try_next().await? {
+            if let (Ok(id), Ok(t)) = (e.get_str("aggregateId"), e.get_datetime("timestamp")) {
+                inserted.insert((id.to_string(), event_version(&e)), t.timestamp_millis());
+            }
+        }
+        let mut out = Vec::new();
+        for p in self.projections()? {
+            let mut cur = db
+                .collection::<Document>(p.collection())
+                .find(doc! {})
+                .await?;
+            while let Some(d) = cur.try_next().await? {
+                let id = d.get_str("_id").unwrap_or_default().to_string();
+                let v = ReadModel::from_document(id.clone(), d.clone()).version;
+                if let (Some(t), Ok(at)) = (inserted.get(&(id, v)), d.get_datetime("lastUpdatedAt"))
+                {
+                    out.push((at.timestamp_millis() - t).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Aggregates recorded in `ordo_blocked`.

@@ -6,12 +6,10 @@
 //! SIGKILL half-way and starts it again; then checks that every read model equals the fold of
 //! the events collection and prints the verdict with the throughput and latency it saw.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use ordo_core::metrics;
 use ordo_e2e::sample::{insert, Generator, Workload};
@@ -216,7 +214,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let total_secs = started.elapsed().as_secs_f64();
 
     let verdict = stack.verify().await?;
-    let mut latencies = end_to_end_latencies(&stack).await?;
+    let mut latencies = stack.final_latencies().await?;
     let mut p = |q| percentile(&mut latencies, q).unwrap_or(f64::NAN);
     let blocked = stack.blocked().await?;
     println!();
@@ -251,31 +249,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
             verdict.mismatches.len()
         )
     }
-}
-
-/// For every read model: its lastUpdatedAt minus the timestamp of the event it last applied.
-async fn end_to_end_latencies(stack: &Stack) -> anyhow::Result<Vec<f64>> {
-    let db = stack.db();
-    let mut inserted: HashMap<(String, i64), i64> = HashMap::new();
-    let mut cur = db.collection::<Document>("events").find(doc! {}).await?;
-    while let Some(e) = cur.try_next().await? {
-        if let (Ok(id), Ok(t)) = (e.get_str("aggregateId"), e.get_datetime("timestamp")) {
-            let v = ordo_core::projection::fold::event_version(&e);
-            inserted.insert((id.to_string(), v), t.timestamp_millis());
-        }
-    }
-    let mut out = Vec::new();
-    for coll in ["users", "orders"] {
-        let mut cur = db.collection::<Document>(coll).find(doc! {}).await?;
-        while let Some(d) = cur.try_next().await? {
-            let id = d.get_str("_id").unwrap_or_default().to_string();
-            let v = ordo_core::projection::fold::event_version(
-                &doc! {"eventId": d.get("lastEventId").cloned().unwrap_or(mongodb::bson::Bson::Null)},
-            );
-            if let (Some(t), Ok(at)) = (inserted.get(&(id, v)), d.get_datetime("lastUpdatedAt")) {
-                out.push(((at.timestamp_millis() - t).max(0)) as f64 / 1000.0);
-            }
-        }
-    }
-    Ok(out)
 }

@@ -12,6 +12,7 @@
 //! - [`mongo`]: connecting to MongoDB with ordo's defaults.
 //! - [`telemetry`]: logs, the Prometheus recorder, `/healthz` `/readyz` `/metrics`.
 //! - [`metrics`]: every metric name, in one place.
+//! - [`status`]: what `ordo-projector status` shows an operator.
 //! - [`shutdown`]: the root cancellation token, task tracker and signal handling.
 //! - [`retry`]: the capped, jittered backoff every fault path uses.
 
@@ -27,4 +28,5 @@ pub mod retry;
 pub mod secret;
 pub mod servicebus;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;

@@ -132,6 +132,40 @@ pub async fn connect(conn: &Secret, identifier: &str) -> Result<Client, azure_co
     }
 }
 
+/// Counts the messages in a subscription's dead-letter queue by peeking (no locks taken, nothing
+/// removed), up to `cap`; returns `(count, capped)`.
+pub async fn dead_letter_depth(
+    conn: &Secret,
+    topic: &str,
+    subscription: &str,
+    cap: usize,
+) -> Result<(usize, bool), azure_core::Error> {
+    use azservicebus::{ServiceBusReceiverOptions, SubQueue};
+    let mut client = connect(conn, "ordo-status").await?;
+    let mut receiver = client
+        .create_receiver_for_subscription(
+            topic,
+            subscription,
+            ServiceBusReceiverOptions {
+                sub_queue: SubQueue::DeadLetter,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut count = 0;
+    let mut from = Some(0);
+    while count < cap {
+        let page = receiver.peek_messages(250, from.take()).await?;
+        if page.is_empty() {
+            break;
+        }
+        count += page.len();
+    }
+    let _ = receiver.dispose().await;
+    let _ = client.dispose().await;
+    Ok((count.min(cap), count >= cap))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

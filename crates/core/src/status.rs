@@ -1,0 +1,271 @@
+//! What an operator asks of a running deployment, read from MongoDB and Service Bus:
+//! checkpoint age and producer lag per stream, who holds the producer lease, the projectors
+//! alive and the sessions they hold, blocked aggregates, parked events, dead-letter depth.
+//!
+//! Projectors report themselves in `ordo_projectors` (one heartbeat document per process,
+//! refreshed every few seconds); a heartbeat older than three intervals counts as gone.
+
+use std::fmt;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::Database;
+use serde::Serialize;
+
+/// Collection of projector heartbeats.
+pub const PROJECTORS_COLLECTION: &str = "ordo_projectors";
+
+/// How often projectors refresh their heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// One projector process, as it reports itself.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProjectorHeartbeat {
+    /// Unique per process (`host:pid:start`).
+    pub instance: String,
+    /// Host name.
+    pub host: String,
+    /// Sessions (aggregates) held right now.
+    pub sessions_held: u64,
+    /// Events applied since start.
+    pub applied: u64,
+    /// When the process started.
+    pub started_at_ms: i64,
+    /// When the heartbeat was written.
+    pub updated_at_ms: i64,
+}
+
+/// Writes (upserts) a projector's heartbeat.
+pub async fn beat(db: &Database, hb: &ProjectorHeartbeat) -> mongodb::error::Result<()> {
+    db.collection::<Document>(PROJECTORS_COLLECTION)
+        .update_one(
+            doc! {"_id": &hb.instance},
+            doc! {"$set": {
+                "host": &hb.host,
+                "sessionsHeld": hb.sessions_held as i64,
+                "applied": hb.applied as i64,
+                "startedAt": DateTime::from_millis(hb.started_at_ms),
+                "updatedAt": DateTime::now(),
+            }},
+        )
+        .upsert(true)
+        .await
+        .map(|_| ())
+}
+
+/// Removes a projector's heartbeat at a clean shutdown.
+pub async fn retire(db: &Database, instance: &str) -> mongodb::error::Result<()> {
+    db.collection::<Document>(PROJECTORS_COLLECTION)
+        .delete_one(doc! {"_id": instance})
+        .await
+        .map(|_| ())
+}
+
+/// One producer stream.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StreamStatus {
+    /// Stream name.
+    pub stream: String,
+    /// Seconds since the checkpoint was written.
+    pub checkpoint_age_s: Option<f64>,
+    /// Newest event time minus the checkpoint's wall time, seconds (0 when caught up).
+    pub producer_lag_s: Option<f64>,
+    /// Events published according to the checkpoint.
+    pub events: i64,
+    /// Lease holder and seconds until its lease expires (negative: expired).
+    pub lease_holder: Option<String>,
+    /// Seconds until the lease expires.
+    pub lease_expires_in_s: Option<f64>,
+    /// Lease epoch (increments at every takeover).
+    pub lease_epoch: Option<i64>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatusReport {
+    /// Producer streams.
+    pub streams: Vec<StreamStatus>,
+    /// Projector processes with a fresh heartbeat.
+    pub projectors: Vec<ProjectorHeartbeat>,
+    /// Sessions held by all live projectors.
+    pub sessions_held: u64,
+    /// Aggregates blocked (`ordo_blocked`).
+    pub blocked_aggregates: u64,
+    /// Up to ten blocked aggregates: (aggregate id, reason).
+    pub blocked_sample: Vec<(String, String)>,
+    /// Events parked by the producer (`ordo_parked`).
+    pub parked_events: u64,
+    /// Dead-letter queue depth, and whether counting stopped at the cap.
+    pub dead_letter_depth: Option<(usize, bool)>,
+    /// Why the dead-letter depth is missing, if it is.
+    pub dead_letter_error: Option<String>,
+}
+
+fn age_s(now: i64, then: i64) -> f64 {
+    (now - then) as f64 / 1000.0
+}
+
+/// Reads the MongoDB half of the report.
+pub async fn gather(
+    db: &Database,
+    events_collection: &str,
+    blocked_collection: &str,
+) -> mongodb::error::Result<StatusReport> {
+    let now = DateTime::now().timestamp_millis();
+    let newest_event_ms = db
+        .collection::<Document>(events_collection)
+        .find_one(doc! {})
+        .sort(doc! {"_id": -1})
+        .await?
+        .and_then(|d| match d.get("_id") {
+            Some(Bson::ObjectId(oid)) => Some(oid.timestamp().timestamp_millis()),
+            _ => None,
+        });
+    let leases: Vec<Document> = db
+        .collection::<Document>(crate::lease::DEFAULT_COLLECTION)
+        .find(doc! {})
+        .await?
+        .try_collect()
+        .await?;
+    let mut streams = Vec::new();
+    let mut cur = db
+        .collection::<Document>(crate::checkpoint::DEFAULT_COLLECTION)
+        .find(doc! {})
+        .await?;
+    while let Some(d) = cur.try_next().await? {
+        let stream = d.get_str("_id").unwrap_or_default().to_string();
+        let lease = leases
+            .iter()
+            .find(|l| l.get_str("_id").ok() == Some(stream.as_str()));
+        let wall = d
+            .get_datetime("wallTime")
+            .ok()
+            .map(|t| t.timestamp_millis());
+        streams.push(StreamStatus {
+            checkpoint_age_s: d
+                .get_datetime("updatedAt")
+                .ok()
+                .map(|t| age_s(now, t.timestamp_millis())),
+            producer_lag_s: match (newest_event_ms, wall) {
+                (Some(e), Some(w)) => Some(age_s(e, w).max(0.0)),
+                _ => None,
+            },
+            events: match d.get("events") {
+                Some(Bson::Int64(v)) => *v,
+                Some(Bson::Int32(v)) => i64::from(*v),
+                _ => 0,
+            },
+            lease_holder: lease
+                .and_then(|l| l.get_str("holder").ok())
+                .map(str::to_string),
+            lease_expires_in_s: lease
+                .and_then(|l| l.get_datetime("expiresAt").ok())
+                .map(|t| age_s(t.timestamp_millis(), now)),
+            lease_epoch: lease.and_then(|l| l.get_i64("epoch").ok()),
+            stream,
+        });
+    }
+    let fresh = DateTime::from_millis(now - 3 * HEARTBEAT_INTERVAL.as_millis() as i64);
+    let mut projectors = Vec::new();
+    let mut cur = db
+        .collection::<Document>(PROJECTORS_COLLECTION)
+        .find(doc! {"updatedAt": {"$gte": fresh}})
+        .await?;
+    while let Some(d) = cur.try_next().await? {
+        projectors.push(ProjectorHeartbeat {
+            instance: d.get_str("_id").unwrap_or_default().to_string(),
+            host: d.get_str("host").unwrap_or_default().to_string(),
+            sessions_held: d.get_i64("sessionsHeld").unwrap_or(0).max(0) as u64,
+            applied: d.get_i64("applied").unwrap_or(0).max(0) as u64,
+            started_at_ms: d
+                .get_datetime("startedAt")
+                .map(|t| t.timestamp_millis())
+                .unwrap_or(0),
+            updated_at_ms: d
+                .get_datetime("updatedAt")
+                .map(|t| t.timestamp_millis())
+                .unwrap_or(0),
+        });
+    }
+    let blocked = db.collection::<Document>(blocked_collection);
+    let blocked_aggregates = blocked.count_documents(doc! {}).await?;
+    let blocked_sample = blocked
+        .find(doc! {})
+        .limit(10)
+        .await?
+        .try_collect::<Vec<Document>>()
+        .await?
+        .into_iter()
+        .map(|d| {
+            (
+                d.get_str("_id").unwrap_or_default().to_string(),
+                d.get_str("reason").unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let parked_events = db
+        .collection::<Document>("ordo_parked")
+        .count_documents(doc! {})
+        .await?;
+    Ok(StatusReport {
+        streams,
+        sessions_held: projectors.iter().map(|p| p.sessions_held).sum(),
+        projectors,
+        blocked_aggregates,
+        blocked_sample,
+        parked_events,
+        dead_letter_depth: None,
+        dead_letter_error: None,
+    })
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into())
+}
+
+impl fmt::Display for StatusReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "producer")?;
+        if self.streams.is_empty() {
+            writeln!(f, "  no checkpoint yet")?;
+        }
+        for s in &self.streams {
+            writeln!(
+                f,
+                "  stream {}: checkpoint age {}, producer lag {}, {} events published, lease {} (epoch {}, expires in {})",
+                s.stream,
+                secs(s.checkpoint_age_s),
+                secs(s.producer_lag_s),
+                s.events,
+                s.lease_holder.as_deref().unwrap_or("-"),
+                s.lease_epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+                secs(s.lease_expires_in_s),
+            )?;
+        }
+        writeln!(
+            f,
+            "projectors: {} alive, {} sessions held",
+            self.projectors.len(),
+            self.sessions_held
+        )?;
+        for p in &self.projectors {
+            writeln!(
+                f,
+                "  {} on {}: {} sessions, {} events applied",
+                p.instance, p.host, p.sessions_held, p.applied
+            )?;
+        }
+        writeln!(f, "blocked aggregates: {}", self.blocked_aggregates)?;
+        for (id, reason) in &self.blocked_sample {
+            writeln!(f, "  {id}: {reason}")?;
+        }
+        writeln!(f, "parked events: {}", self.parked_events)?;
+        match (&self.dead_letter_depth, &self.dead_letter_error) {
+            (Some((n, true)), _) => writeln!(f, "dead-letter queue: at least {n} messages"),
+            (Some((n, false)), _) => writeln!(f, "dead-letter queue: {n} messages"),
+            (None, Some(e)) => writeln!(f, "dead-letter queue: unknown ({e})"),
+            (None, None) => writeln!(f, "dead-letter queue: not read"),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The operator's status report, read from a live server.
+
+use std::time::Duration;
+
+use mongodb::bson::{doc, oid::ObjectId, DateTime, Document, Timestamp};
+use ordo_core::checkpoint::{self, Checkpoint, CheckpointStore};
+use ordo_core::lease::{self, LeaseStore};
+use ordo_core::status::{self, ProjectorHeartbeat};
+use ordo_testkit::TestMongo;
+
+#[tokio::test]
+async fn report_reads_checkpoints_leases_heartbeats_blocked_and_parked() {
+    let mongo = TestMongo::start().await.unwrap();
+    let db = mongo.database();
+    let now = DateTime::now().timestamp_millis();
+
+    let lease = LeaseStore::new(&db, lease::DEFAULT_COLLECTION)
+        .try_acquire("app.events", "producer-a", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    // The checkpoint covers events up to 30 s before the newest event.
+    CheckpointStore::new(&db, checkpoint::DEFAULT_COLLECTION)
+        .save(
+            &Checkpoint {
+                resume_token: Some(doc! {"_data": "00"}),
+                cluster_time: Some(Timestamp {
+                    time: 1,
+                    increment: 1,
+                }),
+                wall_time: Some(DateTime::from_millis(now - 30_000)),
+                events: 42,
+                ..Checkpoint::new("app.events")
+            },
+            lease.epoch,
+        )
+        .await
+        .unwrap();
+    db.collection::<Document>("events")
+        .insert_one(doc! {"_id": ObjectId::new(), "aggregateId": "a", "eventId": 1})
+        .await
+        .unwrap();
+
+    let live = ProjectorHeartbeat {
+        instance: "host-1:10:1".into(),
+        host: "host-1".into(),
+        sessions_held: 7,
+        applied: 100,
+        started_at_ms: now,
+        updated_at_ms: now,
+    };
+    status::beat(&db, &live).await.unwrap();
+    status::beat(
+        &db,
+        &ProjectorHeartbeat {
+            instance: "host-2:11:1".into(),
+            sessions_held: 3,
+            ..live.clone()
+        },
+    )
+    .await
+    .unwrap();
+    // A heartbeat from a process that died long ago does not count.
+    db.collection::<Document>(status::PROJECTORS_COLLECTION)
+        .insert_one(doc! {"_id": "dead:1:1", "host": "dead", "sessionsHeld": 99_i64, "updatedAt": DateTime::from_millis(now - 600_000)})
+        .await
+        .unwrap();
+    status::retire(&db, "host-2:11:1").await.unwrap();
+
+    db.collection::<Document>("ordo_blocked")
+        .insert_many([
+            doc! {"_id": "order-1", "reason": "ProjectionFailed"},
+            doc! {"_id": "order-2", "reason": "UndecodableBody"},
+        ])
+        .await
+        .unwrap();
+    db.collection::<Document>("ordo_parked")
+        .insert_one(doc! {"reason": "missing_field"})
+        .await
+        .unwrap();
+
+    let report = status::gather(&db, "events", "ordo_blocked").await.unwrap();
+    assert_eq!(report.streams.len(), 1);
+    let s = &report.streams[0];
+    assert_eq!(s.stream, "app.events");
+    assert_eq!(s.events, 42);
+    assert_eq!(s.lease_holder.as_deref(), Some("producer-a"));
+    assert_eq!(s.lease_epoch, Some(lease.epoch));
+    assert!(s.lease_expires_in_s.unwrap() > 50.0, "{s:?}");
+    assert!(s.checkpoint_age_s.unwrap() < 30.0, "{s:?}");
+    let lag = s.producer_lag_s.unwrap();
+    assert!(
+        (25.0..40.0).contains(&lag),
+        "lag measures newest event vs checkpoint: {lag}"
+    );
+    assert_eq!(
+        report.projectors.len(),
+        1,
+        "retired and stale heartbeats are not alive: {:?}",
+        report.projectors
+    );
+    assert_eq!(report.sessions_held, 7);
+    assert_eq!(report.blocked_aggregates, 2);
+    assert_eq!(report.parked_events, 1);
+    let text = report.to_string();
+    assert!(
+        text.contains("blocked aggregates: 2") && text.contains("order-1: ProjectionFailed"),
+        "{text}"
+    );
+    assert!(text.contains("1 alive, 7 sessions held"), "{text}");
+}

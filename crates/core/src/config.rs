@@ -706,11 +706,7 @@ grace_period = "5s"
             &format!("uri_file = {:?}", f.display().to_string()),
         );
         assert_eq!(load(&text, &[]).unwrap().mongodb.database(), "fromfile");
-        let e = load(
-            GOOD,
-            &[("ORDO__MONGODB__URI_FILE", f.to_str().unwrap())],
-        )
-        .unwrap_err();
+        let e = load(GOOD, &[("ORDO__MONGODB__URI_FILE", f.to_str().unwrap())]).unwrap_err();
         assert_eq!(e.key(), Some("mongodb.uri_file"), "{e}");
     }
 

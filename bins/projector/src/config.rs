@@ -1,9 +1,13 @@
 //! `ordo-projector`'s configuration: the shared sections plus `[projector]`.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use ordo_core::config::{
-    ConfigError, MongoConfig, ServiceBusConfig, ShutdownConfig, TelemetryConfig, Validate,
+    check_duration, check_range, ConfigError, MongoConfig, ServiceBusConfig, ShutdownConfig,
+    TelemetryConfig, Validate,
 };
 
 /// The whole configuration file of `ordo-projector`.
@@ -12,12 +16,141 @@ use ordo_core::config::{
 pub struct ProjectorConfig {
     /// Source events and ordo's own collections.
     pub mongodb: MongoConfig,
-    /// The topic to publish to.
+    /// The topic and the session-enabled subscription to read.
     pub servicebus: ServiceBusConfig,
     /// Logs, metrics, health port.
     pub telemetry: TelemetryConfig,
     /// SIGTERM handling.
     pub shutdown: ShutdownConfig,
+    /// Session workers, batching, locks, faults.
+    pub projector: ProjectorSection,
+}
+
+/// `[projector]`: how sessions are worked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorSection {
+    /// The declarative projections (TOML), relative to the working directory.
+    pub projections_file: PathBuf,
+    /// Sessions (aggregates) this process works at once; one client connection each.
+    pub max_concurrent_sessions: usize,
+    /// Most messages folded into one read-model write.
+    pub batch_size: u32,
+    /// Longest wait for the first message of a batch; keep it well under the lock duration.
+    #[serde(with = "humantime_serde")]
+    pub receive_wait: Duration,
+    /// Longest wait for the broker to hand out a session before asking again.
+    #[serde(with = "humantime_serde")]
+    pub accept_timeout: Duration,
+    /// A session with no message for this long is released so other aggregates get a worker.
+    #[serde(with = "humantime_serde")]
+    pub session_idle_timeout: Duration,
+    /// Session lock renewal period; well under the subscription's lock duration (a third).
+    #[serde(with = "humantime_serde")]
+    pub lock_renewal_interval: Duration,
+    /// How long missing events are looked for in the events collection before the aggregate is
+    /// blocked (the producer may not have written them yet when a message overtakes them).
+    #[serde(with = "humantime_serde")]
+    pub gap_timeout: Duration,
+    /// Transient faults (database down, fail points, guard-conflict storms) retried in place
+    /// per batch before its messages are abandoned for another worker to retry.
+    pub transient_retry_limit: u32,
+    /// First delay between transient retries.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Largest delay between transient retries.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Collection of blocked aggregates.
+    pub blocked_collection: String,
+    /// Messages the broker may push ahead of the receive calls (0: credit per receive call).
+    pub prefetch: u32,
+    /// A pause added to every batch apply, to exercise lock renewal under slow projections in
+    /// tests and drills; 0 in production.
+    #[serde(with = "humantime_serde")]
+    pub apply_delay: Duration,
+}
+
+impl Default for ProjectorSection {
+    fn default() -> Self {
+        Self {
+            projections_file: PathBuf::from("config/projections.toml"),
+            max_concurrent_sessions: 8,
+            batch_size: 100,
+            receive_wait: Duration::from_millis(500),
+            accept_timeout: Duration::from_secs(5),
+            session_idle_timeout: Duration::from_secs(2),
+            lock_renewal_interval: Duration::from_secs(10),
+            gap_timeout: Duration::from_secs(10),
+            transient_retry_limit: 10,
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_secs(2),
+            blocked_collection: "ordo_blocked".into(),
+            prefetch: 0,
+            apply_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl Validate for ProjectorSection {
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        check_range(
+            "projector.max_concurrent_sessions",
+            self.max_concurrent_sessions,
+            1,
+            1024,
+        )?;
+        check_range("projector.batch_size", self.batch_size, 1, 5000)?;
+        check_duration("projector.receive_wait", self.receive_wait, ms(10), s(60))?;
+        check_duration(
+            "projector.accept_timeout",
+            self.accept_timeout,
+            ms(100),
+            s(300),
+        )?;
+        check_duration(
+            "projector.session_idle_timeout",
+            self.session_idle_timeout,
+            ms(10),
+            s(3600),
+        )?;
+        check_duration(
+            "projector.lock_renewal_interval",
+            self.lock_renewal_interval,
+            ms(100),
+            s(120),
+        )?;
+        check_duration("projector.gap_timeout", self.gap_timeout, ms(0), s(3600))?;
+        check_range(
+            "projector.transient_retry_limit",
+            self.transient_retry_limit,
+            0,
+            1_000_000,
+        )?;
+        check_duration("projector.retry_initial", self.retry_initial, ms(1), s(60))?;
+        check_duration(
+            "projector.retry_max",
+            self.retry_max,
+            self.retry_initial,
+            s(600),
+        )?;
+        check_duration("projector.apply_delay", self.apply_delay, ms(0), s(600))?;
+        if self.receive_wait >= self.lock_renewal_interval * 3 {
+            return Err(ConfigError::invalid(
+                "projector.receive_wait",
+                "must be shorter than the lock renewal period, or the lock can expire during a receive",
+            ));
+        }
+        if self.blocked_collection.is_empty() {
+            return Err(ConfigError::invalid(
+                "projector.blocked_collection",
+                "must not be empty",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Validate for ProjectorConfig {
@@ -25,6 +158,7 @@ impl Validate for ProjectorConfig {
         self.mongodb.validate()?;
         self.servicebus.validate()?;
         self.telemetry.validate()?;
-        self.shutdown.validate()
+        self.shutdown.validate()?;
+        self.projector.validate()
     }
 }

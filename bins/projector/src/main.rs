@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ordo_core::cli::{config_path, load_config, Loaded};
 
 /// Accepts Service Bus sessions (one session = one aggregate) and applies each aggregate's
@@ -10,11 +10,32 @@ use ordo_core::cli::{config_path, load_config, Loaded};
 #[command(name = "ordo-projector", version)]
 struct Cli {
     /// TOML configuration file (also `ORDO_CONFIG`); `ORDO__SECTION__KEY` overrides it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Validate the configuration, print it with secrets as ***, and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Re-project one aggregate from the events collection and unblock it.
+    Repair {
+        /// The aggregate id.
+        #[arg(long)]
+        aggregate: String,
+        /// Only this projection (default: every projection that selects the aggregate).
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// Replay the events collection into a shadow collection and swap it in.
+    Rebuild {
+        /// The projection to rebuild.
+        #[arg(long)]
+        projection: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -27,8 +48,42 @@ fn main() -> ExitCode {
         Loaded::Run(cfg) => cfg,
         Loaded::Exit(code) => return code,
     };
+    if cli.check_config {
+        return ExitCode::SUCCESS;
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(ordo_projector::run(cfg)) {
+    let result = runtime.block_on(async move {
+        match cli.command {
+            None => ordo_projector::run(cfg).await,
+            Some(cmd) => {
+                ordo_core::telemetry::init_logging(&cfg.telemetry);
+                let projections = ordo_projector::load_projections(&cfg)?;
+                let store = ordo_projector::open_store(&cfg).await?;
+                match cmd {
+                    Command::Repair {
+                        aggregate,
+                        projection,
+                    } => {
+                        ordo_projector::admin::repair(
+                            &store,
+                            &projections,
+                            &aggregate,
+                            projection.as_deref(),
+                        )
+                        .await
+                    }
+                    Command::Rebuild { projection } => {
+                        let coll =
+                            ordo_projector::admin::rebuild(&store, &projections, &projection)
+                                .await?;
+                        println!("rebuilt {coll}");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ordo-projector: {e:#}");

@@ -1,1 +1,325 @@
-//! The projector side of Service Bus: session receivers.
+//! The projector side of Service Bus: sessions, behind ordo's own traits.
+//!
+//! The worker logic sees only [`SessionSource`] (accept the next session, with a timeout) and
+//! [`SessionReceiver`] (receive, settle, renew, session state), so it is tested against a fake
+//! and azservicebus can be replaced by the official crate without touching it.
+//!
+//! azservicebus facts that shape this module:
+//! - `accept_next_session_*` has no timeout and takes the client by `&mut`: each source owns a
+//!   client of its own, and [`SessionSource::accept_next`] wraps the accept in a timeout;
+//! - every receiver method takes `&mut self`: lock renewal cannot run in the background, the
+//!   worker interleaves it with its own steps;
+//! - a failed settle or renewal usually means the session lock is gone; [`ReceiveError`] says
+//!   which, so the worker never completes anything after a lock loss.
+
+use std::future::Future;
+use std::time::Duration;
+
+use azservicebus::receiver::DeadLetterOptions;
+use azservicebus::{
+    ServiceBusReceivedMessage, ServiceBusSessionReceiver, ServiceBusSessionReceiverOptions,
+};
+
+use crate::envelope::property;
+use crate::secret::Secret;
+
+use super::Client;
+
+/// Why a receiver operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The session lock (or a message lock) was lost: another worker may own the session now,
+    /// so nothing received under it may be settled any more.
+    #[error("session lock lost: {0}")]
+    LockLost(String),
+    /// The connection or the broker failed; the session is unusable but nothing is known lost.
+    #[error("service bus: {0}")]
+    Broker(String),
+}
+
+impl ReceiveError {
+    /// Whether retrying later (with a fresh session or connection) can succeed. Both kinds can:
+    /// the messages stay on the broker; the worker drops the session and accepts again.
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+
+    /// Whether this is a lock loss (counted in `ordo_locks_lost_total`).
+    pub fn is_lock_lost(&self) -> bool {
+        matches!(self, ReceiveError::LockLost(_))
+    }
+
+    fn classify(e: azure_core::Error) -> Self {
+        let text = format!("{e} {e:?}");
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("lock") || lower.contains("410") || lower.contains("gone") {
+            ReceiveError::LockLost(e.to_string())
+        } else {
+            ReceiveError::Broker(e.to_string())
+        }
+    }
+}
+
+/// A received message, as the worker sees it.
+pub trait Delivery: Send + Sync {
+    /// The body bytes, or why there are none (a non-`Data` body is poison).
+    fn body(&self) -> Result<&[u8], String>;
+    /// MessageId.
+    fn message_id(&self) -> Option<String>;
+    /// The `ordo-envelope` application property, if present and an integer.
+    fn envelope_version(&self) -> Option<i64>;
+    /// Deliveries so far, this one included.
+    fn delivery_count(&self) -> u32;
+}
+
+/// The sessions of one subscription.
+pub trait SessionSource: Send {
+    /// A held session.
+    type Session: SessionReceiver;
+
+    /// Accepts the next available session; `None` when none became available within `timeout`.
+    fn accept_next(
+        &mut self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Option<Self::Session>, ReceiveError>> + Send;
+}
+
+/// One held session (one aggregate).
+pub trait SessionReceiver: Send {
+    /// Messages this receiver hands out.
+    type Message: Delivery;
+
+    /// The session id (the aggregate id, or its digest when longer than 128 characters).
+    fn session_id(&self) -> &str;
+
+    /// Up to `max` messages, waiting at most `wait` for the first.
+    fn receive(
+        &mut self,
+        max: u32,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Vec<Self::Message>, ReceiveError>> + Send;
+
+    /// Removes the message (only after its effect is durable).
+    fn complete(
+        &mut self,
+        m: &Self::Message,
+    ) -> impl Future<Output = Result<(), ReceiveError>> + Send;
+
+    /// Releases the message for redelivery.
+    fn abandon(
+        &mut self,
+        m: &Self::Message,
+    ) -> impl Future<Output = Result<(), ReceiveError>> + Send;
+
+    /// Moves the message to the dead-letter queue with a reason and a description.
+    fn dead_letter(
+        &mut self,
+        m: &Self::Message,
+        reason: &str,
+        description: &str,
+    ) -> impl Future<Output = Result<(), ReceiveError>> + Send;
+
+    /// Extends the session lock.
+    fn renew_lock(&mut self) -> impl Future<Output = Result<(), ReceiveError>> + Send;
+
+    /// The session state (empty when none).
+    fn state(&mut self) -> impl Future<Output = Result<Vec<u8>, ReceiveError>> + Send;
+
+    /// Replaces the session state.
+    fn set_state(
+        &mut self,
+        state: Vec<u8>,
+    ) -> impl Future<Output = Result<(), ReceiveError>> + Send;
+
+    /// Releases the session (unsettled messages return to the broker).
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// Sessions of a subscription through azservicebus. Owns its client: accepting takes the
+/// client by `&mut`, so one source per worker lets workers accept concurrently.
+#[derive(Debug)]
+pub struct AzureSessionSource {
+    client: Client,
+    topic: String,
+    subscription: String,
+    identifier: String,
+    prefetch: u32,
+}
+
+impl AzureSessionSource {
+    /// Connects a client for one worker.
+    pub async fn connect(
+        conn: &Secret,
+        topic: &str,
+        subscription: &str,
+        identifier: &str,
+        prefetch: u32,
+    ) -> Result<Self, ReceiveError> {
+        let client = super::connect(conn, identifier)
+            .await
+            .map_err(|e| ReceiveError::Broker(e.to_string()))?;
+        Ok(Self {
+            client,
+            topic: topic.to_string(),
+            subscription: subscription.to_string(),
+            identifier: identifier.to_string(),
+            prefetch,
+        })
+    }
+}
+
+impl SessionSource for AzureSessionSource {
+    type Session = AzureSession;
+
+    async fn accept_next(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<AzureSession>, ReceiveError> {
+        let options = ServiceBusSessionReceiverOptions {
+            prefetch_count: self.prefetch,
+            identifier: Some(self.identifier.clone()),
+            ..Default::default()
+        };
+        let accept = self.client.accept_next_session_for_subscription(
+            &self.topic,
+            &self.subscription,
+            options,
+        );
+        match tokio::time::timeout(timeout, accept).await {
+            Err(_) => Ok(None),
+            Ok(Ok(receiver)) => Ok(Some(AzureSession {
+                session_id: receiver.session_id().to_string(),
+                receiver,
+            })),
+            Ok(Err(e)) => {
+                let text = e.to_string().to_ascii_lowercase();
+                // Real Service Bus answers an accept with no available session by a timeout
+                // error after its server timeout, and an emulator may answer with an attach
+                // without a source; both mean "none", not a fault.
+                if text.contains("timeout")
+                    || text.contains("timed out")
+                    || text.contains("source field is none")
+                {
+                    Ok(None)
+                } else {
+                    Err(ReceiveError::Broker(e.to_string()))
+                }
+            }
+        }
+    }
+}
+
+/// A session held through azservicebus.
+#[derive(Debug)]
+pub struct AzureSession {
+    session_id: String,
+    receiver: ServiceBusSessionReceiver,
+}
+
+/// A message received through azservicebus.
+#[derive(Debug)]
+pub struct AzureMessage(ServiceBusReceivedMessage);
+
+impl Delivery for AzureMessage {
+    fn body(&self) -> Result<&[u8], String> {
+        self.0.body().map_err(|e| e.to_string())
+    }
+
+    fn message_id(&self) -> Option<String> {
+        self.0.message_id().map(|c| c.into_owned())
+    }
+
+    fn envelope_version(&self) -> Option<i64> {
+        let v = self.0.application_properties()?.0.get(property::ENVELOPE)?;
+        i64::try_from(v.clone())
+            .ok()
+            .or_else(|| i32::try_from(v.clone()).ok().map(i64::from))
+            .or_else(|| u32::try_from(v.clone()).ok().map(i64::from))
+    }
+
+    fn delivery_count(&self) -> u32 {
+        self.0.delivery_count().unwrap_or(1)
+    }
+}
+
+impl SessionReceiver for AzureSession {
+    type Message = AzureMessage;
+
+    fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    async fn receive(
+        &mut self,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<AzureMessage>, ReceiveError> {
+        self.receiver
+            .receive_messages_with_max_wait_time(max, wait)
+            .await
+            .map(|v| v.into_iter().map(AzureMessage).collect())
+            .map_err(ReceiveError::classify)
+    }
+
+    async fn complete(&mut self, m: &AzureMessage) -> Result<(), ReceiveError> {
+        self.receiver
+            .complete_message(&m.0)
+            .await
+            .map_err(ReceiveError::classify)
+    }
+
+    async fn abandon(&mut self, m: &AzureMessage) -> Result<(), ReceiveError> {
+        self.receiver
+            .abandon_message(&m.0, None)
+            .await
+            .map_err(ReceiveError::classify)
+    }
+
+    async fn dead_letter(
+        &mut self,
+        m: &AzureMessage,
+        reason: &str,
+        description: &str,
+    ) -> Result<(), ReceiveError> {
+        // Service Bus limits both to 4096 characters.
+        let cut = |s: &str| s.chars().take(4000).collect::<String>();
+        self.receiver
+            .dead_letter_message(
+                &m.0,
+                DeadLetterOptions {
+                    dead_letter_reason: Some(cut(reason)),
+                    dead_letter_error_description: Some(cut(description)),
+                    properties_to_modify: None,
+                },
+            )
+            .await
+            .map_err(ReceiveError::classify)
+    }
+
+    async fn renew_lock(&mut self) -> Result<(), ReceiveError> {
+        self.receiver
+            .renew_session_lock()
+            .await
+            .map_err(ReceiveError::classify)
+    }
+
+    async fn state(&mut self) -> Result<Vec<u8>, ReceiveError> {
+        self.receiver
+            .session_state()
+            .await
+            .map_err(ReceiveError::classify)
+    }
+
+    async fn set_state(&mut self, state: Vec<u8>) -> Result<(), ReceiveError> {
+        self.receiver
+            .set_session_state(state)
+            .await
+            .map_err(ReceiveError::classify)
+    }
+
+    async fn close(self) {
+        if let Err(e) = self.receiver.dispose().await {
+            tracing::debug!(session = %self.session_id, error = %e, "closing the session receiver failed");
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! MongoDB: read models with version-guarded writes, the events collection (gap healing,
+//! repair, rebuild) and `ordo_blocked`.
+
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use mongodb::options::ReplaceOptions;
+use mongodb::{Collection, Database};
+
+use ordo_core::envelope::{DecodeError, Envelope, EventFields, InvalidEvent};
+use ordo_core::mongo::{is_duplicate_key, is_transient};
+use ordo_core::projection::{Projection, ReadModel};
+
+/// A database failure, classified once for the retry loop and the dead-letter decision.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The driver or the server failed.
+    #[error("mongodb: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    /// A source event in the events collection breaks the contract.
+    #[error("source event of {aggregate_id} is invalid: {reason}")]
+    BadEvent {
+        /// The aggregate.
+        aggregate_id: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Network errors, transient server codes and injected transient failures are retried;
+    /// everything else is not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Mongo(e) => is_transient(e),
+            StoreError::BadEvent { .. } => false,
+        }
+    }
+}
+
+/// What a guarded write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The document now holds the new version.
+    Ok,
+    /// Someone else moved the document (or created it first): reload and fold again.
+    Conflict,
+}
+
+/// A blocked aggregate, as stored in `ordo_blocked`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockRecord {
+    /// The aggregate.
+    pub aggregate_id: String,
+    /// The projection that failed (or `*` when the message could not be decoded).
+    pub projection: String,
+    /// The first version not applied.
+    pub blocked_at_event_id: i64,
+    /// Short reason (also the dead-letter reason).
+    pub reason: String,
+    /// What went wrong.
+    pub description: String,
+    /// The poison message's id.
+    pub message_id: String,
+}
+
+/// The projector's view of the database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Database,
+    events: Collection<Document>,
+    blocked: Collection<Document>,
+    fields: EventFields,
+    events_collection: String,
+}
+
+impl Store {
+    /// A store over `db`.
+    pub fn new(db: Database, events_collection: &str, blocked: &str, fields: EventFields) -> Self {
+        Self {
+            events: db.collection(events_collection),
+            blocked: db.collection(blocked),
+            db,
+            fields,
+            events_collection: events_collection.to_string(),
+        }
+    }
+
+    /// The database.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// The read model of `id`, or an empty one.
+    pub async fn load(&self, p: &dyn Projection, id: &str) -> Result<ReadModel, StoreError> {
+        let coll: Collection<Document> = self.db.collection(p.collection());
+        Ok(match coll.find_one(doc! { "_id": id }).await? {
+            Some(d) => ReadModel::from_document(id, d),
+            None => ReadModel::empty(id),
+        })
+    }
+
+    /// Writes `model` if the stored version is still `expected`: an insert when nothing was
+    /// stored (duplicate key: someone else created it), otherwise a replace filtered on
+    /// `{_id, lastEventId: expected}` (plain equality, so the `_id` index serves it).
+    pub async fn write(
+        &self,
+        p: &dyn Projection,
+        model: &ReadModel,
+        expected: i64,
+    ) -> Result<Written, StoreError> {
+        let coll: Collection<Document> = self.db.collection(p.collection());
+        let doc = model.to_document(mongodb::bson::DateTime::now());
+        if expected == 0 {
+            return match coll.insert_one(doc).await {
+                Ok(_) => Ok(Written::Ok),
+                Err(e) if is_duplicate_key(&e) => Ok(Written::Conflict),
+                Err(e) => Err(e.into()),
+            };
+        }
+        let r = coll
+            .replace_one(doc! { "_id": &model.id, "lastEventId": expected }, doc)
+            .with_options(ReplaceOptions::builder().upsert(false).build())
+            .await?;
+        Ok(if r.matched_count == 1 {
+            Written::Ok
+        } else {
+            Written::Conflict
+        })
+    }
+
+    /// Writes a model folded from the full history (repair, rebuild): replaces whatever is
+    /// stored unless it is newer, so a running projector that moved further is not undone.
+    pub async fn write_folded(
+        &self,
+        collection: &str,
+        model: &ReadModel,
+    ) -> Result<(), StoreError> {
+        let coll: Collection<Document> = self.db.collection(collection);
+        let doc = model.to_document(mongodb::bson::DateTime::now());
+        loop {
+            let current = coll.find_one(doc! { "_id": &model.id }).await?;
+            let stored = current
+                .map(|d| ReadModel::from_document(&model.id, d).version)
+                .unwrap_or(0);
+            if stored > model.version {
+                return Ok(());
+            }
+            if stored == 0 {
+                match coll.insert_one(doc.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if is_duplicate_key(&e) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let r = coll
+                .replace_one(
+                    doc! { "_id": &model.id, "lastEventId": stored },
+                    doc.clone(),
+                )
+                .await?;
+            if r.matched_count == 1 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn to_event(&self, id: &str, d: &Document) -> Result<Document, StoreError> {
+        let bad = |reason: String| StoreError::BadEvent {
+            aggregate_id: id.to_string(),
+            reason,
+        };
+        Envelope::from_event(d, &self.fields, self.db.name(), &self.events_collection)
+            .map_err(|e: InvalidEvent| bad(e.to_string()))?
+            .to_event_document()
+            .map_err(|e: DecodeError| bad(e.to_string()))
+    }
+
+    /// Events `from..=to` of `id`, sorted; fewer when some are not (yet) there.
+    pub async fn events_between(
+        &self,
+        id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Document>, StoreError> {
+        let f = &self.fields;
+        let filter = doc! {
+            &f.aggregate_id: id,
+            &f.event_id: { "$gte": from, "$lte": to },
+        };
+        let found: Vec<Document> = self
+            .events
+            .find(filter)
+            .sort(doc! { &f.event_id: 1 })
+            .await?
+            .try_collect()
+            .await?;
+        found.iter().map(|d| self.to_event(id, d)).collect()
+    }
+
+    /// Every event of `id`, sorted.
+    pub async fn history(&self, id: &str) -> Result<Vec<Document>, StoreError> {
+        self.events_between(id, 1, i64::MAX).await
+    }
+
+    /// Every event in the collection, sorted by aggregate then version, for `rebuild`.
+    pub async fn all_events(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<(String, Document), StoreError>> + '_, StoreError>
+    {
+        let f = self.fields.clone();
+        let cursor = self
+            .events
+            .find(doc! {})
+            .sort(doc! { &f.aggregate_id: 1, &f.event_id: 1 })
+            .await?;
+        Ok(cursor.map_err(StoreError::from).and_then(move |d| {
+            let f = f.clone();
+            async move {
+                let id = d.get_str(&f.aggregate_id).unwrap_or_default().to_string();
+                let ev = self.to_event(&id, &d)?;
+                Ok((id, ev))
+            }
+        }))
+    }
+
+    /// Records a blocked aggregate (idempotent: the first block wins).
+    pub async fn block(&self, r: &BlockRecord) -> Result<(), StoreError> {
+        let res = self
+            .blocked
+            .insert_one(doc! {
+                "_id": &r.aggregate_id,
+                "projection": &r.projection,
+                "blockedAtEventId": r.blocked_at_event_id,
+                "reason": &r.reason,
+                "description": &r.description,
+                "messageId": &r.message_id,
+                "blockedAt": mongodb::bson::DateTime::now(),
+            })
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The version an aggregate is blocked at, if it is.
+    pub async fn blocked_at(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .blocked
+            .find_one(doc! { "_id": id })
+            .await?
+            .and_then(|d| d.get_i64("blockedAtEventId").ok()))
+    }
+
+    /// Removes the block of an aggregate.
+    pub async fn unblock(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .blocked
+            .delete_one(doc! { "_id": id })
+            .await?
+            .deleted_count
+            > 0)
+    }
+
+    /// Number of blocked aggregates (the gauge).
+    pub async fn blocked_count(&self) -> Result<u64, StoreError> {
+        Ok(self.blocked.count_documents(doc! {}).await?)
+    }
+
+    /// Waits until `from..=to` of `id` are all in the events collection, retrying reads (and
+    /// transient errors) for at most `timeout`. `None` when they did not all appear.
+    pub async fn heal(
+        &self,
+        id: &str,
+        from: i64,
+        to: i64,
+        timeout: Duration,
+    ) -> Result<Option<Vec<Document>>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.events_between(id, from, to).await {
+                Ok(evs) if evs.len() as i64 == to - from + 1 => return Ok(Some(evs)),
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => {}
+                Err(e) => return Err(e),
+            }
+            if tokio::time::Instant::now() + delay > deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+}

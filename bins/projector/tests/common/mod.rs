@@ -1,0 +1,408 @@
+//! Shared fixtures of the projector's integration tests: SecantusDB, an embedded emulator on
+//! its own loopback address, a seeded User/Order workload, publishing by the contract, and the
+//! expected read models folded from the events collection with the same projections.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use azservicebus::{
+    CreateMessageBatchOptions, ServiceBusClient, ServiceBusClientOptions, ServiceBusMessage,
+    ServiceBusSenderOptions,
+};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use ordo_core::envelope::{Envelope, EventFields, PropertyValue};
+use ordo_core::projection::{fold_history, Projection, ProjectionsFile};
+use ordo_servicebus_emulator::config::{EmulatorConfig, SubscriptionConfig, TopicConfig};
+use ordo_servicebus_emulator::{Emulator, EmulatorHandle};
+use ordo_testkit::{free_health_addr, Daemon, TestMongo};
+
+pub const TOPIC: &str = "ordo-events";
+pub const SUB: &str = "projector";
+
+/// Scale factor: `ORDO_TEST_SCALE=full` runs the full 500 x 20 workload.
+pub fn aggregates(default: usize) -> usize {
+    match std::env::var("ORDO_TEST_SCALE").as_deref() {
+        Ok("full") => 500,
+        Ok(n) => n.parse().unwrap_or(default),
+        Err(_) => default,
+    }
+}
+
+pub fn projections_path() -> PathBuf {
+    ordo_testkit::paths::workspace_root().join("config/projections.toml")
+}
+
+pub fn projections() -> Vec<Arc<dyn Projection>> {
+    let text = std::fs::read_to_string(projections_path()).unwrap();
+    ProjectionsFile::load_str(&text)
+        .unwrap()
+        .into_iter()
+        .map(|p| Arc::new(p) as Arc<dyn Projection>)
+        .collect()
+}
+
+pub struct Env {
+    pub mongo: TestMongo,
+    pub emulator: EmulatorHandle,
+    pub conn: String,
+}
+
+/// Starts SecantusDB and an emulator (session-enabled subscription, `lock` lock duration).
+pub async fn start(lock: Duration) -> Env {
+    let mongo = TestMongo::start().await.expect("mongodb");
+    let mut cfg = EmulatorConfig::default_ordo();
+    // The emulator answers an accept with no session before the projector's own timeout, so
+    // the client never gives up halfway through an attach.
+    cfg.namespace.session_accept_timeout = Duration::from_secs(1);
+    cfg.topics = vec![TopicConfig {
+        subscriptions: vec![SubscriptionConfig {
+            lock_duration: lock,
+            ..cfg.topics[0].subscriptions[0].clone()
+        }],
+        ..cfg.topics[0].clone()
+    }];
+    let emulator = loop {
+        let n: u8 = rand::random_range(2..=250);
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, rand::random_range(1..=250), n));
+        match Emulator::start(cfg.clone(), ip).await {
+            Ok(h) => break h,
+            Err(e) if e.is_addr_in_use() => continue,
+            Err(e) => panic!("emulator: {e}"),
+        }
+    };
+    let conn = emulator.connection_string();
+    Env {
+        mongo,
+        emulator,
+        conn,
+    }
+}
+
+impl Env {
+    /// A projector config; `extra` is appended to `[projector]`.
+    pub fn projector_toml(&self, health: std::net::SocketAddr, extra: &str) -> String {
+        format!(
+            r#"
+[mongodb]
+uri = "{uri}"
+database = "{db}"
+[servicebus]
+connection_string = "{conn}"
+topic = "{TOPIC}"
+subscription = "{SUB}"
+[telemetry]
+listen = "{health}"
+log_format = "pretty"
+log_level = "info,ordo_projector=debug"
+[shutdown]
+grace_period = "10s"
+[projector]
+projections_file = "{proj}"
+max_concurrent_sessions = 4
+batch_size = 50
+receive_wait = "200ms"
+accept_timeout = "3s"
+session_idle_timeout = "300ms"
+lock_renewal_interval = "1s"
+gap_timeout = "2s"
+retry_initial = "20ms"
+retry_max = "200ms"
+{extra}
+"#,
+            uri = self.mongo.uri(),
+            db = self.mongo.db_name(),
+            conn = self.conn,
+            proj = projections_path().display(),
+        )
+    }
+
+    pub async fn spawn_projector(&self, extra: &str) -> Daemon {
+        let health = free_health_addr();
+        let mut d = Daemon::spawn(&bin(), &self.projector_toml(health, extra), health, &[])
+            .expect("spawn projector");
+        d.wait_ready(Duration::from_secs(30))
+            .await
+            .expect("projector ready");
+        d
+    }
+
+    pub fn events(&self) -> mongodb::Collection<Document> {
+        self.mongo.database().collection("events")
+    }
+
+    pub async fn insert_events(&self, events: &[Document]) {
+        for chunk in events.chunks(1000) {
+            self.events().insert_many(chunk.to_vec()).await.unwrap();
+        }
+    }
+
+    /// Publishes `events` by the message contract, one batch per aggregate run.
+    pub async fn publish(&self, events: &[Document]) {
+        self.publish_with(events, "").await
+    }
+
+    /// Like [`Env::publish`], with `suffix` appended to every MessageId: a redelivery the
+    /// broker's duplicate detection does not catch (e.g. after its window), so the projector's
+    /// version rule must.
+    pub async fn publish_with(&self, events: &[Document], suffix: &str) {
+        let mut client = ServiceBusClient::unsecured()
+            .new_from_connection_string(&self.conn, ServiceBusClientOptions::default())
+            .await
+            .unwrap();
+        let mut sender = client
+            .create_sender(TOPIC, ServiceBusSenderOptions::default())
+            .await
+            .unwrap();
+        // One batch per run of one session's messages (the partitioned-entity rule).
+        let mut runs: Vec<Vec<ServiceBusMessage>> = Vec::new();
+        let mut run_session = String::new();
+        for e in events {
+            let mut m = to_message(e);
+            if !suffix.is_empty() {
+                let id = format!("{}{suffix}", m.message_id().unwrap());
+                m.set_message_id(id).unwrap();
+            }
+            let sid = m.session_id().unwrap().to_string();
+            if sid != run_session || runs.last().is_none_or(|r| r.len() >= 50) {
+                runs.push(Vec::new());
+            }
+            run_session = sid;
+            runs.last_mut().unwrap().push(m);
+        }
+        for run in runs {
+            let mut batch = sender
+                .create_message_batch(CreateMessageBatchOptions::default())
+                .unwrap();
+            for m in run {
+                batch.try_add_message(m).unwrap();
+            }
+            tokio::time::timeout(Duration::from_secs(30), sender.send_message_batch(batch))
+                .await
+                .expect("send within 30s")
+                .unwrap();
+        }
+        sender.dispose().await.unwrap();
+        client.dispose().await.unwrap();
+    }
+
+    /// Publishes raw bodies (poison) in `session`.
+    pub async fn publish_raw(&self, session: &str, message_id: &str, body: &[u8]) {
+        let mut client = ServiceBusClient::unsecured()
+            .new_from_connection_string(&self.conn, ServiceBusClientOptions::default())
+            .await
+            .unwrap();
+        let mut sender = client
+            .create_sender(TOPIC, ServiceBusSenderOptions::default())
+            .await
+            .unwrap();
+        let mut m = ServiceBusMessage::new(body.to_vec());
+        m.set_message_id(message_id.to_string()).unwrap();
+        m.set_session_id(Some(session.to_string())).unwrap();
+        m.set_partition_key(Some(session.to_string())).unwrap();
+        m.set_content_type("application/json".to_string());
+        sender.send_message(m).await.unwrap();
+        sender.dispose().await.unwrap();
+        client.dispose().await.unwrap();
+    }
+
+    /// Read models of a projection's collection, by id, without `lastUpdatedAt`.
+    pub async fn read_models(&self, collection: &str) -> BTreeMap<String, Document> {
+        let docs: Vec<Document> = self
+            .mongo
+            .database()
+            .collection::<Document>(collection)
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        docs.into_iter()
+            .map(|mut d| {
+                d.remove("lastUpdatedAt");
+                (d.get_str("_id").unwrap().to_string(), d)
+            })
+            .collect()
+    }
+
+    /// What every read model must be: the fold of the events collection.
+    pub async fn expected(&self) -> BTreeMap<String, BTreeMap<String, Document>> {
+        let all: Vec<Document> = self
+            .events()
+            .find(doc! {})
+            .sort(doc! { "aggregateId": 1, "eventId": 1 })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let mut by_agg: BTreeMap<String, Vec<Document>> = BTreeMap::new();
+        for d in &all {
+            let env = Envelope::from_event(d, &EventFields::default(), "db", "events").unwrap();
+            by_agg
+                .entry(env.aggregate_id.clone())
+                .or_default()
+                .push(env.to_event_document().unwrap());
+        }
+        let mut out = BTreeMap::new();
+        for p in projections() {
+            let mut models = BTreeMap::new();
+            for (id, evs) in &by_agg {
+                let m = fold_history(p.as_ref(), id, evs).unwrap().unwrap();
+                if m.version > 0 {
+                    let mut d = m.to_document(DateTime::now());
+                    d.remove("lastUpdatedAt");
+                    models.insert(id.clone(), d);
+                }
+            }
+            out.insert(p.collection().to_string(), models);
+        }
+        out
+    }
+
+    /// True when every collection equals its expected fold.
+    pub async fn converged(&self, expected: &BTreeMap<String, BTreeMap<String, Document>>) -> bool {
+        for (coll, models) in expected {
+            if &self.read_models(coll).await != models {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A short diff for failure messages.
+    pub async fn diff(&self, expected: &BTreeMap<String, BTreeMap<String, Document>>) -> String {
+        let mut out = String::new();
+        for (coll, models) in expected {
+            let actual = self.read_models(coll).await;
+            let wrong: Vec<_> = models
+                .iter()
+                .filter(|(id, d)| actual.get(*id) != Some(*d))
+                .take(3)
+                .map(|(id, d)| format!("{coll}/{id}: expected {d}, got {:?}", actual.get(id)))
+                .collect();
+            out.push_str(&format!(
+                "{coll}: {} expected, {} present, {} wrong: {wrong:?}\n",
+                models.len(),
+                actual.len(),
+                models
+                    .iter()
+                    .filter(|(id, d)| actual.get(*id) != Some(*d))
+                    .count()
+            ));
+        }
+        out
+    }
+
+    pub fn dead_letters(&self) -> Vec<ordo_servicebus_emulator::stats::DeadLetteredMessage> {
+        self.emulator.subscription_dead_letters(TOPIC, SUB).unwrap()
+    }
+
+    pub fn pending(&self) -> usize {
+        let s = self.emulator.stats();
+        s.entity(&format!("{TOPIC}/Subscriptions/{SUB}"))
+            .map(|e| e.active + e.locked)
+            .unwrap_or(0)
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ordo-projector"))
+}
+
+/// The service bus message for a source event, exactly as the contract says.
+pub fn to_message(event: &Document) -> ServiceBusMessage {
+    let env = Envelope::from_event(event, &EventFields::default(), "db", "events").unwrap();
+    let wire = env.to_message();
+    let mut m = ServiceBusMessage::new(wire.body.clone());
+    m.set_message_id(wire.message_id.clone()).unwrap();
+    m.set_session_id(Some(wire.session_id.clone())).unwrap();
+    m.set_partition_key(Some(wire.session_id.clone())).unwrap();
+    m.set_subject(wire.subject.clone());
+    m.set_content_type(wire.content_type.to_string());
+    let props = m
+        .application_properties_mut()
+        .get_or_insert_with(Default::default);
+    for (k, v) in &wire.properties {
+        let v = match v {
+            PropertyValue::String(s) => s.clone().into(),
+            PropertyValue::Int(i) => (*i).into(),
+            PropertyValue::Long(l) => (*l).into(),
+        };
+        props.0.insert(k.clone(), v);
+    }
+    m
+}
+
+/// A source event.
+pub fn event(agg: &str, agg_type: &str, v: i64, event_type: &str, payload: Document) -> Document {
+    doc! {
+        "aggregateId": agg, "aggregateType": agg_type, "eventId": v, "eventType": event_type,
+        "payload": payload, "timestamp": DateTime::from_millis(1_700_000_000_000 + v * 1000),
+    }
+}
+
+/// `n` aggregates (even: User, odd: Order) with `per` events each, in publish order
+/// (aggregate by aggregate).
+pub fn workload(prefix: &str, n: usize, per: i64) -> Vec<Document> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        if i % 2 == 0 {
+            out.push(event(
+                &id,
+                "User",
+                1,
+                "UserRegistered",
+                doc! { "email": format!("{id}@x"), "name": id.clone() },
+            ));
+            for v in 2..=per {
+                let e = if v == per && i % 4 == 0 {
+                    event(&id, "User", v, "UserDeactivated", doc! {})
+                } else {
+                    event(
+                        &id,
+                        "User",
+                        v,
+                        "UserEmailUpdated",
+                        doc! { "email": format!("{id}+{v}@x") },
+                    )
+                };
+                out.push(e);
+            }
+        } else {
+            out.push(event(
+                &id,
+                "Order",
+                1,
+                "OrderCreated",
+                doc! { "customerId": format!("c{i}") },
+            ));
+            let mut live: Vec<String> = Vec::new();
+            for v in 2..=per {
+                let e = if v % 3 == 0 && !live.is_empty() {
+                    let sku = live.remove(0);
+                    event(&id, "Order", v, "ItemRemovedFromOrder", doc! { "sku": sku })
+                } else {
+                    let sku = format!("sku{v}");
+                    live.push(sku.clone());
+                    event(
+                        &id,
+                        "Order",
+                        v,
+                        "ItemAddedToOrder",
+                        doc! { "sku": sku, "qty": (v % 4) + 1, "price": Bson::Double(9.5) },
+                    )
+                };
+                out.push(e);
+            }
+        }
+    }
+    out
+}

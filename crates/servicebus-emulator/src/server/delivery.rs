@@ -313,6 +313,9 @@ struct Run {
 
 type Outstanding = Arc<Mutex<HashSet<u128>>>;
 
+/// Upper bound for applying the last outcomes of a closing link.
+const SETTLE_DRAIN: Duration = Duration::from_secs(5);
+
 fn settle_of(outcome: Outcome) -> Settle {
     match outcome {
         Outcome::Accepted(_) => Settle::Complete,
@@ -350,22 +353,13 @@ impl Run {
     async fn run(self, mut sender: Sender) {
         let outstanding: Outstanding = Arc::default();
         let (fut_tx, fut_rx) = mpsc::unbounded_channel();
-        let settler = tokio::spawn(settle_loop(
+        let mut settler = tokio::spawn(settle_loop(
             fut_rx,
             self.entity.clone(),
             self.part,
             outstanding.clone(),
         ));
         let lost = self.deliver(&mut sender, &outstanding, fut_tx).await;
-        settler.abort();
-        let _ = settler.await;
-        let tokens: Vec<u128> = outstanding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .collect();
-        self.entity
-            .release_link(self.part, tokens, self.session.as_ref(), self.link);
         if lost {
             let error = wire::error(
                 wire::ERR_SESSION_LOCK_LOST,
@@ -375,6 +369,21 @@ impl Run {
         } else {
             super::with_deadline(sender.close()).await;
         }
+        // Outcomes that reached the link before it went away still count (the client saw its
+        // settlement succeed); the settle loop ends once the link's pending futures resolve.
+        if tokio::time::timeout(SETTLE_DRAIN, &mut settler)
+            .await
+            .is_err()
+        {
+            settler.abort();
+        }
+        let tokens: Vec<u128> = outstanding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        self.entity
+            .release_link(self.part, tokens, self.session.as_ref(), self.link);
         debug!(connection = self.ctx.id, entity = %self.entity.path, "receiver link ended");
     }
 
@@ -439,7 +448,10 @@ impl Run {
                     let expiry = self.session_lock_deadline();
                     tokio::select! {
                         _ = &mut notified => {}
-                        _ = sender.on_detach() => return false,
+                        e = sender.on_detach() => {
+                            debug!(connection = self.ctx.id, error = %e, "receiver detached");
+                            return false;
+                        }
                         _ = self.ctx.cancel.cancelled() => return false,
                         _ = tokio::time::sleep(expiry) => {}
                     }

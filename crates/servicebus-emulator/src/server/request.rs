@@ -149,8 +149,15 @@ async fn reply_loop(mut sender: Sender, mut rx: mpsc::Receiver<AmqpMessage>, ctx
             _ = sender.on_detach() => return,
             _ = ctx.cancel.cancelled() => return,
         };
-        let sendable = Sendable::builder().message(message).settled(true).build();
-        match sender.send_batchable(sendable).await {
+        let sendable = Sendable::builder().message(message).build();
+        let sent = sender.send_batchable(sendable).await;
+        debug!(
+            connection = ctx.id,
+            link = sender.name(),
+            ok = sent.is_ok(),
+            "reply sent"
+        );
+        match sent {
             // The outcome of a reply carries no information; settle in the background.
             Ok(fut) => {
                 ctx.tracker.spawn(async move {
@@ -218,9 +225,11 @@ async fn request_loop(
             .as_ref()
             .and_then(|p| p.reply_to.as_ref())
             .map(|a| a.to_string());
+        let status = reply.status;
         let message = reply.into_message(&request);
         match routes.wait_for(reply_to.as_deref(), &node_address).await {
             Some(tx) => {
+                debug!(connection = ctx.id, node = %node_address, reply_to = ?reply_to, status, "reply routed");
                 let _ = tx.send(message).await;
             }
             None => warn!(

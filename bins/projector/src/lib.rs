@@ -20,6 +20,7 @@ use anyhow::Context as _;
 use ordo_core::projection::{Projection, ProjectionsFile};
 use ordo_core::servicebus::receiver::AzureSessionSource;
 use ordo_core::shutdown::{Drained, Shutdown};
+use ordo_core::status;
 use ordo_core::telemetry;
 
 pub use config::ProjectorConfig;
@@ -76,6 +77,7 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
         projections,
         store: store.clone(),
         cfg: cfg.projector.clone(),
+        activity: Default::default(),
     });
     let workers = cfg.projector.max_concurrent_sessions;
     tracing::info!(
@@ -117,6 +119,7 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
             }
         });
     }
+    let instance = heartbeat(&engine, &shutdown);
     health.set_started();
     health.set_ready(true);
     shutdown.token.cancelled().await;
@@ -127,6 +130,72 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
         Drained::TimedOut => {
             tracing::warn!("stopped with work still in flight; the broker redelivers it")
         }
+    }
+    if let Err(e) = status::retire(engine.store.database(), &instance).await {
+        tracing::warn!(error = %e, "could not remove this projector's heartbeat");
+    }
+    Ok(())
+}
+
+/// Reports this process in `ordo_projectors` every few seconds (sessions held, events applied)
+/// for `ordo-projector status`; returns the instance id.
+fn heartbeat(engine: &Arc<Engine>, shutdown: &Shutdown) -> String {
+    let started_at_ms = mongodb::bson::DateTime::now().timestamp_millis();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let instance = format!("{host}:{}:{started_at_ms}", std::process::id());
+    let engine = engine.clone();
+    let cancel = shutdown.token.clone();
+    let id = instance.clone();
+    tokio::spawn(async move {
+        use std::sync::atomic::Ordering::Relaxed;
+        while !cancel.is_cancelled() {
+            let hb = status::ProjectorHeartbeat {
+                instance: id.clone(),
+                host: host.clone(),
+                sessions_held: engine.activity.sessions_held.load(Relaxed),
+                applied: engine.activity.applied.load(Relaxed),
+                started_at_ms,
+                updated_at_ms: mongodb::bson::DateTime::now().timestamp_millis(),
+            };
+            if let Err(e) = status::beat(engine.store.database(), &hb).await {
+                tracing::debug!(error = %e, "heartbeat not written");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(status::HEARTBEAT_INTERVAL) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
+    });
+    instance
+}
+
+/// `ordo-projector status`: the deployment as MongoDB and Service Bus see it.
+pub async fn status(cfg: &ProjectorConfig, json: bool) -> anyhow::Result<()> {
+    let store = open_store(cfg).await?;
+    let mut report = status::gather(
+        store.database(),
+        &cfg.mongodb.events_collection,
+        &cfg.projector.blocked_collection,
+    )
+    .await
+    .context("reading status from mongodb")?;
+    match ordo_core::servicebus::dead_letter_depth(
+        cfg.servicebus.connection_string(),
+        &cfg.servicebus.topic,
+        &cfg.servicebus.subscription,
+        100_000,
+    )
+    .await
+    {
+        Ok(depth) => report.dead_letter_depth = Some(depth),
+        Err(e) => report.dead_letter_error = Some(e.to_string()),
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
     }
     Ok(())
 }

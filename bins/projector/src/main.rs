@@ -30,6 +30,13 @@ enum Command {
         #[arg(long)]
         projection: Option<String>,
     },
+    /// Show checkpoint age, producer lag, projectors and sessions held, blocked aggregates,
+    /// parked events and the dead-letter depth of a running deployment.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replay the events collection into a shadow collection and swap it in.
     Rebuild {
         /// The projection to rebuild.
@@ -55,6 +62,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             None => ordo_projector::run(cfg).await,
+            Some(Command::Status { json }) => ordo_projector::status(&cfg, json).await,
             Some(cmd) => {
                 ordo_core::telemetry::init_logging(&cfg.telemetry);
                 let projections = ordo_projector::load_projections(&cfg)?;
@@ -72,6 +80,7 @@ fn main() -> ExitCode {
                         )
                         .await
                     }
+                    Command::Status { .. } => unreachable!("handled above"),
                     Command::Rebuild { projection } => {
                         let coll =
                             ordo_projector::admin::rebuild(&store, &projections, &projection)

@@ -54,6 +54,29 @@ pub struct Engine {
     pub store: Store,
     /// `[projector]`.
     pub cfg: ProjectorSection,
+    /// Counters the heartbeat reports (`ordo-projector status`).
+    pub activity: Activity,
+}
+
+/// What this process is doing, for its heartbeat in `ordo_projectors`.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Sessions held now.
+    pub sessions_held: std::sync::atomic::AtomicU64,
+    /// Events applied since start.
+    pub applied: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn held(&self, delta: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if delta > 0 {
+            self.sessions_held.fetch_add(1, Relaxed);
+        } else {
+            self.sessions_held.fetch_sub(1, Relaxed);
+        }
+        metrics::gauge!(m::SESSIONS_HELD).increment(delta as f64);
+    }
 }
 
 /// Why work on a batch stopped without settling it normally.
@@ -210,7 +233,7 @@ impl Engine {
         mut session: R,
         cancel: &CancellationToken,
     ) {
-        metrics::gauge!(m::SESSIONS_HELD).increment(1.0);
+        self.activity.held(1);
         let sid = session.session_id().to_string();
         tracing::debug!(session = %sid, "session accepted");
         let mut held = Held {
@@ -224,7 +247,7 @@ impl Engine {
             Err(e) => {
                 self.lock_trouble(&sid, &e);
                 session.close().await;
-                metrics::gauge!(m::SESSIONS_HELD).decrement(1.0);
+                self.activity.held(-1);
                 return;
             }
         }
@@ -273,7 +296,7 @@ impl Engine {
             }
         }
         session.close().await;
-        metrics::gauge!(m::SESSIONS_HELD).decrement(1.0);
+        self.activity.held(-1);
         tracing::debug!(session = %sid, "session released");
     }
 
@@ -431,6 +454,9 @@ impl Engine {
                         metrics::counter!(m::DUPLICATES).increment(1);
                     } else {
                         metrics::counter!(m::EVENTS_APPLIED).increment(1);
+                        self.activity
+                            .applied
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if let Some(ts) = e.timestamp_ms {
                             metrics::histogram!(m::END_TO_END_LAG)
                                 .record((now_ms - ts).max(0) as f64 / 1000.0);

@@ -389,6 +389,10 @@ mod tests {
             .all(|b| b.iter().all(|s| s == &b[0])));
         let mut acks = acks.lock().unwrap();
         assert_eq!(acks.outstanding(), 0);
-        assert_eq!(acks.take_checkpoint().map(|p| p.wall_time.timestamp_millis()), Some(1999));
+        assert_eq!(
+            acks.take_checkpoint()
+                .map(|p| p.wall_time.timestamp_millis()),
+            Some(1999)
+        );
     }
 }

@@ -1,0 +1,329 @@
+//! Shared fixtures of the producer's integration tests: a database, a Service Bus namespace, a
+//! producer process, an event writer, and a collector that reads the topic's `projector`
+//! subscription with azservicebus, session by session.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use azservicebus::{ServiceBusReceiveMode, ServiceBusSessionReceiverOptions};
+use mongodb::bson::{doc, Document};
+use ordo_core::envelope::Envelope;
+use ordo_core::secret::Secret;
+use ordo_testkit::servicebus::TestServiceBus;
+use ordo_testkit::{bin_path, free_health_addr, Daemon, SecantusOptions, TestMongo};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+/// Events in the default run; `ORDO_TEST_SCALE=full` runs the full size.
+pub fn scale() -> (usize, usize) {
+    match std::env::var("ORDO_TEST_SCALE").as_deref() {
+        Ok("full") => (10_000, 500),
+        _ => (2_000, 100),
+    }
+}
+
+/// A database and a namespace for one test.
+pub struct World {
+    pub mongo: TestMongo,
+    pub bus: TestServiceBus,
+}
+
+impl World {
+    pub async fn start() -> World {
+        Self::start_with(SecantusOptions::new()).await
+    }
+
+    pub async fn start_with(options: SecantusOptions) -> World {
+        let (mongo, bus) = tokio::join!(TestMongo::start_with(options), TestServiceBus::start());
+        World {
+            mongo: mongo.expect("mongodb"),
+            bus: bus.expect("service bus"),
+        }
+    }
+
+    pub fn events(&self) -> mongodb::Collection<Document> {
+        self.mongo.database().collection("events")
+    }
+
+    /// The producer's configuration for this world; `extra` is appended to `[producer]`.
+    pub fn config(&self, health: SocketAddr, extra: &str) -> String {
+        format!(
+            r#"
+[mongodb]
+uri = {uri:?}
+database = {db:?}
+[servicebus]
+connection_string = {cs:?}
+topic = {topic:?}
+[telemetry]
+listen = "{health}"
+log_format = "pretty"
+log_level = "info,ordo_producer=debug"
+[shutdown]
+grace_period = "10s"
+[producer]
+start_at = "beginning"
+lease_ttl = "3s"
+checkpoint_interval = "200ms"
+max_await_time = "200ms"
+retry_max = "1s"
+send_timeout = "5s"
+{extra}
+"#,
+            uri = self.mongo.uri(),
+            db = self.mongo.db_name(),
+            cs = self.bus.connection_string(),
+            topic = self.bus.topic(),
+        )
+    }
+
+    pub fn spawn(&self, extra: &str) -> Daemon {
+        let health = free_health_addr();
+        Daemon::spawn(
+            &bin_path("ordo-producer"),
+            &self.config(health, extra),
+            health,
+            &[],
+        )
+        .expect("spawn producer")
+    }
+
+    pub async fn checkpoint(&self) -> Option<Document> {
+        self.mongo
+            .database()
+            .collection::<Document>("ordo_checkpoints")
+            .find_one(doc! {})
+            .await
+            .unwrap()
+    }
+}
+
+/// Writes events: `aggregates` aggregates, eventIds contiguous per aggregate, interleaved in a
+/// seeded random order, inserted in ordered batches.
+pub struct Writer {
+    next: Vec<i64>,
+    rng: StdRng,
+    pub written: usize,
+}
+
+impl Writer {
+    pub fn new(aggregates: usize, seed: u64) -> Self {
+        Self {
+            next: vec![1; aggregates],
+            rng: StdRng::seed_from_u64(seed),
+            written: 0,
+        }
+    }
+
+    pub fn expected(&self) -> HashMap<String, i64> {
+        self.next
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 1)
+            .map(|(i, n)| (agg(i), n - 1))
+            .collect()
+    }
+
+    pub async fn write(&mut self, coll: &mongodb::Collection<Document>, n: usize, batch: usize) {
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(batch);
+            let docs: Vec<Document> = (0..k)
+                .map(|_| {
+                    let a = self.rng.random_range(0..self.next.len());
+                    let id = self.next[a];
+                    self.next[a] += 1;
+                    doc! {
+                        "aggregateId": agg(a),
+                        "aggregateType": "Account",
+                        "eventId": id,
+                        "eventType": "Deposited",
+                        "payload": { "amount": id },
+                        "timestamp": mongodb::bson::DateTime::now(),
+                    }
+                })
+                .collect();
+            coll.insert_many(docs).await.expect("insert events");
+            left -= k;
+            self.written += k;
+        }
+    }
+}
+
+pub fn agg(i: usize) -> String {
+    format!("acct-{i:04}")
+}
+
+/// Messages received from the subscription, per aggregate, in arrival order, and the raw count.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub per_aggregate: HashMap<String, Vec<i64>>,
+    pub message_ids: HashSet<String>,
+    pub raw: usize,
+}
+
+impl Received {
+    /// Distinct messages (what MessageId dedup leaves).
+    pub fn distinct(&self) -> usize {
+        self.message_ids.len()
+    }
+
+    /// Checks that, after dedup, every aggregate's sequence is exactly 1..=n.
+    pub fn check(&self, expected: &HashMap<String, i64>) -> Result<(), String> {
+        for (a, n) in expected {
+            let got = self.per_aggregate.get(a).cloned().unwrap_or_default();
+            let want: Vec<i64> = (1..=*n).collect();
+            if got != want {
+                let first_bad = got
+                    .iter()
+                    .zip(&want)
+                    .position(|(g, w)| g != w)
+                    .unwrap_or(got.len().min(want.len()));
+                return Err(format!(
+                    "aggregate {a}: got {} events, want {n}; first difference at index {first_bad}: {:?}",
+                    got.len(),
+                    &got[first_bad.saturating_sub(2)..(first_bad + 3).min(got.len())]
+                ));
+            }
+        }
+        if self.per_aggregate.len() != expected.len() {
+            return Err(format!(
+                "unexpected aggregates: got {}, want {}",
+                self.per_aggregate.len(),
+                expected.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads the subscription (peek-lock, completing what it recorded), session after session.
+pub struct Collector {
+    pub received: Arc<Mutex<Received>>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Collector {
+    pub fn start(bus: &TestServiceBus) -> Self {
+        let received = Arc::new(Mutex::new(Received::default()));
+        let stop = CancellationToken::new();
+        let cs = Secret::new(bus.connection_string());
+        let topic = bus.topic().to_string();
+        let sub = bus.subscription().to_string();
+        // Several receivers, as several projector workers would: sessions are drained in
+        // parallel and each session is still read by one receiver at a time.
+        let tasks = (0..4).map(|_| {
+            let received = received.clone();
+            let cs = cs.clone();
+            let topic = topic.clone();
+            let sub = sub.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    let Ok(Ok(mut client)) = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        ordo_core::servicebus::connect(&cs, "test-collector"),
+                    )
+                    .await
+                    else {
+                        // The broker is down (an outage test): try again shortly.
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                            _ = stop.cancelled() => return,
+                        }
+                    };
+                    loop {
+                        let options = ServiceBusSessionReceiverOptions {
+                            prefetch_count: 0,
+                            receive_mode: ServiceBusReceiveMode::PeekLock,
+                            identifier: None,
+                        };
+                        let accepted = tokio::select! {
+                            r = tokio::time::timeout(
+                                Duration::from_secs(2),
+                                client.accept_next_session_for_subscription(&topic, &sub, options),
+                            ) => r,
+                            _ = stop.cancelled() => return,
+                        };
+                        let mut receiver = match accepted {
+                            Ok(Ok(r)) => r,
+                            // A cancelled accept can leave the client's AMQP session
+                            // unusable: start over on a fresh connection.
+                            Ok(Err(_)) | Err(_) => break,
+                        };
+                        loop {
+                            let got = match receiver
+                                .receive_messages_with_max_wait_time(
+                                    500,
+                                    Some(Duration::from_millis(150)),
+                                )
+                                .await
+                            {
+                                Ok(g) => g,
+                                Err(_) => break,
+                            };
+                            if got.is_empty() {
+                                break;
+                            }
+                            {
+                                let mut r = received.lock().unwrap();
+                                for m in &got {
+                                    r.raw += 1;
+                                    let id =
+                                        m.message_id().map(|s| s.to_string()).unwrap_or_default();
+                                    let env =
+                                        Envelope::decode(m.body().unwrap()).expect("envelope");
+                                    if r.message_ids.insert(id) {
+                                        r.per_aggregate
+                                            .entry(env.aggregate_id)
+                                            .or_default()
+                                            .push(env.event_id);
+                                    }
+                                }
+                            }
+                            for m in &got {
+                                let _ = receiver.complete_message(m).await;
+                            }
+                        }
+                        let _ = receiver.dispose().await;
+                    }
+                }
+            })
+        }).collect();
+        Self {
+            received,
+            stop,
+            tasks,
+        }
+    }
+
+    pub fn distinct(&self) -> usize {
+        self.received.lock().unwrap().distinct()
+    }
+
+    pub async fn stop(self) -> Received {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        std::mem::take(&mut *self.received.lock().unwrap())
+    }
+}
+
+/// Waits until the collector saw `n` distinct messages.
+#[track_caller]
+pub fn wait_distinct(
+    c: &Collector,
+    n: usize,
+    timeout: Duration,
+) -> impl std::future::Future<Output = ()> {
+    let received = c.received.clone();
+    ordo_testkit::wait_until(timeout, move || {
+        let got = received.lock().unwrap().distinct();
+        async move { got >= n }
+    })
+}

@@ -1,0 +1,138 @@
+//! The producer as a process: every event arrives, in order per aggregate, across restarts,
+//! kills, idle periods and shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mongodb::bson::Document;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Events written before the start are published by the `beginning` scan, those written after
+/// by the change stream; nothing is lost at the seam and each aggregate is in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_arrives_in_order_per_aggregate() {
+    let world = World::start().await;
+    let (total, aggregates) = scale();
+    let mut writer = Writer::new(aggregates, 1);
+    let events = world.events();
+    writer.write(&events, total / 2, 500).await;
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, total - total / 2, 500).await;
+    wait_distinct(&collector, total, DEADLINE).await;
+    let received = collector.stop().await;
+    received.check(&writer.expected()).unwrap();
+    assert_eq!(received.distinct(), total);
+    producer.sigterm().unwrap();
+    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// kill -9 five times at seeded random moments while events are being written: after MessageId
+/// dedup every aggregate's sequence is exactly 1..n.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_five_times_under_load_loses_nothing() {
+    let world = World::start().await;
+    let (total, aggregates) = scale();
+    let mut writer = Writer::new(aggregates, 2);
+    let events = world.events();
+    let collector = Collector::start(&world.bus);
+    let mut rng = StdRng::seed_from_u64(42);
+    let chunk = total / 6;
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    for round in 0..5 {
+        writer.write(&events, chunk, 100).await;
+        // Kill once a random share of what was written so far reached the topic.
+        let target = (writer.written as f64 * rng.random_range(0.3..0.95)) as usize;
+        wait_distinct(&collector, target, DEADLINE).await;
+        producer.kill9().unwrap();
+        let _ = producer.wait_exit(Duration::from_secs(10)).await;
+        eprintln!(
+            "round {round}: killed after {target} of {} written",
+            writer.written
+        );
+        producer = world.spawn("");
+        producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    }
+    let rest = total - writer.written;
+    writer.write(&events, rest, 100).await;
+    wait_distinct(&collector, total, DEADLINE).await;
+    let received = collector.stop().await;
+    received.check(&writer.expected()).unwrap();
+    drop(producer);
+}
+
+/// On a quiet collection the checkpoint keeps moving (postBatchResumeToken), and SIGTERM
+/// exits 0 with the checkpoint saved and the lease released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_checkpoint_advances_and_sigterm_saves_it() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(10, 3);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 50, 50).await;
+    wait_distinct(&collector, 50, DEADLINE).await;
+    // Wait until the checkpoint covers the last event, then leave the events collection idle.
+    let last = wait_checkpoint(&world, |cp| cp.get_i64("events").unwrap_or(0) >= 50).await;
+    // Writes to another collection move the oplog, not the events stream: only the cursor's
+    // postBatchResumeToken can carry the checkpoint past them.
+    let other = world.mongo.database().collection::<Document>("unrelated");
+    for i in 0..3 {
+        other
+            .insert_one(mongodb::bson::doc! {"x": i})
+            .await
+            .unwrap();
+    }
+    let idle = wait_checkpoint(&world, |cp| {
+        cp.get("resumeToken") != last.get("resumeToken")
+    })
+    .await;
+    assert!(idle.get_datetime("wallTime").unwrap() >= last.get_datetime("wallTime").unwrap());
+
+    producer.sigterm().unwrap();
+    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        producer.logs()
+    );
+    let lease = world
+        .mongo
+        .database()
+        .collection::<Document>("ordo_leases")
+        .find_one(mongodb::bson::doc! {})
+        .await
+        .unwrap()
+        .expect("lease document");
+    assert_eq!(
+        lease.get_datetime("expiresAt").unwrap().timestamp_millis(),
+        0,
+        "lease released"
+    );
+    assert!(world
+        .checkpoint()
+        .await
+        .unwrap()
+        .get("resumeToken")
+        .is_some());
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+async fn wait_checkpoint(world: &World, pred: impl Fn(&Document) -> bool) -> Document {
+    let pred = &pred;
+    ordo_testkit::wait_for(Duration::from_secs(20), || async move {
+        world
+            .checkpoint()
+            .await
+            .filter(|cp| cp.get("resumeToken").is_some() && pred(cp))
+    })
+    .await
+}

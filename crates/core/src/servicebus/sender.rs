@@ -206,14 +206,16 @@ impl PublisherFactory for ServiceBusPublisherFactory {
         };
         tokio::time::timeout(self.connect_timeout, open)
             .await
-            .map_err(|_| PublishError::Connect(format!("timed out after {:?}", self.connect_timeout)))?
+            .map_err(|_| {
+                PublishError::Connect(format!("timed out after {:?}", self.connect_timeout))
+            })?
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{EventFields, Envelope};
+    use crate::envelope::{Envelope, EventFields};
     use mongodb::bson::doc;
 
     #[test]

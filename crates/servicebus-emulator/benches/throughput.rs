@@ -25,7 +25,7 @@ const SESSIONS: usize = 400;
 const PER_SESSION: usize = 100;
 const BODY_BYTES: usize = 1024;
 const SENDERS: usize = 4;
-const RECEIVERS: usize = 16;
+const RECEIVERS: usize = 32;
 
 fn main() {
     const STACK: usize = 32 * 1024 * 1024;
@@ -159,9 +159,33 @@ async fn bench() {
             }
         }));
     }
+    // Report (instead of hanging) when receiving stalls.
+    let watchdog = {
+        let received = received.clone();
+        let stats = std::sync::Arc::new(emulator);
+        let s2 = stats.clone();
+        (
+            tokio::spawn(async move {
+                let mut last = 0;
+                loop {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    let now = received.load(Ordering::Relaxed);
+                    if now == last {
+                        eprintln!("stalled at {now}: {:?}", s2.stats().entities);
+                        std::process::exit(1);
+                    }
+                    last = now;
+                }
+            }),
+            stats,
+        )
+    };
     for t in tasks {
         t.await.unwrap();
     }
+    watchdog.0.abort();
+    let _ = watchdog.0.await;
+    let emulator = std::sync::Arc::try_unwrap(watchdog.1).unwrap();
     let recv_secs = started.elapsed().as_secs_f64();
     println!(
         "receive+complete: {total} messages in {recv_secs:.2}s = {:.0} msg/s ({RECEIVERS} session receivers)",

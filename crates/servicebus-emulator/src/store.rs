@@ -491,6 +491,18 @@ impl Entity {
         }
     }
 
+    /// Puts back a message a link took but did not send, without waking other links: the same
+    /// link picks again right away (used when something earlier in line came back).
+    pub(crate) fn put_back(&self, part: Part, token: u128) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let store = match part {
+            Part::Main => &mut state.main,
+            Part::DeadLetter => &mut state.dlq,
+        };
+        settle_in(store, None, token, Settle::Unsent, &self.settings, now_ms());
+    }
+
     /// Releases what a closing link still holds: its unsettled messages (delivery count + 1,
     /// ahead of later messages) and its session lock.
     pub(crate) fn release_link(

@@ -30,6 +30,8 @@ async fn body() {
 
     // The first receiver lives on its own runtime; shutting that runtime down drops its TCP
     // connection without any AMQP goodbye, like a crashed process.
+    let (completed_tx, completed_rx) = std::sync::mpsc::channel::<()>();
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
     let first = std::thread::Builder::new()
         .stack_size(32 * 1024 * 1024)
         .spawn(move || {
@@ -66,6 +68,10 @@ async fn body() {
                 }
                 // Settle only the first; the second stays locked when the process dies.
                 receiver.complete_message(&got[0]).await.unwrap();
+                // The client may return before its disposition left the socket: wait until
+                // the broker has applied it, so only e2 is unsettled at the crash.
+                completed_tx.send(()).unwrap();
+                kill_rx.recv().unwrap();
                 std::mem::forget(receiver);
                 std::mem::forget(client);
                 got.iter()
@@ -75,13 +81,19 @@ async fn body() {
             rt.shutdown_background();
             got
         })
-        .unwrap()
-        .join()
+        .unwrap();
+    let path = "ordo-events/Subscriptions/projector";
+    tokio::task::spawn_blocking(move || completed_rx.recv().unwrap())
+        .await
+        .unwrap();
+    eventually(10, || emulator.stats().entity(path).unwrap().active == 3).await;
+    kill_tx.send(()).unwrap();
+    let first = tokio::task::spawn_blocking(move || first.join().unwrap())
+        .await
         .unwrap();
     assert_eq!(first[0].1, b"e1");
     assert_eq!(first[1].1, b"e2");
 
-    let path = "ordo-events/Subscriptions/projector";
     eventually(10, || {
         let stats = emulator.stats();
         let entity = stats.entity(path).unwrap();

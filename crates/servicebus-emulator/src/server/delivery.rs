@@ -25,7 +25,7 @@ use fe2o3_amqp_types::{
     performatives::Attach,
     primitives::{Symbol, Timestamp, Value},
 };
-use futures::{stream::FuturesUnordered, StreamExt};
+use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use serde_amqp::{described::Described, descriptor::Descriptor};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -420,7 +420,7 @@ impl Run {
                     let sent = tokio::select! {
                         r = sender.send_batchable(sendable) => r,
                         _ = &mut notified => {
-                            self.unsend(token);
+                            self.entity.put_back(self.part, token);
                             continue;
                         }
                         _ = self.ctx.cancel.cancelled() => {
@@ -486,22 +486,26 @@ async fn settle_loop(
     outstanding: Outstanding,
 ) {
     let mut pending = FuturesUnordered::new();
-    let mut open = true;
+    let apply = |token: u128, result: Result<Outcome, fe2o3_amqp::link::SendError>| {
+        if let Ok(outcome) = result {
+            outstanding
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&token);
+            entity.settle(part, token, settle_of(outcome), now_ms());
+        }
+    };
     loop {
-        if !open && pending.is_empty() {
-            return;
-        }
         tokio::select! {
-            next = rx.recv(), if open => match next {
+            next = rx.recv() => match next {
                 Some((token, fut)) => pending.push(async move { (token, fut.await) }),
-                None => open = false,
+                None => break,
             },
-            Some((token, result)) = pending.next(), if !pending.is_empty() => {
-                if let Ok(outcome) = result {
-                    outstanding.lock().unwrap_or_else(|e| e.into_inner()).remove(&token);
-                    entity.settle(part, token, settle_of(outcome), now_ms());
-                }
-            }
+            Some((token, result)) = pending.next(), if !pending.is_empty() => apply(token, result),
         }
+    }
+    // The link is gone: apply the outcomes that already arrived; the rest are released.
+    while let Some(Some((token, result))) = pending.next().now_or_never() {
+        apply(token, result);
     }
 }

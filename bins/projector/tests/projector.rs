@@ -2,53 +2,309 @@
 
 mod common;
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use common::*;
-use ordo_testkit::wait_until;
+use mongodb::bson::{doc, Bson, Document};
+use ordo_core::metrics as m;
+use ordo_testkit::{wait_for, wait_until, Daemon};
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
-/// Three projectors share 500 x 20 events (scaled down by default); every read model equals
-/// the fold of the events collection, and SIGTERM exits 0.
+type Expected = BTreeMap<String, BTreeMap<String, Document>>;
+
+/// Waits until every read model equals the fold and nothing is left on the subscription;
+/// panics with a diff otherwise.
+async fn converge(env: &Env, expected: &Expected, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !(env.converged(expected).await && env.pending() == 0) {
+        if Instant::now() >= deadline {
+            panic!(
+                "not converged within {within:?}; pending {}\n{}\n{:?}",
+                env.pending(),
+                env.diff(expected).await,
+                env.emulator.stats()
+            );
+        }
+        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
+    }
+}
+
+/// Publishes `events` before any projector runs and checks with the emulator that the
+/// subscription holds exactly one message per event (resends removed by duplicate detection).
+async fn publish_and_confirm(env: &Env, events: &[Document]) {
+    env.publish(events).await;
+    wait_until(Duration::from_secs(30), || async {
+        env.active() >= events.len()
+    })
+    .await;
+    assert_eq!(env.active(), events.len(), "one message per event");
+}
+
+async fn blocked(env: &Env) -> u64 {
+    env.mongo
+        .database()
+        .collection::<Document>("ordo_blocked")
+        .count_documents(doc! {})
+        .await
+        .unwrap()
+}
+
+async fn raw_snapshot(env: &Env, expected: &Expected) -> Expected {
+    let mut out = BTreeMap::new();
+    for coll in expected.keys() {
+        out.insert(coll.clone(), raw_models(env, coll).await);
+    }
+    out
+}
+
+async fn stop_all(procs: &mut [Daemon]) {
+    for p in procs.iter() {
+        p.sigterm().unwrap();
+    }
+    for p in procs.iter_mut() {
+        let status = p.wait_exit(Duration::from_secs(15)).await.unwrap();
+        assert!(status.success(), "{status:?}\n{}", p.logs());
+    }
+}
+
+/// Three projectors share N x 20 events (100 aggregates; 500 with `ORDO_TEST_SCALE=full`);
+/// every read model equals the fold of the events collection. The whole stream sent again
+/// under new MessageIds (a redelivery the broker's duplicate detection does not catch) changes
+/// no document, not even `lastUpdatedAt`: a batch of duplicates writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_projectors_converge_to_the_fold_and_stop_cleanly() {
+async fn three_projectors_converge_to_the_fold_and_replayed_duplicates_change_nothing() {
     let env = start(Duration::from_secs(5)).await;
     let n = aggregates(100);
     let events = workload("a", n, 20);
     env.insert_events(&events).await;
     let expected = env.expected().await;
-    env.publish(&events).await;
+    publish_and_confirm(&env, &events).await;
     let mut procs = Vec::new();
     for _ in 0..3 {
         procs.push(env.spawn_projector("").await);
     }
-    let e = &expected;
+    converge(&env, &expected, CONVERGE).await;
+    let applied: f64 = sum(&procs, m::EVENTS_APPLIED).await;
+    assert!(applied >= events.len() as f64, "applied {applied}");
+    let before = raw_snapshot(&env, &expected).await;
+    let dups_before = sum(&procs, m::DUPLICATES).await;
+
+    env.publish_with(&events, ":replay").await;
+    let procs_ref = &procs;
+    let want = dups_before + events.len() as f64;
     let envr = &env;
     let wait = wait_until(CONVERGE, || async move {
-        envr.converged(e).await && envr.pending() == 0
+        sum(procs_ref, m::DUPLICATES).await >= want && envr.pending() == 0
     });
     if tokio::time::timeout(CONVERGE + Duration::from_secs(5), wait)
         .await
         .is_err()
     {
-        panic!("{}", env.diff(&expected).await);
+        panic!(
+            "duplicates {} of {want}, pending {}",
+            sum(&procs, m::DUPLICATES).await,
+            env.pending()
+        );
     }
-    // Replayed duplicates change nothing.
-    env.publish_with(&events[..events.len() / 2], ":replay")
-        .await;
-    wait_until(Duration::from_secs(60), || async { env.pending() == 0 }).await;
+    assert_eq!(
+        raw_snapshot(&env, &expected).await,
+        before,
+        "replayed duplicates changed a document"
+    );
+    assert_eq!(sum(&procs, m::EVENTS_APPLIED).await, applied);
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    assert_eq!(blocked(&env).await, 0);
+    stop_all(&mut procs).await;
+}
+
+async fn sum(procs: &[Daemon], name: &str) -> f64 {
+    let mut total = 0.0;
+    for p in procs {
+        total += metric(p, name).await;
+    }
+    total
+}
+
+/// One of three projectors is killed with SIGKILL while it holds sessions; once their locks
+/// expire the others take them over, and every read model still equals the fold: nothing
+/// blocked, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_killed_mid_run_loses_nothing() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("k", 30, 20);
+    env.insert_events(&events).await;
+    let expected = env.expected().await;
+    publish_and_confirm(&env, &events).await;
+    // Small batches with a pause each keep the run going long enough to kill it mid-way.
+    let slow = "batch_size = 4\napply_delay = \"150ms\"";
+    let mut procs = Vec::new();
+    for _ in 0..3 {
+        procs.push(env.spawn_projector(slow).await);
+    }
+    let procs_ref = &procs;
+    let victim = wait_for(Duration::from_secs(60), || async move {
+        for (i, p) in procs_ref.iter().enumerate() {
+            if metric(p, m::SESSIONS_HELD).await > 0.0 && metric(p, m::EVENTS_APPLIED).await > 0.0 {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    procs[victim].kill9().unwrap();
+    let status = procs[victim]
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        !env.converged(&expected).await,
+        "the kill came after the run had finished; nothing was tested"
+    );
+    converge(&env, &expected, CONVERGE).await;
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    assert_eq!(blocked(&env).await, 0);
+    let mut survivors: Vec<Daemon> = procs
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, p)| p)
+        .collect();
+    stop_all(&mut survivors).await;
+}
+
+/// `ordo-projector rebuild --projection NAME` replays the events collection into a shadow
+/// collection and swaps it in while a projector runs: a damaged document is restored, no
+/// shadow collection is left behind, and the running projector keeps applying new events on
+/// top of the rebuilt documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_swaps_in_the_fold_under_a_running_projector() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("r", 20, 20);
+    env.insert_events(&events).await;
+    let expected = env.expected().await;
+    env.publish(&events).await;
+    let mut proj = env.spawn_projector("").await;
+    converge(&env, &expected, CONVERGE).await;
+
+    // Damage documents behind the projector's back; only a replay can restore them.
+    let db = env.mongo.database();
+    db.collection::<Document>("users")
+        .update_one(
+            doc! { "_id": "r-0" },
+            doc! { "$set": { "name": "damaged" } },
+        )
+        .await
+        .unwrap();
+    db.collection::<Document>("orders")
+        .update_one(doc! { "_id": "r-1" }, doc! { "$set": { "itemCount": -1 } })
+        .await
+        .unwrap();
+    assert!(!env.converged(&expected).await);
+
+    for name in ["users", "orders"] {
+        let health = ordo_testkit::free_health_addr();
+        let mut rebuild = Daemon::spawn_with_args(
+            &bin(),
+            &env.projector_toml(health, ""),
+            health,
+            &[],
+            &["rebuild", "--projection", name],
+        )
+        .unwrap();
+        let status = rebuild.wait_exit(Duration::from_secs(60)).await.unwrap();
+        assert!(status.success(), "{}", rebuild.logs());
+        assert!(
+            rebuild.logs().contains(&format!("rebuilt {name}")),
+            "{}",
+            rebuild.logs()
+        );
+    }
     assert!(
         env.converged(&expected).await,
         "{}",
         env.diff(&expected).await
     );
+    let names = db.list_collection_names().await.unwrap();
+    assert!(
+        !names.iter().any(|n| n.contains("_rebuild_")),
+        "shadow collection left behind: {names:?}"
+    );
+
+    // New events after the swap: the running projector applies them on the rebuilt documents.
+    let mut more = Vec::new();
+    for i in 0..20 {
+        let id = format!("r-{i}");
+        more.push(if i % 2 == 0 {
+            event(
+                &id,
+                "User",
+                21,
+                "UserEmailUpdated",
+                doc! { "email": format!("{id}+late@x") },
+            )
+        } else {
+            event(
+                &id,
+                "Order",
+                21,
+                "ItemAddedToOrder",
+                doc! { "sku": "late", "qty": 2, "price": Bson::Double(1.5) },
+            )
+        });
+    }
+    env.insert_events(&more).await;
+    let expected = env.expected().await;
+    env.publish(&more).await;
+    converge(&env, &expected, CONVERGE).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
-    for p in &procs {
-        p.sigterm().unwrap();
-    }
-    for p in &mut procs {
-        let status = p.wait_exit(Duration::from_secs(15)).await.unwrap();
-        assert!(status.success(), "{status:?}\n{}", p.logs());
-    }
+    assert_eq!(blocked(&env).await, 0);
+    proj.sigterm().unwrap();
+    assert!(proj
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap()
+        .success());
+}
+
+/// SIGTERM while sessions are held and a batch is being applied: the batch finishes, the
+/// sessions are released and the process exits 0 within the grace period (10 s); a fresh
+/// projector then finishes the work, so nothing was settled that was not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_sessions_held_exits_zero_within_the_grace_period() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("t", 6, 5);
+    env.insert_events(&events).await;
+    let expected = env.expected().await;
+    publish_and_confirm(&env, &events).await;
+    let mut proj = env
+        .spawn_projector("batch_size = 2\napply_delay = \"2s\"")
+        .await;
+    let p = &proj;
+    wait_until(Duration::from_secs(30), || async move {
+        metric(p, m::SESSIONS_HELD).await > 0.0
+    })
+    .await;
+    let sent = Instant::now();
+    proj.sigterm().unwrap();
+    let status = proj.wait_exit(Duration::from_secs(15)).await.unwrap();
+    let took = sent.elapsed();
+    assert!(status.success(), "{status:?}\n{}", proj.logs());
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    assert!(
+        !env.converged(&expected).await,
+        "the run had finished before SIGTERM; nothing was tested"
+    );
+
+    let mut next = env.spawn_projector("").await;
+    converge(&env, &expected, CONVERGE).await;
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    next.sigterm().unwrap();
+    assert!(next
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap()
+        .success());
 }

@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use azservicebus::{
-    CreateMessageBatchOptions, ServiceBusClient, ServiceBusClientOptions, ServiceBusMessage,
-    ServiceBusSenderOptions,
+    ServiceBusClient, ServiceBusClientOptions, ServiceBusMessage, ServiceBusSenderOptions,
 };
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document};
-use ordo_core::envelope::{Envelope, EventFields, PropertyValue};
+use ordo_core::envelope::{Envelope, EventFields, PropertyValue, WireMessage};
 use ordo_core::projection::{fold_history, Projection, ProjectionsFile};
+use ordo_core::secret::Secret;
+use ordo_core::servicebus::sender::{Publisher, PublisherFactory, ServiceBusPublisherFactory};
 use ordo_servicebus_emulator::config::{EmulatorConfig, SubscriptionConfig, TopicConfig};
 use ordo_servicebus_emulator::{Emulator, EmulatorHandle};
 use ordo_testkit::{free_health_addr, Daemon, TestMongo};
@@ -85,8 +86,29 @@ pub async fn start(lock: Duration) -> Env {
 }
 
 impl Env {
-    /// A projector config; `extra` is appended to `[projector]`.
+    /// A projector config; `extra` is appended to `[projector]`, replacing the keys it sets.
     pub fn projector_toml(&self, health: std::net::SocketAddr, extra: &str) -> String {
+        let overridden: Vec<&str> = extra
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .collect();
+        let base = self.base_toml(health);
+        let mut out: Vec<&str> = Vec::new();
+        let mut in_projector = false;
+        for line in base.lines() {
+            if line.starts_with('[') {
+                in_projector = line == "[projector]";
+            }
+            let key = line.split_once('=').map(|(k, _)| k.trim());
+            if in_projector && key.is_some_and(|k| overridden.contains(&k)) {
+                continue;
+            }
+            out.push(line);
+        }
+        format!("{}\n{extra}\n", out.join("\n"))
+    }
+
+    fn base_toml(&self, health: std::net::SocketAddr) -> String {
         format!(
             r#"
 [mongodb]
@@ -113,7 +135,6 @@ lock_renewal_interval = "1s"
 gap_timeout = "2s"
 retry_initial = "20ms"
 retry_max = "200ms"
-{extra}
 "#,
             uri = self.mongo.uri(),
             db = self.mongo.db_name(),
@@ -150,45 +171,76 @@ retry_max = "200ms"
     /// Like [`Env::publish`], with `suffix` appended to every MessageId: a redelivery the
     /// broker's duplicate detection does not catch (e.g. after its window), so the projector's
     /// version rule must.
+    ///
+    /// Publishes through the producer's own adapter (one batch per run of one session's
+    /// messages). A send that fails or gets no answer within its timeout is retried on a fresh
+    /// publisher: the broker may or may not have taken it, and a resend is removed by MessageId
+    /// duplicate detection (and, past that, by the projector's version rule).
     pub async fn publish_with(&self, events: &[Document], suffix: &str) {
-        let mut client = ServiceBusClient::unsecured()
-            .new_from_connection_string(&self.conn, ServiceBusClientOptions::default())
-            .await
-            .unwrap();
-        let mut sender = client
-            .create_sender(TOPIC, ServiceBusSenderOptions::default())
-            .await
-            .unwrap();
-        // One batch per run of one session's messages (the partitioned-entity rule).
-        let mut runs: Vec<Vec<ServiceBusMessage>> = Vec::new();
+        let factory = ServiceBusPublisherFactory {
+            connection_string: Secret::new(self.conn.clone()),
+            topic: TOPIC.to_string(),
+            identifier: "projector-test".to_string(),
+            max_batch_bytes: None,
+            send_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        };
+        let mut runs: Vec<Vec<WireMessage>> = Vec::new();
         let mut run_session = String::new();
         for e in events {
-            let mut m = to_message(e);
-            if !suffix.is_empty() {
-                let id = format!("{}{suffix}", m.message_id().unwrap());
-                m.set_message_id(id).unwrap();
-            }
-            let sid = m.session_id().unwrap().to_string();
-            if sid != run_session || runs.last().is_none_or(|r| r.len() >= 50) {
+            let mut m = Envelope::from_event(e, &EventFields::default(), "db", "events")
+                .unwrap()
+                .to_message();
+            m.message_id.push_str(suffix);
+            if m.session_id != run_session || runs.last().is_none_or(|r| r.len() >= 50) {
                 runs.push(Vec::new());
             }
-            run_session = sid;
+            run_session = m.session_id.clone();
             runs.last_mut().unwrap().push(m);
         }
+        let mut publisher = None;
         for run in runs {
-            let mut batch = sender
-                .create_message_batch(CreateMessageBatchOptions::default())
-                .unwrap();
-            for m in run {
-                batch.try_add_message(m).unwrap();
+            let mut failures = Vec::new();
+            loop {
+                assert!(
+                    failures.len() < 8,
+                    "publishing {} failed 8 times: {failures:?}",
+                    run[0].message_id
+                );
+                let p = match publisher.as_mut() {
+                    Some(p) => p,
+                    None => match factory.open().await {
+                        Ok(p) => publisher.insert(p),
+                        Err(e) => {
+                            failures.push(e.to_string());
+                            continue;
+                        }
+                    },
+                };
+                match p.publish(&run).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        failures.push(e.to_string());
+                        publisher = None;
+                    }
+                }
             }
-            tokio::time::timeout(Duration::from_secs(30), sender.send_message_batch(batch))
-                .await
-                .expect("send within 30s")
-                .unwrap();
+            if !failures.is_empty() {
+                eprintln!(
+                    "publish of {}.. needed {} retries: {failures:?}",
+                    run[0].message_id,
+                    failures.len()
+                );
+            }
         }
-        sender.dispose().await.unwrap();
-        client.dispose().await.unwrap();
+    }
+
+    /// Number of messages the subscription holds (waiting or locked), from the emulator.
+    pub fn active(&self) -> usize {
+        let s = self.emulator.stats();
+        s.entity(&format!("{TOPIC}/Subscriptions/{SUB}"))
+            .map(|e| e.active)
+            .unwrap_or(0)
     }
 
     /// Publishes raw bodies (poison) in `session`.
@@ -405,4 +457,36 @@ pub fn workload(prefix: &str, n: usize, per: i64) -> Vec<Document> {
         }
     }
     out
+}
+
+/// The sum of every series of metric `name` a daemon exposes right now (0 when absent or the
+/// daemon does not answer).
+pub async fn metric(d: &Daemon, name: &str) -> f64 {
+    let Ok((200, body)) = d.http_get("/metrics").await else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Read models of a projection's collection, by id, exactly as stored.
+pub async fn raw_models(env: &Env, collection: &str) -> BTreeMap<String, Document> {
+    let docs: Vec<Document> = env
+        .mongo
+        .database()
+        .collection::<Document>(collection)
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    docs.into_iter()
+        .map(|d| (d.get_str("_id").unwrap().to_string(), d))
+        .collect()
 }

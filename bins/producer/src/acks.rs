@@ -20,12 +20,15 @@ pub type Seq = u64;
 pub struct AckTracker<P> {
     /// Sequence number of `pending[0]`.
     base: Seq,
-    /// Items from `base` on: (acknowledged, position).
-    pending: VecDeque<(bool, Option<P>)>,
-    /// The newest position of the acknowledged prefix, not yet taken by [`Self::take_checkpoint`].
-    ready: Option<P>,
+    /// Items from `base` on: (acknowledged, is a published event, position).
+    pending: VecDeque<(bool, bool, Option<P>)>,
+    /// The newest position of the acknowledged prefix, not yet taken by [`Self::take`], with
+    /// the number of events folded up to it.
+    ready: Option<(P, u64)>,
     /// Acknowledged items folded into the prefix since the last take.
     advanced_by: u64,
+    /// Published events (not markers, not parked events) folded into the prefix so far.
+    events: u64,
 }
 
 impl<P> Default for AckTracker<P> {
@@ -42,13 +45,24 @@ impl<P> AckTracker<P> {
             pending: VecDeque::new(),
             ready: None,
             advanced_by: 0,
+            events: 0,
         }
     }
 
-    /// Registers the next item; returns its sequence number.
+    /// Registers the next item, an event to publish; returns its sequence number.
     pub fn push(&mut self, position: Option<P>) -> Seq {
+        self.push_item(true, position)
+    }
+
+    /// Registers the next item, one that is not a published event (an idle-stream or end-of-scan
+    /// marker, a parked event): it holds the prefix like an event but is not counted.
+    pub fn push_marker(&mut self, position: Option<P>) -> Seq {
+        self.push_item(false, position)
+    }
+
+    fn push_item(&mut self, event: bool, position: Option<P>) -> Seq {
         let seq = self.base + self.pending.len() as u64;
-        self.pending.push_back((false, position));
+        self.pending.push_back((false, event, position));
         seq
     }
 
@@ -62,12 +76,13 @@ impl<P> AckTracker<P> {
         if let Some(slot) = self.pending.get_mut(idx) {
             slot.0 = true;
         }
-        while let Some((true, _)) = self.pending.front() {
-            let (_, pos) = self.pending.pop_front().expect("front exists");
+        while let Some((true, _, _)) = self.pending.front() {
+            let (_, event, pos) = self.pending.pop_front().expect("front exists");
             self.base += 1;
             self.advanced_by += 1;
-            if pos.is_some() {
-                self.ready = pos;
+            self.events += u64::from(event);
+            if let Some(pos) = pos {
+                self.ready = Some((pos, self.events));
             }
         }
     }
@@ -84,14 +99,21 @@ impl<P> AckTracker<P> {
 
     /// The newest position of the acknowledged prefix, if it moved since the last take.
     pub fn take_checkpoint(&mut self) -> Option<P> {
+        self.take().map(|(p, _)| p)
+    }
+
+    /// Like [`Self::take_checkpoint`], with the number of published events the acknowledged
+    /// prefix holds up to that position (counted since the tracker was created).
+    pub fn take(&mut self) -> Option<(P, u64)> {
         self.advanced_by = 0;
         self.ready.take()
     }
 
-    /// Puts back a position whose save failed, unless a newer one arrived meanwhile.
-    pub fn restore(&mut self, position: P) {
+    /// Puts back a position (and its event count) whose save failed, unless a newer one arrived
+    /// meanwhile.
+    pub fn restore(&mut self, position: P, events: u64) {
         if self.ready.is_none() {
-            self.ready = Some(position);
+            self.ready = Some((position, events));
         }
     }
 }
@@ -129,6 +151,24 @@ mod tests {
         assert_eq!(t.take_checkpoint(), None);
         t.ack(1);
         assert_eq!(t.take_checkpoint(), Some("end"));
+    }
+
+    #[test]
+    fn only_events_up_to_the_checkpoint_are_counted() {
+        let mut t = AckTracker::new();
+        t.push(Some("e1"));
+        t.push_marker(Some("idle"));
+        t.push(None);
+        t.push(None);
+        t.push_marker(Some("scan end"));
+        t.ack(0);
+        t.ack(1);
+        assert_eq!(t.take(), Some(("idle", 1)), "a marker is not an event");
+        t.ack(2);
+        t.ack(3);
+        assert_eq!(t.take(), None, "scanned events wait for the end marker");
+        t.ack(4);
+        assert_eq!(t.take(), Some(("scan end", 3)));
     }
 
     /// One step of a random run: read an item (with or without a position) or ack one of

@@ -245,27 +245,28 @@ impl Producer {
     async fn load_start(
         &self,
         cancel: &CancellationToken,
-    ) -> Result<Option<(Start, Option<DateTime>)>, ProducerError> {
+    ) -> Result<Option<(Start, Option<DateTime>, u64)>, ProducerError> {
         let mut delays = self.backoff.delays();
         loop {
             match self.checkpoints.load(&self.stream).await {
                 Ok(Some(cp)) => {
                     let wall = cp.wall_time;
+                    let events = cp.events;
                     return Ok(Some(match cp.resume_token {
                         Some(token) => {
-                            tracing::info!(stream = %self.stream, wall_time = ?wall, "resuming after the checkpoint");
-                            (Start::After(token), wall)
+                            tracing::info!(stream = %self.stream, wall_time = ?wall, events, "resuming after the checkpoint");
+                            (Start::After(token), wall, events)
                         }
                         None => {
                             let since = wall.unwrap_or_else(DateTime::now);
-                            (Start::Recover { since }, wall)
+                            (Start::Recover { since }, wall, events)
                         }
                     }));
                 }
                 Ok(None) => {
                     let mode = self.cfg.producer.start_at();
                     tracing::info!(stream = %self.stream, start_at = %self.cfg.producer.start_at, "no checkpoint: applying the start mode");
-                    return Ok(Some((Start::Mode(mode), None)));
+                    return Ok(Some((Start::Mode(mode), None, 0)));
                 }
                 Err(e) if e.is_retryable() => {
                     let d = self.retry_delay(&mut delays, "load_checkpoint", &e);
@@ -293,7 +294,7 @@ impl Producer {
         let abandon = CancellationToken::new();
         let lost = CancellationToken::new();
 
-        let Some((start, saved)) = self.load_start(&stop_reading).await? else {
+        let Some((start, saved, published_before)) = self.load_start(&stop_reading).await? else {
             self.release(&lease).await;
             return Ok(Term::Stopped);
         };
@@ -392,7 +393,7 @@ impl Producer {
                 epoch: lease.epoch,
                 acks: acks.clone(),
                 saved_wall: saved_wall.clone(),
-                events: 0,
+                published_before,
                 every: p.checkpoint_every_events,
                 interval: p.checkpoint_interval,
             };
@@ -515,27 +516,24 @@ struct Checkpointer {
     epoch: i64,
     acks: Acks,
     saved_wall: Arc<Mutex<Option<DateTime>>>,
-    events: u64,
+    /// Events published before this term (from the loaded checkpoint); the saved count is this
+    /// plus the events the tracker counted up to the saved position.
+    published_before: u64,
     every: u64,
     interval: Duration,
 }
 
 impl Checkpointer {
     async fn save(&mut self) -> Result<(), CheckpointError> {
-        let (position, advanced) = {
-            let mut a = self.acks.lock().expect("ack lock");
-            let n = a.advanced_by();
-            (a.take_checkpoint(), n)
-        };
-        let Some(position) = position else {
+        let taken = self.acks.lock().expect("ack lock").take();
+        let Some((position, events)) = taken else {
             return Ok(());
         };
-        self.events += advanced;
         let mut cp = Checkpoint::new(self.stream.clone());
         cp.resume_token = Some(position.token.clone());
         cp.cluster_time = position.cluster_time;
         cp.wall_time = Some(position.wall_time);
-        cp.events = self.events;
+        cp.events = self.published_before + events;
         match self.store.save(&cp, self.epoch).await {
             Ok(()) => {
                 *self.saved_wall.lock().expect("saved wall lock") = Some(position.wall_time);
@@ -555,7 +553,10 @@ impl Checkpointer {
             }
             Err(e) => {
                 tracing::warn!(stream = %self.stream, error = %e, "checkpoint save failed, will retry");
-                self.acks.lock().expect("ack lock").restore(position);
+                self.acks
+                    .lock()
+                    .expect("ack lock")
+                    .restore(position, events);
                 Err(e)
             }
         }

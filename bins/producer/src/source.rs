@@ -309,7 +309,7 @@ impl Source {
     /// Registers a position that needs no send (idle stream, end of a scan).
     fn marker(&self, position: Position) {
         let mut acks = self.acks.lock().expect("ack lock");
-        let seq = acks.push(Some(position));
+        let seq = acks.push_marker(Some(position));
         acks.ack(seq);
     }
 
@@ -529,7 +529,7 @@ impl Source {
         self.recovered(&mut failed);
         // Durably recorded: it counts as handled for the checkpoint.
         let mut acks = self.acks.lock().expect("ack lock");
-        let seq = acks.push(position);
+        let seq = acks.push_marker(position);
         acks.ack(seq);
         Ok(true)
     }

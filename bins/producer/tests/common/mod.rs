@@ -48,7 +48,8 @@ impl World {
         self.mongo.database().collection("events")
     }
 
-    /// The producer's configuration for this world; `extra` is appended to `[producer]`.
+    /// The producer's configuration for this world; `extra` is appended to `[producer]` and
+    /// replaces the test defaults of the keys it sets.
     pub fn config(&self, health: SocketAddr, extra: &str) -> String {
         format!(
             r#"
@@ -65,14 +66,10 @@ log_level = "info,ordo_producer=debug"
 [shutdown]
 grace_period = "10s"
 [producer]
-start_at = "beginning"
-lease_ttl = "3s"
-checkpoint_interval = "200ms"
-max_await_time = "200ms"
-retry_max = "1s"
-send_timeout = "5s"
+{defaults}
 {extra}
 "#,
+            defaults = producer_defaults(extra),
             uri = self.mongo.uri(),
             db = self.mongo.db_name(),
             cs = self.bus.connection_string(),
@@ -99,6 +96,26 @@ send_timeout = "5s"
             .await
             .unwrap()
     }
+}
+
+/// The tests' `[producer]` settings, less the keys `extra` sets.
+fn producer_defaults(extra: &str) -> String {
+    let set: Vec<&str> = extra
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+        .collect();
+    [
+        ("start_at", "\"beginning\""),
+        ("lease_ttl", "\"3s\""),
+        ("checkpoint_interval", "\"200ms\""),
+        ("max_await_time", "\"200ms\""),
+        ("retry_max", "\"1s\""),
+        ("send_timeout", "\"5s\""),
+    ]
+    .iter()
+    .filter(|(k, _)| !set.contains(k))
+    .map(|(k, v)| format!("{k} = {v}\n"))
+    .collect()
 }
 
 /// Writes events: `aggregates` aggregates, eventIds contiguous per aggregate, interleaved in a
@@ -326,4 +343,39 @@ pub fn wait_distinct(
         let got = received.lock().unwrap().distinct();
         async move { got >= n }
     })
+}
+
+/// The sum of a metric's samples (all label sets) on the daemon's `/metrics`, 0 when absent.
+pub async fn metric(daemon: &Daemon, name: &str) -> f64 {
+    let Ok((200, body)) = daemon.http_get("/metrics").await else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the stream's checkpoint has a position and satisfies `pred`.
+pub async fn wait_checkpoint(world: &World, pred: impl Fn(&Document) -> bool) -> Document {
+    let pred = &pred;
+    ordo_testkit::wait_for(Duration::from_secs(30), || async move {
+        world
+            .checkpoint()
+            .await
+            .filter(|cp| cp.get("resumeToken").is_some() && pred(cp))
+    })
+    .await
+}
+
+/// The checkpoint's count of published events.
+pub fn published(cp: &Document) -> i64 {
+    match cp.get("events") {
+        Some(mongodb::bson::Bson::Int64(n)) => *n,
+        Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
+        _ => 0,
+    }
 }

@@ -1,0 +1,311 @@
+//! The producer under injected faults: lost oplog history, a broker outage, failing getMores, a
+//! database restart, a crashed leader, and invalid events. In every case each aggregate's events
+//! arrive as exactly 1..n after MessageId dedup.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use mongodb::bson::{doc, Document};
+use ordo_core::metrics as names;
+use ordo_testkit::{wait_until, SecantusOptions};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+async fn stop(producer: &mut ordo_testkit::Daemon) {
+    producer.sigterm().unwrap();
+    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "exit {status:?}\n{}", producer.logs());
+}
+
+/// The saved resume token falls out of the oplog while the producer is down: the restarted
+/// producer gets 286, counts it, re-publishes from the collection a safety margin before the
+/// checkpoint and then follows the stream; the event count continues from the checkpoint's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_history_is_republished_from_the_collection() {
+    let world = World::start_with(SecantusOptions::new().oplog_max_entries(100)).await;
+    let events = world.events();
+    let mut writer = Writer::new(20, 11);
+    let collector = Collector::start(&world.bus);
+    let config = r#"history_safety_margin = "2s""#;
+    let mut producer = world.spawn(config);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 60, 20).await;
+    wait_distinct(&collector, 60, DEADLINE).await;
+    wait_checkpoint(&world, |cp| published(cp) >= 60).await;
+    stop(&mut producer).await;
+    let before = world.checkpoint().await.unwrap();
+    assert_eq!(published(&before), 60, "{before:?}");
+
+    // More than the oplog holds, most of them new events of the same aggregates.
+    writer.write(&events, 250, 25).await;
+    world.mongo.prune_oplog().await.unwrap().unwrap();
+
+    let mut producer = world.spawn(config);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    wait_distinct(&collector, 310, DEADLINE).await;
+    let lost = metric(&producer, names::HISTORY_LOST).await;
+    assert!(lost >= 1.0, "history lost not counted\n{}", producer.logs());
+    assert!(
+        producer.logs().contains("history lost"),
+        "{}",
+        producer.logs()
+    );
+    assert!(metric(&producer, names::EVENTS_REPUBLISHED).await >= 250.0);
+    // Continues from 60; the replay may repeat events before the checkpoint (the margin).
+    wait_checkpoint(&world, |cp| published(cp) >= 310).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+/// A 10 s broker outage while events keep coming: readiness is 503 during it and 200 after, and
+/// nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_turns_readiness_off_and_loses_nothing() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(30, 12);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn(r#"send_timeout = "2s""#);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 200, 50).await;
+    wait_distinct(&collector, 100, DEADLINE).await;
+
+    let outage = Instant::now();
+    world.bus.suspend().await.unwrap();
+    writer.write(&events, 200, 50).await;
+    let p = &producer;
+    wait_until(
+        Duration::from_secs(10),
+        || async move { !p.is_ready().await },
+    )
+    .await;
+    assert!(producer.try_exit_status().unwrap().is_none());
+    // The outage lasts 10 s whatever the producer does.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
+    assert!(!producer.is_ready().await, "ready during the outage");
+    world.bus.resume().await.unwrap().unwrap();
+
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 100, 50).await;
+    wait_distinct(&collector, 500, DEADLINE).await;
+    assert!(metric(&producer, names::RETRIES).await >= 1.0);
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+/// getMore fails (connection closed; a resumable error label) and the stream resumes where it
+/// was, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_getmore_resumes_the_stream() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(20, 13);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 50, 25).await;
+    wait_distinct(&collector, 50, DEADLINE).await;
+
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": { "times": 2 }, "data": { "failCommands": ["getMore"], "closeConnection": true } },
+        )
+        .await
+        .unwrap();
+    writer.write(&events, 100, 25).await;
+    wait_distinct(&collector, 150, DEADLINE).await;
+
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": { "times": 2 }, "data": {
+                "failCommands": ["getMore"],
+                "errorCode": 91,
+                "errorLabels": ["ResumableChangeStreamError"],
+            } },
+        )
+        .await
+        .unwrap();
+    writer.write(&events, 100, 25).await;
+    wait_distinct(&collector, 250, DEADLINE).await;
+    world.mongo.disable_fail_point("failCommand").await.unwrap();
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+/// The database is killed and restarted (data kept): the producer retries, readiness drops
+/// while it cannot read, and it resumes from its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_restart_resumes_the_stream() {
+    let mut world = World::start_with(SecantusOptions::new().persistent()).await;
+    let events = world.events();
+    let mut writer = Writer::new(20, 14);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 100, 25).await;
+    wait_distinct(&collector, 100, DEADLINE).await;
+
+    world.mongo.kill_server().unwrap();
+    let p = &producer;
+    wait_until(
+        Duration::from_secs(20),
+        || async move { !p.is_ready().await },
+    )
+    .await;
+    world.mongo.restart_server().await.unwrap().unwrap();
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let events = world.events();
+    ordo_testkit::wait_until_ok(Duration::from_secs(20), || {
+        let events = events.clone();
+        async move { events.count_documents(doc! {}).await }
+    })
+    .await;
+    writer.write(&events, 100, 25).await;
+    wait_distinct(&collector, 200, DEADLINE).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+/// Two producers on one stream: both ready (the standby stands by), one holds the lease. kill -9
+/// of the active one: the standby takes over within about the lease TTL and resumes from the
+/// checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_after_kill_nine() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(30, 15);
+    let collector = Collector::start(&world.bus);
+    let config = r#"lease_ttl = "2s""#;
+    let mut a = world.spawn(config);
+    let mut b = world.spawn(config);
+    a.wait_ready(Duration::from_secs(30)).await.unwrap();
+    b.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let (ra, rb) = (&a, &b);
+    wait_until(Duration::from_secs(20), || async move {
+        metric(ra, names::LEASE_HELD).await + metric(rb, names::LEASE_HELD).await == 1.0
+    })
+    .await;
+    let a_active = metric(&a, names::LEASE_HELD).await == 1.0;
+    let (mut active, standby) = if a_active { (a, b) } else { (b, a) };
+    assert!(
+        standby.is_ready().await,
+        "a standby is ready: able to take over"
+    );
+
+    writer.write(&events, 150, 25).await;
+    wait_distinct(&collector, 100, DEADLINE).await;
+    let checkpoint = wait_checkpoint(&world, |cp| published(cp) > 0).await;
+    active.kill9().unwrap();
+    let killed = Instant::now();
+    let _ = active.wait_exit(Duration::from_secs(10)).await;
+    let s = &standby;
+    wait_until(Duration::from_secs(15), || async move {
+        metric(s, names::LEASE_HELD).await == 1.0
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+    assert!(standby.is_ready().await);
+    writer.write(&events, 150, 25).await;
+    wait_distinct(&collector, 300, DEADLINE).await;
+    // The new leader continued the count from the checkpoint it resumed from.
+    wait_checkpoint(&world, |cp| {
+        published(cp) >= published(&checkpoint) + 150 && cp.get_i64("epoch").unwrap_or(0) >= 2
+    })
+    .await;
+    assert!(standby.logs().contains("resuming after the checkpoint"));
+    let mut standby = standby;
+    stop(&mut standby).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+fn invalid_events() -> Vec<Document> {
+    vec![
+        doc! { "eventId": 1_i64, "eventType": "Orphan", "payload": {} },
+        doc! { "aggregateId": "bad-id", "eventId": "three", "eventType": "T", "payload": {} },
+        doc! { "aggregateId": "big", "eventId": 1_i64, "eventType": "T", "payload": { "blob": "x".repeat(4000) } },
+    ]
+}
+
+/// `on_invalid = "park"`: the three invalid kinds land in `ordo_parked` with their reason and
+/// the metric; the valid events around them are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_events_are_parked_and_the_rest_published() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(10, 16);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("max_message_bytes = 2048");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 40, 20).await;
+    events.insert_many(invalid_events()).await.unwrap();
+    writer.write(&events, 40, 20).await;
+    wait_distinct(&collector, 80, DEADLINE).await;
+
+    let parked = world.mongo.database().collection::<Document>("ordo_parked");
+    let p = &parked;
+    wait_until(Duration::from_secs(20), || async move {
+        p.count_documents(doc! {}).await.unwrap_or(0) == 3
+    })
+    .await;
+    let mut reasons: Vec<String> = Vec::new();
+    let mut cursor = parked.find(doc! {}).await.unwrap();
+    while cursor.advance().await.unwrap() {
+        let d = cursor.deserialize_current().unwrap();
+        assert!(d.get_str("error").is_ok_and(|e| !e.is_empty()), "{d:?}");
+        assert!(d.get_document("source").is_ok(), "{d:?}");
+        reasons.push(d.get_str("reason").unwrap().to_string());
+    }
+    reasons.sort();
+    assert_eq!(reasons, ["invalid_field", "missing_field", "too_large"]);
+    assert_eq!(metric(&producer, names::EVENTS_PARKED).await, 3.0);
+    stop(&mut producer).await;
+    // Parked events are not published events.
+    assert_eq!(published(&world.checkpoint().await.unwrap()), 80);
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+/// `on_invalid = "halt"`: the producer exits non-zero at the bad event and the checkpoint stays
+/// before it, so a restart (here with `park`) reads it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halt_on_invalid_exits_without_passing_the_event() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(10, 17);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn(r#"on_invalid = "halt""#);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 30, 10).await;
+    wait_distinct(&collector, 30, DEADLINE).await;
+    wait_checkpoint(&world, |cp| published(cp) >= 30).await;
+    events
+        .insert_one(doc! { "aggregateId": "bad-id", "eventId": "three", "eventType": "T" })
+        .await
+        .unwrap();
+    writer.write(&events, 30, 10).await;
+    let status = producer.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert!(!status.success(), "halt must exit non-zero");
+    assert!(producer.logs().contains("halting"), "{}", producer.logs());
+    let parked = world.mongo.database().collection::<Document>("ordo_parked");
+    assert_eq!(parked.count_documents(doc! {}).await.unwrap(), 0);
+
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let p = &parked;
+    wait_until(Duration::from_secs(20), || async move {
+        p.count_documents(doc! { "reason": "invalid_field" })
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    wait_distinct(&collector, 60, DEADLINE).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}

@@ -191,6 +191,10 @@ impl Producer {
     }
 
     /// Polls the lease until acquired; `None` on shutdown.
+    ///
+    /// Readiness stays true meanwhile: `/readyz` means "able to work or to stand by", so a
+    /// two-replica Deployment becomes Available and rolling updates do not stall on the standby
+    /// (deploy/k8s/base/producer.yaml). Holding the lease is shown by the `ordo_lease_held` gauge.
     async fn acquire(&self, cancel: &CancellationToken) -> Result<Option<Lease>, ProducerError> {
         let ttl = self.cfg.producer.lease_ttl;
         let poll = (ttl / 5).max(Duration::from_millis(100));

@@ -13,7 +13,10 @@ use fe2o3_amqp::{
 use fe2o3_amqp_types::{messaging::Body, primitives::Value};
 use tracing::{debug, warn};
 
-use super::ConnCtx;
+use super::{
+    outcome::{DelayedAccept, OUTCOME_DELAY},
+    ConnCtx,
+};
 use crate::{namespace::Ingress, wire};
 
 pub(crate) async fn accept(
@@ -38,6 +41,7 @@ pub(crate) async fn accept(
 }
 
 async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>) {
+    let accepts = DelayedAccept::spawn(receiver.disposer(), &ctx.tracker);
     loop {
         let delivery = tokio::select! {
             d = receiver.recv::<Body<Value>>() => d,
@@ -50,6 +54,7 @@ async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>) {
                 return;
             }
         };
+        let arrived = tokio::time::Instant::now();
         let format = *delivery.message_format();
         let (info, message) = delivery.into_parts();
         let result = wire::unbatch(message, format)
@@ -64,10 +69,16 @@ async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>) {
                 if outcome.duplicates > 0 {
                     debug!(entity = %ingress.name, duplicates = outcome.duplicates, "dropped duplicates");
                 }
-                receiver.accept(info).await
+                if accepts.accept(info, arrived) {
+                    Ok(())
+                } else {
+                    return;
+                }
             }
             Err(error) => {
                 warn!(entity = %ingress.name, condition = ?error.condition, "refused transfer");
+                // Held back like an accept (see `outcome`); refusals are rare.
+                tokio::time::sleep_until(arrived + OUTCOME_DELAY).await;
                 receiver.reject(info, error).await
             }
         };

@@ -5,11 +5,13 @@
 //!   attach is (CBS, `$management`, a sender to a topic/queue, a receiver on a subscription/queue).
 //! - `delivery`: broker-to-client links (receivers of the client), including session grants.
 //! - `ingest`: client-to-broker links that send messages to topics and queues.
+//! - `outcome`: held-back accepts of client transfers (a client race, see there).
 //! - `request`: request/response nodes (`$cbs`, `$management`) and the routing of replies.
 //! - `sasl`: the SASL mechanisms we offer (ANONYMOUS and PLAIN).
 
 mod delivery;
 mod ingest;
+mod outcome;
 mod request;
 mod sasl;
 

@@ -19,7 +19,7 @@ use fe2o3_amqp_types::{
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, warn};
 
-use super::ConnCtx;
+use super::{outcome::DelayedAccept, ConnCtx};
 use crate::{
     store::{now_ms, AmqpMessage, Entity, LockError, Part},
     wire,
@@ -204,14 +204,18 @@ async fn request_loop(
     node: Node,
     node_address: String,
 ) {
+    let accepts = DelayedAccept::spawn(receiver.disposer(), &ctx.tracker);
     loop {
         let delivery = tokio::select! {
             d = receiver.recv::<Body<Value>>() => d,
             _ = ctx.cancel.cancelled() => return,
         };
         let Ok(delivery) = delivery else { return };
+        let arrived = tokio::time::Instant::now();
         let (info, request) = delivery.into_parts();
-        if receiver.accept(info).await.is_err() {
+        // The client reads the reply only after the request's outcome; it waits in its link
+        // buffer meanwhile. The outcome is held back (see `outcome`).
+        if !accepts.accept(info, arrived) {
             return;
         }
         let reply = match &node {

@@ -130,7 +130,8 @@ fn header_with_count(message: &mut AmqpMessage, delivery_count: u32) {
     header.first_acquirer = delivery_count == 0;
 }
 
-/// The message as a receiver sees it: broker annotations, lock token, header delivery-count.
+/// The message as a receiver sees it: broker annotations, lock token, header delivery-count;
+/// `x-opt-locked-until` only for peek-lock.
 pub(crate) fn delivered_message(delivery: &Delivery, peek_lock: bool) -> AmqpMessage {
     let mut message = (*delivery.message).clone();
     header_with_count(&mut message, delivery.delivery_count);
@@ -140,15 +141,16 @@ pub(crate) fn delivered_message(delivery: &Delivery, peek_lock: bool) -> AmqpMes
         delivery.enqueued_ms,
         peek_lock.then_some(delivery.locked_until_ms),
     );
-    if peek_lock {
-        let annotations = message
-            .delivery_annotations
-            .get_or_insert_with(|| DeliveryAnnotations(Default::default()));
-        annotations.0.insert(
-            key(LOCK_TOKEN),
-            Value::Uuid(Uuid::from(delivery.token.to_be_bytes())),
-        );
-    }
+    // Always sent, also to ReceiveAndDelete receivers: azservicebus fails a receive whose
+    // delivery has neither this annotation nor a 16-byte tag (`LockTokenNotFound`), and in
+    // that mode the message is already gone.
+    let annotations = message
+        .delivery_annotations
+        .get_or_insert_with(|| DeliveryAnnotations(Default::default()));
+    annotations.0.insert(
+        key(LOCK_TOKEN),
+        Value::Uuid(Uuid::from(delivery.token.to_be_bytes())),
+    );
     message
 }
 

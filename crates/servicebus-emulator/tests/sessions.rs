@@ -96,3 +96,40 @@ async fn batch_accept_next_receive_complete_renew_state_body() {
 fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
+
+/// ReceiveAndDelete on a session subscription: messages are handed to the caller (settled
+/// transfers that still carry a lock token, as the service sends) and gone from the broker.
+#[test]
+fn receive_and_delete_session_receiver_gets_every_message() {
+    run(async {
+        let emulator = start_default().await;
+        let mut client = client(&emulator).await;
+        let sent: Vec<_> = (1..=20).map(|i| format!("rd:{i}")).collect();
+        send(
+            &mut client,
+            sent.iter()
+                .map(|id| message("rd", id, id.as_bytes()))
+                .collect(),
+        )
+        .await;
+        let options = azservicebus::ServiceBusSessionReceiverOptions {
+            receive_mode: azservicebus::ServiceBusReceiveMode::ReceiveAndDelete,
+            ..Default::default()
+        };
+        let mut receiver = within(
+            10,
+            client.accept_session_for_subscription(TOPIC, SUBSCRIPTION, "rd", options),
+        )
+        .await
+        .unwrap();
+        let got = receive(&mut receiver, sent.len()).await;
+        let ids: Vec<_> = got
+            .iter()
+            .map(|m| m.message_id().unwrap().into_owned())
+            .collect();
+        assert_eq!(ids, sent);
+        assert_eq!(emulator.stats().entity(PATH).unwrap().active, 0);
+        within(10, receiver.dispose()).await.unwrap();
+        emulator.shutdown().await;
+    });
+}

@@ -1,0 +1,315 @@
+//! Publish throughput of one `ordo-producer` process next to the ceiling of its stand-ins,
+//! measured in the same run:
+//!
+//! - change stream: a plain `watch()` draining N inserts (events/s from the first insert to the
+//!   last event read);
+//! - sends: the producer's `ServiceBusPublisherFactory` with the same number of senders, one
+//!   session per batch (up to `max_batch_messages`), no producer in between;
+//! - producer: N inserts while the producer runs, from the first insert until
+//!   `ordo_events_published_total` reaches N; CPU seconds of the producer process per 1,000
+//!   events (`/proc/<pid>/stat` utime+stime).
+//!
+//! `cargo bench -p ordo-producer` (release). Uses the Rust SecantusDB server at
+//! `.ordo/tools/bin/secantusd-rs` when present (started here on a free port), else the Python
+//! one the test kit provisions, and says which. `ORDO_BENCH_EVENTS` (default 20000) events over
+//! `ORDO_BENCH_AGGREGATES` (default 200) aggregates; `ORDO_BENCH_SENDERS` (default: the
+//! producer's default) senders; `ORDO_BENCH_PRODUCER_CONFIG` adds `[producer]` lines.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use mongodb::bson::{doc, oid::ObjectId, Document};
+use ordo_core::envelope::{Envelope, EventFields, WireMessage};
+use ordo_core::metrics as names;
+use ordo_core::secret::Secret;
+use ordo_core::servicebus::sender::{Publisher, PublisherFactory, ServiceBusPublisherFactory};
+use ordo_producer::config::ProducerSection;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // Before any thread starts: the test kit reads the variable this sets.
+    let server = start_rust_secantus();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(bench(if server.is_some() {
+        "secantusd-rs"
+    } else if std::env::var_os("ORDO_TEST_MONGODB_URI").is_some() {
+        "external (ORDO_TEST_MONGODB_URI)"
+    } else {
+        "secantusd-py (slower: .ordo/tools/bin/secantusd-rs not found)"
+    }));
+    drop(server);
+}
+
+/// A SecantusDB server this bench started; killed on drop.
+struct Server(Child, PathBuf);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+fn start_rust_secantus() -> Option<Server> {
+    if std::env::var_os("ORDO_TEST_MONGODB_URI").is_some() {
+        return None;
+    }
+    let bin = ordo_testkit::paths::workspace_root().join(".ordo/tools/bin/secantusd-rs");
+    if !bin.exists() {
+        return None;
+    }
+    let port = ordo_testkit::free_local_port();
+    let dir = std::env::temp_dir().join(format!(
+        "ordo-producer-bench-secantus-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).ok()?;
+    let child = Command::new(&bin)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--storage-path")
+        .arg(&dir)
+        .arg("--enable-test-commands")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let server = Server(child, dir);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() >= deadline {
+            eprintln!("secantusd-rs did not listen on {port}; falling back");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::env::set_var(
+        "ORDO_TEST_MONGODB_URI",
+        format!("mongodb://127.0.0.1:{port}/?directConnection=true"),
+    );
+    Some(server)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (get(11) + get(12)) as f64 / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// `n` events over `aggregates` aggregates named `{prefix}NNNN`, eventIds contiguous per
+/// aggregate, round-robin (every batch touches many sessions, as a busy system does).
+fn events(n: usize, aggregates: usize, prefix: &str) -> Vec<Document> {
+    let mut next = vec![1_i64; aggregates];
+    (0..n)
+        .map(|i| {
+            let a = i % aggregates;
+            let id = next[a];
+            next[a] += 1;
+            doc! {
+                "aggregateId": format!("{prefix}{a:04}"),
+                "aggregateType": "Account",
+                "eventId": id,
+                "eventType": "Deposited",
+                "payload": { "amount": id, "memo": "benchmark event of a typical size" },
+                "timestamp": mongodb::bson::DateTime::now(),
+            }
+        })
+        .collect()
+}
+
+async fn insert_all(coll: &mongodb::Collection<Document>, docs: Vec<Document>) {
+    for chunk in docs.chunks(1000) {
+        coll.insert_many(chunk.to_vec()).await.expect("insert");
+    }
+}
+
+/// Insert → change stream: events/s read by a plain `watch()` while N events are inserted.
+async fn change_stream_ceiling(world: &World, n: usize, aggregates: usize) -> f64 {
+    let coll = world
+        .mongo
+        .database()
+        .collection::<Document>("ceiling_events");
+    let mut stream = coll.watch().await.expect("watch");
+    let reader = tokio::spawn(async move {
+        let mut read = 0;
+        while read < n {
+            stream.next().await.expect("stream open").expect("event");
+            read += 1;
+        }
+        Instant::now()
+    });
+    let docs = events(n, aggregates, "ceiling-");
+    let started = Instant::now();
+    insert_all(&coll, docs).await;
+    let done = reader.await.expect("reader");
+    n as f64 / done.duration_since(started).as_secs_f64()
+}
+
+/// Raw batched sends: `senders` publishers draining per-session batches, as the producer's
+/// workers do, with nothing else in the way.
+async fn send_ceiling(world: &World, n: usize, aggregates: usize, senders: usize) -> f64 {
+    let max_batch = ProducerSection::default().max_batch_messages;
+    let mut by_session: BTreeMap<String, Vec<WireMessage>> = BTreeMap::new();
+    for mut d in events(n, aggregates, "sendceiling-") {
+        d.insert("_id", ObjectId::new());
+        let m = Envelope::from_event(&d, &EventFields::default(), "bench", "events")
+            .expect("valid event")
+            .to_message();
+        by_session.entry(m.session_id.clone()).or_default().push(m);
+    }
+    let batches: Vec<Vec<WireMessage>> = by_session
+        .into_values()
+        .flat_map(|msgs| {
+            msgs.chunks(max_batch)
+                .map(<[WireMessage]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let factory = Arc::new(ServiceBusPublisherFactory {
+        connection_string: Secret::new(world.bus.connection_string()),
+        topic: world.bus.topic().to_string(),
+        identifier: "ordo-producer-bench".into(),
+        max_batch_bytes: None,
+        send_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(30),
+    });
+    let mut publishers = Vec::new();
+    for _ in 0..senders {
+        publishers.push(factory.open().await.expect("open publisher"));
+    }
+    let queue = Arc::new(std::sync::Mutex::new(batches));
+    let started = Instant::now();
+    let tasks: Vec<_> = publishers
+        .into_iter()
+        .map(|mut p| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some(batch) = queue.lock().unwrap().pop() else {
+                        return;
+                    };
+                    p.publish(&batch).await.expect("send");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+struct Run {
+    rate: f64,
+    cpu_per_1000: f64,
+}
+
+/// The producer publishing N events inserted while it runs.
+async fn producer_run(world: &World, n: usize, aggregates: usize, extra: &str) -> Run {
+    let mut producer = world.spawn(&format!("start_at = \"now\"\n{extra}"));
+    producer
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("producer ready");
+    let p = &producer;
+    // Ready is before the stream is open: wait until a checkpoint (the idle position) exists.
+    ordo_testkit::wait_for(Duration::from_secs(30), || async {
+        world
+            .checkpoint()
+            .await
+            .filter(|c| c.get("resumeToken").is_some())
+    })
+    .await;
+    let base = metric(p, names::EVENTS_PUBLISHED).await;
+    let cpu_before = cpu_seconds(producer.pid());
+    let docs = events(n, aggregates, "acct-");
+    let started = Instant::now();
+    insert_all(&world.events(), docs).await;
+    ordo_testkit::wait_until(Duration::from_secs(600), || async move {
+        metric(p, names::EVENTS_PUBLISHED).await - base >= n as f64
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(producer.pid()) - cpu_before;
+    producer.sigterm().expect("sigterm");
+    let _ = producer.wait_exit(Duration::from_secs(20)).await;
+    Run {
+        rate: n as f64 / elapsed,
+        cpu_per_1000: cpu / n as f64 * 1000.0,
+    }
+}
+
+async fn bench(server: &str) {
+    let n = env_usize("ORDO_BENCH_EVENTS", 20_000);
+    let aggregates = env_usize("ORDO_BENCH_AGGREGATES", 200);
+    let senders = env_usize("ORDO_BENCH_SENDERS", ProducerSection::default().senders);
+    println!(
+        "ordo-producer publish benchmark: {n} events, {aggregates} aggregates, {senders} senders"
+    );
+    println!("mongodb stand-in: {server}; service bus: embedded emulator (in this process)");
+
+    let world = World::start().await;
+    let stream = change_stream_ceiling(&world, n, aggregates).await;
+    println!("ceiling  insert -> change stream read : {stream:>9.0} events/s");
+    let sends = send_ceiling(&world, n, aggregates, senders).await;
+    println!("ceiling  batched sends ({senders} senders)   : {sends:>9.0} events/s");
+    let ceiling = stream.min(sends);
+
+    let extra = std::env::var("ORDO_BENCH_PRODUCER_CONFIG").unwrap_or_default();
+    if !extra.is_empty() {
+        println!("producer settings: {}", extra.replace('\n', "; "));
+    }
+    let run = producer_run(
+        &world,
+        n,
+        aggregates,
+        &format!("senders = {senders}\n{extra}"),
+    )
+    .await;
+    println!(
+        "producer published                  : {:>9.0} events/s, {:.3} CPU s per 1,000 events",
+        run.rate, run.cpu_per_1000
+    );
+    let share = run.rate / ceiling * 100.0;
+    println!(
+        "producer / lower ceiling            : {share:>8.1} % ({})",
+        if share >= 90.0 {
+            "goal of 90 % met"
+        } else {
+            "below the 90 % goal"
+        }
+    );
+}

@@ -513,7 +513,9 @@ impl Engine {
                 }
             }
         }
-        metrics::histogram!(m::APPLY_LATENCY).record(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        metrics::histogram!(m::APPLY_LATENCY).record(elapsed.as_secs_f64());
+        tracing::debug!(aggregate = %aggregate_id, messages = msgs.len(), elapsed_us = elapsed.as_micros() as u64, "batch settled");
         After::Continue
     }
 

@@ -175,14 +175,16 @@ retry_max = "200ms"
     /// Publishes through the producer's own adapter (one batch per run of one session's
     /// messages). A send that fails or gets no answer within its timeout is retried on a fresh
     /// publisher: the broker may or may not have taken it, and a resend is removed by MessageId
-    /// duplicate detection (and, past that, by the projector's version rule).
+    /// duplicate detection (and, past that, by the projector's version rule). The emulator
+    /// sometimes leaves a send of a message it did enqueue without an answer, so the timeout
+    /// is short: the emulator answers in milliseconds, and a resend costs nothing.
     pub async fn publish_with(&self, events: &[Document], suffix: &str) {
         let factory = ServiceBusPublisherFactory {
             connection_string: Secret::new(self.conn.clone()),
             topic: TOPIC.to_string(),
             identifier: "projector-test".to_string(),
             max_batch_bytes: None,
-            send_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(10),
         };
         let mut runs: Vec<Vec<WireMessage>> = Vec::new();

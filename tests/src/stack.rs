@@ -181,6 +181,30 @@ grace_period = "10s"
         Ok(())
     }
 
+    /// Fails, with the daemon's log, if any daemon that should be running has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        let named = self
+            .producer
+            .iter_mut()
+            .map(|d| ("ordo-producer".to_string(), d))
+            .chain(self.projectors.iter_mut().enumerate().filter_map(|(i, d)| {
+                d.as_mut()
+                    .map(|d| (format!("ordo-projector #{}", i + 1), d))
+            }));
+        for (name, d) in named {
+            if let Some(status) = d.try_exit_status()? {
+                let logs = d.logs();
+                let tail: Vec<&str> = logs.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                anyhow::bail!(
+                    "{name} exited unexpectedly ({status}); last log lines:\n{}",
+                    tail.join("\n")
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Sum of a metric over every running daemon.
     pub async fn metric(&self, name: &str) -> f64 {
         let mut total = 0.0;

@@ -68,6 +68,9 @@ async fn read_models_survive_chaos_under_load() {
     let mut ticker = tokio::time::interval(Duration::from_millis(50));
     while started.elapsed() < Duration::from_secs(secs) {
         ticker.tick().await;
+        if let Err(e) = stack.check_alive() {
+            panic!("seed {seed}: {e}");
+        }
         let batch = generator.next_batch(10);
         written += batch.len();
         insert(&events, batch).await.unwrap();
@@ -129,6 +132,9 @@ async fn read_models_survive_chaos_under_load() {
 
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
+        if let Err(e) = stack.check_alive() {
+            panic!("seed {seed}: {e}");
+        }
         let (done, aggregates) = stack.caught_up().await.unwrap();
         if done == aggregates {
             break;

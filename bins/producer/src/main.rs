@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Loaded::Run(cfg) => cfg,
         Loaded::Exit(code) => return code,
     };
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let runtime = ordo_core::cli::runtime().expect("tokio runtime");
     match runtime.block_on(ordo_producer::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     if cli.check_config {
         return ExitCode::SUCCESS;
     }
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let runtime = ordo_core::cli::runtime().expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
             None => ordo_projector::run(cfg).await,

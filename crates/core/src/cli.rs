@@ -47,3 +47,16 @@ where
 pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
     flag.or_else(|| std::env::var_os("ORDO_CONFIG").map(PathBuf::from))
 }
+
+/// Stack size of the runtime's worker threads. The AMQP client's futures are large (tens of
+/// KiB each, nested through reconnect and recovery paths); on the default 2 MiB stack a
+/// connection recovery after a broker outage overflowed it and aborted the process.
+pub const WORKER_STACK_BYTES: usize = 16 * 1024 * 1024;
+
+/// The daemons' multi-threaded runtime, with [`WORKER_STACK_BYTES`] stacks.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(WORKER_STACK_BYTES)
+        .build()
+}

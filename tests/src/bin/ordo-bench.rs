@@ -128,7 +128,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         "secantusd-py (slower stand-in: run scripts/bench.sh to provision secantusd-rs)"
     };
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = ordo_core::cli::runtime()?;
     rt.block_on(run(args, mongo_kind))
 }
 

@@ -65,7 +65,7 @@ fn use_real_services_from_env() {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     use_real_services_from_env();
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = ordo_core::cli::runtime()?;
     rt.block_on(run(args))
 }
 
@@ -199,6 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let write_secs = started.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     loop {
+        stack.check_alive()?;
         let (done, aggregates) = progress(&stack, written, total, started).await?;
         if done == aggregates {
             break;

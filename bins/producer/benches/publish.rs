@@ -258,12 +258,26 @@ async fn producer_run(world: &World, n: usize, aggregates: usize, extra: &str) -
     let docs = events(n, aggregates, "acct-");
     let started = Instant::now();
     insert_all(&world.events(), docs).await;
+    let inserted = started.elapsed().as_secs_f64();
     ordo_testkit::wait_until(Duration::from_secs(600), || async move {
         metric(p, names::EVENTS_PUBLISHED).await - base >= n as f64
     })
     .await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(producer.pid()) - cpu_before;
+    println!(
+        "inserts done after {inserted:.2} s ({:.0} events/s), published after {elapsed:.2} s",
+        n as f64 / inserted
+    );
+    if let Ok((200, body)) = producer.http_get("/metrics").await {
+        println!("messages per batch (ordo_publish_batch_messages, whole run):");
+        for line in body
+            .lines()
+            .filter(|l| l.starts_with(names::PUBLISH_BATCH_MESSAGES))
+        {
+            println!("  {line}");
+        }
+    }
     producer.sigterm().expect("sigterm");
     let _ = producer.wait_exit(Duration::from_secs(20)).await;
     Run {

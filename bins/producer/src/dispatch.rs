@@ -209,6 +209,7 @@ pub async fn worker<F: PublisherFactory>(
         let Some((session, items)) = work else {
             return Ok(());
         };
+        metrics::histogram!(ordo_core::metrics::PUBLISH_BATCH_MESSAGES).record(items.len() as f64);
         let messages: Vec<WireMessage> = items.iter().map(|i| i.message.clone()).collect();
         let mut delays = ctx.backoff.delays();
         let mut failed = false;

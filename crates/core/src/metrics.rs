@@ -19,6 +19,8 @@ pub const EVENTS_PARKED: &str = "ordo_events_parked_total";
 pub const HISTORY_LOST: &str = "ordo_history_lost_total";
 /// Events re-published by recovery or the `beginning` start mode (producer).
 pub const EVENTS_REPUBLISHED: &str = "ordo_events_republished_total";
+/// Messages per batch sent to the broker; one session per batch (producer).
+pub const PUBLISH_BATCH_MESSAGES: &str = "ordo_publish_batch_messages";
 /// 1 while this producer holds the stream's lease (producer).
 pub const LEASE_HELD: &str = "ordo_lease_held";
 /// Retries of a failed operation; label `op` (both).
@@ -59,6 +61,7 @@ pub const ALL: &[&str] = &[
     EVENTS_PARKED,
     HISTORY_LOST,
     EVENTS_REPUBLISHED,
+    PUBLISH_BATCH_MESSAGES,
     LEASE_HELD,
     RETRIES,
     EVENTS_APPLIED,

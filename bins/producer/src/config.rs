@@ -88,7 +88,8 @@ pub struct ProducerSection {
     /// Lifetime of the stream's lease; a standby takes over at most this long after a crash.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
-    /// Bound on one broker send before it counts as a fault.
+    /// Bound on one broker send (and on connecting) before it counts as a fault; a lost outcome
+    /// costs this long, and the resend is deduplicated by MessageId.
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
     /// First retry delay after a fault.
@@ -120,7 +121,7 @@ impl Default for ProducerSection {
             replay_time_field: "_id".into(),
             scan_sort: sort,
             lease_ttl: Duration::from_secs(15),
-            send_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(10),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
         }

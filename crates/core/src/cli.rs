@@ -27,7 +27,7 @@ pub enum Loaded<T> {
 /// configuration (secrets as `***`) and exits 0; on error it prints one line and exits 2.
 pub fn load_config<T>(program: &str, path: Option<&Path>, check: bool) -> Loaded<T>
 where
-    T: DeserializeOwned + Validate + Serialize,
+    T: DeserializeOwned + Validate + Serialize + Default,
 {
     match config::load::<T>(path, &Env::from_process()) {
         Ok(cfg) if check => {

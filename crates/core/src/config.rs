@@ -28,6 +28,9 @@ use crate::secret::{read_secret_file, Secret};
 /// Prefix of ordo's own environment overrides.
 pub const ENV_PREFIX: &str = "ORDO__";
 
+/// Sections that belong to one daemon only; the other daemon ignores their `ORDO__` variables.
+pub const DAEMON_SECTIONS: &[&str] = &["producer", "projector"];
+
 /// Legacy environment names and the keys they set.
 pub const LEGACY_ENV: &[(&str, &str)] = &[
     ("MONGODB_URI", "mongodb.uri"),
@@ -198,7 +201,7 @@ fn collect_overrides(env: &Env) -> Vec<Override> {
 /// Loads `T` from `path` (or defaults when `None`) and the environment, then validates it.
 pub fn load<T>(path: Option<&Path>, env: &Env) -> Result<T, ConfigError>
 where
-    T: DeserializeOwned + Validate,
+    T: DeserializeOwned + Validate + Default + Serialize,
 {
     let (text, name) = match path {
         Some(p) => (
@@ -216,7 +219,7 @@ where
 /// Loads `T` from TOML text (see [`load`]).
 pub fn load_str<T>(text: &str, name: &str, env: &Env) -> Result<T, ConfigError>
 where
-    T: DeserializeOwned + Validate,
+    T: DeserializeOwned + Validate + Default + Serialize,
 {
     let mut table: toml::Table =
         text.parse()
@@ -224,7 +227,20 @@ where
                 path: name.to_string(),
                 message: e.to_string().replace('\n', " ").trim().to_string(),
             })?;
-    let overrides = collect_overrides(env);
+    // One environment often serves both daemons (a shared systemd EnvironmentFile, a
+    // Kubernetes ConfigMap): each ignores the other daemon's own section. A misspelt section
+    // is still an error.
+    let own: Vec<String> = match toml::Value::try_from(T::default()) {
+        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
+    let overrides: Vec<Override> = collect_overrides(env)
+        .into_iter()
+        .filter(|o| {
+            let section = o.key[0].as_str();
+            !DAEMON_SECTIONS.contains(&section) || own.iter().any(|k| k == section)
+        })
+        .collect();
     for o in &overrides {
         set_path(&mut table, &o.key, parse_env_value(&o.raw))?;
     }
@@ -684,6 +700,18 @@ grace_period = "5s"
         );
         assert_eq!(cfg.shutdown.grace_period, Duration::from_secs(2));
         assert_eq!(cfg.mongodb.fields.aggregate_id, "streamId");
+    }
+
+    #[test]
+    fn the_other_daemons_section_in_the_environment_is_ignored() {
+        let cfg = load(GOOD, &[("ORDO__PROJECTOR__MAX_CONCURRENT_SESSIONS", "32")]).unwrap();
+        assert_eq!(cfg.shutdown.grace_period, Duration::from_secs(5));
+        let e = load(GOOD, &[("ORDO__PROJECTR__MAX_CONCURRENT_SESSIONS", "32")]).unwrap_err();
+        assert_eq!(
+            e.key(),
+            Some("projectr"),
+            "a misspelt section is still refused: {e}"
+        );
     }
 
     #[test]

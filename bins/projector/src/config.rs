@@ -43,6 +43,10 @@ pub struct ProjectorSection {
     #[serde(with = "humantime_serde")]
     pub accept_timeout: Duration,
     /// A session with no message for this long is released so other aggregates get a worker.
+    /// One session is one aggregate, and most aggregates receive a few events at a time: a short
+    /// timeout keeps workers moving (measured with the demo, 300 aggregates at 300 events/s:
+    /// 2 s gave 53 events/s and p50 latency 22 s; 300 ms with 32 sessions gave 244 events/s,
+    /// the whole write rate, and p50 1.0 s).
     #[serde(with = "humantime_serde")]
     pub session_idle_timeout: Duration,
     /// Session lock renewal period; well under the subscription's lock duration (a third).
@@ -75,11 +79,11 @@ impl Default for ProjectorSection {
     fn default() -> Self {
         Self {
             projections_file: PathBuf::from("config/projections.toml"),
-            max_concurrent_sessions: 8,
+            max_concurrent_sessions: 32,
             batch_size: 100,
-            receive_wait: Duration::from_millis(500),
+            receive_wait: Duration::from_millis(200),
             accept_timeout: Duration::from_secs(5),
-            session_idle_timeout: Duration::from_secs(2),
+            session_idle_timeout: Duration::from_millis(300),
             lock_renewal_interval: Duration::from_secs(10),
             gap_timeout: Duration::from_secs(10),
             transient_retry_limit: 10,

@@ -67,7 +67,7 @@ pub fn render(title: &str, left_label: &str, right_label: &str, series: &[Series
         let x = ml + pw * f64::from(i) / 4.0;
         let _ = writeln!(
             svg,
-            r##"<text x="{x:.1}" y="{}" text-anchor="middle">{:.0}s</text>"##,
+            r##"<text x="{x:.1}" y="{}" text-anchor="middle">{:.1}s</text>"##,
             mt + ph + 18.0,
             t_max * f64::from(i) / 4.0
         );

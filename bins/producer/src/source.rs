@@ -422,7 +422,9 @@ impl Source {
                     }
                     Ok(None) => {
                         self.recovered(&mut failed);
-                        // Idle: the post-batch resume token moved past everything scanned.
+                        // Idle: the post-batch resume token moved past everything scanned, so
+                        // the stream is caught up; a lag kept from the last event would lie.
+                        ::metrics::gauge!(names::CHANGE_STREAM_LAG).set(0.0);
                         if let Some(token) = stream.resume_token() {
                             let token = token_doc(&token);
                             if last_token.as_ref() != Some(&token) {

@@ -298,7 +298,7 @@ async fn run(args: Args, mongo_kind: &str) -> anyhow::Result<()> {
     let events = stack.db().collection::<Document>("events");
     let mut g = Generator::new(w, "");
     let started = Instant::now();
-    let mut samples = Vec::new();
+    let mut samples = vec![Sample::default()];
     let mut written = 0;
     let mut last_sample = Instant::now();
     let mut write_secs = None;

@@ -81,3 +81,21 @@ fn projector_keys_are_documented() {
         serde_json::to_value(ProjectorConfig::default()).unwrap(),
     );
 }
+
+#[test]
+fn metrics_reference_lists_exactly_the_exported_names() {
+    let text = std::fs::read_to_string(workspace_root().join("docs/metrics.md")).unwrap();
+    let documented: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .map(|rest| rest.split('`').next().unwrap().to_string())
+        .collect();
+    let code: BTreeSet<String> = ordo_core::metrics::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(
+        documented, code,
+        "docs/metrics.md is out of date with crates/core/src/metrics.rs"
+    );
+}

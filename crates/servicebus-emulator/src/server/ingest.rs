@@ -28,8 +28,13 @@ pub(crate) async fn accept(
     // The advertised max-message-size is how Service Bus announces its limit; clients size
     // batches from it, and fe2o3 detaches an oversized transfer with
     // amqp:link:message-size-exceeded (the receiver keeps the default auto credit of 200).
+    // Service Bus settles a client's transfer with its outcome at once (receiver settle mode
+    // first) whatever the sender asks for; Microsoft's Python SDK asks for `second` and then
+    // waits for a settled outcome that mode would never send.
     let acceptor = LinkAcceptor::builder()
         .max_message_size(ingress.max_message_size)
+        .supported_receiver_settle_modes(fe2o3_amqp::acceptor::SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(fe2o3_amqp::types::definitions::ReceiverSettleMode::First)
         .build();
     match acceptor.accept_incoming_attach(attach, session).await {
         Ok(LinkEndpoint::Receiver(receiver)) => {

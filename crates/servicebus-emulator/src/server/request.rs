@@ -274,15 +274,27 @@ impl Reply {
     }
 
     fn into_message(self, request: &AmqpMessage) -> AmqpMessage {
+        // Service Bus answers `$management` with `statusCode`/`statusDescription` and `$cbs` with
+        // `status-code`/`status-description`; clients differ in which one they read (Microsoft's
+        // Python SDK reads `status-code` on CBS, fe2o3 reads either), so send both spellings.
         let mut app = OrderedMap::new();
         app.insert("statusCode".to_owned(), SimpleValue::Int(self.status));
+        app.insert("status-code".to_owned(), SimpleValue::Int(self.status));
         app.insert(
             "statusDescription".to_owned(),
+            SimpleValue::String(self.description.clone()),
+        );
+        app.insert(
+            "status-description".to_owned(),
             SimpleValue::String(self.description),
         );
         if let Some(condition) = self.condition {
             app.insert(
                 "errorCondition".to_owned(),
+                SimpleValue::Symbol(Symbol::from(condition)),
+            );
+            app.insert(
+                "error-condition".to_owned(),
                 SimpleValue::Symbol(Symbol::from(condition)),
             );
         }

@@ -29,6 +29,14 @@ pub(crate) const SESSION_FILTER: &str = "com.microsoft:session-filter";
 /// Descriptor code of the `com.microsoft:session-filter` described type (0x00000137:0000000C).
 pub(crate) const SESSION_FILTER_CODE: u64 = 0x0000_0137_0000_000C;
 pub(crate) const LOCKED_UNTIL_UTC: &str = "com.microsoft:locked-until-utc";
+
+/// .NET ticks (100 ns since 0001-01-01) at the Unix epoch.
+const DOTNET_TICKS_AT_UNIX_EPOCH: i64 = 621_355_968_000_000_000;
+
+/// Unix milliseconds as .NET ticks, the unit of `com.microsoft:locked-until-utc`.
+pub(crate) fn dotnet_ticks(unix_ms: i64) -> i64 {
+    DOTNET_TICKS_AT_UNIX_EPOCH + unix_ms * 10_000
+}
 pub(crate) const LINK_TIMEOUT: &str = "com.microsoft:timeout";
 
 pub(crate) const ERR_TIMEOUT: &str = "com.microsoft:timeout";
@@ -169,4 +177,17 @@ pub(crate) fn encode(message: &AmqpMessage) -> Vec<u8> {
 /// A lock token from its wire form (AMQP uuid).
 pub(crate) fn token_from_uuid(uuid: &Uuid) -> u128 {
     u128::from_be_bytes(*uuid.as_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ticks_match_the_dotnet_epoch() {
+        // 2024-01-01T00:00:00Z is 638396640000000000 ticks in .NET.
+        assert_eq!(
+            super::dotnet_ticks(1_704_067_200_000),
+            638_396_640_000_000_000
+        );
+        assert_eq!(super::dotnet_ticks(0), 621_355_968_000_000_000);
+    }
 }

@@ -46,6 +46,9 @@ async fn batch_accept_next_receive_complete_renew_state_body() {
     .await
     .unwrap();
     assert_eq!(receiver.session_id(), "agg-1");
+    // The attach carries the expiry as .NET ticks, which azservicebus does not read; it learns
+    // it from renew-session-lock.
+    within(10, receiver.renew_session_lock()).await.unwrap();
     assert!(receiver.session_locked_until() > time_now());
 
     let mut got = within(10, receiver.receive_messages(3)).await.unwrap();

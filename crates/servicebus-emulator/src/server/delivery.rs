@@ -23,7 +23,7 @@ use fe2o3_amqp_types::{
     definitions::{Fields, SenderSettleMode},
     messaging::Outcome,
     performatives::Attach,
-    primitives::{Symbol, Timestamp, Value},
+    primitives::{Symbol, Value},
 };
 use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use serde_amqp::{described::Described, descriptor::Descriptor};
@@ -269,9 +269,12 @@ async fn start(
     let mut builder = LinkAcceptor::builder();
     if let Some((_, until)) = &grant {
         let mut properties = Fields::default();
+        // Service Bus sends the session lock expiry as .NET ticks (a long), which is what
+        // Microsoft's SDKs read; azservicebus only reads a timestamp here and otherwise learns
+        // the expiry from renew-session-lock.
         properties.insert(
             Symbol::from(wire::LOCKED_UNTIL_UTC),
-            Value::Timestamp(Timestamp::from_milliseconds(*until)),
+            Value::Long(wire::dotnet_ticks(*until)),
         );
         builder = builder.properties(properties);
     }

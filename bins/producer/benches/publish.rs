@@ -19,9 +19,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +40,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 fn main() {
     // Before any thread starts: the test kit reads the variable this sets.
-    let server = start_rust_secantus();
+    let server = ordo_testkit::bench::RustSecantus::start_if_available(None);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,74 +56,8 @@ fn main() {
     drop(server);
 }
 
-/// A SecantusDB server this bench started; killed on drop.
-struct Server(Child, PathBuf);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-fn start_rust_secantus() -> Option<Server> {
-    if std::env::var_os("ORDO_TEST_MONGODB_URI").is_some() {
-        return None;
-    }
-    let bin = ordo_testkit::paths::workspace_root().join(".ordo/tools/bin/secantusd-rs");
-    if !bin.exists() {
-        return None;
-    }
-    let port = ordo_testkit::free_local_port();
-    let dir = std::env::temp_dir().join(format!(
-        "ordo-producer-bench-secantus-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).ok()?;
-    let child = Command::new(&bin)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .arg("--storage-path")
-        .arg(&dir)
-        .arg("--enable-test-commands")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let server = Server(child, dir);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() >= deadline {
-            eprintln!("secantusd-rs did not listen on {port}; falling back");
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::env::set_var(
-        "ORDO_TEST_MONGODB_URI",
-        format!("mongodb://127.0.0.1:{port}/?directConnection=true"),
-    );
-    Some(server)
-}
-
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (get(11) + get(12)) as f64 / clock_ticks_per_second()
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    ordo_testkit::bench::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 /// `n` events over `aggregates` aggregates named `{prefix}NNNN`, eventIds contiguous per

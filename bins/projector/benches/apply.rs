@@ -12,9 +12,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -30,7 +27,7 @@ const ONE_AT_A_TIME: &str = "max_concurrent_sessions = 1\nbatch_size = 1\nsessio
 
 fn main() {
     // Before any thread starts: the test kit reads the variable this sets.
-    let server = start_rust_secantus();
+    let server = ordo_testkit::bench::RustSecantus::start_if_available(None);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -38,60 +35,6 @@ fn main() {
         .expect("tokio runtime");
     runtime.block_on(bench(server.is_some()));
     drop(server);
-}
-
-/// A SecantusDB server this bench started; killed on drop.
-struct Server(Child, PathBuf);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-fn start_rust_secantus() -> Option<Server> {
-    if std::env::var_os("ORDO_TEST_MONGODB_URI").is_some() {
-        return None;
-    }
-    let bin = ordo_testkit::paths::workspace_root().join(".ordo/tools/bin/secantusd-rs");
-    if !bin.exists() {
-        return None;
-    }
-    let port = ordo_testkit::free_local_port();
-    let dir = std::env::temp_dir().join(format!("ordo-bench-secantus-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).ok()?;
-    let child = Command::new(&bin)
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--storage-path",
-        ])
-        .arg(&dir)
-        .arg("--enable-test-commands")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let server = Server(child, dir);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() >= deadline {
-            eprintln!("secantusd-rs did not listen on {port}; falling back");
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // The test kit reads it when it opens each fixture's database.
-    std::env::set_var(
-        "ORDO_TEST_MONGODB_URI",
-        format!("mongodb://127.0.0.1:{port}/?directConnection=true"),
-    );
-    Some(server)
 }
 
 struct Measured {
@@ -104,23 +47,8 @@ struct Measured {
     cpu_s_per_1000: f64,
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+fn cpu_seconds(pid: u32) -> f64 {
+    ordo_testkit::bench::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -171,7 +99,7 @@ async fn measure(mode: &'static str, prefix: &str, extra: &str, n: usize) -> Mea
     let (t0, applied0, cpu0) = loop {
         let applied = metric(&proj, m::EVENTS_APPLIED).await;
         if applied > 0.0 {
-            break (Instant::now(), applied, cpu_ticks(proj.pid()));
+            break (Instant::now(), applied, cpu_seconds(proj.pid()));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
@@ -181,7 +109,7 @@ async fn measure(mode: &'static str, prefix: &str, extra: &str, n: usize) -> Mea
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let cpu_s = (cpu_ticks(proj.pid()) - cpu0) as f64 / clock_ticks_per_second();
+    let cpu_s = cpu_seconds(proj.pid()) - cpu0;
     let counted = total - applied0;
     proj.sigterm().unwrap();
     proj.wait_exit(Duration::from_secs(20)).await.unwrap();

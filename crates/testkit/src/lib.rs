@@ -14,6 +14,7 @@
 //!
 //! Tests synchronise with [`wait_until`] / [`wait_for`], never with fixed sleeps.
 
+pub mod bench;
 pub mod daemon;
 mod lock;
 pub mod mongo;

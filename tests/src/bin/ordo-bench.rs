@@ -7,11 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, Document};
@@ -53,75 +52,19 @@ struct Args {
 
 const CEILING_TOPIC: &str = "ordo-bench-ceiling";
 
-/// A SecantusDB (Rust) server started by the benchmark; killed on drop.
-struct RustServer(Child);
-
-impl Drop for RustServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_rust_server(bin: &PathBuf) -> anyhow::Result<(RustServer, String)> {
-    let port = ordo_testkit::free_local_port();
-    let data = std::env::temp_dir().join(format!("ordo-bench-secantus-{port}"));
-    std::fs::create_dir_all(&data)?;
-    let child = Command::new(bin)
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--enable-test-commands",
-        ])
-        .arg("--storage-path")
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("start {}", bin.display()))?;
-    Ok((
-        RustServer(child),
-        format!("mongodb://127.0.0.1:{port}/?directConnection=true"),
+/// CPU seconds and peak RSS of a running process.
+fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    Some((
+        ordo_testkit::bench::cpu_seconds(pid)?,
+        ordo_testkit::bench::peak_rss_bytes(pid)?,
     ))
 }
 
-/// CPU seconds and peak RSS of a running process, from /proc.
-fn process_usage(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = rustix::param::clock_ticks_per_second() as f64;
-    let cpu = (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm_kib = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()?;
-    Some((cpu, hwm_kib * 1024))
-}
-
 fn main() -> anyhow::Result<()> {
-    let mut args = Args::parse();
-    if args.secantus_bin.is_none() {
-        let default = ordo_testkit::paths::workspace_root().join(".ordo/tools/bin/secantusd-rs");
-        if default.exists() {
-            args.secantus_bin = Some(default);
-        }
-    }
-    let _server = match &args.secantus_bin {
-        Some(bin) if std::env::var_os("ORDO_TEST_MONGODB_URI").is_none() => {
-            let (server, uri) = start_rust_server(bin)?;
-            std::env::set_var("ORDO_TEST_MONGODB_URI", uri);
-            Some(server)
-        }
-        _ => None,
-    };
-    let mongo_kind = if _server.is_some() {
+    let args = Args::parse();
+    // Before the runtime starts: this sets the variable the test kit reads.
+    let server = ordo_testkit::bench::RustSecantus::start_if_available(args.secantus_bin.clone());
+    let mongo_kind = if server.is_some() {
         "secantusd-rs"
     } else if std::env::var_os("ORDO_TEST_MONGODB_URI").is_some() {
         "external"
@@ -129,7 +72,9 @@ fn main() -> anyhow::Result<()> {
         "secantusd-py (slower stand-in: run scripts/bench.sh to provision secantusd-rs)"
     };
     let rt = ordo_core::cli::runtime()?;
-    rt.block_on(run(args, mongo_kind))
+    let result = rt.block_on(run(args, mongo_kind));
+    drop(server);
+    result
 }
 
 fn workload(args: &Args, seed: u64) -> Workload {

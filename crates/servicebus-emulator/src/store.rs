@@ -519,27 +519,7 @@ impl Entity {
             let mut guard = self.lock();
             let state = &mut *guard;
             for token in tokens {
-                let (m, d) = match part {
-                    Part::Main => settle_in(
-                        &mut state.main,
-                        Some(&mut state.dlq),
-                        token,
-                        Settle::Lost,
-                        &self.settings,
-                        now,
-                    ),
-                    Part::DeadLetter => {
-                        let (g, _) = settle_in(
-                            &mut state.dlq,
-                            None,
-                            token,
-                            Settle::Lost,
-                            &self.settings,
-                            now,
-                        );
-                        (false, g)
-                    }
-                };
+                let (m, d) = lose_lock(state, part, token, &self.settings, now);
                 main_grew |= m;
                 dlq_grew |= d;
             }
@@ -751,27 +731,7 @@ impl Entity {
                     .map(|(t, _)| *t)
                     .collect();
                 for token in expired {
-                    let (m, d) = match part {
-                        Part::Main => settle_in(
-                            &mut state.main,
-                            Some(&mut state.dlq),
-                            token,
-                            Settle::Lost,
-                            &self.settings,
-                            now,
-                        ),
-                        Part::DeadLetter => {
-                            let (g, _) = settle_in(
-                                &mut state.dlq,
-                                None,
-                                token,
-                                Settle::Lost,
-                                &self.settings,
-                                now,
-                            );
-                            (false, g)
-                        }
-                    };
+                    let (m, d) = lose_lock(state, part, token, &self.settings, now);
                     main_grew |= m || part == Part::Main;
                     dlq_grew |= d || part == Part::DeadLetter;
                 }
@@ -908,6 +868,31 @@ fn new_token() -> u128 {
 }
 
 /// Settles one locked message; returns (main store gained available messages, DLQ grew).
+/// Returns a locked message of `part` whose lock is gone (released or expired); the pair says
+/// whether the main queue and the dead-letter queue grew.
+fn lose_lock(
+    state: &mut EntityState,
+    part: Part,
+    token: u128,
+    settings: &EntitySettings,
+    now: i64,
+) -> (bool, bool) {
+    match part {
+        Part::Main => settle_in(
+            &mut state.main,
+            Some(&mut state.dlq),
+            token,
+            Settle::Lost,
+            settings,
+            now,
+        ),
+        Part::DeadLetter => {
+            let (grew, _) = settle_in(&mut state.dlq, None, token, Settle::Lost, settings, now);
+            (false, grew)
+        }
+    }
+}
+
 fn settle_in(
     store: &mut Store,
     dlq: Option<&mut Store>,

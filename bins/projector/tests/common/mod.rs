@@ -267,22 +267,11 @@ retry_max = "200ms"
 
     /// Read models of a projection's collection, by id, without `lastUpdatedAt`.
     pub async fn read_models(&self, collection: &str) -> BTreeMap<String, Document> {
-        let docs: Vec<Document> = self
-            .mongo
-            .database()
-            .collection::<Document>(collection)
-            .find(doc! {})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        docs.into_iter()
-            .map(|mut d| {
-                d.remove("lastUpdatedAt");
-                (d.get_str("_id").unwrap().to_string(), d)
-            })
-            .collect()
+        let mut models = raw_models(self, collection).await;
+        for d in models.values_mut() {
+            d.remove("lastUpdatedAt");
+        }
+        models
     }
 
     /// What every read model must be: the fold of the events collection.

@@ -409,6 +409,14 @@ where
         self
     }
 
+    // ordo patch (vendor/README.md): the state an accepted sender settles with.
+    /// How an accepted sender link settles a delivery its receiver (in rcv-settle-mode second)
+    /// disposed of without settling; see [`DispositionResponder`](crate::link::DispositionResponder)
+    pub fn disposition_responder(mut self, responder: crate::link::DispositionResponder) -> Self {
+        self.inner.shared.disposition_responder = Some(responder);
+        self
+    }
+
     /// This MUST NOT be null if role is sender,
     /// and it is ignored if the role is receiver.
     /// See subsection 2.6.7.

@@ -72,6 +72,10 @@ pub(crate) struct SharedLinkAcceptorFields {
     /// If this field is None, an incoming attach whose desired receiver settle
     /// mode is not supported will then be rejected
     pub fallback_rcv_settle_mode: ReceiverSettleMode,
+
+    // ordo patch (vendor/README.md)
+    /// How an accepted sender settles deliveries its receiver disposed of without settling
+    pub disposition_responder: Option<crate::link::DispositionResponder>,
 }
 
 impl Default for SharedLinkAcceptorFields {
@@ -86,6 +90,7 @@ impl Default for SharedLinkAcceptorFields {
             fallback_snd_settle_mode: SenderSettleMode::default(),
             supported_rcv_settle_modes: SupportedReceiverSettleModes::default(),
             fallback_rcv_settle_mode: ReceiverSettleMode::default(),
+            disposition_responder: None, // ordo patch (vendor/README.md)
         }
     }
 }

@@ -118,6 +118,7 @@ where
             flow_state: flow_state_producer,
             unsettled: unsettled.clone(),
             receiver_settle_mode: remote_attach.rcv_settle_mode.clone(),
+            disposition_responder: shared.disposition_responder.clone(), // ordo patch (vendor/README.md)
         };
 
         // Allocate link in session

@@ -157,6 +157,8 @@ pub(crate) trait SenderLink: Link + LinkExt {
         // The delivery state should be attached on every transfer if specified
         state: Option<DeliveryState>,
         batchable: bool,
+        // ordo patch (vendor/README.md): a caller-chosen delivery tag; `None` uses the generated one
+        delivery_tag: Option<DeliveryTag>,
     ) -> Result<Settlement, Self::TransferError>
     where
         Fut: Future<Output = Option<LinkFrame>> + Send;

@@ -515,6 +515,24 @@ where
     }
 }
 
+// ordo patch (vendor/README.md): the state a sender settles with.
+/// Chooses the state a sender settles a delivery with after the receiver (in rcv-settle-mode
+/// second) reported a terminal state without settling: called with the delivery tag and the
+/// receiver's state, it returns the state to settle with, or `None` to echo the receiver's.
+///
+/// It runs on the session's event loop, so it must not block.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct DispositionResponder(
+    pub Arc<dyn Fn(&DeliveryTag, Option<&DeliveryState>) -> Option<DeliveryState> + Send + Sync>,
+);
+
+impl std::fmt::Debug for DispositionResponder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DispositionResponder")
+    }
+}
+
 #[derive(Debug)]
 pub(crate) enum LinkRelay<O> {
     Sender {
@@ -525,6 +543,7 @@ pub(crate) enum LinkRelay<O> {
         flow_state: SenderRelayFlowState,
         unsettled: ArcSenderUnsettledMap,
         receiver_settle_mode: ReceiverSettleMode,
+        disposition_responder: Option<DispositionResponder>, // ordo patch (vendor/README.md)
     },
     Receiver {
         tx: mpsc::Sender<LinkIncomingItem>,
@@ -548,6 +567,7 @@ impl LinkRelay<()> {
             flow_state,
             unsettled,
             receiver_settle_mode: Default::default(),
+            disposition_responder: None, // ordo patch (vendor/README.md)
         }
     }
 
@@ -574,6 +594,7 @@ impl LinkRelay<()> {
                 flow_state,
                 unsettled,
                 receiver_settle_mode,
+                disposition_responder, // ordo patch (vendor/README.md)
                 ..
             } => LinkRelay::Sender {
                 tx,
@@ -581,6 +602,7 @@ impl LinkRelay<()> {
                 flow_state,
                 unsettled,
                 receiver_settle_mode,
+                disposition_responder, // ordo patch (vendor/README.md)
             },
             LinkRelay::Receiver {
                 tx,
@@ -653,6 +675,8 @@ impl LinkRelay<OutputHandle> {
     }
 
     /// Returns whether an echo is needed
+    ///
+    /// ordo patch (vendor/README.md): `Some(state)` when an echo is needed, with the state to settle with.
     #[cfg_attr(feature = "tracing", tracing::instrument(skip_all))]
     pub(crate) fn on_incoming_disposition(
         &mut self,
@@ -662,11 +686,12 @@ impl LinkRelay<OutputHandle> {
         // Disposition only contains the delivery ids, which are assigned by the
         // sessions
         delivery_tag: DeliveryTag,
-    ) -> bool {
+    ) -> Option<Option<DeliveryState>> {
         match self {
             LinkRelay::Sender {
                 unsettled,
                 receiver_settle_mode,
+                disposition_responder, // ordo patch (vendor/README.md)
                 ..
             } => {
                 let echo = if settled {
@@ -683,8 +708,16 @@ impl LinkRelay<OutputHandle> {
                             .and_then(|m| m.swap_remove(&delivery_tag))
                             .map(|msg| msg.settle_with_state(state));
                     }
-                    false
+                    None
                 } else {
+                    // ordo patch (vendor/README.md): decided before the state moves on
+                    let echo_state = match receiver_settle_mode {
+                        ReceiverSettleMode::First => None,
+                        ReceiverSettleMode::Second => disposition_responder
+                            .as_ref()
+                            .and_then(|r| (r.0)(&delivery_tag, state.as_ref()))
+                            .or_else(|| state.clone()),
+                    };
                     let is_terminal = match &state {
                         Some(s) => s.is_terminal(),
                         None => false, // Probably should not assume the state is not specified
@@ -711,7 +744,7 @@ impl LinkRelay<OutputHandle> {
                     match receiver_settle_mode {
                         ReceiverSettleMode::First => {
                             // The receiver will spontaneously settle all incoming transfers.
-                            false
+                            None
                         }
                         ReceiverSettleMode::Second => {
                             // The receiver will only settle after sending the disposition to
@@ -719,7 +752,7 @@ impl LinkRelay<OutputHandle> {
                             // delivery from the sender.
 
                             // is_terminal
-                            true
+                            Some(echo_state) // ordo patch (vendor/README.md)
                         }
                     }
                 };
@@ -740,7 +773,7 @@ impl LinkRelay<OutputHandle> {
 
                 // Only the sender needs to auto-reply to receiver's disposition, thus
                 // `echo = false`
-                false
+                None
             }
         }
     }

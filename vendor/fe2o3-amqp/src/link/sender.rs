@@ -467,6 +467,31 @@ impl Sender {
             })
     }
 
+    // ordo patch (vendor/README.md): send an encoded message under a chosen delivery tag.
+    /// Like [`send_batchable()`](#method.send_batchable), for a message the caller has already
+    /// encoded (the bytes of its sections, exactly as they go into the transfer payload), under
+    /// the given delivery tag, or a generated one when `None`.
+    ///
+    /// A chosen tag must be unique among the link's unsettled deliveries.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, like [`send_batchable()`](#method.send_batchable).
+    pub async fn send_batchable_encoded(
+        &mut self,
+        payload: Bytes,
+        message_format: MessageFormat,
+        settled: Option<bool>,
+        delivery_tag: Option<DeliveryTag>,
+    ) -> Result<DeliveryFut<Result<Outcome, SendError>>, SendError> {
+        self.inner
+            .send_payload::<SendError>(payload, message_format, settled, None, true, delivery_tag)
+            .await
+            .map(|settlement| {
+                DeliveryFut::new(settlement, self.inner.link.session_stop_reason.clone())
+            })
+    }
+
     /// Returns when the remote peer detach/close the link
     ///
     /// The peer's detach has already been answered when this returns, so the
@@ -641,6 +666,7 @@ where
             // TODO: what else to do during re-attaching
             unsettled: self.link.unsettled().clone(),
             receiver_settle_mode: self.link.rcv_settle_mode().clone(),
+            disposition_responder: None, // ordo patch (vendor/README.md): not kept across re-attach
         }
     }
 
@@ -742,7 +768,7 @@ where
         Serializable(message).serialize(&mut serializer)?;
         let payload = payload.freeze();
 
-        self.send_payload(payload, message_format, settled, state, batchable)
+        self.send_payload(payload, message_format, settled, state, batchable, None)
             .await
     }
 
@@ -772,7 +798,7 @@ where
         Serializable(message).serialize(&mut serializer)?;
         let payload = payload.freeze();
 
-        self.send_payload(payload, *message_format, *settled, state, batchable)
+        self.send_payload(payload, *message_format, *settled, state, batchable, None)
             .await
     }
 
@@ -783,6 +809,7 @@ where
         settled: Option<bool>,
         state: Option<DeliveryState>,
         batchable: bool,
+        delivery_tag: Option<DeliveryTag>, // ordo patch (vendor/README.md)
     ) -> Result<Settlement, E>
     where
         E: From<L::TransferError> + From<serde_amqp::Error> + From<MessageSizeExceeded>,
@@ -810,6 +837,7 @@ where
                 settled,
                 state,
                 batchable,
+                delivery_tag, // ordo patch (vendor/README.md)
             )
             .await?;
         Ok(settlement)

@@ -312,13 +312,15 @@ where
         settled: Option<bool>,
         state: Option<DeliveryState>,
         batchable: bool,
+        delivery_tag: Option<DeliveryTag>, // ordo patch (vendor/README.md)
     ) -> Result<Settlement, Self::TransferError>
     where
         Fut: Future<Output = Option<LinkFrame>> + Send,
     {
         let tag = self.get_delivery_tag_or_detached(detached).await?;
         // Delivery count is incremented when consuming credit
-        let delivery_tag = DeliveryTag::from(tag);
+        // ordo patch (vendor/README.md): the caller's tag, when given, replaces the generated one
+        let delivery_tag = delivery_tag.unwrap_or_else(|| DeliveryTag::from(tag));
 
         let transfer = self.generate_non_resuming_transfer_performative(
             delivery_tag,

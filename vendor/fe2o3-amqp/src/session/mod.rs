@@ -891,29 +891,35 @@ impl endpoint::Session for Session {
                             delivery_tag.clone(),
                         );
 
-                        if echo {
-                            delivery_ids.push(delivery_id);
+                        if let Some(state) = echo {
+                            delivery_ids.push((delivery_id, state));
                         }
                     }
                 }
             }
 
-            let chunk_inds = consecutive_chunk_indices(&delivery_ids[..]);
-
-            let mut dispositions = Vec::with_capacity(chunk_inds.len());
-            let mut prev_ind = 0;
-            for ind in chunk_inds {
-                let slice = &delivery_ids[prev_ind..ind];
-                let disposition = Disposition {
-                    role: Role::Sender,
-                    first: slice[0],
-                    last: slice.last().copied(),
-                    settled: true,
-                    state: disposition.state.clone(),
-                    batchable: false,
-                };
-                dispositions.push(disposition);
-                prev_ind = ind;
+            // ordo patch (vendor/README.md): one echo per run of consecutive deliveries settled with the same
+            // state. Upstream chunked by id only, echoed the receiver's state, and dropped the
+            // last chunk (the only one for a single delivery), so a receiver in
+            // rcv-settle-mode second never saw its settlement.
+            let mut dispositions: Vec<Disposition> = Vec::new();
+            for (delivery_id, state) in delivery_ids {
+                match dispositions.last_mut() {
+                    Some(prev)
+                        if prev.state == state
+                            && is_consecutive(&prev.last.unwrap_or(prev.first), &delivery_id) =>
+                    {
+                        prev.last = Some(delivery_id);
+                    }
+                    _ => dispositions.push(Disposition {
+                        role: Role::Sender,
+                        first: delivery_id,
+                        last: Some(delivery_id),
+                        settled: true,
+                        state,
+                        batchable: false,
+                    }),
+                }
             }
             Ok(Some(dispositions))
         }
@@ -1250,20 +1256,6 @@ cfg_transaction! {
             Ok(Err(TransactionError::UnknownId))
         }
     }
-}
-
-fn consecutive_chunk_indices(delivery_ids: &[DeliveryNumber]) -> Vec<usize> {
-    delivery_ids
-        .windows(2)
-        .enumerate()
-        .filter_map(|(i, id)| {
-            if is_consecutive(&id[0], &id[1]) {
-                None
-            } else {
-                Some(i + 1)
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]

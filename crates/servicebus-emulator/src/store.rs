@@ -212,7 +212,7 @@ pub(crate) enum AcquireError {
 }
 
 /// Failure of a lock-related management operation.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LockError {
     SessionLockLost,
     MessageLockLost,
@@ -464,9 +464,41 @@ impl Entity {
 
     /// Applies a receiver's settlement (or the loss of its lock) to a delivered message.
     pub(crate) fn settle(&self, part: Part, token: u128, settle: Settle, now: i64) {
+        let _ = self.settle_checked(part, token, settle, now, false);
+    }
+
+    /// Applies a receiver's settlement only while it holds the message's lock (and, on a
+    /// session entity, the session lock), as Service Bus does; otherwise nothing changes and
+    /// the error says which lock is gone.
+    pub(crate) fn settle_if_locked(
+        &self,
+        part: Part,
+        token: u128,
+        settle: Settle,
+        now: i64,
+    ) -> Result<(), LockError> {
+        self.settle_checked(part, token, settle, now, true)
+    }
+
+    fn settle_checked(
+        &self,
+        part: Part,
+        token: u128,
+        settle: Settle,
+        now: i64,
+        check: bool,
+    ) -> Result<(), LockError> {
         let (main_grew, dlq_grew) = {
             let mut guard = self.lock();
             let state = &mut *guard;
+            if check {
+                let sessionful = self.settings.requires_session && part == Part::Main;
+                let store = match part {
+                    Part::Main => &state.main,
+                    Part::DeadLetter => &state.dlq,
+                };
+                lock_held(store, token, sessionful, now)?;
+            }
             match part {
                 Part::Main => settle_in(
                     &mut state.main,
@@ -489,6 +521,7 @@ impl Entity {
         if dlq_grew {
             self.dlq_notify.notify_waiters();
         }
+        Ok(())
     }
 
     /// Puts back a message a link took but did not send, without waking other links: the same
@@ -860,6 +893,25 @@ fn held_lock<'a>(
             Ok(lock)
         }
         _ => Err(LockError::SessionLockLost),
+    }
+}
+
+/// Whether `token` still locks its message: the message lock unexpired or, on a session entity,
+/// the session lock unexpired.
+fn lock_held(store: &Store, token: u128, sessionful: bool, now: i64) -> Result<(), LockError> {
+    let lost = if sessionful {
+        LockError::SessionLockLost
+    } else {
+        LockError::MessageLockLost
+    };
+    let (key, seq) = store.tokens.get(&token).ok_or(lost)?;
+    let queue = store.sessions.get(key).ok_or(lost)?;
+    if sessionful && queue.lock.as_ref().is_none_or(|l| l.until_ms <= now) {
+        return Err(LockError::SessionLockLost);
+    }
+    match queue.messages.get(seq).and_then(|s| s.lock.as_ref()) {
+        Some(lock) if lock.token == token && (sessionful || lock.until_ms > now) => Ok(()),
+        _ => Err(lost),
     }
 }
 

@@ -13,7 +13,9 @@ use fe2o3_amqp_types::{
     primitives::{Symbol, Timestamp, Uuid, Value},
 };
 
-use crate::store::{AmqpMessage, Delivery, Stored};
+use serde_amqp::{described::Described, descriptor::Descriptor};
+
+use crate::store::{AmqpMessage, Delivery, LockError, Stored};
 
 /// Message format of a Service Bus batch: one `Data` section per encoded message.
 pub(crate) const BATCH_FORMAT: u32 = 0x8001_3700;
@@ -46,6 +48,18 @@ pub(crate) const ERR_MESSAGE_LOCK_LOST: &str = "com.microsoft:message-lock-lost"
 pub(crate) const ERR_NOT_FOUND: &str = "amqp:not-found";
 pub(crate) const ERR_ARGUMENT: &str = "com.microsoft:argument-error";
 pub(crate) const ERR_NOT_IMPLEMENTED: &str = "amqp:not-implemented";
+
+pub(crate) const SESSION_LOCK_LOST_TEXT: &str =
+    "The session lock has expired or the session is not locked by this receiver.";
+pub(crate) const MESSAGE_LOCK_LOST_TEXT: &str = "The lock supplied is invalid. Either the lock expired, or the message has already been removed from the queue.";
+
+/// The error Service Bus reports for an operation under a lock that is gone.
+pub(crate) fn lock_lost(e: LockError) -> definitions::Error {
+    match e {
+        LockError::SessionLockLost => error(ERR_SESSION_LOCK_LOST, SESSION_LOCK_LOST_TEXT),
+        LockError::MessageLockLost => error(ERR_MESSAGE_LOCK_LOST, MESSAGE_LOCK_LOST_TEXT),
+    }
+}
 
 /// An AMQP error with a (possibly vendor-specific) condition symbol.
 pub(crate) fn error(condition: &str, description: impl Into<String>) -> definitions::Error {
@@ -157,9 +171,46 @@ pub(crate) fn delivered_message(delivery: &Delivery, peek_lock: bool) -> AmqpMes
         .get_or_insert_with(|| DeliveryAnnotations(Default::default()));
     annotations.0.insert(
         key(LOCK_TOKEN),
-        Value::Uuid(Uuid::from(delivery.token.to_be_bytes())),
+        Value::Uuid(lock_token_uuid(delivery.token)),
     );
     message
+}
+
+/// A lock token as the AMQP uuid of `x-opt-lock-token` (RFC 4122 byte order).
+pub(crate) fn lock_token_uuid(token: u128) -> Uuid {
+    Uuid::from(uuid::Uuid::from_u128(token).into_bytes())
+}
+
+/// The delivery tag of a delivery: its lock token's 16 bytes in .NET `Guid` order, as Service
+/// Bus sends them. Microsoft's SDKs take the lock token from the tag (`new Guid(tag)`,
+/// `uuid.UUID(bytes_le=tag)`); azservicebus prefers `x-opt-lock-token`. Both name one GUID.
+pub(crate) fn delivery_tag(token: u128) -> Vec<u8> {
+    uuid::Uuid::from_u128(token).to_bytes_le().to_vec()
+}
+
+/// Descriptor code of the AMQP `header` section.
+const HEADER_CODE: u64 = 0x70;
+
+/// Encodes a message for delivery (or peek) the way Service Bus does: a header with every field present,
+/// then the other sections. fe2o3-amqp leaves out header fields that hold their default value,
+/// which AMQP allows, but Microsoft's SDKs then report a first delivery's delivery count as
+/// `None` (Python) or `undefined` (JavaScript) instead of 0.
+pub(crate) fn encode_delivered(mut message: AmqpMessage) -> Vec<u8> {
+    let header = message.header.take().unwrap_or_default();
+    let fields = vec![
+        Value::Bool(header.durable),
+        Value::Ubyte(header.priority.0),
+        header.ttl.map(Value::Uint).unwrap_or(Value::Null),
+        Value::Bool(header.first_acquirer),
+        Value::Uint(header.delivery_count),
+    ];
+    let section = Described {
+        descriptor: Descriptor::Code(HEADER_CODE),
+        value: Value::List(fields),
+    };
+    let mut out = serde_amqp::to_vec(&section).unwrap_or_default();
+    out.extend(encode(&message));
+    out
 }
 
 /// Encoded form of a stored message for `$management` answers (peek).
@@ -167,11 +218,17 @@ pub(crate) fn encode_peeked(stored: &Stored) -> Vec<u8> {
     let mut message = (*stored.message).clone();
     header_with_count(&mut message, stored.delivery_count);
     annotate(&mut message, stored.seq, stored.enqueued_ms, None);
-    encode(&message)
+    encode_delivered(message)
 }
 
 pub(crate) fn encode(message: &AmqpMessage) -> Vec<u8> {
     serde_amqp::to_vec(&Serializable(message)).unwrap_or_default()
+}
+
+/// The lock token a delivery tag carries, when it is one of ours (16 bytes, .NET order).
+pub(crate) fn token_from_tag(tag: &[u8]) -> Option<u128> {
+    let bytes: [u8; 16] = tag.try_into().ok()?;
+    Some(uuid::Uuid::from_bytes_le(bytes).as_u128())
 }
 
 /// A lock token from its wire form (AMQP uuid).
@@ -181,6 +238,66 @@ pub(crate) fn token_from_uuid(uuid: &Uuid) -> u128 {
 
 #[cfg(test)]
 mod tests {
+    use fe2o3_amqp_types::{
+        messaging::{message::__private::Deserializable, Body, Header},
+        primitives::Value,
+    };
+    use serde_amqp::described::Described;
+
+    use crate::store::AmqpMessage;
+
+    #[test]
+    fn delivered_header_has_every_field_even_at_defaults() {
+        let message: AmqpMessage = fe2o3_amqp_types::messaging::Message::builder()
+            .header(Header {
+                first_acquirer: true,
+                ..Header::default()
+            })
+            .body(Body::Value(fe2o3_amqp_types::messaging::AmqpValue(
+                Value::String("x".into()),
+            )))
+            .build();
+        let bytes = super::encode_delivered(message.clone());
+        let header: Described<Value> = serde_amqp::from_slice(&bytes).unwrap();
+        assert_eq!(
+            header.value,
+            Value::List(vec![
+                Value::Bool(false),
+                Value::Ubyte(4),
+                Value::Null,
+                Value::Bool(true),
+                Value::Uint(0),
+            ])
+        );
+        let decoded: Deserializable<AmqpMessage> = serde_amqp::from_slice(&bytes).unwrap();
+        assert_eq!(decoded.0, message);
+    }
+
+    #[test]
+    fn delivery_tag_and_annotation_name_the_same_guid() {
+        let token = 0x0011_2233_4455_6677_8899_aabb_ccdd_eeff_u128;
+        let annotation = super::lock_token_uuid(token);
+        assert_eq!(super::token_from_uuid(&annotation), token);
+        assert_eq!(
+            uuid::Uuid::from_bytes(annotation.into_inner()).to_string(),
+            "00112233-4455-6677-8899-aabbccddeeff"
+        );
+        assert_eq!(
+            super::token_from_tag(&super::delivery_tag(token)),
+            Some(token)
+        );
+        assert_eq!(super::token_from_tag(&[0, 0, 0, 1]), None);
+        // .NET `new Guid(tag)` / Python `uuid.UUID(bytes_le=tag)`: the first three fields are
+        // little-endian, the last eight bytes as they are.
+        assert_eq!(
+            super::delivery_tag(token),
+            [
+                0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff
+            ]
+        );
+    }
+
     #[test]
     fn ticks_match_the_dotnet_epoch() {
         // 2024-01-01T00:00:00Z is 638396640000000000 ticks in .NET.

@@ -17,11 +17,11 @@ use std::{
 
 use fe2o3_amqp::{
     acceptor::{LinkAcceptor, LinkEndpoint, ListenerSessionHandle},
-    link::{delivery::Sendable, Sender},
+    link::{DispositionResponder, Sender},
 };
 use fe2o3_amqp_types::{
-    definitions::{Fields, SenderSettleMode},
-    messaging::Outcome,
+    definitions::{DeliveryTag, Fields, SenderSettleMode},
+    messaging::{DeliveryState, Outcome, Rejected, MESSAGE_FORMAT},
     performatives::Attach,
     primitives::{Symbol, Value},
 };
@@ -279,6 +279,7 @@ async fn start(
         builder = builder.properties(properties);
     }
     let session_id = grant.map(|(id, _)| id);
+    builder = builder.disposition_responder(settlement_responder(entity.clone(), part));
     match builder
         .build()
         .accept_incoming_attach(attach, session)
@@ -318,6 +319,32 @@ type Outstanding = Arc<Mutex<HashSet<u128>>>;
 
 /// Upper bound for applying the last outcomes of a closing link.
 const SETTLE_DRAIN: Duration = Duration::from_secs(5);
+
+/// Settles a delivery the moment its receiver disposes of it without settling (what Microsoft's
+/// SDKs do: rcv-settle-mode second) and tells fe2o3-amqp what to settle the delivery with, as
+/// Service Bus answers: `rejected` without an error for a dead-letter, `rejected` with
+/// `com.microsoft:message-lock-lost` (or `session-lock-lost`) when the lock is gone, otherwise
+/// the receiver's own outcome. The link's outcome future then finds the message settled.
+fn settlement_responder(entity: Arc<Entity>, part: Part) -> DispositionResponder {
+    DispositionResponder(Arc::new(move |tag, state| {
+        let token = wire::token_from_tag(tag)?;
+        let outcome = match state? {
+            DeliveryState::Accepted(a) => Outcome::Accepted(a.clone()),
+            DeliveryState::Rejected(r) => Outcome::Rejected(r.clone()),
+            DeliveryState::Released(r) => Outcome::Released(r.clone()),
+            DeliveryState::Modified(m) => Outcome::Modified(m.clone()),
+            _ => return None,
+        };
+        let dead_letter = matches!(outcome, Outcome::Rejected(_));
+        match entity.settle_if_locked(part, token, settle_of(outcome), now_ms()) {
+            Ok(()) if dead_letter => Some(DeliveryState::Rejected(Rejected { error: None })),
+            Ok(()) => None,
+            Err(e) => Some(DeliveryState::Rejected(Rejected {
+                error: Some(wire::lock_lost(e)),
+            })),
+        }
+    }))
+}
 
 fn settle_of(outcome: Outcome) -> Settle {
     match outcome {
@@ -412,16 +439,18 @@ impl Run {
             ) {
                 Next::Deliver(delivery) => {
                     let token = delivery.token;
-                    let message = wire::delivered_message(&delivery, !self.delete);
-                    let sendable = Sendable::builder()
-                        .message(message)
-                        .settled(self.delete)
-                        .build();
+                    let payload =
+                        wire::encode_delivered(wire::delivered_message(&delivery, !self.delete));
                     // While this waits for credit, an earlier message of the session may come
                     // back (abandon, lock loss): then the held one goes back and we pick again,
-                    // so order is never broken. `send_batchable` is cancel-safe.
+                    // so order is never broken. `send_batchable_encoded` is cancel-safe.
                     let sent = tokio::select! {
-                        r = sender.send_batchable(sendable) => r,
+                        r = sender.send_batchable_encoded(
+                            payload.into(),
+                            MESSAGE_FORMAT,
+                            Some(self.delete),
+                            Some(DeliveryTag::from(wire::delivery_tag(token))),
+                        ) => r,
                         _ = &mut notified => {
                             self.entity.put_back(self.part, token);
                             continue;
@@ -495,7 +524,8 @@ async fn settle_loop(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&token);
-            entity.settle(part, token, settle_of(outcome), now_ms());
+            // Without effect when the responder already settled it (or its lock is gone).
+            let _ = entity.settle_if_locked(part, token, settle_of(outcome), now_ms());
         }
     };
     loop {

@@ -386,12 +386,12 @@ fn lock_error(e: LockError) -> Reply {
         LockError::SessionLockLost => Reply::error(
             410,
             wire::ERR_SESSION_LOCK_LOST,
-            "The session lock has expired or the session is not locked by this receiver.",
+            wire::SESSION_LOCK_LOST_TEXT,
         ),
         LockError::MessageLockLost => Reply::error(
             410,
             wire::ERR_MESSAGE_LOCK_LOST,
-            "The lock supplied is invalid. Either the lock expired, or the message has already been removed from the queue.",
+            wire::MESSAGE_LOCK_LOST_TEXT,
         ),
     }
 }

@@ -247,6 +247,15 @@ impl Decoder for FrameDecoder {
 
         let body = if src.is_empty() {
             FrameBody::Empty
+        } else if is_other_than_transfer(src) {
+            // ordo patch (vendor/README.md): a frame other than a transfer is its performative
+            // alone; one that does not decode is retried with string map keys read as symbols.
+            let body = src.split();
+            let performative: Performative = match serde_amqp::from_slice(&body) {
+                Ok(performative) => performative,
+                Err(error) => decode_with_symbol_keys(&body).ok_or(error)?,
+            };
+            frame_body(performative)
         } else {
             let reader = IoReader::new(src.reader());
             let mut deserializer = Deserializer::new(reader);
@@ -273,6 +282,64 @@ impl Decoder for FrameDecoder {
 
         Ok(Some(Frame { channel, body }))
     }
+}
+
+// ordo patch (vendor/README.md): lenient decoding of performatives.
+//
+// Every map in a performative other than a transfer has symbol keys (`fields`, filter sets),
+// but some clients send string keys, e.g. rhea (under Microsoft's JavaScript Service Bus SDK)
+// for the `info` of a rejected outcome's error, and Service Bus accepts them.
+
+/// Whether the frame body starts with the (small ulong) descriptor of a performative other
+/// than a transfer.
+fn is_other_than_transfer(body: &[u8]) -> bool {
+    matches!(body.get(..3), Some([0x00, 0x53, code]) if (0x10..=0x18).contains(code) && *code != 0x14)
+}
+
+fn frame_body(performative: Performative) -> FrameBody {
+    match performative {
+        Performative::Open(performative) => FrameBody::Open(performative),
+        Performative::Begin(performative) => FrameBody::Begin(performative),
+        Performative::Attach(performative) => FrameBody::Attach(performative),
+        Performative::Flow(performative) => FrameBody::Flow(performative),
+        Performative::Disposition(performative) => FrameBody::Disposition(performative),
+        Performative::Detach(performative) => FrameBody::Detach(performative),
+        Performative::End(performative) => FrameBody::End(performative),
+        Performative::Close(performative) => FrameBody::Close(performative),
+        // Not reached: `is_other_than_transfer` sends transfers the other way.
+        Performative::Transfer(_) => FrameBody::Empty,
+    }
+}
+
+/// Decodes a performative after turning the string keys of its maps into symbols.
+fn decode_with_symbol_keys(body: &[u8]) -> Option<Performative> {
+    use serde_amqp::{primitives::Symbol, Value};
+
+    fn symbol_keys(value: Value) -> Value {
+        match value {
+            Value::Map(map) => Value::Map(
+                map.into_iter()
+                    .map(|(k, v)| {
+                        let k = match k {
+                            Value::String(s) => Value::Symbol(Symbol::from(s)),
+                            k => symbol_keys(k),
+                        };
+                        (k, symbol_keys(v))
+                    })
+                    .collect(),
+            ),
+            Value::List(list) => Value::List(list.into_iter().map(symbol_keys).collect()),
+            Value::Described(mut described) => {
+                described.value = symbol_keys(described.value);
+                Value::Described(described)
+            }
+            value => value,
+        }
+    }
+
+    let value: Value = serde_amqp::from_slice(body).ok()?;
+    let bytes = serde_amqp::to_vec(&symbol_keys(value)).ok()?;
+    serde_amqp::from_slice(&bytes).ok()
 }
 
 /// AMQP frame body

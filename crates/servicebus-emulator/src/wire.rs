@@ -28,8 +28,6 @@ pub(crate) const PARTITION_KEY: &str = "x-opt-partition-key";
 pub(crate) const LOCK_TOKEN: &str = "x-opt-lock-token";
 
 pub(crate) const SESSION_FILTER: &str = "com.microsoft:session-filter";
-/// Descriptor code of the `com.microsoft:session-filter` described type (0x00000137:0000000C).
-pub(crate) const SESSION_FILTER_CODE: u64 = 0x0000_0137_0000_000C;
 pub(crate) const LOCKED_UNTIL_UTC: &str = "com.microsoft:locked-until-utc";
 
 /// .NET ticks (100 ns since 0001-01-01) at the Unix epoch.

@@ -26,7 +26,6 @@ use fe2o3_amqp_types::{
     primitives::{Symbol, Value},
 };
 use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
-use serde_amqp::{described::Described, descriptor::Descriptor};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
@@ -231,14 +230,15 @@ pub(crate) async fn complete_session_attach(
         refuse(attach, session, ctx, error).await;
         return;
     };
+    // The granted id goes back as a plain string, as Service Bus sends it, whatever form the
+    // request had: Microsoft's SDKs compare or cast the filter value to a string (the
+    // JavaScript SDK refuses a session whose echo is a described value), while azservicebus,
+    // which asks with a described value, reads either.
     if let Some(source) = attach.source.as_mut() {
         let filter = source.filter.get_or_insert_with(Default::default);
         filter.insert(
             Symbol::from(wire::SESSION_FILTER),
-            Value::Described(Box::new(Described {
-                descriptor: Descriptor::Code(wire::SESSION_FILTER_CODE),
-                value: Value::String(id.to_string()),
-            })),
+            Value::String(id.to_string()),
         );
     }
     info!(connection = ctx.id, entity = %entity.path, session = %id, link = %attach.name, "session granted");

@@ -6,6 +6,13 @@
 //! settlement, duplicate detection and `$management`. State lives in memory and survives
 //! [`EmulatorHandle::suspend`]/[`EmulatorHandle::resume`], which simulate a broker outage.
 //!
+//! azservicebus and Microsoft's Python (azure-servicebus) and JavaScript (@azure/service-bus)
+//! SDKs are tested against it (`tests/`, `tests/microsoft_sdks.rs`). What they rely on is
+//! what Service Bus puts on the wire, so the emulator does the same even where AMQP would allow
+//! otherwise: the lock token is the delivery tag (.NET `Guid` byte order) and the
+//! `x-opt-lock-token` annotation, headers carry every field, unsettled outcomes are answered
+//! with the outcome applied. Its AMQP library is a patched fe2o3-amqp (`vendor/README.md`).
+//!
 //! Module map:
 //! - [`config`]: the TOML namespace description ([`EmulatorConfig`]).
 //! - `namespace`: entities, address resolution, duplicate detection, fan-out.

@@ -87,6 +87,11 @@ pub(crate) struct Stored {
 }
 
 impl Stored {
+    /// When the message's lock expires, if it is locked.
+    pub(crate) fn locked_until_ms(&self) -> Option<i64> {
+        self.lock.as_ref().map(|l| l.until_ms)
+    }
+
     pub(crate) fn new(
         seq: i64,
         message: Arc<AmqpMessage>,
@@ -159,6 +164,8 @@ pub(crate) struct Store {
     sessions: HashMap<Arc<str>, SessionQueue>,
     tokens: HashMap<u128, (Arc<str>, i64)>,
     deferred: BTreeMap<i64, Stored>,
+    /// Lock tokens of deferred messages received by sequence number, to their sequence number.
+    deferred_tokens: HashMap<u128, i64>,
     len: usize,
     next_ttl_check_ms: i64,
 }
@@ -186,7 +193,7 @@ pub(crate) struct Delivery {
 }
 
 /// How a receiver settled a message.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Settle {
     Complete,
     Abandon(Option<MessageAnnotations>),
@@ -209,6 +216,16 @@ pub(crate) enum AcquireError {
     Locked,
     /// No session has available messages.
     NoneAvailable,
+}
+
+/// Why deferred messages could not be received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DeferredError {
+    /// No deferred message has this sequence number (in this session), or another receiver
+    /// holds its lock.
+    NotFound(i64),
+    /// The session is not locked by the requesting receiver.
+    SessionLockLost,
 }
 
 /// Failure of a lock-related management operation.
@@ -659,6 +676,17 @@ impl Entity {
         };
         let mut out = Vec::with_capacity(tokens.len());
         for token in tokens {
+            if let Some(seq) = store.deferred_tokens.get(token) {
+                let lock = store
+                    .deferred
+                    .get_mut(seq)
+                    .and_then(|s| s.lock.as_mut())
+                    .filter(|l| l.until_ms > now)
+                    .ok_or(LockError::MessageLockLost)?;
+                lock.until_ms = now + lock_ms;
+                out.push(lock.until_ms);
+                continue;
+            }
             let (key, seq) = store
                 .tokens
                 .get(token)
@@ -685,6 +713,105 @@ impl Entity {
             out.push(lock.until_ms);
         }
         Ok(out)
+    }
+
+    /// Receives deferred messages by sequence number: locked (peek-lock, the lock token is
+    /// returned) or removed (receive-and-delete). On a session entity the messages must belong
+    /// to `session`, which the requesting receiver must hold. All or nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn receive_deferred(
+        &self,
+        part: Part,
+        seqs: &[i64],
+        session: Option<&str>,
+        peek_lock: bool,
+        connection: u64,
+        link_name: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<(Option<u128>, Stored)>, DeferredError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let sessionful = self.settings.requires_session && part == Part::Main;
+        let mut until = now + self.settings.lock_ms;
+        if sessionful {
+            let id = session.ok_or(DeferredError::SessionLockLost)?;
+            let queue = state
+                .main
+                .sessions
+                .get_mut(id)
+                .ok_or(DeferredError::SessionLockLost)?;
+            until = held_lock(queue, connection, link_name, now)
+                .map_err(|_| DeferredError::SessionLockLost)?
+                .until_ms;
+        }
+        let store = match part {
+            Part::Main => &mut state.main,
+            Part::DeadLetter => &mut state.dlq,
+        };
+        for seq in seqs {
+            match store.deferred.get(seq) {
+                Some(s)
+                    if s.lock.as_ref().is_none_or(|l| l.until_ms <= now)
+                        && (!sessionful || session == Some(&*s.session)) => {}
+                _ => return Err(DeferredError::NotFound(*seq)),
+            }
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if !peek_lock {
+                let stored = store.deferred.remove(seq).expect("checked");
+                out.push((None, stored));
+                continue;
+            }
+            let stored = store.deferred.get_mut(seq).expect("checked");
+            if let Some(old) = stored.lock.take() {
+                store.deferred_tokens.remove(&old.token);
+            }
+            let token = new_token();
+            stored.lock = Some(MessageLock {
+                token,
+                until_ms: until,
+            });
+            store.deferred_tokens.insert(token, *seq);
+            out.push((Some(token), stored.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Settles a message by lock token through `$management` (update-disposition): a deferred
+    /// message received by sequence number, or any other locked message.
+    pub(crate) fn settle_by_token(
+        &self,
+        part: Part,
+        token: u128,
+        settle: Settle,
+        now: i64,
+    ) -> Result<(), LockError> {
+        let dlq_grew = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let (store, dlq) = match part {
+                Part::Main => (&mut state.main, Some(&mut state.dlq)),
+                Part::DeadLetter => (&mut state.dlq, None),
+            };
+            let Some(&seq) = store.deferred_tokens.get(&token) else {
+                drop(guard);
+                return self.settle_if_locked(part, token, settle, now);
+            };
+            let held = store
+                .deferred
+                .get(&seq)
+                .and_then(|s| s.lock.as_ref())
+                .is_some_and(|l| l.token == token && l.until_ms > now);
+            if !held {
+                return Err(LockError::MessageLockLost);
+            }
+            settle_deferred(store, dlq, token, settle, &self.settings)
+        };
+        if dlq_grew {
+            self.dlq_notify.notify_waiters();
+        }
+        Ok(())
     }
 
     /// Messages from `from_seq` on, in sequence order, without locking them.
@@ -742,6 +869,32 @@ impl Entity {
                 );
                 main_grew = true;
                 dlq_grew = true;
+            }
+            // Locks on deferred messages received by sequence number.
+            for part in [Part::Main, Part::DeadLetter] {
+                let store = match part {
+                    Part::Main => &state.main,
+                    Part::DeadLetter => &state.dlq,
+                };
+                let expired: Vec<u128> = store
+                    .deferred_tokens
+                    .iter()
+                    .filter(|(_, seq)| {
+                        store
+                            .deferred
+                            .get(seq)
+                            .and_then(|s| s.lock.as_ref())
+                            .is_none_or(|l| l.until_ms <= now)
+                    })
+                    .map(|(t, _)| *t)
+                    .collect();
+                for token in expired {
+                    let (store, dlq) = match part {
+                        Part::Main => (&mut state.main, Some(&mut state.dlq)),
+                        Part::DeadLetter => (&mut state.dlq, None),
+                    };
+                    dlq_grew |= settle_deferred(store, dlq, token, Settle::Lost, &self.settings);
+                }
             }
             // Message locks outside sessions.
             for part in [Part::Main, Part::DeadLetter] {
@@ -912,6 +1065,63 @@ fn lock_held(store: &Store, token: u128, sessionful: bool, now: i64) -> Result<(
     match queue.messages.get(seq).and_then(|s| s.lock.as_ref()) {
         Some(lock) if lock.token == token && (sessionful || lock.until_ms > now) => Ok(()),
         _ => Err(lost),
+    }
+}
+
+/// Applies a settlement to a locked deferred message; returns whether the dead-letter queue grew.
+/// A deferred message that is not completed or dead-lettered stays deferred.
+fn settle_deferred(
+    store: &mut Store,
+    dlq: Option<&mut Store>,
+    token: u128,
+    settle: Settle,
+    settings: &EntitySettings,
+) -> bool {
+    let Some(seq) = store.deferred_tokens.remove(&token) else {
+        return false;
+    };
+    let Some(stored) = store.deferred.get_mut(&seq) else {
+        return false;
+    };
+    stored.lock = None;
+    let dead_letter = |store: &mut Store, dlq: Option<&mut Store>, reason, description, props| {
+        let Some(dlq) = dlq else { return false };
+        let mut stored = store.deferred.remove(&seq).expect("present");
+        merge_annotations(&mut stored, props);
+        push_dead_letter(dlq, stored, reason, description, None);
+        true
+    };
+    match settle {
+        Settle::Complete => {
+            store.deferred.remove(&seq);
+            false
+        }
+        Settle::Defer(props) => {
+            merge_annotations(stored, props);
+            false
+        }
+        Settle::Abandon(_) | Settle::Lost => {
+            if let Settle::Abandon(props) = settle {
+                merge_annotations(stored, props);
+            }
+            stored.delivery_count += 1;
+            if stored.delivery_count >= settings.max_delivery_count {
+                let description = format!(
+                    "Message could not be consumed after {} delivery attempts.",
+                    settings.max_delivery_count
+                );
+                let reason = Some("MaxDeliveryCountExceeded".to_owned());
+                dead_letter(store, dlq, reason, Some(description), None)
+            } else {
+                false
+            }
+        }
+        Settle::Unsent => false,
+        Settle::DeadLetter {
+            reason,
+            description,
+            properties,
+        } => dead_letter(store, dlq, reason, description, properties),
     }
 }
 

@@ -44,6 +44,7 @@ pub(crate) const ERR_SESSION_CANNOT_BE_LOCKED: &str = "com.microsoft:session-can
 pub(crate) const ERR_SESSION_LOCK_LOST: &str = "com.microsoft:session-lock-lost";
 pub(crate) const ERR_MESSAGE_LOCK_LOST: &str = "com.microsoft:message-lock-lost";
 pub(crate) const ERR_NOT_FOUND: &str = "amqp:not-found";
+pub(crate) const ERR_MESSAGE_NOT_FOUND: &str = "com.microsoft:message-not-found";
 pub(crate) const ERR_ARGUMENT: &str = "com.microsoft:argument-error";
 pub(crate) const ERR_NOT_IMPLEMENTED: &str = "amqp:not-implemented";
 

@@ -4,10 +4,10 @@
 //!
 //! The client scripts in `tests/clients/` run the same scenario and assert what Service Bus
 //! would answer (send single and batch, named and next-available sessions, order, complete,
-//! abandon, dead-letter and the dead-letter queue, session state, lock renewal, peek,
-//! duplicate detection, lock token from the delivery tag, settling under a lost lock); this
-//! test checks the exit status and what the emulator holds afterwards. `scripts/provision.sh`
-//! installs both SDKs; without them these tests fail.
+//! abandon, dead-letter and the dead-letter queue, defer and receive by sequence number,
+//! session state, lock renewal, peek, duplicate detection, lock token from the delivery tag,
+//! settling under a lost lock); this test checks the exit status and what the emulator holds
+//! afterwards. `scripts/provision.sh` installs both SDKs; without them these tests fail.
 
 mod common;
 

@@ -12,7 +12,7 @@ use fe2o3_amqp::{
     link::{delivery::Sendable, Receiver, Sender},
 };
 use fe2o3_amqp_types::{
-    messaging::{AmqpValue, ApplicationProperties, Body, Message, Properties},
+    messaging::{AmqpValue, ApplicationProperties, Body, Message, MessageAnnotations, Properties},
     performatives::Attach,
     primitives::{Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value},
 };
@@ -21,7 +21,9 @@ use tracing::{debug, warn};
 
 use super::{outcome::DelayedAccept, ConnCtx};
 use crate::{
-    store::{now_ms, AmqpMessage, Entity, LockError, Part},
+    store::{
+        now_ms, AmqpMessage, DeferredError, Delivery, Entity, LockError, Part, Settle, Stored,
+    },
     wire,
 };
 
@@ -362,7 +364,11 @@ fn text_field(map: Option<&OrderedMap<Value, Value>>, name: &str) -> Option<Stri
 }
 
 fn int_field(map: Option<&OrderedMap<Value, Value>>, name: &str) -> Option<i64> {
-    Some(match field(map, name)? {
+    int_of(field(map, name)?)
+}
+
+fn int_of(value: &Value) -> Option<i64> {
+    Some(match value {
         Value::Long(n) => *n,
         Value::Int(n) => *n as i64,
         Value::Short(n) => *n as i64,
@@ -371,6 +377,46 @@ fn int_field(map: Option<&OrderedMap<Value, Value>>, name: &str) -> Option<i64> 
         Value::Ushort(n) => *n as i64,
         _ => return None,
     })
+}
+
+/// The elements of an array (or list) field.
+fn items<'a>(map: Option<&'a OrderedMap<Value, Value>>, name: &str) -> Option<&'a [Value]> {
+    match field(map, name)? {
+        Value::Array(a) => Some(&a.0[..]),
+        Value::List(l) => Some(&l[..]),
+        _ => None,
+    }
+}
+
+/// `lock-tokens`: an array of AMQP uuids.
+fn lock_tokens(map: Option<&OrderedMap<Value, Value>>) -> Option<Vec<u128>> {
+    let tokens = items(map, "lock-tokens")?
+        .iter()
+        .filter_map(|v| match v {
+            Value::Uuid(u) => Some(wire::token_from_uuid(u)),
+            _ => None,
+        })
+        .collect();
+    Some(tokens)
+}
+
+/// `properties-to-modify` as message annotations.
+fn properties_to_modify(map: Option<&OrderedMap<Value, Value>>) -> Option<MessageAnnotations> {
+    let Some(Value::Map(props)) = field(map, "properties-to-modify") else {
+        return None;
+    };
+    let annotations = props
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = match k {
+                Value::String(s) => Symbol::from(s.as_str()),
+                Value::Symbol(s) => s.clone(),
+                _ => return None,
+            };
+            Some((key.into(), v.clone()))
+        })
+        .collect();
+    Some(MessageAnnotations(annotations))
 }
 
 fn map_of(entries: Vec<(&str, Value)>) -> Value {
@@ -456,22 +502,8 @@ fn management(
             }
         }
         "com.microsoft:renew-lock" => {
-            let tokens: Vec<u128> = match field(map, "lock-tokens") {
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|v| match v {
-                        Value::Uuid(u) => Some(wire::token_from_uuid(u)),
-                        _ => None,
-                    })
-                    .collect(),
-                Some(Value::List(l)) => l
-                    .iter()
-                    .filter_map(|v| match v {
-                        Value::Uuid(u) => Some(wire::token_from_uuid(u)),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => return Reply::error(400, wire::ERR_ARGUMENT, "lock-tokens is required"),
+            let Some(tokens) = lock_tokens(map) else {
+                return Reply::error(400, wire::ERR_ARGUMENT, "lock-tokens is required");
             };
             match entity.renew_message_locks(part, &tokens, now) {
                 Ok(expirations) => Reply::ok(map_of(vec![(
@@ -511,10 +543,93 @@ fn management(
                 .collect();
             Reply::ok(map_of(vec![("messages", Value::List(messages))]))
         }
+        "com.microsoft:receive-by-sequence-number" => {
+            let Some(seqs) = items(map, "sequence-numbers") else {
+                return Reply::error(400, wire::ERR_ARGUMENT, "sequence-numbers is required");
+            };
+            let seqs: Vec<i64> = seqs.iter().filter_map(int_of).collect();
+            // 1 (second) is peek-lock, 0 (first) receive-and-delete.
+            let peek_lock = int_field(map, "receiver-settle-mode") != Some(0);
+            let received = entity.receive_deferred(
+                part,
+                &seqs,
+                session_id.as_deref(),
+                peek_lock,
+                ctx.id,
+                link_name,
+                now,
+            );
+            match received {
+                Ok(received) => {
+                    let messages = received
+                        .into_iter()
+                        .map(|(token, stored)| deferred_reply_entry(token, stored, now))
+                        .collect();
+                    Reply::ok(map_of(vec![("messages", Value::List(messages))]))
+                }
+                Err(DeferredError::SessionLockLost) => lock_error(LockError::SessionLockLost),
+                Err(DeferredError::NotFound(seq)) => Reply::error(
+                    404,
+                    wire::ERR_MESSAGE_NOT_FOUND,
+                    format!(
+                        "Failed to lock one or more specified messages. Either the message is not deferred or it does not exist. Sequence number: {seq}."
+                    ),
+                ),
+            }
+        }
+        "com.microsoft:update-disposition" => {
+            let Some(tokens) = lock_tokens(map) else {
+                return Reply::error(400, wire::ERR_ARGUMENT, "lock-tokens is required");
+            };
+            let props = properties_to_modify(map);
+            let settle = match text_field(map, "disposition-status").as_deref() {
+                Some("completed") => Settle::Complete,
+                Some("abandoned") => Settle::Abandon(props),
+                Some("defered") => Settle::Defer(props),
+                Some("suspended") => Settle::DeadLetter {
+                    reason: text_field(map, "deadletter-reason"),
+                    description: text_field(map, "deadletter-description"),
+                    properties: props,
+                },
+                other => {
+                    return Reply::error(
+                        400,
+                        wire::ERR_ARGUMENT,
+                        format!("disposition-status {other:?} is not one of completed, abandoned, defered, suspended"),
+                    )
+                }
+            };
+            for token in tokens {
+                if let Err(e) = entity.settle_by_token(part, token, settle.clone(), now) {
+                    return lock_error(e);
+                }
+            }
+            Reply::ok(map_of(vec![]))
+        }
         other => Reply::error(
             501,
             wire::ERR_NOT_IMPLEMENTED,
             format!("operation {other} is not supported by the emulator"),
         ),
     }
+}
+
+/// One entry of a receive-by-sequence-number answer: the lock token (peek-lock) and the message
+/// as a receiver would get it.
+fn deferred_reply_entry(token: Option<u128>, stored: Stored, now: i64) -> Value {
+    let delivery = Delivery {
+        // Receive-and-delete: nothing to settle, but the message still carries a token.
+        token: token.unwrap_or_else(|| uuid::Uuid::new_v4().as_u128()),
+        seq: stored.seq,
+        message: stored.message.clone(),
+        enqueued_ms: stored.enqueued_ms,
+        delivery_count: stored.delivery_count,
+        locked_until_ms: stored.locked_until_ms().unwrap_or(now),
+    };
+    let message = wire::encode_delivered(wire::delivered_message(&delivery, token.is_some()));
+    let mut entry = vec![("message", Value::Binary(Binary::from(message)))];
+    if let Some(token) = token {
+        entry.push(("lock-token", Value::Uuid(wire::lock_token_uuid(token))));
+    }
+    map_of(entry)
 }

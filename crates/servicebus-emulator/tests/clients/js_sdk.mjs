@@ -9,6 +9,7 @@
 // reason "plain-reason"). Any failed check throws, so the exit status is non-zero.
 
 import { ServiceBusClient, isServiceBusError } from "@azure/service-bus";
+import Long from "long";
 
 const WAIT = { maxWaitTimeInMs: 5000 };
 
@@ -20,6 +21,8 @@ const text = (m) => Buffer.from(m.body).toString();
 const texts = (ms) => ms.map(text);
 const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
 const seq = (m) => m.sequenceNumber.toNumber();
+/** Peeks from the start (by default a receiver peeks on from where its last peek ended). */
+const peekAll = (receiver) => receiver.peekMessages(10, { fromSequenceNumber: Long.fromNumber(1) });
 
 /** Exactly n messages (fails after a few empty receives). */
 async function receive(receiver, n) {
@@ -55,6 +58,13 @@ function checkFresh(m, deliveryCount = 0) {
     m.lockToken === annotatedLockToken(m),
     `delivery tag lock token ${m.lockToken} != x-opt-lock-token ${annotatedLockToken(m)}`,
   );
+}
+
+/** A deferred message received by sequence number: locked, with its own lock token. */
+function checkDeferred(m, deliveryCount) {
+  check(/^[0-9a-f-]{36}$/.test(m.lockToken ?? ""), `deferred lock token ${m.lockToken}`);
+  check(m.lockedUntilUtc instanceof Date && m.lockedUntilUtc.getTime() > Date.now(), `deferred locked until ${m.lockedUntilUtc}`);
+  check(m.deliveryCount === deliveryCount, `deferred delivery count ${m.deliveryCount}, expected ${deliveryCount}`);
 }
 
 async function send(client, topic) {
@@ -110,10 +120,16 @@ async function sessionA(client, topic, sub) {
   check(text(again) === "a-3", `abandoned message comes back, got ${text(again)}`);
   checkFresh(again, 1);
   await r.deadLetterMessage(again, { deadLetterReason: "session-reason", deadLetterErrorDescription: "a-3 is broken" });
-  await r.completeMessage(a4);
+
+  // Defer, then receive the deferred message by sequence number within the session.
+  await r.deferMessage(a4);
+  const [deferred] = await r.receiveDeferredMessages(a4.sequenceNumber);
+  check(deferred && text(deferred) === "a-4" && deferred.sessionId === "a", "deferred a-4");
+  check(deferred.deliveryCount === 0, `deferred delivery count ${deferred.deliveryCount}`);
+  await r.completeMessage(deferred);
 
   // Only one a:1 was enqueued: nothing is left in the session.
-  const rest = await r.peekMessages(5);
+  const rest = await peekAll(r);
   check(rest.length === 0, `duplicate dropped, got ${texts(rest)}`);
   check(Buffer.from(await r.getSessionState()).toString() === "state-1", "session state kept");
   await r.close();
@@ -164,11 +180,33 @@ async function plain(client, topic, sub) {
   check(text(again) === "a-2", "abandoned message comes back first");
   checkFresh(again, 1);
 
-  for (const m of [first, again, messages[2], messages[3], messages[5]]) {
+  for (const m of [first, again, messages[2], messages[5]]) {
     await r.completeMessage(m);
   }
   await r.deadLetterMessage(messages[4], { deadLetterReason: "plain-reason", deadLetterErrorDescription: "b-1 parked" });
-  check((await r.peekMessages(5)).length === 0, "plain is drained");
+
+  // Defer; a deferred message only comes back by its sequence number, and abandoning it keeps
+  // it deferred with delivery count + 1.
+  const a4 = messages[3];
+  await r.deferMessage(a4);
+  check((await r.receiveMessages(1, { maxWaitTimeInMs: 200 })).length === 0, "deferred is set aside");
+  let [deferred] = await r.receiveDeferredMessages(a4.sequenceNumber);
+  check(deferred && text(deferred) === "a-4", "deferred message by sequence number");
+  check(seq(deferred) === seq(a4), "same sequence number");
+  checkDeferred(deferred, 0);
+  await r.abandonMessage(deferred);
+  [deferred] = await r.receiveDeferredMessages(a4.sequenceNumber);
+  checkDeferred(deferred, 1);
+  await r.completeMessage(deferred);
+  let error;
+  try {
+    await r.receiveDeferredMessages(a4.sequenceNumber);
+  } catch (e) {
+    error = e;
+  }
+  check(error && isServiceBusError(error) && error.code === "MessageNotFound", `a completed deferred message is gone, got ${error}`);
+  // Peek lists deferred messages too: nothing is left.
+  check((await peekAll(r)).length === 0, "plain is drained");
   await r.close();
 }
 
@@ -197,7 +235,7 @@ async function lockLost(client, queue) {
     `completing under an expired lock must fail with MessageLockLost, got ${error}`,
   );
   await r.completeMessage(again);
-  check((await r.peekMessages(5)).length === 0, "queue is drained");
+  check((await peekAll(r)).length === 0, "queue is drained");
   await r.close();
 }
 

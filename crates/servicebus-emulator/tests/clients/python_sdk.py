@@ -73,6 +73,17 @@ def check_fresh(message, delivery_count=0):
     )
 
 
+def check_deferred(message, delivery_count):
+    """A deferred message received by sequence number: locked, with its own lock token."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    check(isinstance(message.lock_token, uuid.UUID), f"deferred lock token {message.lock_token!r}")
+    check(message.locked_until_utc > now, f"deferred locked until {message.locked_until_utc}")
+    check(
+        message.delivery_count == delivery_count,
+        f"deferred delivery count {message.delivery_count}, expected {delivery_count}",
+    )
+
+
 def main():
     connection, topic, session_sub, plain_sub, queue = sys.argv[1:6]
     with ServiceBusClient.from_connection_string(connection) as client:
@@ -140,10 +151,16 @@ def session_a(client, topic, sub):
         check(body(again) == b"a-3", f"abandoned message comes back, got {body(again)}")
         check_fresh(again, delivery_count=1)
         r.dead_letter_message(again, reason="session-reason", error_description="a-3 is broken")
-        r.complete_message(a4)
+
+        # Defer, then receive the deferred message by sequence number within the session.
+        r.defer_message(a4)
+        (deferred,) = r.receive_deferred_messages([a4.sequence_number])
+        check(body(deferred) == b"a-4" and deferred.session_id == "a", "deferred a-4")
+        check(deferred.delivery_count == 0, f"deferred delivery count {deferred.delivery_count}")
+        r.complete_message(deferred)
 
         # Only one a:1 was enqueued: nothing is left in the session.
-        rest = r.peek_messages(max_message_count=5)
+        rest = r.peek_messages(max_message_count=5, sequence_number=1)
         check(rest == [], f"duplicate dropped, got {[body(m) for m in rest]}")
         check(session.get_state() == b"state-1", "session state kept")
 
@@ -199,10 +216,25 @@ def plain(client, topic, sub):
         check(body(again) == b"a-2", "abandoned message comes back first")
         check_fresh(again, delivery_count=1)
 
-        for m in [first, again, *messages[2:4], messages[5]]:
+        for m in [first, again, messages[2], messages[5]]:
             r.complete_message(m)
         r.dead_letter_message(messages[4], reason="plain-reason", error_description="b-1 parked")
-        check(r.peek_messages(max_message_count=5) == [], "plain is drained")
+
+        # Defer; a deferred message only comes back by its sequence number, and abandoning it
+        # keeps it deferred with delivery count + 1.
+        a4 = messages[3]
+        r.defer_message(a4)
+        check(r.receive_messages(max_message_count=1, max_wait_time=0.2) == [], "deferred is set aside")
+        (deferred,) = r.receive_deferred_messages([a4.sequence_number])
+        check(body(deferred) == b"a-4", "deferred message by sequence number")
+        check(deferred.sequence_number == a4.sequence_number, "same sequence number")
+        check_deferred(deferred, delivery_count=0)
+        r.abandon_message(deferred)
+        (deferred,) = r.receive_deferred_messages([a4.sequence_number])
+        check_deferred(deferred, delivery_count=1)
+        r.complete_message(deferred)
+        # Peek lists deferred messages too: nothing is left.
+        check(r.peek_messages(max_message_count=5, sequence_number=1) == [], "plain is drained")
 
 
 def lock_lost(client, queue):
@@ -224,7 +256,7 @@ def lock_lost(client, queue):
         else:
             raise AssertionError("completing under an expired lock must fail")
         r.complete_message(again)
-        check(r.peek_messages(max_message_count=5) == [], "queue is drained")
+        check(r.peek_messages(max_message_count=5, sequence_number=1) == [], "queue is drained")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@
 //!   the stream after that position. An event inserted during the scan is either seen by the scan
 //!   or after the position, or both (a duplicate, removed by MessageId dedup): never neither.
 //!
+//! The stream has no `$match` stage: the events collection is append-only, so there is nothing
+//! for the server to filter, and evaluating the stage per event cost the MongoDB stand-in a
+//! third of its change-stream throughput. Operation types other than inserts (an update or a
+//! delete someone made by hand, a drop before its invalidate) are skipped here.
+//!
 //! Lost history (286 ChangeStreamHistoryLost, 260 InvalidResumeToken, 280 ChangeStreamFatalError,
 //! or an invalidate event): re-publish from the collection starting
 //! `history_safety_margin` before the last saved checkpoint's wall time, then continue as above.
@@ -99,6 +104,23 @@ enum Read {
     Reopen(Start),
     /// Cancelled.
     Stop,
+}
+
+/// What the stream reader hands to the handling side, in stream order.
+enum Streamed {
+    /// An inserted event and its position.
+    Insert { doc: Document, position: Position },
+    /// The stream is caught up to this position (an idle stream's post-batch resume token).
+    Idle(Position),
+}
+
+/// Aborts the task when dropped: the reader must not outlive the side handling what it reads.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Source {
@@ -209,7 +231,7 @@ impl Source {
         let mut failed = false;
         loop {
             let opened = tokio::select! {
-                r = self.events.watch().pipeline(self.pipeline()) => r,
+                r = self.events.watch() => r,
                 _ = self.cancel.cancelled() => return None,
             };
             let r = opened.map(|s| s.resume_token());
@@ -235,10 +257,6 @@ impl Source {
                 }
             }
         }
-    }
-
-    fn pipeline(&self) -> [Document; 1] {
-        [doc! { "$match": { "operationType": { "$in": ["insert", "invalidate"] } } }]
     }
 
     /// Publishes every event matching `filter` in `scan_sort` order, then returns the position
@@ -321,7 +339,6 @@ impl Source {
         let watch = self
             .events
             .watch()
-            .pipeline(self.pipeline())
             .max_await_time(p.max_await_time)
             .batch_size(p.read_batch_size);
         match start {
@@ -355,26 +372,62 @@ impl Source {
     }
 
     /// Tails the stream from `start` until cancelled, lost history, or an invalidate.
+    ///
+    /// Two tasks, one channel: [`Source::tail`] reads and decodes the stream and hands each
+    /// event on in stream order; this task turns them into messages and queues them. The driver
+    /// asks for the next batch only once the current one is consumed, so with one task the
+    /// server's work on a batch and ours on the previous one would take turns.
     async fn stream(&self, start: Start) -> Result<Read, SourceError> {
+        let capacity = (self.cfg.producer.read_batch_size as usize).clamp(1, 4096);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(capacity);
+        let tail = {
+            let this = self.clone();
+            AbortOnDrop(tokio::spawn(async move { this.tail(start, tx).await }))
+        };
+        while let Some(item) = rx.recv().await {
+            match item {
+                Streamed::Insert { doc, position } => {
+                    if !self.handle(doc, Some(position)).await? {
+                        return Ok(Read::Stop);
+                    }
+                }
+                Streamed::Idle(position) => self.marker(position),
+            }
+        }
+        // The channel closes only when `tail` returned: everything it read is handled.
+        match (&mut { tail }.0).await {
+            Ok(read) => Ok(read),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Ok(Read::Stop),
+        }
+    }
+
+    /// Reads the stream from `start` into `tx` until cancelled, lost history, an invalidate, or
+    /// the receiving side is gone. Transient faults reopen the stream after the last position
+    /// handed on.
+    async fn tail(&self, start: Start, tx: tokio::sync::mpsc::Sender<Streamed>) -> Read {
         let mut delays = self.backoff.delays();
         let mut failed = false;
         // Where to reopen after a transient fault: the last position read, else the start.
         let mut reopen = start;
-        let mut last_token: Option<Document> = None;
+        let mut last_token: Option<ResumeToken> = None;
         'open: loop {
+            if let Some(token) = last_token.as_ref() {
+                reopen = Start::After(token_doc(token));
+            }
             let opened = tokio::select! {
                 r = self.open(&reopen) => r,
-                _ = self.cancel.cancelled() => return Ok(Read::Stop),
+                _ = self.cancel.cancelled() => return Read::Stop,
             };
             let mut stream = match opened {
                 Ok(s) => s,
                 Err(e) if is_history_lost(&e) => {
-                    return Ok(self.recovery(code_name(&e), &e.to_string()))
+                    return self.recovery(code_name(&e), &e.to_string())
                 }
                 Err(e) => {
                     self.fault(&mut failed);
-                    if !self.pause(&mut delays, "open_stream", &e).await {
-                        return Ok(Read::Stop);
+                    if !self.pause(&mut delays, "change_stream", &e).await {
+                        return Read::Stop;
                     }
                     continue 'open;
                 }
@@ -383,13 +436,12 @@ impl Source {
             loop {
                 let next = tokio::select! {
                     r = stream.next_if_any() => r,
-                    _ = self.cancel.cancelled() => return Ok(Read::Stop),
+                    _ = self.cancel.cancelled() => return Read::Stop,
                 };
-                match next {
+                let item = match next {
                     Ok(Some(event)) => {
                         self.recovered(&mut failed);
                         delays = self.backoff.delays();
-                        let token = token_doc(&event.id);
                         if let Some(ct) = event.cluster_time {
                             let lag = DateTime::now().timestamp_millis() as f64 / 1000.0
                                 - f64::from(ct.time);
@@ -404,20 +456,21 @@ impl Source {
                                     .or(event.document_key)
                                     .unwrap_or_default();
                                 let position = Position {
-                                    token: token.clone(),
+                                    token: token_doc(&event.id),
                                     cluster_time: event.cluster_time,
                                     wall_time: event.wall_time.unwrap_or_else(DateTime::now),
                                 };
-                                if !self.handle(doc, Some(position)).await? {
-                                    return Ok(Read::Stop);
-                                }
-                                last_token = Some(token.clone());
-                                reopen = Start::After(token);
+                                last_token = Some(event.id);
+                                Streamed::Insert { doc, position }
                             }
                             OperationType::Invalidate => {
-                                return Ok(self.recovery("invalidate", "the change stream was invalidated (collection dropped or renamed)"));
+                                return self.recovery("invalidate", "the change stream was invalidated (collection dropped or renamed)");
                             }
-                            _ => {}
+                            // Updates, deletes, drops: not events of an append-only log.
+                            _ => {
+                                last_token = Some(event.id);
+                                continue;
+                            }
                         }
                     }
                     Ok(None) => {
@@ -425,32 +478,40 @@ impl Source {
                         // Idle: the post-batch resume token moved past everything scanned, so
                         // the stream is caught up; a lag kept from the last event would lie.
                         ::metrics::gauge!(names::CHANGE_STREAM_LAG).set(0.0);
-                        if let Some(token) = stream.resume_token() {
-                            let token = token_doc(&token);
-                            if last_token.as_ref() != Some(&token) {
-                                self.marker(Position {
-                                    token: token.clone(),
-                                    cluster_time: None,
-                                    wall_time: DateTime::now(),
-                                });
-                                last_token = Some(token.clone());
-                                reopen = Start::After(token);
-                            }
-                        }
                         if !stream.is_alive() {
                             continue 'open;
                         }
+                        match stream.resume_token() {
+                            Some(token) if last_token.as_ref() != Some(&token) => {
+                                let position = Position {
+                                    token: token_doc(&token),
+                                    cluster_time: None,
+                                    wall_time: DateTime::now(),
+                                };
+                                last_token = Some(token);
+                                Streamed::Idle(position)
+                            }
+                            _ => continue,
+                        }
                     }
                     Err(e) if is_history_lost(&e) => {
-                        return Ok(self.recovery(code_name(&e), &e.to_string()))
+                        return self.recovery(code_name(&e), &e.to_string())
                     }
                     Err(e) => {
                         self.fault(&mut failed);
                         if !self.pause(&mut delays, "change_stream", &e).await {
-                            return Ok(Read::Stop);
+                            return Read::Stop;
                         }
                         continue 'open;
                     }
+                };
+                let sent = tokio::select! {
+                    r = tx.send(item) => r,
+                    _ = self.cancel.cancelled() => return Read::Stop,
+                };
+                if sent.is_err() {
+                    // The handling side stopped (halt or cancellation): it decides what follows.
+                    return Read::Stop;
                 }
             }
         }

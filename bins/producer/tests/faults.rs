@@ -1,4 +1,4 @@
-//! The producer under injected faults: lost oplog history, a broker outage, failing getMores, a
+//! The producer under injected faults: lost oplog history, a dropped collection, a broker outage, failing getMores, a
 //! database restart, a crashed leader, and invalid events. In every case each aggregate's events
 //! arrive as exactly 1..n after MessageId dedup.
 
@@ -57,6 +57,55 @@ async fn lost_history_is_republished_from_the_collection() {
     wait_checkpoint(&world, |cp| published(cp) >= 310).await;
     stop(&mut producer).await;
     collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+/// Updates and deletes in the events collection are not events: skipped, neither parked nor
+/// published. Dropping the collection invalidates the stream: the producer says so, re-publishes
+/// what the collection holds and follows the events written after the drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_deletes_are_skipped_and_a_dropped_collection_is_followed_again() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(5, 13);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 20, 20).await;
+    wait_distinct(&collector, 20, DEADLINE).await;
+
+    events
+        .update_many(doc! {}, doc! { "$set": { "touched": true } })
+        .await
+        .unwrap();
+    events.delete_one(doc! {}).await.unwrap();
+    writer.write(&events, 10, 10).await;
+    wait_distinct(&collector, 30, DEADLINE).await;
+    wait_checkpoint(&world, |cp| published(cp) >= 30).await;
+    assert_eq!(metric(&producer, names::EVENTS_PARKED).await, 0.0);
+
+    events.drop().await.unwrap();
+    let p = &producer;
+    wait_until(DEADLINE, || async move {
+        metric(p, names::HISTORY_LOST).await >= 1.0
+    })
+    .await;
+    assert!(
+        producer.logs().contains("invalidate"),
+        "{}",
+        producer.logs()
+    );
+    writer.write(&events, 20, 10).await;
+    wait_distinct(&collector, 50, DEADLINE).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+    let parked = world
+        .mongo
+        .database()
+        .collection::<Document>("ordo_parked")
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(parked, 0, "nothing parked");
 }
 
 /// A 10 s broker outage while events keep coming: readiness is 503 during it and 200 after, and

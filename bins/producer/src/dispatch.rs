@@ -37,6 +37,13 @@ struct Item {
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
+/// An item whose message is in a send: what is left to acknowledge it.
+struct Sent {
+    seq: Seq,
+    read_at: Instant,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
 #[derive(Debug, Default)]
 struct State {
     queues: HashMap<String, VecDeque<Item>>,
@@ -210,7 +217,21 @@ pub async fn worker<F: PublisherFactory>(
             return Ok(());
         };
         metrics::histogram!(ordo_core::metrics::PUBLISH_BATCH_MESSAGES).record(items.len() as f64);
-        let messages: Vec<WireMessage> = items.iter().map(|i| i.message.clone()).collect();
+        // The messages move out of their items (no copy per message); the rest of each item,
+        // its permits included, stays until the broker acknowledged the batch.
+        let (messages, items): (Vec<WireMessage>, Vec<Sent>) = items
+            .into_iter()
+            .map(|i| {
+                (
+                    i.message,
+                    Sent {
+                        seq: i.seq,
+                        read_at: i.read_at,
+                        _permits: i._permits,
+                    },
+                )
+            })
+            .unzip();
         let mut delays = ctx.backoff.delays();
         let mut failed = false;
         loop {

@@ -41,6 +41,9 @@ fn env_usize(name: &str, default: usize) -> usize {
 fn main() {
     // Before any thread starts: the test kit reads the variable this sets.
     let server = ordo_testkit::bench::RustSecantus::start_if_available(None);
+    if let Some(s) = &server {
+        let _ = DB_PID.set(s.pid());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -58,6 +61,58 @@ fn main() {
 
 fn cpu_seconds(pid: u32) -> f64 {
     ordo_testkit::bench::cpu_seconds(pid).unwrap_or(0.0)
+}
+
+/// The database server's pid, when this benchmark started it.
+static DB_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// CPU used by each process of a phase: the database server, this process (the inserts, the
+/// embedded emulator, the ceilings' readers and senders) and the producer. On a small machine
+/// they compete for the same cores, which is what separates a ceiling (measured without the
+/// producer and with an idle broker) from the producer's run.
+struct CpuPhase {
+    started: Instant,
+    db: Option<f64>,
+    this: f64,
+    producer: Option<(u32, f64)>,
+}
+
+impl CpuPhase {
+    fn start(producer: Option<u32>) -> Self {
+        CpuPhase {
+            started: Instant::now(),
+            db: DB_PID.get().map(|&p| cpu_seconds(p)),
+            this: cpu_seconds(std::process::id()),
+            producer: producer.map(|p| (p, cpu_seconds(p))),
+        }
+    }
+
+    /// One line: CPU ms per 1,000 events per process, and how busy the machine's cores were.
+    fn report(&self, phase: &str, n: usize) {
+        let wall = self.started.elapsed().as_secs_f64();
+        let per_1000 = |cpu: f64| cpu / n as f64 * 1000.0 * 1000.0;
+        let mut total = 0.0;
+        let mut parts = Vec::new();
+        if let (Some(&pid), Some(before)) = (DB_PID.get(), self.db) {
+            let used = cpu_seconds(pid) - before;
+            total += used;
+            parts.push(format!("database {:.1}", per_1000(used)));
+        }
+        let used = cpu_seconds(std::process::id()) - self.this;
+        total += used;
+        parts.push(format!("inserts+emulator {:.1}", per_1000(used)));
+        if let Some((pid, before)) = self.producer {
+            let used = cpu_seconds(pid) - before;
+            total += used;
+            parts.push(format!("producer {:.1}", per_1000(used)));
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "  cpu  {phase:<31}: {} ms per 1,000 events; {:.0} % of {cores} cores busy",
+            parts.join(", "),
+            total / wall / cores * 100.0
+        );
+    }
 }
 
 /// `n` events over `aggregates` aggregates named `{prefix}NNNN`, eventIds contiguous per
@@ -168,6 +223,47 @@ struct Run {
     cpu_per_1000: f64,
 }
 
+/// Waits until the producer counted `n` more published events; panics with what the producer
+/// and the database say when the count stops moving for 60 s.
+async fn wait_published(world: &World, producer: &ordo_testkit::Daemon, base: f64, n: usize) {
+    let mut last = (f64::NAN, Instant::now());
+    loop {
+        let published = metric(producer, names::EVENTS_PUBLISHED).await - base;
+        if published >= n as f64 {
+            return;
+        }
+        if published != last.0 {
+            last = (published, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            let in_db = world
+                .events()
+                .count_documents(doc! {})
+                .await
+                .map_or_else(|e| e.to_string(), |c| c.to_string());
+            let metrics = match producer.http_get("/metrics").await {
+                Ok((_, body)) => body
+                    .lines()
+                    .filter(|l| l.starts_with("ordo_") && !l.contains("quantile"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                Err(e) => format!("GET /metrics failed: {e:#}"),
+            };
+            panic!(
+                "published count stuck at {published} of {n} for 60 s; events in the collection: \
+                 {in_db}; checkpoint: {:?}\nproducer metrics:\n{metrics}\nproducer log:\n{}",
+                world.checkpoint().await,
+                producer
+                    .logs()
+                    .lines()
+                    .filter(|l| !l.contains("checkpoint saved"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The producer publishing N events inserted while it runs.
 async fn producer_run(world: &World, n: usize, aggregates: usize, extra: &str) -> Run {
     let mut producer = world.spawn(&format!("start_at = \"now\"\n{extra}"));
@@ -186,16 +282,15 @@ async fn producer_run(world: &World, n: usize, aggregates: usize, extra: &str) -
     .await;
     let base = metric(p, names::EVENTS_PUBLISHED).await;
     let cpu_before = cpu_seconds(producer.pid());
+    let phase = CpuPhase::start(Some(producer.pid()));
     let docs = events(n, aggregates, "acct-");
     let started = Instant::now();
     insert_all(&world.events(), docs).await;
     let inserted = started.elapsed().as_secs_f64();
-    ordo_testkit::wait_until(Duration::from_secs(600), || async move {
-        metric(p, names::EVENTS_PUBLISHED).await - base >= n as f64
-    })
-    .await;
+    wait_published(world, p, base, n).await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(producer.pid()) - cpu_before;
+    phase.report("producer run", n);
     println!(
         "inserts done after {inserted:.2} s ({:.0} events/s), published after {elapsed:.2} s",
         n as f64 / inserted
@@ -227,10 +322,14 @@ async fn bench(server: &str) {
     println!("mongodb stand-in: {server}; service bus: embedded emulator (in this process)");
 
     let world = World::start().await;
+    let cpu = CpuPhase::start(None);
     let stream = change_stream_ceiling(&world, n, aggregates).await;
     println!("ceiling  insert -> change stream read : {stream:>9.0} events/s");
+    cpu.report("insert -> change stream read", n);
+    let cpu = CpuPhase::start(None);
     let sends = send_ceiling(&world, n, aggregates, senders).await;
     println!("ceiling  batched sends ({senders} senders)   : {sends:>9.0} events/s");
+    cpu.report("batched sends", n);
     let ceiling = stream.min(sends);
 
     let extra = std::env::var("ORDO_BENCH_PRODUCER_CONFIG").unwrap_or_default();

@@ -30,6 +30,11 @@ pub fn default_rust_secantus() -> PathBuf {
 }
 
 impl RustSecantus {
+    /// The server's process id (for its CPU use).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `bin` (default [`default_rust_secantus`]) on a free loopback port and points
     /// `ORDO_TEST_MONGODB_URI` at it, so every fixture of the benchmark uses it. Returns `None`
     /// when `ORDO_TEST_MONGODB_URI` is already set (a real server was asked for), when the

@@ -24,7 +24,8 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mongodb::bson::{DateTime, Document, Timestamp};
+use mongodb::bson::{DateTime, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
 use mongodb::Database;
 use ordo_core::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use ordo_core::lease::{Lease, LeaseError, LeaseStore};
@@ -47,8 +48,8 @@ pub const PARKED_COLLECTION: &str = "ordo_parked";
 /// A stream position the checkpoint can point at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Position {
-    /// Resume token (`{_data}`), for `startAfter`.
-    pub token: Document,
+    /// Resume token, for `startAfter`; turned into a document only when a checkpoint is saved.
+    pub token: ResumeToken,
     /// Cluster time of the event, when the position is an event.
     pub cluster_time: Option<Timestamp>,
     /// Wall time of the event (or of the read, for idle and scan markers).
@@ -59,7 +60,8 @@ pub struct Position {
 impl Position {
     fn test(i: u64) -> Self {
         Position {
-            token: mongodb::bson::doc! { "i": i as i64 },
+            token: mongodb::bson::from_document(mongodb::bson::doc! { "_data": i.to_string() })
+                .expect("a resume token"),
             cluster_time: None,
             wall_time: DateTime::from_millis(i as i64),
         }
@@ -534,7 +536,7 @@ impl Checkpointer {
             return Ok(());
         };
         let mut cp = Checkpoint::new(self.stream.clone());
-        cp.resume_token = Some(position.token.clone());
+        cp.resume_token = Some(source::token_doc(&position.token));
         cp.cluster_time = position.cluster_time;
         cp.wall_time = Some(position.wall_time);
         cp.events = self.published_before + events;

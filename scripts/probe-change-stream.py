@@ -10,7 +10,7 @@ any is missing, naming the first missing ones. Run it with the project's virtual
     .venv/bin/python scripts/probe-change-stream.py [BINARY] [--writers 4] [--per 50000]
 
 secantusd-rs 0.5.3-beta.196 skips whole batches with 4 writers (about a fifth of the events);
-secantusd-py 0.7.0b3 and real MongoDB deliver all of them.
+secantusd-py 0.7.0b3 delivers all of them, as MongoDB guarantees.
 """
 import argparse
 import os

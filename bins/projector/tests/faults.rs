@@ -128,14 +128,17 @@ async fn database_fail_points_are_retried_not_dead_lettered() {
     env.mongo
         .configure_fail_point(
             "failCommand",
-            doc! { "mode": { "times": 8 }, "data": { "failCommands": ["update", "insert"], "errorCode": 91 } },
+            doc! { "mode": { "times": 3 }, "data": { "failCommands": ["update", "insert"], "errorCode": 91 } },
         )
         .await
         .unwrap();
-    let _p = env.spawn_projector("").await;
+    let p = env.spawn_projector("").await;
     env.publish(&events).await;
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    // The fail point fired: every failed write was retried.
+    let retries = metric(&p, ordo_core::metrics::RETRIES).await;
+    assert!(retries >= 3.0, "{retries} retries counted\n{}", p.logs());
 }
 
 /// A projection slower than the lock duration keeps its session: the lock is renewed during

@@ -1,16 +1,6 @@
 //! Reading the daemons' `/metrics` (Prometheus text format).
 
-/// Sum of every sample of metric `name` (all label sets), or 0 when absent.
-pub fn sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
+pub use ordo_testkit::prom::sum;
 
 /// Quantile `q` (0..1) estimated from a histogram's cumulative buckets, summed over label
 /// sets; the upper bound of the first bucket reaching the rank. None without samples.

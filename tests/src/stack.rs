@@ -209,9 +209,7 @@ grace_period = "10s"
     pub async fn metric(&self, name: &str) -> f64 {
         let mut total = 0.0;
         for d in self.producer.iter().chain(self.projectors.iter().flatten()) {
-            if let Ok((200, text)) = d.http_get("/metrics").await {
-                total += crate::prom::sum(&text, name);
-            }
+            total += d.metric(name).await;
         }
         total
     }

@@ -244,7 +244,7 @@ struct Run {
 async fn wait_published(world: &World, producer: &ordo_testkit::Daemon, base: f64, n: usize) {
     let mut last = (f64::NAN, Instant::now());
     loop {
-        let published = metric(producer, names::EVENTS_PUBLISHED).await - base;
+        let published = producer.metric(names::EVENTS_PUBLISHED).await - base;
         if published >= n as f64 {
             return;
         }
@@ -299,7 +299,7 @@ async fn producer_run(world: &World, n: usize, aggregates: usize, extra: &str) -
             .filter(|c| c.get("resumeToken").is_some())
     })
     .await;
-    let base = metric(p, names::EVENTS_PUBLISHED).await;
+    let base = p.metric(names::EVENTS_PUBLISHED).await;
     let cpu_before = cpu_seconds(producer.pid());
     let phase = CpuPhase::start(Some(producer.pid()));
     let docs = events(n, aggregates, "acct-");

@@ -45,14 +45,14 @@ async fn lost_history_is_republished_from_the_collection() {
     let mut producer = world.spawn(config);
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     wait_distinct(&collector, 310, DEADLINE).await;
-    let lost = metric(&producer, names::HISTORY_LOST).await;
+    let lost = producer.metric(names::HISTORY_LOST).await;
     assert!(lost >= 1.0, "history lost not counted\n{}", producer.logs());
     assert!(
         producer.logs().contains("history lost"),
         "{}",
         producer.logs()
     );
-    assert!(metric(&producer, names::EVENTS_REPUBLISHED).await >= 250.0);
+    assert!(producer.metric(names::EVENTS_REPUBLISHED).await >= 250.0);
     // Continues from 60; the replay may repeat events before the checkpoint (the margin).
     wait_checkpoint(&world, |cp| published(cp) >= 310).await;
     stop(&mut producer).await;
@@ -81,12 +81,12 @@ async fn updates_deletes_are_skipped_and_a_dropped_collection_is_followed_again(
     writer.write(&events, 10, 10).await;
     wait_distinct(&collector, 30, DEADLINE).await;
     wait_checkpoint(&world, |cp| published(cp) >= 30).await;
-    assert_eq!(metric(&producer, names::EVENTS_PARKED).await, 0.0);
+    assert_eq!(producer.metric(names::EVENTS_PARKED).await, 0.0);
 
     events.drop().await.unwrap();
     let p = &producer;
     wait_until(DEADLINE, || async move {
-        metric(p, names::HISTORY_LOST).await >= 1.0
+        p.metric(names::HISTORY_LOST).await >= 1.0
     })
     .await;
     assert!(
@@ -139,7 +139,7 @@ async fn broker_outage_turns_readiness_off_and_loses_nothing() {
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 100, 50).await;
     wait_distinct(&collector, 500, DEADLINE).await;
-    assert!(metric(&producer, names::RETRIES).await >= 1.0);
+    assert!(producer.metric(names::RETRIES).await >= 1.0);
     stop(&mut producer).await;
     collector.stop().await.check(&writer.expected()).unwrap();
 }
@@ -237,10 +237,10 @@ async fn standby_takes_over_after_kill_nine() {
     b.wait_ready(Duration::from_secs(30)).await.unwrap();
     let (ra, rb) = (&a, &b);
     wait_until(Duration::from_secs(20), || async move {
-        metric(ra, names::LEASE_HELD).await + metric(rb, names::LEASE_HELD).await == 1.0
+        ra.metric(names::LEASE_HELD).await + rb.metric(names::LEASE_HELD).await == 1.0
     })
     .await;
-    let a_active = metric(&a, names::LEASE_HELD).await == 1.0;
+    let a_active = a.metric(names::LEASE_HELD).await == 1.0;
     let (mut active, standby) = if a_active { (a, b) } else { (b, a) };
     assert!(
         standby.is_ready().await,
@@ -255,7 +255,7 @@ async fn standby_takes_over_after_kill_nine() {
     let _ = active.wait_exit(Duration::from_secs(10)).await;
     let s = &standby;
     wait_until(Duration::from_secs(15), || async move {
-        metric(s, names::LEASE_HELD).await == 1.0
+        s.metric(names::LEASE_HELD).await == 1.0
     })
     .await;
     let took = killed.elapsed();
@@ -313,7 +313,7 @@ async fn invalid_events_are_parked_and_the_rest_published() {
     }
     reasons.sort();
     assert_eq!(reasons, ["invalid_field", "missing_field", "too_large"]);
-    assert_eq!(metric(&producer, names::EVENTS_PARKED).await, 3.0);
+    assert_eq!(producer.metric(names::EVENTS_PARKED).await, 3.0);
     stop(&mut producer).await;
     // Parked events are not published events.
     assert_eq!(published(&world.checkpoint().await.unwrap()), 80);

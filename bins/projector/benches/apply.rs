@@ -97,14 +97,14 @@ async fn measure(mode: &'static str, prefix: &str, extra: &str, n: usize) -> Mea
     let total = events.len() as f64;
     // The window starts with the first applied event (connecting is not applying).
     let (t0, applied0, cpu0) = loop {
-        let applied = metric(&proj, m::EVENTS_APPLIED).await;
+        let applied = proj.metric(m::EVENTS_APPLIED).await;
         if applied > 0.0 {
             break (Instant::now(), applied, cpu_seconds(proj.pid()));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let deadline = Instant::now() + Duration::from_secs(900);
-    while metric(&proj, m::EVENTS_APPLIED).await < total {
+    while proj.metric(m::EVENTS_APPLIED).await < total {
         assert!(Instant::now() < deadline, "{mode}: not done within 15 min");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

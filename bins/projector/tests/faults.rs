@@ -137,7 +137,7 @@ async fn database_fail_points_are_retried_not_dead_lettered() {
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
     // The fail point fired: every failed write was retried.
-    let retries = metric(&p, ordo_core::metrics::RETRIES).await;
+    let retries = p.metric(ordo_core::metrics::RETRIES).await;
     assert!(retries >= 3.0, "{retries} retries counted\n{}", p.logs());
 }
 

@@ -122,7 +122,7 @@ async fn three_projectors_converge_to_the_fold_and_replayed_duplicates_change_no
 async fn sum(procs: &[Daemon], name: &str) -> f64 {
     let mut total = 0.0;
     for p in procs {
-        total += metric(p, name).await;
+        total += p.metric(name).await;
     }
     total
 }
@@ -146,7 +146,7 @@ async fn a_projector_killed_mid_run_loses_nothing() {
     let procs_ref = &procs;
     let victim = wait_for(Duration::from_secs(60), || async move {
         for (i, p) in procs_ref.iter().enumerate() {
-            if metric(p, m::SESSIONS_HELD).await > 0.0 && metric(p, m::EVENTS_APPLIED).await > 0.0 {
+            if p.metric(m::SESSIONS_HELD).await > 0.0 && p.metric(m::EVENTS_APPLIED).await > 0.0 {
                 return Some(i);
             }
         }
@@ -284,7 +284,7 @@ async fn sigterm_with_sessions_held_exits_zero_within_the_grace_period() {
         .await;
     let p = &proj;
     wait_until(Duration::from_secs(30), || async move {
-        metric(p, m::SESSIONS_HELD).await > 0.0
+        p.metric(m::SESSIONS_HELD).await > 0.0
     })
     .await;
     let sent = Instant::now();

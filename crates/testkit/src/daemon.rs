@@ -151,6 +151,15 @@ impl Daemon {
         Ok((status, resp.text().await?))
     }
 
+    /// The sum of every series of metric `name` on the daemon's `/metrics` right now; 0 when
+    /// absent or when the daemon does not answer.
+    pub async fn metric(&self, name: &str) -> f64 {
+        match self.http_get("/metrics").await {
+            Ok((200, body)) => crate::prom::sum(&body, name),
+            _ => 0.0,
+        }
+    }
+
     /// Sends SIGTERM (graceful shutdown).
     pub fn sigterm(&self) -> anyhow::Result<()> {
         self.signal(rustix::process::Signal::TERM)

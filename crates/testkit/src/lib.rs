@@ -20,6 +20,7 @@ mod lock;
 pub mod mongo;
 pub mod net;
 pub mod paths;
+pub mod prom;
 pub mod servicebus;
 pub mod wait;
 

@@ -345,20 +345,6 @@ pub fn wait_distinct(
     })
 }
 
-/// The sum of a metric's samples (all label sets) on the daemon's `/metrics`, 0 when absent.
-pub async fn metric(daemon: &Daemon, name: &str) -> f64 {
-    let Ok((200, body)) = daemon.http_get("/metrics").await else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Waits until the stream's checkpoint has a position and satisfies `pred`.
 pub async fn wait_checkpoint(world: &World, pred: impl Fn(&Document) -> bool) -> Document {
     let pred = &pred;

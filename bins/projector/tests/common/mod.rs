@@ -450,21 +450,6 @@ pub fn workload(prefix: &str, n: usize, per: i64) -> Vec<Document> {
     out
 }
 
-/// The sum of every series of metric `name` a daemon exposes right now (0 when absent or the
-/// daemon does not answer).
-pub async fn metric(d: &Daemon, name: &str) -> f64 {
-    let Ok((200, body)) = d.http_get("/metrics").await else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Read models of a projection's collection, by id, exactly as stored.
 pub async fn raw_models(env: &Env, collection: &str) -> BTreeMap<String, Document> {
     let docs: Vec<Document> = env

@@ -1,0 +1,31 @@
+//! Reading a daemon's `/metrics` (Prometheus text format).
+
+/// Sum of every sample of metric `name` (all label sets), or 0 when absent.
+pub fn sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_every_label_set_of_exactly_that_metric() {
+        let text = "# TYPE ordo_events_applied_total counter
+ordo_events_applied_total 40
+ordo_events_applied_total_extra 7
+ordo_dead_lettered_total{reason=\"poison\"} 2
+ordo_dead_lettered_total{reason=\"blocked\"} 3
+";
+        assert_eq!(sum(text, "ordo_events_applied_total"), 40.0);
+        assert_eq!(sum(text, "ordo_dead_lettered_total"), 5.0);
+        assert_eq!(sum(text, "missing"), 0.0);
+    }
+}

@@ -254,6 +254,31 @@ struct EntityState {
     dlq: Store,
 }
 
+impl EntityState {
+    fn store(&self, part: Part) -> &Store {
+        match part {
+            Part::Main => &self.main,
+            Part::DeadLetter => &self.dlq,
+        }
+    }
+
+    fn store_mut(&mut self, part: Part) -> &mut Store {
+        match part {
+            Part::Main => &mut self.main,
+            Part::DeadLetter => &mut self.dlq,
+        }
+    }
+
+    /// The store of `part` and the dead-letter queue its messages may move to (none for the
+    /// dead-letter queue itself).
+    fn store_and_dlq(&mut self, part: Part) -> (&mut Store, Option<&mut Store>) {
+        match part {
+            Part::Main => (&mut self.main, Some(&mut self.dlq)),
+            Part::DeadLetter => (&mut self.dlq, None),
+        }
+    }
+}
+
 const DEAD_LETTER_REASON: &str = "DeadLetterReason";
 const DEAD_LETTER_DESCRIPTION: &str = "DeadLetterErrorDescription";
 
@@ -402,10 +427,7 @@ impl Entity {
         let next = {
             let mut guard = self.lock();
             let state = &mut *guard;
-            let (store, mut dlq) = match part {
-                Part::Main => (&mut state.main, Some(&mut state.dlq)),
-                Part::DeadLetter => (&mut state.dlq, None),
-            };
+            let (store, mut dlq) = state.store_and_dlq(part);
             let empty: Arc<str> = Arc::from("");
             let key = session.unwrap_or(&empty);
             let Some(queue) = store.sessions.get_mut(key) else {
@@ -510,10 +532,7 @@ impl Entity {
             let state = &mut *guard;
             if check {
                 let sessionful = self.settings.requires_session && part == Part::Main;
-                let store = match part {
-                    Part::Main => &state.main,
-                    Part::DeadLetter => &state.dlq,
-                };
+                let store = state.store(part);
                 lock_held(store, token, sessionful, now)?;
             }
             match part {
@@ -546,10 +565,7 @@ impl Entity {
     pub(crate) fn put_back(&self, part: Part, token: u128) {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let store = match part {
-            Part::Main => &mut state.main,
-            Part::DeadLetter => &mut state.dlq,
-        };
+        let store = state.store_mut(part);
         settle_in(store, None, token, Settle::Unsent, &self.settings, now_ms());
     }
 
@@ -670,10 +686,7 @@ impl Entity {
     ) -> Result<Vec<i64>, LockError> {
         let mut guard = self.lock();
         let lock_ms = self.settings.lock_ms;
-        let store = match part {
-            Part::Main => &mut guard.main,
-            Part::DeadLetter => &mut guard.dlq,
-        };
+        let store = guard.store_mut(part);
         let mut out = Vec::with_capacity(tokens.len());
         for token in tokens {
             if let Some(seq) = store.deferred_tokens.get(token) {
@@ -744,10 +757,7 @@ impl Entity {
                 .map_err(|_| DeferredError::SessionLockLost)?
                 .until_ms;
         }
-        let store = match part {
-            Part::Main => &mut state.main,
-            Part::DeadLetter => &mut state.dlq,
-        };
+        let store = state.store_mut(part);
         for seq in seqs {
             match store.deferred.get(seq) {
                 Some(s)
@@ -790,10 +800,7 @@ impl Entity {
         let dlq_grew = {
             let mut guard = self.lock();
             let state = &mut *guard;
-            let (store, dlq) = match part {
-                Part::Main => (&mut state.main, Some(&mut state.dlq)),
-                Part::DeadLetter => (&mut state.dlq, None),
-            };
+            let (store, dlq) = state.store_and_dlq(part);
             let Some(&seq) = store.deferred_tokens.get(&token) else {
                 drop(guard);
                 return self.settle_if_locked(part, token, settle, now);
@@ -823,10 +830,7 @@ impl Entity {
         session: Option<&str>,
     ) -> Vec<Stored> {
         let guard = self.lock();
-        let store = match part {
-            Part::Main => &guard.main,
-            Part::DeadLetter => &guard.dlq,
-        };
+        let store = guard.store(part);
         let mut all: Vec<&Stored> = Vec::new();
         for (key, queue) in &store.sessions {
             if session.is_none_or(|id| **key == *id) {
@@ -872,10 +876,7 @@ impl Entity {
             }
             // Locks on deferred messages received by sequence number.
             for part in [Part::Main, Part::DeadLetter] {
-                let store = match part {
-                    Part::Main => &state.main,
-                    Part::DeadLetter => &state.dlq,
-                };
+                let store = state.store(part);
                 let expired: Vec<u128> = store
                     .deferred_tokens
                     .iter()
@@ -889,19 +890,13 @@ impl Entity {
                     .map(|(t, _)| *t)
                     .collect();
                 for token in expired {
-                    let (store, dlq) = match part {
-                        Part::Main => (&mut state.main, Some(&mut state.dlq)),
-                        Part::DeadLetter => (&mut state.dlq, None),
-                    };
+                    let (store, dlq) = state.store_and_dlq(part);
                     dlq_grew |= settle_deferred(store, dlq, token, Settle::Lost, &self.settings);
                 }
             }
             // Message locks outside sessions.
             for part in [Part::Main, Part::DeadLetter] {
-                let store = match part {
-                    Part::Main => &state.main,
-                    Part::DeadLetter => &state.dlq,
-                };
+                let store = state.store(part);
                 let expired: Vec<u128> = store
                     .tokens
                     .iter()

@@ -88,7 +88,8 @@ impl CpuPhase {
     }
 
     /// One line: CPU ms per 1,000 events per process, and how busy the machine's cores were.
-    fn report(&self, phase: &str, n: usize) {
+    /// Returns the CPU seconds the producer used, when the phase has one.
+    fn report(&self, phase: &str, n: usize) -> Option<f64> {
         let wall = self.started.elapsed().as_secs_f64();
         let per_1000 = |cpu: f64| cpu / n as f64 * 1000.0 * 1000.0;
         let mut total = 0.0;
@@ -101,8 +102,8 @@ impl CpuPhase {
         let used = cpu_seconds(std::process::id()) - self.this;
         total += used;
         parts.push(format!("inserts+emulator {:.1}", per_1000(used)));
-        if let Some((pid, before)) = self.producer {
-            let used = cpu_seconds(pid) - before;
+        let producer = self.producer.map(|(pid, before)| cpu_seconds(pid) - before);
+        if let Some(used) = producer {
             total += used;
             parts.push(format!("producer {:.1}", per_1000(used)));
         }
@@ -112,6 +113,7 @@ impl CpuPhase {
             parts.join(", "),
             total / wall / cores * 100.0
         );
+        producer
     }
 }
 
@@ -300,7 +302,6 @@ async fn producer_run(world: &World, n: usize, aggregates: usize, extra: &str) -
     })
     .await;
     let base = p.metric(names::EVENTS_PUBLISHED).await;
-    let cpu_before = cpu_seconds(producer.pid());
     let phase = CpuPhase::start(Some(producer.pid()));
     let docs = events(n, aggregates, "acct-");
     let started = Instant::now();
@@ -308,8 +309,9 @@ async fn producer_run(world: &World, n: usize, aggregates: usize, extra: &str) -
     let inserted = started.elapsed().as_secs_f64();
     wait_published(world, p, base, n).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(producer.pid()) - cpu_before;
-    phase.report("producer run", n);
+    let cpu = phase
+        .report("producer run", n)
+        .expect("the phase measures the producer");
     println!(
         "inserts done after {inserted:.2} s ({:.0} events/s), published after {elapsed:.2} s",
         n as f64 / inserted

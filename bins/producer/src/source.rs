@@ -395,7 +395,7 @@ impl Source {
     async fn stream(&self, start: Start) -> Result<Read, SourceError> {
         let capacity = (self.cfg.producer.read_batch_size as usize).clamp(1, 4096);
         let (tx, mut rx) = tokio::sync::mpsc::channel(capacity);
-        let tail = {
+        let mut tail = {
             let this = self.clone();
             AbortOnDrop(tokio::spawn(async move { this.tail(start, tx).await }))
         };
@@ -410,7 +410,7 @@ impl Source {
             }
         }
         // The channel closes only when `tail` returned: everything it read is handled.
-        match (&mut { tail }.0).await {
+        match (&mut tail.0).await {
             Ok(read) => Ok(read),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Ok(Read::Stop),

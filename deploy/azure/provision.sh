@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Creates (or brings up to date) the Service Bus entities ordo needs, with the az CLI:
 # a Standard namespace, a partitioned topic with duplicate detection, a session-enabled
-# subscription, and least-privilege SAS rules; then writes the connection strings to an env
-# file (mode 0600). Safe to run again: existing entities are updated, not recreated.
-# The same resources as main.bicep, for those who prefer plain az commands.
+# subscription, and least-privilege SAS rules; then writes each connection string to its own
+# file (mode 0600) in a directory outside the repository. Safe to run again: existing
+# entities are updated, not recreated, and an existing topic or subscription is checked for
+# the settings that cannot change after creation.
+# The Service Bus entities of main.bicep (Standard only; the Bicep also offers Premium, alerts
+# and Key Vault), for those who prefer plain az commands.
 #
 #   deploy/azure/provision.sh --resource-group RG --namespace NAME [--location westeurope]
 #
@@ -14,28 +17,39 @@ usage() {
   cat <<'USAGE'
 usage: provision.sh --resource-group RG --namespace NAME [options]
 
-  --resource-group RG     resource group, created when missing      [ORDO_AZ_RESOURCE_GROUP]
+  --resource-group RG     resource group; created in --location when
+                          missing, used wherever it is otherwise    [ORDO_AZ_RESOURCE_GROUP]
   --namespace NAME        globally unique namespace name             [ORDO_AZ_NAMESPACE]
-  --location LOC          region (default westeurope)                [ORDO_AZ_LOCATION]
+  --location LOC          region of a new group and namespace
+                          (default: the group's, else westeurope)    [ORDO_AZ_LOCATION]
   --topic NAME            topic (default ordo-events)                [ORDO_AZ_TOPIC]
   --subscription NAME     subscription (default projector)           [ORDO_AZ_SUBSCRIPTION]
   --max-size MB           topic size, 1024-5120 (default 5120)       [ORDO_AZ_MAX_SIZE_MB]
   --dedup-window ISO8601  duplicate detection window (default PT10M) [ORDO_AZ_DEDUP_WINDOW]
   --no-keda               do not create the Manage rule for KEDA     [ORDO_AZ_KEDA=false]
-  --out FILE              env file for the connection strings
-                          (default ./ordo-servicebus.env)            [ORDO_AZ_OUT]
+  --out DIR               directory for the connection strings
+                          (default ~/.config/ordo/NAMESPACE)         [ORDO_AZ_OUT]
+
+Files written to DIR (mode 0600, directory 0700):
+  servicebus-producer     Send-only connection string: /etc/ordo/creds/servicebus-producer
+                          (systemd) or the Secret ordo-servicebus-producer (Kubernetes)
+  servicebus-projector    Listen-only: servicebus-projector / ordo-servicebus-projector
+  servicebus-keda         Manage, for KEDA's TriggerAuthentication only
+  producer.env, projector.env
+                          AZURE_SERVICEBUS_CONNECTION_STRING=… plus the entity names, for
+                          an EnvironmentFile or `set -a; . FILE`
 USAGE
 }
 
 rg="${ORDO_AZ_RESOURCE_GROUP:-}"
 ns="${ORDO_AZ_NAMESPACE:-}"
-location="${ORDO_AZ_LOCATION:-westeurope}"
+location="${ORDO_AZ_LOCATION:-}"
 topic="${ORDO_AZ_TOPIC:-ordo-events}"
 subscription="${ORDO_AZ_SUBSCRIPTION:-projector}"
 max_size="${ORDO_AZ_MAX_SIZE_MB:-5120}"
 dedup_window="${ORDO_AZ_DEDUP_WINDOW:-PT10M}"
 keda="${ORDO_AZ_KEDA:-true}"
-out="${ORDO_AZ_OUT:-./ordo-servicebus.env}"
+out="${ORDO_AZ_OUT:-}"
 ttl="P14D"
 
 while [ $# -gt 0 ]; do
@@ -68,8 +82,17 @@ command -v az >/dev/null || { echo "provision: the az CLI is required" >&2; exit
 log() { echo "provision: $*" >&2; }
 common=(--resource-group "$rg" --namespace-name "$ns" --only-show-errors --output none)
 
-log "resource group $rg ($location)"
-az group create --name "$rg" --location "$location" --only-show-errors --output none
+# `az group create` on an existing group in another region fails: only create a missing one.
+if [ "$(az group exists --name "$rg" --only-show-errors)" = "true" ]; then
+  group_location="$(az group show --name "$rg" --query location --output tsv --only-show-errors)"
+  log "resource group $rg exists ($group_location)"
+  location="${location:-$group_location}"
+else
+  location="${location:-westeurope}"
+  log "creating resource group $rg ($location)"
+  az group create --name "$rg" --location "$location" --only-show-errors --output none
+fi
+out="${out:-$HOME/.config/ordo/$ns}"
 
 # Standard: the cheapest tier with topics and partitioned entities.
 if az servicebus namespace show --resource-group "$rg" --name "$ns" --only-show-errors --output none 2>/dev/null; then
@@ -80,16 +103,22 @@ else
     --sku Standard --min-tls 1.2 --only-show-errors --output none
 fi
 
-# Partitioning is fixed at creation: an existing topic is only updated.
+# Partitioning and duplicate detection are fixed at creation: an existing topic is checked,
+# then only its changeable settings are updated.
 topic_settings=(--enable-duplicate-detection true
   --duplicate-detection-history-time-window "$dedup_window"
   --max-size "$max_size" --default-message-time-to-live "$ttl")
 if az servicebus topic show "${common[@]}" --name "$topic" 2>/dev/null; then
-  partitioned="$(az servicebus topic show --resource-group "$rg" --namespace-name "$ns" \
-    --name "$topic" --query enablePartitioning --output tsv --only-show-errors)"
-  if [ "$partitioned" != "true" ]; then
-    echo "provision: topic $topic exists but is not partitioned; ordo needs a partitioned topic (delete it or choose another --topic)" >&2
+  settings="$(az servicebus topic show --resource-group "$rg" --namespace-name "$ns" \
+    --name "$topic" --query '[enablePartitioning, requiresDuplicateDetection]' --output tsv \
+    --only-show-errors)"
+  read -r partitioned dedup <<<"${settings//$'\n'/ }"
+  if [ "$dedup" != "true" ]; then
+    echo "provision: topic $topic exists without duplicate detection, which cannot be turned on later; ordo needs it (delete the topic or choose another --topic)" >&2
     exit 1
+  fi
+  if [ "$partitioned" != "true" ]; then
+    log "warning: topic $topic is not partitioned (fixed at creation); ordo works, with one partition's throughput"
   fi
   log "updating topic $topic"
   az servicebus topic update "${common[@]}" --name "$topic" \
@@ -139,22 +168,43 @@ if [ "$keda" = "true" ]; then
   rule ordo-keda Manage Listen Send
 fi
 
-umask 077
-tmp="$(mktemp "${out}.XXXXXX")"
-trap 'rm -f "$tmp"' EXIT
-{
-  echo "# Written by deploy/azure/provision.sh for $ns/$topic/$subscription. Secrets: keep 0600."
-  echo "AZURE_SERVICEBUS_TOPIC_NAME=$topic"
-  echo "AZURE_SERVICEBUS_SUBSCRIPTION_NAME=$subscription"
-  echo "# ordo-producer (Send only)"
-  echo "ORDO_PRODUCER_SERVICEBUS_CONNECTION_STRING=$(connection_string ordo-producer)"
-  echo "# ordo-projector (Listen only)"
-  echo "ORDO_PROJECTOR_SERVICEBUS_CONNECTION_STRING=$(connection_string ordo-projector)"
-  if [ "$keda" = "true" ]; then
-    echo "# KEDA TriggerAuthentication only (Manage)"
-    echo "ORDO_KEDA_SERVICEBUS_CONNECTION_STRING=$(connection_string ordo-keda)"
+# Every key is fetched before anything is written: a failed or empty answer stops the script
+# (an assignment's status is the command substitution's, so set -e sees it).
+producer_cs="$(connection_string ordo-producer)"
+projector_cs="$(connection_string ordo-projector)"
+keda_cs=""
+if [ "$keda" = "true" ]; then
+  keda_cs="$(connection_string ordo-keda)"
+fi
+for v in producer_cs projector_cs; do
+  if [ -z "${!v}" ]; then
+    echo "provision: could not read the ${v%_cs} connection string" >&2
+    exit 1
   fi
-} >"$tmp"
-mv "$tmp" "$out"
-trap - EXIT
-log "connection strings written to $out (mode 0600); give each daemon its own as AZURE_SERVICEBUS_CONNECTION_STRING"
+done
+if [ "$keda" = "true" ] && [ -z "$keda_cs" ]; then
+  echo "provision: could not read the keda connection string" >&2
+  exit 1
+fi
+
+umask 077
+mkdir -p "$out"
+chmod 0700 "$out"
+write() { # file content: written next to the target, then moved, so no half-written secret
+  local tmp
+  tmp="$(mktemp "$out/.$1.XXXXXX")"
+  printf '%s' "$2" >"$tmp"
+  mv "$tmp" "$out/$1"
+}
+write servicebus-producer "$producer_cs"
+write servicebus-projector "$projector_cs"
+[ -z "$keda_cs" ] || write servicebus-keda "$keda_cs"
+entities="AZURE_SERVICEBUS_TOPIC_NAME=$topic
+AZURE_SERVICEBUS_SUBSCRIPTION_NAME=$subscription"
+write producer.env "AZURE_SERVICEBUS_CONNECTION_STRING=$producer_cs
+$entities
+"
+write projector.env "AZURE_SERVICEBUS_CONNECTION_STRING=$projector_cs
+$entities
+"
+log "connection strings written to $out (mode 0600): servicebus-producer, servicebus-projector${keda_cs:+, servicebus-keda}, producer.env, projector.env"

@@ -27,6 +27,10 @@ usage: provision.sh --resource-group RG --namespace NAME [options]
   --max-size MB           topic size, 1024-5120 (default 5120)       [ORDO_AZ_MAX_SIZE_MB]
   --dedup-window ISO8601  duplicate detection window (default PT10M) [ORDO_AZ_DEDUP_WINDOW]
   --no-keda               do not create the Manage rule for KEDA     [ORDO_AZ_KEDA=false]
+  --demo                  also create ordo-demo (Send and Listen), the one
+                          connection string scripts/demo.sh and the tests
+                          need; only in a namespace used for nothing else
+                                                                     [ORDO_AZ_DEMO=true]
   --out DIR               directory for the connection strings
                           (default ~/.config/ordo/NAMESPACE)         [ORDO_AZ_OUT]
 
@@ -35,6 +39,7 @@ Files written to DIR (mode 0600, directory 0700):
                           (systemd) or the Secret ordo-servicebus-producer (Kubernetes)
   servicebus-projector    Listen-only: servicebus-projector / ordo-servicebus-projector
   servicebus-keda         Manage, for KEDA's TriggerAuthentication only
+  servicebus-demo         Send and Listen, with --demo only
   producer.env, projector.env
                           AZURE_SERVICEBUS_CONNECTION_STRING=… plus the entity names, for
                           an EnvironmentFile or `set -a; . FILE`
@@ -49,6 +54,7 @@ subscription="${ORDO_AZ_SUBSCRIPTION:-projector}"
 max_size="${ORDO_AZ_MAX_SIZE_MB:-5120}"
 dedup_window="${ORDO_AZ_DEDUP_WINDOW:-PT10M}"
 keda="${ORDO_AZ_KEDA:-true}"
+demo="${ORDO_AZ_DEMO:-false}"
 out="${ORDO_AZ_OUT:-}"
 ttl="P14D"
 
@@ -62,6 +68,7 @@ while [ $# -gt 0 ]; do
     --max-size) max_size="$2"; shift 2 ;;
     --dedup-window) dedup_window="$2"; shift 2 ;;
     --no-keda) keda=false; shift ;;
+    --demo) demo=true; shift ;;
     --out) out="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "provision: unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -167,6 +174,10 @@ if [ "$keda" = "true" ]; then
   # KEDA reads the backlog through the management API: Manage (which requires Listen and Send).
   rule ordo-keda Manage Listen Send
 fi
+if [ "$demo" = "true" ]; then
+  # The demo and the tests run both daemons from one connection string.
+  rule ordo-demo Send Listen
+fi
 
 # Every key is fetched before anything is written: a failed or empty answer stops the script
 # (an assignment's status is the command substitution's, so set -e sees it).
@@ -186,6 +197,11 @@ if [ "$keda" = "true" ] && [ -z "$keda_cs" ]; then
   echo "provision: could not read the keda connection string" >&2
   exit 1
 fi
+demo_cs=""
+if [ "$demo" = "true" ]; then
+  demo_cs="$(connection_string ordo-demo)"
+  [ -n "$demo_cs" ] || { echo "provision: could not read the demo connection string" >&2; exit 1; }
+fi
 
 umask 077
 mkdir -p "$out"
@@ -199,6 +215,7 @@ write() { # file content: written next to the target, then moved, so no half-wri
 write servicebus-producer "$producer_cs"
 write servicebus-projector "$projector_cs"
 [ -z "$keda_cs" ] || write servicebus-keda "$keda_cs"
+[ -z "$demo_cs" ] || write servicebus-demo "$demo_cs"
 entities="AZURE_SERVICEBUS_TOPIC_NAME=$topic
 AZURE_SERVICEBUS_SUBSCRIPTION_NAME=$subscription"
 write producer.env "AZURE_SERVICEBUS_CONNECTION_STRING=$producer_cs
@@ -207,4 +224,4 @@ $entities
 write projector.env "AZURE_SERVICEBUS_CONNECTION_STRING=$projector_cs
 $entities
 "
-log "connection strings written to $out (mode 0600): servicebus-producer, servicebus-projector${keda_cs:+, servicebus-keda}, producer.env, projector.env"
+log "connection strings written to $out (mode 0600): servicebus-producer, servicebus-projector${keda_cs:+, servicebus-keda}${demo_cs:+, servicebus-demo}, producer.env, projector.env"

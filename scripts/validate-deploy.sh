@@ -475,6 +475,15 @@ def names(expr):
         found.add(re.sub(r"_(bucket|sum|count)$", "", n) if n not in known else n)
     return found
 exprs = [(f"rule {r['alert']}", r["expr"]) for g in rules["groups"] for r in g["rules"]]
+# Every runbook link must land on a heading of docs/operations.md (GitHub's anchor rules).
+def slug(heading):
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", open("docs/operations.md").read(), re.M)}
+for g in rules["groups"]:
+    for r in g["rules"]:
+        link = r["annotations"].get("runbook", "")
+        if not link.startswith("docs/operations.md#") or link.split("#", 1)[1] not in anchors:
+            problems.append(f"rule {r['alert']}: runbook {link!r} is not a heading of docs/operations.md")
 dash = json.load(open(f"{mon}/grafana-dashboard.json"))
 for p in dash["panels"]:
     for t in p.get("targets", []):
@@ -494,7 +503,7 @@ sys.exit(1 if problems else 0)
 PY
 then
   if out="$("$promtool" check rules "$work/dashboard-rules.yaml" 2>&1)"; then
-    ok "dashboard and PrometheusRule: queries parse, metric names exist, rule copies agree"
+    ok "dashboard and PrometheusRule: queries parse, metric names exist, rule copies agree, runbooks exist"
   else
     echo "$out" >&2
     fail "promtool check rules on the dashboard's queries"

@@ -455,6 +455,12 @@ else
   echo "$out" >&2
   fail "promtool test rules $mon/tests/ordo-rules.test.yaml"
 fi
+if [ ${#kustomize[@]} -gt 0 ] && n="$("${kustomize[@]}" "$mon" | grep -c '^kind: \(ServiceMonitor\|PrometheusRule\|ConfigMap\)$')" \
+  && [ "$n" -eq 3 ]; then
+  ok "kustomize build $mon (ServiceMonitor, PrometheusRule, dashboard ConfigMap)"
+else
+  fail "kustomize build $mon"
+fi
 # The dashboard's queries become recording rules so promtool parses them; their metric names
 # must be ordo's (docs/metrics.md) or the two external ones the rules use.
 if "$bin/python" - "$mon" docs/metrics.md "$work/dashboard-rules.yaml" <<'PY'

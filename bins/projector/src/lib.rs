@@ -86,6 +86,7 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
         store.clone(),
         cfg.projector.clone(),
     ));
+    engine.readiness.publish_to(health.clone());
     let workers = cfg.projector.max_concurrent_sessions;
     tracing::info!(
         workers,
@@ -109,8 +110,8 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
         }
     });
     spawn_supervised(&engine, &shutdown, "readiness_probe", {
-        let (engine, health, cancel) = (engine.clone(), health.clone(), shutdown.token.clone());
-        move || probe(engine.clone(), health.clone(), cancel.clone())
+        let (engine, cancel) = (engine.clone(), shutdown.token.clone());
+        move || probe(engine.clone(), cancel.clone())
     });
     spawn_supervised(&engine, &shutdown, "blocked_gauge", {
         let (store, cancel) = (store.clone(), shutdown.token.clone());
@@ -179,8 +180,8 @@ where
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Pings MongoDB and publishes the readiness verdict (the database plus the workers' alarms).
-async fn probe(engine: Arc<Engine>, health: Arc<telemetry::Health>, cancel: CancellationToken) {
+/// Pings MongoDB for the readiness verdict.
+async fn probe(engine: Arc<Engine>, cancel: CancellationToken) {
     let mut was_reachable = true;
     while !cancel.is_cancelled() {
         let ping = engine
@@ -210,7 +211,6 @@ async fn probe(engine: Arc<Engine>, health: Arc<telemetry::Health>, cancel: Canc
         }
         was_reachable = reachable;
         engine.readiness.set_database_reachable(reachable);
-        health.set_ready(engine.readiness.is_ready());
         tokio::select! {
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
             _ = cancel.cancelled() => {}

@@ -1,11 +1,15 @@
-//! What the projector's `/readyz` says: ready while MongoDB answers and no worker is stuck on a
-//! fault. Workers raise an [`Alarm`] while their connect or accept fails (broker unreachable,
-//! credentials refused, topic or subscription missing or without sessions) or while a batch is
-//! retried for a database fault; the probe task in `lib.rs` pings MongoDB and publishes the
-//! verdict. An alarm is lowered when its holder succeeds, or when it is dropped (a worker that
-//! panics does not leave the process unready for good).
+//! What the projector's `/readyz` says: ready once the broker has answered an accept, while
+//! MongoDB answers and no worker is stuck on a fault. Workers raise an [`Alarm`] while their
+//! connect or accept fails (broker unreachable, credentials refused, topic or subscription
+//! missing or without sessions) or while a batch is retried for a database fault; the probe
+//! task in `lib.rs` pings MongoDB. Every change is published to the health endpoint at once.
+//! An alarm is lowered when its holder succeeds, or when it is dropped (a worker that panics
+//! does not leave the process unready for good).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use ordo_core::telemetry::Health;
 
 /// The faults that make the projector unready.
 #[derive(Debug)]
@@ -13,6 +17,8 @@ pub struct Readiness {
     broker: AtomicUsize,
     store: AtomicUsize,
     database: AtomicBool,
+    broker_answered: AtomicBool,
+    health: OnceLock<Arc<Health>>,
 }
 
 impl Default for Readiness {
@@ -21,26 +27,51 @@ impl Default for Readiness {
             broker: AtomicUsize::new(0),
             store: AtomicUsize::new(0),
             database: AtomicBool::new(true),
+            broker_answered: AtomicBool::new(false),
+            health: OnceLock::new(),
         }
     }
 }
 
 impl Readiness {
-    /// True while nothing is failing.
+    /// True once the broker has answered and while nothing is failing.
     pub fn is_ready(&self) -> bool {
-        self.broker.load(Ordering::SeqCst) == 0
+        self.broker_answered.load(Ordering::SeqCst)
+            && self.broker.load(Ordering::SeqCst) == 0
             && self.store.load(Ordering::SeqCst) == 0
             && self.database.load(Ordering::SeqCst)
+    }
+
+    /// Sends every later verdict to `health` (and this one).
+    pub fn publish_to(&self, health: Arc<Health>) {
+        let _ = self.health.set(health);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        if let Some(h) = self.health.get() {
+            h.set_ready(self.is_ready());
+        }
     }
 
     /// The probe's verdict on MongoDB.
     pub fn set_database_reachable(&self, reachable: bool) {
         self.database.store(reachable, Ordering::SeqCst);
+        self.publish();
+    }
+
+    /// A worker's accept was answered by the broker (a session, or none available): the
+    /// connection, the credentials and the subscription work.
+    pub fn broker_answered(&self) {
+        if !self.broker_answered.swap(true, Ordering::SeqCst) {
+            self.publish();
+        }
     }
 
     /// An alarm for a worker's Service Bus connection.
     pub fn broker_alarm(&self) -> Alarm<'_> {
         Alarm {
+            readiness: self,
             count: &self.broker,
             raised: false,
         }
@@ -49,6 +80,7 @@ impl Readiness {
     /// An alarm for a batch retried for a database fault.
     pub fn store_alarm(&self) -> Alarm<'_> {
         Alarm {
+            readiness: self,
             count: &self.store,
             raised: false,
         }
@@ -58,6 +90,7 @@ impl Readiness {
 /// One holder's vote against readiness.
 #[derive(Debug)]
 pub struct Alarm<'a> {
+    readiness: &'a Readiness,
     count: &'a AtomicUsize,
     raised: bool,
 }
@@ -68,6 +101,7 @@ impl Alarm<'_> {
         if !self.raised {
             self.raised = true;
             self.count.fetch_add(1, Ordering::SeqCst);
+            self.readiness.publish();
         }
     }
 
@@ -76,6 +110,7 @@ impl Alarm<'_> {
         if self.raised {
             self.raised = false;
             self.count.fetch_sub(1, Ordering::SeqCst);
+            self.readiness.publish();
         }
     }
 }
@@ -93,6 +128,8 @@ mod tests {
     #[test]
     fn an_alarm_holds_readiness_until_lowered_or_dropped() {
         let r = Readiness::default();
+        assert!(!r.is_ready(), "not before the broker answered");
+        r.broker_answered();
         assert!(r.is_ready());
         let mut a = r.broker_alarm();
         let mut b = r.store_alarm();

@@ -276,20 +276,36 @@ impl Engine {
                 };
                 match accepted {
                     Ok(Accepted::Session(session)) => {
+                        self.readiness.broker_answered();
                         alarm.lower();
                         delays = self.backoff().delays();
                         self.work_session(session, &cancel).await;
                     }
                     Ok(Accepted::Idle) => {
+                        self.readiness.broker_answered();
                         alarm.lower();
                         delays = self.backoff().delays();
                     }
                     Ok(Accepted::GaveUp) => {
+                        // The broker kept the attach open without refusing it: the connection,
+                        // the credentials and the subscription work, no session was free.
+                        self.readiness.broker_answered();
+                        alarm.lower();
                         tracing::debug!(
                             worker = index,
                             "accept timed out on the client; reconnecting"
                         );
                         source = None;
+                    }
+                    Ok(Accepted::Unclear) => {
+                        // Neither proof of health nor of a fault: readiness stays as the last
+                        // clear answer left it, and the next accept waits a little.
+                        let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                        metrics::counter!(m::RETRIES, "op" => "accept", "reason" => "unclear_refusal").increment(1);
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = cancel.cancelled() => break 'work,
+                        }
                     }
                     Err(e) => {
                         source = None;

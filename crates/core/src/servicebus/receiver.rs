@@ -75,30 +75,32 @@ impl ReceiveError {
         }
     }
 
-    /// Classifies a failed connect or accept by the error's type and AMQP condition. `None`
-    /// when the broker answered that no session is available.
-    fn of_accept(e: azure_core::Error) -> Option<Self> {
+    /// Classifies a failed connect or accept by the error's type and AMQP condition: what the
+    /// accept gave when the broker answered, or the fault.
+    fn of_accept<S>(e: azure_core::Error) -> Result<Accepted<S>, Self> {
         use fe2o3_amqp_client::link::ReceiverAttachError;
-        if let Some(ReceiverAttachError::RemoteClosedWithError(err)) =
-            e.downcast_ref::<ReceiverAttachError>()
-        {
-            let condition = condition_text(&err.condition);
-            if condition == CONDITION_TIMEOUT {
-                return None;
+        match e.downcast_ref::<ReceiverAttachError>() {
+            Some(ReceiverAttachError::RemoteClosedWithError(err)) => {
+                let condition = condition_text(&err.condition);
+                if condition == CONDITION_TIMEOUT {
+                    return Ok(Accepted::Idle);
+                }
+                return Err(ReceiveError::Refused {
+                    condition,
+                    description: err.description.clone().unwrap_or_default(),
+                });
             }
-            return Some(ReceiveError::Refused {
-                condition,
-                description: err.description.clone().unwrap_or_default(),
-            });
+            Some(ReceiverAttachError::IncomingSourceIsNone) => return Ok(Accepted::Unclear),
+            _ => {}
         }
         // The only request-response calls of a connect or accept are CBS put-token calls: a
         // status error there is the broker refusing the credentials.
         if let Some(fe2o3_amqp_management::error::Error::Status(status)) =
             e.downcast_ref::<fe2o3_amqp_management::error::Error>()
         {
-            return Some(ReceiveError::Unauthorized(status.to_string()));
+            return Err(ReceiveError::Unauthorized(status.to_string()));
         }
-        Some(ReceiveError::Broker(e.to_string()))
+        Err(ReceiveError::Broker(e.to_string()))
     }
 
     fn classify(e: azure_core::Error) -> Self {
@@ -154,6 +156,11 @@ pub enum Accepted<S> {
     /// The accept was cancelled by its timeout before the broker answered: the client may be
     /// halfway through an attach, so the source must be dropped, not used again.
     GaveUp,
+    /// The broker refused the link, but its reason was lost: the client detaches a link
+    /// attached without a source at once, and when that detach crosses the broker's own
+    /// (which carries the condition), the client keeps only "source field is none". It may
+    /// be "no session available" or a fault; the next accept tells.
+    Unclear,
 }
 
 /// The sessions of one subscription.
@@ -240,7 +247,9 @@ impl AzureSessionSource {
         prefetch: u32,
     ) -> Result<Self, ReceiveError> {
         let client = super::connect(conn, identifier).await.map_err(|e| {
-            ReceiveError::of_accept(e).unwrap_or_else(|| ReceiveError::Broker("connect".into()))
+            ReceiveError::of_accept::<()>(e)
+                .err()
+                .unwrap_or_else(|| ReceiveError::Broker("connect".into()))
         })?;
         Ok(Self {
             client,
@@ -275,10 +284,7 @@ impl SessionSource for AzureSessionSource {
                 session_id: receiver.session_id().to_string(),
                 receiver,
             })),
-            Ok(Err(e)) => match ReceiveError::of_accept(e) {
-                None => Ok(Accepted::Idle),
-                Some(fault) => Err(fault),
-            },
+            Ok(Err(e)) => ReceiveError::of_accept(e),
         }
     }
 }

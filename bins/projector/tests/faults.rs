@@ -300,3 +300,49 @@ async fn an_accept_cut_by_the_client_timeout_leaves_the_worker_usable() {
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
 }
+
+/// A database fault far longer than `transient_retry_limit` retries: the projector keeps its
+/// sessions and retries in place, so the broker's delivery count never reaches its maximum
+/// (3 here) and nothing is dead-lettered; every event is applied once the fault is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_database_fault_never_reaches_the_max_delivery_count() {
+    let env = start_with(Duration::from_secs(5), |cfg| {
+        cfg.namespace.session_accept_timeout = Duration::from_secs(1);
+        cfg.topics[0].subscriptions[0].max_delivery_count = 3;
+    })
+    .await;
+    let events = workload("md", 2, 4);
+    env.insert_events(&events).await;
+    let failures = 40;
+    env.mongo
+        .configure_fail_point(
+            "failCommand",
+            // WriteConflict: transient without making the driver rediscover the server, so
+            // the 40 failures take seconds, not one server-selection timeout each. Inserts
+            // only: the first write of each read model is one, and no other writer of the
+            // projector inserts (its heartbeat is an upsert), so the retries metric counts
+            // exactly these failures.
+            doc! { "mode": { "times": failures }, "data": { "failCommands": ["insert"], "errorCode": 112 } },
+        )
+        .await
+        .unwrap();
+    let p = env
+        .spawn_projector("transient_retry_limit = 2\nmax_concurrent_sessions = 2")
+        .await;
+    env.publish(&events).await;
+    converge(&env).await;
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    // Every failure met a batch write: each one was retried and counted.
+    let retries = p.metric(ordo_core::metrics::RETRIES).await;
+    assert!(
+        retries >= f64::from(failures),
+        "{retries} retries\n{}",
+        p.logs()
+    );
+    env.mongo
+        .database()
+        .collection::<Document>("fail_point_probe")
+        .insert_one(doc! { "probe": 1 })
+        .await
+        .expect("the fail point is spent");
+}

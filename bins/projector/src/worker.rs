@@ -211,6 +211,25 @@ fn aggregate_of<M: Delivery>(
         .unwrap_or_else(|| session_id.to_string())
 }
 
+/// The `ordo_blocked` record of a poison. Under a `sha256:` session id (nothing in the batch
+/// named the aggregate) the description says so: `repair` needs the real id.
+fn block_record(aggregate_id: &str, stop: &Stop, poison_message_id: String) -> BlockRecord {
+    let mut description = stop.fault.description.clone();
+    if aggregate_id.starts_with(HASHED_ID_PREFIX) {
+        description.push_str(
+            " (no message of the batch could be read: recorded under the session id, the digest of the aggregate id)",
+        );
+    }
+    BlockRecord {
+        aggregate_id: aggregate_id.to_string(),
+        projection: stop.fault.projection.clone(),
+        blocked_at_event_id: stop.version,
+        reason: stop.fault.reason.to_string(),
+        description,
+        message_id: poison_message_id,
+    }
+}
+
 impl Engine {
     /// An engine with nothing running yet.
     pub fn new(projections: Vec<Arc<dyn Projection>>, store: Store, cfg: ProjectorSection) -> Self {
@@ -521,16 +540,9 @@ impl Engine {
                     tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, error = %e, "fault applying a batch; retrying in place");
                     held.models = vec![None; self.projections.len()];
                     held.checked_blocked = false;
-                    let pause = async {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => true,
-                            _ = cancel.cancelled() => false,
-                        }
-                    };
-                    match self.renewing(session, last_renew, pause).await {
-                        Some(true) => {}
+                    if !self.pause(session, last_renew, delay, cancel).await {
                         // Lock lost, or shutdown: nothing settled, the broker redelivers.
-                        Some(false) | None => return After::Drop,
+                        return After::Drop;
                     }
                 }
             }
@@ -538,19 +550,15 @@ impl Engine {
         drop(alarm);
 
         if let Some(stop) = &block {
-            if !self
-                .block(
-                    session,
-                    held,
-                    &aggregate_id,
-                    stop,
-                    &msgs,
-                    &actions,
-                    last_renew,
-                    cancel,
+            let poison = actions
+                .iter()
+                .position(
+                    |a| matches!(a, Action::DeadLetter { reason, .. } if *reason != REASON_BLOCKED),
                 )
-                .await
-            {
+                .and_then(|i| msgs[i].message_id())
+                .unwrap_or_default();
+            let record = block_record(&aggregate_id, stop, poison);
+            if !self.block(session, held, &record, last_renew, cancel).await {
                 return After::Drop;
             }
         }
@@ -605,46 +613,39 @@ impl Engine {
         After::Continue
     }
 
+    /// Sleeps `delay` while renewing the session lock; `false` when the lock was lost or the
+    /// process is shutting down.
+    async fn pause<R: SessionReceiver>(
+        &self,
+        session: &mut R,
+        last_renew: &mut Instant,
+        delay: Duration,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let sleep = async {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => true,
+                _ = cancel.cancelled() => false,
+            }
+        };
+        self.renewing(session, last_renew, sleep).await == Some(true)
+    }
+
     /// Records the block before the poison is dead-lettered, so a crash in between leaves the
     /// aggregate blocked rather than open to the events after the poison. The record is
     /// retried like any database write; `false` when the session must be dropped.
-    #[allow(clippy::too_many_arguments)]
     async fn block<R: SessionReceiver>(
         &self,
         session: &mut R,
         held: &mut Held,
-        aggregate_id: &str,
-        stop: &Stop,
-        msgs: &[R::Message],
-        actions: &[Action],
+        record: &BlockRecord,
         last_renew: &mut Instant,
         cancel: &CancellationToken,
     ) -> bool {
-        let poison = actions
-            .iter()
-            .position(
-                |a| matches!(a, Action::DeadLetter { reason, .. } if *reason != REASON_BLOCKED),
-            )
-            .and_then(|i| msgs[i].message_id())
-            .unwrap_or_default();
-        let mut description = stop.fault.description.clone();
-        if aggregate_id.starts_with(HASHED_ID_PREFIX) {
-            description.push_str(
-                " (no message of the batch could be read: recorded under the session id, the digest of the aggregate id)",
-            );
-        }
-        let record = BlockRecord {
-            aggregate_id: aggregate_id.to_string(),
-            projection: stop.fault.projection.clone(),
-            blocked_at_event_id: stop.version,
-            reason: stop.fault.reason.to_string(),
-            description,
-            message_id: poison,
-        };
         let mut delays = self.backoff().delays();
         loop {
             match self
-                .renewing(session, last_renew, self.store.block(&record))
+                .renewing(session, last_renew, self.store.block(record))
                 .await
             {
                 None => return false,
@@ -657,24 +658,22 @@ impl Engine {
                         "database"
                     };
                     metrics::counter!(m::RETRIES, "op" => "block", "reason" => reason).increment(1);
-                    tracing::warn!(aggregate = %aggregate_id, error = %e, "cannot record the blocked aggregate yet; retrying");
-                    let pause = async {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => true,
-                            _ = cancel.cancelled() => false,
-                        }
-                    };
-                    if self.renewing(session, last_renew, pause).await != Some(true) {
+                    tracing::warn!(aggregate = %record.aggregate_id, error = %e, "cannot record the blocked aggregate yet; retrying");
+                    if !self.pause(session, last_renew, delay, cancel).await {
                         return false;
                     }
                 }
             }
         }
         metrics::counter!(m::AGGREGATES_BLOCKED).increment(1);
-        tracing::error!(aggregate = %aggregate_id, blocked_at = stop.version, reason = stop.fault.reason, "aggregate blocked");
-        held.blocked = Some(stop.version);
+        tracing::error!(aggregate = %record.aggregate_id, blocked_at = record.blocked_at_event_id, reason = %record.reason, "aggregate blocked");
+        held.blocked = Some(record.blocked_at_event_id);
         held.checked_blocked = true;
-        let state = format!("blocked at v{} ({})", stop.version, stop.fault.reason).into_bytes();
+        let state = format!(
+            "blocked at v{} ({})",
+            record.blocked_at_event_id, record.reason
+        )
+        .into_bytes();
         if session.set_state(state).await.is_err() {
             return false;
         }

@@ -412,3 +412,69 @@ impl SessionReceiver for AzureSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use azure_core::error::ErrorKind;
+    use fe2o3_amqp_client::link::ReceiverAttachError;
+    use fe2o3_amqp_types::definitions::{AmqpError, Error as AmqpErr, ErrorCondition};
+    use fe2o3_amqp_types::primitives::Symbol;
+
+    /// What azservicebus hands back when the broker refuses a session receiver's attach.
+    fn refused(condition: ErrorCondition) -> azure_core::Error {
+        let e = ReceiverAttachError::RemoteClosedWithError(AmqpErr::new(
+            condition,
+            Some("refused".to_string()),
+            None,
+        ));
+        azure_core::Error::new(ErrorKind::Io, e)
+    }
+
+    fn classify(e: azure_core::Error) -> Result<Accepted<()>, ReceiveError> {
+        ReceiveError::of_accept(e)
+    }
+
+    #[test]
+    fn no_session_available_is_told_by_its_condition_not_its_text() {
+        let idle = refused(ErrorCondition::Custom(Symbol::from(CONDITION_TIMEOUT)));
+        assert!(matches!(classify(idle), Ok(Accepted::Idle)));
+        // A connection that timed out says "timed out" but is a fault.
+        let io = azure_core::Error::new(
+            ErrorKind::Io,
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        );
+        assert!(matches!(classify(io), Err(ReceiveError::Broker(_))));
+    }
+
+    #[test]
+    fn refusals_carry_their_condition() {
+        let missing = refused(ErrorCondition::AmqpError(AmqpError::NotFound));
+        assert!(matches!(
+            classify(missing),
+            Err(ReceiveError::Refused { condition, .. }) if condition == "amqp:not-found"
+        ));
+        let sessionless = refused(ErrorCondition::AmqpError(AmqpError::NotAllowed));
+        assert!(matches!(
+            classify(sessionless).unwrap_err().reason().as_str(),
+            "amqp:not-allowed"
+        ));
+        let unclear =
+            azure_core::Error::new(ErrorKind::Io, ReceiverAttachError::IncomingSourceIsNone);
+        assert!(matches!(classify(unclear), Ok(Accepted::Unclear)));
+    }
+
+    #[test]
+    fn a_refused_token_is_unauthorized() {
+        let status = fe2o3_amqp_management::error::Error::Status(
+            fe2o3_amqp_management::error::StatusError {
+                code: fe2o3_amqp_management::status::StatusCode(
+                    std::num::NonZeroU16::new(401).unwrap(),
+                ),
+                description: Some("InvalidSignature".into()),
+            },
+        );
+        let e = azure_core::Error::new(ErrorKind::Other, status);
+        assert!(matches!(classify(e), Err(ReceiveError::Unauthorized(_))));
+    }
+}

@@ -61,12 +61,17 @@ impl StoreError {
         }
     }
 
-    /// Whether the server refused a read-model write for its content (a validator, the 16 MB
-    /// limit): a fault of the events folded into it, not of the database.
+    /// Whether a read-model write was refused for its content (a validator, the 16 MB limit):
+    /// a fault of the events folded into it, not of the database. The driver checks an
+    /// insert's size itself and answers `InvalidArgument`; the server answers a replace.
     pub fn is_refusal(&self) -> bool {
         match self {
             StoreError::Mongo(e) => {
-                !is_transient(e) && server_code(e).is_some_and(|c| REFUSAL_CODES.contains(&c))
+                matches!(
+                    e.kind.as_ref(),
+                    mongodb::error::ErrorKind::InvalidArgument { .. }
+                ) || (!is_transient(e)
+                    && server_code(e).is_some_and(|c| REFUSAL_CODES.contains(&c)))
             }
             _ => false,
         }

@@ -949,3 +949,62 @@ async fn a_panicking_worker_is_replaced_and_the_others_converge() {
         );
     }
 }
+
+/// A read model past the 16 MB document limit (three 6 MB order lines pushed onto it) is
+/// refused: the aggregate is blocked at the first event not stored, nothing loops. In one
+/// batch the first write is an insert, which the driver refuses itself; one event per batch
+/// grows a stored document until the server refuses the replace (BSONObjectTooLarge).
+#[tokio::test]
+async fn a_read_model_over_16_mb_blocks_the_aggregate() {
+    let mongo = TestMongo::start().await.unwrap();
+    let big = "x".repeat(6 * 1024 * 1024);
+    let mut order = vec![event(
+        "big-1",
+        "Order",
+        1,
+        "OrderCreated",
+        doc! { "customerId": "c" },
+    )];
+    for v in 2..=4 {
+        order.push(event(
+            "big-1",
+            "Order",
+            v,
+            "ItemAddedToOrder",
+            doc! { "sku": format!("{v}{big}"), "qty": 1, "price": 1.0 },
+        ));
+    }
+    for (batch_size, blocked_at) in [(10, 1), (1, 4)] {
+        mongo.database().drop().await.unwrap();
+        let engine = engine(&mongo, |c| c.batch_size = batch_size).await;
+        let (session, ops) = FakeSession::new("big-1", order.iter().map(msg).collect());
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            engine.work_session(session, &CancellationToken::new()),
+        )
+        .await
+        .expect("a refused write is not retried forever");
+        let ops = ops_of(&ops);
+        let poison = format!("big-1:{blocked_at}");
+        assert!(
+            ops.contains(&Op::SetState(format!(
+                "blocked at v{blocked_at} (ReadModelRefused)"
+            ))),
+            "{ops:?}"
+        );
+        assert!(
+            ops.contains(&Op::DeadLetter(poison, "ReadModelRefused".into())),
+            "{ops:?}"
+        );
+        assert_eq!(
+            count(&ops, |o| matches!(o, Op::Complete(_))),
+            blocked_at as usize - 1
+        );
+        assert_eq!(
+            count(&ops, |o| matches!(o, Op::DeadLetter(..))),
+            5 - blocked_at as usize
+        );
+        let blocked = stored(&mongo, "ordo_blocked", "big-1").await.unwrap();
+        assert_eq!(blocked.get_i64("blockedAtEventId").unwrap(), blocked_at);
+    }
+}

@@ -524,20 +524,20 @@ impl Engine {
                 Some(Ok((stored, outcome))) => (stored, outcome, None),
                 Some(Err(e)) => (0, Outcome::Faulted, Some(e)),
             };
+            let (reason, error) =
+                error.map_or(("none", String::new()), |e| (e.reason(), e.to_string()));
             match settle::decide(&items, stored, &outcome) {
                 Decision::Settle { actions, block } => break (actions, block),
                 Decision::Retry => {
-                    let e = error.expect("only a fault is retried");
                     attempt += 1;
                     // A fault that outlasts the retry budget is an outage, not a blip: the
                     // process reports it (503) until the batch goes through.
                     if attempt > self.cfg.transient_retry_limit {
                         alarm.raise();
                     }
-                    metrics::counter!(m::RETRIES, "op" => "apply", "reason" => e.reason())
-                        .increment(1);
+                    metrics::counter!(m::RETRIES, "op" => "apply", "reason" => reason).increment(1);
                     let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                    tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, error = %e, "fault applying a batch; retrying in place");
+                    tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, %error, "fault applying a batch; retrying in place");
                     held.models = vec![None; self.projections.len()];
                     held.checked_blocked = false;
                     if !self.pause(session, last_renew, delay, cancel).await {

@@ -39,7 +39,8 @@ pub struct ProjectorSection {
     /// Longest wait for the first message of a batch; keep it well under the lock duration.
     #[serde(with = "humantime_serde")]
     pub receive_wait: Duration,
-    /// Longest wait for the broker to hand out a session before asking again.
+    /// Longest wait for the broker to hand out a session before asking again. An accept cut
+    /// short by it drops the worker's connection and opens a new one.
     #[serde(with = "humantime_serde")]
     pub accept_timeout: Duration,
     /// A session with no message for this long is released so other aggregates get a worker.
@@ -56,8 +57,9 @@ pub struct ProjectorSection {
     /// blocked (the producer may not have written them yet when a message overtakes them).
     #[serde(with = "humantime_serde")]
     pub gap_timeout: Duration,
-    /// Transient faults (database down, fail points, guard-conflict storms) retried in place
-    /// per batch before its messages are abandoned for another worker to retry.
+    /// Retries of a batch for a fault that is not its events' own (database down, fail points,
+    /// guard-conflict storms) before the fault counts as an outage and `/readyz` turns 503. The
+    /// batch is retried in place for as long as the fault lasts, never abandoned for it.
     pub transient_retry_limit: u32,
     /// First delay between transient retries.
     #[serde(with = "humantime_serde")]

@@ -4,12 +4,18 @@
 //! Module map:
 //! - [`config`]: `[projector]` and the shared sections.
 //! - [`worker`]: the session loop (accept, receive, fold, guarded write, settle, renew).
+//! - [`settle`]: the settlement rule, pure: complete, dead-letter, block or retry.
+//! - [`readiness`]: the faults `/readyz` reports.
+//! - [`supervise`]: every long-running task is respawned after a panic.
 //! - [`store`]: read models with version guards, the events collection, `ordo_blocked`.
 //! - [`admin`]: the `repair` and `rebuild` subcommands.
 
 pub mod admin;
 pub mod config;
+pub mod readiness;
+pub mod settle;
 pub mod store;
+pub mod supervise;
 pub mod worker;
 
 use std::sync::Arc;
@@ -17,8 +23,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use tokio_util::sync::CancellationToken;
+
 use ordo_core::projection::{Projection, ProjectionsFile};
-use ordo_core::servicebus::receiver::AzureSessionSource;
+use ordo_core::servicebus::receiver::{AzureSessionSource, ReceiveError, SessionSource};
 use ordo_core::shutdown::{Drained, Shutdown};
 use ordo_core::status;
 use ordo_core::telemetry;
@@ -73,55 +81,44 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("telemetry.listen: cannot bind {}", cfg.telemetry.listen))?;
     let store = open_store(&cfg).await?;
-    let engine = Arc::new(Engine {
+    let engine = Arc::new(Engine::new(
         projections,
-        store: store.clone(),
-        cfg: cfg.projector.clone(),
-        activity: Default::default(),
-    });
+        store.clone(),
+        cfg.projector.clone(),
+    ));
+    engine.readiness.publish_to(health.clone());
     let workers = cfg.projector.max_concurrent_sessions;
     tracing::info!(
         workers,
         projections = engine.projections.len(),
         "projector starting"
     );
-    for i in 0..workers {
-        let engine = engine.clone();
-        let sb = cfg.servicebus.clone();
-        let prefetch = cfg.projector.prefetch;
-        let cancel = shutdown.token.clone();
-        let identifier = format!("ordo-projector-{}-{i}", std::process::id());
-        shutdown.tracker.spawn(async move {
-            let connect = || {
-                AzureSessionSource::connect(
-                    sb.connection_string(),
-                    &sb.topic,
-                    &sb.subscription,
-                    &identifier,
-                    prefetch,
-                )
-            };
-            engine.run_worker(i, connect, cancel).await;
-        });
-    }
-    {
-        let store = store.clone();
-        let cancel = shutdown.token.clone();
-        tokio::spawn(async move {
-            while !cancel.is_cancelled() {
-                if let Ok(n) = store.blocked_count().await {
-                    metrics::gauge!(ordo_core::metrics::BLOCKED_AGGREGATES).set(n as f64);
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(15)) => {}
-                    _ = cancel.cancelled() => {}
-                }
-            }
-        });
-    }
+    let sb = cfg.servicebus.clone();
+    let prefetch = cfg.projector.prefetch;
+    let pid = std::process::id();
+    spawn_workers(&engine, &shutdown, move |i| {
+        let sb = sb.clone();
+        async move {
+            AzureSessionSource::connect(
+                sb.connection_string(),
+                &sb.topic,
+                &sb.subscription,
+                &format!("ordo-projector-{pid}-{i}"),
+                prefetch,
+            )
+            .await
+        }
+    });
+    spawn_supervised(&engine, &shutdown, "readiness_probe", {
+        let (engine, cancel) = (engine.clone(), shutdown.token.clone());
+        move || probe(engine.clone(), cancel.clone())
+    });
+    spawn_supervised(&engine, &shutdown, "blocked_gauge", {
+        let (store, cancel) = (store.clone(), shutdown.token.clone());
+        move || blocked_gauge(store.clone(), cancel.clone())
+    });
     let instance = heartbeat(&engine, &shutdown);
     health.set_started();
-    health.set_ready(true);
     shutdown.token.cancelled().await;
     health.set_stopping();
     tracing::info!("shutting down: releasing sessions");
@@ -137,6 +134,103 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts `max_concurrent_sessions` supervised session workers; `connect(i)` opens worker
+/// `i`'s own session source. A worker that panics is replaced, so the pool keeps its size.
+pub fn spawn_workers<S, C, Fut>(engine: &Arc<Engine>, shutdown: &Shutdown, connect: C)
+where
+    S: SessionSource + 'static,
+    C: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<S, ReceiveError>> + Send + 'static,
+{
+    for i in 0..engine.cfg.max_concurrent_sessions {
+        let (engine, connect, cancel) = (engine.clone(), connect.clone(), shutdown.token.clone());
+        spawn_supervised(&engine.clone(), shutdown, "session_worker", move || {
+            let connect = connect.clone();
+            engine
+                .clone()
+                .run_worker(i, move || connect(i), cancel.clone())
+        });
+    }
+}
+
+/// Runs a task under [`supervise::supervise`], tracked for the drain.
+fn spawn_supervised<F, Fut>(engine: &Arc<Engine>, shutdown: &Shutdown, task: &'static str, start: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let backoff = engine.backoff_for_restarts();
+    let counted = engine.clone();
+    shutdown.tracker.spawn(supervise::supervise(
+        task,
+        shutdown.token.clone(),
+        backoff,
+        start,
+        move || {
+            counted
+                .activity
+                .restarts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        },
+    ));
+}
+
+/// How often MongoDB is pinged for `/readyz`, and how long a ping may take: a dead database
+/// turns the projector unready within a few seconds, a recovered one ready within one interval.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Pings MongoDB for the readiness verdict.
+async fn probe(engine: Arc<Engine>, cancel: CancellationToken) {
+    let mut was_reachable = true;
+    while !cancel.is_cancelled() {
+        let ping = engine
+            .store
+            .database()
+            .run_command(mongodb::bson::doc! { "ping": 1 });
+        let reachable = match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                if was_reachable {
+                    tracing::warn!(error = %e, "mongodb unreachable; not ready");
+                }
+                false
+            }
+            Err(_) => {
+                if was_reachable {
+                    tracing::warn!(
+                        timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
+                        "mongodb did not answer a ping; not ready"
+                    );
+                }
+                false
+            }
+        };
+        if reachable && !was_reachable {
+            tracing::info!("mongodb reachable again");
+        }
+        was_reachable = reachable;
+        engine.readiness.set_database_reachable(reachable);
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = cancel.cancelled() => {}
+        }
+    }
+}
+
+/// Keeps `ordo_blocked_aggregates` up to date.
+async fn blocked_gauge(store: Store, cancel: CancellationToken) {
+    while !cancel.is_cancelled() {
+        if let Ok(n) = store.blocked_count().await {
+            metrics::gauge!(ordo_core::metrics::BLOCKED_AGGREGATES).set(n as f64);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+            _ = cancel.cancelled() => {}
+        }
+    }
+}
+
 /// Reports this process in `ordo_projectors` every few seconds (sessions held, events applied)
 /// for `ordo-projector status`; returns the instance id.
 fn heartbeat(engine: &Arc<Engine>, shutdown: &Shutdown) -> String {
@@ -145,30 +239,44 @@ fn heartbeat(engine: &Arc<Engine>, shutdown: &Shutdown) -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
     let instance = format!("{host}:{}:{started_at_ms}", std::process::id());
-    let engine = engine.clone();
-    let cancel = shutdown.token.clone();
-    let id = instance.clone();
-    tokio::spawn(async move {
-        use std::sync::atomic::Ordering::Relaxed;
-        while !cancel.is_cancelled() {
-            let hb = status::ProjectorHeartbeat {
-                instance: id.clone(),
-                host: host.clone(),
-                sessions_held: engine.activity.sessions_held.load(Relaxed),
-                applied: engine.activity.applied.load(Relaxed),
-                started_at_ms,
-                updated_at_ms: mongodb::bson::DateTime::now().timestamp_millis(),
-            };
-            if let Err(e) = status::beat(engine.store.database(), &hb).await {
-                tracing::debug!(error = %e, "heartbeat not written");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(status::HEARTBEAT_INTERVAL) => {}
-                _ = cancel.cancelled() => {}
-            }
-        }
+    let (beating, cancel, id) = (engine.clone(), shutdown.token.clone(), instance.clone());
+    spawn_supervised(engine, shutdown, "heartbeat", move || {
+        beat(
+            beating.clone(),
+            id.clone(),
+            host.clone(),
+            started_at_ms,
+            cancel.clone(),
+        )
     });
     instance
+}
+
+async fn beat(
+    engine: Arc<Engine>,
+    instance: String,
+    host: String,
+    started_at_ms: i64,
+    cancel: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    while !cancel.is_cancelled() {
+        let hb = status::ProjectorHeartbeat {
+            instance: instance.clone(),
+            host: host.clone(),
+            sessions_held: engine.activity.sessions_held.load(Relaxed),
+            applied: engine.activity.applied.load(Relaxed),
+            started_at_ms,
+            updated_at_ms: mongodb::bson::DateTime::now().timestamp_millis(),
+        };
+        if let Err(e) = status::beat(engine.store.database(), &hb).await {
+            tracing::debug!(error = %e, "heartbeat not written");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(status::HEARTBEAT_INTERVAL) => {}
+            _ = cancel.cancelled() => {}
+        }
+    }
 }
 
 /// `ordo-projector status`: the deployment as MongoDB and Service Bus see it.

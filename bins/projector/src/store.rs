@@ -4,12 +4,15 @@
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Document};
-use mongodb::options::ReplaceOptions;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::options::{
+    CollectionOptions, ReadConcern, ReadPreference, ReplaceOptions, SelectionCriteria,
+};
 use mongodb::{Collection, Database};
 
 use ordo_core::envelope::{DecodeError, Envelope, EventFields, InvalidEvent};
-use ordo_core::mongo::{is_duplicate_key, is_transient};
+use ordo_core::mongo::{is_duplicate_key, is_transient, server_code};
+use ordo_core::projection::fold::{event_version, VERSION_FIELD};
 use ordo_core::projection::{Projection, ReadModel};
 
 /// A database failure, classified once for the retry loop and the dead-letter decision.
@@ -19,14 +22,34 @@ pub enum StoreError {
     #[error("mongodb: {0}")]
     Mongo(#[from] mongodb::error::Error),
     /// A source event in the events collection breaks the contract.
-    #[error("source event of {aggregate_id} is invalid: {reason}")]
+    #[error("source event {source_id} of {aggregate_id} is invalid: {reason}")]
     BadEvent {
         /// The aggregate.
         aggregate_id: String,
+        /// The source document's `_id`, as relaxed Extended JSON.
+        source_id: String,
         /// What is wrong.
         reason: String,
     },
+    /// Two source documents hold the same (aggregateId, eventId): which one is the event is
+    /// not ordo's to guess.
+    #[error("events {first} and {second} of {aggregate_id} both have eventId {version}")]
+    DuplicateVersion {
+        /// The aggregate.
+        aggregate_id: String,
+        /// The version both claim.
+        version: i64,
+        /// `_id` of the first document, as relaxed Extended JSON.
+        first: String,
+        /// `_id` of the second.
+        second: String,
+    },
 }
+
+/// Server codes that refuse a write for what the document holds: the same write fails the
+/// same way however often it is retried. DocumentValidationFailure, BSONObjectTooLarge,
+/// document-too-large variants, and field names the server does not store.
+const REFUSAL_CODES: &[i32] = &[121, 10334, 17419, 17420, 52, 56, 57];
 
 impl StoreError {
     /// Network errors, transient server codes and injected transient failures are retried;
@@ -34,9 +57,40 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Mongo(e) => is_transient(e),
-            StoreError::BadEvent { .. } => false,
+            StoreError::BadEvent { .. } | StoreError::DuplicateVersion { .. } => false,
         }
     }
+
+    /// Whether a read-model write was refused for its content (a validator, the 16 MB limit):
+    /// a fault of the events folded into it, not of the database. The driver checks an
+    /// insert's size itself and answers `InvalidArgument`; the server answers a replace.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            StoreError::Mongo(e) => {
+                matches!(
+                    e.kind.as_ref(),
+                    mongodb::error::ErrorKind::InvalidArgument { .. }
+                ) || (!is_transient(e)
+                    && server_code(e).is_some_and(|c| REFUSAL_CODES.contains(&c)))
+            }
+            _ => false,
+        }
+    }
+}
+
+fn id_text(d: &Document) -> String {
+    d.get("_id")
+        .map(|id| id.clone().into_relaxed_extjson().to_string())
+        .unwrap_or_else(|| "(no _id)".into())
+}
+
+/// Whether a stored read model carries a numeric `lastEventId`. One that does not (left by
+/// another writer) is not ordo's: it is replaced by the fold from version 1.
+fn is_versioned(d: &Document) -> bool {
+    matches!(
+        d.get(VERSION_FIELD),
+        Some(Bson::Int64(_) | Bson::Int32(_) | Bson::Double(_))
+    )
 }
 
 /// What a guarded write found.
@@ -92,17 +146,41 @@ impl Store {
         &self.db
     }
 
-    /// The read model of `id`, or an empty one.
+    /// A read-model collection read from the primary whatever the URI says: a load from a
+    /// lagging secondary would only fail its version guard, again and again.
+    fn models(&self, p: &dyn Projection) -> Collection<Document> {
+        self.db.collection_with_options(
+            p.collection(),
+            CollectionOptions::builder()
+                .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+                .build(),
+        )
+    }
+
+    /// The events collection for healing: primary and majority, so a replica's lag cannot
+    /// turn a gap into a block, and an event later rolled back is never folded in.
+    fn events_for_healing(&self) -> Collection<Document> {
+        self.db.collection_with_options(
+            &self.events_collection,
+            CollectionOptions::builder()
+                .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+                .read_concern(ReadConcern::majority())
+                .build(),
+        )
+    }
+
+    /// The read model of `id`, or an empty one (also for a document without a numeric
+    /// `lastEventId`, which [`Store::write`] then replaces).
     pub async fn load(&self, p: &dyn Projection, id: &str) -> Result<ReadModel, StoreError> {
-        let coll: Collection<Document> = self.db.collection(p.collection());
-        Ok(match coll.find_one(doc! { "_id": id }).await? {
-            Some(d) => ReadModel::from_document(id, d),
-            None => ReadModel::empty(id),
+        Ok(match self.models(p).find_one(doc! { "_id": id }).await? {
+            Some(d) if is_versioned(&d) => ReadModel::from_document(id, d),
+            Some(_) | None => ReadModel::empty(id),
         })
     }
 
     /// Writes `model` if the stored version is still `expected`: an insert when nothing was
-    /// stored (duplicate key: someone else created it), otherwise a replace filtered on
+    /// stored (duplicate key: someone else created it, or a document without a version is in
+    /// the way, which is replaced), otherwise a replace filtered on
     /// `{_id, lastEventId: expected}` (plain equality, so the `_id` index serves it).
     pub async fn write(
         &self,
@@ -110,12 +188,23 @@ impl Store {
         model: &ReadModel,
         expected: i64,
     ) -> Result<Written, StoreError> {
-        let coll: Collection<Document> = self.db.collection(p.collection());
+        let coll = self.models(p);
         let doc = model.to_document(mongodb::bson::DateTime::now());
         if expected == 0 {
-            return match coll.insert_one(doc).await {
+            return match coll.insert_one(doc.clone()).await {
                 Ok(_) => Ok(Written::Ok),
-                Err(e) if is_duplicate_key(&e) => Ok(Written::Conflict),
+                Err(e) if is_duplicate_key(&e) => {
+                    let unversioned = doc! {
+                        "_id": &model.id,
+                        VERSION_FIELD: { "$not": { "$type": "number" } },
+                    };
+                    let r = coll.replace_one(unversioned, doc).await?;
+                    Ok(if r.matched_count == 1 {
+                        Written::Ok
+                    } else {
+                        Written::Conflict
+                    })
+                }
                 Err(e) => Err(e.into()),
             };
         }
@@ -169,6 +258,7 @@ impl Store {
     fn to_event(&self, id: &str, d: &Document) -> Result<Document, StoreError> {
         let bad = |reason: String| StoreError::BadEvent {
             aggregate_id: id.to_string(),
+            source_id: id_text(d),
             reason,
         };
         Envelope::from_event(d, &self.fields, self.db.name(), &self.events_collection)
@@ -270,8 +360,47 @@ impl Store {
         Ok(self.blocked.count_documents(doc! {}).await?)
     }
 
-    /// Waits until `from..=to` of `id` are all in the events collection, retrying reads (and
-    /// transient errors) for at most `timeout`. `None` when they did not all appear.
+    /// Events `from..=to` of `id` for gap healing, sorted; fewer when some are not (yet)
+    /// there. Two documents with the same version are a [`StoreError::DuplicateVersion`].
+    async fn events_to_heal(
+        &self,
+        id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Document>, StoreError> {
+        let f = &self.fields;
+        let filter = doc! {
+            &f.aggregate_id: id,
+            &f.event_id: { "$gte": from, "$lte": to },
+        };
+        let found: Vec<Document> = self
+            .events_for_healing()
+            .find(filter)
+            .sort(doc! { &f.event_id: 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let events = found
+            .iter()
+            .map(|d| self.to_event(id, d))
+            .collect::<Result<Vec<Document>, StoreError>>()?;
+        for (i, pair) in events.windows(2).enumerate() {
+            let version = event_version(&pair[0]);
+            if version == event_version(&pair[1]) {
+                return Err(StoreError::DuplicateVersion {
+                    aggregate_id: id.to_string(),
+                    version,
+                    first: id_text(&found[i]),
+                    second: id_text(&found[i + 1]),
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    /// Waits until `from..=to` of `id` are all in the events collection, reading again for at
+    /// most `timeout`. `None` when they did not all appear. A database error ends the wait:
+    /// the caller retries the whole batch, so an outage never passes for a missing event.
     pub async fn heal(
         &self,
         id: &str,
@@ -282,11 +411,9 @@ impl Store {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut delay = Duration::from_millis(20);
         loop {
-            match self.events_between(id, from, to).await {
-                Ok(evs) if evs.len() as i64 == to - from + 1 => return Ok(Some(evs)),
-                Ok(_) => {}
-                Err(e) if e.is_retryable() => {}
-                Err(e) => return Err(e),
+            let evs = self.events_to_heal(id, from, to).await?;
+            if evs.len() as i64 == to - from + 1 {
+                return Ok(Some(evs));
             }
             if tokio::time::Instant::now() + delay > deadline {
                 return Ok(None);

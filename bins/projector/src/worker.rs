@@ -2,40 +2,48 @@
 //!
 //! Per batch: decode every message; fold the decodable prefix into the aggregate's in-memory
 //! read models (healing gaps from the events collection); write each changed model once,
-//! guarded by the version it was read at; only then complete the messages. The session lock is
-//! renewed between steps and, while a batch is applied, by a timer racing the apply (receiver
-//! methods take `&mut self`, so renewal cannot run on its own task). A renewal or settle that
-//! fails means the lock may be gone: the session is dropped and nothing more is settled; the
-//! broker redelivers, and the version rule turns what was already written into duplicates.
+//! guarded by the version it was read at; then settle as [`crate::settle::decide`] says. The
+//! session lock is renewed between steps and, while a batch is applied or retried, by a timer
+//! racing the work (receiver methods take `&mut self`, so renewal cannot run on its own task).
+//! A renewal or settle that fails means the lock may be gone: the session is dropped and
+//! nothing more is settled; the broker redelivers, and the version rule turns what was already
+//! written into duplicates.
 //!
-//! Poison (undecodable body, unsupported envelope version, projection error, a gap not healed
-//! within `gap_timeout`) is dead-lettered with a reason and the aggregate is blocked: a
-//! document in `ordo_blocked` and the session state. Later messages of a blocked aggregate are
-//! dead-lettered with reason `AggregateBlocked` rather than deferred, so the subscription never
-//! stalls behind them; `ordo-projector repair` re-projects the aggregate from the events
-//! collection (which holds every event, including those), so nothing is lost by not applying
-//! them here.
+//! Faults are sorted by whose they are. One that belongs to the events (an undecodable body,
+//! an unsupported envelope version, a projection error, a gap not healed within
+//! `gap_timeout`, an invalid or duplicated source event reached by healing, a read model the
+//! server refuses to store) is poison: dead-lettered with a reason, the aggregate blocked in
+//! `ordo_blocked` and the session state, and later messages dead-lettered as
+//! `AggregateBlocked` so the subscription never stalls behind them; `ordo-projector repair`
+//! re-projects the aggregate from the events collection, which holds them all. Any other fault
+//! (database unreachable, a fail point, a timeout, a guard-conflict storm) is retried in place
+//! with backoff for as long as it lasts, holding the session and its lock, so the broker's
+//! delivery count does not move for a fault that is not the message's.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mongodb::bson::Document;
 use tokio_util::sync::CancellationToken;
 
-use ordo_core::envelope::Envelope;
+use ordo_core::envelope::{Envelope, HASHED_ID_PREFIX};
 use ordo_core::metrics as m;
 use ordo_core::projection::fold::event_version;
 use ordo_core::projection::{fold_events, Projection, ReadModel, Step};
 use ordo_core::retry::Backoff;
-use ordo_core::servicebus::receiver::{Delivery, ReceiveError, SessionReceiver, SessionSource};
+use ordo_core::servicebus::receiver::{
+    Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
+};
 
 use crate::config::ProjectorSection;
+use crate::readiness::Readiness;
+use crate::settle::{self, Action, Decision, Fault, Item, Outcome, Stop};
 use crate::store::{BlockRecord, StoreError, Written};
 use crate::Store;
 
-/// Dead-letter reason for later messages of a blocked aggregate.
-pub const REASON_BLOCKED: &str = "AggregateBlocked";
+pub use crate::settle::REASON_BLOCKED;
 /// Dead-letter reason for a body that is not an envelope.
 pub const REASON_DECODE: &str = "UndecodableMessage";
 /// Dead-letter reason for an envelope version this build does not read.
@@ -44,6 +52,12 @@ pub const REASON_VERSION: &str = "UnsupportedEnvelopeVersion";
 pub const REASON_PROJECTION: &str = "ProjectionError";
 /// Dead-letter reason for missing events that did not appear within `gap_timeout`.
 pub const REASON_GAP: &str = "GapNotHealed";
+/// Dead-letter reason for a source event, reached by healing, that breaks the contract.
+pub const REASON_SOURCE: &str = "InvalidSourceEvent";
+/// Dead-letter reason for two source documents with the same (aggregateId, eventId).
+pub const REASON_DUPLICATE: &str = "DuplicateVersion";
+/// Dead-letter reason for a read model the server refuses to store (validator, 16 MB).
+pub const REASON_REFUSED: &str = "ReadModelRefused";
 
 /// Everything a worker shares with the others.
 #[derive(Debug)]
@@ -56,30 +70,49 @@ pub struct Engine {
     pub cfg: ProjectorSection,
     /// Counters the heartbeat reports (`ordo-projector status`).
     pub activity: Activity,
+    /// The faults `/readyz` reports.
+    pub readiness: Readiness,
 }
 
-/// What this process is doing, for its heartbeat in `ordo_projectors`.
+/// What this process is doing, for its heartbeat in `ordo_projectors` and for tests.
 #[derive(Debug, Default)]
 pub struct Activity {
     /// Sessions held now.
-    pub sessions_held: std::sync::atomic::AtomicU64,
+    pub sessions_held: AtomicU64,
     /// Events applied since start.
-    pub applied: std::sync::atomic::AtomicU64,
+    pub applied: AtomicU64,
+    /// Session workers running now.
+    pub workers: AtomicU64,
+    /// Tasks restarted by their supervisor since start.
+    pub restarts: AtomicU64,
 }
 
-impl Activity {
-    fn held(&self, delta: i64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if delta > 0 {
-            self.sessions_held.fetch_add(1, Relaxed);
-        } else {
-            self.sessions_held.fetch_sub(1, Relaxed);
+/// Counts a session (or a worker) for as long as it lives, panics included.
+struct Counted<'a> {
+    count: &'a AtomicU64,
+    gauge: Option<&'static str>,
+}
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a AtomicU64, gauge: Option<&'static str>) -> Self {
+        count.fetch_add(1, Relaxed);
+        if let Some(g) = gauge {
+            metrics::gauge!(g).increment(1.0);
         }
-        metrics::gauge!(m::SESSIONS_HELD).increment(delta as f64);
+        Self { count, gauge }
     }
 }
 
-/// Why work on a batch stopped without settling it normally.
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Relaxed);
+        if let Some(g) = self.gauge {
+            metrics::gauge!(g).decrement(1.0);
+        }
+    }
+}
+
+/// Why applying a batch failed for a reason that is not the events' own.
 #[derive(Debug, thiserror::Error)]
 enum WorkError {
     #[error(transparent)]
@@ -89,10 +122,12 @@ enum WorkError {
 }
 
 impl WorkError {
-    fn is_retryable(&self) -> bool {
+    /// The `reason` label of `ordo_retries_total`.
+    fn reason(&self) -> &'static str {
         match self {
-            WorkError::Store(e) => e.is_retryable(),
-            WorkError::ConflictStorm(_) => true,
+            WorkError::Store(e) if e.is_retryable() => "transient",
+            WorkError::Store(_) => "database",
+            WorkError::ConflictStorm(_) => "conflicts",
         }
     }
 }
@@ -105,19 +140,14 @@ struct Event {
     timestamp_ms: Option<i64>,
 }
 
-/// Where folding stopped short of the batch.
-#[derive(Debug, Clone)]
-struct Stop {
-    /// First version not applied.
-    version: i64,
-    projection: String,
-    reason: &'static str,
-    description: String,
-}
-
-enum FoldEnd {
-    Done,
-    Stopped(Stop),
+/// How the apply of a batch ended, when it ended with nothing left to retry.
+struct Applied {
+    /// Highest version durable in every read model the batch touched.
+    durable: i64,
+    /// Highest version stored before the batch.
+    base: i64,
+    /// The poison the apply stopped at.
+    stop: Option<Stop>,
 }
 
 /// State of a held session.
@@ -142,16 +172,22 @@ fn selects(p: &dyn Projection, e: &Document) -> bool {
     )
 }
 
-fn decode<M: Delivery>(msg: &M) -> Result<Event, (&'static str, String)> {
-    Envelope::check_version(msg.envelope_version()).map_err(|e| (REASON_VERSION, e.to_string()))?;
-    let body = msg.body().map_err(|e| (REASON_DECODE, e))?;
+fn decode<M: Delivery>(msg: &M) -> Result<Event, Fault> {
+    let fault = |reason: &'static str, description: String| Fault {
+        reason,
+        description,
+        projection: "*".into(),
+    };
+    Envelope::check_version(msg.envelope_version())
+        .map_err(|e| fault(REASON_VERSION, e.to_string()))?;
+    let body = msg.body().map_err(|e| fault(REASON_DECODE, e))?;
     let env = Envelope::decode(body).map_err(|e| match e {
-        ordo_core::envelope::DecodeError::Version(_) => (REASON_VERSION, e.to_string()),
-        _ => (REASON_DECODE, e.to_string()),
+        ordo_core::envelope::DecodeError::Version(_) => fault(REASON_VERSION, e.to_string()),
+        _ => fault(REASON_DECODE, e.to_string()),
     })?;
     let doc = env
         .to_event_document()
-        .map_err(|e| (REASON_DECODE, e.to_string()))?;
+        .map_err(|e| fault(REASON_DECODE, e.to_string()))?;
     Ok(Event {
         version: env.event_id,
         aggregate_id: env.aggregate_id.clone(),
@@ -160,7 +196,52 @@ fn decode<M: Delivery>(msg: &M) -> Result<Event, (&'static str, String)> {
     })
 }
 
+/// The aggregate a batch belongs to: from a decoded body, else from the `aggregateId`
+/// property, else the session id (which is the aggregate id unless it was too long and is
+/// its `sha256:` digest; a block recorded under a digest names it in its description).
+fn aggregate_of<M: Delivery>(
+    session_id: &str,
+    msgs: &[M],
+    decoded: &[Result<Event, Fault>],
+) -> String {
+    decoded
+        .iter()
+        .find_map(|d| d.as_ref().ok().map(|e| e.aggregate_id.clone()))
+        .or_else(|| msgs.iter().find_map(|m| m.aggregate_id()))
+        .unwrap_or_else(|| session_id.to_string())
+}
+
+/// The `ordo_blocked` record of a poison. Under a `sha256:` session id (nothing in the batch
+/// named the aggregate) the description says so: `repair` needs the real id.
+fn block_record(aggregate_id: &str, stop: &Stop, poison_message_id: String) -> BlockRecord {
+    let mut description = stop.fault.description.clone();
+    if aggregate_id.starts_with(HASHED_ID_PREFIX) {
+        description.push_str(
+            " (no message of the batch could be read: recorded under the session id, the digest of the aggregate id)",
+        );
+    }
+    BlockRecord {
+        aggregate_id: aggregate_id.to_string(),
+        projection: stop.fault.projection.clone(),
+        blocked_at_event_id: stop.version,
+        reason: stop.fault.reason.to_string(),
+        description,
+        message_id: poison_message_id,
+    }
+}
+
 impl Engine {
+    /// An engine with nothing running yet.
+    pub fn new(projections: Vec<Arc<dyn Projection>>, store: Store, cfg: ProjectorSection) -> Self {
+        Self {
+            projections,
+            store,
+            cfg,
+            activity: Activity::default(),
+            readiness: Readiness::default(),
+        }
+    }
+
     fn backoff(&self) -> Backoff {
         Backoff {
             initial: self.cfg.retry_initial,
@@ -168,7 +249,17 @@ impl Engine {
         }
     }
 
+    /// The delays between restarts of a failed task: the retry backoff, at least 100 ms, so a
+    /// task that panics at once does not spin.
+    pub fn backoff_for_restarts(&self) -> Backoff {
+        Backoff {
+            initial: self.cfg.retry_initial.max(Duration::from_millis(100)),
+            max: self.cfg.retry_max.max(Duration::from_millis(100)),
+        }
+    }
+
     /// One worker: accepts sessions until `cancel`, then returns after releasing its session.
+    /// While its connect or accept fails it holds readiness down and counts its retries.
     pub async fn run_worker<S, F, Fut>(
         self: Arc<Self>,
         index: usize,
@@ -179,49 +270,76 @@ impl Engine {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<S, ReceiveError>>,
     {
+        let _alive = Counted::new(&self.activity.workers, None);
+        let mut alarm = self.readiness.broker_alarm();
         let mut source: Option<S> = None;
         let mut delays = self.backoff().delays();
-        while !cancel.is_cancelled() {
-            let src = match source.as_mut() {
-                Some(s) => s,
-                None => {
-                    let connected = tokio::select! {
-                        r = connect() => r,
-                        _ = cancel.cancelled() => break,
-                    };
-                    match connected {
-                        Ok(s) => source.insert(s),
-                        Err(e) => {
-                            let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                            tracing::warn!(worker = index, error = %e, delay_ms = delay.as_millis() as u64, "cannot connect to service bus");
-                            tokio::select! {
-                                _ = tokio::time::sleep(delay) => {}
-                                _ = cancel.cancelled() => break,
-                            }
-                            continue;
+        'work: while !cancel.is_cancelled() {
+            let (op, error) = 'attempt: {
+                let src = match source.as_mut() {
+                    Some(s) => s,
+                    None => {
+                        let connected = tokio::select! {
+                            r = connect() => r,
+                            _ = cancel.cancelled() => break 'work,
+                        };
+                        match connected {
+                            Ok(s) => source.insert(s),
+                            Err(e) => break 'attempt ("connect", e),
                         }
                     }
-                }
-            };
-            let accepted = tokio::select! {
-                r = src.accept_next(self.cfg.accept_timeout) => r,
-                _ = cancel.cancelled() => break,
-            };
-            match accepted {
-                Ok(None) => {}
-                Ok(Some(session)) => {
-                    delays = self.backoff().delays();
-                    self.work_session(session, &cancel).await;
-                }
-                Err(e) => {
-                    let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                    tracing::warn!(worker = index, error = %e, delay_ms = delay.as_millis() as u64, "accepting a session failed; reconnecting");
-                    source = None;
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => break,
+                };
+                let accepted = tokio::select! {
+                    r = src.accept_next(self.cfg.accept_timeout) => r,
+                    _ = cancel.cancelled() => break 'work,
+                };
+                match accepted {
+                    Ok(Accepted::Session(session)) => {
+                        self.readiness.broker_answered();
+                        alarm.lower();
+                        delays = self.backoff().delays();
+                        self.work_session(session, &cancel).await;
+                    }
+                    Ok(Accepted::Idle) => {
+                        self.readiness.broker_answered();
+                        alarm.lower();
+                        delays = self.backoff().delays();
+                    }
+                    Ok(Accepted::GaveUp) => {
+                        // The broker kept the attach open without refusing it: the connection,
+                        // the credentials and the subscription work, no session was free.
+                        self.readiness.broker_answered();
+                        alarm.lower();
+                        tracing::debug!(
+                            worker = index,
+                            "accept timed out on the client; reconnecting"
+                        );
+                        source = None;
+                    }
+                    Ok(Accepted::Unclear) => {
+                        // Neither proof of health nor of a fault: readiness stays as the last
+                        // clear answer left it, and the next accept waits a little.
+                        let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                        metrics::counter!(m::RETRIES, "op" => "accept", "reason" => "unclear_refusal").increment(1);
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = cancel.cancelled() => break 'work,
+                        }
+                    }
+                    Err(e) => {
+                        source = None;
+                        break 'attempt ("accept", e);
                     }
                 }
+                continue 'work;
+            };
+            alarm.raise();
+            let delay = delays.next().unwrap_or(self.cfg.retry_max);
+            metrics::counter!(m::RETRIES, "op" => op, "reason" => error.reason()).increment(1);
+            tracing::warn!(worker = index, op, error = %error, delay_ms = delay.as_millis() as u64, "service bus unavailable; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => break,
             }
         }
         tracing::debug!(worker = index, "worker stopped");
@@ -233,7 +351,7 @@ impl Engine {
         mut session: R,
         cancel: &CancellationToken,
     ) {
-        self.activity.held(1);
+        let held_now = Counted::new(&self.activity.sessions_held, Some(m::SESSIONS_HELD));
         let sid = session.session_id().to_string();
         tracing::debug!(session = %sid, "session accepted");
         let mut held = Held {
@@ -247,7 +365,6 @@ impl Engine {
             Err(e) => {
                 self.lock_trouble(&sid, &e);
                 session.close().await;
-                self.activity.held(-1);
                 return;
             }
         }
@@ -288,7 +405,7 @@ impl Engine {
                 continue;
             }
             match self
-                .batch(&mut session, &mut held, msgs, &mut last_renew)
+                .batch(&mut session, &mut held, msgs, &mut last_renew, cancel)
                 .await
             {
                 After::Continue => idle_since = Instant::now(),
@@ -296,7 +413,7 @@ impl Engine {
             }
         }
         session.close().await;
-        self.activity.held(-1);
+        drop(held_now);
         tracing::debug!(session = %sid, "session released");
     }
 
@@ -338,70 +455,55 @@ impl Engine {
         }
     }
 
+    /// The aggregate's outcome for this batch: already blocked, or applied. Reads
+    /// `ordo_blocked` once per session, and on every batch while blocked (a repair may have
+    /// lifted it).
+    async fn outcome(
+        &self,
+        held: &mut Held,
+        aggregate_id: &str,
+        events: &[&Event],
+    ) -> Result<(i64, Outcome), WorkError> {
+        if !held.checked_blocked || held.blocked.is_some() {
+            let was = held.blocked;
+            held.blocked = self.store.blocked_at(aggregate_id).await?;
+            held.checked_blocked = true;
+            if was.is_some() && held.blocked.is_none() {
+                tracing::info!(aggregate = %aggregate_id, "aggregate was repaired; resuming");
+                held.models = vec![None; self.projections.len()];
+            }
+        }
+        if let Some(at) = held.blocked {
+            return Ok((at - 1, Outcome::Blocked { at }));
+        }
+        let a = self.apply(held, aggregate_id, events).await?;
+        Ok((
+            a.base,
+            Outcome::Applied {
+                durable: a.durable,
+                stop: a.stop,
+            },
+        ))
+    }
+
     async fn batch<R: SessionReceiver>(
         &self,
         session: &mut R,
         held: &mut Held,
         msgs: Vec<R::Message>,
         last_renew: &mut Instant,
+        cancel: &CancellationToken,
     ) -> After {
         let started = Instant::now();
-        let decoded: Vec<Result<Event, (&'static str, String)>> = msgs.iter().map(decode).collect();
-        let aggregate_id = decoded
+        let decoded: Vec<Result<Event, Fault>> = msgs.iter().map(decode).collect();
+        let aggregate_id = aggregate_of(session.session_id(), &msgs, &decoded);
+        let items: Vec<Item> = decoded
             .iter()
-            .find_map(|d| d.as_ref().ok().map(|e| e.aggregate_id.clone()))
-            .unwrap_or_else(|| session.session_id().to_string());
-
-        // Is the aggregate blocked? Checked once per session, and on every batch while blocked
-        // (a repair may have lifted it).
-        if !held.checked_blocked || held.blocked.is_some() {
-            let was = held.blocked;
-            let r = self
-                .renewing(
-                    session,
-                    last_renew,
-                    self.with_retries(|| self.store.blocked_at(&aggregate_id)),
-                )
-                .await;
-            match r {
-                None => return After::Drop,
-                Some(Err(e)) => {
-                    tracing::warn!(aggregate = %aggregate_id, error = %e, "cannot read ordo_blocked; abandoning the batch");
-                    return self.abandon_all(session, &msgs).await;
-                }
-                Some(Ok(b)) => {
-                    held.blocked = b;
-                    held.checked_blocked = true;
-                }
-            }
-            if was.is_some() && held.blocked.is_none() {
-                tracing::info!(aggregate = %aggregate_id, "aggregate was repaired; resuming");
-                held.models = vec![None; self.projections.len()];
-            }
-            if held.blocked.is_none() && held.state_says_blocked {
-                if session.set_state(Vec::new()).await.is_err() {
-                    return After::Drop;
-                }
-                held.state_says_blocked = false;
-            }
-        }
-        if let Some(at) = held.blocked {
-            for (msg, d) in msgs.iter().zip(&decoded) {
-                let r = match d {
-                    Ok(e) if e.version < at => {
-                        metrics::counter!(m::DUPLICATES).increment(1);
-                        session.complete(msg).await
-                    }
-                    _ => self.dead_letter(session, msg, REASON_BLOCKED, &format!("aggregate {aggregate_id} is blocked at v{at}; repair re-projects it from the events collection")).await,
-                };
-                if let Err(e) = r {
-                    self.lock_trouble(session.session_id(), &e);
-                    return After::Drop;
-                }
-            }
-            return After::Continue;
-        }
-
+            .map(|d| match d {
+                Ok(e) => Item::Event(e.version),
+                Err(f) => Item::Undecodable(f.clone()),
+            })
+            .collect();
         let cut = decoded
             .iter()
             .position(Result::is_err)
@@ -411,107 +513,99 @@ impl Engine {
             .filter_map(|d| d.as_ref().ok())
             .collect();
 
-        // Apply, retrying transient faults in place while the lock is renewed.
-        let mut attempt = 0;
+        // Work out the outcome, retrying in place any fault that is not the events' own.
+        let mut alarm = self.readiness.store_alarm();
+        let mut attempt: u32 = 0;
         let mut delays = self.backoff().delays();
-        let outcome = loop {
-            let fut = self.apply(held, &aggregate_id, &events);
-            match self.renewing(session, last_renew, fut).await {
+        let (actions, block) = loop {
+            let work = self.outcome(held, &aggregate_id, &events);
+            let (stored, outcome, error) = match self.renewing(session, last_renew, work).await {
                 None => return After::Drop,
-                Some(Ok(o)) => break o,
-                Some(Err(e)) if e.is_retryable() && attempt < self.cfg.transient_retry_limit => {
+                Some(Ok((stored, outcome))) => (stored, outcome, None),
+                Some(Err(e)) => (0, Outcome::Faulted, Some(e)),
+            };
+            let (reason, error) =
+                error.map_or(("none", String::new()), |e| (e.reason(), e.to_string()));
+            match settle::decide(&items, stored, &outcome) {
+                Decision::Settle { actions, block } => break (actions, block),
+                Decision::Retry => {
                     attempt += 1;
-                    metrics::counter!(m::RETRIES, "op" => "apply").increment(1);
+                    // A fault that outlasts the retry budget is an outage, not a blip: the
+                    // process reports it (503) until the batch goes through.
+                    if attempt > self.cfg.transient_retry_limit {
+                        alarm.raise();
+                    }
+                    metrics::counter!(m::RETRIES, "op" => "apply", "reason" => reason).increment(1);
                     let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                    tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, error = %e, "transient fault applying a batch; retrying");
+                    tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, %error, "fault applying a batch; retrying in place");
                     held.models = vec![None; self.projections.len()];
-                    if self
-                        .renewing(session, last_renew, tokio::time::sleep(delay))
-                        .await
-                        .is_none()
-                    {
+                    held.checked_blocked = false;
+                    if !self.pause(session, last_renew, delay, cancel).await {
+                        // Lock lost, or shutdown: nothing settled, the broker redelivers.
                         return After::Drop;
                     }
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(aggregate = %aggregate_id, attempts = attempt + 1, error = %e, "giving up on the batch for now; abandoning it for a later retry");
-                    held.models = vec![None; self.projections.len()];
-                    return self.abandon_all(session, &msgs).await;
-                }
             }
         };
-        let (limit, base, stop) = outcome;
+        drop(alarm);
 
-        // Settle: completes for what is durable, then poison and blocked messages.
-        let mut stop = stop;
-        let mut poison_sent = false;
-        let mut seen = std::collections::BTreeSet::new();
+        if let Some(stop) = &block {
+            let poison = actions
+                .iter()
+                .position(
+                    |a| matches!(a, Action::DeadLetter { reason, .. } if *reason != REASON_BLOCKED),
+                )
+                .and_then(|i| msgs[i].message_id())
+                .unwrap_or_default();
+            let record = block_record(&aggregate_id, stop, poison);
+            if !self.block(session, held, &record, last_renew, cancel).await {
+                return After::Drop;
+            }
+        }
         let now_ms = mongodb::bson::DateTime::now().timestamp_millis();
-        for (i, (msg, d)) in msgs.iter().zip(&decoded).enumerate() {
-            let r = match d {
-                Ok(e) if i < cut && e.version <= limit => {
-                    if e.version <= base || !seen.insert(e.version) {
-                        metrics::counter!(m::DUPLICATES).increment(1);
-                    } else {
+        for ((msg, d), action) in msgs.iter().zip(&decoded).zip(&actions) {
+            let r = match action {
+                Action::Complete { applied } => {
+                    if *applied {
                         metrics::counter!(m::EVENTS_APPLIED).increment(1);
-                        self.activity
-                            .applied
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if let Some(ts) = e.timestamp_ms {
+                        self.activity.applied.fetch_add(1, Relaxed);
+                        if let Some(ts) = d.as_ref().ok().and_then(|e| e.timestamp_ms) {
                             metrics::histogram!(m::END_TO_END_LAG)
                                 .record((now_ms - ts).max(0) as f64 / 1000.0);
                         }
+                    } else {
+                        metrics::counter!(m::DUPLICATES).increment(1);
                     }
                     session.complete(msg).await
                 }
-                Ok(_) if stop.is_some() && !poison_sent => {
-                    poison_sent = true;
-                    let s = stop.as_ref().expect("checked");
-                    self.dead_letter(session, msg, s.reason, &s.description).await
+                Action::DeadLetter {
+                    reason,
+                    description,
+                } => {
+                    if *reason != REASON_BLOCKED {
+                        let msg_id = msg.message_id().unwrap_or_default();
+                        tracing::error!(aggregate = %aggregate_id, message_id = %msg_id, reason, description = %description, "poison message");
+                    }
+                    session
+                        .dead_letter(msg, reason, description)
+                        .await
+                        .map(|()| {
+                            metrics::counter!(m::DEAD_LETTERED, "reason" => reason.to_string())
+                                .increment(1);
+                        })
                 }
-                Err((reason, description)) if stop.is_none() && !poison_sent => {
-                    poison_sent = true;
-                    stop = Some(Stop {
-                        version: limit.max(base) + 1,
-                        projection: "*".into(),
-                        reason,
-                        description: description.clone(),
-                    });
-                    let msg_id = msg.message_id().unwrap_or_default();
-                    tracing::error!(aggregate = %aggregate_id, message_id = %msg_id, reason, description = %description, "poison message");
-                    self.dead_letter(session, msg, reason, description).await
-                }
-                _ => {
-                    self.dead_letter(session, msg, REASON_BLOCKED, &format!("aggregate {aggregate_id} is blocked; repair re-projects it from the events collection")).await
-                }
+                Action::Abandon => session.abandon(msg).await,
             };
             if let Err(e) = r {
                 self.lock_trouble(session.session_id(), &e);
                 return After::Drop;
             }
-            if poison_sent && held.blocked.is_none() {
-                if let Some(s) = &stop {
-                    let record = BlockRecord {
-                        aggregate_id: aggregate_id.clone(),
-                        projection: s.projection.clone(),
-                        blocked_at_event_id: s.version,
-                        reason: s.reason.to_string(),
-                        description: s.description.clone(),
-                        message_id: msg.message_id().unwrap_or_default(),
-                    };
-                    if let Err(e) = self.with_retries(|| self.store.block(&record)).await {
-                        tracing::error!(aggregate = %aggregate_id, error = %e, "cannot record the blocked aggregate; later messages are still dead-lettered while this session is held");
-                    }
-                    metrics::counter!(m::AGGREGATES_BLOCKED).increment(1);
-                    tracing::error!(aggregate = %aggregate_id, blocked_at = s.version, reason = s.reason, "aggregate blocked");
-                    held.blocked = Some(s.version);
-                    let state = format!("blocked at v{} ({})", s.version, s.reason).into_bytes();
-                    if session.set_state(state).await.is_err() {
-                        return After::Drop;
-                    }
-                    held.state_says_blocked = true;
-                }
+        }
+        if held.blocked.is_none() && held.state_says_blocked {
+            if session.set_state(Vec::new()).await.is_err() {
+                return After::Drop;
             }
+            held.state_says_blocked = false;
         }
         let elapsed = started.elapsed();
         metrics::histogram!(m::APPLY_LATENCY).record(elapsed.as_secs_f64());
@@ -519,55 +613,83 @@ impl Engine {
         After::Continue
     }
 
-    async fn dead_letter<R: SessionReceiver>(
+    /// Sleeps `delay` while renewing the session lock; `false` when the lock was lost or the
+    /// process is shutting down.
+    async fn pause<R: SessionReceiver>(
         &self,
         session: &mut R,
-        msg: &R::Message,
-        reason: &str,
-        description: &str,
-    ) -> Result<(), ReceiveError> {
-        session.dead_letter(msg, reason, description).await?;
-        metrics::counter!(m::DEAD_LETTERED, "reason" => reason.to_string()).increment(1);
-        Ok(())
-    }
-
-    async fn abandon_all<R: SessionReceiver>(&self, session: &mut R, msgs: &[R::Message]) -> After {
-        for msg in msgs {
-            if let Err(e) = session.abandon(msg).await {
-                self.lock_trouble(session.session_id(), &e);
-                break;
+        last_renew: &mut Instant,
+        delay: Duration,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let sleep = async {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => true,
+                _ = cancel.cancelled() => false,
             }
-        }
-        // Release the session so another worker (or this one, later) retries it.
-        After::Drop
+        };
+        self.renewing(session, last_renew, sleep).await == Some(true)
     }
 
-    async fn with_retries<T, Fut>(&self, op: impl Fn() -> Fut) -> Result<T, StoreError>
-    where
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
+    /// Records the block before the poison is dead-lettered, so a crash in between leaves the
+    /// aggregate blocked rather than open to the events after the poison. The record is
+    /// retried like any database write; `false` when the session must be dropped.
+    async fn block<R: SessionReceiver>(
+        &self,
+        session: &mut R,
+        held: &mut Held,
+        record: &BlockRecord,
+        last_renew: &mut Instant,
+        cancel: &CancellationToken,
+    ) -> bool {
         let mut delays = self.backoff().delays();
-        let mut attempt = 0;
         loop {
-            match op().await {
-                Err(e) if e.is_retryable() && attempt < self.cfg.transient_retry_limit => {
-                    attempt += 1;
-                    tokio::time::sleep(delays.next().unwrap_or(self.cfg.retry_max)).await;
+            match self
+                .renewing(session, last_renew, self.store.block(record))
+                .await
+            {
+                None => return false,
+                Some(Ok(())) => break,
+                Some(Err(e)) => {
+                    let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                    let reason = if e.is_retryable() {
+                        "transient"
+                    } else {
+                        "database"
+                    };
+                    metrics::counter!(m::RETRIES, "op" => "block", "reason" => reason).increment(1);
+                    tracing::warn!(aggregate = %record.aggregate_id, error = %e, "cannot record the blocked aggregate yet; retrying");
+                    if !self.pause(session, last_renew, delay, cancel).await {
+                        return false;
+                    }
                 }
-                r => return r,
             }
         }
+        metrics::counter!(m::AGGREGATES_BLOCKED).increment(1);
+        tracing::error!(aggregate = %record.aggregate_id, blocked_at = record.blocked_at_event_id, reason = %record.reason, "aggregate blocked");
+        held.blocked = Some(record.blocked_at_event_id);
+        held.checked_blocked = true;
+        let state = format!(
+            "blocked at v{} ({})",
+            record.blocked_at_event_id, record.reason
+        )
+        .into_bytes();
+        if session.set_state(state).await.is_err() {
+            return false;
+        }
+        held.state_says_blocked = true;
+        true
     }
 
     /// Folds `events` into every relevant projection and writes each changed model once.
-    /// Returns the highest version now durable for the batch (`limit`), the highest version
-    /// applied before the batch (`base`, for the duplicate metric), and where folding stopped.
+    /// A fault of the events (poison, a refused write) becomes the returned stop; any other
+    /// fault is an error, and the caller retries the batch.
     async fn apply(
         &self,
         held: &mut Held,
         aggregate_id: &str,
         events: &[&Event],
-    ) -> Result<(i64, i64, Option<Stop>), WorkError> {
+    ) -> Result<Applied, WorkError> {
         if !self.cfg.apply_delay.is_zero() {
             tokio::time::sleep(self.cfg.apply_delay).await;
         }
@@ -586,23 +708,28 @@ impl Engine {
                 base = base.max(m.version);
             }
         }
+        let mut lower = |limit: &mut i64, s: Stop| {
+            if s.version <= *limit {
+                *limit = s.version - 1;
+                stop = Some(s);
+            }
+        };
         // Phase 1: find where folding must stop (poison, unhealed gap), without writing.
         for (pi, p) in self.projections.iter().enumerate() {
             let Some((model, _)) = &held.models[pi] else {
                 continue;
             };
             let mut model = model.clone();
-            if let FoldEnd::Stopped(s) = self
+            if let Some(s) = self
                 .fold(p.as_ref(), &mut model, events, limit, &mut healed)
                 .await?
             {
-                if s.version <= limit {
-                    limit = s.version - 1;
-                    stop = Some(s);
-                }
+                lower(&mut limit, s);
             }
         }
-        // Phase 2: fold up to the limit and write, reloading on a failed guard.
+        // Phase 2: fold up to the limit and write, reloading on a failed guard. A model
+        // reloaded after a conflict can be older than the one phase 1 folded (a rebuild, an
+        // operator's reset) and stop elsewhere: that stop lowers the limit too.
         for (pi, p) in self.projections.iter().enumerate() {
             let mut conflicts = 0;
             loop {
@@ -610,19 +737,23 @@ impl Engine {
                     break;
                 };
                 let mut model = stored.clone();
-                self.fold(p.as_ref(), &mut model, events, limit, &mut healed)
-                    .await?;
+                if let Some(s) = self
+                    .fold(p.as_ref(), &mut model, events, limit, &mut healed)
+                    .await?
+                {
+                    lower(&mut limit, s);
+                }
                 if !model.needs_write(loaded) {
                     held.models[pi] = Some((model, loaded));
                     break;
                 }
-                match self.store.write(p.as_ref(), &model, loaded).await? {
-                    Written::Ok => {
+                match self.store.write(p.as_ref(), &model, loaded).await {
+                    Ok(Written::Ok) => {
                         let v = model.version;
                         held.models[pi] = Some((model, v));
                         break;
                     }
-                    Written::Conflict => {
+                    Ok(Written::Conflict) => {
                         metrics::counter!(m::GUARD_CONFLICTS).increment(1);
                         conflicts += 1;
                         if conflicts > self.cfg.transient_retry_limit.max(3) {
@@ -632,13 +763,38 @@ impl Engine {
                         let v = fresh.version;
                         held.models[pi] = Some((fresh, v));
                     }
+                    Err(e) if e.is_refusal() => {
+                        tracing::error!(aggregate = %aggregate_id, projection = p.name(), error = %e, "the server refused the read model");
+                        lower(
+                            &mut limit,
+                            Stop {
+                                version: loaded + 1,
+                                fault: Fault {
+                                    reason: REASON_REFUSED,
+                                    description: format!(
+                                        "{} of {aggregate_id} up to v{}: {e}",
+                                        p.collection(),
+                                        model.version
+                                    ),
+                                    projection: p.name().to_string(),
+                                },
+                            },
+                        );
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
-        Ok((limit, base, stop))
+        Ok(Applied {
+            durable: limit,
+            base,
+            stop,
+        })
     }
 
     /// Folds the events up to `limit` into `model`, healing gaps from the events collection.
+    /// Returns where folding must stop, if it must.
     async fn fold(
         &self,
         p: &dyn Projection,
@@ -646,46 +802,68 @@ impl Engine {
         events: &[&Event],
         limit: i64,
         healed: &mut BTreeMap<i64, Document>,
-    ) -> Result<FoldEnd, StoreError> {
+    ) -> Result<Option<Stop>, StoreError> {
         let docs: Vec<&Document> = events
             .iter()
             .filter(|e| e.version <= limit)
             .map(|e| &e.doc)
             .collect();
+        let stop = |version: i64, reason: &'static str, description: String| {
+            Some(Stop {
+                version,
+                fault: Fault {
+                    reason,
+                    description,
+                    projection: p.name().to_string(),
+                },
+            })
+        };
         loop {
             let err = match fold_events(p, model, docs.iter().copied()) {
-                Ok(None) => return Ok(FoldEnd::Done),
                 Ok(Some(Step::Gap { from, to })) => {
-                    let missing = (from..=to).any(|v| !healed.contains_key(&v));
-                    if missing {
+                    if (from..=to).any(|v| !healed.contains_key(&v)) {
                         match self
                             .store
                             .heal(&model.id, from, to, self.cfg.gap_timeout)
-                            .await?
+                            .await
                         {
-                            Some(found) => {
+                            Ok(Some(found)) => {
                                 metrics::counter!(m::GAPS_HEALED).increment(found.len() as u64);
                                 tracing::info!(aggregate = %model.id, from, to, "gap healed from the events collection");
                                 for e in found {
                                     healed.insert(event_version(&e), e);
                                 }
                             }
-                            None => {
-                                return Ok(FoldEnd::Stopped(Stop {
-                                    version: from,
-                                    projection: p.name().to_string(),
-                                    reason: REASON_GAP,
-                                    description: format!(
+                            Ok(None) => {
+                                return Ok(stop(
+                                    from,
+                                    REASON_GAP,
+                                    format!(
                                         "events v{from}..v{to} of {} not found in the events collection within {:?}",
                                         model.id, self.cfg.gap_timeout
                                     ),
-                                }))
+                                ))
                             }
+                            Err(e @ StoreError::BadEvent { .. }) => {
+                                return Ok(stop(from, REASON_SOURCE, e.to_string()))
+                            }
+                            Err(e @ StoreError::DuplicateVersion { .. }) => {
+                                return Ok(stop(from, REASON_DUPLICATE, e.to_string()))
+                            }
+                            Err(e) => return Err(e),
                         }
                     }
                     let mut failed = None;
                     for v in from..=to {
-                        if let Err(e) = model.apply(p, &healed[&v]) {
+                        // Healing returned every version of the range, each once.
+                        let Some(e) = healed.get(&v) else {
+                            return Ok(stop(
+                                v,
+                                REASON_GAP,
+                                format!("event v{v} of {} was not read while healing", model.id),
+                            ));
+                        };
+                        if let Err(e) = model.apply(p, e) {
                             failed = Some(e);
                             break;
                         }
@@ -695,16 +873,11 @@ impl Engine {
                         Some(e) => e,
                     }
                 }
-                Ok(Some(_)) => return Ok(FoldEnd::Done),
+                Ok(_) => return Ok(None),
                 Err(e) => e,
             };
             tracing::error!(aggregate = %model.id, projection = p.name(), event_id = err.event_id, error = %err, "projection error");
-            return Ok(FoldEnd::Stopped(Stop {
-                version: err.event_id,
-                projection: p.name().to_string(),
-                reason: REASON_PROJECTION,
-                description: err.to_string(),
-            }));
+            return Ok(stop(err.event_id, REASON_PROJECTION, err.to_string()));
         }
     }
 }

@@ -11,10 +11,12 @@ use common::{event, projections, workload};
 use mongodb::bson::{doc, Document};
 use ordo_core::envelope::{Envelope, EventFields};
 use ordo_core::projection::fold_history;
-use ordo_core::servicebus::receiver::{Delivery, ReceiveError, SessionReceiver, SessionSource};
+use ordo_core::servicebus::receiver::{
+    Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
+};
 use ordo_projector::config::ProjectorSection;
 use ordo_projector::{Engine, Store};
-use ordo_testkit::TestMongo;
+use ordo_testkit::{wait_until, TestMongo};
 use tokio_util::sync::CancellationToken;
 
 /// What the worker did to the fake broker, in order.
@@ -28,12 +30,16 @@ enum Op {
     /// A settle or renewal the fake refused with a lock loss.
     Refused(&'static str),
     Close,
+    /// Written by the test itself, to order its own steps among the worker's.
+    Marker(&'static str),
 }
 
 #[derive(Debug, Clone)]
 struct Msg {
     id: String,
     body: Vec<u8>,
+    /// The `aggregateId` application property.
+    aggregate: Option<String>,
 }
 
 impl Delivery for Msg {
@@ -49,6 +55,9 @@ impl Delivery for Msg {
     fn delivery_count(&self) -> u32 {
         1
     }
+    fn aggregate_id(&self) -> Option<String> {
+        self.aggregate.clone()
+    }
 }
 
 fn msg(e: &Document) -> Msg {
@@ -58,6 +67,7 @@ fn msg(e: &Document) -> Msg {
     Msg {
         id: wire.message_id,
         body: wire.body,
+        aggregate: None,
     }
 }
 
@@ -71,6 +81,9 @@ struct FakeSession {
     /// Completes fail with a lock loss from this many successful completes on.
     completes_ok: Option<usize>,
     lost: bool,
+    /// Before handing out batch `.0` (counted from 0), replaces a document: another writer.
+    rewrite: Option<(usize, mongodb::Collection<Document>, Document)>,
+    batches: usize,
 }
 
 impl FakeSession {
@@ -84,6 +97,8 @@ impl FakeSession {
                 renewals_ok: None,
                 completes_ok: None,
                 lost: false,
+                rewrite: None,
+                batches: 0,
             },
             ops,
         )
@@ -120,6 +135,14 @@ impl SessionReceiver for FakeSession {
             tokio::time::sleep(wait).await;
             return Ok(Vec::new());
         }
+        if let Some((at, coll, doc)) = &self.rewrite {
+            if *at == self.batches {
+                coll.replace_one(doc! { "_id": doc.get("_id").unwrap() }, doc.clone())
+                    .await
+                    .unwrap();
+            }
+        }
+        self.batches += 1;
         let n = (max as usize).min(self.queue.len());
         Ok(self.queue.drain(..n).collect())
     }
@@ -192,12 +215,14 @@ impl SessionSource for FakeSource {
     async fn accept_next(
         &mut self,
         _timeout: Duration,
-    ) -> Result<Option<FakeSession>, ReceiveError> {
-        let next = self.sessions.pop_front();
-        if next.is_none() {
-            self.cancel.cancel();
+    ) -> Result<Accepted<FakeSession>, ReceiveError> {
+        match self.sessions.pop_front() {
+            Some(s) => Ok(Accepted::Session(s)),
+            None => {
+                self.cancel.cancel();
+                Ok(Accepted::Idle)
+            }
         }
-        Ok(next)
     }
 }
 
@@ -213,17 +238,16 @@ async fn engine(mongo: &TestMongo, tune: impl FnOnce(&mut ProjectorSection)) -> 
         ..Default::default()
     };
     tune(&mut cfg);
-    Arc::new(Engine {
-        projections: projections(),
-        store: Store::new(
+    Arc::new(Engine::new(
+        projections(),
+        Store::new(
             mongo.database(),
             "events",
             "ordo_blocked",
             EventFields::default(),
         ),
         cfg,
-        activity: Default::default(),
-    })
+    ))
 }
 
 async fn stored(mongo: &TestMongo, coll: &str, id: &str) -> Option<Document> {
@@ -344,6 +368,18 @@ async fn a_transient_store_error_is_retried_not_dead_lettered() {
     let mut doc = stored(&mongo, "orders", "t-1").await.unwrap();
     doc.remove("lastUpdatedAt");
     assert_eq!(doc, expected_order(order));
+    assert_fail_point_spent(&mongo).await;
+}
+
+/// Proves a `{times: N}` fail point on inserts fired N times: the worker was the only client
+/// writing, and an insert now goes through, so every one of the N failures went to it.
+async fn assert_fail_point_spent(mongo: &TestMongo) {
+    mongo
+        .database()
+        .collection::<Document>("fail_point_probe")
+        .insert_one(doc! { "probe": 1 })
+        .await
+        .expect("the fail point still had failures left: the worker did not meet them all");
 }
 
 /// Poison (an undecodable body) is dead-lettered with its reason, the aggregate blocked in
@@ -395,11 +431,13 @@ async fn poison_is_dead_lettered_and_blocks_the_aggregate() {
     let ops = ops.lock().unwrap().clone();
     assert_eq!(
         ops,
+        // The block is recorded before anything is settled: a crash after the poison's
+        // dead-letter cannot leave the aggregate open to the events behind it.
         vec![
+            Op::SetState("blocked at v3 (UndecodableMessage)".into()),
             Op::Complete("q-1:1".into()),
             Op::Complete("q-1:2".into()),
             Op::DeadLetter("q-1:3".into(), "UndecodableMessage".into()),
-            Op::SetState("blocked at v3 (UndecodableMessage)".into()),
             Op::DeadLetter("q-1:4".into(), "AggregateBlocked".into()),
             Op::DeadLetter("q-1:5".into(), "AggregateBlocked".into()),
             Op::Close,
@@ -411,4 +449,562 @@ async fn poison_is_dead_lettered_and_blocks_the_aggregate() {
     assert_eq!(blocked.get_str("reason").unwrap(), "UndecodableMessage");
     let doc = stored(&mongo, "orders", "q-1").await.unwrap();
     assert_eq!(doc.get_i64("lastEventId").unwrap(), 2);
+}
+
+fn ops_of(ops: &Arc<Mutex<Vec<Op>>>) -> Vec<Op> {
+    ops.lock().unwrap().clone()
+}
+
+fn count(ops: &[Op], f: impl Fn(&Op) -> bool) -> usize {
+    ops.iter().filter(|o| f(o)).count()
+}
+
+fn burns_delivery_count(o: &Op) -> bool {
+    matches!(o, Op::Abandon(_) | Op::DeadLetter(..) | Op::Refused(_))
+}
+
+/// A database fault that outlasts `transient_retry_limit` keeps the session: the batch is
+/// retried in place with the lock renewed, never abandoned (an abandon is a delivery), and
+/// applied once the fault is gone.
+#[tokio::test]
+async fn a_database_fault_outlasting_the_retry_budget_keeps_the_session() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |c| {
+        c.transient_retry_limit = 2;
+        c.lock_renewal_interval = Duration::from_millis(100);
+    })
+    .await;
+    let events = workload("b", 2, 5);
+    let order = &events[5..];
+    mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": { "times": 15 }, "data": { "failCommands": ["insert", "update"], "errorCode": 112 } },
+        )
+        .await
+        .unwrap();
+    let (session, ops) = FakeSession::new("b-1", order.iter().map(msg).collect());
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    let ops = ops_of(&ops);
+    assert_eq!(
+        count(&ops, |o| matches!(o, Op::Complete(_))),
+        order.len(),
+        "{ops:?}"
+    );
+    assert!(!ops.iter().any(burns_delivery_count), "{ops:?}");
+    assert!(
+        count(&ops, |o| *o == Op::Renew) >= 1,
+        "the lock is renewed while the fault lasts: {ops:?}"
+    );
+    let mut doc = stored(&mongo, "orders", "b-1").await.unwrap();
+    doc.remove("lastUpdatedAt");
+    assert_eq!(doc, expected_order(order));
+    assert_fail_point_spent(&mongo).await;
+}
+
+/// A database killed for longer than the retry budget: the worker holds the session, renews
+/// its lock, settles nothing while the database is gone, and applies everything after it
+/// returns.
+#[tokio::test]
+async fn a_killed_database_is_waited_for_not_abandoned() {
+    let mut mongo = TestMongo::start_with(ordo_testkit::SecantusOptions::new().persistent())
+        .await
+        .unwrap();
+    if mongo.is_external() {
+        eprintln!("skipped: cannot kill an external mongodb");
+        return;
+    }
+    let engine = engine(&mongo, |c| {
+        c.transient_retry_limit = 2;
+        c.lock_renewal_interval = Duration::from_millis(200);
+    })
+    .await;
+    let events = workload("k", 2, 4);
+    let order = &events[4..];
+    let (session, ops) = FakeSession::new("k-1", order.iter().map(msg).collect());
+    mongo.kill_server().unwrap();
+    let worker = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .work_session(session, &CancellationToken::new())
+                .await
+        })
+    };
+    // The outage: far longer than two retries of at most 50 ms.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ops.lock().unwrap().push(Op::Marker("restarted"));
+    mongo.restart_server().await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the worker finishes once the database is back")
+        .unwrap();
+    let ops = ops_of(&ops);
+    let back = ops
+        .iter()
+        .position(|o| *o == Op::Marker("restarted"))
+        .unwrap();
+    assert!(
+        !ops[..back].iter().any(|o| matches!(o, Op::Complete(_))),
+        "nothing completed during the outage: {ops:?}"
+    );
+    assert!(
+        count(&ops[..back], |o| *o == Op::Renew) >= 1,
+        "the lock is renewed during the outage: {ops:?}"
+    );
+    assert_eq!(
+        count(&ops, |o| matches!(o, Op::Complete(_))),
+        order.len(),
+        "{ops:?}"
+    );
+    assert!(!ops.iter().any(burns_delivery_count), "{ops:?}");
+    let mut doc = stored(&mongo, "orders", "k-1").await.unwrap();
+    doc.remove("lastUpdatedAt");
+    assert_eq!(doc, expected_order(order));
+}
+
+/// An event the producer parked for an invalid field (here a payload that is not a document)
+/// is reached by gap healing: the aggregate is blocked at it with a reason naming the source
+/// document, the message that led there is dead-lettered once, nothing is abandoned.
+#[tokio::test]
+async fn an_invalid_event_reached_by_healing_blocks_the_aggregate_once() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |_| {}).await;
+    let good = workload("h", 2, 3);
+    let order: Vec<Document> = good[3..].to_vec();
+    let mut bad = order[1].clone();
+    bad.insert("_id", "bad-event-2");
+    bad.insert("payload", "not a document");
+    let events = mongo.database().collection::<Document>("events");
+    events
+        .insert_many([order[0].clone(), bad, order[2].clone()])
+        .await
+        .unwrap();
+    let (session, ops) = FakeSession::new("h-1", vec![msg(&order[0]), msg(&order[2])]);
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    let ops = ops_of(&ops);
+    assert_eq!(
+        ops,
+        vec![
+            Op::SetState("blocked at v2 (InvalidSourceEvent)".into()),
+            Op::Complete("h-1:1".into()),
+            Op::DeadLetter("h-1:3".into(), "InvalidSourceEvent".into()),
+            Op::Close,
+        ],
+        "{ops:?}"
+    );
+    let blocked = stored(&mongo, "ordo_blocked", "h-1").await.unwrap();
+    assert_eq!(blocked.get_i64("blockedAtEventId").unwrap(), 2);
+    assert_eq!(blocked.get_str("reason").unwrap(), "InvalidSourceEvent");
+    let description = blocked.get_str("description").unwrap();
+    assert!(
+        description.contains("bad-event-2") && description.contains("payload"),
+        "{description}"
+    );
+    let doc = stored(&mongo, "orders", "h-1").await.unwrap();
+    assert_eq!(
+        doc.get_i64("lastEventId").unwrap(),
+        1,
+        "nothing over the hole"
+    );
+}
+
+/// Two source documents with the same (aggregateId, eventId), reached by healing: no panic;
+/// the aggregate is blocked with a reason naming both documents.
+#[tokio::test]
+async fn duplicate_versions_in_the_source_block_without_a_panic() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |_| {}).await;
+    let order: Vec<Document> = workload("d", 2, 4)[4..].to_vec();
+    let mut first = order[1].clone();
+    first.insert("_id", "dup-a");
+    let mut second = order[1].clone();
+    second.insert("_id", "dup-b");
+    // v2 twice and no v3: a heal of v2..v3 finds two documents, as many as it asked for.
+    mongo
+        .database()
+        .collection::<Document>("events")
+        .insert_many([order[0].clone(), first, second, order[3].clone()])
+        .await
+        .unwrap();
+    let (session, ops) = FakeSession::new("d-1", vec![msg(&order[0]), msg(&order[3])]);
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    let ops = ops_of(&ops);
+    assert_eq!(
+        ops,
+        vec![
+            Op::SetState("blocked at v2 (DuplicateVersion)".into()),
+            Op::Complete("d-1:1".into()),
+            Op::DeadLetter("d-1:4".into(), "DuplicateVersion".into()),
+            Op::Close,
+        ],
+        "{ops:?}"
+    );
+    let blocked = stored(&mongo, "ordo_blocked", "d-1").await.unwrap();
+    let description = blocked.get_str("description").unwrap();
+    assert!(
+        description.contains("dup-a") && description.contains("dup-b"),
+        "{description}"
+    );
+}
+
+/// A collection validator that refuses the read model blocks the aggregate at the refused
+/// version and dead-letters once; nothing is retried or abandoned.
+#[tokio::test]
+async fn a_validator_refusing_the_read_model_blocks_the_aggregate() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |_| {}).await;
+    mongo
+        .database()
+        .run_command(doc! {
+            "create": "orders",
+            "validator": { "customerId": { "$type": "string" } },
+        })
+        .await
+        .unwrap();
+    let mut order: Vec<Document> = workload("v", 2, 3)[3..].to_vec();
+    order[0]
+        .get_document_mut("payload")
+        .unwrap()
+        .insert("customerId", 42);
+    let (session, ops) = FakeSession::new("v-1", order.iter().map(msg).collect());
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    let ops = ops_of(&ops);
+    assert_eq!(
+        ops,
+        vec![
+            Op::SetState("blocked at v1 (ReadModelRefused)".into()),
+            Op::DeadLetter("v-1:1".into(), "ReadModelRefused".into()),
+            Op::DeadLetter("v-1:2".into(), "AggregateBlocked".into()),
+            Op::DeadLetter("v-1:3".into(), "AggregateBlocked".into()),
+            Op::Close,
+        ],
+        "{ops:?}"
+    );
+    let blocked = stored(&mongo, "ordo_blocked", "v-1").await.unwrap();
+    assert_eq!(blocked.get_str("projection").unwrap(), "orders");
+    assert_eq!(stored(&mongo, "orders", "v-1").await, None);
+}
+
+/// A read-model document without `lastEventId` (left by another writer) is replaced by the
+/// fold, not fought over with a storm of failed guards.
+#[tokio::test]
+async fn a_read_model_without_a_version_is_replaced_by_the_fold() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |c| c.transient_retry_limit = 2).await;
+    let order: Vec<Document> = workload("u", 2, 4)[4..].to_vec();
+    mongo
+        .database()
+        .collection::<Document>("orders")
+        .insert_one(doc! { "_id": "u-1", "customerId": "legacy", "status": "imported" })
+        .await
+        .unwrap();
+    let (session, ops) = FakeSession::new("u-1", order.iter().map(msg).collect());
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    let ops = ops_of(&ops);
+    assert_eq!(
+        count(&ops, |o| matches!(o, Op::Complete(_))),
+        order.len(),
+        "{ops:?}"
+    );
+    assert!(!ops.iter().any(burns_delivery_count), "{ops:?}");
+    let mut doc = stored(&mongo, "orders", "u-1").await.unwrap();
+    doc.remove("lastUpdatedAt");
+    assert_eq!(doc, expected_order(&order));
+}
+
+/// An event type no rule handles still records the aggregate's version, so later events need
+/// no healing read.
+#[tokio::test]
+async fn an_event_type_without_rules_records_progress() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |_| {}).await;
+    let noted = event("n-1", "Order", 1, "OrderNoted", doc! {});
+    let (session, ops) = FakeSession::new("n-1", vec![msg(&noted)]);
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    assert_eq!(ops_of(&ops), vec![Op::Complete("n-1:1".into()), Op::Close]);
+    let doc = stored(&mongo, "orders", "n-1")
+        .await
+        .expect("the document exists");
+    assert_eq!(doc.get_i64("lastEventId").unwrap(), 1);
+}
+
+/// When no message of a batch can be read and the session id is the digest of a long
+/// aggregate id, the block is recorded under the real id from the `aggregateId` property.
+#[tokio::test]
+async fn a_block_is_recorded_under_the_real_aggregate_id() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |_| {}).await;
+    let long_id = format!("order-{}", "x".repeat(140));
+    let first = event(
+        &long_id,
+        "Order",
+        1,
+        "OrderCreated",
+        doc! { "customerId": "c" },
+    );
+    let mut m = msg(&first);
+    m.body = b"{not json".to_vec();
+    m.aggregate = Some(long_id.clone());
+    let session_id = ordo_core::envelope::session_id(&long_id);
+    assert!(session_id.starts_with("sha256:"));
+    let (session, ops) = FakeSession::new(&session_id, vec![m]);
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    let ops = ops_of(&ops);
+    assert_eq!(
+        count(&ops, |o| matches!(o, Op::DeadLetter(..))),
+        1,
+        "{ops:?}"
+    );
+    assert!(stored(&mongo, "ordo_blocked", &long_id).await.is_some());
+    assert!(stored(&mongo, "ordo_blocked", &session_id).await.is_none());
+}
+
+/// A model reloaded after a failed guard can be older than the one the batch was checked
+/// against (an operator reset it); the fold of the reloaded model stops at a gap that does not
+/// heal, and that stop is honoured: nothing past it is completed.
+#[tokio::test]
+async fn a_stop_found_after_a_conflict_reload_is_honoured() {
+    let mongo = TestMongo::start().await.unwrap();
+    // Two batches: v1..v3, then v4..v5.
+    let engine = engine(&mongo, |c| c.batch_size = 3).await;
+    let order: Vec<Document> = workload("r", 2, 5)[5..].to_vec();
+    // Only v1 is in the events collection: v2 and v3 arrive by message and cannot be healed.
+    mongo
+        .database()
+        .collection::<Document>("events")
+        .insert_one(order[0].clone())
+        .await
+        .unwrap();
+    let mut reset = expected_order(&order[..1]);
+    reset.insert("lastUpdatedAt", mongodb::bson::DateTime::now());
+    let (mut session, ops) = FakeSession::new("r-1", order.iter().map(msg).collect());
+    session.rewrite = Some((1, mongo.database().collection("orders"), reset));
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    let ops = ops_of(&ops);
+    assert!(
+        !ops.contains(&Op::Complete("r-1:4".into()))
+            && !ops.contains(&Op::Complete("r-1:5".into())),
+        "{ops:?}"
+    );
+    assert!(
+        ops.contains(&Op::DeadLetter("r-1:4".into(), "GapNotHealed".into())),
+        "{ops:?}"
+    );
+    let doc = stored(&mongo, "orders", "r-1").await.unwrap();
+    assert_eq!(doc.get_i64("lastEventId").unwrap(), 1);
+}
+
+/// A projection with a bug: it panics on `Explode`.
+#[derive(Debug)]
+struct Bomb;
+
+impl ordo_core::projection::Projection for Bomb {
+    fn name(&self) -> &str {
+        "bomb"
+    }
+    fn collection(&self) -> &str {
+        "bombs"
+    }
+    fn selects(&self, _aggregate_type: Option<&str>, event_type: &str) -> bool {
+        event_type == "Explode"
+    }
+    fn apply(
+        &self,
+        _doc: &mut Option<Document>,
+        _event: &Document,
+    ) -> Result<(), ordo_core::projection::ApplyError> {
+        panic!("a bug in a custom projection")
+    }
+}
+
+/// Sessions shared by every worker of a pool, as a subscription is.
+#[derive(Clone)]
+struct SharedSource(Arc<Mutex<VecDeque<FakeSession>>>);
+
+impl SessionSource for SharedSource {
+    type Session = FakeSession;
+
+    async fn accept_next(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Accepted<FakeSession>, ReceiveError> {
+        let next = self.0.lock().unwrap().pop_front();
+        match next {
+            Some(s) => Ok(Accepted::Session(s)),
+            None => {
+                // The broker holds an accept while no session is available.
+                tokio::time::sleep(timeout.min(Duration::from_millis(20))).await;
+                Ok(Accepted::Idle)
+            }
+        }
+    }
+}
+
+/// A worker that panics (a projection bug) is replaced: the pool keeps its size, the restart
+/// is counted, the session count is not left behind, and the other aggregates converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_worker_is_replaced_and_the_others_converge() {
+    let mongo = TestMongo::start().await.unwrap();
+    let mut cfg = ProjectorSection {
+        max_concurrent_sessions: 2,
+        batch_size: 10,
+        receive_wait: Duration::from_millis(20),
+        session_idle_timeout: Duration::from_millis(60),
+        retry_initial: Duration::from_millis(10),
+        retry_max: Duration::from_millis(50),
+        ..Default::default()
+    };
+    cfg.gap_timeout = Duration::from_millis(200);
+    let mut all = projections();
+    all.push(Arc::new(Bomb));
+    let engine = Arc::new(Engine::new(
+        all,
+        Store::new(
+            mongo.database(),
+            "events",
+            "ordo_blocked",
+            EventFields::default(),
+        ),
+        cfg,
+    ));
+    let boom = [event("x-1", "Order", 1, "Explode", doc! {})];
+    let (boom_session, _) = FakeSession::new("x-1", boom.iter().map(msg).collect());
+    let good = workload("g", 8, 4);
+    let mut sessions = VecDeque::from([boom_session]);
+    let mut good_ops = Vec::new();
+    for id in (0..8).filter(|i| i % 2 == 1).map(|i| format!("g-{i}")) {
+        let evs: Vec<Document> = good
+            .iter()
+            .filter(|e| e.get_str("aggregateId").unwrap() == id)
+            .cloned()
+            .collect();
+        let (s, ops) = FakeSession::new(&id, evs.iter().map(msg).collect());
+        sessions.push_back(s);
+        good_ops.push((id, evs, ops));
+    }
+    let source = SharedSource(Arc::new(Mutex::new(sessions)));
+    let shutdown = ordo_core::shutdown::Shutdown::new();
+    ordo_projector::spawn_workers(&engine, &shutdown, move |_| {
+        let source = source.clone();
+        async move { Ok::<_, ReceiveError>(source) }
+    });
+    let e = engine.clone();
+    let m = &mongo;
+    let good_ref = &good_ops;
+    wait_until(Duration::from_secs(60), || {
+        let e = e.clone();
+        async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            if e.activity.restarts.load(Relaxed) < 1 || e.activity.workers.load(Relaxed) != 2 {
+                return false;
+            }
+            for (id, evs, _) in good_ref {
+                let Some(mut doc) = stored(m, "orders", id).await else {
+                    return false;
+                };
+                doc.remove("lastUpdatedAt");
+                if doc != expected_order(evs) {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    shutdown.token.cancel();
+    assert_eq!(
+        shutdown.drain(Duration::from_secs(10)).await,
+        ordo_core::shutdown::Drained::Clean
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        engine.activity.restarts.load(Relaxed),
+        1,
+        "one panic, one restart"
+    );
+    assert_eq!(engine.activity.sessions_held.load(Relaxed), 0);
+    for (id, evs, ops) in &good_ops {
+        let ops = ops_of(ops);
+        assert_eq!(
+            count(&ops, |o| matches!(o, Op::Complete(_))),
+            evs.len(),
+            "{id}: {ops:?}"
+        );
+    }
+}
+
+/// A read model past the 16 MB document limit (three 6 MB order lines pushed onto it) is
+/// refused: the aggregate is blocked at the first event not stored, nothing loops. In one
+/// batch the first write is an insert, which the driver refuses itself; one event per batch
+/// grows a stored document until the server refuses the replace (BSONObjectTooLarge).
+#[tokio::test]
+async fn a_read_model_over_16_mb_blocks_the_aggregate() {
+    let mongo = TestMongo::start().await.unwrap();
+    let big = "x".repeat(6 * 1024 * 1024);
+    let mut order = vec![event(
+        "big-1",
+        "Order",
+        1,
+        "OrderCreated",
+        doc! { "customerId": "c" },
+    )];
+    for v in 2..=4 {
+        order.push(event(
+            "big-1",
+            "Order",
+            v,
+            "ItemAddedToOrder",
+            doc! { "sku": format!("{v}{big}"), "qty": 1, "price": 1.0 },
+        ));
+    }
+    for (batch_size, blocked_at) in [(10, 1), (1, 4)] {
+        mongo.database().drop().await.unwrap();
+        let engine = engine(&mongo, |c| c.batch_size = batch_size).await;
+        let (session, ops) = FakeSession::new("big-1", order.iter().map(msg).collect());
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            engine.work_session(session, &CancellationToken::new()),
+        )
+        .await
+        .expect("a refused write is not retried forever");
+        let ops = ops_of(&ops);
+        let poison = format!("big-1:{blocked_at}");
+        assert!(
+            ops.contains(&Op::SetState(format!(
+                "blocked at v{blocked_at} (ReadModelRefused)"
+            ))),
+            "{ops:?}"
+        );
+        assert!(
+            ops.contains(&Op::DeadLetter(poison, "ReadModelRefused".into())),
+            "{ops:?}"
+        );
+        assert_eq!(
+            count(&ops, |o| matches!(o, Op::Complete(_))),
+            blocked_at as usize - 1
+        );
+        assert_eq!(
+            count(&ops, |o| matches!(o, Op::DeadLetter(..))),
+            5 - blocked_at as usize
+        );
+        let blocked = stored(&mongo, "ordo_blocked", "big-1").await.unwrap();
+        assert_eq!(blocked.get_i64("blockedAtEventId").unwrap(), blocked_at);
+    }
 }

@@ -50,6 +50,8 @@ pub const LOCK_RENEWALS: &str = "ordo_lock_renewals_total";
 pub const LOCKS_LOST: &str = "ordo_locks_lost_total";
 /// Version guards that failed because another writer moved the document (projector).
 pub const GUARD_CONFLICTS: &str = "ordo_guard_conflicts_total";
+/// Long-running tasks restarted after a panic or an early end; label `task` (projector).
+pub const TASK_RESTARTS: &str = "ordo_task_restarts_total";
 
 /// Every name above, for the docs test and the `/metrics` smoke test.
 pub const ALL: &[&str] = &[
@@ -76,4 +78,5 @@ pub const ALL: &[&str] = &[
     LOCK_RENEWALS,
     LOCKS_LOST,
     GUARD_CONFLICTS,
+    TASK_RESTARTS,
 ];

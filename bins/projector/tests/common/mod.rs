@@ -56,11 +56,19 @@ pub struct Env {
 
 /// Starts SecantusDB and an emulator (session-enabled subscription, `lock` lock duration).
 pub async fn start(lock: Duration) -> Env {
+    start_with(lock, |cfg| {
+        // The emulator answers an accept with no session before the projector's own timeout,
+        // so accepts end with the broker's answer (faster tests); `start_with` can keep the
+        // broker's own 60 s hold, which production meets.
+        cfg.namespace.session_accept_timeout = Duration::from_secs(1);
+    })
+    .await
+}
+
+/// Like [`start`], with the emulator's configuration changed by `tune` first.
+pub async fn start_with(lock: Duration, tune: impl FnOnce(&mut EmulatorConfig)) -> Env {
     let mongo = TestMongo::start().await.expect("mongodb");
     let mut cfg = EmulatorConfig::default_ordo();
-    // The emulator answers an accept with no session before the projector's own timeout, so
-    // the client never gives up halfway through an attach.
-    cfg.namespace.session_accept_timeout = Duration::from_secs(1);
     cfg.topics = vec![TopicConfig {
         subscriptions: vec![SubscriptionConfig {
             lock_duration: lock,
@@ -68,6 +76,7 @@ pub async fn start(lock: Duration) -> Env {
         }],
         ..cfg.topics[0].clone()
     }];
+    tune(&mut cfg);
     let emulator = loop {
         let n: u8 = rand::random_range(2..=250);
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, rand::random_range(1..=250), n));
@@ -141,6 +150,18 @@ retry_max = "200ms"
             conn = self.conn,
             proj = projections_path().display(),
         )
+    }
+
+    /// Starts a projector without waiting for it to be ready; `edit` changes the whole file.
+    pub fn spawn_unready(&self, extra: &str, edit: impl FnOnce(String) -> String) -> Daemon {
+        let health = free_health_addr();
+        Daemon::spawn(
+            &bin(),
+            &edit(self.projector_toml(health, extra)),
+            health,
+            &[],
+        )
+        .expect("spawn projector")
     }
 
     pub async fn spawn_projector(&self, extra: &str) -> Daemon {

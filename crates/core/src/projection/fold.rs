@@ -152,9 +152,13 @@ impl ReadModel {
         Ok(())
     }
 
-    /// Whether there is anything to store: a document, or a stored one to update.
+    /// Whether there is anything to store: any version past the stored one. An aggregate the
+    /// projection selects records its progress even while no rule has created its document
+    /// (a tombstone-shaped `{_id, _deleted, lastEventId}`), so later events, `status` and
+    /// `repair` find the version without reading the events collection; one it never selects
+    /// has no version (see [`ReadModel::ignores`]) and costs no write.
     pub fn needs_write(&self, loaded_version: i64) -> bool {
-        self.version > loaded_version && (self.doc.is_some() || loaded_version > 0)
+        self.version > loaded_version
     }
 }
 

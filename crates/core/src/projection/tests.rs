@@ -69,6 +69,17 @@ fn other_aggregates_are_ignored_without_a_version() {
 }
 
 #[test]
+fn an_event_without_rules_still_records_progress() {
+    let orders = example("orders");
+    let mut m = ReadModel::empty("o-1");
+    let first = [order_event(1, "OrderNoted", doc! {})];
+    assert_eq!(fold_events(&orders, &mut m, &first).unwrap(), None);
+    assert_eq!(m.version, 1);
+    assert!(m.needs_write(0), "the version is stored though no rule ran");
+    assert_eq!(m, fold_history(&orders, "o-1", &first).unwrap().unwrap());
+}
+
+#[test]
 fn delete_leaves_a_tombstone_that_keeps_the_version() {
     let users = example("users");
     let ev = |v: i64, t: &str, p: Document| {

@@ -6,7 +6,13 @@
 //!
 //! azservicebus facts that shape this module:
 //! - `accept_next_session_*` has no timeout and takes the client by `&mut`: each source owns a
-//!   client of its own, and [`SessionSource::accept_next`] wraps the accept in a timeout;
+//!   client of its own, and [`SessionSource::accept_next`] wraps the accept in a timeout. An
+//!   accept cancelled halfway through its attach can leave the client's AMQP session unusable,
+//!   so a timed-out accept is reported as [`Accepted::GaveUp`] and the caller drops the source;
+//! - the broker says "no session available" by refusing the link with the condition
+//!   `com.microsoft:timeout`; every other refusal (`amqp:not-found` for a missing entity,
+//!   `amqp:not-allowed` for one without sessions, `amqp:unauthorized-access`), a failed CBS
+//!   token or a failed connection is a fault, told apart by the error's type and condition;
 //! - every receiver method takes `&mut self`: lock renewal cannot run in the background, the
 //!   worker interleaves it with its own steps;
 //! - a failed settle or renewal usually means the session lock is gone; [`ReceiveError`] says
@@ -25,6 +31,10 @@ use crate::secret::Secret;
 
 use super::Client;
 
+/// The AMQP condition Service Bus refuses a next-available-session accept with when no
+/// session became available within its server timeout.
+pub const CONDITION_TIMEOUT: &str = "com.microsoft:timeout";
+
 /// Why a receiver operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -32,21 +42,65 @@ pub enum ReceiveError {
     /// so nothing received under it may be settled any more.
     #[error("session lock lost: {0}")]
     LockLost(String),
+    /// The broker refused the link with an AMQP condition (missing entity, no sessions,
+    /// access refused, ...).
+    #[error("service bus refused the link ({condition}): {description}")]
+    Refused {
+        /// The AMQP error condition, e.g. `amqp:not-found`.
+        condition: String,
+        /// The broker's description.
+        description: String,
+    },
+    /// The claims-based authorization of the link failed (a wrong or revoked key).
+    #[error("service bus authorization failed: {0}")]
+    Unauthorized(String),
     /// The connection or the broker failed; the session is unusable but nothing is known lost.
     #[error("service bus: {0}")]
     Broker(String),
 }
 
 impl ReceiveError {
-    /// Whether retrying later (with a fresh session or connection) can succeed. Both kinds can:
-    /// the messages stay on the broker; the worker drops the session and accepts again.
-    pub fn is_retryable(&self) -> bool {
-        true
-    }
-
     /// Whether this is a lock loss (counted in `ordo_locks_lost_total`).
     pub fn is_lock_lost(&self) -> bool {
         matches!(self, ReceiveError::LockLost(_))
+    }
+
+    /// A short, bounded label for the `reason` of `ordo_retries_total`.
+    pub fn reason(&self) -> String {
+        match self {
+            ReceiveError::LockLost(_) => "lock_lost".into(),
+            ReceiveError::Refused { condition, .. } => condition.clone(),
+            ReceiveError::Unauthorized(_) => "unauthorized".into(),
+            ReceiveError::Broker(_) => "broker".into(),
+        }
+    }
+
+    /// Classifies a failed connect or accept by the error's type and AMQP condition: what the
+    /// accept gave when the broker answered, or the fault.
+    fn of_accept<S>(e: azure_core::Error) -> Result<Accepted<S>, Self> {
+        use fe2o3_amqp_client::link::ReceiverAttachError;
+        match e.downcast_ref::<ReceiverAttachError>() {
+            Some(ReceiverAttachError::RemoteClosedWithError(err)) => {
+                let condition = condition_text(&err.condition);
+                if condition == CONDITION_TIMEOUT {
+                    return Ok(Accepted::Idle);
+                }
+                return Err(ReceiveError::Refused {
+                    condition,
+                    description: err.description.clone().unwrap_or_default(),
+                });
+            }
+            Some(ReceiverAttachError::IncomingSourceIsNone) => return Ok(Accepted::Unclear),
+            _ => {}
+        }
+        // The only request-response calls of a connect or accept are CBS put-token calls: a
+        // status error there is the broker refusing the credentials.
+        if let Some(fe2o3_amqp_management::error::Error::Status(status)) =
+            e.downcast_ref::<fe2o3_amqp_management::error::Error>()
+        {
+            return Err(ReceiveError::Unauthorized(status.to_string()));
+        }
+        Err(ReceiveError::Broker(e.to_string()))
     }
 
     fn classify(e: azure_core::Error) -> Self {
@@ -70,6 +124,43 @@ pub trait Delivery: Send + Sync {
     fn envelope_version(&self) -> Option<i64>;
     /// Deliveries so far, this one included.
     fn delivery_count(&self) -> u32;
+    /// The `aggregateId` application property: the real aggregate id even when the session
+    /// id is its digest and the body cannot be read.
+    fn aggregate_id(&self) -> Option<String>;
+}
+
+/// The condition symbol as the broker sent it (`amqp:not-found`, `com.microsoft:timeout`).
+fn condition_text(c: &fe2o3_amqp_types::definitions::ErrorCondition) -> String {
+    use fe2o3_amqp_types::definitions::ErrorCondition;
+    use fe2o3_amqp_types::primitives::Symbol;
+    let symbol = match c {
+        ErrorCondition::AmqpError(e) => Symbol::from(e),
+        ErrorCondition::ConnectionError(e) => Symbol::from(e),
+        ErrorCondition::SessionError(e) => Symbol::from(e),
+        ErrorCondition::LinkError(e) => Symbol::from(e),
+        ErrorCondition::Custom(s) => s.clone(),
+        // Transaction conditions, when the client crate is built with transactions.
+        #[allow(unreachable_patterns)]
+        other => return format!("{other:?}"),
+    };
+    symbol.as_str().to_string()
+}
+
+/// What an accept gave.
+#[derive(Debug)]
+pub enum Accepted<S> {
+    /// A session, locked for this worker.
+    Session(S),
+    /// The broker answered that no session is available.
+    Idle,
+    /// The accept was cancelled by its timeout before the broker answered: the client may be
+    /// halfway through an attach, so the source must be dropped, not used again.
+    GaveUp,
+    /// The broker refused the link, but its reason was lost: the client detaches a link
+    /// attached without a source at once, and when that detach crosses the broker's own
+    /// (which carries the condition), the client keeps only "source field is none". It may
+    /// be "no session available" or a fault; the next accept tells.
+    Unclear,
 }
 
 /// The sessions of one subscription.
@@ -77,11 +168,11 @@ pub trait SessionSource: Send {
     /// A held session.
     type Session: SessionReceiver;
 
-    /// Accepts the next available session; `None` when none became available within `timeout`.
+    /// Accepts the next available session, waiting at most `timeout`.
     fn accept_next(
         &mut self,
         timeout: Duration,
-    ) -> impl Future<Output = Result<Option<Self::Session>, ReceiveError>> + Send;
+    ) -> impl Future<Output = Result<Accepted<Self::Session>, ReceiveError>> + Send;
 }
 
 /// One held session (one aggregate).
@@ -155,9 +246,11 @@ impl AzureSessionSource {
         identifier: &str,
         prefetch: u32,
     ) -> Result<Self, ReceiveError> {
-        let client = super::connect(conn, identifier)
-            .await
-            .map_err(|e| ReceiveError::Broker(e.to_string()))?;
+        let client = super::connect(conn, identifier).await.map_err(|e| {
+            ReceiveError::of_accept::<()>(e)
+                .err()
+                .unwrap_or_else(|| ReceiveError::Broker("connect".into()))
+        })?;
         Ok(Self {
             client,
             topic: topic.to_string(),
@@ -174,7 +267,7 @@ impl SessionSource for AzureSessionSource {
     async fn accept_next(
         &mut self,
         timeout: Duration,
-    ) -> Result<Option<AzureSession>, ReceiveError> {
+    ) -> Result<Accepted<AzureSession>, ReceiveError> {
         let options = ServiceBusSessionReceiverOptions {
             prefetch_count: self.prefetch,
             identifier: Some(self.identifier.clone()),
@@ -186,25 +279,12 @@ impl SessionSource for AzureSessionSource {
             options,
         );
         match tokio::time::timeout(timeout, accept).await {
-            Err(_) => Ok(None),
-            Ok(Ok(receiver)) => Ok(Some(AzureSession {
+            Err(_) => Ok(Accepted::GaveUp),
+            Ok(Ok(receiver)) => Ok(Accepted::Session(AzureSession {
                 session_id: receiver.session_id().to_string(),
                 receiver,
             })),
-            Ok(Err(e)) => {
-                let text = e.to_string().to_ascii_lowercase();
-                // Real Service Bus answers an accept with no available session by a timeout
-                // error after its server timeout, and an emulator may answer with an attach
-                // without a source; both mean "none", not a fault.
-                if text.contains("timeout")
-                    || text.contains("timed out")
-                    || text.contains("source field is none")
-                {
-                    Ok(None)
-                } else {
-                    Err(ReceiveError::Broker(e.to_string()))
-                }
-            }
+            Ok(Err(e)) => ReceiveError::of_accept(e),
         }
     }
 }
@@ -239,6 +319,15 @@ impl Delivery for AzureMessage {
 
     fn delivery_count(&self) -> u32 {
         self.0.delivery_count().unwrap_or(1)
+    }
+
+    fn aggregate_id(&self) -> Option<String> {
+        let v = self
+            .0
+            .application_properties()?
+            .0
+            .get(property::AGGREGATE_ID)?;
+        String::try_from(v.clone()).ok()
     }
 }
 
@@ -321,5 +410,71 @@ impl SessionReceiver for AzureSession {
         if let Err(e) = self.receiver.dispose().await {
             tracing::debug!(session = %self.session_id, error = %e, "closing the session receiver failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use azure_core::error::ErrorKind;
+    use fe2o3_amqp_client::link::ReceiverAttachError;
+    use fe2o3_amqp_types::definitions::{AmqpError, Error as AmqpErr, ErrorCondition};
+    use fe2o3_amqp_types::primitives::Symbol;
+
+    /// What azservicebus hands back when the broker refuses a session receiver's attach.
+    fn refused(condition: ErrorCondition) -> azure_core::Error {
+        let e = ReceiverAttachError::RemoteClosedWithError(AmqpErr::new(
+            condition,
+            Some("refused".to_string()),
+            None,
+        ));
+        azure_core::Error::new(ErrorKind::Io, e)
+    }
+
+    fn classify(e: azure_core::Error) -> Result<Accepted<()>, ReceiveError> {
+        ReceiveError::of_accept(e)
+    }
+
+    #[test]
+    fn no_session_available_is_told_by_its_condition_not_its_text() {
+        let idle = refused(ErrorCondition::Custom(Symbol::from(CONDITION_TIMEOUT)));
+        assert!(matches!(classify(idle), Ok(Accepted::Idle)));
+        // A connection that timed out says "timed out" but is a fault.
+        let io = azure_core::Error::new(
+            ErrorKind::Io,
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        );
+        assert!(matches!(classify(io), Err(ReceiveError::Broker(_))));
+    }
+
+    #[test]
+    fn refusals_carry_their_condition() {
+        let missing = refused(ErrorCondition::AmqpError(AmqpError::NotFound));
+        assert!(matches!(
+            classify(missing),
+            Err(ReceiveError::Refused { condition, .. }) if condition == "amqp:not-found"
+        ));
+        let sessionless = refused(ErrorCondition::AmqpError(AmqpError::NotAllowed));
+        assert!(matches!(
+            classify(sessionless).unwrap_err().reason().as_str(),
+            "amqp:not-allowed"
+        ));
+        let unclear =
+            azure_core::Error::new(ErrorKind::Io, ReceiverAttachError::IncomingSourceIsNone);
+        assert!(matches!(classify(unclear), Ok(Accepted::Unclear)));
+    }
+
+    #[test]
+    fn a_refused_token_is_unauthorized() {
+        let status = fe2o3_amqp_management::error::Error::Status(
+            fe2o3_amqp_management::error::StatusError {
+                code: fe2o3_amqp_management::status::StatusCode(
+                    std::num::NonZeroU16::new(401).unwrap(),
+                ),
+                description: Some("InvalidSignature".into()),
+            },
+        );
+        let e = azure_core::Error::new(ErrorKind::Other, status);
+        assert!(matches!(classify(e), Err(ReceiveError::Unauthorized(_))));
     }
 }

@@ -5,10 +5,14 @@
 //! - [`config`]: `[projector]` and the shared sections.
 //! - [`worker`]: the session loop (accept, receive, fold, guarded write, settle, renew).
 //! - [`store`]: read models with version guards, the events collection, `ordo_blocked`.
-//! - [`admin`]: the `repair` and `rebuild` subcommands.
+//! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
+//! - [`repair`]: the `repair` subcommand.
+//! - [`rebuild`]: the `rebuild` subcommand.
 
-pub mod admin;
 pub mod config;
+pub mod rebuild;
+pub mod reconcile;
+pub mod repair;
 pub mod store;
 pub mod worker;
 
@@ -37,10 +41,17 @@ pub fn load_projections(cfg: &ProjectorConfig) -> anyhow::Result<Vec<Arc<dyn Pro
     if compiled.is_empty() {
         anyhow::bail!("projections file {}: defines no projection", path.display());
     }
-    Ok(compiled
+    let projections: Vec<Arc<dyn Projection>> = compiled
         .into_iter()
         .map(|p| Arc::new(p) as Arc<dyn Projection>)
-        .collect())
+        .collect();
+    rebuild::check_projections(
+        &projections,
+        &cfg.mongodb.events_collection,
+        &cfg.projector.blocked_collection,
+    )
+    .with_context(|| format!("projections file {}", path.display()))?;
+    Ok(projections)
 }
 
 /// Connects to MongoDB and builds the store.
@@ -118,6 +129,18 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
                 }
             }
         });
+    }
+    if let Some(every) = cfg.projector.reconcile_interval {
+        tracing::info!(
+            interval_ms = every.as_millis() as u64,
+            "periodic reconciliation on"
+        );
+        shutdown.tracker.spawn(reconcile::periodic(
+            store.clone(),
+            engine.projections.clone(),
+            every,
+            shutdown.token.clone(),
+        ));
     }
     let instance = heartbeat(&engine, &shutdown);
     health.set_started();

@@ -50,6 +50,14 @@ pub const LOCK_RENEWALS: &str = "ordo_lock_renewals_total";
 pub const LOCKS_LOST: &str = "ordo_locks_lost_total";
 /// Version guards that failed because another writer moved the document (projector).
 pub const GUARD_CONFLICTS: &str = "ordo_guard_conflicts_total";
+/// Reconciliation runs finished, by `mode` (`full`, `incremental`) (projector).
+pub const RECONCILE_RUNS: &str = "ordo_reconcile_runs_total";
+/// Aggregates whose read models reconciliation compared with the events collection (projector).
+pub const RECONCILE_CHECKED: &str = "ordo_reconcile_aggregates_checked_total";
+/// Read models reconciliation brought up to the events collection (projector).
+pub const RECONCILE_HEALED: &str = "ordo_reconcile_read_models_healed_total";
+/// Duration of one reconciliation run (projector).
+pub const RECONCILE_DURATION: &str = "ordo_reconcile_duration_seconds";
 
 /// Every name above, for the docs test and the `/metrics` smoke test.
 pub const ALL: &[&str] = &[
@@ -76,4 +84,8 @@ pub const ALL: &[&str] = &[
     LOCK_RENEWALS,
     LOCKS_LOST,
     GUARD_CONFLICTS,
+    RECONCILE_RUNS,
+    RECONCILE_CHECKED,
+    RECONCILE_HEALED,
+    RECONCILE_DURATION,
 ];

@@ -100,7 +100,7 @@ fn main() -> ExitCode {
                         )
                         .await
                     }
-                    Command::Status { .. } => Ok(()),
+                    Command::Status { .. } => unreachable!("handled above"),
                     Command::Rebuild { projection } => {
                         let rebuilt = ordo_projector::rebuild::rebuild(
                             &store,

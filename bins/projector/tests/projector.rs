@@ -714,3 +714,46 @@ async fn a_projection_on_the_events_collection_or_an_ordo_collection_is_refused(
         events.len() as u64
     );
 }
+
+/// A rebuild that fails half-way (the shadow's insert refused by a fail point scoped to the
+/// subcommand's connections) drops its shadow, exits non-zero and leaves the read models as
+/// they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rebuild_drops_its_shadow_and_leaves_the_read_models_alone() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("f", 6, 4);
+    env.insert_events(&events).await;
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    let expected = env.expected().await;
+    assert!(env.converged(&expected).await);
+    let before = raw_models(&env, "users").await;
+
+    env.mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! {"mode": {"times": 1}, "data": {
+                "failCommands": ["insert"], "appName": "ordo-projector-admin",
+                "errorCode": 2, "errorLabels": [],
+            }},
+        )
+        .await
+        .unwrap();
+    let (ok, out) = run_admin(&env, "", &["rebuild", "--projection", "users"]).await;
+    env.mongo.disable_fail_point("failCommand").await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("failCommand"),
+        "the fail point did not fire: {out}"
+    );
+    assert!(
+        out.contains("rebuild of users failed; shadow users_rebuild_"),
+        "{out}"
+    );
+    let names = env.mongo.database().list_collection_names().await.unwrap();
+    assert!(
+        !names.iter().any(|n| n.contains("_rebuild_")),
+        "shadow collection left behind: {names:?}"
+    );
+    assert_eq!(raw_models(&env, "users").await, before);
+}

@@ -65,6 +65,9 @@ pub struct BlockRecord {
     pub message_id: String,
 }
 
+/// Guarded attempts of [`Store::write_folded`] before it gives up.
+const FOLDED_WRITE_ATTEMPTS: u32 = 10;
+
 /// The projector's view of the database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -142,7 +145,7 @@ impl Store {
         model: &ReadModel,
     ) -> Result<(), StoreError> {
         let coll: Collection<Document> = self.db.collection(collection);
-        loop {
+        for _ in 0..FOLDED_WRITE_ATTEMPTS {
             let current = coll
                 .find_one(doc! { "_id": &model.id })
                 .await?
@@ -166,6 +169,12 @@ impl Store {
                 return Ok(());
             }
         }
+        // A document that keeps moving, or one without a numeric lastEventId that no guard
+        // can match: say so rather than loop.
+        Err(StoreError::Mongo(mongodb::error::Error::custom(format!(
+            "{collection}/{}: the stored document changed under {FOLDED_WRITE_ATTEMPTS} guarded writes in a row (or has no numeric lastEventId); not written",
+            model.id
+        ))))
     }
 
     fn to_event(&self, id: &str, d: &Document) -> Result<Document, StoreError> {

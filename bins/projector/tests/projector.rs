@@ -757,3 +757,27 @@ async fn a_failed_rebuild_drops_its_shadow_and_leaves_the_read_models_alone() {
     );
     assert_eq!(raw_models(&env, "users").await, before);
 }
+
+/// A read model without `lastEventId` (left by the service ordo replaces) matches no guard:
+/// `repair` says so and exits non-zero instead of retrying forever, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_over_a_document_without_a_version_fails_instead_of_looping() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("v", 2, 3);
+    env.insert_events(&events).await;
+    let users = env.mongo.database().collection::<Document>("users");
+    users
+        .insert_one(doc! { "_id": "v-0", "name": "legacy" })
+        .await
+        .unwrap();
+    let (ok, out) = run_admin(&env, "", &["repair", "--aggregate", "v-0"]).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("users/v-0"), "{out}");
+    assert!(out.contains("no numeric lastEventId"), "{out}");
+    let stored = users
+        .find_one(doc! { "_id": "v-0" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, doc! { "_id": "v-0", "name": "legacy" });
+}

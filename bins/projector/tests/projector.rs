@@ -781,3 +781,40 @@ async fn repair_over_a_document_without_a_version_fails_instead_of_looping() {
         .unwrap();
     assert_eq!(stored, doc! { "_id": "v-0", "name": "legacy" });
 }
+
+/// A periodic reconciliation run that fails (its aggregate commands refused by a fail point
+/// scoped to the daemon's connections) is counted as a retry and logged; a later run heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reconcile_run_is_counted_and_the_next_run_heals() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("q", 4, 3);
+    env.insert_events(&events).await;
+    env.mongo
+        .configure_fail_point(
+            "failCommand",
+            // Three: the blocked-aggregates gauge counts with an aggregate command too, and
+            // may take the first.
+            doc! {"mode": {"times": 3}, "data": {
+                "failCommands": ["aggregate"], "appName": "ordo-projector",
+                "errorCode": 2, "errorLabels": [],
+            }},
+        )
+        .await
+        .unwrap();
+    let mut proj = env.spawn_projector("reconcile_interval = \"300ms\"").await;
+    converge(&env, &env.expected().await, CONVERGE).await;
+    env.mongo.disable_fail_point("failCommand").await.unwrap();
+    assert!(proj.metric(m::RETRIES).await >= 1.0);
+    assert!(
+        proj.logs().contains("reconcile run failed"),
+        "{}",
+        proj.logs()
+    );
+    assert!(proj.logs().contains("failCommand"), "{}", proj.logs());
+    proj.sigterm().unwrap();
+    assert!(proj
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap()
+        .success());
+}

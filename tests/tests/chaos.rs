@@ -1,15 +1,21 @@
 //! Chaos under load: the whole pipeline as real processes, with the producer and projectors
 //! killed (SIGKILL) at random, the broker stopped and restarted, and MongoDB fail points
-//! injected, while events keep arriving. Afterwards every read model must equal the fold of
-//! the events collection, no aggregate may be blocked, and the dead-letter queue must be empty
-//! (the workload has no poison).
+//! injected, while events keep arriving. Every fault is proven to have fired before the next
+//! one (a killed pid's exit signal, the broker's connection count falling to zero, the retries
+//! counter of the daemon a fail point was scoped to); a fault that cannot be injected (the
+//! broker outage against an external namespace) is reported as not injected. Afterwards every
+//! aggregate's read model must equal the fold of its events in the events collection, no
+//! aggregate may be blocked, and the dead-letter queue must be empty (the workload has no
+//! poison).
 //!
 //! Seeded: `ORDO_CHAOS_SEED=N` replays a run (the seed is printed first). The default length
 //! fits CI; `ORDO_CHAOS_SECS=600` makes it a soak.
 
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use mongodb::bson::{doc, Document};
+use ordo_core::metrics as m;
 use ordo_e2e::sample::{insert, Generator, Workload};
 use ordo_e2e::stack::Stack;
 use rand::rngs::StdRng;
@@ -64,9 +70,12 @@ async fn read_models_survive_chaos_under_load() {
     let started = Instant::now();
     let mut written = 0usize;
     let mut next_fault = Instant::now() + Duration::from_secs(2);
-    let mut faults = Vec::new();
+    let mut injected: Vec<(Fault, String)> = Vec::new();
+    let mut not_injected: Vec<(Fault, &str)> = Vec::new();
+    // A fail point fires on some later command: its proof is awaited while the load goes on.
+    let mut pending: Option<Pending> = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(50));
-    while started.elapsed() < Duration::from_secs(secs) {
+    while started.elapsed() < Duration::from_secs(secs) || pending.is_some() {
         ticker.tick().await;
         if let Err(e) = stack.check_alive() {
             panic!("seed {seed}: {e}");
@@ -74,61 +83,106 @@ async fn read_models_survive_chaos_under_load() {
         let batch = generator.next_batch(10);
         written += batch.len();
         insert(&events, batch).await.unwrap();
-        if Instant::now() < next_fault {
+        if let Some(p) = pending.take() {
+            let now = p.reading(&stack).await;
+            if now > p.before {
+                stack.mongo.disable_fail_point("failCommand").await.unwrap();
+                injected.push((p.fault, format!("{} retries {} -> {now}", p.who, p.before)));
+            } else {
+                assert!(
+                    p.since.elapsed() < Duration::from_secs(60),
+                    "seed {seed}: {:?} never fired ({} retries stayed at {})",
+                    p.fault,
+                    p.who,
+                    p.before
+                );
+                pending = Some(p);
+            }
+            continue;
+        }
+        if Instant::now() < next_fault || started.elapsed() >= Duration::from_secs(secs) {
             continue;
         }
         next_fault = Instant::now() + Duration::from_millis(rng.random_range(2000..5000));
         let fault = pick(&mut rng, stack.projectors.len());
-        faults.push(fault);
         println!(
             "[{:>5.1}s] {written} events written; injecting {fault:?}",
             started.elapsed().as_secs_f64()
         );
         match fault {
             Fault::KillProducer => {
-                if let Some(p) = stack.producer.take() {
-                    p.kill9().unwrap();
-                }
+                let mut p = stack.producer.take().expect("a producer runs");
+                injected.push((fault, killed(&mut p).await));
                 stack.spawn_producer().await.unwrap();
             }
             Fault::KillProjector(slot) => {
-                if let Some(p) = stack.projectors[slot].take() {
-                    p.kill9().unwrap();
-                }
+                let mut p = stack.projectors[slot].take().expect("the projector runs");
+                injected.push((fault, killed(&mut p).await));
                 stack.spawn_projector(slot).await.unwrap();
             }
-            Fault::BrokerOutage(d) => match stack.bus.suspend().await {
-                Ok(()) => {
+            Fault::BrokerOutage(d) => match stack.bus.emulator() {
+                Ok(emulator) => {
+                    let before = emulator.stats().connections;
+                    emulator.suspend().await;
+                    let during = emulator.stats().connections;
+                    assert_eq!(during, 0, "seed {seed}: the outage left connections open");
                     // The outage itself is the fault: the daemons must ride it out.
                     tokio::time::sleep(d).await;
-                    stack.bus.resume().await.unwrap().unwrap();
+                    emulator.resume().await.unwrap();
+                    let after = ordo_testkit::wait_for(Duration::from_secs(60), || async move {
+                        let n = emulator.stats().connections;
+                        (n > 0).then_some(n)
+                    })
+                    .await;
+                    injected.push((
+                        fault,
+                        format!("broker connections {before} -> {during} -> {after}"),
+                    ));
                 }
-                Err(skip) => skip.skip(),
+                Err(_) => not_injected.push((fault, "an external broker cannot be stopped here")),
             },
             Fault::FailUpdates => {
+                // Scoped to the projectors: their read-model writes fail, the driver's single
+                // retry of a retryable write absorbs at most one of each pair, and the rest
+                // reach the worker's own retry loop, which counts them. Heartbeats are updates
+                // too and fail silently (the next beat rewrites them), so there are enough
+                // failures for the workers even when they are quiet for a while.
+                let p = Pending::new(fault, Who::Projectors, &stack).await;
                 stack
                     .mongo
                     .configure_fail_point(
                         "failCommand",
-                        doc! {"mode": {"times": 5}, "data": {"failCommands": ["update"], "errorCode": 91, "errorLabels": ["RetryableWriteError"]}},
+                        doc! {"mode": {"times": 12}, "data": {"failCommands": ["update"], "appName": "ordo-projector", "errorCode": 91, "errorLabels": ["RetryableWriteError"]}},
                     )
                     .await
                     .unwrap();
+                pending = Some(p);
             }
             Fault::FailGetMore => {
+                // Scoped to the producer: its change stream's getMore fails with an error the
+                // driver does not resume by itself (no ResumableChangeStreamError label), so
+                // the producer reopens the stream from its last token and counts the retry.
+                let p = Pending::new(fault, Who::Producer, &stack).await;
                 stack
                     .mongo
                     .configure_fail_point(
                         "failCommand",
-                        doc! {"mode": {"times": 1}, "data": {"failCommands": ["getMore"], "closeConnection": true}},
+                        doc! {"mode": {"times": 1}, "data": {"failCommands": ["getMore"], "appName": "ordo-producer", "errorCode": 6, "errorLabels": []}},
                     )
                     .await
                     .unwrap();
+                pending = Some(p);
             }
         }
     }
     stack.mongo.disable_fail_point("failCommand").await.unwrap();
-    println!("load stopped: {written} events, faults {faults:?}");
+    println!("load stopped: {written} events");
+    for (fault, proof) in &injected {
+        println!("injected {fault:?}: {proof}");
+    }
+    for (fault, why) in &not_injected {
+        println!("not injected {fault:?}: {why}");
+    }
 
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -143,7 +197,7 @@ async fn read_models_survive_chaos_under_load() {
             Instant::now() < deadline,
             "read models did not catch up: {done}/{aggregates} (seed {seed})"
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
     }
     let verdict = stack.verify().await.unwrap();
     assert!(
@@ -152,7 +206,11 @@ async fn read_models_survive_chaos_under_load() {
         verdict.mismatches.len(),
         verdict.mismatches.first()
     );
-    assert_eq!(verdict.events, written, "every written event was folded");
+    let aggregates = events.distinct("aggregateId", doc! {}).await.unwrap().len();
+    assert_eq!(
+        verdict.aggregates, aggregates,
+        "seed {seed}: every aggregate written has a read model equal to its fold"
+    );
     assert_eq!(
         stack.blocked().await.unwrap(),
         0,
@@ -167,5 +225,68 @@ async fn read_models_survive_chaos_under_load() {
             "seed {seed}: nothing is poison, yet dead-lettered: {:?}",
             dlq.first()
         );
+    }
+}
+
+/// SIGKILLs a daemon and proves it died of it; returns the proof.
+async fn killed(d: &mut ordo_testkit::Daemon) -> String {
+    let pid = d.pid();
+    d.kill9().unwrap();
+    let status = d.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(status.signal(), Some(9), "pid {pid}: {status:?}");
+    format!("pid {pid} killed by signal 9")
+}
+
+/// Whose retries counter proves a fail point fired.
+#[derive(Debug, Clone, Copy)]
+enum Who {
+    Producer,
+    Projectors,
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Who::Producer => "producer",
+            Who::Projectors => "projectors'",
+        })
+    }
+}
+
+/// A fail point set and not yet proven to have fired.
+struct Pending {
+    fault: Fault,
+    who: Who,
+    before: f64,
+    since: Instant,
+}
+
+impl Pending {
+    async fn new(fault: Fault, who: Who, stack: &Stack) -> Self {
+        let mut p = Self {
+            fault,
+            who,
+            before: 0.0,
+            since: Instant::now(),
+        };
+        // `+ 0.0` turns the -0.0 of an empty sum into 0.
+        p.before = p.reading(stack).await + 0.0;
+        p
+    }
+
+    async fn reading(&self, stack: &Stack) -> f64 {
+        match self.who {
+            Who::Producer => match &stack.producer {
+                Some(d) => d.metric(m::RETRIES).await,
+                None => 0.0,
+            },
+            Who::Projectors => {
+                let mut total = 0.0;
+                for d in stack.projectors.iter().flatten() {
+                    total += d.metric(m::RETRIES).await;
+                }
+                total
+            }
+        }
     }
 }

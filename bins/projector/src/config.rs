@@ -75,6 +75,10 @@ pub struct ProjectorSection {
     /// tests and drills; 0 in production.
     #[serde(with = "humantime_serde")]
     pub apply_delay: Duration,
+    /// Reconciliation period in the daemon (off when absent): heals aggregates whose read
+    /// model is behind the events collection, whatever lost their events upstream.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Option<Duration>,
 }
 
 impl Default for ProjectorSection {
@@ -94,6 +98,7 @@ impl Default for ProjectorSection {
             blocked_collection: "ordo_blocked".into(),
             prefetch: 0,
             apply_delay: Duration::ZERO,
+            reconcile_interval: None,
         }
     }
 }
@@ -143,6 +148,14 @@ impl Validate for ProjectorSection {
             s(600),
         )?;
         check_duration("projector.apply_delay", self.apply_delay, ms(0), s(600))?;
+        if let Some(every) = self.reconcile_interval {
+            check_duration(
+                "projector.reconcile_interval",
+                every,
+                ms(100),
+                s(7 * 86_400),
+            )?;
+        }
         if self.receive_wait >= self.lock_renewal_interval * 3 {
             return Err(ConfigError::invalid(
                 "projector.receive_wait",

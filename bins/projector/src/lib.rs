@@ -8,12 +8,16 @@
 //! - [`readiness`]: the faults `/readyz` reports.
 //! - [`supervise`]: every long-running task is respawned after a panic.
 //! - [`store`]: read models with version guards, the events collection, `ordo_blocked`.
-//! - [`admin`]: the `repair` and `rebuild` subcommands.
+//! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
+//! - [`repair`]: the `repair` subcommand.
+//! - [`rebuild`]: the `rebuild` subcommand.
 
-pub mod admin;
 pub mod config;
 pub mod readiness;
 pub mod settle;
+pub mod rebuild;
+pub mod reconcile;
+pub mod repair;
 pub mod store;
 pub mod supervise;
 pub mod worker;
@@ -45,10 +49,17 @@ pub fn load_projections(cfg: &ProjectorConfig) -> anyhow::Result<Vec<Arc<dyn Pro
     if compiled.is_empty() {
         anyhow::bail!("projections file {}: defines no projection", path.display());
     }
-    Ok(compiled
+    let projections: Vec<Arc<dyn Projection>> = compiled
         .into_iter()
         .map(|p| Arc::new(p) as Arc<dyn Projection>)
-        .collect())
+        .collect();
+    rebuild::check_projections(
+        &projections,
+        &cfg.mongodb.events_collection,
+        &cfg.projector.blocked_collection,
+    )
+    .with_context(|| format!("projections file {}", path.display()))?;
+    Ok(projections)
 }
 
 /// Connects to MongoDB and builds the store.
@@ -117,6 +128,17 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
         let (store, cancel) = (store.clone(), shutdown.token.clone());
         move || blocked_gauge(store.clone(), cancel.clone())
     });
+    if let Some(every) = cfg.projector.reconcile_interval {
+        tracing::info!(
+            interval_ms = every.as_millis() as u64,
+            "periodic reconciliation on"
+        );
+        spawn_supervised(&engine, &shutdown, "reconcile", {
+            let (store, cancel) = (store.clone(), shutdown.token.clone());
+            let projections = engine.projections.clone();
+            move || reconcile::periodic(store.clone(), projections.clone(), every, cancel.clone())
+        });
+    }
     let instance = heartbeat(&engine, &shutdown);
     health.set_started();
     shutdown.token.cancelled().await;

@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ordo_core::cli::{config_path, load_config, Loaded};
 
@@ -43,7 +44,18 @@ enum Command {
         #[arg(long)]
         projection: String,
     },
+    /// Heal every aggregate whose read model is behind the events collection (blocked ones are
+    /// reported, not touched). Incremental after the first run.
+    Reconcile {
+        /// Check every aggregate, not only those with events since the last run.
+        #[arg(long)]
+        full: bool,
+    },
 }
+
+/// The application name of the one-shot subcommands, so they can be told apart from the daemon
+/// in the server's logs and `currentOp`.
+const ADMIN_APP_NAME: &str = "ordo-projector-admin";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -66,13 +78,21 @@ fn main() -> ExitCode {
             Some(cmd) => {
                 ordo_core::telemetry::init_logging(&cfg.telemetry);
                 let projections = ordo_projector::load_projections(&cfg)?;
-                let store = ordo_projector::open_store(&cfg).await?;
+                let client = ordo_core::mongo::connect(&cfg.mongodb, ADMIN_APP_NAME)
+                    .await
+                    .context("connecting to mongodb")?;
+                let store = ordo_projector::Store::new(
+                    client.database(cfg.mongodb.database()),
+                    &cfg.mongodb.events_collection,
+                    &cfg.projector.blocked_collection,
+                    cfg.mongodb.fields.clone(),
+                );
                 match cmd {
                     Command::Repair {
                         aggregate,
                         projection,
                     } => {
-                        ordo_projector::admin::repair(
+                        ordo_projector::repair::repair(
                             &store,
                             &projections,
                             &aggregate,
@@ -82,10 +102,21 @@ fn main() -> ExitCode {
                     }
                     Command::Status { .. } => unreachable!("handled above"),
                     Command::Rebuild { projection } => {
-                        let coll =
-                            ordo_projector::admin::rebuild(&store, &projections, &projection)
+                        let rebuilt = ordo_projector::rebuild::rebuild(
+                            &store,
+                            &projections,
+                            &projection,
+                            &cfg.projector.blocked_collection,
+                        )
+                        .await?;
+                        print!("{rebuilt}");
+                        Ok(())
+                    }
+                    Command::Reconcile { full } => {
+                        let report =
+                            ordo_projector::reconcile::reconcile(&store, &projections, full)
                                 .await?;
-                        println!("rebuilt {coll}");
+                        print!("{report}");
                         Ok(())
                     }
                 }

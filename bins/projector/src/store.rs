@@ -119,6 +119,9 @@ pub struct BlockRecord {
     pub message_id: String,
 }
 
+/// Guarded attempts of [`Store::write_folded`] before it gives up.
+const FOLDED_WRITE_ATTEMPTS: u32 = 10;
+
 /// The projector's view of the database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -181,7 +184,9 @@ impl Store {
     /// Writes `model` if the stored version is still `expected`: an insert when nothing was
     /// stored (duplicate key: someone else created it, or a document without a version is in
     /// the way, which is replaced), otherwise a replace filtered on
-    /// `{_id, lastEventId: expected}` (plain equality, so the `_id` index serves it).
+    /// `{_id, lastEventId: expected, _epoch: the epoch it was read with}` (plain equality, so
+    /// the `_id` index serves it; the epoch makes a model cached before a rebuild's swap fail
+    /// its guard even when the rebuilt document holds the same version).
     pub async fn write(
         &self,
         p: &dyn Projection,
@@ -209,7 +214,7 @@ impl Store {
             };
         }
         let r = coll
-            .replace_one(doc! { "_id": &model.id, "lastEventId": expected }, doc)
+            .replace_one(model.guard(expected), doc)
             .with_options(ReplaceOptions::builder().upsert(false).build())
             .await?;
         Ok(if r.matched_count == 1 {
@@ -219,40 +224,46 @@ impl Store {
         })
     }
 
-    /// Writes a model folded from the full history (repair, rebuild): replaces whatever is
-    /// stored unless it is newer, so a running projector that moved further is not undone.
+    /// Writes a model folded from the full history (repair): replaces whatever is stored
+    /// unless it is newer, so a running projector that moved further is not undone. Guarded
+    /// like [`Store::write`] on the stored version and epoch (the epoch is kept); a failed guard
+    /// means someone moved the document meanwhile: read it again and decide again.
     pub async fn write_folded(
         &self,
         collection: &str,
         model: &ReadModel,
     ) -> Result<(), StoreError> {
         let coll: Collection<Document> = self.db.collection(collection);
-        let doc = model.to_document(mongodb::bson::DateTime::now());
-        loop {
-            let current = coll.find_one(doc! { "_id": &model.id }).await?;
-            let stored = current
-                .map(|d| ReadModel::from_document(&model.id, d).version)
-                .unwrap_or(0);
+        for _ in 0..FOLDED_WRITE_ATTEMPTS {
+            let current = coll
+                .find_one(doc! { "_id": &model.id })
+                .await?
+                .map(|d| ReadModel::from_document(&model.id, d));
+            let (stored, epoch) = current.map_or((0, None), |c| (c.version, c.epoch));
             if stored > model.version {
                 return Ok(());
             }
+            let mut next = model.clone();
+            next.epoch = epoch;
+            let doc = next.to_document(mongodb::bson::DateTime::now());
             if stored == 0 {
-                match coll.insert_one(doc.clone()).await {
+                match coll.insert_one(doc).await {
                     Ok(_) => return Ok(()),
                     Err(e) if is_duplicate_key(&e) => continue,
                     Err(e) => return Err(e.into()),
                 }
             }
-            let r = coll
-                .replace_one(
-                    doc! { "_id": &model.id, "lastEventId": stored },
-                    doc.clone(),
-                )
-                .await?;
+            let r = coll.replace_one(next.guard(stored), doc).await?;
             if r.matched_count == 1 {
                 return Ok(());
             }
         }
+        // A document that keeps moving, or one without a numeric lastEventId that no guard
+        // can match: say so rather than loop.
+        Err(StoreError::Mongo(mongodb::error::Error::custom(format!(
+            "{collection}/{}: the stored document changed under {FOLDED_WRITE_ATTEMPTS} guarded writes in a row (or has no numeric lastEventId); not written",
+            model.id
+        ))))
     }
 
     fn to_event(&self, id: &str, d: &Document) -> Result<Document, StoreError> {
@@ -421,5 +432,237 @@ impl Store {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(500));
         }
+    }
+}
+
+/// One aggregate as the events collection sees it: its highest version and the kinds of its
+/// events, so reconciliation knows which projections must hold a document for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateLatest {
+    /// The aggregate.
+    pub id: String,
+    /// The highest `eventId`.
+    pub version: i64,
+    /// Distinct (aggregateType, eventType) pairs of its events.
+    pub kinds: Vec<(Option<String>, String)>,
+}
+
+/// Streams [`AggregateLatest`] records from the events collection.
+#[derive(Debug)]
+pub struct LatestCursor {
+    cursor: mongodb::Cursor<Document>,
+}
+
+impl LatestCursor {
+    /// The next aggregate, or `None` at the end.
+    pub async fn next_latest(&mut self) -> Result<Option<AggregateLatest>, StoreError> {
+        use futures::StreamExt;
+        loop {
+            let Some(d) = self.cursor.next().await.transpose()? else {
+                return Ok(None);
+            };
+            if let Some(l) = latest_from(&d) {
+                return Ok(Some(l));
+            }
+        }
+    }
+}
+
+/// Reads one `$group` result; `None` for an aggregate id that is not a string (the producer
+/// parks such events: no read model can exist for them).
+fn latest_from(d: &Document) -> Option<AggregateLatest> {
+    use mongodb::bson::Bson;
+    let id = d.get_str("_id").ok()?.to_string();
+    let version = match d.get("v") {
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Double(v)) if v.is_finite() => v.floor() as i64,
+        _ => 0,
+    };
+    let kinds = d
+        .get_array("k")
+        .map(|a| {
+            a.iter()
+                .filter_map(Bson::as_document)
+                .map(|k| {
+                    (
+                        k.get_str("a").ok().map(str::to_string),
+                        k.get_str("e").unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(AggregateLatest { id, version, kinds })
+}
+
+/// Reconciliation, repair and rebuild: reads over the whole events collection and the read
+/// models, never on the worker's path.
+impl Store {
+    /// The name of the events collection.
+    pub fn events_collection_name(&self) -> &str {
+        &self.events_collection
+    }
+
+    /// The source event field names.
+    pub fn fields(&self) -> &EventFields {
+        &self.fields
+    }
+
+    fn latest_pipeline(&self, filter: Option<Document>) -> Vec<Document> {
+        let f = &self.fields;
+        let mut pipeline = Vec::new();
+        let mut matched = doc! { &f.event_id: { "$type": "number" } };
+        if let Some(extra) = filter {
+            matched.extend(extra);
+        }
+        pipeline.push(doc! { "$match": matched });
+        pipeline.push(doc! { "$group": {
+            "_id": format!("${}", f.aggregate_id),
+            "v": { "$max": format!("${}", f.event_id) },
+            "k": { "$addToSet": {
+                "a": format!("${}", f.aggregate_type),
+                "e": format!("${}", f.event_type),
+            } },
+        } });
+        pipeline
+    }
+
+    /// Every aggregate of the events collection with its highest version (one `$group` pass
+    /// over the collection; the server may spill it to disk).
+    pub async fn latest_all(&self) -> Result<LatestCursor, StoreError> {
+        let cursor = self
+            .events
+            .aggregate(self.latest_pipeline(None))
+            .allow_disk_use(true)
+            .await?;
+        Ok(LatestCursor { cursor })
+    }
+
+    /// The aggregates `ids` with their highest versions (absent ones are left out).
+    pub async fn latest_of(&self, ids: &[String]) -> Result<Vec<AggregateLatest>, StoreError> {
+        let filter = doc! { &self.fields.aggregate_id: { "$in": ids } };
+        let docs: Vec<Document> = self
+            .events
+            .aggregate(self.latest_pipeline(Some(filter)))
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.iter().filter_map(latest_from).collect())
+    }
+
+    /// The stored `lastEventId` of the read models `ids` in `collection` (absent: no document).
+    pub async fn stored_versions(
+        &self,
+        collection: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        use ordo_core::projection::fold::VERSION_FIELD;
+        let docs: Vec<Document> = self
+            .db
+            .collection::<Document>(collection)
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { VERSION_FIELD: 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                let id = d.get_str("_id").ok()?.to_string();
+                let v = ReadModel::from_document(&id, d).version;
+                Some((id, v))
+            })
+            .collect())
+    }
+
+    /// Every aggregate recorded in `ordo_blocked`.
+    pub async fn blocked_ids(&self) -> Result<Vec<String>, StoreError> {
+        let docs: Vec<Document> = self
+            .blocked
+            .find(doc! {})
+            .projection(doc! { "_id": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_string))
+            .collect())
+    }
+
+    /// A change-stream position on the events collection taken now: every insert after this
+    /// call comes after it.
+    pub async fn current_token(
+        &self,
+    ) -> Result<mongodb::change_stream::event::ResumeToken, StoreError> {
+        let mut stream = self.events.watch().await?;
+        if let Some(t) = stream.resume_token() {
+            return Ok(t);
+        }
+        // No post-batch token on the first reply: one getMore provides it.
+        let _ = stream.next_if_any().await?;
+        stream.resume_token().ok_or_else(|| {
+            StoreError::Mongo(mongodb::error::Error::custom(
+                "the server gave no change-stream resume token",
+            ))
+        })
+    }
+
+    /// The aggregate ids of the events inserted after `token`, read until the stream is caught
+    /// up (or `max` events), and the position after the last one read.
+    pub async fn inserted_since(
+        &self,
+        token: mongodb::change_stream::event::ResumeToken,
+        max: usize,
+    ) -> Result<
+        (
+            std::collections::BTreeSet<String>,
+            mongodb::change_stream::event::ResumeToken,
+        ),
+        mongodb::error::Error,
+    > {
+        let f = &self.fields;
+        let mut stream = self
+            .events
+            .watch()
+            .pipeline([doc! { "$match": { "operationType": "insert" } }])
+            .max_await_time(Duration::from_millis(50))
+            .start_after(token.clone())
+            .await?;
+        let mut ids = std::collections::BTreeSet::new();
+        let mut read = 0;
+        while read < max {
+            let Some(change) = stream.next_if_any().await? else {
+                break;
+            };
+            read += 1;
+            if let Some(id) = change
+                .full_document
+                .as_ref()
+                .and_then(|d| d.get_str(&f.aggregate_id).ok())
+            {
+                ids.insert(id.to_string());
+            }
+        }
+        let next = stream.resume_token().unwrap_or(token);
+        Ok((ids, next))
+    }
+
+    /// Every source document of the events collection, raw, sorted by aggregate then version,
+    /// for `rebuild` (which checks each one itself, so one invalid event cannot end the replay).
+    pub async fn raw_events(&self) -> Result<mongodb::Cursor<Document>, StoreError> {
+        let f = &self.fields;
+        Ok(self
+            .events
+            .find(doc! {})
+            .sort(doc! { &f.aggregate_id: 1, &f.event_id: 1 })
+            .allow_disk_use(true)
+            .await?)
+    }
+
+    /// A raw source document as the event a projection folds, or why it is invalid.
+    pub fn event_of(&self, id: &str, raw: &Document) -> Result<Document, StoreError> {
+        self.to_event(id, raw)
     }
 }

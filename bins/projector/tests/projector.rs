@@ -3,11 +3,18 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use mongodb::bson::{doc, Bson, Document};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, DateTime, Document};
+use mongodb::options::IndexOptions;
+use mongodb::IndexModel;
+use ordo_core::envelope::{Envelope, EventFields};
 use ordo_core::metrics as m;
+use ordo_core::projection::{fold_history, Projection, ProjectionsFile};
 use ordo_testkit::{wait_for, wait_until, Daemon};
 
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -175,100 +182,6 @@ async fn a_projector_killed_mid_run_loses_nothing() {
     stop_all(&mut survivors).await;
 }
 
-/// `ordo-projector rebuild --projection NAME` replays the events collection into a shadow
-/// collection and swaps it in while a projector runs: a damaged document is restored, no
-/// shadow collection is left behind, and the running projector keeps applying new events on
-/// top of the rebuilt documents.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebuild_swaps_in_the_fold_under_a_running_projector() {
-    let env = start(Duration::from_secs(5)).await;
-    let events = workload("r", 20, 20);
-    env.insert_events(&events).await;
-    let expected = env.expected().await;
-    env.publish(&events).await;
-    let mut proj = env.spawn_projector("").await;
-    converge(&env, &expected, CONVERGE).await;
-
-    // Damage documents behind the projector's back; only a replay can restore them.
-    let db = env.mongo.database();
-    db.collection::<Document>("users")
-        .update_one(
-            doc! { "_id": "r-0" },
-            doc! { "$set": { "name": "damaged" } },
-        )
-        .await
-        .unwrap();
-    db.collection::<Document>("orders")
-        .update_one(doc! { "_id": "r-1" }, doc! { "$set": { "itemCount": -1 } })
-        .await
-        .unwrap();
-    assert!(!env.converged(&expected).await);
-
-    for name in ["users", "orders"] {
-        let health = ordo_testkit::free_health_addr();
-        let mut rebuild = Daemon::spawn_with_args(
-            &bin(),
-            &env.projector_toml(health, ""),
-            health,
-            &[],
-            &["rebuild", "--projection", name],
-        )
-        .unwrap();
-        let status = rebuild.wait_exit(Duration::from_secs(60)).await.unwrap();
-        assert!(status.success(), "{}", rebuild.logs());
-        assert!(
-            rebuild.logs().contains(&format!("rebuilt {name}")),
-            "{}",
-            rebuild.logs()
-        );
-    }
-    assert!(
-        env.converged(&expected).await,
-        "{}",
-        env.diff(&expected).await
-    );
-    let names = db.list_collection_names().await.unwrap();
-    assert!(
-        !names.iter().any(|n| n.contains("_rebuild_")),
-        "shadow collection left behind: {names:?}"
-    );
-
-    // New events after the swap: the running projector applies them on the rebuilt documents.
-    let mut more = Vec::new();
-    for i in 0..20 {
-        let id = format!("r-{i}");
-        more.push(if i % 2 == 0 {
-            event(
-                &id,
-                "User",
-                21,
-                "UserEmailUpdated",
-                doc! { "email": format!("{id}+late@x") },
-            )
-        } else {
-            event(
-                &id,
-                "Order",
-                21,
-                "ItemAddedToOrder",
-                doc! { "sku": "late", "qty": 2, "price": Bson::Double(1.5) },
-            )
-        });
-    }
-    env.insert_events(&more).await;
-    let expected = env.expected().await;
-    env.publish(&more).await;
-    converge(&env, &expected, CONVERGE).await;
-    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
-    assert_eq!(blocked(&env).await, 0);
-    proj.sigterm().unwrap();
-    assert!(proj
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .unwrap()
-        .success());
-}
-
 /// SIGTERM while sessions are held and a batch is being applied: the batch finishes, the
 /// sessions are released and the process exits 0 within the grace period (10 s); a fresh
 /// projector then finishes the work, so nothing was settled that was not applied.
@@ -303,6 +216,603 @@ async fn sigterm_with_sessions_held_exits_zero_within_the_grace_period() {
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
     next.sigterm().unwrap();
     assert!(next
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap()
+        .success());
+}
+
+/// Runs a one-shot subcommand (`reconcile`, `rebuild`, ...) with the test configuration plus
+/// `extra`; returns whether it exited 0 and its output.
+async fn run_admin(env: &Env, extra: &str, args: &[&str]) -> (bool, String) {
+    let health = ordo_testkit::free_health_addr();
+    let mut d = Daemon::spawn_with_args(
+        &bin(),
+        &env.projector_toml(health, extra),
+        health,
+        &[],
+        args,
+    )
+    .unwrap();
+    let status = d.wait_exit(Duration::from_secs(120)).await.unwrap();
+    (status.success(), d.logs())
+}
+
+/// Writes a projections file to a fresh temporary path.
+fn projections_file(text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "ordo-projections-{}-{}.toml",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn compile(text: &str) -> Vec<Arc<dyn Projection>> {
+    ProjectionsFile::load_str(text)
+        .unwrap()
+        .into_iter()
+        .map(|p| Arc::new(p) as Arc<dyn Projection>)
+        .collect()
+}
+
+/// The fold of the events collection under `projections`, without the aggregates in `skip`.
+async fn fold_expected(env: &Env, projections: &[Arc<dyn Projection>], skip: &[&str]) -> Expected {
+    let all: Vec<Document> = env
+        .events()
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut by_agg: BTreeMap<String, Vec<Document>> = BTreeMap::new();
+    for d in &all {
+        let id = d.get_str("aggregateId").unwrap();
+        if skip.contains(&id) {
+            continue;
+        }
+        let env = Envelope::from_event(d, &EventFields::default(), "db", "events").unwrap();
+        by_agg
+            .entry(id.to_string())
+            .or_default()
+            .push(env.to_event_document().unwrap());
+    }
+    let mut out = BTreeMap::new();
+    for p in projections {
+        let mut models = BTreeMap::new();
+        for (id, evs) in &by_agg {
+            let model = fold_history(p.as_ref(), id, evs).unwrap().unwrap();
+            if model.version > 0 {
+                let mut d = model.to_document(DateTime::now());
+                d.remove("lastUpdatedAt");
+                models.insert(id.clone(), d);
+            }
+        }
+        out.insert(p.collection().to_string(), models);
+    }
+    out
+}
+
+/// A collection's read models without the write time and the rebuild epoch, minus `skip`.
+async fn models(env: &Env, collection: &str, skip: &[&str]) -> BTreeMap<String, Document> {
+    let mut out = env.read_models(collection).await;
+    out.retain(|id, _| !skip.contains(&id.as_str()));
+    for d in out.values_mut() {
+        d.remove("_epoch");
+    }
+    out
+}
+
+async fn block(env: &Env, id: &str, at: i64) {
+    env.mongo
+        .database()
+        .collection::<Document>("ordo_blocked")
+        .insert_one(doc! {
+            "_id": id, "projection": "*", "blockedAtEventId": at, "reason": "ProjectionError",
+            "description": "set by the test", "messageId": format!("{id}:{at}"),
+        })
+        .await
+        .unwrap();
+}
+
+/// Events inserted while no producer runs never reach the broker; `ordo-projector reconcile`
+/// heals every read model from the events collection, reports the blocked aggregate and leaves
+/// it alone. A second run is incremental: it checks only the aggregates with new events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_heals_events_that_never_reached_the_broker_and_leaves_blocked_aggregates_alone()
+{
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("n", 10, 5);
+    env.insert_events(&events).await;
+    block(&env, "n-3", 1).await;
+
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("reconcile (full: no watermark yet): 10 aggregates checked, 10 behind, 9 read models healed, 1 blocked (left alone), 0 not healed"),
+        "{out}"
+    );
+    assert!(out.contains("blocked: n-3"), "{out}");
+    let mut expected = env.expected().await;
+    assert!(expected.get_mut("orders").unwrap().remove("n-3").is_some());
+    assert!(
+        env.converged(&expected).await,
+        "{}",
+        env.diff(&expected).await
+    );
+
+    let more = vec![
+        event(
+            "n-0",
+            "User",
+            6,
+            "UserEmailUpdated",
+            doc! { "email": "n-0+6@x" },
+        ),
+        event(
+            "n-10",
+            "User",
+            1,
+            "UserRegistered",
+            doc! { "email": "n-10@x", "name": "n-10" },
+        ),
+    ];
+    env.insert_events(&more).await;
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("reconcile (incremental): 2 aggregates checked, 2 behind, 2 read models healed, 0 blocked (left alone), 0 not healed"),
+        "{out}"
+    );
+    let mut expected = env.expected().await;
+    expected.get_mut("orders").unwrap().remove("n-3");
+    assert!(
+        env.converged(&expected).await,
+        "{}",
+        env.diff(&expected).await
+    );
+    assert!(
+        !env.read_models("orders").await.contains_key("n-3"),
+        "a blocked aggregate was touched"
+    );
+    assert_eq!(blocked(&env).await, 1);
+    assert_eq!(env.active(), 0, "the broker never saw these events");
+}
+
+/// With `reconcile_interval`, the daemon heals events that never reached the broker by itself,
+/// run after run (the second run is incremental), and its heartbeat expires the heartbeat of
+/// a projector that died without retiring it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reconciles_periodically_and_expires_dead_heartbeats() {
+    let env = start(Duration::from_secs(5)).await;
+    let heartbeats = env
+        .mongo
+        .database()
+        .collection::<Document>(ordo_core::status::PROJECTORS_COLLECTION);
+    let long_ago = DateTime::now().timestamp_millis() - 600_000;
+    heartbeats
+        .insert_one(doc! { "_id": "dead:1:1", "host": "dead", "updatedAt": DateTime::from_millis(long_ago) })
+        .await
+        .unwrap();
+    let mut proj = env.spawn_projector("reconcile_interval = \"300ms\"").await;
+
+    let events = workload("p", 6, 4);
+    env.insert_events(&events).await;
+    converge(&env, &env.expected().await, CONVERGE).await;
+    let p = &proj;
+    wait_until(Duration::from_secs(30), || async move {
+        p.metric(m::RECONCILE_HEALED).await >= 6.0
+    })
+    .await;
+
+    let runs_before = proj.metric(m::RECONCILE_RUNS).await;
+    let more = vec![
+        event(
+            "p-0",
+            "User",
+            5,
+            "UserEmailUpdated",
+            doc! { "email": "p-0+5@x" },
+        ),
+        event(
+            "p-1",
+            "Order",
+            5,
+            "OrderCreated",
+            doc! { "customerId": "late" },
+        ),
+    ];
+    env.insert_events(&more).await;
+    converge(&env, &env.expected().await, CONVERGE).await;
+    assert!(proj.metric(m::RECONCILE_HEALED).await >= 7.0);
+    assert!(proj.metric(m::RECONCILE_RUNS).await > runs_before);
+    assert!(proj.logs().contains("\"incremental\""), "{}", proj.logs());
+
+    let hb = &heartbeats;
+    wait_until(Duration::from_secs(30), || async move {
+        hb.count_documents(doc! { "_id": "dead:1:1" })
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    assert_eq!(env.active(), 0, "the broker never saw these events");
+    assert_eq!(proj.metric(m::EVENTS_APPLIED).await, 0.0);
+    proj.sigterm().unwrap();
+    assert!(proj
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap()
+        .success());
+}
+
+/// `rebuild` under live traffic, with new rules (UserRegistered also sets `tier`), while a
+/// projector still running the old rules holds every session, with its cached models, across
+/// the swap:
+/// - the application's unique index survives the swap;
+/// - an invalid event does not abort the rebuild: its aggregate is rebuilt up to the event
+///   before and blocked;
+/// - a shadow left by a crashed rebuild is dropped, and none is left behind;
+/// - events applied to the old collection during the replay are caught up;
+/// - the held sessions' cached models fail their guard on the rebuild epoch instead of
+///   overwriting rebuilt documents of the same version (the quiet aggregates get no event
+///   during the rebuild, so their cache holds exactly the rebuilt version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across_the_swap() {
+    let env = start(Duration::from_secs(5)).await;
+    let db = env.mongo.database();
+    let events = workload("r", 16, 10);
+    env.insert_events(&events).await;
+    env.publish(&events).await;
+    let mut proj = env
+        .spawn_projector("max_concurrent_sessions = 16\nsession_idle_timeout = \"300s\"")
+        .await;
+    converge(&env, &env.expected().await, CONVERGE).await;
+    let p = &proj;
+    wait_until(Duration::from_secs(30), || async move {
+        p.metric(m::SESSIONS_HELD).await == 16.0
+    })
+    .await;
+
+    db.collection::<Document>("users")
+        .create_index(
+            IndexModel::builder()
+                .keys(doc! { "email": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("email_unique".to_string())
+                        .unique(true)
+                        .sparse(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    db.create_collection("users_rebuild_1").await.unwrap();
+    let old_rules = std::fs::read_to_string(projections_path()).unwrap();
+    let new_rules = old_rules.replace(
+        "status = \"active\", ",
+        "status = \"active\", tier = \"gold\", ",
+    );
+    assert_ne!(new_rules, old_rules);
+    let rules_path = projections_file(&new_rules);
+    // Never published (the producer parks an event whose payload is not a document).
+    env.insert_events(&[event(
+        "bad-0",
+        "User",
+        1,
+        "UserRegistered",
+        doc! { "email": "bad-0@x", "name": "bad" },
+    )])
+    .await;
+    env.events()
+        .insert_one(doc! {
+            "aggregateId": "bad-0", "aggregateType": "User", "eventId": 2_i64,
+            "eventType": "UserEmailUpdated", "payload": "not a document",
+            "timestamp": DateTime::now(),
+        })
+        .await
+        .unwrap();
+    let conflicts_before = proj.metric(m::GUARD_CONFLICTS).await;
+
+    // Live traffic on half of the users during the rebuild; the other half stays quiet.
+    let busy = ["r-0", "r-4", "r-8", "r-12"];
+    let quiet = ["r-2", "r-6", "r-10", "r-14"];
+    let done = AtomicBool::new(false);
+    let traffic = async {
+        let mut v = 11;
+        let mut sent = 0;
+        while !done.load(Ordering::Relaxed) || sent == 0 {
+            let batch: Vec<Document> = busy
+                .iter()
+                .map(|id| {
+                    event(
+                        id,
+                        "User",
+                        v,
+                        "UserEmailUpdated",
+                        doc! { "email": format!("{id}+{v}@x") },
+                    )
+                })
+                .collect();
+            env.insert_events(&batch).await;
+            env.publish(&batch).await;
+            sent += batch.len();
+            v += 1;
+        }
+        sent
+    };
+    let rebuild = async {
+        let r = run_admin(
+            &env,
+            &format!("projections_file = {:?}", rules_path.display().to_string()),
+            &["rebuild", "--projection", "users"],
+        )
+        .await;
+        done.store(true, Ordering::Relaxed);
+        r
+    };
+    let (sent, (ok, out)) = tokio::join!(traffic, rebuild);
+    assert!(ok, "{out}");
+    assert!(sent > 0);
+    assert!(out.contains("rebuilt users"), "{out}");
+    assert!(
+        out.contains("dropped stale shadow users_rebuild_1"),
+        "{out}"
+    );
+    assert!(out.contains("blocked: bad-0 at v2"), "{out}");
+
+    // One more event for every user: the quiet ones reach a worker whose cache predates the
+    // swap and holds the rebuilt version.
+    let last: Vec<Document> = busy
+        .iter()
+        .chain(quiet.iter())
+        .map(|id| {
+            event(
+                id,
+                "User",
+                100,
+                "UserEmailUpdated",
+                doc! { "email": format!("{id}+last@x") },
+            )
+        })
+        .collect();
+    // Versions must stay contiguous: fill each aggregate up to v99 in the events collection
+    // only (the projector heals them from there).
+    let mut fill = Vec::new();
+    for id in busy.iter().chain(quiet.iter()) {
+        let top = env
+            .events()
+            .find_one(doc! { "aggregateId": id })
+            .sort(doc! { "eventId": -1 })
+            .await
+            .unwrap()
+            .unwrap();
+        let top = ordo_core::projection::fold::event_version(&top);
+        for v in top + 1..100 {
+            fill.push(event(
+                id,
+                "User",
+                v,
+                "UserEmailUpdated",
+                doc! { "email": format!("{id}+{v}@x") },
+            ));
+        }
+    }
+    env.insert_events(&fill).await;
+    env.insert_events(&last).await;
+    env.publish(&last).await;
+
+    let projections = compile(&new_rules);
+    let expected = fold_expected(&env, &projections, &["bad-0"]).await;
+    let want = &expected["users"];
+    let envr = &env;
+    let reached = tokio::time::timeout(CONVERGE, async move {
+        loop {
+            if &models(envr, "users", &["bad-0"]).await == want && envr.pending() == 0 {
+                break;
+            }
+            tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
+        }
+    })
+    .await;
+    if reached.is_err() {
+        let got = models(&env, "users", &["bad-0"]).await;
+        let wrong: Vec<_> = want
+            .iter()
+            .filter(|(id, d)| got.get(*id) != Some(*d))
+            .map(|(id, d)| format!("{id}: want {d}, got {:?}", got.get(id)))
+            .collect();
+        panic!("users differ from the fold under the new rules: {wrong:#?}");
+    }
+    for id in quiet {
+        assert_eq!(
+            want[id].get_str("tier").ok(),
+            Some("gold"),
+            "the fold under the new rules sets tier"
+        );
+    }
+    assert!(
+        proj.metric(m::GUARD_CONFLICTS).await - conflicts_before >= quiet.len() as f64,
+        "the cached models never met the rebuild epoch in their guard"
+    );
+    assert_eq!(proj.metric(m::SESSIONS_HELD).await, 16.0);
+    assert_eq!(proj.metric(m::LOCKS_LOST).await, 0.0);
+
+    let users = db.collection::<Document>("users");
+    let bad = users
+        .find_one(doc! { "_id": "bad-0" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bad.get_i64("lastEventId").unwrap(), 1);
+    let record = db
+        .collection::<Document>("ordo_blocked")
+        .find_one(doc! { "_id": "bad-0" })
+        .await
+        .unwrap()
+        .expect("bad-0 blocked");
+    assert_eq!(record.get_i64("blockedAtEventId").unwrap(), 2);
+    assert!(
+        record.get_str("description").unwrap().contains("payload"),
+        "{record}"
+    );
+    let indexes = users.list_index_names().await.unwrap();
+    assert!(indexes.contains(&"email_unique".to_string()), "{indexes:?}");
+    let names = db.list_collection_names().await.unwrap();
+    assert!(
+        !names.iter().any(|n| n.contains("_rebuild_")),
+        "shadow collection left behind: {names:?}"
+    );
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    proj.sigterm().unwrap();
+    assert!(proj
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .unwrap()
+        .success());
+}
+
+/// A projection whose collection is the events collection, or one of ordo's own, is refused by
+/// the daemon at start and by `rebuild`, and the events collection is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_on_the_events_collection_or_an_ordo_collection_is_refused() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("x", 4, 3);
+    env.insert_events(&events).await;
+    let rules = std::fs::read_to_string(projections_path()).unwrap();
+    for (coll, why) in [
+        ("events", "is the events collection"),
+        // Already refused by the rules' own check, which names the reserved prefix.
+        ("ordo_checkpoints", "ordo_"),
+    ] {
+        let bad = rules.replace(
+            "collection = \"users\"",
+            &format!("collection = \"{coll}\""),
+        );
+        assert_ne!(bad, rules);
+        let path = projections_file(&bad);
+        let extra = format!("projections_file = {:?}", path.display().to_string());
+        let (ok, out) = run_admin(&env, &extra, &["rebuild", "--projection", "users"]).await;
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(&format!("\"{coll}\"")) && out.contains(why),
+            "{out}"
+        );
+        let health = ordo_testkit::free_health_addr();
+        let mut daemon =
+            Daemon::spawn(&bin(), &env.projector_toml(health, &extra), health, &[]).unwrap();
+        let status = daemon.wait_exit(Duration::from_secs(30)).await.unwrap();
+        assert!(!status.success());
+        assert!(daemon.logs().contains(why), "{}", daemon.logs());
+    }
+    assert_eq!(
+        env.events().count_documents(doc! {}).await.unwrap(),
+        events.len() as u64
+    );
+}
+
+/// A rebuild that fails half-way (the shadow's insert refused by a fail point scoped to the
+/// subcommand's connections) drops its shadow, exits non-zero and leaves the read models as
+/// they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rebuild_drops_its_shadow_and_leaves_the_read_models_alone() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("f", 6, 4);
+    env.insert_events(&events).await;
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    let expected = env.expected().await;
+    assert!(env.converged(&expected).await);
+    let before = raw_models(&env, "users").await;
+
+    env.mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! {"mode": {"times": 1}, "data": {
+                "failCommands": ["insert"], "appName": "ordo-projector-admin",
+                "errorCode": 2, "errorLabels": [],
+            }},
+        )
+        .await
+        .unwrap();
+    let (ok, out) = run_admin(&env, "", &["rebuild", "--projection", "users"]).await;
+    env.mongo.disable_fail_point("failCommand").await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("failCommand"),
+        "the fail point did not fire: {out}"
+    );
+    assert!(
+        out.contains("rebuild of users failed; shadow users_rebuild_"),
+        "{out}"
+    );
+    let names = env.mongo.database().list_collection_names().await.unwrap();
+    assert!(
+        !names.iter().any(|n| n.contains("_rebuild_")),
+        "shadow collection left behind: {names:?}"
+    );
+    assert_eq!(raw_models(&env, "users").await, before);
+}
+
+/// A read model without `lastEventId` (left by the service ordo replaces) matches no guard:
+/// `repair` says so and exits non-zero instead of retrying forever, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_over_a_document_without_a_version_fails_instead_of_looping() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("v", 2, 3);
+    env.insert_events(&events).await;
+    let users = env.mongo.database().collection::<Document>("users");
+    users
+        .insert_one(doc! { "_id": "v-0", "name": "legacy" })
+        .await
+        .unwrap();
+    let (ok, out) = run_admin(&env, "", &["repair", "--aggregate", "v-0"]).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("users/v-0"), "{out}");
+    assert!(out.contains("no numeric lastEventId"), "{out}");
+    let stored = users
+        .find_one(doc! { "_id": "v-0" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, doc! { "_id": "v-0", "name": "legacy" });
+}
+
+/// A periodic reconciliation run that fails (its aggregate commands refused by a fail point
+/// scoped to the daemon's connections) is counted as a retry and logged; a later run heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reconcile_run_is_counted_and_the_next_run_heals() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("q", 4, 3);
+    env.insert_events(&events).await;
+    env.mongo
+        .configure_fail_point(
+            "failCommand",
+            // Three: the blocked-aggregates gauge counts with an aggregate command too, and
+            // may take the first.
+            doc! {"mode": {"times": 3}, "data": {
+                "failCommands": ["aggregate"], "appName": "ordo-projector",
+                "errorCode": 2, "errorLabels": [],
+            }},
+        )
+        .await
+        .unwrap();
+    let mut proj = env.spawn_projector("reconcile_interval = \"300ms\"").await;
+    converge(&env, &env.expected().await, CONVERGE).await;
+    env.mongo.disable_fail_point("failCommand").await.unwrap();
+    assert!(proj.metric(m::RETRIES).await >= 1.0);
+    assert!(
+        proj.logs().contains("reconcile run failed"),
+        "{}",
+        proj.logs()
+    );
+    assert!(proj.logs().contains("failCommand"), "{}", proj.logs());
+    proj.sigterm().unwrap();
+    assert!(proj
         .wait_exit(Duration::from_secs(15))
         .await
         .unwrap()

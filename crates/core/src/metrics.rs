@@ -52,6 +52,14 @@ pub const LOCKS_LOST: &str = "ordo_locks_lost_total";
 pub const GUARD_CONFLICTS: &str = "ordo_guard_conflicts_total";
 /// Long-running tasks restarted after a panic or an early end; label `task` (projector).
 pub const TASK_RESTARTS: &str = "ordo_task_restarts_total";
+/// Reconciliation runs finished, by `mode` (`full`, `incremental`) (projector).
+pub const RECONCILE_RUNS: &str = "ordo_reconcile_runs_total";
+/// Aggregates whose read models reconciliation compared with the events collection (projector).
+pub const RECONCILE_CHECKED: &str = "ordo_reconcile_aggregates_checked_total";
+/// Read models reconciliation brought up to the events collection (projector).
+pub const RECONCILE_HEALED: &str = "ordo_reconcile_read_models_healed_total";
+/// Duration of one reconciliation run (projector).
+pub const RECONCILE_DURATION: &str = "ordo_reconcile_duration_seconds";
 
 /// Every name above, for the docs test and the `/metrics` smoke test.
 pub const ALL: &[&str] = &[
@@ -79,4 +87,8 @@ pub const ALL: &[&str] = &[
     LOCKS_LOST,
     GUARD_CONFLICTS,
     TASK_RESTARTS,
+    RECONCILE_RUNS,
+    RECONCILE_CHECKED,
+    RECONCILE_HEALED,
+    RECONCILE_DURATION,
 ];

@@ -19,6 +19,11 @@ pub const PROJECTORS_COLLECTION: &str = "ordo_projectors";
 /// How often projectors refresh their heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// A heartbeat not refreshed for this long belongs to a process that died without retiring it
+/// (SIGKILL, OOM, a lost node); every live projector deletes such heartbeats when it beats, so
+/// `ordo_projectors` holds at most the live processes plus those dead for less than this.
+pub const HEARTBEAT_EXPIRY: Duration = Duration::from_secs(60);
+
 /// One projector process, as it reports itself.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ProjectorHeartbeat {
@@ -36,22 +41,29 @@ pub struct ProjectorHeartbeat {
     pub updated_at_ms: i64,
 }
 
-/// Writes (upserts) a projector's heartbeat.
-pub async fn beat(db: &Database, hb: &ProjectorHeartbeat) -> mongodb::error::Result<()> {
-    db.collection::<Document>(PROJECTORS_COLLECTION)
-        .update_one(
-            doc! {"_id": &hb.instance},
-            doc! {"$set": {
-                "host": &hb.host,
-                "sessionsHeld": hb.sessions_held as i64,
-                "applied": hb.applied as i64,
-                "startedAt": DateTime::from_millis(hb.started_at_ms),
-                "updatedAt": DateTime::now(),
-            }},
-        )
-        .upsert(true)
-        .await
-        .map(|_| ())
+/// Writes (upserts) a projector's heartbeat and deletes the heartbeats of processes gone for
+/// longer than [`HEARTBEAT_EXPIRY`]; returns how many were deleted.
+pub async fn beat(db: &Database, hb: &ProjectorHeartbeat) -> mongodb::error::Result<u64> {
+    let coll = db.collection::<Document>(PROJECTORS_COLLECTION);
+    coll.update_one(
+        doc! {"_id": &hb.instance},
+        doc! {"$set": {
+            "host": &hb.host,
+            "sessionsHeld": hb.sessions_held as i64,
+            "applied": hb.applied as i64,
+            "startedAt": DateTime::from_millis(hb.started_at_ms),
+            "updatedAt": DateTime::now(),
+        }},
+    )
+    .upsert(true)
+    .await?;
+    let expired_before = DateTime::from_millis(
+        DateTime::now().timestamp_millis() - HEARTBEAT_EXPIRY.as_millis() as i64,
+    );
+    Ok(coll
+        .delete_many(doc! {"updatedAt": {"$lt": expired_before}})
+        .await?
+        .deleted_count)
 }
 
 /// Removes a projector's heartbeat at a clean shutdown.

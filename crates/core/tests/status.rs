@@ -109,3 +109,40 @@ async fn report_reads_checkpoints_leases_heartbeats_blocked_and_parked() {
     );
     assert!(text.contains("1 alive, 7 sessions held"), "{text}");
 }
+
+/// A projector killed with SIGKILL never retires its heartbeat; the next beat of any live
+/// projector deletes it once it is older than the expiry, and leaves fresh ones alone.
+#[tokio::test]
+async fn a_beat_deletes_the_heartbeats_of_dead_processes() {
+    let mongo = TestMongo::start().await.unwrap();
+    let db = mongo.database();
+    let coll = db.collection::<Document>(status::PROJECTORS_COLLECTION);
+    let now = DateTime::now().timestamp_millis();
+    let expiry = status::HEARTBEAT_EXPIRY.as_millis() as i64;
+    coll.insert_many([
+        doc! {"_id": "dead:1:1", "updatedAt": DateTime::from_millis(now - expiry - 5_000)},
+        doc! {"_id": "dead:2:1", "updatedAt": DateTime::from_millis(now - 10 * expiry)},
+        doc! {"_id": "quiet:3:1", "updatedAt": DateTime::from_millis(now - expiry / 2)},
+    ])
+    .await
+    .unwrap();
+    let live = ProjectorHeartbeat {
+        instance: "live:4:1".into(),
+        host: "live".into(),
+        sessions_held: 1,
+        applied: 1,
+        started_at_ms: now,
+        updated_at_ms: now,
+    };
+    let deleted = status::beat(&db, &live).await.unwrap();
+    assert_eq!(deleted, 2);
+    let mut left: Vec<String> = coll
+        .distinct("_id", doc! {})
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|b| b.as_str().map(str::to_string))
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["live:4:1".to_string(), "quiet:3:1".to_string()]);
+}

@@ -22,6 +22,12 @@ pub const VERSION_FIELD: &str = "lastEventId";
 /// Field holding the time of the last write.
 pub const UPDATED_AT_FIELD: &str = "lastUpdatedAt";
 
+/// Field holding the rebuild epoch of a document written by `rebuild` (absent otherwise).
+/// Writers guard on it as well as on the version: a rebuilt document can hold the same version
+/// as the one a worker cached before the swap, with different content, and only the epoch
+/// tells them apart.
+pub const EPOCH_FIELD: &str = "_epoch";
+
 /// Custom projection logic; declarative rules implement it too, so both fold the same way.
 pub trait Projection: Send + Sync + std::fmt::Debug {
     /// Unique name, used by `rebuild --projection` and in `ordo_blocked`.
@@ -78,9 +84,12 @@ pub struct ReadModel {
     pub id: String,
     /// Applied version; 0 when no document exists.
     pub version: i64,
-    /// The projection's fields (without `_id`, `lastEventId`, `lastUpdatedAt`); `None` when the
-    /// aggregate has no document or was deleted.
+    /// The projection's fields (without `_id`, `lastEventId`, `lastUpdatedAt`, `_epoch`);
+    /// `None` when the aggregate has no document or was deleted.
     pub doc: Option<Document>,
+    /// The rebuild epoch the stored document carried when it was read ([`EPOCH_FIELD`]);
+    /// written back unchanged, so only a rebuild moves it.
+    pub epoch: Option<i64>,
 }
 
 impl ReadModel {
@@ -90,6 +99,7 @@ impl ReadModel {
             id: id.into(),
             version: 0,
             doc: None,
+            epoch: None,
         }
     }
 
@@ -101,14 +111,26 @@ impl ReadModel {
             Some(Bson::Double(d)) => *d as i64,
             _ => 0,
         };
+        let epoch = match stored.get(EPOCH_FIELD) {
+            Some(Bson::Int64(v)) => Some(*v),
+            Some(Bson::Int32(v)) => Some(i64::from(*v)),
+            _ => None,
+        };
         let deleted = stored.get_bool(DELETED_FIELD).unwrap_or(false);
-        for f in ["_id", VERSION_FIELD, UPDATED_AT_FIELD, DELETED_FIELD] {
+        for f in [
+            "_id",
+            VERSION_FIELD,
+            UPDATED_AT_FIELD,
+            DELETED_FIELD,
+            EPOCH_FIELD,
+        ] {
             stored.remove(f);
         }
         Self {
             id: id.into(),
             version,
             doc: (!deleted).then_some(stored),
+            epoch,
         }
     }
 
@@ -125,7 +147,18 @@ impl ReadModel {
         }
         out.insert(VERSION_FIELD, self.version);
         out.insert(UPDATED_AT_FIELD, now);
+        if let Some(epoch) = self.epoch {
+            out.insert(EPOCH_FIELD, epoch);
+        }
         out
+    }
+
+    /// The guard of a write over the stored document this model was read from: its `_id`, the
+    /// version it held (`expected`) and its epoch (null matches a document without one). Plain
+    /// equality, so the `_id` index serves it.
+    pub fn guard(&self, expected: i64) -> Document {
+        let epoch = self.epoch.map_or(Bson::Null, Bson::Int64);
+        mongodb::bson::doc! { "_id": &self.id, VERSION_FIELD: expected, EPOCH_FIELD: epoch }
     }
 
     /// Whether the projection ignores this event entirely: it does not select it and the

@@ -1,0 +1,108 @@
+//! `ordo-projector repair --aggregate ID`: re-project one aggregate from the events collection
+//! and lift its block, while projectors keep running.
+//!
+//! The order closes the race with live traffic: the block is lifted first, and only then is the
+//! history read. A message that a worker dead-letters as `AggregateBlocked` before the unblock
+//! was published from the events collection, so the history read after the unblock holds it;
+//! a message that arrives after the unblock is applied by the worker. The write is guarded and
+//! never goes below what is stored, so the repair and a worker racing on the same document
+//! settle on the newer version.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use mongodb::bson::Document;
+
+use ordo_core::projection::{fold_history, Projection, ReadModel, Step};
+
+use crate::Store;
+
+/// The projections `name` selects (all when `None`), or an error listing the known names.
+pub fn pick<'a>(
+    projections: &'a [Arc<dyn Projection>],
+    name: Option<&str>,
+) -> anyhow::Result<Vec<&'a Arc<dyn Projection>>> {
+    let chosen: Vec<_> = projections
+        .iter()
+        .filter(|p| name.is_none_or(|n| p.name() == n))
+        .collect();
+    if chosen.is_empty() {
+        anyhow::bail!(
+            "--projection: no projection named {:?} (known: {})",
+            name.unwrap_or_default(),
+            projections
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(chosen)
+}
+
+fn folded(p: &dyn Projection, id: &str, history: &[Document]) -> anyhow::Result<ReadModel> {
+    match fold_history(p, id, history) {
+        Ok(Ok(model)) => Ok(model),
+        Ok(Err(Step::Gap { from, to })) => anyhow::bail!(
+            "aggregate {id}: the events collection has no v{from}..v{to}; cannot re-project"
+        ),
+        Ok(Err(step)) => anyhow::bail!("aggregate {id}: unexpected fold step {step:?}"),
+        Err(e) => Err(anyhow::anyhow!(e)).context(format!(
+            "aggregate {id} still fails; fix the projection or the event, then repair again"
+        )),
+    }
+}
+
+/// Folds every chosen projection over the current history; fails on a hole or a projection
+/// error without writing anything.
+async fn fold_all(
+    store: &Store,
+    chosen: &[&Arc<dyn Projection>],
+    aggregate_id: &str,
+) -> anyhow::Result<Vec<(Arc<dyn Projection>, ReadModel)>> {
+    let history = store.history(aggregate_id).await?;
+    if history.is_empty() {
+        anyhow::bail!("--aggregate: {aggregate_id:?} has no events in the events collection");
+    }
+    chosen
+        .iter()
+        .map(|p| Ok(((*p).clone(), folded(p.as_ref(), aggregate_id, &history)?)))
+        .collect()
+}
+
+/// Re-projects one aggregate (every projection, or the one named), writes it guarded (never
+/// over a newer document) and lifts its block. Fails without touching anything when the
+/// history still cannot be folded (a hole, an invalid event, a projection error).
+pub async fn repair(
+    store: &Store,
+    projections: &[Arc<dyn Projection>],
+    aggregate_id: &str,
+    projection: Option<&str>,
+) -> anyhow::Result<()> {
+    let chosen = pick(projections, projection)?;
+    // A dry fold first: a repair that cannot succeed must leave the block in place.
+    fold_all(store, &chosen, aggregate_id).await?;
+    let was_blocked = store.unblock(aggregate_id).await?;
+    // Read again after the unblock: this history holds every event a worker dead-lettered
+    // while the aggregate was blocked.
+    let models = fold_all(store, &chosen, aggregate_id).await?;
+    for (p, model) in models {
+        if model.version == 0 {
+            continue;
+        }
+        store.write_folded(p.collection(), &model).await?;
+        tracing::info!(
+            aggregate = aggregate_id,
+            projection = p.name(),
+            version = model.version,
+            "re-projected"
+        );
+    }
+    if let Some(at) = store.blocked_at(aggregate_id).await? {
+        anyhow::bail!(
+            "aggregate {aggregate_id} was blocked again at v{at} while it was repaired: a running projector still cannot apply it (see ordo_blocked)"
+        );
+    }
+    tracing::info!(aggregate = aggregate_id, was_blocked, "repair done");
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Operator commands against a running deployment (producer and projector as real processes,
+//! events inserted as the application would).
+
+use std::time::{Duration, Instant};
+
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use ordo_e2e::stack::Stack;
+use ordo_testkit::wait_until;
+
+fn user_event(id: &str, v: i64) -> Document {
+    let (event_type, payload) = if v == 1 {
+        (
+            "UserRegistered",
+            doc! { "email": format!("{id}@x"), "name": id },
+        )
+    } else {
+        ("UserEmailUpdated", doc! { "email": format!("{id}+{v}@x") })
+    };
+    doc! {
+        "aggregateId": id, "aggregateType": "User", "eventId": v, "eventType": event_type,
+        "payload": payload, "timestamp": DateTime::now(),
+    }
+}
+
+/// Whether a connection of application `app` has a `delete` command in progress (the server
+/// reports each connection's current or last command).
+async fn deleting(stack: &Stack, app: &str) -> bool {
+    let reply = stack
+        .mongo
+        .client()
+        .database("admin")
+        .run_command(doc! { "currentOp": 1, "$all": true })
+        .await
+        .unwrap();
+    reply
+        .get_array("inprog")
+        .unwrap()
+        .iter()
+        .filter_map(Bson::as_document)
+        .any(|op| {
+            let named = op
+                .get_document("clientMetadata")
+                .and_then(|m| m.get_document("application"))
+                .and_then(|a| a.get_str("name"))
+                .is_ok_and(|n| n == app);
+            named
+                && op
+                    .get_document("command")
+                    .is_ok_and(|c| c.contains_key("delete"))
+        })
+}
+
+/// `repair` under live traffic closes the race of M1: an event that arrives while the repair is
+/// running and the aggregate is still blocked is dead-lettered by the projector, yet ends up in
+/// the read model, with no later event to heal it. The repair's delete from `ordo_blocked` is
+/// held for 4 s by a fail point scoped to the repair's connections; the event is inserted
+/// (and published by the producer) while that delete is held, and reaches the projector, which
+/// dead-letters it as `AggregateBlocked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_under_live_traffic_applies_events_that_arrive_while_it_runs() {
+    let mut stack = Stack::start(Duration::from_secs(5)).await.unwrap();
+    stack.spawn_producer().await.unwrap();
+    stack.spawn_projector(0).await.unwrap();
+    let Ok(emulator) = stack.bus.emulator() else {
+        eprintln!("skipped: needs the emulator's dead-letter view");
+        return;
+    };
+    let db = stack.db();
+    let events = db.collection::<Document>("events");
+    let users = db.collection::<Document>("users");
+    let id = "m1-user";
+    events
+        .insert_many((1..=3).map(|v| user_event(id, v)))
+        .await
+        .unwrap();
+    let usersr = &users;
+    wait_until(Duration::from_secs(60), || async move {
+        usersr
+            .find_one(doc! { "_id": id, "lastEventId": 3_i64 })
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+
+    // Blocked at v4, as after a poison event the operator has since fixed.
+    db.collection::<Document>("ordo_blocked")
+        .insert_one(doc! {
+            "_id": id, "projection": "users", "blockedAtEventId": 4_i64,
+            "reason": "ProjectionError", "description": "fixed since", "messageId": format!("{id}:4"),
+        })
+        .await
+        .unwrap();
+    let topic = stack.bus.topic().to_string();
+    let sub = stack.bus.subscription().to_string();
+    let blocked_dead_letters = |n: usize| {
+        let (topic, sub) = (&topic, &sub);
+        async move {
+            emulator
+                .subscription_dead_letters(topic, sub)
+                .unwrap()
+                .iter()
+                .filter(|d| {
+                    d.session_id.as_deref() == Some(id)
+                        && d.reason.as_deref() == Some("AggregateBlocked")
+                })
+                .count()
+                >= n
+        }
+    };
+    events.insert_one(user_event(id, 4)).await.unwrap();
+    wait_until(Duration::from_secs(60), || blocked_dead_letters(1)).await;
+
+    let app = "ordo-repair-test";
+    stack
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! {"mode": {"times": 1}, "data": {
+                "failCommands": ["delete"], "appName": app,
+                "blockConnection": true, "blockTimeMS": 4000,
+            }},
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let args = ["repair", "--aggregate", id];
+    let repair = stack.projector_command(app, &args);
+    let during = async {
+        // The repair's delete from ordo_blocked is in progress, held by the fail point.
+        wait_until(Duration::from_secs(30), || deleting(&stack, app)).await;
+        events.insert_one(user_event(id, 5)).await.unwrap();
+        // Still blocked: the projector dead-letters v5.
+        wait_until(Duration::from_secs(30), || blocked_dead_letters(2)).await;
+    };
+    let ((ok, out), ()) = tokio::join!(async { repair.await.unwrap() }, during);
+    assert!(ok, "{out}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "the fail point did not hold the repair's delete"
+    );
+    stack.mongo.disable_fail_point("failCommand").await.unwrap();
+
+    // No later event arrives: v5 must be in the read model through the repair itself.
+    wait_until(Duration::from_secs(60), || async move {
+        usersr
+            .find_one(doc! { "_id": id, "lastEventId": 5_i64, "email": format!("{id}+5@x") })
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    assert_eq!(stack.blocked().await.unwrap(), 0);
+    let verdict = stack.verify().await.unwrap();
+    assert!(verdict.ok(), "{:?}", verdict.mismatches);
+}

@@ -23,8 +23,15 @@ pub const EVENTS_REPUBLISHED: &str = "ordo_events_republished_total";
 pub const PUBLISH_BATCH_MESSAGES: &str = "ordo_publish_batch_messages";
 /// 1 while this producer holds the stream's lease (producer).
 pub const LEASE_HELD: &str = "ordo_lease_held";
-/// Retries of a failed operation; label `op` (both).
+/// Retries of a failed operation; labels `operation` and `reason` (producer), `op` (projector).
 pub const RETRIES: &str = "ordo_retries_total";
+/// Long-running tasks restarted after they panicked or failed; label `task` (producer).
+pub const TASK_RESTARTS: &str = "ordo_task_restarts_total";
+/// Items read and not yet part of the acknowledged prefix (producer).
+pub const UNACKNOWLEDGED: &str = "ordo_unacknowledged_items";
+/// Seconds the acknowledged prefix has not moved while items wait behind it; 0 when it moves
+/// or nothing waits (producer).
+pub const CHECKPOINT_STUCK: &str = "ordo_checkpoint_stuck_seconds";
 
 /// Events applied to read models (projector).
 pub const EVENTS_APPLIED: &str = "ordo_events_applied_total";
@@ -64,6 +71,9 @@ pub const ALL: &[&str] = &[
     PUBLISH_BATCH_MESSAGES,
     LEASE_HELD,
     RETRIES,
+    TASK_RESTARTS,
+    UNACKNOWLEDGED,
+    CHECKPOINT_STUCK,
     EVENTS_APPLIED,
     APPLY_LATENCY,
     END_TO_END_LAG,

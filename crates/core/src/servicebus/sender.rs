@@ -49,6 +49,18 @@ pub enum PublishError {
     },
 }
 
+impl PublishError {
+    /// A short label for `ordo_retries_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PublishError::Connect(_) => "connect",
+            PublishError::Send(_) => "send",
+            PublishError::Timeout(_) => "timeout",
+            PublishError::Message { .. } => "rejected",
+        }
+    }
+}
+
 /// Sends messages to one topic.
 pub trait Publisher: Send {
     /// Sends `messages`, which all belong to one session, in order. On `Ok` the broker has
@@ -95,6 +107,56 @@ pub fn to_service_bus_message(m: &WireMessage) -> Result<ServiceBusMessage, Publ
         props.0.insert(name.clone(), v);
     }
     Ok(msg)
+}
+
+/// Bytes a broker may add to a stored message beyond what the client measures: enqueued time,
+/// sequence number, partition id, lock token and delivery annotations are under 200 bytes
+/// together; the margin is five times that so a message that passes [`fits`] is never refused
+/// for its size by the client or by the broker.
+pub const SIZE_MARGIN_BYTES: u64 = 1024;
+
+/// The size azservicebus 0.25 checks against the link's maximum message size when `m` is the
+/// first message of a batch (`AmqpMessageBatch::try_add_message`): the AMQP encoding of a batch
+/// envelope holding the encoded message as one `Data` section, with the message's properties
+/// and annotations copied onto the envelope. Every later message of a batch adds less than
+/// this (no second envelope), so a message that fits alone is never refused for its size; a
+/// batch that would overflow is split by [`ServiceBusPublisher`].
+pub fn encoded_size(m: &WireMessage) -> Result<u64, PublishError> {
+    use fe2o3_amqp_types::messaging::{message::__private::Serializable, Batch, Data, Message};
+    let msg = to_service_bus_message(m)?;
+    let raw = msg.raw_amqp_message();
+    let reject = |e: serde_amqp::Error| PublishError::Message {
+        message_id: m.message_id.clone(),
+        reason: format!("cannot be encoded: {e}"),
+    };
+    let inner = serde_amqp::to_vec(&Serializable(raw)).map_err(reject)?;
+    let envelope = Message::builder()
+        .body(Batch::from(vec![Data::from(inner)]))
+        .properties(raw.properties.clone())
+        .message_annotations(raw.message_annotations.clone())
+        .build();
+    serde_amqp::serialized_size(&Serializable(&envelope))
+        .map(|n| n as u64)
+        .map_err(reject)
+}
+
+/// Checks that `m` fits a topic whose largest message is `max_bytes`, [`SIZE_MARGIN_BYTES`]
+/// included; the error says how large it is. Messages far below the limit are not encoded: the
+/// envelope holds the message once plus a copy of its properties, so it is below twice
+/// [`WireMessage::approx_size`] plus the margin.
+pub fn fits(m: &WireMessage, max_bytes: u64) -> Result<(), String> {
+    if 2 * m.approx_size() as u64 + SIZE_MARGIN_BYTES <= max_bytes {
+        return Ok(());
+    }
+    match encoded_size(m) {
+        Ok(n) if n + SIZE_MARGIN_BYTES <= max_bytes => Ok(()),
+        Ok(n) => Err(format!(
+            "encoded message is {n} bytes (body {} bytes); producer.max_message_bytes = {max_bytes}              leaves {} bytes after a {SIZE_MARGIN_BYTES}-byte margin for broker annotations",
+            m.body.len(),
+            max_bytes.saturating_sub(SIZE_MARGIN_BYTES)
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A publisher over one azservicebus connection and one sender link.
@@ -232,5 +294,42 @@ mod tests {
         let props = msg.application_properties().unwrap();
         assert_eq!(props.0.len(), wire.properties.len());
         assert!(props.0.get("eventId").is_some());
+    }
+
+    fn wire(body_bytes: usize) -> WireMessage {
+        let ev = doc! {"_id": 1, "aggregateId": "a-1", "eventId": 3, "eventType": "Opened", "payload": {"x": "y".repeat(body_bytes)}};
+        Envelope::from_event(&ev, &EventFields::default(), "db", "events")
+            .unwrap()
+            .to_message()
+    }
+
+    /// The measure covers more than the body (ids, properties, the batch envelope), stays
+    /// below the cheap bound [`fits`] relies on, and grows with the body.
+    #[test]
+    fn encoded_size_covers_the_envelope_and_stays_under_the_cheap_bound() {
+        for body in [0, 200, 10_000, 300_000] {
+            let m = wire(body);
+            let n = encoded_size(&m).unwrap();
+            assert!(
+                n > m.body.len() as u64 + 200,
+                "{n} vs body {}",
+                m.body.len()
+            );
+            assert!(n < 2 * m.approx_size() as u64 + SIZE_MARGIN_BYTES, "{n}");
+        }
+        assert!(encoded_size(&wire(1001)).unwrap() > encoded_size(&wire(1000)).unwrap());
+    }
+
+    #[test]
+    fn a_body_just_under_the_limit_does_not_fit() {
+        let max = 262_144_u64;
+        let m = wire(262_144 - 400);
+        assert!((m.body.len() as u64) < max);
+        let e = fits(&m, max).unwrap_err();
+        assert!(
+            e.contains("encoded message is") && e.contains("262144"),
+            "{e}"
+        );
+        fits(&wire(100_000), max).unwrap();
     }
 }

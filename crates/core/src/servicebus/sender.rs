@@ -151,7 +151,8 @@ pub fn fits(m: &WireMessage, max_bytes: u64) -> Result<(), String> {
     match encoded_size(m) {
         Ok(n) if n + SIZE_MARGIN_BYTES <= max_bytes => Ok(()),
         Ok(n) => Err(format!(
-            "encoded message is {n} bytes (body {} bytes); producer.max_message_bytes = {max_bytes}              leaves {} bytes after a {SIZE_MARGIN_BYTES}-byte margin for broker annotations",
+            "encoded message is {n} bytes (body {} bytes); producer.max_message_bytes = {max_bytes}, which \
+             leaves {} bytes after a {SIZE_MARGIN_BYTES}-byte margin for broker annotations",
             m.body.len(),
             max_bytes.saturating_sub(SIZE_MARGIN_BYTES)
         )),

@@ -135,6 +135,12 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
         connect_timeout: cfg.producer.send_timeout,
     });
     health.set_started();
+    tokio::spawn(check_event_index(
+        db.clone(),
+        cfg.mongodb.clone(),
+        cfg.producer.retry_max,
+        shutdown.token.clone(),
+    ));
     let result = Producer::new(cfg, db, health, shutdown.clone())
         .run(factory)
         .await;
@@ -143,6 +149,41 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
     }
     client.shutdown().await;
     result
+}
+
+/// Checks (and, when `[mongodb] create_indexes` allows, creates) the unique (aggregateId,
+/// eventId) index of the events collection, retrying while the database is unreachable; a
+/// missing or non-unique index is reported once, as a warning: publishing does not need it,
+/// the projector does.
+async fn check_event_index(
+    db: Database,
+    mongo: ordo_core::config::MongoConfig,
+    retry: Duration,
+    cancel: CancellationToken,
+) {
+    let coll = db.collection(&mongo.events_collection);
+    loop {
+        match ordo_core::indexes::ensure_event_index(&coll, &mongo.fields, mongo.create_indexes)
+            .await
+        {
+            Ok(state) if state.is_enforced() => {
+                tracing::info!(collection = %mongo.events_collection, "events index: {state}");
+                return;
+            }
+            Ok(state) => {
+                tracing::warn!(collection = %mongo.events_collection, create_indexes = mongo.create_indexes, "events index: {state}");
+                return;
+            }
+            Err(e) => {
+                ::metrics::counter!(names::RETRIES, "operation" => "check_event_index", "reason" => ordo_core::mongo::error_reason(&e)).increment(1);
+                tracing::warn!(error = %e, "cannot check the events index yet, retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
 }
 
 /// One producer process: the lease loop around the active pipeline.

@@ -270,3 +270,53 @@ async fn a_failing_checkpointer_stops_the_process_non_zero() {
     );
     collector.stop().await;
 }
+
+/// The producer creates the unique (aggregateId, eventId) index by default; with
+/// `create_indexes = false` it leaves the collection alone and warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_index_is_created_or_reported() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let e = &events;
+    wait_until(Duration::from_secs(20), || async move {
+        e.list_index_names().await.is_ok_and(|names| {
+            names
+                .iter()
+                .any(|n| n == ordo_core::indexes::EVENT_INDEX_NAME)
+        })
+    })
+    .await;
+    assert!(producer
+        .logs()
+        .contains("events index: unique index created"));
+    stop(&mut producer).await;
+
+    let other = World::start().await;
+    let health = ordo_testkit::free_health_addr();
+    let config = other
+        .config(health, "")
+        .replace("[mongodb]\n", "[mongodb]\ncreate_indexes = false\n");
+    let mut producer = ordo_testkit::Daemon::spawn(
+        &ordo_testkit::bin_path("ordo-producer"),
+        &config,
+        health,
+        &[],
+    )
+    .unwrap();
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let p = &producer;
+    wait_until(Duration::from_secs(20), || async move {
+        p.logs().contains("events index: MISSING")
+    })
+    .await;
+    let names = other.events().list_index_names().await.unwrap_or_default();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == ordo_core::indexes::EVENT_INDEX_NAME),
+        "{names:?}"
+    );
+    stop(&mut producer).await;
+}

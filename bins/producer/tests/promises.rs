@@ -320,3 +320,47 @@ async fn the_event_index_is_created_or_reported() {
     );
     stop(&mut producer).await;
 }
+
+/// Lease renewals hang (the database holds each `findAndModify` of the producer for 8 s, longer
+/// than the 3 s lease): the renewal is bounded by the lease's remaining time, so the producer
+/// stops publishing when its lease runs out instead of waiting on the database, and takes the
+/// lease again once renewals answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_lease_renewal_stops_publishing_when_the_lease_runs_out() {
+    let world = World::start().await;
+    let mut producer = world.spawn(r#"lease_ttl = "3s""#);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let p = &producer;
+    wait_until(Duration::from_secs(10), || async move {
+        p.metric(names::LEASE_HELD).await == 1.0
+    })
+    .await;
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": "alwaysOn", "data": {
+                "failCommands": ["findAndModify"],
+                "appName": "ordo-producer",
+                "blockConnection": true,
+                "blockTimeMS": 8000,
+            } },
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(7), || async move {
+        p.logs()
+            .contains("lease expired before it could be renewed")
+    })
+    .await;
+    wait_until(Duration::from_secs(5), || async move {
+        p.metric(names::LEASE_HELD).await == 0.0
+    })
+    .await;
+    world.mongo.disable_fail_point("failCommand").await.unwrap();
+    wait_until(Duration::from_secs(30), || async move {
+        p.metric(names::LEASE_HELD).await == 1.0
+    })
+    .await;
+    stop(&mut producer).await;
+}

@@ -50,12 +50,8 @@ impl LeaseKeeper {
             let mut fault = None;
             loop {
                 // Bounded by what is left of the lease (at least a little, to get an answer
-                // about a lease that just ran out) and by the renewal period.
-                let bound = self
-                    .lease
-                    .remaining()
-                    .min(every)
-                    .max(Duration::from_millis(100));
+                // about a lease that just ran out): waiting longer cannot keep it.
+                let bound = self.lease.remaining().max(Duration::from_millis(100));
                 let renewed = tokio::select! {
                     r = tokio::time::timeout(bound, self.leases.renew(&self.lease)) => r,
                     _ = stop.cancelled() => return Ok(LeaseEnd::Stopped(self.lease)),

@@ -524,6 +524,8 @@ impl Producer {
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Checkpointer, e).into()),
             }),
             r = &mut publishers => (TaskKind::Publishers, match r {
+                // Abandoned by the lease keeper on a lost lease: its own result says so too.
+                Ok(Ok(())) if abandon.is_cancelled() => Ended::Lost,
                 Ok(Ok(())) => Ended::Failed(early(TaskKind::Publishers)),
                 Ok(Err(e)) => Ended::Failed(e.into()),
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Publishers, e).into()),

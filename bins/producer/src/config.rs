@@ -92,6 +92,9 @@ pub struct ProducerSection {
     /// How often the broker is probed (connect, authenticate, open the topic) for readiness.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// `auto` (batches; single sends once the topic refuses batching distinct ids, as a
+    /// partitioned topic with duplicate detection does), `batch`, or `single`.
+    pub send_mode: ordo_core::servicebus::sender::SendMode,
     /// Lifetime of the stream's lease; a standby takes over at most this long after a crash.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
@@ -130,6 +133,7 @@ impl Default for ProducerSection {
             max_unacknowledged: 100_000,
             checkpoint_stuck_after: Duration::from_secs(60),
             probe_interval: Duration::from_secs(5),
+            send_mode: Default::default(),
             lease_ttl: Duration::from_secs(15),
             send_timeout: Duration::from_secs(10),
             retry_initial: Duration::from_millis(100),

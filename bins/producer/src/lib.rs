@@ -43,7 +43,9 @@ use ordo_core::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use ordo_core::lease::{Lease, LeaseStore};
 use ordo_core::metrics as names;
 use ordo_core::retry::Backoff;
-use ordo_core::servicebus::sender::{PublishError, PublisherFactory, ServiceBusPublisherFactory};
+use ordo_core::servicebus::sender::{
+    ModalPublisherFactory, PublishError, PublisherFactory, ServiceBusPublisherFactory,
+};
 use ordo_core::shutdown::Shutdown;
 use ordo_core::telemetry::{self, Health};
 use tokio::task::JoinHandle;
@@ -126,13 +128,17 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
     cfg.producer.warn_deprecated();
     let client = ordo_core::mongo::connect(&cfg.mongodb, "ordo-producer").await?;
     let db = client.database(cfg.mongodb.database());
-    let factory = Arc::new(ServiceBusPublisherFactory {
-        connection_string: cfg.servicebus.connection_string().clone(),
-        topic: cfg.servicebus.topic.clone(),
-        identifier: format!("ordo-producer-{}", std::process::id()),
-        max_batch_bytes: None,
-        send_timeout: cfg.producer.send_timeout,
-        connect_timeout: cfg.producer.send_timeout,
+    let factory = Arc::new(ModalPublisherFactory {
+        inner: ServiceBusPublisherFactory {
+            connection_string: cfg.servicebus.connection_string().clone(),
+            topic: cfg.servicebus.topic.clone(),
+            identifier: format!("ordo-producer-{}", std::process::id()),
+            max_batch_bytes: None,
+            send_timeout: cfg.producer.send_timeout,
+            connect_timeout: cfg.producer.send_timeout,
+        },
+        mode: cfg.producer.send_mode,
+        single: Arc::default(),
     });
     health.set_started();
     tokio::spawn(check_event_index(

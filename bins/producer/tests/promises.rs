@@ -364,3 +364,20 @@ async fn a_hung_lease_renewal_stops_publishing_when_the_lease_runs_out() {
     .await;
     stop(&mut producer).await;
 }
+
+/// `send_mode = "single"` (for partitioned topics with duplicate detection, which refuse
+/// batches of distinct ids): one message per transfer, still every event in order per
+/// aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_sends_keep_every_event_in_order() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(10, 24);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn(r#"send_mode = "single""#);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 200, 50).await;
+    wait_distinct(&collector, 200, DEADLINE).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}

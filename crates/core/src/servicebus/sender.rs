@@ -16,6 +16,8 @@
 //!   dropped (client and sender) and a fresh one opened, rather than trusting the client to heal.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use azservicebus::{CreateMessageBatchOptions, ServiceBusMessage, ServiceBusSender};
@@ -180,6 +182,25 @@ impl Publisher for ServiceBusPublisher {
 }
 
 impl ServiceBusPublisher {
+    /// Sends `messages` one per transfer, in order: for entities that refuse batches of
+    /// messages with distinct ids.
+    async fn publish_single(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
+        let timeout = self.send_timeout;
+        let send = async {
+            for m in messages {
+                let msg = to_service_bus_message(m)?;
+                self.sender
+                    .send_message(msg)
+                    .await
+                    .map_err(|e| PublishError::Send(e.to_string()))?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, send)
+            .await
+            .map_err(|_| PublishError::Timeout(timeout))?
+    }
+
     async fn publish_inner(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
         let new_batch = |sender: &ServiceBusSender| {
             sender
@@ -227,6 +248,85 @@ impl ServiceBusPublisher {
                 .map_err(|e| PublishError::Send(e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+/// How messages of one session travel to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendMode {
+    /// Batches; after the broker refuses one as batching distinct ids on a partitioned entity
+    /// with duplicate detection, single sends from then on.
+    #[default]
+    Auto,
+    /// Batches of up to `max_batch_messages` messages of one session.
+    Batch,
+    /// One message per transfer (still one session's messages in order, one at a time).
+    Single,
+}
+
+/// True for the broker's refusal of a batch on a partitioned entity with duplicate detection
+/// (ErrorCodes.NotAllowed): "Batching brokered messages with distinct SessionId, PartitionKey,
+/// or MessageId is not supported for an entity with partitioning and duplicate detection
+/// enabled".
+pub fn refuses_batching(error: &str) -> bool {
+    error.contains("Batching brokered messages with distinct")
+}
+
+/// A [`ServiceBusPublisherFactory`] with a [`SendMode`]; its publishers share the fallback of
+/// `auto`, so one refusal switches every publisher to single sends.
+#[derive(Debug, Clone)]
+pub struct ModalPublisherFactory {
+    /// Opens the connections.
+    pub inner: ServiceBusPublisherFactory,
+    /// The configured mode.
+    pub mode: SendMode,
+    /// Set once `auto` fell back to single sends.
+    pub single: Arc<AtomicBool>,
+}
+
+/// A publisher that sends as its factory's [`SendMode`] says.
+#[derive(Debug)]
+pub struct ModalPublisher {
+    inner: ServiceBusPublisher,
+    mode: SendMode,
+    single: Arc<AtomicBool>,
+}
+
+impl Publisher for ModalPublisher {
+    async fn publish(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
+        let single = match self.mode {
+            SendMode::Single => true,
+            SendMode::Batch => false,
+            SendMode::Auto => self.single.load(Ordering::SeqCst),
+        };
+        if single {
+            return self.inner.publish_single(messages).await;
+        }
+        if messages.len() == 1 {
+            return self.inner.publish(messages).await;
+        }
+        match self.inner.publish(messages).await {
+            Err(PublishError::Send(e)) if self.mode == SendMode::Auto && refuses_batching(&e) => {
+                if !self.single.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(error = %e, "the topic refuses batches (partitioning with duplicate detection): sending one message at a time from now on (producer.send_mode = \"auto\")");
+                }
+                self.inner.publish_single(messages).await
+            }
+            other => other,
+        }
+    }
+}
+
+impl PublisherFactory for ModalPublisherFactory {
+    type Publisher = ModalPublisher;
+
+    async fn open(&self) -> Result<ModalPublisher, PublishError> {
+        Ok(ModalPublisher {
+            inner: self.inner.open().await?,
+            mode: self.mode,
+            single: self.single.clone(),
+        })
     }
 }
 
@@ -319,6 +419,14 @@ mod tests {
             assert!(n < 2 * m.approx_size() as u64 + SIZE_MARGIN_BYTES, "{n}");
         }
         assert!(encoded_size(&wire(1001)).unwrap() > encoded_size(&wire(1000)).unwrap());
+    }
+
+    #[test]
+    fn the_partitioned_dedup_refusal_is_recognised_and_nothing_else() {
+        let refusal = "Batching brokered messages with distinct SessionId, PartitionKey, or MessageId is not supported for an entity with partitioning and duplicate detection enabled. TrackingId:1, SystemTracker:ns:Topic:t, Timestamp:2026-11-30T00:00:00 (NotAllowed)";
+        assert!(refuses_batching(refusal));
+        assert!(!refuses_batching("The operation timed out"));
+        assert!(!refuses_batching("NotAllowed: the entity is disabled"));
     }
 
     #[test]

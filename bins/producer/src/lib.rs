@@ -678,8 +678,8 @@ async fn probe_broker<F: PublisherFactory>(
 ) {
     let mut fault = None;
     loop {
-        let opened = match tokio::time::timeout(every, factory.open()).await {
-            Ok(r) => r.map(drop),
+        let opened = match tokio::time::timeout(every, factory.probe()).await {
+            Ok(r) => r,
             Err(_) => Err(PublishError::Timeout(every)),
         };
         match opened {

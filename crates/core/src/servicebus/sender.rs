@@ -80,6 +80,12 @@ pub trait PublisherFactory: Send + Sync + 'static {
     type Publisher: Publisher + 'static;
     /// Opens a fresh publisher (new connection).
     fn open(&self) -> impl Future<Output = Result<Self::Publisher, PublishError>> + Send;
+
+    /// Checks that a publisher can be opened (the broker answers, accepts the credentials and
+    /// has the topic), and lets it go.
+    fn probe(&self) -> impl Future<Output = Result<(), PublishError>> + Send {
+        async move { self.open().await.map(drop) }
+    }
 }
 
 /// Builds the azservicebus message for a [`WireMessage`].
@@ -321,6 +327,10 @@ impl Publisher for ModalPublisher {
 impl PublisherFactory for ModalPublisherFactory {
     type Publisher = ModalPublisher;
 
+    async fn probe(&self) -> Result<(), PublishError> {
+        self.inner.probe().await
+    }
+
     async fn open(&self) -> Result<ModalPublisher, PublishError> {
         Ok(ModalPublisher {
             inner: self.inner.open().await?,
@@ -350,6 +360,15 @@ pub struct ServiceBusPublisherFactory {
 
 impl PublisherFactory for ServiceBusPublisherFactory {
     type Publisher = ServiceBusPublisher;
+
+    /// Opens a publisher and closes its link and connection at once, so probing every few
+    /// seconds leaves no connection behind on the broker.
+    async fn probe(&self) -> Result<(), PublishError> {
+        let publisher = self.open().await?;
+        let _ = publisher.sender.dispose().await;
+        let _ = publisher._client.dispose().await;
+        Ok(())
+    }
 
     async fn open(&self) -> Result<ServiceBusPublisher, PublishError> {
         let open = async {

@@ -121,30 +121,37 @@ async fn wide_ids_and_bodies_at_the_limit_never_stall_publishing() {
         .any(|id| id.starts_with(ordo_core::envelope::HASHED_ID_PREFIX)));
 }
 
-/// With the broker unreachable from the start, the producer (start_at = now) saves its first
-/// position before reading; events inserted meanwhile are published by the next run, after a
-/// restart, instead of being skipped by a new "now".
+/// With the broker unreachable from the start, the producer (start_at = now) reads events it
+/// cannot publish and is killed before any checkpoint save would have happened (a long
+/// checkpoint interval stands for "soon after the start"): it saved its first position before
+/// reading, so the next run publishes those events instead of starting at a new "now".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_before_the_first_publish_loses_nothing() {
     let world = World::start().await;
     let events = world.events();
     world.bus.suspend().await.unwrap();
-    let config = r#"start_at = "now""#;
-    let mut producer = world.spawn(config);
-    wait_checkpoint(&world, |_| true).await;
+    let mut producer = world.spawn(
+        r#"start_at = "now"
+checkpoint_interval = "1h"
+checkpoint_every_events = 10000000"#,
+    );
+    let p = &producer;
+    wait_until(Duration::from_secs(30), || async move {
+        p.logs().contains("change stream open")
+    })
+    .await;
     let mut writer = Writer::new(5, 21);
     writer.write(&events, 30, 10).await;
-    let p = &producer;
     wait_until(Duration::from_secs(20), || async move {
         p.metric(names::RETRIES).await >= 1.0 && !p.is_ready().await
     })
     .await;
-    producer.sigterm().unwrap();
-    let _ = producer.wait_exit(Duration::from_secs(20)).await;
+    producer.kill9().unwrap();
+    let _ = producer.wait_exit(Duration::from_secs(10)).await;
 
     world.bus.resume().await.unwrap().unwrap();
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn(config);
+    let mut producer = world.spawn(r#"start_at = "now""#);
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     wait_distinct(&collector, 30, DEADLINE).await;
     stop(&mut producer).await;

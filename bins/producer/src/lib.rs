@@ -288,12 +288,35 @@ impl Producer {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
-            let wait = match self
-                .leases
-                .try_acquire(&self.stream, &self.holder, ttl)
-                .await
-            {
-                Ok(Some(lease)) => match self.checkpoints.claim(&self.stream, lease.epoch).await {
+            // Bounded, so an unreachable database turns readiness off in about a third of the
+            // lease rather than after the driver's server-selection timeout.
+            let attempt = async {
+                match self
+                    .leases
+                    .try_acquire(&self.stream, &self.holder, ttl)
+                    .await
+                {
+                    Ok(Some(lease)) => Ok(Some((
+                        self.checkpoints.claim(&self.stream, lease.epoch).await,
+                        lease,
+                    ))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            };
+            let bound = (ttl / 3).max(Duration::from_millis(500));
+            let Ok(attempted) = tokio::time::timeout(bound, attempt).await else {
+                self.readiness.hold(&mut fault, dependency::MONGODB);
+                let e = format!("no answer within {bound:?}");
+                let d = self.retry_delay(&mut delays, "acquire_lease", &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => return Ok(None),
+                }
+                continue;
+            };
+            let wait = match attempted {
+                Ok(Some((claimed, lease))) => match claimed {
                     Ok(()) => return Ok(Some(lease)),
                     Err(CheckpointError::Fenced { .. }) => poll,
                     Err(e) if e.is_retryable() => {
@@ -553,7 +576,9 @@ impl Producer {
                 if which != TaskKind::Publishers {
                     publishers.abort();
                 }
+                // A save in flight may wait on an unreachable database: not worth waiting for.
                 if which != TaskKind::Checkpointer {
+                    checkpointer.abort();
                     let _ = checkpointer.await;
                 }
                 let kept = if which != TaskKind::LeaseKeeper {

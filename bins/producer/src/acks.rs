@@ -9,8 +9,18 @@
 //! Items without a position (events of a collection scan) hold the prefix back but cannot be
 //! the checkpoint themselves; the scan's end marker carries the stream position to continue
 //! from, so the checkpoint jumps there only once the whole scan is acknowledged.
+//!
+//! Memory: acknowledged items behind an unacknowledged one stay until it is acknowledged. A
+//! bounded tracker ([`AckTracker::bounded`]) says when it is full ([`AckTracker::has_room`]) and
+//! wakes [`AckTracker::freed`] when items leave the prefix; the reader waits for room before
+//! reading on, so a stuck front stops the reader instead of growing without bound. Position
+//! markers (idle stream) that arrive behind a stuck front replace the previous marker instead
+//! of queueing: only the newest matters once everything before it is acknowledged.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 /// Sequence number of a read item, in read order.
 pub type Seq = u64;
@@ -29,6 +39,10 @@ pub struct AckTracker<P> {
     advanced_by: u64,
     /// Published events (not markers, not parked events) folded into the prefix so far.
     events: u64,
+    /// Most items held before [`Self::has_room`] says no.
+    max: usize,
+    /// Woken whenever items leave the prefix.
+    freed: Arc<Notify>,
 }
 
 impl<P> Default for AckTracker<P> {
@@ -46,7 +60,51 @@ impl<P> AckTracker<P> {
             ready: None,
             advanced_by: 0,
             events: 0,
+            max: usize::MAX,
+            freed: Arc::default(),
         }
+    }
+
+    /// A tracker meant to hold at most `max` items: the reader checks [`Self::has_room`]
+    /// before each read (waiting on [`Self::freed`]).
+    pub fn bounded(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            ..Self::new()
+        }
+    }
+
+    /// False while the tracker holds its maximum: the reader must wait.
+    pub fn has_room(&self) -> bool {
+        self.pending.len() < self.max
+    }
+
+    /// Woken (`notify_waiters`) whenever items leave the prefix.
+    pub fn freed(&self) -> Arc<Notify> {
+        self.freed.clone()
+    }
+
+    /// Registers a position that needs no send, acknowledged at once. Behind an acknowledged
+    /// marker still waiting for the front, it replaces that marker's position instead of
+    /// queueing: the newer position covers the older one.
+    pub fn push_acked_marker(&mut self, position: P) {
+        if let Some((true, false, Some(last))) = self.pending.back_mut() {
+            *last = position;
+            return;
+        }
+        let seq = self.push_marker(Some(position));
+        self.ack(seq);
+    }
+
+    /// Acknowledges `seq` as parked: it holds and then passes the prefix like an event, but
+    /// is not counted as published.
+    pub fn ack_parked(&mut self, seq: Seq) {
+        if seq >= self.base {
+            if let Some(slot) = self.pending.get_mut((seq - self.base) as usize) {
+                slot.1 = false;
+            }
+        }
+        self.ack(seq);
     }
 
     /// Registers the next item, an event to publish; returns its sequence number.
@@ -76,6 +134,7 @@ impl<P> AckTracker<P> {
         if let Some(slot) = self.pending.get_mut(idx) {
             slot.0 = true;
         }
+        let before = self.base;
         while let Some((true, _, _)) = self.pending.front() {
             let (_, event, pos) = self.pending.pop_front().expect("front exists");
             self.base += 1;
@@ -84,6 +143,9 @@ impl<P> AckTracker<P> {
             if let Some(pos) = pos {
                 self.ready = Some((pos, self.events));
             }
+        }
+        if self.base != before {
+            self.freed.notify_waiters();
         }
     }
 
@@ -137,6 +199,36 @@ mod tests {
         t.ack(3);
         assert_eq!(t.take_checkpoint(), Some(3));
         assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_stuck_front_fills_a_bounded_tracker_and_idle_markers_do_not_grow_it() {
+        let mut t = AckTracker::bounded(3);
+        let stuck = t.push(Some(0u32));
+        let a = t.push(Some(1));
+        t.ack(a);
+        for i in 2..1000 {
+            t.push_acked_marker(i);
+        }
+        assert_eq!(
+            t.outstanding(),
+            3,
+            "idle markers behind a stuck front collapse into one"
+        );
+        assert!(!t.has_room());
+        t.ack(stuck);
+        assert!(t.has_room());
+        assert_eq!(t.take_checkpoint(), Some(999));
+    }
+
+    #[test]
+    fn a_parked_item_passes_the_prefix_uncounted() {
+        let mut t = AckTracker::new();
+        let a = t.push(Some("a"));
+        let b = t.push(Some("b"));
+        t.ack_parked(b);
+        t.ack(a);
+        assert_eq!(t.take(), Some(("b", 1)));
     }
 
     #[test]

@@ -76,15 +76,25 @@ pub struct ProducerSection {
     pub max_await_time: Duration,
     /// Events read per change-stream and scan batch.
     pub read_batch_size: u32,
-    /// After lost history, re-publish from this long before the checkpoint's wall time.
+    /// Deprecated and ignored: lost-history recovery re-publishes the whole collection.
     #[serde(with = "humantime_serde")]
     pub history_safety_margin: Duration,
-    /// Field whose time selects the events to re-publish after lost history: `_id` (the
-    /// ObjectId's creation second) or a date field such as `timestamp`.
+    /// Deprecated and ignored: lost-history recovery re-publishes the whole collection.
     pub replay_time_field: String,
-    /// Sort order of collection scans (`beginning` and lost-history replay), e.g. `{ _id = 1 }`;
-    /// it must follow insertion order per aggregate.
+    /// Sort order of the `beginning` scan, e.g. `{ _id = 1 }`; it must follow insertion order
+    /// per aggregate.
     pub scan_sort: toml::Table,
+    /// Most items read and not yet part of the acknowledged prefix; the reader waits beyond it.
+    pub max_unacknowledged: usize,
+    /// Not ready while items wait behind an acknowledged prefix that has not moved this long.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_stuck_after: Duration,
+    /// How often the broker is probed (connect, authenticate, open the topic) for readiness.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// `auto` (batches; single sends once the topic refuses batching distinct ids, as a
+    /// partitioned topic with duplicate detection does), `batch`, or `single`.
+    pub send_mode: ordo_core::servicebus::sender::SendMode,
     /// Lifetime of the stream's lease; a standby takes over at most this long after a crash.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
@@ -120,6 +130,10 @@ impl Default for ProducerSection {
             history_safety_margin: Duration::from_secs(300),
             replay_time_field: "_id".into(),
             scan_sort: sort,
+            max_unacknowledged: 100_000,
+            checkpoint_stuck_after: Duration::from_secs(60),
+            probe_interval: Duration::from_secs(5),
+            send_mode: Default::default(),
             lease_ttl: Duration::from_secs(15),
             send_timeout: Duration::from_secs(10),
             retry_initial: Duration::from_millis(100),
@@ -129,6 +143,17 @@ impl Default for ProducerSection {
 }
 
 impl ProducerSection {
+    /// Logs the deprecated keys a configuration still sets to something else than their
+    /// default.
+    pub fn warn_deprecated(&self) {
+        let d = Self::default();
+        if self.history_safety_margin != d.history_safety_margin
+            || self.replay_time_field != d.replay_time_field
+        {
+            tracing::warn!("producer.history_safety_margin and producer.replay_time_field are ignored: lost-history recovery re-publishes the whole events collection");
+        }
+    }
+
     /// The parsed start mode (validated).
     pub fn start_at(&self) -> StartAt {
         parse_start_at(&self.start_at).expect("validated: producer.start_at")
@@ -239,6 +264,24 @@ impl Validate for ProducerConfig {
                 ));
             }
         }
+        check_range(
+            "producer.max_unacknowledged",
+            p.max_unacknowledged,
+            p.max_in_flight_messages,
+            100_000_000,
+        )?;
+        check_duration(
+            "producer.checkpoint_stuck_after",
+            p.checkpoint_stuck_after,
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        )?;
+        check_duration(
+            "producer.probe_interval",
+            p.probe_interval,
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+        )?;
         check_duration(
             "producer.lease_ttl",
             p.lease_ttl,

@@ -11,21 +11,29 @@
 //! than the configured amount ahead of the broker.
 //!
 //! A failed send is retried, forever, with backoff, on a freshly opened publisher; the session
-//! stays owned by the worker meanwhile, so nothing behind it overtakes it.
+//! stays owned by the worker meanwhile, so nothing behind it overtakes it. A message the client
+//! refuses (it can never be sent) is parked in `ordo_parked` and acknowledged as parked; the
+//! rest of its batch is sent and its session goes on with the next event.
+//!
+//! Supervision: the workers run under [`supervise`]. A worker that panics gives its claimed
+//! messages back to the front of their session's queue (the claim is a guard, released on
+//! unwind), and is restarted after a backoff, so a panic neither loses events nor shrinks the
+//! pool.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use ordo_core::envelope::WireMessage;
 use ordo_core::retry::Backoff;
 use ordo_core::servicebus::sender::{PublishError, Publisher, PublisherFactory};
-use ordo_core::telemetry::Health;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::acks::{AckTracker, Seq};
+use crate::park::{ParkError, ParkMessage};
+use crate::readiness::{dependency, Readiness};
 use crate::Position;
 
 /// One message waiting for its send.
@@ -156,9 +164,22 @@ impl Dispatcher {
         }
     }
 
+    /// A worker gives `items` back unsent (it is unwinding): they go back to the front of
+    /// their queue, in order, and the session to the next worker.
+    fn requeue(&self, session: String, items: Vec<Item>) {
+        {
+            let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let q = st.queues.entry(session.clone()).or_default();
+            for item in items.into_iter().rev() {
+                q.push_front(item);
+            }
+        }
+        self.release(session);
+    }
+
     /// The worker is done with `session`: hand it to the next worker if more is queued.
     fn release(&self, session: String) {
-        let mut st = self.state.lock().expect("dispatcher lock");
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         st.busy.remove(&session);
         let more = st.queues.get(&session).is_some_and(|q| !q.is_empty());
         if more {
@@ -184,22 +205,139 @@ pub struct WorkerContext {
     pub dispatcher: Arc<Dispatcher>,
     /// Where acknowledgements go.
     pub acks: Acks,
-    /// Readiness: false while sends fail.
-    pub health: Arc<Health>,
-    /// Workers currently failing to publish; readiness is true only at zero.
-    pub failing: Arc<AtomicUsize>,
-    /// Retry delays.
+    /// Readiness: not ready while sends fail.
+    pub readiness: Arc<Readiness>,
+    /// Records messages the client refuses.
+    pub parking: Arc<dyn ParkMessage>,
+    /// Retry delays (sends and restarts).
     pub backoff: Backoff,
     /// Fires to abandon queued and in-flight sends at once (lease lost, grace period over).
     pub abandon: CancellationToken,
+    /// Workers restarted after a panic, this term.
+    pub restarts: Arc<AtomicUsize>,
 }
 
-/// Why a worker stopped other than by draining.
+/// Why publishing stopped other than by draining.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The client refused a message it should have accepted: a bug, not a fault.
+    /// A refused message could not be recorded in `ordo_parked` (a permanent database error):
+    /// passing it would lose it, retrying cannot help.
     #[error("publishing stopped: {0}")]
-    Rejected(PublishError),
+    Park(#[from] ParkError),
+}
+
+/// A session's messages taken by a worker. Dropped before [`Claim::done`] (the worker panicked
+/// or was abandoned), it puts the unsent messages back at the front of their queue.
+struct Claim {
+    dispatcher: Arc<Dispatcher>,
+    session: Option<String>,
+    messages: Vec<WireMessage>,
+    sent: Vec<Sent>,
+}
+
+impl Claim {
+    fn new(dispatcher: Arc<Dispatcher>, session: String, items: Vec<Item>) -> Self {
+        // The messages move out of their items (no copy per message); the rest of each item,
+        // its permits included, stays until the broker acknowledged the batch.
+        let (messages, sent) = items
+            .into_iter()
+            .map(|i| {
+                (
+                    i.message,
+                    Sent {
+                        seq: i.seq,
+                        read_at: i.read_at,
+                        _permits: i._permits,
+                    },
+                )
+            })
+            .unzip();
+        Self {
+            dispatcher,
+            session: Some(session),
+            messages,
+            sent,
+        }
+    }
+
+    fn session(&self) -> &str {
+        self.session.as_deref().unwrap_or_default()
+    }
+
+    /// Takes message `i` out of the claim (it was parked).
+    fn remove(&mut self, i: usize) -> Sent {
+        self.messages.remove(i);
+        self.sent.remove(i)
+    }
+
+    /// Everything left was sent: the session goes to the next worker.
+    fn done(mut self) -> Vec<Sent> {
+        let sent = std::mem::take(&mut self.sent);
+        self.messages.clear();
+        if let Some(session) = self.session.take() {
+            self.dispatcher.release(session);
+        }
+        sent
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let items = std::mem::take(&mut self.messages)
+            .into_iter()
+            .zip(std::mem::take(&mut self.sent))
+            .map(|(message, s)| Item {
+                seq: s.seq,
+                message,
+                read_at: s.read_at,
+                _permits: s._permits,
+            })
+            .collect();
+        self.dispatcher.requeue(session, items);
+    }
+}
+
+/// Runs `senders` workers until the dispatcher is closed and drained or `abandon` fires; a
+/// worker that panics is restarted after a backoff (its messages were given back). Returns the
+/// first [`WorkerError`], which ends publishing.
+pub async fn supervise<F: PublisherFactory>(
+    senders: usize,
+    factory: Arc<F>,
+    ctx: WorkerContext,
+) -> Result<(), WorkerError> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..senders {
+        set.spawn(worker(factory.clone(), ctx.clone()));
+    }
+    let mut delays = ctx.backoff.delays();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "publishing worker failed: stopping");
+                return Err(e);
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                let delay = delays.next().unwrap_or(ctx.backoff.max);
+                ctx.restarts.fetch_add(1, Ordering::SeqCst);
+                metrics::counter!(ordo_core::metrics::TASK_RESTARTS, "task" => "publisher")
+                    .increment(1);
+                tracing::error!(error = %crate::task::panic_text(e), delay_ms = delay.as_millis() as u64, "publishing worker panicked: its messages are queued again, restarting it");
+                let (factory, ctx) = (factory.clone(), ctx.clone());
+                set.spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => worker(factory, ctx).await,
+                        _ = ctx.abandon.cancelled() => Ok(()),
+                    }
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Publishes queued sessions until the dispatcher is closed and drained, or `abandon` fires.
@@ -217,24 +355,10 @@ pub async fn worker<F: PublisherFactory>(
             return Ok(());
         };
         metrics::histogram!(ordo_core::metrics::PUBLISH_BATCH_MESSAGES).record(items.len() as f64);
-        // The messages move out of their items (no copy per message); the rest of each item,
-        // its permits included, stays until the broker acknowledged the batch.
-        let (messages, items): (Vec<WireMessage>, Vec<Sent>) = items
-            .into_iter()
-            .map(|i| {
-                (
-                    i.message,
-                    Sent {
-                        seq: i.seq,
-                        read_at: i.read_at,
-                        _permits: i._permits,
-                    },
-                )
-            })
-            .unzip();
+        let mut claim = Claim::new(ctx.dispatcher.clone(), session, items);
         let mut delays = ctx.backoff.delays();
-        let mut failed = false;
-        loop {
+        let mut fault = None;
+        while !claim.messages.is_empty() {
             let attempt = async {
                 if publisher.is_none() {
                     publisher = Some(factory.open().await?);
@@ -242,49 +366,54 @@ pub async fn worker<F: PublisherFactory>(
                 publisher
                     .as_mut()
                     .expect("opened above")
-                    .publish(&messages)
+                    .publish(&claim.messages)
                     .await
             };
             let result = tokio::select! {
                 r = attempt => r,
-                _ = ctx.abandon.cancelled() => {
-                    if failed {
-                        ctx.failing.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    return Ok(());
-                }
+                _ = ctx.abandon.cancelled() => return Ok(()),
             };
             match result {
                 Ok(()) => {
-                    if failed {
-                        if ctx.failing.fetch_sub(1, Ordering::SeqCst) == 1 {
-                            ctx.health.set_ready(true);
-                        }
-                        tracing::info!(session = %session, "publishing recovered");
+                    if fault.take().is_some() {
+                        tracing::info!(session = %claim.session(), "publishing recovered");
                     }
                     break;
                 }
-                Err(e @ PublishError::Message { .. }) => return Err(WorkerError::Rejected(e)),
+                Err(PublishError::Message { message_id, reason }) => {
+                    // The sender names a message of this batch; the messages before it may have
+                    // been sent already, and sending them again is deduplicated by MessageId.
+                    let i = claim
+                        .messages
+                        .iter()
+                        .position(|m| m.message_id == message_id)
+                        .unwrap_or(0);
+                    let error = format!("the client refused message {message_id}: {reason}");
+                    let parked = tokio::select! {
+                        r = ctx.parking.park_message(&claim.messages[i], "rejected", error) => r?,
+                        _ = ctx.abandon.cancelled() => return Ok(()),
+                    };
+                    if !parked {
+                        return Ok(());
+                    }
+                    let item = claim.remove(i);
+                    ctx.acks.lock().expect("ack lock").ack_parked(item.seq);
+                }
                 Err(e) => {
                     publisher = None;
-                    if !failed {
-                        failed = true;
-                        ctx.failing.fetch_add(1, Ordering::SeqCst);
-                        ctx.health.set_ready(false);
-                    }
+                    ctx.readiness.hold(&mut fault, dependency::SERVICEBUS);
                     let delay = delays.next().unwrap_or(ctx.backoff.max);
-                    metrics::counter!(ordo_core::metrics::RETRIES, "op" => "publish").increment(1);
-                    tracing::warn!(session = %session, messages = messages.len(), delay_ms = delay.as_millis() as u64, error = %e, "publish failed, retrying");
+                    metrics::counter!(ordo_core::metrics::RETRIES, "operation" => "publish", "reason" => e.reason()).increment(1);
+                    tracing::warn!(session = %claim.session(), messages = claim.messages.len(), delay_ms = delay.as_millis() as u64, error = %e, "publish failed, retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = ctx.abandon.cancelled() => {
-                            ctx.failing.fetch_sub(1, Ordering::SeqCst);
-                            return Ok(());
-                        }
+                        _ = ctx.abandon.cancelled() => return Ok(()),
                     }
                 }
             }
         }
+        let published = claim.messages.len();
+        let items = claim.done();
         let now = Instant::now();
         {
             let mut acks = ctx.acks.lock().expect("ack lock");
@@ -292,30 +421,36 @@ pub async fn worker<F: PublisherFactory>(
                 acks.ack(item.seq);
             }
         }
-        metrics::counter!(ordo_core::metrics::EVENTS_PUBLISHED).increment(items.len() as u64);
+        metrics::counter!(ordo_core::metrics::EVENTS_PUBLISHED).increment(published as u64);
         let latency = metrics::histogram!(ordo_core::metrics::PUBLISH_LATENCY);
         for item in &items {
             latency.record(now.duration_since(item.read_at).as_secs_f64());
         }
-        drop(items);
-        ctx.dispatcher.release(session);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
     use std::time::Duration;
 
+    use futures::future::BoxFuture;
     use mongodb::bson::doc;
     use ordo_core::envelope::{Envelope, EventFields};
+    use ordo_core::telemetry::Health;
 
-    /// Records what was sent; fails the first `fail_first` publishes; slow for session "slow".
+    /// Records what was sent; fails the first `fail_first` publishes; refuses the messages in
+    /// `reject`; panics once on a batch holding a message of `panic_on`.
     #[derive(Debug, Default)]
     struct Log {
         sent: Mutex<Vec<(String, i64)>>,
         batches: Mutex<Vec<Vec<String>>>,
         fail_first: AtomicUsize,
+        reject: Mutex<HashSet<String>>,
+        panic_on: Mutex<HashSet<String>>,
+        panics: AtomicUsize,
+        parked: Mutex<Vec<(String, String)>>,
     }
 
     struct FakeFactory(Arc<Log>);
@@ -330,6 +465,18 @@ mod tests {
                 .is_ok()
             {
                 return Err(PublishError::Send("broker down".into()));
+            }
+            for m in messages {
+                if self.0.panic_on.lock().unwrap().remove(&m.message_id) {
+                    self.0.panics.fetch_add(1, Ordering::SeqCst);
+                    panic!("publisher bug on {}", m.message_id);
+                }
+                if self.0.reject.lock().unwrap().contains(&m.message_id) {
+                    return Err(PublishError::Message {
+                        message_id: m.message_id.clone(),
+                        reason: "too large".into(),
+                    });
+                }
             }
             let delay = (messages[0].body.len() % 3) as u64;
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -354,6 +501,25 @@ mod tests {
         }
     }
 
+    #[derive(Debug)]
+    struct FakePark(Arc<Log>);
+
+    impl ParkMessage for FakePark {
+        fn park_message<'a>(
+            &'a self,
+            message: &'a WireMessage,
+            reason: &'static str,
+            error: String,
+        ) -> BoxFuture<'a, Result<bool, ParkError>> {
+            self.0
+                .parked
+                .lock()
+                .unwrap()
+                .push((message.message_id.clone(), format!("{reason}: {error}")));
+            Box::pin(async { Ok(true) })
+        }
+    }
+
     fn message(agg: &str, id: i64) -> WireMessage {
         let ev = doc! {"_id": 1, "aggregateId": agg, "eventId": id, "eventType": "T", "payload": {"pad": "x".repeat(id as usize % 7)}};
         Envelope::from_event(&ev, &EventFields::default(), "db", "events")
@@ -361,27 +527,31 @@ mod tests {
             .to_message()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sessions_stay_in_order_batches_stay_in_one_session_and_all_are_acked() {
-        let log = Arc::new(Log::default());
-        log.fail_first.store(3, Ordering::SeqCst);
-        let dispatcher = Dispatcher::new(50, 1 << 20, 8);
-        let acks: Acks = Arc::default();
-        let ctx = WorkerContext {
+    fn context(log: &Arc<Log>, dispatcher: &Arc<Dispatcher>, acks: &Acks) -> WorkerContext {
+        let health = Health::new();
+        health.set_started();
+        WorkerContext {
             dispatcher: dispatcher.clone(),
             acks: acks.clone(),
-            health: Health::new(),
-            failing: Arc::default(),
+            readiness: Readiness::new(health),
+            parking: Arc::new(FakePark(log.clone())),
             backoff: Backoff {
                 initial: Duration::from_millis(1),
                 max: Duration::from_millis(2),
             },
             abandon: CancellationToken::new(),
-        };
+            restarts: Arc::default(),
+        }
+    }
+
+    /// Submits 2000 events of 37 aggregates (eventIds 1.. per aggregate), closes, and runs
+    /// four supervised workers to the end; returns the context for inspection.
+    async fn run(log: &Arc<Log>) -> (WorkerContext, Acks) {
+        let dispatcher = Dispatcher::new(50, 1 << 20, 8);
+        let acks: Acks = Arc::default();
+        let ctx = context(log, &dispatcher, &acks);
         let factory = Arc::new(FakeFactory(log.clone()));
-        let workers: Vec<_> = (0..4)
-            .map(|_| tokio::spawn(worker(factory.clone(), ctx.clone())))
-            .collect();
+        let workers = tokio::spawn(supervise(4, factory, ctx.clone()));
         let cancel = CancellationToken::new();
         let mut next = HashMap::<String, i64>::new();
         for i in 0..2000u64 {
@@ -392,17 +562,36 @@ mod tests {
             assert!(dispatcher.submit(seq, message(&agg, *id), &cancel).await);
         }
         dispatcher.close();
-        for w in workers {
-            w.await.unwrap().unwrap();
-        }
+        workers.await.unwrap().unwrap();
+        (ctx, acks)
+    }
+
+    /// Every (aggregate, id) sent, in order per aggregate; `skipped` never sent.
+    fn check_order(log: &Log, skipped: &[(&str, i64)]) {
         let sent = log.sent.lock().unwrap().clone();
-        assert_eq!(sent.len(), 2000);
+        let distinct: HashSet<_> = sent.iter().cloned().collect();
+        assert_eq!(distinct.len(), 2000 - skipped.len());
         let mut seen = HashMap::<String, i64>::new();
         for (agg, id) in sent {
-            let last = seen.entry(agg).or_insert(0);
-            assert_eq!(id, *last + 1, "per-session order");
-            *last = id;
+            let last = seen.entry(agg.clone()).or_insert(0);
+            let mut want = *last + 1;
+            while skipped.contains(&(agg.as_str(), want)) {
+                want += 1;
+            }
+            assert!(
+                id == want || id <= *last,
+                "per-session order: {agg} {id} after {last}"
+            );
+            *last = (*last).max(id);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_stay_in_order_batches_stay_in_one_session_and_all_are_acked() {
+        let log = Arc::new(Log::default());
+        log.fail_first.store(3, Ordering::SeqCst);
+        let (ctx, acks) = run(&log).await;
+        check_order(&log, &[]);
         assert!(log
             .batches
             .lock()
@@ -412,9 +601,57 @@ mod tests {
         let mut acks = acks.lock().unwrap();
         assert_eq!(acks.outstanding(), 0);
         assert_eq!(
-            acks.take_checkpoint()
-                .map(|p| p.wall_time.timestamp_millis()),
-            Some(1999)
+            acks.take()
+                .map(|(p, n)| (p.wall_time.timestamp_millis(), n)),
+            Some((1999, 2000))
         );
+        assert!(
+            ctx.readiness.failing().is_empty(),
+            "recovered sends clear readiness"
+        );
+    }
+
+    /// The client refuses one message: it is parked with the client's reason, acknowledged
+    /// as parked (not counted as published), and the rest of its session is still published.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_message_is_parked_and_its_session_goes_on() {
+        let log = Arc::new(Log::default());
+        log.reject.lock().unwrap().insert("a3:5".into());
+        let (ctx, acks) = run(&log).await;
+        check_order(&log, &[("a3", 5)]);
+        let parked = log.parked.lock().unwrap().clone();
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].0, "a3:5");
+        assert!(parked[0].1.contains("rejected") && parked[0].1.contains("too large"));
+        let sent = log.sent.lock().unwrap();
+        assert!(sent.contains(&("a3".into(), 6)), "the session went on");
+        let mut acks = acks.lock().unwrap();
+        assert_eq!(
+            acks.outstanding(),
+            0,
+            "the checkpoint passes the parked message"
+        );
+        assert_eq!(
+            acks.take()
+                .map(|(p, n)| (p.wall_time.timestamp_millis(), n)),
+            Some((1999, 1999))
+        );
+        assert_eq!(ctx.restarts.load(Ordering::SeqCst), 0, "no worker died");
+    }
+
+    /// A publisher panics in the middle of a session: the worker's messages go back to the
+    /// front of their queue, the worker is restarted, and every event still arrives in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_worker_is_restarted_and_loses_nothing() {
+        let log = Arc::new(Log::default());
+        log.panic_on
+            .lock()
+            .unwrap()
+            .extend(["a3:5".to_string(), "a7:9".to_string()]);
+        let (ctx, acks) = run(&log).await;
+        assert_eq!(log.panics.load(Ordering::SeqCst), 2, "the fault fired");
+        assert_eq!(ctx.restarts.load(Ordering::SeqCst), 2);
+        check_order(&log, &[]);
+        assert_eq!(acks.lock().unwrap().outstanding(), 0);
     }
 }

@@ -6,44 +6,64 @@
 //! - [`acks`]: out-of-order acknowledgements → the contiguous prefix the checkpoint may cover.
 //! - [`dispatch`]: per-session queues and the publishing workers (order per session,
 //!   concurrency across sessions, bounded in-flight messages and bytes).
-//! - [`source`]: change stream, collection scans (`beginning`, lost-history recovery), parking.
-//! - this file: the lease loop (standby ↔ active), the checkpointer, shutdown.
+//! - [`source`]: change stream, collection scans (`beginning`, lost-history recovery).
+//! - [`park`]: `ordo_parked`, for events that cannot be published.
+//! - [`checkpointer`]: when the acknowledged prefix is saved; a prefix that stops moving.
+//! - [`lease_keeper`]: renewing the lease while active.
+//! - [`readiness`]: what `/readyz` says, per failing dependency.
+//! - [`task`]: the tasks of a term and what their early end means.
+//! - this file: the lease loop (standby ↔ active), the term's tasks, shutdown.
 //!
 //! Life of the process: wait for the stream's lease (standby), then, holding it, load the
-//! checkpoint and run reader + workers + checkpointer + lease renewal. Losing the lease abandons
-//! all sends at once and goes back to standby. SIGTERM stops the reader, lets the workers drain
-//! within the grace period, saves the checkpoint over what was acknowledged and releases the
-//! lease.
+//! checkpoint (saving the first position before reading, when there is none) and run reader +
+//! workers + checkpointer + lease keeper + broker probe. Losing the lease abandons all sends at
+//! once and goes back to standby. SIGTERM stops the reader, lets the workers drain within the
+//! grace period, saves the checkpoint over what was acknowledged and releases the lease. Any
+//! task of the term that fails or panics (other than a publishing worker, which is restarted)
+//! stops the producer with an error: the process exits non-zero.
 
 pub mod acks;
+pub mod checkpointer;
 pub mod config;
 pub mod dispatch;
+pub mod lease_keeper;
+pub mod park;
+pub mod readiness;
 pub mod source;
+pub mod task;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mongodb::bson::{DateTime, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::Database;
 use ordo_core::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
-use ordo_core::lease::{Lease, LeaseError, LeaseStore};
+use ordo_core::lease::{Lease, LeaseStore};
 use ordo_core::metrics as names;
 use ordo_core::retry::Backoff;
-use ordo_core::servicebus::sender::{PublisherFactory, ServiceBusPublisherFactory};
+use ordo_core::servicebus::sender::{
+    ModalPublisherFactory, PublishError, PublisherFactory, ServiceBusPublisherFactory,
+};
 use ordo_core::shutdown::Shutdown;
 use ordo_core::telemetry::{self, Health};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ProducerConfig;
 
 use crate::acks::AckTracker;
+use crate::checkpointer::{Checkpointer, CheckpointerEnd};
+use crate::config::StartAt;
 use crate::dispatch::{Acks, Dispatcher, WorkerContext, WorkerError};
+use crate::lease_keeper::{LeaseEnd, LeaseKeeper};
+use crate::park::Parker;
+use crate::readiness::{dependency, Readiness};
 use crate::source::{Source, SourceError, Start};
+use crate::task::{TaskFailed, TaskKind};
 
-/// Where parked (invalid) events are recorded.
-pub const PARKED_COLLECTION: &str = "ordo_parked";
+pub use park::PARKED_COLLECTION;
 
 /// A stream position the checkpoint can point at.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,10 +100,13 @@ pub enum ProducerError {
     /// An invalid event with `on_invalid = "halt"`.
     #[error(transparent)]
     Source(#[from] SourceError),
-    /// The client refused a message.
+    /// Publishing cannot go on (a refused message could not be parked).
     #[error(transparent)]
     Worker(#[from] WorkerError),
-    /// A checkpoint or lease document is malformed.
+    /// A task of the term failed or panicked.
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
+    /// A checkpoint or lease document is malformed, or a save was refused for good.
     #[error("state: {0}")]
     State(String),
 }
@@ -102,23 +125,71 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
         shutdown.token.clone(),
     )
     .await?;
+    cfg.producer.warn_deprecated();
     let client = ordo_core::mongo::connect(&cfg.mongodb, "ordo-producer").await?;
     let db = client.database(cfg.mongodb.database());
-    let factory = Arc::new(ServiceBusPublisherFactory {
-        connection_string: cfg.servicebus.connection_string().clone(),
-        topic: cfg.servicebus.topic.clone(),
-        identifier: format!("ordo-producer-{}", std::process::id()),
-        max_batch_bytes: None,
-        send_timeout: cfg.producer.send_timeout,
-        connect_timeout: cfg.producer.send_timeout,
+    let factory = Arc::new(ModalPublisherFactory {
+        inner: ServiceBusPublisherFactory {
+            connection_string: cfg.servicebus.connection_string().clone(),
+            topic: cfg.servicebus.topic.clone(),
+            identifier: format!("ordo-producer-{}", std::process::id()),
+            max_batch_bytes: None,
+            send_timeout: cfg.producer.send_timeout,
+            connect_timeout: cfg.producer.send_timeout,
+        },
+        mode: cfg.producer.send_mode,
+        single: Arc::default(),
     });
     health.set_started();
-    health.set_ready(true);
+    tokio::spawn(check_event_index(
+        db.clone(),
+        cfg.mongodb.clone(),
+        cfg.producer.retry_max,
+        shutdown.token.clone(),
+    ));
     let result = Producer::new(cfg, db, health, shutdown.clone())
         .run(factory)
         .await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "producer stopped");
+    }
     client.shutdown().await;
     result
+}
+
+/// Checks (and, when `[mongodb] create_indexes` allows, creates) the unique (aggregateId,
+/// eventId) index of the events collection, retrying while the database is unreachable; a
+/// missing or non-unique index is reported once, as a warning: publishing does not need it,
+/// the projector does.
+async fn check_event_index(
+    db: Database,
+    mongo: ordo_core::config::MongoConfig,
+    retry: Duration,
+    cancel: CancellationToken,
+) {
+    let coll = db.collection(&mongo.events_collection);
+    loop {
+        match ordo_core::indexes::ensure_event_index(&coll, &mongo.fields, mongo.create_indexes)
+            .await
+        {
+            Ok(state) if state.is_enforced() => {
+                tracing::info!(collection = %mongo.events_collection, "events index: {state}");
+                return;
+            }
+            Ok(state) => {
+                tracing::warn!(collection = %mongo.events_collection, create_indexes = mongo.create_indexes, "events index: {state}");
+                return;
+            }
+            Err(e) => {
+                ::metrics::counter!(names::RETRIES, "operation" => "check_event_index", "reason" => ordo_core::mongo::error_reason(&e)).increment(1);
+                tracing::warn!(error = %e, "cannot check the events index yet, retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
 }
 
 /// One producer process: the lease loop around the active pipeline.
@@ -128,7 +199,7 @@ pub struct Producer {
     db: Database,
     stream: String,
     holder: String,
-    health: Arc<Health>,
+    readiness: Arc<Readiness>,
     shutdown: Shutdown,
     leases: LeaseStore,
     checkpoints: CheckpointStore,
@@ -141,6 +212,16 @@ enum Term {
     Stopped,
     /// The lease was taken over or could not be renewed in time.
     Lost,
+}
+
+/// What ended the first phase of a term.
+enum Ended {
+    /// The reader returned (shutdown, or a halt error).
+    Reader(Result<(), SourceError>),
+    /// Lease taken over or expired, or the checkpoint fenced.
+    Lost,
+    /// A task failed: the term stops with this error.
+    Failed(ProducerError),
 }
 
 impl Producer {
@@ -164,7 +245,7 @@ impl Producer {
             db,
             stream,
             holder,
-            health,
+            readiness: Readiness::new(health),
             shutdown,
             backoff,
         }
@@ -180,11 +261,10 @@ impl Producer {
             };
             ::metrics::gauge!(names::LEASE_HELD).set(1.0);
             tracing::info!(stream = %self.stream, holder = %self.holder, epoch = lease.epoch, "active: publishing");
-            match self.active(lease, factory.clone()).await? {
-                Term::Stopped => {
-                    ::metrics::gauge!(names::LEASE_HELD).set(0.0);
-                    return Ok(());
-                }
+            let term = self.active(lease, factory.clone()).await;
+            ::metrics::gauge!(names::LEASE_HELD).set(0.0);
+            match term? {
+                Term::Stopped => return Ok(()),
                 Term::Lost => {
                     tracing::warn!(stream = %self.stream, holder = %self.holder, "lease lost: publishing stopped, back to standby");
                 }
@@ -194,39 +274,69 @@ impl Producer {
 
     /// Polls the lease until acquired; `None` on shutdown.
     ///
-    /// Readiness stays true meanwhile: `/readyz` means "able to work or to stand by", so a
-    /// two-replica Deployment becomes Available and rolling updates do not stall on the standby
-    /// (deploy/k8s/base/producer.yaml). Holding the lease is shown by the `ordo_lease_held` gauge.
+    /// Readiness stays true meanwhile unless the database fails: `/readyz` means "able to
+    /// work or to stand by", so a two-replica Deployment becomes Available and rolling updates
+    /// do not stall on the standby (deploy/k8s/base/producer.yaml). Holding the lease is shown
+    /// by the `ordo_lease_held` gauge.
     async fn acquire(&self, cancel: &CancellationToken) -> Result<Option<Lease>, ProducerError> {
         let ttl = self.cfg.producer.lease_ttl;
         let poll = (ttl / 5).max(Duration::from_millis(100));
         let mut delays = self.backoff.delays();
         let mut announced = false;
+        let mut fault = None;
         loop {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
-            let wait = match self
-                .leases
-                .try_acquire(&self.stream, &self.holder, ttl)
-                .await
-            {
-                Ok(Some(lease)) => match self.checkpoints.claim(&self.stream, lease.epoch).await {
+            // Bounded, so an unreachable database turns readiness off in about a third of the
+            // lease rather than after the driver's server-selection timeout.
+            let attempt = async {
+                match self
+                    .leases
+                    .try_acquire(&self.stream, &self.holder, ttl)
+                    .await
+                {
+                    Ok(Some(lease)) => Ok(Some((
+                        self.checkpoints.claim(&self.stream, lease.epoch).await,
+                        lease,
+                    ))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            };
+            let bound = (ttl / 3).max(Duration::from_millis(500));
+            let Ok(attempted) = tokio::time::timeout(bound, attempt).await else {
+                self.readiness.hold(&mut fault, dependency::MONGODB);
+                let e = format!("no answer within {bound:?}");
+                let d = self.retry_delay(&mut delays, "acquire_lease", &e);
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => return Ok(None),
+                }
+                continue;
+            };
+            let wait = match attempted {
+                Ok(Some((claimed, lease))) => match claimed {
                     Ok(()) => return Ok(Some(lease)),
                     Err(CheckpointError::Fenced { .. }) => poll,
                     Err(e) if e.is_retryable() => {
+                        self.readiness.hold(&mut fault, dependency::MONGODB);
                         self.retry_delay(&mut delays, "claim_checkpoint", &e)
                     }
                     Err(e) => return Err(ProducerError::State(e.to_string())),
                 },
                 Ok(None) => {
+                    fault = None;
                     if !announced {
                         announced = true;
                         tracing::info!(stream = %self.stream, holder = %self.holder, "standby: another producer holds the lease");
                     }
                     poll
                 }
-                Err(e) if e.is_retryable() => self.retry_delay(&mut delays, "acquire_lease", &e),
+                Err(e) if e.is_retryable() => {
+                    self.readiness.hold(&mut fault, dependency::MONGODB);
+                    self.retry_delay(&mut delays, "acquire_lease", &e)
+                }
                 Err(e) => return Err(ProducerError::State(e.to_string())),
             };
             tokio::select! {
@@ -243,7 +353,7 @@ impl Producer {
         e: &dyn std::fmt::Display,
     ) -> Duration {
         let delay = delays.next().unwrap_or(self.backoff.max);
-        ::metrics::counter!(names::RETRIES, "op" => op).increment(1);
+        ::metrics::counter!(names::RETRIES, "operation" => op, "reason" => "database").increment(1);
         tracing::warn!(op, delay_ms = delay.as_millis() as u64, error = %e, "retrying");
         delay
     }
@@ -253,6 +363,7 @@ impl Producer {
         cancel: &CancellationToken,
     ) -> Result<Option<(Start, Option<DateTime>, u64)>, ProducerError> {
         let mut delays = self.backoff.delays();
+        let mut fault = None;
         loop {
             match self.checkpoints.load(&self.stream).await {
                 Ok(Some(cp)) => {
@@ -263,10 +374,7 @@ impl Producer {
                             tracing::info!(stream = %self.stream, wall_time = ?wall, events, "resuming after the checkpoint");
                             (Start::After(token), wall, events)
                         }
-                        None => {
-                            let since = wall.unwrap_or_else(DateTime::now);
-                            (Start::Recover { since }, wall, events)
-                        }
+                        None => (Start::Recover, wall, events),
                     }));
                 }
                 Ok(None) => {
@@ -275,7 +383,45 @@ impl Producer {
                     return Ok(Some((Start::Mode(mode), None, 0)));
                 }
                 Err(e) if e.is_retryable() => {
+                    self.readiness.hold(&mut fault, dependency::MONGODB);
                     let d = self.retry_delay(&mut delays, "load_checkpoint", &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = cancel.cancelled() => return Ok(None),
+                    }
+                }
+                Err(e) => return Err(ProducerError::State(e.to_string())),
+            }
+        }
+    }
+
+    /// Saves the position a fresh stream starts at as the checkpoint, before reading, so a
+    /// restart before the first publish resumes here instead of at a new "now". `Ok(None)`
+    /// when cancelled; `Err(Lost)`-like outcomes come back as `Some(Err(Term::Lost))`.
+    async fn save_first_position(
+        &self,
+        source: &Source,
+        epoch: i64,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Result<Start, Term>>, ProducerError> {
+        let Some(token) = source.current_position().await else {
+            return Ok(None);
+        };
+        let mut cp = Checkpoint::new(self.stream.clone());
+        cp.resume_token = Some(source::token_doc(&token));
+        cp.wall_time = Some(DateTime::now());
+        let mut delays = self.backoff.delays();
+        let mut fault = None;
+        loop {
+            match self.checkpoints.save(&cp, epoch).await {
+                Ok(()) => {
+                    tracing::info!(stream = %self.stream, "first position saved before reading");
+                    return Ok(Some(Ok(Start::After(source::token_doc(&token)))));
+                }
+                Err(CheckpointError::Fenced { .. }) => return Ok(Some(Err(Term::Lost))),
+                Err(e) if e.is_retryable() => {
+                    self.readiness.hold(&mut fault, dependency::MONGODB);
+                    let d = self.retry_delay(&mut delays, "save_checkpoint", &e);
                     tokio::select! {
                         _ = tokio::time::sleep(d) => {}
                         _ = cancel.cancelled() => return Ok(None),
@@ -296,151 +442,158 @@ impl Producer {
         let root = self.shutdown.token.clone();
         // Stops the reader: shutdown or lease lost.
         let stop_reading = root.child_token();
-        // Abandons sends at once: lease lost, or the drain part of the grace period is over.
+        // Abandons sends at once: lease lost, a failed task, or the drain part of the grace
+        // period is over.
         let abandon = CancellationToken::new();
-        let lost = CancellationToken::new();
 
         let Some((start, saved, published_before)) = self.load_start(&stop_reading).await? else {
             self.release(&lease).await;
             return Ok(Term::Stopped);
         };
         let saved_wall = Arc::new(Mutex::new(saved));
-        let acks: Acks = Arc::new(Mutex::new(AckTracker::new()));
+        let acks: Acks = Arc::new(Mutex::new(AckTracker::bounded(p.max_unacknowledged)));
         let dispatcher = Dispatcher::new(
             p.max_in_flight_messages,
             p.max_in_flight_bytes,
             p.max_batch_messages,
         );
-        let failing = Arc::new(AtomicUsize::new(0));
-        self.health.set_ready(true);
-
-        let ctx = WorkerContext {
-            dispatcher: dispatcher.clone(),
-            acks: acks.clone(),
-            health: self.health.clone(),
-            failing: failing.clone(),
-            backoff: self.backoff,
-            abandon: abandon.clone(),
-        };
-        let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..p.senders {
-            workers.spawn(dispatch::worker(factory.clone(), ctx.clone()));
-        }
-
+        let parker = Parker::new(
+            &self.db,
+            self.stream.clone(),
+            self.backoff,
+            self.readiness.clone(),
+            abandon.clone(),
+        );
         let source = Source::new(
             self.cfg.clone(),
             &self.db,
             self.stream.clone(),
             dispatcher.clone(),
             acks.clone(),
-            saved_wall.clone(),
-            self.health.clone(),
-            failing.clone(),
+            parker.clone(),
+            self.readiness.clone(),
             stop_reading.clone(),
         );
-        let reader = tokio::spawn(async move { source.run(start).await });
-
-        // Lease renewal at ttl/3; a takeover or a lease that runs out unrenewed ends the term.
-        let renewer = {
-            let leases = self.leases.clone();
-            let lease = lease.clone();
-            let lost = lost.clone();
-            let stop = stop_reading.clone();
-            let abandon = abandon.clone();
-            let backoff = self.backoff;
-            let done = CancellationToken::new();
-            let done_inner = done.clone();
-            let handle = tokio::spawn(async move {
-                let mut lease = lease;
-                let every = lease.ttl / 3;
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
-                        _ = done_inner.cancelled() => return lease,
-                    }
-                    let mut delays = backoff.delays();
-                    loop {
-                        match leases.renew(&lease).await {
-                            Ok(l) => {
-                                lease = l;
-                                break;
-                            }
-                            Err(LeaseError::Lost { .. }) => {
-                                lost.cancel();
-                                stop.cancel();
-                                abandon.cancel();
-                                return lease;
-                            }
-                            Err(e) => {
-                                if lease.is_expired() {
-                                    tracing::error!(error = %e, "lease expired before it could be renewed: stopping");
-                                    lost.cancel();
-                                    stop.cancel();
-                                    abandon.cancel();
-                                    return lease;
-                                }
-                                let d = delays.next().unwrap_or(backoff.max).min(lease.remaining());
-                                ::metrics::counter!(names::RETRIES, "op" => "renew_lease")
-                                    .increment(1);
-                                tracing::warn!(error = %e, "lease renewal failed, retrying");
-                                tokio::time::sleep(d).await;
-                            }
-                        }
+        let start = match start {
+            Start::Mode(StartAt::Now) => {
+                match self
+                    .save_first_position(&source, lease.epoch, &stop_reading)
+                    .await?
+                {
+                    Some(Ok(start)) => start,
+                    Some(Err(term)) => return Ok(term),
+                    None => {
+                        self.release(&lease).await;
+                        return Ok(Term::Stopped);
                     }
                 }
-            });
-            (handle, done)
+            }
+            other => other,
         };
 
-        let checkpointer = {
-            let this = Checkpointer {
+        let ctx = WorkerContext {
+            dispatcher: dispatcher.clone(),
+            acks: acks.clone(),
+            readiness: self.readiness.clone(),
+            parking: Arc::new(parker),
+            backoff: self.backoff,
+            abandon: abandon.clone(),
+            restarts: Arc::new(AtomicUsize::new(0)),
+        };
+        let mut publishers = tokio::spawn(dispatch::supervise(p.senders, factory.clone(), ctx));
+        let mut reader = tokio::spawn(async move { source.run(start).await });
+        let keeper_stop = CancellationToken::new();
+        let mut keeper = tokio::spawn(
+            LeaseKeeper {
+                leases: self.leases.clone(),
+                lease: lease.clone(),
+                backoff: self.backoff,
+                readiness: self.readiness.clone(),
+                on_lost: vec![stop_reading.clone(), abandon.clone()],
+            }
+            .run(keeper_stop.clone()),
+        );
+        let checkpointer_stop = CancellationToken::new();
+        let mut checkpointer = tokio::spawn(
+            Checkpointer {
                 store: self.checkpoints.clone(),
                 stream: self.stream.clone(),
                 epoch: lease.epoch,
                 acks: acks.clone(),
-                saved_wall: saved_wall.clone(),
+                saved_wall,
                 published_before,
                 every: p.checkpoint_every_events,
                 interval: p.checkpoint_interval,
-            };
-            let stop = CancellationToken::new();
-            let stop_inner = stop.clone();
-            let lost = lost.clone();
-            let stop_reading = stop_reading.clone();
-            let abandon = abandon.clone();
-            let handle = tokio::spawn(async move {
-                let mut this = this;
-                let mut last = Instant::now();
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                        _ = stop_inner.cancelled() => return this,
-                    }
-                    let due = {
-                        let a = this.acks.lock().expect("ack lock");
-                        a.advanced_by() >= this.every || last.elapsed() >= this.interval
-                    };
-                    if due {
-                        last = Instant::now();
-                        if let Err(CheckpointError::Fenced { .. }) = this.save().await {
-                            lost.cancel();
-                            stop_reading.cancel();
-                            abandon.cancel();
-                            return this;
-                        }
-                    }
-                    this.age();
-                }
-            });
-            (handle, stop)
-        };
+                stuck_after: p.checkpoint_stuck_after,
+                readiness: self.readiness.clone(),
+            }
+            .run(checkpointer_stop.clone()),
+        );
+        let probe = AbortOnDrop(tokio::spawn(probe_broker(
+            factory,
+            self.readiness.clone(),
+            p.probe_interval,
+        )));
 
-        // Wait for the reader: it ends on shutdown, lease loss, or a halt.
-        let read_result = match reader.await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "reader task failed");
-                Ok(())
+        let (which, ended) = tokio::select! {
+            r = &mut reader => (TaskKind::Reader, match r {
+                Ok(r) => Ended::Reader(r),
+                Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Reader, e).into()),
+            }),
+            r = &mut keeper => (TaskKind::LeaseKeeper, match r {
+                Ok(Ok(LeaseEnd::Lost)) => Ended::Lost,
+                Ok(Ok(LeaseEnd::Stopped(_))) => Ended::Failed(early(TaskKind::LeaseKeeper)),
+                Ok(Err(e)) => Ended::Failed(ProducerError::State(e.to_string())),
+                Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::LeaseKeeper, e).into()),
+            }),
+            r = &mut checkpointer => (TaskKind::Checkpointer, match r {
+                Ok(Ok(CheckpointerEnd::Fenced(_))) => Ended::Lost,
+                Ok(Ok(CheckpointerEnd::Stopped(_))) => Ended::Failed(early(TaskKind::Checkpointer)),
+                Ok(Err(e)) => Ended::Failed(ProducerError::State(format!("checkpoint: {e}"))),
+                Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Checkpointer, e).into()),
+            }),
+            r = &mut publishers => (TaskKind::Publishers, match r {
+                // Abandoned by the lease keeper on a lost lease: its own result says so too.
+                Ok(Ok(())) if abandon.is_cancelled() => Ended::Lost,
+                Ok(Ok(())) => Ended::Failed(early(TaskKind::Publishers)),
+                Ok(Err(e)) => Ended::Failed(e.into()),
+                Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Publishers, e).into()),
+            }),
+        };
+        drop(probe);
+
+        let read_result = match ended {
+            Ended::Reader(r) => r,
+            Ended::Lost | Ended::Failed(_) => {
+                stop_reading.cancel();
+                abandon.cancel();
+                checkpointer_stop.cancel();
+                keeper_stop.cancel();
+                // What is still running stops at once; only the lease is worth getting back.
+                if which != TaskKind::Reader {
+                    reader.abort();
+                }
+                if which != TaskKind::Publishers {
+                    publishers.abort();
+                }
+                // A save in flight may wait on an unreachable database: not worth waiting for.
+                if which != TaskKind::Checkpointer {
+                    checkpointer.abort();
+                    let _ = checkpointer.await;
+                }
+                let kept = if which != TaskKind::LeaseKeeper {
+                    keeper.await.ok().and_then(Result::ok)
+                } else {
+                    None
+                };
+                if let Ended::Failed(e) = ended {
+                    tracing::error!(task = %which, error = %e, "a task of the term failed: stopping");
+                    if let Some(LeaseEnd::Stopped(lease)) = kept {
+                        self.release(&lease).await;
+                    }
+                    return Err(e);
+                }
+                return Ok(Term::Lost);
             }
         };
         let stopping = root.is_cancelled() || read_result.is_err();
@@ -449,54 +602,51 @@ impl Producer {
         // Drain what was read, bounded by a share of the grace period (the rest is for the
         // last checkpoint and the lease release); abandon what is left.
         let grace = self.cfg.shutdown.grace_period;
-        let drain_for = if lost.is_cancelled() {
+        let drain_for = if abandon.is_cancelled() {
             Duration::ZERO
         } else {
             grace.mul_f64(0.6)
         };
-        let mut worker_error = None;
-        let drained = tokio::time::timeout(drain_for, async {
-            while let Some(r) = workers.join_next().await {
-                if let Ok(Err(e)) = r {
-                    worker_error.get_or_insert(e);
-                }
+        let drained = tokio::time::timeout(drain_for, &mut publishers).await;
+        let worker_result = match drained {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(
+                    queued = dispatcher.queued(),
+                    "grace period: abandoning unacknowledged sends"
+                );
+                abandon.cancel();
+                publishers.await
             }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                queued = dispatcher.queued(),
-                "grace period: abandoning unacknowledged sends"
-            );
-            abandon.cancel();
-            while workers.join_next().await.is_some() {}
-        }
+        };
+        let worker_error = match worker_result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(ProducerError::from(e)),
+            Err(e) => Some(TaskFailed::joined(TaskKind::Publishers, e).into()),
+        };
 
-        checkpointer.1.cancel();
-        let mut cp = checkpointer
-            .0
-            .await
-            .map_err(|e| ProducerError::State(e.to_string()))?;
-        renewer.1.cancel();
-        let lease = renewer
-            .0
-            .await
-            .map_err(|e| ProducerError::State(e.to_string()))?;
-        self.health.set_ready(!stopping);
+        checkpointer_stop.cancel();
+        let cp_end = joined(TaskKind::Checkpointer, checkpointer.await)?;
+        keeper_stop.cancel();
+        let lease_end = joined(TaskKind::LeaseKeeper, keeper.await)?;
 
-        if lost.is_cancelled() {
-            return Ok(Term::Lost);
-        }
+        let (mut cp, lease) = match (cp_end, lease_end) {
+            (CheckpointerEnd::Stopped(cp), LeaseEnd::Stopped(lease)) => (cp, lease),
+            _ => {
+                // A halt error is the operator's to see, even when the lease went too.
+                read_result?;
+                return Ok(Term::Lost);
+            }
+        };
         // The final save, over what was acknowledged.
         let saved = tokio::time::timeout(grace.mul_f64(0.3), cp.save_until_done()).await;
         if saved.is_err() {
             tracing::error!(stream = %self.stream, "final checkpoint could not be saved within the grace period");
         }
         self.release(&lease).await;
-        ::metrics::gauge!(names::LEASE_HELD).set(0.0);
         read_result?;
         if let Some(e) = worker_error {
-            return Err(e.into());
+            return Err(e);
         }
         if !stopping {
             // Cannot happen: the reader only ends on cancel or error.
@@ -514,76 +664,57 @@ impl Producer {
     }
 }
 
-/// Saves the acknowledged prefix, throttled by time and count.
-#[derive(Debug)]
-struct Checkpointer {
-    store: CheckpointStore,
-    stream: String,
-    epoch: i64,
-    acks: Acks,
-    saved_wall: Arc<Mutex<Option<DateTime>>>,
-    /// Events published before this term (from the loaded checkpoint); the saved count is this
-    /// plus the events the tracker counted up to the saved position.
-    published_before: u64,
-    every: u64,
-    interval: Duration,
+fn early(kind: TaskKind) -> ProducerError {
+    TaskFailed {
+        kind,
+        reason: "ended before the term did".into(),
+    }
+    .into()
 }
 
-impl Checkpointer {
-    async fn save(&mut self) -> Result<(), CheckpointError> {
-        let taken = self.acks.lock().expect("ack lock").take();
-        let Some((position, events)) = taken else {
-            return Ok(());
+/// A task's outcome at the end of a term: its value, or the term's error.
+fn joined<T, E: std::fmt::Display>(
+    kind: TaskKind,
+    r: Result<Result<T, E>, tokio::task::JoinError>,
+) -> Result<T, ProducerError> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ProducerError::State(e.to_string())),
+        Err(e) => Err(TaskFailed::joined(kind, e).into()),
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Opens a publisher (connection, authentication, a sender link to the topic) every `every`,
+/// so a broker that is unreachable, refuses the key or lacks the topic makes the producer not
+/// ready even while no event is being sent. The attempt is bounded by `every` as well.
+async fn probe_broker<F: PublisherFactory>(
+    factory: Arc<F>,
+    readiness: Arc<Readiness>,
+    every: Duration,
+) {
+    let mut fault = None;
+    loop {
+        let opened = match tokio::time::timeout(every, factory.probe()).await {
+            Ok(r) => r,
+            Err(_) => Err(PublishError::Timeout(every)),
         };
-        let mut cp = Checkpoint::new(self.stream.clone());
-        cp.resume_token = Some(source::token_doc(&position.token));
-        cp.cluster_time = position.cluster_time;
-        cp.wall_time = Some(position.wall_time);
-        cp.events = self.published_before + events;
-        match self.store.save(&cp, self.epoch).await {
-            Ok(()) => {
-                *self.saved_wall.lock().expect("saved wall lock") = Some(position.wall_time);
-                ::metrics::counter!(names::CHECKPOINTS_SAVED).increment(1);
-                tracing::debug!(stream = %self.stream, wall_time = %position.wall_time, "checkpoint saved");
-                Ok(())
-            }
-            Err(e @ CheckpointError::Fenced { .. }) => {
-                tracing::warn!(stream = %self.stream, error = %e, "checkpoint fenced: another producer took over");
-                Err(e)
-            }
-            Err(e @ CheckpointError::Backwards { .. }) => {
-                // The tracker only moves forward; a refusal means the stored one is already
-                // further, which is harmless to keep.
-                tracing::error!(stream = %self.stream, error = %e, "checkpoint refused as backwards");
-                Err(e)
-            }
+        match opened {
+            Ok(()) => fault = None,
             Err(e) => {
-                tracing::warn!(stream = %self.stream, error = %e, "checkpoint save failed, will retry");
-                self.acks
-                    .lock()
-                    .expect("ack lock")
-                    .restore(position, events);
-                Err(e)
+                readiness.hold(&mut fault, dependency::SERVICEBUS);
+                ::metrics::counter!(names::RETRIES, "operation" => "probe_servicebus", "reason" => e.reason()).increment(1);
+                tracing::warn!(error = %e, "Service Bus probe failed");
             }
         }
-    }
-
-    /// Saves until the newest acknowledged position is stored or refused for good.
-    async fn save_until_done(&mut self) {
-        loop {
-            match self.save().await {
-                Ok(()) => return,
-                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
-                Err(_) => return,
-            }
-        }
-    }
-
-    fn age(&self) {
-        if let Some(wall) = *self.saved_wall.lock().expect("saved wall lock") {
-            let age =
-                (DateTime::now().timestamp_millis() - wall.timestamp_millis()) as f64 / 1000.0;
-            ::metrics::gauge!(names::CHECKPOINT_AGE).set(age.max(0.0));
-        }
+        tokio::time::sleep(every).await;
     }
 }

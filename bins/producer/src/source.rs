@@ -1,4 +1,5 @@
-//! Reading the events: the change stream, collection scans, and parking invalid events.
+//! Reading the events: the change stream and collection scans; invalid events go to
+//! [`crate::park`].
 //!
 //! Every item read gets a sequence number in the [`crate::acks::AckTracker`] in read order
 //! before it is queued, so the checkpoint can only cover what was read before it.
@@ -17,27 +18,35 @@
 //! delete someone made by hand, a drop before its invalidate) are skipped here.
 //!
 //! Lost history (286 ChangeStreamHistoryLost, 260 InvalidResumeToken, 280 ChangeStreamFatalError,
-//! or an invalidate event): re-publish from the collection starting
-//! `history_safety_margin` before the last saved checkpoint's wall time, then continue as above.
+//! or an invalidate event): re-publish the whole events collection in (aggregateId, eventId)
+//! order, then continue as above. Nothing in the collection says which events were published
+//! before the history was lost: an `_id` need not be an ObjectId (strings, UUIDs and composite
+//! ids select nothing under an ObjectId bound) and a time field depends on clocks agreeing, so
+//! no bound is provably safe, and the whole collection is. What this relies on: the events
+//! collection is append-only (events are never deleted or rewritten), every event published
+//! again is removed by MessageId deduplication within the broker's window or by the projector's
+//! version guard after it, and per-aggregate order is kept because each aggregate's events are
+//! read in eventId order and one session is published in read order.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use mongodb::bson::{self, doc, oid::ObjectId, Bson, DateTime, Document, Timestamp};
+use mongodb::bson::{self, doc, Bson, DateTime, Document, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::{Collection, Database};
 use ordo_core::envelope::Envelope;
 use ordo_core::metrics as names;
 use ordo_core::retry::Backoff;
-use ordo_core::telemetry::Health;
+use ordo_core::servicebus::sender;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{OnInvalid, ProducerConfig, StartAt};
 use crate::dispatch::{Acks, Dispatcher};
+use crate::park::{ParkError, Parker};
+use crate::readiness::{dependency, Fault, Readiness};
 use crate::Position;
 
 /// Server codes meaning the stream cannot resume from the position it was given.
@@ -50,11 +59,8 @@ pub enum Start {
     After(Document),
     /// From a start mode, no checkpoint.
     Mode(StartAt),
-    /// Re-publish from the collection from this wall time on, then stream.
-    Recover {
-        /// Events from this time on are re-published.
-        since: DateTime,
-    },
+    /// Re-publish the whole collection, then stream.
+    Recover,
 }
 
 /// Why the reader stopped other than by cancellation.
@@ -68,6 +74,9 @@ pub enum SourceError {
         /// Why it is invalid.
         reason: String,
     },
+    /// An invalid event could not be recorded in `ordo_parked`.
+    #[error(transparent)]
+    Park(#[from] ParkError),
 }
 
 /// Everything the reader uses.
@@ -77,20 +86,16 @@ pub struct Source {
     pub cfg: Arc<ProducerConfig>,
     /// The events collection.
     pub events: Collection<Document>,
-    /// `ordo_parked`.
-    pub parked: Collection<Document>,
-    /// Stream name, recorded with parked events.
+    /// Records invalid events.
+    pub parker: Parker,
+    /// Stream name, for logs.
     pub stream: String,
     /// The queues to the workers.
     pub dispatcher: Arc<Dispatcher>,
     /// Sequence numbers and acks.
     pub acks: Acks,
-    /// Wall time of the last saved checkpoint, the base of lost-history recovery.
-    pub saved_wall: Arc<Mutex<Option<DateTime>>>,
     /// Readiness.
-    pub health: Arc<Health>,
-    /// Components currently failing; readiness is true only at zero.
-    pub failing: Arc<AtomicUsize>,
+    pub readiness: Arc<Readiness>,
     /// Retry delays.
     pub backoff: Backoff,
     /// Stop reading.
@@ -149,9 +154,8 @@ impl Source {
         stream: String,
         dispatcher: Arc<Dispatcher>,
         acks: Acks,
-        saved_wall: Arc<Mutex<Option<DateTime>>>,
-        health: Arc<Health>,
-        failing: Arc<AtomicUsize>,
+        parker: Parker,
+        readiness: Arc<Readiness>,
         cancel: CancellationToken,
     ) -> Self {
         let backoff = Backoff {
@@ -160,14 +164,12 @@ impl Source {
         };
         Self {
             events: db.collection(&cfg.mongodb.events_collection),
-            parked: db.collection(crate::PARKED_COLLECTION),
+            parker,
             cfg,
             stream,
             dispatcher,
             acks,
-            saved_wall,
-            health,
-            failing,
+            readiness,
             backoff,
             cancel,
         }
@@ -179,12 +181,15 @@ impl Source {
             let next = match start {
                 Start::Mode(StartAt::Beginning) => {
                     tracing::info!(stream = %self.stream, "no checkpoint: publishing the existing events first");
-                    self.scan_then_stream(Document::new()).await?
+                    let sort = bson::to_document(&self.cfg.producer.scan_sort)
+                        .unwrap_or_else(|_| doc! { "_id": 1 });
+                    self.scan_then_stream(sort).await?
                 }
-                Start::Recover { since } => {
-                    let filter = self.replay_filter(since);
-                    tracing::warn!(stream = %self.stream, since = %since, filter = %filter, "re-publishing events from the collection");
-                    self.scan_then_stream(filter).await?
+                Start::Recover => {
+                    tracing::warn!(stream = %self.stream, "re-publishing the events collection in (aggregateId, eventId) order");
+                    let f = &self.cfg.mongodb.fields;
+                    let sort = doc! { &f.aggregate_id: 1, &f.event_id: 1 };
+                    self.scan_then_stream(sort).await?
                 }
                 other => Some(other),
             };
@@ -196,35 +201,8 @@ impl Source {
         }
     }
 
-    fn replay_filter(&self, since: DateTime) -> Document {
-        let margin = self.cfg.producer.history_safety_margin.as_millis() as i64;
-        let from = DateTime::from_millis(since.timestamp_millis().saturating_sub(margin).max(0));
-        let field = &self.cfg.producer.replay_time_field;
-        if field == "_id" {
-            let secs = (from.timestamp_millis() / 1000).clamp(0, i64::from(u32::MAX)) as u32;
-            let mut bytes = [0u8; 12];
-            bytes[..4].copy_from_slice(&secs.to_be_bytes());
-            doc! { "_id": { "$gte": ObjectId::from_bytes(bytes) } }
-        } else {
-            doc! { field: { "$gte": from } }
-        }
-    }
-
-    fn fault(&self, failed: &mut bool) {
-        if !*failed {
-            *failed = true;
-            self.failing.fetch_add(1, Ordering::SeqCst);
-            self.health.set_ready(false);
-        }
-    }
-
-    fn recovered(&self, failed: &mut bool) {
-        if *failed {
-            *failed = false;
-            if self.failing.fetch_sub(1, Ordering::SeqCst) == 1 {
-                self.health.set_ready(true);
-            }
-        }
+    fn fault(&self, slot: &mut Option<Fault>) {
+        self.readiness.hold(slot, dependency::MONGODB);
     }
 
     async fn pause(
@@ -234,7 +212,7 @@ impl Source {
         e: &mongodb::error::Error,
     ) -> bool {
         let delay = delays.next().unwrap_or(self.backoff.max);
-        ::metrics::counter!(names::RETRIES, "op" => op).increment(1);
+        ::metrics::counter!(names::RETRIES, "operation" => op, "reason" => ordo_core::mongo::error_reason(e)).increment(1);
         tracing::warn!(op, delay_ms = delay.as_millis() as u64, error = %e, "database operation failed, retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,
@@ -242,10 +220,11 @@ impl Source {
         }
     }
 
-    /// The position a fresh stream would start at: taken before a scan.
-    async fn current_position(&self) -> Option<ResumeToken> {
+    /// The position a fresh stream would start at: taken before a scan, and saved as the
+    /// first checkpoint of a stream that starts `now`.
+    pub async fn current_position(&self) -> Option<ResumeToken> {
         let mut delays = self.backoff.delays();
-        let mut failed = false;
+        let mut failed = None;
         loop {
             let opened = tokio::select! {
                 r = self.events.watch() => r,
@@ -253,10 +232,7 @@ impl Source {
             };
             let r = opened.map(|s| s.resume_token());
             match r {
-                Ok(Some(token)) => {
-                    self.recovered(&mut failed);
-                    return Some(token);
-                }
+                Ok(Some(token)) => return Some(token),
                 Ok(None) => {
                     // No post-batch token: cannot happen on a server that supports change
                     // streams; treat it as a fault rather than guessing a position.
@@ -276,19 +252,16 @@ impl Source {
         }
     }
 
-    /// Publishes every event matching `filter` in `scan_sort` order, then returns the position
+    /// Publishes every event of the collection in `sort` order, then returns the position
     /// taken before the scan (its marker is acked only after the scanned events).
-    async fn scan_then_stream(&self, filter: Document) -> Step<Start> {
+    async fn scan_then_stream(&self, sort: Document) -> Step<Start> {
         let Some(position) = self.current_position().await else {
             return Ok(None);
         };
         let wall = DateTime::now();
-        let sort: Document = match bson::to_document(&self.cfg.producer.scan_sort) {
-            Ok(d) => d,
-            Err(_) => doc! { "_id": 1 },
-        };
+        let filter = Document::new();
         let mut delays = self.backoff.delays();
-        let mut failed = false;
+        let mut failed = None;
         let mut published: u64 = 0;
         'attempt: loop {
             let cursor = tokio::select! {
@@ -312,7 +285,7 @@ impl Source {
                 };
                 match next {
                     Ok(Some(doc)) => {
-                        self.recovered(&mut failed);
+                        failed = None;
                         if !self.handle(doc, None).await? {
                             return Ok(None);
                         }
@@ -330,7 +303,7 @@ impl Source {
                 }
             }
         }
-        self.recovered(&mut failed);
+        drop(failed);
         ::metrics::counter!(names::EVENTS_REPUBLISHED).increment(published);
         tracing::info!(stream = %self.stream, events = published, "collection scan done, continuing with the change stream");
         self.marker(Position {
@@ -341,11 +314,35 @@ impl Source {
         Ok(Some(Start::After(token_doc(&position))))
     }
 
-    /// Registers a position that needs no send (idle stream, end of a scan).
+    /// Registers a position that needs no send (idle stream, end of a scan). It needs no room
+    /// in the tracker: behind a stuck front it replaces the previous marker.
     fn marker(&self, position: Position) {
-        let mut acks = self.acks.lock().expect("ack lock");
-        let seq = acks.push_marker(Some(position));
-        acks.ack(seq);
+        self.acks
+            .lock()
+            .expect("ack lock")
+            .push_acked_marker(position);
+    }
+
+    /// Waits until the ack tracker has room for one more item; false if cancelled first.
+    async fn room(&self) -> bool {
+        loop {
+            let freed = {
+                let acks = self.acks.lock().expect("ack lock");
+                if acks.has_room() {
+                    return true;
+                }
+                acks.freed()
+            };
+            // Registered before the second look, so a wake-up in between is not missed.
+            let notified = freed.notified();
+            if self.acks.lock().expect("ack lock").has_room() {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.cancel.cancelled() => return false,
+            }
+        }
     }
 
     async fn open(&self, start: &Start) -> mongodb::error::Result<ChangeStream<Change>> {
@@ -370,20 +367,15 @@ impl Source {
                     })
                     .await
             }
-            Start::Mode(_) | Start::Recover { .. } => watch.await,
+            Start::Mode(_) | Start::Recover => watch.await,
         };
         stream.map(ChangeStream::with_type)
     }
 
     fn recovery(&self, cause: &'static str, detail: &str) -> Read {
-        let since = self
-            .saved_wall
-            .lock()
-            .expect("saved wall lock")
-            .unwrap_or_else(DateTime::now);
         ::metrics::counter!(names::HISTORY_LOST, "cause" => cause).increment(1);
-        tracing::error!(stream = %self.stream, cause, error = detail, since = %since, margin_s = self.cfg.producer.history_safety_margin.as_secs(), "change stream history lost: re-publishing from the events collection");
-        Read::Reopen(Start::Recover { since })
+        tracing::error!(stream = %self.stream, cause, error = detail, "change stream history lost: re-publishing from the events collection");
+        Read::Reopen(Start::Recover)
     }
 
     /// Tails the stream from `start` until cancelled, lost history, or an invalidate.
@@ -422,7 +414,7 @@ impl Source {
     /// handed on.
     async fn tail(&self, start: Start, tx: tokio::sync::mpsc::Sender<Streamed>) -> Read {
         let mut delays = self.backoff.delays();
-        let mut failed = false;
+        let mut failed = None;
         // Where to reopen after a transient fault: the last position read, else the start.
         let mut reopen = start;
         let mut last_token: Option<ResumeToken> = None;
@@ -455,7 +447,7 @@ impl Source {
                 };
                 let item = match next {
                     Ok(Some(event)) => {
-                        self.recovered(&mut failed);
+                        failed = None;
                         delays = self.backoff.delays();
                         if let Some(ct) = event.cluster_time {
                             let lag = DateTime::now().timestamp_millis() as f64 / 1000.0
@@ -489,7 +481,7 @@ impl Source {
                         }
                     }
                     Ok(None) => {
-                        self.recovered(&mut failed);
+                        failed = None;
                         // Idle: the post-batch resume token moved past everything scanned, so
                         // the stream is caught up; a lag kept from the last event would lie.
                         ::metrics::gauge!(names::CHANGE_STREAM_LAG).set(0.0);
@@ -535,23 +527,22 @@ impl Source {
     /// Queues one source event, or parks it. Returns false when cancelled while waiting for
     /// room in the queues or for the parking write.
     async fn handle(&self, doc: Document, position: Option<Position>) -> Result<bool, SourceError> {
+        if !self.room().await {
+            return Ok(false);
+        }
         let m = &self.cfg.mongodb;
+        let max = self.cfg.producer.max_message_bytes as u64;
         let invalid =
             match Envelope::from_event(&doc, &m.fields, m.database(), &m.events_collection) {
                 Ok(env) => {
                     let message = env.to_message();
-                    if message.body.len() <= self.cfg.producer.max_message_bytes {
-                        let seq = self.acks.lock().expect("ack lock").push(position);
-                        return Ok(self.dispatcher.submit(seq, message, &self.cancel).await);
+                    match sender::fits(&message, max) {
+                        Ok(()) => {
+                            let seq = self.acks.lock().expect("ack lock").push(position);
+                            return Ok(self.dispatcher.submit(seq, message, &self.cancel).await);
+                        }
+                        Err(why) => ("too_large", why),
                     }
-                    (
-                        "too_large",
-                        format!(
-                            "message body is {} bytes, more than producer.max_message_bytes = {}",
-                            message.body.len(),
-                            self.cfg.producer.max_message_bytes
-                        ),
-                    )
                 }
                 Err(e) => (e.reason(), e.to_string()),
             };
@@ -566,45 +557,22 @@ impl Source {
         error: String,
     ) -> Result<bool, SourceError> {
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
-        let shown = id.clone().into_relaxed_extjson().to_string();
-        ::metrics::counter!(names::EVENTS_PARKED, "reason" => reason).increment(1);
         if self.cfg.producer.on_invalid == OnInvalid::Halt {
+            let shown = id.into_relaxed_extjson().to_string();
+            ::metrics::counter!(names::EVENTS_PARKED, "reason" => reason).increment(1);
             tracing::error!(stream = %self.stream, id = %shown, reason, error = %error, "invalid event: halting");
             return Err(SourceError::Halt {
                 id: shown,
                 reason: error,
             });
         }
-        tracing::error!(stream = %self.stream, id = %shown, reason, error = %error, "invalid event parked in ordo_parked");
-        // Keyed by the source `_id`: parking the same event again (after a restart) is a no-op.
-        let filter = doc! { "_id": id.clone() };
-        let update = doc! { "$setOnInsert": {
-            "_id": id,
-            "stream": &self.stream,
-            "source": doc,
-            "reason": reason,
-            "error": error,
-            "parkedAt": DateTime::now(),
-        }};
-        let mut delays = self.backoff.delays();
-        let mut failed = false;
-        loop {
-            let r = tokio::select! {
-                r = self.parked.update_one(filter.clone(), update.clone()).upsert(true) => r,
-                _ = self.cancel.cancelled() => return Ok(false),
-            };
-            match r {
-                Ok(_) => break,
-                Err(e) if ordo_core::mongo::is_duplicate_key(&e) => break,
-                Err(e) => {
-                    self.fault(&mut failed);
-                    if !self.pause(&mut delays, "park", &e).await {
-                        return Ok(false);
-                    }
-                }
-            }
+        if !self
+            .parker
+            .park(id, Bson::Document(doc), reason, &error)
+            .await?
+        {
+            return Ok(false);
         }
-        self.recovered(&mut failed);
         // Durably recorded: it counts as handled for the checkpoint.
         let mut acks = self.acks.lock().expect("ack lock");
         let seq = acks.push_marker(position);

@@ -144,8 +144,21 @@ async fn broker_outage_turns_readiness_off_and_loses_nothing() {
     collector.stop().await.check(&writer.expected()).unwrap();
 }
 
+/// Proves a `{times: n}` fail point on getMore was used up by the producer (the only other
+/// client issuing getMore): one of our own now succeeds, where it would fail while a use was
+/// left.
+async fn assert_getmore_fail_point_spent(world: &World) {
+    let mut cursor = world.events().find(doc! {}).batch_size(1).await.unwrap();
+    assert!(cursor.advance().await.unwrap());
+    let next = cursor.advance().await;
+    assert!(
+        matches!(next, Ok(true)),
+        "the getMore fail point is still armed, the producer never hit it: {next:?}"
+    );
+}
+
 /// getMore fails (connection closed; a resumable error label) and the stream resumes where it
-/// was, with nothing lost.
+/// was, with nothing lost; each fail point is shown to have fired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_getmore_resumes_the_stream() {
     let world = World::start().await;
@@ -167,6 +180,7 @@ async fn failing_getmore_resumes_the_stream() {
         .unwrap();
     writer.write(&events, 100, 25).await;
     wait_distinct(&collector, 150, DEADLINE).await;
+    assert_getmore_fail_point_spent(&world).await;
 
     world
         .mongo
@@ -182,6 +196,7 @@ async fn failing_getmore_resumes_the_stream() {
         .unwrap();
     writer.write(&events, 100, 25).await;
     wait_distinct(&collector, 250, DEADLINE).await;
+    assert_getmore_fail_point_spent(&world).await;
     world.mongo.disable_fail_point("failCommand").await.unwrap();
     stop(&mut producer).await;
     collector.stop().await.check(&writer.expected()).unwrap();

@@ -139,6 +139,9 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
             move || reconcile::periodic(store.clone(), projections.clone(), every, cancel.clone())
         });
     }
+    shutdown
+        .tracker
+        .spawn(report_event_index(store.clone(), cfg.mongodb.clone()));
     let instance = heartbeat(&engine, &shutdown);
     health.set_started();
     shutdown.token.cancelled().await;
@@ -301,12 +304,30 @@ async fn beat(
     }
 }
 
+/// Reports once whether the events collection has the unique (aggregateId, eventId) index that
+/// makes a duplicate version impossible; the projector never creates it (that is the producer's
+/// `[mongodb] create_indexes`), and it blocks an aggregate with a duplicate either way.
+async fn report_event_index(store: Store, mongo: ordo_core::config::MongoConfig) {
+    let coll = store.database().collection(&mongo.events_collection);
+    match ordo_core::indexes::event_index(&coll, &mongo.fields).await {
+        Ok(state) if state.is_enforced() => {
+            tracing::info!(collection = %mongo.events_collection, "events index: {state}")
+        }
+        Ok(state) => tracing::warn!(
+            collection = %mongo.events_collection,
+            "events index: {state}; duplicate versions can only be found by blocking their aggregate"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot check the events index"),
+    }
+}
+
 /// `ordo-projector status`: the deployment as MongoDB and Service Bus see it.
 pub async fn status(cfg: &ProjectorConfig, json: bool) -> anyhow::Result<()> {
     let store = open_store(cfg).await?;
-    let mut report = status::gather(
+    let mut report = status::gather_with_fields(
         store.database(),
         &cfg.mongodb.events_collection,
+        &cfg.mongodb.fields,
         &cfg.projector.blocked_collection,
     )
     .await

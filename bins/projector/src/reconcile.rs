@@ -447,7 +447,7 @@ pub async fn periodic(
                 }
             }
             Err(e) => {
-                metrics::counter!(m::RETRIES, "op" => "reconcile").increment(1);
+                metrics::counter!(m::RETRIES, "operation" => "reconcile").increment(1);
                 tracing::warn!(error = %e, "reconcile run failed; the next run tries again");
             }
         }

@@ -320,7 +320,7 @@ impl Engine {
                         // Neither proof of health nor of a fault: readiness stays as the last
                         // clear answer left it, and the next accept waits a little.
                         let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                        metrics::counter!(m::RETRIES, "op" => "accept", "reason" => "unclear_refusal").increment(1);
+                        metrics::counter!(m::RETRIES, "operation" => "accept", "reason" => "unclear_refusal").increment(1);
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = cancel.cancelled() => break 'work,
@@ -335,7 +335,7 @@ impl Engine {
             };
             alarm.raise();
             let delay = delays.next().unwrap_or(self.cfg.retry_max);
-            metrics::counter!(m::RETRIES, "op" => op, "reason" => error.reason()).increment(1);
+            metrics::counter!(m::RETRIES, "operation" => op, "reason" => error.reason()).increment(1);
             tracing::warn!(worker = index, op, error = %error, delay_ms = delay.as_millis() as u64, "service bus unavailable; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -535,7 +535,7 @@ impl Engine {
                     if attempt > self.cfg.transient_retry_limit {
                         alarm.raise();
                     }
-                    metrics::counter!(m::RETRIES, "op" => "apply", "reason" => reason).increment(1);
+                    metrics::counter!(m::RETRIES, "operation" => "apply", "reason" => reason).increment(1);
                     let delay = delays.next().unwrap_or(self.cfg.retry_max);
                     tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, %error, "fault applying a batch; retrying in place");
                     held.models = vec![None; self.projections.len()];
@@ -657,7 +657,7 @@ impl Engine {
                     } else {
                         "database"
                     };
-                    metrics::counter!(m::RETRIES, "op" => "block", "reason" => reason).increment(1);
+                    metrics::counter!(m::RETRIES, "operation" => "block", "reason" => reason).increment(1);
                     tracing::warn!(aggregate = %record.aggregate_id, error = %e, "cannot record the blocked aggregate yet; retrying");
                     if !self.pause(session, last_renew, delay, cancel).await {
                         return false;

@@ -374,6 +374,9 @@ pub struct MongoConfig {
     pub events_collection: String,
     /// Field names of the source events.
     pub fields: EventFields,
+    /// Create the unique (aggregateId, eventId) index on the events collection when missing;
+    /// when false, a missing index is only reported.
+    pub create_indexes: bool,
 }
 
 impl Default for MongoConfig {
@@ -384,6 +387,7 @@ impl Default for MongoConfig {
             database: None,
             events_collection: "events".into(),
             fields: EventFields::default(),
+            create_indexes: true,
         }
     }
 }
@@ -405,7 +409,10 @@ impl MongoConfig {
 /// The database named in a MongoDB URI's path, if any.
 pub fn database_from_uri(uri: &str) -> Option<String> {
     let rest = uri.split_once("://")?.1;
-    let path = rest.split_once('/')?.1;
+    // The path starts after the user info: a password may hold a `/` (base64 often does).
+    let before_query = rest.split('?').next().unwrap_or("");
+    let hosts = before_query.rfind('@').map_or(0, |at| at + 1);
+    let path = rest[hosts..].split_once('/')?.1;
     let db = path.split('?').next().unwrap_or("");
     (!db.is_empty()).then(|| db.to_string())
 }
@@ -426,7 +433,8 @@ impl Validate for MongoConfig {
                 "must start with mongodb:// or mongodb+srv:// (value hidden: it may hold a password)",
             ));
         }
-        if self.database.is_none() {
+        let from_uri = self.database.is_none();
+        if from_uri {
             self.database = database_from_uri(uri);
         }
         match &self.database {
@@ -437,10 +445,17 @@ impl Validate for MongoConfig {
                         .into(),
             }),
             Some(db) if db.is_empty() || db.contains(['/', '\\', '.', ' ', '"', '$']) => {
+                // A name taken from the URI is not shown: the URI may hold a password.
+                let shown = if from_uri {
+                    "the database in mongodb.uri's path (value hidden: the URI may hold a password)"
+                        .to_string()
+                } else {
+                    format!("{db:?}")
+                };
                 return Err(ConfigError::invalid(
                     "mongodb.database",
-                    format!("{db:?} is not a valid database name"),
-                ))
+                    format!("{shown} is not a valid database name"),
+                ));
             }
             Some(_) => {}
         }
@@ -752,5 +767,24 @@ grace_period = "5s"
         );
         assert_eq!(database_from_uri("mongodb://h:1/?x=1"), None);
         assert_eq!(database_from_uri("mongodb://h:1"), None);
+    }
+
+    #[test]
+    fn a_slash_in_the_password_is_neither_the_database_nor_shown() {
+        assert_eq!(
+            database_from_uri("mongodb://u:pa/ss@h:1/app?x=1").as_deref(),
+            Some("app")
+        );
+        assert_eq!(database_from_uri("mongodb://u:pa/ss@h:1"), None);
+        let text = GOOD.replace(
+            "user:pw@127.0.0.1:27017/app",
+            "user:se/cr.et@127.0.0.1:27017/a.b",
+        );
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("mongodb.database") && e.contains("value hidden"),
+            "{e}"
+        );
+        assert!(!e.contains("cr.et") && !e.contains("a.b"), "{e}");
     }
 }

@@ -7,9 +7,11 @@
 //!   aggregate has an event 1 and duplicate detection would drop all but one of them;
 //! - `Subject = eventType`, and the application properties in [`WireMessage::properties`].
 //!
-//! Service Bus refuses session, partition-key and message ids longer than 128 characters, so
-//! longer ids are replaced by a stable SHA-256 digest; the real aggregate id stays in the body and
-//! in the `aggregateId` property. The contract is versioned by the `ordo-envelope` property.
+//! Service Bus (and azservicebus, which checks `str::len`) refuses session, partition-key and
+//! message ids longer than 128 *bytes*, so longer ids (in UTF-8 bytes, not characters: 50 CJK
+//! characters are 150 bytes) are replaced by a stable SHA-256 digest; the real aggregate id stays
+//! in the body and in the `aggregateId` property. The contract is versioned by the
+//! `ordo-envelope` property.
 
 use mongodb::bson::{self, Bson, Document};
 use serde::{Deserialize, Serialize};
@@ -21,7 +23,7 @@ pub const ENVELOPE_VERSION: i32 = 1;
 /// `content_type` of every message body.
 pub const CONTENT_TYPE: &str = "application/json";
 
-/// Longest id Service Bus accepts for SessionId, PartitionKey and MessageId.
+/// Longest id, in UTF-8 bytes, Service Bus accepts for SessionId, PartitionKey and MessageId.
 pub const MAX_ID_LEN: usize = 128;
 
 /// Prefix of an id that was too long and was replaced by its digest.
@@ -88,7 +90,10 @@ pub struct EventFields {
     pub event_type: String,
     /// Field holding the payload (document; absent means empty).
     pub payload: String,
-    /// Field holding the event time (date; optional).
+    /// Field holding the event time (optional): a date, or an RFC 3339 string; any other
+    /// type is treated as absent rather than making the event invalid, because the time is
+    /// informational (lag metric, `$timestamp` in rules) and a schema that stores epoch numbers
+    /// would otherwise park every event. An empty name disables it.
     pub timestamp: String,
 }
 
@@ -227,9 +232,17 @@ impl Envelope {
             Some(other) => return Err(invalid(&fields.payload, other, "a document")),
         };
         let timestamp = match doc.get(&fields.timestamp) {
-            None | Some(Bson::Null) => None,
             Some(Bson::DateTime(t)) => Some(format_time(*t)),
-            Some(other) => return Err(invalid(&fields.timestamp, other, "a date")),
+            Some(Bson::String(s)) => {
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    .and_then(|t| {
+                        i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+                            .ok()
+                            .map(|ms| format_time(bson::DateTime::from_millis(ms)))
+                    })
+            }
+            _ => None,
         };
         let id = doc
             .get("_id")
@@ -410,7 +423,8 @@ pub struct WireMessage {
 }
 
 impl WireMessage {
-    /// Approximate encoded size, used to bound batches and in-flight bytes.
+    /// Approximate encoded size (body plus ids and properties), a cheap upper-side estimate;
+    /// the producer weighs in-flight bytes by it.
     pub fn approx_size(&self) -> usize {
         let props: usize = self
             .properties
@@ -440,7 +454,7 @@ fn digest(text: &str) -> String {
 }
 
 fn bounded(id: String) -> String {
-    if id.chars().count() > MAX_ID_LEN {
+    if id.len() > MAX_ID_LEN {
         digest(&id)
     } else {
         id
@@ -448,13 +462,13 @@ fn bounded(id: String) -> String {
 }
 
 /// SessionId (and PartitionKey) of an aggregate: the id itself, or its digest when longer than
-/// 128 characters.
+/// 128 bytes.
 pub fn session_id(aggregate_id: &str) -> String {
     bounded(aggregate_id.to_string())
 }
 
 /// MessageId of an event: `"{aggregateId}:{eventId}"`, or its digest when longer than 128
-/// characters.
+/// bytes.
 pub fn message_id(aggregate_id: &str, event_id: i64) -> String {
     bounded(format!("{aggregate_id}:{event_id}"))
 }
@@ -554,6 +568,37 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_measured_in_bytes_not_characters() {
+        // 106 CJK characters: 318 bytes, under 128 characters but over 128 bytes.
+        let wide = "账".repeat(106);
+        assert!(wide.chars().count() < MAX_ID_LEN && wide.len() > MAX_ID_LEN);
+        let sid = session_id(&wide);
+        assert!(
+            sid.starts_with(HASHED_ID_PREFIX) && sid.len() <= MAX_ID_LEN,
+            "{sid}"
+        );
+        // 42 three-byte characters are 126 bytes: kept; plus ":1" it is 128: kept; ":10" is 129.
+        let edge = "账".repeat(42);
+        assert_eq!(session_id(&edge), edge);
+        assert_eq!(message_id(&edge, 1), format!("{edge}:1"));
+        assert!(message_id(&edge, 10).starts_with(HASHED_ID_PREFIX));
+    }
+
+    #[test]
+    fn a_timestamp_of_another_type_is_treated_as_absent() {
+        let mut d = sample();
+        d.insert("timestamp", 1_700_000_000_i64);
+        let env = Envelope::from_event(&d, &EventFields::default(), "app", "events").unwrap();
+        assert_eq!(env.timestamp, None);
+        d.insert("timestamp", "2023-11-14T22:13:20.123+00:00");
+        let env = Envelope::from_event(&d, &EventFields::default(), "app", "events").unwrap();
+        assert_eq!(env.timestamp_millis(), Some(1_700_000_000_123));
+        d.insert("timestamp", "yesterday");
+        let env = Envelope::from_event(&d, &EventFields::default(), "app", "events").unwrap();
+        assert_eq!(env.timestamp, None);
+    }
+
+    #[test]
     fn invalid_events_name_the_field_and_value() {
         let mut d = sample();
         d.remove("aggregateId");
@@ -619,8 +664,8 @@ mod tests {
         ) {
             let ma = message_id(&a, x);
             prop_assert_eq!(&ma, &message_id(&a, x));
-            prop_assert!(ma.chars().count() <= MAX_ID_LEN);
-            prop_assert!(session_id(&a).chars().count() <= MAX_ID_LEN);
+            prop_assert!(ma.len() <= MAX_ID_LEN);
+            prop_assert!(session_id(&a).len() <= MAX_ID_LEN);
             prop_assert_ne!(&ma, &message_id(&a, x + 1));
             prop_assert_ne!(&ma, &message_id(&format!("{a}:{x}"), y));
             if (a.as_str(), x) != (b.as_str(), y) {

@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod envelope;
+pub mod indexes;
 pub mod lease;
 pub mod metrics;
 pub mod mongo;

@@ -23,8 +23,15 @@ pub const EVENTS_REPUBLISHED: &str = "ordo_events_republished_total";
 pub const PUBLISH_BATCH_MESSAGES: &str = "ordo_publish_batch_messages";
 /// 1 while this producer holds the stream's lease (producer).
 pub const LEASE_HELD: &str = "ordo_lease_held";
-/// Retries of a failed operation; label `op` (both).
+/// Retries of a failed operation; labels `operation` and `reason` (producer), `op` (projector).
 pub const RETRIES: &str = "ordo_retries_total";
+/// Long-running tasks restarted after they panicked or failed; label `task` (producer).
+pub const TASK_RESTARTS: &str = "ordo_task_restarts_total";
+/// Items read and not yet part of the acknowledged prefix (producer).
+pub const UNACKNOWLEDGED: &str = "ordo_unacknowledged_items";
+/// Seconds the acknowledged prefix has not moved while items wait behind it; 0 when it moves
+/// or nothing waits (producer).
+pub const CHECKPOINT_STUCK: &str = "ordo_checkpoint_stuck_seconds";
 
 /// Events applied to read models (projector).
 pub const EVENTS_APPLIED: &str = "ordo_events_applied_total";
@@ -50,8 +57,6 @@ pub const LOCK_RENEWALS: &str = "ordo_lock_renewals_total";
 pub const LOCKS_LOST: &str = "ordo_locks_lost_total";
 /// Version guards that failed because another writer moved the document (projector).
 pub const GUARD_CONFLICTS: &str = "ordo_guard_conflicts_total";
-/// Long-running tasks restarted after a panic or an early end; label `task` (projector).
-pub const TASK_RESTARTS: &str = "ordo_task_restarts_total";
 /// Reconciliation runs finished, by `mode` (`full`, `incremental`) (projector).
 pub const RECONCILE_RUNS: &str = "ordo_reconcile_runs_total";
 /// Aggregates whose read models reconciliation compared with the events collection (projector).
@@ -74,6 +79,9 @@ pub const ALL: &[&str] = &[
     PUBLISH_BATCH_MESSAGES,
     LEASE_HELD,
     RETRIES,
+    TASK_RESTARTS,
+    UNACKNOWLEDGED,
+    CHECKPOINT_STUCK,
     EVENTS_APPLIED,
     APPLY_LATENCY,
     END_TO_END_LAG,
@@ -86,7 +94,6 @@ pub const ALL: &[&str] = &[
     LOCK_RENEWALS,
     LOCKS_LOST,
     GUARD_CONFLICTS,
-    TASK_RESTARTS,
     RECONCILE_RUNS,
     RECONCILE_CHECKED,
     RECONCILE_HEALED,

@@ -68,3 +68,15 @@ pub fn is_duplicate_key(e: &Error) -> bool {
         _ => false,
     }
 }
+
+/// A short label for an error, for the `reason` of `ordo_retries_total`.
+pub fn error_reason(e: &Error) -> &'static str {
+    match e.kind.as_ref() {
+        ErrorKind::Io(_) => "network",
+        ErrorKind::ConnectionPoolCleared { .. } => "pool_cleared",
+        ErrorKind::ServerSelection { .. } => "server_selection",
+        ErrorKind::Authentication { .. } => "auth",
+        _ if is_transient(e) => "transient_server_error",
+        _ => "server_error",
+    }
+}

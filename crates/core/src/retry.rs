@@ -53,7 +53,7 @@ pub enum Stopped<E> {
 }
 
 /// Runs `op` until it succeeds, retrying errors `is_retryable` accepts with backoff; logs each
-/// retry and counts it in `ordo_retries_total{op}`.
+/// retry and counts it in `ordo_retries_total{operation}`.
 pub async fn forever<T, E, F, Fut>(
     what: &'static str,
     backoff: Backoff,
@@ -86,7 +86,7 @@ where
             Err(e) if is_retryable(&e) => {
                 attempt += 1;
                 let delay = delays.next().unwrap_or(backoff.max);
-                metrics::counter!(crate::metrics::RETRIES, "op" => what).increment(1);
+                metrics::counter!(crate::metrics::RETRIES, "operation" => what).increment(1);
                 tracing::warn!(op = what, attempt, delay_ms = delay.as_millis() as u64, error = %e, "retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

@@ -112,18 +112,39 @@ pub struct StatusReport {
     pub dead_letter_depth: Option<(usize, bool)>,
     /// Why the dead-letter depth is missing, if it is.
     pub dead_letter_error: Option<String>,
+    /// The unique (aggregateId, eventId) index of the events collection.
+    pub event_index: Option<String>,
 }
 
 fn age_s(now: i64, then: i64) -> f64 {
     (now - then) as f64 / 1000.0
 }
 
-/// Reads the MongoDB half of the report.
+/// Reads the MongoDB half of the report, with the default event field names.
 pub async fn gather(
     db: &Database,
     events_collection: &str,
     blocked_collection: &str,
 ) -> mongodb::error::Result<StatusReport> {
+    gather_with_fields(
+        db,
+        events_collection,
+        &crate::envelope::EventFields::default(),
+        blocked_collection,
+    )
+    .await
+}
+
+/// Reads the MongoDB half of the report; `fields` name the index's keys.
+pub async fn gather_with_fields(
+    db: &Database,
+    events_collection: &str,
+    fields: &crate::envelope::EventFields,
+    blocked_collection: &str,
+) -> mongodb::error::Result<StatusReport> {
+    let event_index = crate::indexes::event_index(&db.collection(events_collection), fields)
+        .await?
+        .to_string();
     let now = DateTime::now().timestamp_millis();
     let newest_event_ms = db
         .collection::<Document>(events_collection)
@@ -229,6 +250,7 @@ pub async fn gather(
         parked_events,
         dead_letter_depth: None,
         dead_letter_error: None,
+        event_index: Some(event_index),
     })
 }
 
@@ -273,6 +295,9 @@ impl fmt::Display for StatusReport {
             writeln!(f, "  {id}: {reason}")?;
         }
         writeln!(f, "parked events: {}", self.parked_events)?;
+        if let Some(index) = &self.event_index {
+            writeln!(f, "events index (aggregate id, event id): {index}")?;
+        }
         match (&self.dead_letter_depth, &self.dead_letter_error) {
             (Some((n, true)), _) => writeln!(f, "dead-letter queue: at least {n} messages"),
             (Some((n, false)), _) => writeln!(f, "dead-letter queue: {n} messages"),

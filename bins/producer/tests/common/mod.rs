@@ -124,6 +124,8 @@ pub struct Writer {
     next: Vec<i64>,
     rng: StdRng,
     pub written: usize,
+    /// Give each event a string `_id` (`"{aggregateId}:{eventId}"`) instead of an ObjectId.
+    pub string_ids: bool,
 }
 
 impl Writer {
@@ -132,6 +134,7 @@ impl Writer {
             next: vec![1; aggregates],
             rng: StdRng::seed_from_u64(seed),
             written: 0,
+            string_ids: false,
         }
     }
 
@@ -153,14 +156,19 @@ impl Writer {
                     let a = self.rng.random_range(0..self.next.len());
                     let id = self.next[a];
                     self.next[a] += 1;
-                    doc! {
+                    let mut d = Document::new();
+                    if self.string_ids {
+                        d.insert("_id", format!("{}:{id}", agg(a)));
+                    }
+                    d.extend(doc! {
                         "aggregateId": agg(a),
                         "aggregateType": "Account",
                         "eventId": id,
                         "eventType": "Deposited",
                         "payload": { "amount": id },
                         "timestamp": mongodb::bson::DateTime::now(),
-                    }
+                    });
+                    d
                 })
                 .collect();
             coll.insert_many(docs).await.expect("insert events");

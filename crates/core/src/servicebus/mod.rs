@@ -115,9 +115,10 @@ pub async fn connect(conn: &Secret, identifier: &str) -> Result<Client, azure_co
     let options = ServiceBusClientOptions {
         identifier: Some(identifier.to_string()),
         retry_options: ServiceBusRetryOptions {
-            // ordo retries forever itself, with its own backoff; the client's own retries only
-            // hide faults from the readiness probe, so keep them short.
-            max_retries: 1,
+            // ordo retries forever itself, with its own backoff. The client must not retry at all:
+            // azservicebus 0.25 marks a rejected transfer settled, and its retry then reports the
+            // settled message as sent, so a refused batch would count as published and be lost.
+            max_retries: 0,
             try_timeout: Duration::from_secs(20),
             ..ServiceBusRetryOptions::default()
         },

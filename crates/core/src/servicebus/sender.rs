@@ -16,6 +16,8 @@
 //!   dropped (client and sender) and a fresh one opened, rather than trusting the client to heal.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use azservicebus::{CreateMessageBatchOptions, ServiceBusMessage, ServiceBusSender};
@@ -49,6 +51,18 @@ pub enum PublishError {
     },
 }
 
+impl PublishError {
+    /// A short label for `ordo_retries_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PublishError::Connect(_) => "connect",
+            PublishError::Send(_) => "send",
+            PublishError::Timeout(_) => "timeout",
+            PublishError::Message { .. } => "rejected",
+        }
+    }
+}
+
 /// Sends messages to one topic.
 pub trait Publisher: Send {
     /// Sends `messages`, which all belong to one session, in order. On `Ok` the broker has
@@ -66,6 +80,12 @@ pub trait PublisherFactory: Send + Sync + 'static {
     type Publisher: Publisher + 'static;
     /// Opens a fresh publisher (new connection).
     fn open(&self) -> impl Future<Output = Result<Self::Publisher, PublishError>> + Send;
+
+    /// Checks that a publisher can be opened (the broker answers, accepts the credentials and
+    /// has the topic), and lets it go.
+    fn probe(&self) -> impl Future<Output = Result<(), PublishError>> + Send {
+        async move { self.open().await.map(drop) }
+    }
 }
 
 /// Builds the azservicebus message for a [`WireMessage`].
@@ -97,6 +117,57 @@ pub fn to_service_bus_message(m: &WireMessage) -> Result<ServiceBusMessage, Publ
     Ok(msg)
 }
 
+/// Bytes a broker may add to a stored message beyond what the client measures: enqueued time,
+/// sequence number, partition id, lock token and delivery annotations are under 200 bytes
+/// together; the margin is five times that so a message that passes [`fits`] is never refused
+/// for its size by the client or by the broker.
+pub const SIZE_MARGIN_BYTES: u64 = 1024;
+
+/// The size azservicebus 0.25 checks against the link's maximum message size when `m` is the
+/// first message of a batch (`AmqpMessageBatch::try_add_message`): the AMQP encoding of a batch
+/// envelope holding the encoded message as one `Data` section, with the message's properties
+/// and annotations copied onto the envelope. Every later message of a batch adds less than
+/// this (no second envelope), so a message that fits alone is never refused for its size; a
+/// batch that would overflow is split by [`ServiceBusPublisher`].
+pub fn encoded_size(m: &WireMessage) -> Result<u64, PublishError> {
+    use fe2o3_amqp_types::messaging::{message::__private::Serializable, Batch, Data, Message};
+    let msg = to_service_bus_message(m)?;
+    let raw = msg.raw_amqp_message();
+    let reject = |e: serde_amqp::Error| PublishError::Message {
+        message_id: m.message_id.clone(),
+        reason: format!("cannot be encoded: {e}"),
+    };
+    let inner = serde_amqp::to_vec(&Serializable(raw)).map_err(reject)?;
+    let envelope = Message::builder()
+        .body(Batch::from(vec![Data::from(inner)]))
+        .properties(raw.properties.clone())
+        .message_annotations(raw.message_annotations.clone())
+        .build();
+    serde_amqp::serialized_size(&Serializable(&envelope))
+        .map(|n| n as u64)
+        .map_err(reject)
+}
+
+/// Checks that `m` fits a topic whose largest message is `max_bytes`, [`SIZE_MARGIN_BYTES`]
+/// included; the error says how large it is. Messages far below the limit are not encoded: the
+/// envelope holds the message once plus a copy of its properties, so it is below twice
+/// [`WireMessage::approx_size`] plus the margin.
+pub fn fits(m: &WireMessage, max_bytes: u64) -> Result<(), String> {
+    if 2 * m.approx_size() as u64 + SIZE_MARGIN_BYTES <= max_bytes {
+        return Ok(());
+    }
+    match encoded_size(m) {
+        Ok(n) if n + SIZE_MARGIN_BYTES <= max_bytes => Ok(()),
+        Ok(n) => Err(format!(
+            "encoded message is {n} bytes (body {} bytes); producer.max_message_bytes = {max_bytes}, which \
+             leaves {} bytes after a {SIZE_MARGIN_BYTES}-byte margin for broker annotations",
+            m.body.len(),
+            max_bytes.saturating_sub(SIZE_MARGIN_BYTES)
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A publisher over one azservicebus connection and one sender link.
 #[derive(Debug)]
 pub struct ServiceBusPublisher {
@@ -117,6 +188,25 @@ impl Publisher for ServiceBusPublisher {
 }
 
 impl ServiceBusPublisher {
+    /// Sends `messages` one per transfer, in order: for entities that refuse batches of
+    /// messages with distinct ids.
+    async fn publish_single(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
+        let timeout = self.send_timeout;
+        let send = async {
+            for m in messages {
+                let msg = to_service_bus_message(m)?;
+                self.sender
+                    .send_message(msg)
+                    .await
+                    .map_err(|e| PublishError::Send(e.to_string()))?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, send)
+            .await
+            .map_err(|_| PublishError::Timeout(timeout))?
+    }
+
     async fn publish_inner(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
         let new_batch = |sender: &ServiceBusSender| {
             sender
@@ -167,6 +257,89 @@ impl ServiceBusPublisher {
     }
 }
 
+/// How messages of one session travel to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendMode {
+    /// Batches; after the broker refuses one as batching distinct ids on a partitioned entity
+    /// with duplicate detection, single sends from then on.
+    #[default]
+    Auto,
+    /// Batches of up to `max_batch_messages` messages of one session.
+    Batch,
+    /// One message per transfer (still one session's messages in order, one at a time).
+    Single,
+}
+
+/// True for the broker's refusal of a batch on a partitioned entity with duplicate detection
+/// (ErrorCodes.NotAllowed): "Batching brokered messages with distinct SessionId, PartitionKey,
+/// or MessageId is not supported for an entity with partitioning and duplicate detection
+/// enabled".
+pub fn refuses_batching(error: &str) -> bool {
+    error.contains("Batching brokered messages with distinct")
+}
+
+/// A [`ServiceBusPublisherFactory`] with a [`SendMode`]; its publishers share the fallback of
+/// `auto`, so one refusal switches every publisher to single sends.
+#[derive(Debug, Clone)]
+pub struct ModalPublisherFactory {
+    /// Opens the connections.
+    pub inner: ServiceBusPublisherFactory,
+    /// The configured mode.
+    pub mode: SendMode,
+    /// Set once `auto` fell back to single sends.
+    pub single: Arc<AtomicBool>,
+}
+
+/// A publisher that sends as its factory's [`SendMode`] says.
+#[derive(Debug)]
+pub struct ModalPublisher {
+    inner: ServiceBusPublisher,
+    mode: SendMode,
+    single: Arc<AtomicBool>,
+}
+
+impl Publisher for ModalPublisher {
+    async fn publish(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
+        let single = match self.mode {
+            SendMode::Single => true,
+            SendMode::Batch => false,
+            SendMode::Auto => self.single.load(Ordering::SeqCst),
+        };
+        if single {
+            return self.inner.publish_single(messages).await;
+        }
+        if messages.len() == 1 {
+            return self.inner.publish(messages).await;
+        }
+        match self.inner.publish(messages).await {
+            Err(PublishError::Send(e)) if self.mode == SendMode::Auto && refuses_batching(&e) => {
+                if !self.single.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(error = %e, "the topic refuses batches (partitioning with duplicate detection): sending one message at a time from now on (producer.send_mode = \"auto\")");
+                }
+                self.inner.publish_single(messages).await
+            }
+            other => other,
+        }
+    }
+}
+
+impl PublisherFactory for ModalPublisherFactory {
+    type Publisher = ModalPublisher;
+
+    async fn probe(&self) -> Result<(), PublishError> {
+        self.inner.probe().await
+    }
+
+    async fn open(&self) -> Result<ModalPublisher, PublishError> {
+        Ok(ModalPublisher {
+            inner: self.inner.open().await?,
+            mode: self.mode,
+            single: self.single.clone(),
+        })
+    }
+}
+
 /// Opens [`ServiceBusPublisher`]s, each on its own connection, so a broken connection takes
 /// down one publisher only and sends on different publishers do not queue behind each other.
 #[derive(Debug, Clone)]
@@ -187,6 +360,15 @@ pub struct ServiceBusPublisherFactory {
 
 impl PublisherFactory for ServiceBusPublisherFactory {
     type Publisher = ServiceBusPublisher;
+
+    /// Opens a publisher and closes its link and connection at once, so probing every few
+    /// seconds leaves no connection behind on the broker.
+    async fn probe(&self) -> Result<(), PublishError> {
+        let publisher = self.open().await?;
+        let _ = publisher.sender.dispose().await;
+        let _ = publisher._client.dispose().await;
+        Ok(())
+    }
 
     async fn open(&self) -> Result<ServiceBusPublisher, PublishError> {
         let open = async {
@@ -232,5 +414,50 @@ mod tests {
         let props = msg.application_properties().unwrap();
         assert_eq!(props.0.len(), wire.properties.len());
         assert!(props.0.get("eventId").is_some());
+    }
+
+    fn wire(body_bytes: usize) -> WireMessage {
+        let ev = doc! {"_id": 1, "aggregateId": "a-1", "eventId": 3, "eventType": "Opened", "payload": {"x": "y".repeat(body_bytes)}};
+        Envelope::from_event(&ev, &EventFields::default(), "db", "events")
+            .unwrap()
+            .to_message()
+    }
+
+    /// The measure covers more than the body (ids, properties, the batch envelope), stays
+    /// below the cheap bound [`fits`] relies on, and grows with the body.
+    #[test]
+    fn encoded_size_covers_the_envelope_and_stays_under_the_cheap_bound() {
+        for body in [0, 200, 10_000, 300_000] {
+            let m = wire(body);
+            let n = encoded_size(&m).unwrap();
+            assert!(
+                n > m.body.len() as u64 + 200,
+                "{n} vs body {}",
+                m.body.len()
+            );
+            assert!(n < 2 * m.approx_size() as u64 + SIZE_MARGIN_BYTES, "{n}");
+        }
+        assert!(encoded_size(&wire(1001)).unwrap() > encoded_size(&wire(1000)).unwrap());
+    }
+
+    #[test]
+    fn the_partitioned_dedup_refusal_is_recognised_and_nothing_else() {
+        let refusal = "Batching brokered messages with distinct SessionId, PartitionKey, or MessageId is not supported for an entity with partitioning and duplicate detection enabled. TrackingId:1, SystemTracker:ns:Topic:t, Timestamp:2026-11-30T00:00:00 (NotAllowed)";
+        assert!(refuses_batching(refusal));
+        assert!(!refuses_batching("The operation timed out"));
+        assert!(!refuses_batching("NotAllowed: the entity is disabled"));
+    }
+
+    #[test]
+    fn a_body_just_under_the_limit_does_not_fit() {
+        let max = 262_144_u64;
+        let m = wire(262_144 - 400);
+        assert!((m.body.len() as u64) < max);
+        let e = fits(&m, max).unwrap_err();
+        assert!(
+            e.contains("encoded message is") && e.contains("262144"),
+            "{e}"
+        );
+        fits(&wire(100_000), max).unwrap();
     }
 }

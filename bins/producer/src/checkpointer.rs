@@ -1,0 +1,207 @@
+//! When and how the acknowledged prefix is saved: throttled by count and time, restored for a
+//! retry when a save fails transiently, and watched for a prefix that stops moving.
+//!
+//! The rules of the stored document (fencing by lease epoch, monotonic within an epoch) are in
+//! [`ordo_core::checkpoint`]. A fenced save means another producer took over: the term ends as
+//! lost. A save refused for good (a malformed document, a non-transient database error) ends
+//! the term with an error: saving nothing while publishing on would grow the replay of every
+//! restart without a sign.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mongodb::bson::DateTime;
+use ordo_core::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
+use ordo_core::metrics as names;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::Acks;
+use crate::readiness::{dependency, Fault, Readiness};
+use crate::source;
+
+/// Saves the acknowledged prefix of one term.
+#[derive(Debug)]
+pub struct Checkpointer {
+    /// The store.
+    pub store: CheckpointStore,
+    /// The stream.
+    pub stream: String,
+    /// This term's lease epoch (the fence).
+    pub epoch: i64,
+    /// The prefix.
+    pub acks: Acks,
+    /// Wall time of the last saved checkpoint.
+    pub saved_wall: Arc<Mutex<Option<DateTime>>>,
+    /// Events published before this term (from the loaded checkpoint); the saved count is this
+    /// plus the events the tracker counted up to the saved position.
+    pub published_before: u64,
+    /// Save after this many acknowledged items.
+    pub every: u64,
+    /// Save at least this often while the prefix moves.
+    pub interval: Duration,
+    /// Not ready once items wait this long behind a prefix that does not move.
+    pub stuck_after: Duration,
+    /// Readiness.
+    pub readiness: Arc<Readiness>,
+}
+
+/// How the checkpointer's task ended.
+#[derive(Debug)]
+pub enum CheckpointerEnd {
+    /// Asked to stop: the final save is the caller's.
+    Stopped(Checkpointer),
+    /// Another producer's epoch fenced this one.
+    Fenced(Checkpointer),
+}
+
+impl Checkpointer {
+    /// Saves as due until `stop` fires or the checkpoint is fenced; a permanent save error
+    /// ends it with that error.
+    pub async fn run(
+        mut self,
+        stop: CancellationToken,
+    ) -> Result<CheckpointerEnd, CheckpointError> {
+        let mut last = Instant::now();
+        let mut stuck = Stuck::default();
+        let mut db_fault: Option<Fault> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = stop.cancelled() => return Ok(CheckpointerEnd::Stopped(self)),
+            }
+            let (due, outstanding, advanced) = {
+                let a = self.acks.lock().expect("ack lock");
+                (
+                    a.advanced_by() >= self.every || last.elapsed() >= self.interval,
+                    a.outstanding(),
+                    a.advanced_by() > 0,
+                )
+            };
+            stuck.observe(outstanding, advanced, self.stuck_after, &self.readiness);
+            if due {
+                last = Instant::now();
+                match self.save().await {
+                    Ok(()) => db_fault = None,
+                    Err(CheckpointError::Fenced { .. }) => {
+                        return Ok(CheckpointerEnd::Fenced(self))
+                    }
+                    Err(e) if e.is_retryable() => {
+                        self.readiness.hold(&mut db_fault, dependency::MONGODB);
+                        ::metrics::counter!(names::RETRIES, "operation" => "save_checkpoint", "reason" => reason(&e)).increment(1);
+                    }
+                    Err(CheckpointError::Backwards { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.age();
+        }
+    }
+
+    /// Saves the newest acknowledged position, if it moved.
+    pub async fn save(&mut self) -> Result<(), CheckpointError> {
+        let taken = self.acks.lock().expect("ack lock").take();
+        let Some((position, events)) = taken else {
+            return Ok(());
+        };
+        let mut cp = Checkpoint::new(self.stream.clone());
+        cp.resume_token = Some(source::token_doc(&position.token));
+        cp.cluster_time = position.cluster_time;
+        cp.wall_time = Some(position.wall_time);
+        cp.events = self.published_before + events;
+        match self.store.save(&cp, self.epoch).await {
+            Ok(()) => {
+                *self.saved_wall.lock().expect("saved wall lock") = Some(position.wall_time);
+                ::metrics::counter!(names::CHECKPOINTS_SAVED).increment(1);
+                tracing::debug!(stream = %self.stream, wall_time = %position.wall_time, "checkpoint saved");
+                Ok(())
+            }
+            Err(e @ CheckpointError::Fenced { .. }) => {
+                tracing::warn!(stream = %self.stream, error = %e, "checkpoint fenced: another producer took over");
+                Err(e)
+            }
+            Err(e @ CheckpointError::Backwards { .. }) => {
+                // The tracker only moves forward; a refusal means the stored one is already
+                // further, which is harmless to keep.
+                tracing::error!(stream = %self.stream, error = %e, "checkpoint refused as backwards");
+                Err(e)
+            }
+            Err(e) => {
+                if e.is_retryable() {
+                    tracing::warn!(stream = %self.stream, error = %e, "checkpoint save failed, will retry");
+                } else {
+                    tracing::error!(stream = %self.stream, error = %e, "checkpoint save refused for good");
+                }
+                self.acks
+                    .lock()
+                    .expect("ack lock")
+                    .restore(position, events);
+                Err(e)
+            }
+        }
+    }
+
+    /// Saves until the newest acknowledged position is stored or refused for good.
+    pub async fn save_until_done(&mut self) {
+        loop {
+            match self.save().await {
+                Ok(()) => return,
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn age(&self) {
+        if let Some(wall) = *self.saved_wall.lock().expect("saved wall lock") {
+            let age =
+                (DateTime::now().timestamp_millis() - wall.timestamp_millis()) as f64 / 1000.0;
+            ::metrics::gauge!(names::CHECKPOINT_AGE).set(age.max(0.0));
+        }
+    }
+}
+
+fn reason(e: &CheckpointError) -> &'static str {
+    match e {
+        CheckpointError::Mongo(e) => ordo_core::mongo::error_reason(e),
+        _ => "refused",
+    }
+}
+
+/// Watches the prefix: items waiting behind a front that has not moved for `stuck_after`
+/// make the producer not ready until it moves again.
+#[derive(Debug, Default)]
+struct Stuck {
+    since: Option<Instant>,
+    fault: Option<Fault>,
+}
+
+impl Stuck {
+    fn observe(
+        &mut self,
+        outstanding: usize,
+        advanced: bool,
+        stuck_after: Duration,
+        readiness: &Arc<Readiness>,
+    ) {
+        ::metrics::gauge!(names::UNACKNOWLEDGED).set(outstanding as f64);
+        if outstanding == 0 || advanced {
+            self.since = None;
+        } else {
+            self.since.get_or_insert_with(Instant::now);
+        }
+        let stuck_for = self.since.map_or(Duration::ZERO, |s| s.elapsed());
+        ::metrics::gauge!(names::CHECKPOINT_STUCK).set(stuck_for.as_secs_f64());
+        if stuck_for >= stuck_after {
+            if self.fault.is_none() {
+                tracing::error!(
+                    outstanding,
+                    stuck_s = stuck_for.as_secs(),
+                    "the checkpoint cannot advance: an item at the front is not acknowledged"
+                );
+            }
+            readiness.hold(&mut self.fault, dependency::CHECKPOINT);
+        } else {
+            self.fault = None;
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Keeping the stream's lease while active: renewed every ttl/3, each renewal bounded by the
+//! time the lease has left, so a hung database connection cannot keep this producer publishing
+//! past its lease while a standby takes over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ordo_core::lease::{Lease, LeaseError, LeaseStore};
+use ordo_core::metrics as names;
+use ordo_core::retry::Backoff;
+use tokio_util::sync::CancellationToken;
+
+use crate::readiness::{dependency, Readiness};
+
+/// Renews one term's lease.
+#[derive(Debug)]
+pub struct LeaseKeeper {
+    /// The store.
+    pub leases: LeaseStore,
+    /// The lease as last renewed.
+    pub lease: Lease,
+    /// Retry delays.
+    pub backoff: Backoff,
+    /// Readiness.
+    pub readiness: Arc<Readiness>,
+    /// Cancelled when the lease is lost: stop reading and abandon sends at once.
+    pub on_lost: Vec<CancellationToken>,
+}
+
+/// How the lease keeper's task ended.
+#[derive(Debug)]
+pub enum LeaseEnd {
+    /// Asked to stop; the lease is still ours (to release).
+    Stopped(Lease),
+    /// Taken over, or expired before it could be renewed.
+    Lost,
+}
+
+impl LeaseKeeper {
+    /// Renews until `stop` fires or the lease is lost; a malformed lease document ends it with
+    /// that error.
+    pub async fn run(mut self, stop: CancellationToken) -> Result<LeaseEnd, LeaseError> {
+        let every = self.lease.ttl / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return Ok(LeaseEnd::Stopped(self.lease)),
+            }
+            let mut delays = self.backoff.delays();
+            let mut fault = None;
+            loop {
+                // Bounded by what is left of the lease (at least a little, to get an answer
+                // about a lease that just ran out): waiting longer cannot keep it.
+                let bound = self.lease.remaining().max(Duration::from_millis(100));
+                let renewed = tokio::select! {
+                    r = tokio::time::timeout(bound, self.leases.renew(&self.lease)) => r,
+                    _ = stop.cancelled() => return Ok(LeaseEnd::Stopped(self.lease)),
+                };
+                let error = match renewed {
+                    Ok(Ok(l)) => {
+                        self.lease = l;
+                        break;
+                    }
+                    Ok(Err(LeaseError::Lost { .. })) => return Ok(self.lost()),
+                    Ok(Err(e)) if e.is_retryable() => e.to_string(),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => format!("renewal did not answer within {bound:?}"),
+                };
+                if self.lease.is_expired() {
+                    tracing::error!(error, "lease expired before it could be renewed: stopping");
+                    return Ok(self.lost());
+                }
+                self.readiness.hold(&mut fault, dependency::MONGODB);
+                let d = delays
+                    .next()
+                    .unwrap_or(self.backoff.max)
+                    .min(self.lease.remaining());
+                ::metrics::counter!(names::RETRIES, "operation" => "renew_lease", "reason" => "renew_failed").increment(1);
+                tracing::warn!(error, "lease renewal failed, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = stop.cancelled() => return Ok(LeaseEnd::Stopped(self.lease)),
+                }
+            }
+        }
+    }
+
+    fn lost(&self) -> LeaseEnd {
+        for t in &self.on_lost {
+            t.cancel();
+        }
+        LeaseEnd::Lost
+    }
+}

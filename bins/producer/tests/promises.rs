@@ -1,0 +1,390 @@
+//! The producer's promises under input and faults nobody here wrote: ids measured in bytes,
+//! messages measured as the client encodes them, a restart before the first publish, lost
+//! history with string `_id`s, readiness that follows each dependency, and a task that fails.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mongodb::bson::{doc, Document};
+use ordo_core::envelope::{Envelope, EventFields};
+use ordo_core::metrics as names;
+use ordo_core::servicebus::sender;
+use ordo_testkit::{wait_until, SecantusOptions};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+const LIMIT: usize = 256 * 1024;
+
+async fn stop(producer: &mut ordo_testkit::Daemon) {
+    producer.sigterm().unwrap();
+    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "exit {status:?}\n{}", producer.logs());
+}
+
+fn event(id: &str, agg: &str, n: i64, pad: usize) -> Document {
+    doc! { "_id": id, "aggregateId": agg, "eventId": n, "eventType": "T", "payload": { "pad": "x".repeat(pad) } }
+}
+
+/// The largest padding for which the event's message still fits the default limit, found as
+/// the producer measures it (then published: the client and the broker must take it).
+fn largest_fitting_pad(db: &str, id: &str, agg: &str) -> usize {
+    let fits = |pad: usize| {
+        let m = Envelope::from_event(
+            &event(id, agg, 1, pad),
+            &EventFields::default(),
+            db,
+            "events",
+        )
+        .unwrap()
+        .to_message();
+        sender::fits(&m, LIMIT as u64).is_ok()
+    };
+    let (mut lo, mut hi) = (0, LIMIT);
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// An aggregate id of 106 CJK characters (318 bytes) reaches the topic under its hashed
+/// session id; a body just under `max_message_bytes` whose encoded message is over it is
+/// parked with the reason, the next event of its session is published, and the checkpoint
+/// passes it; the largest message that fits is accepted by the client and the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wide_ids_and_bodies_at_the_limit_never_stall_publishing() {
+    let world = World::start().await;
+    let events = world.events();
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+
+    let wide = "账".repeat(106);
+    let db = world.mongo.db_name().to_string();
+    let edge_pad = largest_fitting_pad(&db, "edge-1", "edge");
+    let mut docs = vec![];
+    for n in 1..=3 {
+        docs.push(event(&format!("w{n}"), &wide, n, 10));
+    }
+    docs.push(event("big-1", "big", 1, 10));
+    // 100 bytes under the limit as a body: the encoded message is over the limit itself, so
+    // the client would refuse it.
+    let body_of = |pad| {
+        Envelope::from_event(
+            &event("big-2", "big", 2, pad),
+            &EventFields::default(),
+            &db,
+            "events",
+        )
+        .unwrap()
+        .to_body()
+        .len()
+    };
+    let pad = LIMIT - 100 - body_of(0);
+    assert_eq!(body_of(pad), LIMIT - 100);
+    docs.push(event("big-2", "big", 2, pad));
+    docs.push(event("big-3", "big", 3, 10));
+    docs.push(event("edge-1", "edge", 1, edge_pad));
+    events.insert_many(docs).await.unwrap();
+
+    wait_distinct(&collector, 6, DEADLINE).await;
+    let parked = world.mongo.database().collection::<Document>("ordo_parked");
+    let p = &parked;
+    wait_until(Duration::from_secs(20), || async move {
+        p.count_documents(doc! {}).await.unwrap_or(0) == 1
+    })
+    .await;
+    let record = parked.find_one(doc! {}).await.unwrap().unwrap();
+    assert_eq!(record.get_str("reason").unwrap(), "too_large", "{record:?}");
+    let error = record.get_str("error").unwrap();
+    assert!(
+        error.contains("encoded message is") && error.contains("body 262044 bytes"),
+        "{error}"
+    );
+    assert_eq!(record.get_str("sourceId").unwrap(), "big-2");
+    // Parked events are acknowledged, not published: the checkpoint passes big-2.
+    wait_checkpoint(&world, |cp| published(cp) >= 6).await;
+    stop(&mut producer).await;
+    assert_eq!(published(&world.checkpoint().await.unwrap()), 6);
+    let received = collector.stop().await;
+    assert_eq!(received.per_aggregate[&wide], [1, 2, 3]);
+    assert_eq!(received.per_aggregate["big"], [1, 3]);
+    assert_eq!(received.per_aggregate["edge"], [1]);
+    assert!(received
+        .message_ids
+        .iter()
+        .any(|id| id.starts_with(ordo_core::envelope::HASHED_ID_PREFIX)));
+}
+
+/// With the broker unreachable from the start, the producer (start_at = now) reads events it
+/// cannot publish and is killed before any checkpoint save would have happened (a long
+/// checkpoint interval stands for "soon after the start"): it saved its first position before
+/// reading, so the next run publishes those events instead of starting at a new "now".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_before_the_first_publish_loses_nothing() {
+    let world = World::start().await;
+    let events = world.events();
+    world.bus.suspend().await.unwrap();
+    let mut producer = world.spawn(
+        r#"start_at = "now"
+checkpoint_interval = "1h"
+checkpoint_every_events = 10000000"#,
+    );
+    let p = &producer;
+    wait_until(Duration::from_secs(30), || async move {
+        p.logs().contains("change stream open")
+    })
+    .await;
+    let mut writer = Writer::new(5, 21);
+    writer.write(&events, 30, 10).await;
+    wait_until(Duration::from_secs(20), || async move {
+        p.metric(names::RETRIES).await >= 1.0 && !p.is_ready().await
+    })
+    .await;
+    producer.kill9().unwrap();
+    let _ = producer.wait_exit(Duration::from_secs(10)).await;
+
+    world.bus.resume().await.unwrap().unwrap();
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn(r#"start_at = "now""#);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    wait_distinct(&collector, 30, DEADLINE).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+/// History lost while the producer is down, with string `_id`s: recovery re-publishes the
+/// collection by aggregate and every event inserted during the outage reaches the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_history_with_string_ids_republishes_every_event() {
+    let world = World::start_with(SecantusOptions::new().oplog_max_entries(100)).await;
+    let events = world.events();
+    let mut writer = Writer::new(20, 22);
+    writer.string_ids = true;
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 60, 20).await;
+    wait_distinct(&collector, 60, DEADLINE).await;
+    wait_checkpoint(&world, |cp| published(cp) >= 60).await;
+    stop(&mut producer).await;
+
+    writer.write(&events, 250, 25).await;
+    world.mongo.prune_oplog().await.unwrap().unwrap();
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    wait_distinct(&collector, 310, DEADLINE).await;
+    assert!(producer.metric(names::HISTORY_LOST).await >= 1.0);
+    assert!(producer.metric(names::EVENTS_REPUBLISHED).await >= 310.0);
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
+/// `/readyz` follows each dependency while the producer is idle: 503 within 10 s of the broker
+/// going away and 200 within 10 s of its return; the same for a database whose change-stream
+/// commands fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_broker_and_the_database_while_idle() {
+    let world = World::start().await;
+    let mut producer = world.spawn(r#"probe_interval = "1s""#);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let p = &producer;
+    let ten = Duration::from_secs(10);
+
+    world.bus.suspend().await.unwrap();
+    wait_until(ten, || async move { !p.is_ready().await }).await;
+    assert!(producer.logs().contains("Service Bus probe failed"));
+    world.bus.resume().await.unwrap().unwrap();
+    wait_until(ten, || async move { p.is_ready().await }).await;
+
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": "alwaysOn", "data": { "failCommands": ["getMore", "aggregate"], "closeConnection": true } },
+        )
+        .await
+        .unwrap();
+    wait_until(ten, || async move { !p.is_ready().await }).await;
+    assert!(p.metric(names::RETRIES).await >= 1.0);
+    world.mongo.disable_fail_point("failCommand").await.unwrap();
+    wait_until(ten, || async move { p.is_ready().await }).await;
+    stop(&mut producer).await;
+}
+
+/// A topic that does not exist: the producer is never ready, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_keeps_readiness_off() {
+    let world = World::start().await;
+    let health = ordo_testkit::free_health_addr();
+    let config = world.config(health, r#"probe_interval = "1s""#).replace(
+        &format!("topic = {:?}", world.bus.topic()),
+        "topic = \"no-such-topic\"",
+    );
+    let producer = ordo_testkit::Daemon::spawn(
+        &ordo_testkit::bin_path("ordo-producer"),
+        &config,
+        health,
+        &[],
+    )
+    .unwrap();
+    let p = &producer;
+    wait_until(Duration::from_secs(15), || async move {
+        p.metric(names::RETRIES).await >= 2.0 && !p.is_ready().await
+    })
+    .await;
+    assert!(
+        producer.logs().contains("Service Bus probe failed"),
+        "{}",
+        producer.logs()
+    );
+}
+
+/// The checkpoint store refuses saves for good (a fail point answering BadValue to every
+/// update): the producer does not publish on without saving; it exits non-zero and says which
+/// task failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_checkpointer_stops_the_process_non_zero() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(5, 23);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 10, 10).await;
+    wait_distinct(&collector, 10, DEADLINE).await;
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": "alwaysOn", "data": { "failCommands": ["update"], "errorCode": 2 } },
+        )
+        .await
+        .unwrap();
+    writer.write(&events, 10, 10).await;
+    let status = producer.wait_exit(Duration::from_secs(30)).await.unwrap();
+    world.mongo.disable_fail_point("failCommand").await.unwrap();
+    assert!(!status.success(), "{}", producer.logs());
+    assert!(
+        producer.logs().contains("checkpoint save refused for good"),
+        "{}",
+        producer.logs()
+    );
+    collector.stop().await;
+}
+
+/// The producer creates the unique (aggregateId, eventId) index by default; with
+/// `create_indexes = false` it leaves the collection alone and warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_index_is_created_or_reported() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let e = &events;
+    wait_until(Duration::from_secs(20), || async move {
+        e.list_index_names().await.is_ok_and(|names| {
+            names
+                .iter()
+                .any(|n| n == ordo_core::indexes::EVENT_INDEX_NAME)
+        })
+    })
+    .await;
+    assert!(producer
+        .logs()
+        .contains("events index: unique index created"));
+    stop(&mut producer).await;
+
+    let other = World::start().await;
+    let health = ordo_testkit::free_health_addr();
+    let config = other
+        .config(health, "")
+        .replace("[mongodb]\n", "[mongodb]\ncreate_indexes = false\n");
+    let mut producer = ordo_testkit::Daemon::spawn(
+        &ordo_testkit::bin_path("ordo-producer"),
+        &config,
+        health,
+        &[],
+    )
+    .unwrap();
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let p = &producer;
+    wait_until(Duration::from_secs(20), || async move {
+        p.logs().contains("events index: MISSING")
+    })
+    .await;
+    let names = other.events().list_index_names().await.unwrap_or_default();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == ordo_core::indexes::EVENT_INDEX_NAME),
+        "{names:?}"
+    );
+    stop(&mut producer).await;
+}
+
+/// Lease renewals hang (the database holds each `findAndModify` of the producer for 8 s, longer
+/// than the 3 s lease): the renewal is bounded by the lease's remaining time, so the producer
+/// stops publishing when its lease runs out instead of waiting on the database, and takes the
+/// lease again once renewals answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_lease_renewal_stops_publishing_when_the_lease_runs_out() {
+    let world = World::start().await;
+    let mut producer = world.spawn(r#"lease_ttl = "3s""#);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let p = &producer;
+    wait_until(Duration::from_secs(10), || async move {
+        p.metric(names::LEASE_HELD).await == 1.0
+    })
+    .await;
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": "alwaysOn", "data": {
+                "failCommands": ["findAndModify"],
+                "appName": "ordo-producer",
+                "blockConnection": true,
+                "blockTimeMS": 8000,
+            } },
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(7), || async move {
+        p.logs()
+            .contains("lease expired before it could be renewed")
+    })
+    .await;
+    wait_until(Duration::from_secs(5), || async move {
+        p.metric(names::LEASE_HELD).await == 0.0
+    })
+    .await;
+    world.mongo.disable_fail_point("failCommand").await.unwrap();
+    wait_until(Duration::from_secs(30), || async move {
+        p.metric(names::LEASE_HELD).await == 1.0
+    })
+    .await;
+    stop(&mut producer).await;
+}
+
+/// `send_mode = "single"` (for partitioned topics with duplicate detection, which refuse
+/// batches of distinct ids): one message per transfer, still every event in order per
+/// aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_sends_keep_every_event_in_order() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(10, 24);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn(r#"send_mode = "single""#);
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 200, 50).await;
+    wait_distinct(&collector, 200, DEADLINE).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}

@@ -1,0 +1,207 @@
+//! The unique index on (aggregateId, eventId) of the events collection.
+//!
+//! Without it the source can hold two documents with the same aggregate version, which the
+//! projector cannot apply both of, and every gap heal is a collection scan. Both daemons check
+//! it at start; the producer creates it when `[mongodb] create_indexes` allows, and `status`
+//! shows it. Field names come from `[mongodb.fields]`.
+
+use std::fmt;
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::error::ErrorKind;
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, IndexModel};
+
+use crate::envelope::EventFields;
+use crate::mongo::{is_duplicate_key, server_code};
+
+/// Name given to the index when ordo creates it.
+pub const EVENT_INDEX_NAME: &str = "ordo_aggregate_event_unique";
+
+/// What the events collection has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexState {
+    /// A unique index on exactly (aggregateId, eventId) exists, under this name.
+    Present(String),
+    /// ordo just created it.
+    Created,
+    /// No such index, and creating it was not allowed.
+    Missing,
+    /// An index on those keys exists but is not unique; ordo does not replace it.
+    NotUnique(String),
+    /// Creating it failed because the collection already holds duplicate versions.
+    Duplicates(String),
+}
+
+impl IndexState {
+    /// True when the collection enforces one document per aggregate version.
+    pub fn is_enforced(&self) -> bool {
+        matches!(self, IndexState::Present(_) | IndexState::Created)
+    }
+}
+
+impl fmt::Display for IndexState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IndexState::Present(name) => write!(f, "unique index present ({name})"),
+            IndexState::Created => write!(f, "unique index created ({EVENT_INDEX_NAME})"),
+            IndexState::Missing => {
+                f.write_str("MISSING: no unique index on (aggregate id, event id)")
+            }
+            IndexState::NotUnique(name) => {
+                write!(f, "NOT UNIQUE: index {name} on (aggregate id, event id) allows duplicate versions")
+            }
+            IndexState::Duplicates(e) => {
+                write!(
+                    f,
+                    "MISSING: cannot be created, the collection holds duplicate versions: {e}"
+                )
+            }
+        }
+    }
+}
+
+fn keys(fields: &EventFields) -> Document {
+    doc! { &fields.aggregate_id: 1, &fields.event_id: 1 }
+}
+
+/// Looks for the unique (aggregateId, eventId) index on `coll`.
+pub async fn event_index(
+    coll: &Collection<Document>,
+    fields: &EventFields,
+) -> mongodb::error::Result<IndexState> {
+    let want = keys(fields);
+    let mut cursor = match coll.list_indexes().await {
+        Ok(c) => c,
+        // NamespaceNotFound: no collection yet, so no index.
+        Err(e) if server_code(&e) == Some(26) => return Ok(IndexState::Missing),
+        Err(e) => return Err(e),
+    };
+    let mut not_unique = None;
+    while let Some(index) = cursor.try_next().await? {
+        let direction = |v: &Bson| match v {
+            Bson::Int32(d) => matches!(d, 1 | -1),
+            Bson::Int64(d) => matches!(d, 1 | -1),
+            Bson::Double(d) => *d == 1.0 || *d == -1.0,
+            _ => false,
+        };
+        let same_keys = index.keys.len() == 2
+            && index
+                .keys
+                .iter()
+                .zip(want.keys())
+                .all(|((k, v), w)| k == w && direction(v));
+        if !same_keys {
+            continue;
+        }
+        let options = index.options.unwrap_or_default();
+        let name = options.name.unwrap_or_default();
+        if options.unique == Some(true) {
+            return Ok(IndexState::Present(name));
+        }
+        not_unique = Some(name);
+    }
+    Ok(not_unique.map_or(IndexState::Missing, IndexState::NotUnique))
+}
+
+/// Checks the index, and creates it when missing and `create` is true.
+pub async fn ensure_event_index(
+    coll: &Collection<Document>,
+    fields: &EventFields,
+    create: bool,
+) -> mongodb::error::Result<IndexState> {
+    let state = event_index(coll, fields).await?;
+    if state != IndexState::Missing || !create {
+        return Ok(state);
+    }
+    let model = IndexModel::builder()
+        .keys(keys(fields))
+        .options(
+            IndexOptions::builder()
+                .unique(true)
+                .name(EVENT_INDEX_NAME.to_string())
+                .build(),
+        )
+        .build();
+    match coll.create_index(model).await {
+        Ok(_) => Ok(IndexState::Created),
+        Err(e) if is_duplicate_key(&e) => Ok(IndexState::Duplicates(match e.kind.as_ref() {
+            ErrorKind::Command(c) => c.message.clone(),
+            _ => e.to_string(),
+        })),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ordo_testkit::TestMongo;
+
+    fn fields() -> EventFields {
+        EventFields {
+            aggregate_id: "streamId".into(),
+            event_id: "version".into(),
+            ..EventFields::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_index_is_created_once_found_after_and_only_when_allowed() {
+        let mongo = TestMongo::start().await.expect("mongodb");
+        let coll = mongo.database().collection::<Document>("events");
+        assert_eq!(
+            ensure_event_index(&coll, &fields(), false).await.unwrap(),
+            IndexState::Missing
+        );
+        coll.insert_one(doc! { "streamId": "a", "version": 1 })
+            .await
+            .unwrap();
+        assert_eq!(
+            ensure_event_index(&coll, &fields(), false).await.unwrap(),
+            IndexState::Missing,
+            "not created when not allowed"
+        );
+        assert_eq!(
+            ensure_event_index(&coll, &fields(), true).await.unwrap(),
+            IndexState::Created
+        );
+        assert_eq!(
+            ensure_event_index(&coll, &fields(), true).await.unwrap(),
+            IndexState::Present(EVENT_INDEX_NAME.into())
+        );
+        let dup = coll
+            .insert_one(doc! { "streamId": "a", "version": 1 })
+            .await;
+        assert!(
+            dup.is_err_and(|e| is_duplicate_key(&e)),
+            "the index enforces one document per version"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicates_and_a_non_unique_index_are_reported_not_hidden() {
+        let mongo = TestMongo::start().await.expect("mongodb");
+        let coll = mongo.database().collection::<Document>("events");
+        coll.insert_many([
+            doc! { "streamId": "a", "version": 1, "n": 1 },
+            doc! { "streamId": "a", "version": 1, "n": 2 },
+        ])
+        .await
+        .unwrap();
+        let state = ensure_event_index(&coll, &fields(), true).await.unwrap();
+        assert!(matches!(state, IndexState::Duplicates(_)), "{state:?}");
+        assert!(state.to_string().contains("duplicate versions"));
+
+        coll.create_index(
+            IndexModel::builder()
+                .keys(doc! { "streamId": 1, "version": 1 })
+                .build(),
+        )
+        .await
+        .unwrap();
+        let state = ensure_event_index(&coll, &fields(), true).await.unwrap();
+        assert!(matches!(state, IndexState::NotUnique(_)), "{state:?}");
+    }
+}

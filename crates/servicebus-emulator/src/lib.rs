@@ -16,7 +16,8 @@
 //! Module map:
 //! - [`config`]: the TOML namespace description ([`EmulatorConfig`]).
 //! - `namespace`: entities, address resolution, duplicate detection, fan-out.
-//! - `store`: per-entity message stores, sessions, locks, settlement and dead-lettering.
+//! - `store`: per-entity message stores, one file per behaviour (see its module docs).
+//! - `clock`: the wall clock locks and TTLs are measured with.
 //! - `server`: the AMQP listener, links, CBS and `$management` (see its module docs).
 //! - `wire`: Service Bus annotation names/types, error conditions, batch format.
 //! - [`stats`]: inspection snapshots; `http` serves them as JSON.
@@ -31,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+mod clock;
 pub mod config;
 pub mod error;
 mod http;
@@ -206,7 +208,12 @@ impl EmulatorHandle {
         self.shared
             .namespace
             .entity(entity_path)
-            .map(|e| e.dead_letters())
+            .map(|e| {
+                e.dead_letters()
+                    .iter()
+                    .map(DeadLetteredMessage::of)
+                    .collect()
+            })
             .ok_or_else(|| Error::EntityNotFound(entity_path.to_owned()))
     }
 

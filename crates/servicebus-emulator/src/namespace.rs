@@ -7,9 +7,10 @@ use std::{
 };
 
 use crate::{
+    clock::now_ms,
     config::EmulatorConfig,
     stats::NamespaceStats,
-    store::{now_ms, AmqpMessage, Entity, EntitySettings, Part, Stored},
+    store::{AmqpMessage, Entity, EntitySettings, Part, Stored},
     wire,
 };
 

@@ -31,7 +31,11 @@ use tracing::{debug, info};
 
 use super::{refuse, ConnCtx};
 use crate::{
-    store::{now_ms, AcquireError, Entity, Holder, LinkId, Next, Part, Settle},
+    clock::now_ms,
+    store::{
+        AcquireError, Entity, Holder, LinkId, Next, Part, Settle, DEAD_LETTER_DESCRIPTION,
+        DEAD_LETTER_REASON,
+    },
     wire,
 };
 
@@ -368,8 +372,8 @@ fn settle_of(outcome: Outcome) -> Settle {
                 _ => None,
             };
             Settle::DeadLetter {
-                reason: text("DeadLetterReason"),
-                description: text("DeadLetterErrorDescription"),
+                reason: text(DEAD_LETTER_REASON),
+                description: text(DEAD_LETTER_DESCRIPTION),
                 properties: None,
             }
         }

@@ -7,10 +7,12 @@
 //! - `ingest`: client-to-broker links that send messages to topics and queues.
 //! - `outcome`: held-back accepts of client transfers (a client race, see there).
 //! - `request`: request/response nodes (`$cbs`, `$management`) and the routing of replies.
+//! - `management`: the `$management` operations, one function each.
 //! - `sasl`: the SASL mechanisms we offer (ANONYMOUS and PLAIN).
 
 mod delivery;
 mod ingest;
+mod management;
 mod outcome;
 mod request;
 mod sasl;

@@ -82,8 +82,8 @@ impl Default for NamespaceConfig {
 pub struct TopicConfig {
     /// Entity name (case-insensitive on the wire, like Service Bus).
     pub name: String,
-    /// Number of partitions; `0`/absent means not partitioned. Partitioned entities enforce the
-    /// "PartitionKey equals SessionId" rule; messages are not physically split.
+    /// Number of partitions; `0`/absent (or 1) means not partitioned. Partitioned entities refuse
+    /// the batches Azure refuses (see the `rules` module); messages are not physically split.
     #[serde(default)]
     pub partition_count: u32,
     /// Largest accepted message (or batch), in bytes.

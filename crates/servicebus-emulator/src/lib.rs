@@ -16,6 +16,7 @@
 //! Module map:
 //! - [`config`]: the TOML namespace description ([`EmulatorConfig`]).
 //! - `namespace`: entities, address resolution, duplicate detection, fan-out.
+//! - `rules`: what a transfer must satisfy to be accepted (Azure's refusals, with sources).
 //! - `store`: per-entity message stores, one file per behaviour (see its module docs).
 //! - `clock`: the wall clock locks and TTLs are measured with.
 //! - `server`: the AMQP listener, links, CBS and `$management` (see its module docs).
@@ -37,6 +38,7 @@ pub mod config;
 pub mod error;
 mod http;
 mod namespace;
+mod rules;
 mod server;
 pub mod stats;
 mod store;

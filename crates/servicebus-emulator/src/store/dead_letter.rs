@@ -18,7 +18,19 @@ const TTL_EXPIRED: (&str, &str) = (
     "The message expired and was dead lettered.",
 );
 
+/// Reason and description of a message without SessionId on a session-enabled subscription,
+/// as Service Bus records them (Azure/azure-service-bus#196; the dead-letter reasons table of
+/// "Overview of Service Bus dead-letter queues", learn.microsoft.com; messages "go to deadletter
+/// when sent to Subscriptions with sessions", Azure/azure-sdk-for-js#1118).
+pub(super) const SESSION_ID_IS_NULL: (&str, &str) = (
+    "Session id is null.",
+    "Session enabled entity doesn't allow a message whose session identifier is null.",
+);
+
 /// Puts a message into a dead-letter queue, recording why in its application properties.
+/// Dead-lettered messages never expire: in a dead-letter queue "time-to-live isn't observed"
+/// and "messages remain in the DLQ until you explicitly retrieve them" (learn.microsoft.com,
+/// "Overview of Service Bus dead-letter queues").
 pub(super) fn push_dead_letter(
     dlq: &mut Store,
     mut stored: Stored,
@@ -26,6 +38,7 @@ pub(super) fn push_dead_letter(
     description: Option<String>,
 ) {
     stored.lock = None;
+    stored.expires_ms = i64::MAX;
     let message = Arc::make_mut(&mut stored.message);
     let app = message
         .application_properties

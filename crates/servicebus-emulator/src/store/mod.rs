@@ -171,6 +171,25 @@ pub(crate) enum Settle {
     Unsent,
 }
 
+/// How a receiver's locks end when its link does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// The receiver closed its link: what it held goes back as it was. Service Bus raises a
+    /// delivery count only when a lock is lost, not when its holder gives it back.
+    Closed,
+    /// The lock expired or the receiver's connection vanished: delivery count + 1.
+    Lost,
+}
+
+impl Release {
+    fn settle(self) -> Settle {
+        match self {
+            Release::Closed => Settle::Unsent,
+            Release::Lost => Settle::Lost,
+        }
+    }
+}
+
 /// Why a session could not be granted.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum AcquireError {
@@ -263,22 +282,38 @@ impl Entity {
         }
     }
 
-    /// Adds freshly accepted messages (already in sequence order).
+    /// Adds freshly accepted messages (already in sequence order). On a session entity a
+    /// message without SessionId cannot be received by anyone, so it goes straight to the
+    /// dead-letter queue, as Service Bus does for a topic's session-enabled subscription.
     pub(crate) fn enqueue(&self, messages: impl IntoIterator<Item = Stored>) {
+        let mut dlq_grew = false;
         {
             let mut state = self.lock();
             let empty: Arc<str> = Arc::from("");
             for stored in messages {
-                let key = if self.settings.requires_session {
-                    stored.session.clone()
-                } else {
-                    empty.clone()
+                let key = match self.settings.requires_session {
+                    true if stored.session.is_empty() => {
+                        let (reason, description) = dead_letter::SESSION_ID_IS_NULL;
+                        dead_letter::push_dead_letter(
+                            &mut state.dlq,
+                            stored,
+                            Some(reason.to_owned()),
+                            Some(description.to_owned()),
+                        );
+                        dlq_grew = true;
+                        continue;
+                    }
+                    true => stored.session.clone(),
+                    false => empty.clone(),
                 };
                 let store = &mut state.main;
                 store.next_ttl_check_ms = store.next_ttl_check_ms.min(stored.expires_ms);
                 store.len += 1;
                 store.sessions.entry(key).or_default().insert(stored);
             }
+        }
+        if dlq_grew {
+            self.dlq_notify.notify_waiters();
         }
         self.notify.notify_waiters();
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{
     settle::settle_in, AcquireError, Entity, EntitySettings, EntityState, Holder, LockError,
-    SessionLock, SessionQueue, Settle,
+    Release, SessionLock, SessionQueue,
 };
 
 impl Entity {
@@ -50,7 +50,7 @@ impl Entity {
         let released = match &queue.lock {
             Some(lock) if lock.until_ms > now => return (Err(AcquireError::Locked), false),
             Some(_) => {
-                release_session_messages(state, &key, &self.settings);
+                release_session_messages(state, &key, &self.settings, Release::Lost);
                 true
             }
             None => false,
@@ -83,7 +83,7 @@ impl Entity {
         }
         let released = !expired.is_empty();
         for key in expired {
-            release_session_messages(state, &key, &self.settings);
+            release_session_messages(state, &key, &self.settings, Release::Lost);
         }
         match best {
             Some((_, key)) => (Ok(self.grant(state, key, holder, now)), released),
@@ -191,11 +191,14 @@ pub(super) fn held_lock<'a>(
     }
 }
 
-/// Drops a session lock and puts every message it had locked back in line.
+/// Drops a session lock and puts every message it had locked back in line: as a lost lock
+/// (delivery count + 1) when the lock expired or its connection vanished, untouched when its
+/// receiver closed the link ([`Release`]).
 pub(super) fn release_session_messages(
     state: &mut EntityState,
     key: &Arc<str>,
     settings: &EntitySettings,
+    release: Release,
 ) {
     let Some(queue) = state.main.sessions.get_mut(key) else {
         return;
@@ -211,7 +214,7 @@ pub(super) fn release_session_messages(
             &mut state.main,
             Some(&mut state.dlq),
             token,
-            Settle::Lost,
+            release.settle(),
             settings,
         );
     }

@@ -16,7 +16,7 @@ use fe2o3_amqp_types::messaging::MessageAnnotations;
 use super::{
     dead_letter::{push_dead_letter, redeliver_or_dead_letter},
     session::release_session_messages,
-    Entity, EntitySettings, EntityState, LinkId, LockError, Part, Settle, Store, Stored,
+    Entity, EntitySettings, EntityState, LinkId, LockError, Part, Release, Settle, Store, Stored,
 };
 
 impl Entity {
@@ -86,14 +86,16 @@ impl Entity {
         settle_in(store, None, token, Settle::Unsent, &self.settings);
     }
 
-    /// Releases what a closing link still holds: its unsettled messages (delivery count + 1,
-    /// ahead of later messages) and its session lock.
+    /// Releases what an ending link still holds: its unsettled messages (ahead of later
+    /// messages; delivery count + 1 unless `release` says the receiver closed the link) and its
+    /// session lock.
     pub(crate) fn release_link(
         &self,
         part: Part,
         tokens: impl IntoIterator<Item = u128>,
         session: Option<&Arc<str>>,
         link: LinkId,
+        release: Release,
     ) {
         let mut dlq_grew = false;
         let mut main_grew = false;
@@ -101,14 +103,20 @@ impl Entity {
             let mut guard = self.lock();
             let state = &mut *guard;
             for token in tokens {
-                let (m, d) = lose_lock(state, part, token, &self.settings);
+                let (m, d) = match release {
+                    Release::Lost => lose_lock(state, part, token, &self.settings),
+                    Release::Closed => {
+                        let store = state.store_mut(part);
+                        settle_in(store, None, token, Settle::Unsent, &self.settings)
+                    }
+                };
                 main_grew |= m;
                 dlq_grew |= d;
             }
             if let Some(key) = session {
                 if let Some(queue) = state.main.sessions.get_mut(key) {
                     if queue.lock.as_ref().is_some_and(|l| l.holder.link == link) {
-                        release_session_messages(state, key, &self.settings);
+                        release_session_messages(state, key, &self.settings, release);
                         main_grew = true;
                         dlq_grew = true;
                     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{
     dead_letter::expire, deferred::settle_deferred, session::release_session_messages,
-    settle::lose_lock, Entity, EntityState, Part, Settle,
+    settle::lose_lock, Entity, EntityState, Part, Release, Settle,
 };
 
 /// Which stores gained available messages during a sweep, so their links are woken.
@@ -46,7 +46,7 @@ impl Entity {
             .map(|(k, _)| k.clone())
             .collect();
         for key in expired {
-            release_session_messages(state, &key, &self.settings);
+            release_session_messages(state, &key, &self.settings, Release::Lost);
             grew.main = true;
             grew.dlq = true;
         }

@@ -44,6 +44,12 @@ pub struct NamespaceConfig {
     /// emulator is for local use, and CBS tokens made from any key are accepted.
     #[serde(default = "default_key")]
     pub key: String,
+    /// Added before every byte the broker sends reaches the client (attach, transfer outcome,
+    /// disposition, `$management` and `$cbs` answers, deliveries), to play the network round
+    /// trip to Azure (in-region: a few milliseconds) on loopback. `"0s"` (the default) adds
+    /// nothing.
+    #[serde(default, with = "duration")]
+    pub round_trip: Duration,
     /// Host name written into the connection string; defaults to the bind address.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -70,6 +76,7 @@ impl Default for NamespaceConfig {
         Self {
             key_name: default_key_name(),
             key: default_key(),
+            round_trip: Duration::ZERO,
             hostname: None,
             session_accept_timeout: default_accept_timeout(),
         }

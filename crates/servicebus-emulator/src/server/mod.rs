@@ -8,10 +8,12 @@
 //! - `outcome`: held-back accepts of client transfers (a client race, see there).
 //! - `request`: request/response nodes (`$cbs`, `$management`) and the routing of replies.
 //! - `management`: the `$management` operations, one function each.
+//! - `latency`: the configured round trip, added to everything the broker sends.
 //! - `sasl`: the SASL mechanisms we offer (ANONYMOUS and PLAIN).
 
 mod delivery;
 mod ingest;
+mod latency;
 mod management;
 mod outcome;
 mod request;
@@ -126,8 +128,17 @@ async fn connection(stream: TcpStream, ctx: ConnCtx) {
         .idle_time_out(120_000u32)
         .sasl_acceptor(sasl::Mechanisms::new(&ns.key_name, &ns.key))
         .build();
+    let round_trip = ns.round_trip;
+    let accept = async {
+        if round_trip.is_zero() {
+            acceptor.accept(stream).await
+        } else {
+            let delayed = latency::delayed(stream, round_trip, &ctx.tracker);
+            acceptor.accept(delayed).await
+        }
+    };
     let accepted = tokio::select! {
-        r = acceptor.accept(stream) => r,
+        r = accept => r,
         _ = ctx.cancel.cancelled() => {
             let _ = killer.shutdown(Shutdown::Both);
             return;

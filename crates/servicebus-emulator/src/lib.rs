@@ -15,6 +15,7 @@
 //!
 //! Module map:
 //! - [`config`]: the TOML namespace description ([`EmulatorConfig`]).
+//! - `auth`: SAS tokens, authorization rules and what a connection may do.
 //! - `namespace`: entities, address resolution, duplicate detection, fan-out.
 //! - `rules`: what a transfer must satisfy to be accepted (Azure's refusals, with sources).
 //! - `store`: per-entity message stores, one file per behaviour (see its module docs).
@@ -33,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 mod clock;
 pub mod config;
 pub mod error;
@@ -54,7 +56,10 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
-pub use config::{EmulatorConfig, NamespaceConfig, QueueConfig, SubscriptionConfig, TopicConfig};
+pub use config::{
+    AccessRight, AuthorizationRule, EmulatorConfig, NamespaceConfig, QueueConfig,
+    SubscriptionConfig, TopicConfig,
+};
 pub use error::{ConfigError, Error};
 pub use stats::{DeadLetteredMessage, EntityStats, NamespaceStats, SessionStats};
 

@@ -48,6 +48,7 @@ pub(crate) const ERR_MESSAGE_NOT_FOUND: &str = "com.microsoft:message-not-found"
 pub(crate) const ERR_ARGUMENT: &str = "com.microsoft:argument-error";
 pub(crate) const ERR_NOT_IMPLEMENTED: &str = "amqp:not-implemented";
 pub(crate) const ERR_NOT_ALLOWED: &str = "amqp:not-allowed";
+pub(crate) const ERR_UNAUTHORIZED: &str = "amqp:unauthorized-access";
 pub(crate) const ERR_ARGUMENT_OUT_OF_RANGE: &str = "com.microsoft:argument-out-of-range";
 
 pub(crate) const SESSION_LOCK_LOST_TEXT: &str =

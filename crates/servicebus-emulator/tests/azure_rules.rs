@@ -256,3 +256,63 @@ fn closing_a_session_receiver_gives_its_messages_back_without_raising_the_delive
         emulator.shutdown().await;
     });
 }
+
+/// A connection string for the same emulator with another key name and key.
+fn with_key(emulator: &EmulatorHandle, name: &str, key: &str) -> String {
+    let namespace = EmulatorConfig::default_ordo().namespace;
+    emulator
+        .connection_string()
+        .replace(&namespace.key_name, name)
+        .replace(&namespace.key, key)
+}
+
+async fn client_for(connection_string: String) -> Result<Client, String> {
+    azservicebus::ServiceBusClient::unsecured()
+        .new_from_connection_string(connection_string, Default::default())
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn tokens_are_verified_and_links_need_the_right_for_their_entity() {
+    run(async {
+        let mut config = EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap();
+        config.namespace.authorization_rules = vec![ordo_servicebus_emulator::AuthorizationRule {
+            name: "sender".into(),
+            key: "sender-key".into(),
+            rights: vec![ordo_servicebus_emulator::AccessRight::Send],
+        }];
+        let emulator = start(config).await;
+        // A wrong key and an unknown key name: put-token answers 401, no link opens.
+        for (name, key) in [("sender", "wrong"), ("nobody", "sender-key")] {
+            let mut client = client_for(with_key(&emulator, name, key)).await.unwrap();
+            let refused = within(
+                30,
+                client.create_sender("mixed", ServiceBusSenderOptions::default()),
+            )
+            .await
+            .map(|_| ())
+            .unwrap_err();
+            let text = format!("{refused:?}");
+            assert!(text.contains("InvalidSignature"), "{name}/{key}: {text}");
+        }
+        // A Send key sends, and cannot receive.
+        let mut client = client_for(with_key(&emulator, "sender", "sender-key"))
+            .await
+            .unwrap();
+        send_to(&mut client, "mixed", vec![message("k", "k:1", b"1")])
+            .await
+            .unwrap();
+        assert_eq!(active(&emulator, "mixed/Subscriptions/s"), 1);
+        let refused = within(
+            30,
+            client.create_receiver_for_subscription("mixed", "plain", Default::default()),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+        let text = format!("{refused:?}");
+        assert!(text.contains("'Listen' claim(s) are required"), "{text}");
+        emulator.shutdown().await;
+    });
+}

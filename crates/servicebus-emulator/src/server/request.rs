@@ -218,7 +218,7 @@ async fn request_loop(
             return;
         }
         let reply = match &node {
-            Node::Cbs => put_token(&request),
+            Node::Cbs => put_token(&request, &ctx),
             Node::Management { entity, part, path } => {
                 super::management::answer(&request, entity.as_deref(), *part, path, &ctx)
             }
@@ -327,20 +327,44 @@ pub(super) fn app_text<'a>(request: &'a AmqpMessage, name: &str) -> Option<&'a s
     }
 }
 
-/// CBS put-token: every token is accepted (the emulator does not verify signatures), with the
-/// 202 status every Service Bus client checks for.
-fn put_token(request: &AmqpMessage) -> Reply {
-    match app_text(request, "operation") {
-        Some("put-token") => Reply {
-            status: 202,
-            description: "Accepted".into(),
-            condition: None,
-            body: Value::Null,
-        },
-        other => Reply::error(
+/// CBS put-token: the token is verified against the namespace's keys (see `auth`) and kept for
+/// the connection's links, answered with the 202 every Service Bus client checks for, or 401
+/// with the reason. With `require_authorization = false` every token gets 202.
+fn put_token(request: &AmqpMessage, ctx: &ConnCtx) -> Reply {
+    if app_text(request, "operation") != Some("put-token") {
+        return Reply::error(
             400,
             wire::ERR_NOT_IMPLEMENTED,
-            format!("unsupported $cbs operation {other:?}"),
-        ),
+            format!(
+                "unsupported $cbs operation {:?}",
+                app_text(request, "operation")
+            ),
+        );
+    }
+    let accepted = Reply {
+        status: 202,
+        description: "Accepted".into(),
+        condition: None,
+        body: Value::Null,
+    };
+    if !ctx.shared.config.namespace.require_authorization {
+        return accepted;
+    }
+    let token = match &request.body {
+        Body::Value(AmqpValue(Value::String(t))) => t.as_str(),
+        _ => "",
+    };
+    let name = app_text(request, "name").unwrap_or_default();
+    match crate::auth::verify(token, name, &ctx.shared.keys, crate::clock::now_ms()) {
+        Ok(grant) => {
+            ctx.auth.put(grant);
+            accepted
+        }
+        Err(denied) => Reply {
+            status: 401,
+            description: denied.0,
+            condition: Some(wire::ERR_UNAUTHORIZED),
+            body: Value::Null,
+        },
     }
 }

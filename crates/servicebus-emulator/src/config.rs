@@ -37,13 +37,28 @@ pub struct EmulatorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
-    /// Shared access key name put in the connection string (and required for SASL PLAIN).
+    /// Name of the namespace's Manage key, put in the connection string (Azure's
+    /// `RootManageSharedAccessKey`).
     #[serde(default = "default_key_name")]
     pub key_name: String,
-    /// Shared access key put in the connection string. Signatures are not verified: the
-    /// emulator is for local use, and CBS tokens made from any key are accepted.
+    /// The Manage key itself. CBS tokens are verified against it and against
+    /// [`NamespaceConfig::authorization_rules`], as Service Bus verifies them.
     #[serde(default = "default_key")]
     pub key: String,
+    /// More named keys with their rights, like a namespace's shared access policies.
+    #[serde(default)]
+    pub authorization_rules: Vec<AuthorizationRule>,
+    /// Whether put-token verifies SAS tokens and links need a valid one (or a SASL PLAIN
+    /// login) for their entity and right, as on Service Bus. Off, every put-token is answered
+    /// 202 and any client may attach.
+    #[serde(default = "default_true")]
+    pub require_authorization: bool,
+    /// Added before every byte the broker sends reaches the client (attach, transfer outcome,
+    /// disposition, `$management` and `$cbs` answers, deliveries), to play the network round
+    /// trip to Azure (in-region: a few milliseconds) on loopback. `"0s"` (the default) adds
+    /// nothing.
+    #[serde(default, with = "duration")]
+    pub round_trip: Duration,
     /// Host name written into the connection string; defaults to the bind address.
     #[serde(default)]
     pub hostname: Option<String>,
@@ -51,6 +66,46 @@ pub struct NamespaceConfig {
     /// `com.microsoft:timeout` (Service Bus: 60 s). Tests shorten it.
     #[serde(default = "default_accept_timeout", with = "duration")]
     pub session_accept_timeout: Duration,
+}
+
+/// A right of an authorization rule.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AccessRight {
+    /// Send to topics and queues.
+    Send,
+    /// Receive from subscriptions and queues.
+    Listen,
+    /// Everything (implies Send and Listen).
+    Manage,
+}
+
+/// A named key with its rights (Azure: a shared access authorization rule).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRule {
+    /// Key name (`skn` in a SAS token).
+    pub name: String,
+    /// The key tokens are signed with.
+    pub key: String,
+    /// What tokens signed with this key may do.
+    pub rights: Vec<AccessRight>,
+}
+
+impl NamespaceConfig {
+    /// Every key of the namespace: the Manage key of the connection string, then the rules.
+    pub fn keys(&self) -> Vec<AuthorizationRule> {
+        let mut keys = vec![AuthorizationRule {
+            name: self.key_name.clone(),
+            key: self.key.clone(),
+            rights: vec![AccessRight::Manage],
+        }];
+        keys.extend(self.authorization_rules.iter().cloned());
+        keys
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_accept_timeout() -> Duration {
@@ -70,6 +125,9 @@ impl Default for NamespaceConfig {
         Self {
             key_name: default_key_name(),
             key: default_key(),
+            authorization_rules: Vec::new(),
+            require_authorization: true,
+            round_trip: Duration::ZERO,
             hostname: None,
             session_accept_timeout: default_accept_timeout(),
         }
@@ -82,8 +140,8 @@ impl Default for NamespaceConfig {
 pub struct TopicConfig {
     /// Entity name (case-insensitive on the wire, like Service Bus).
     pub name: String,
-    /// Number of partitions; `0`/absent means not partitioned. Partitioned entities enforce the
-    /// "PartitionKey equals SessionId" rule; messages are not physically split.
+    /// Number of partitions; `0`/absent (or 1) means not partitioned. Partitioned entities refuse
+    /// the batches Azure refuses (see the `rules` module); messages are not physically split.
     #[serde(default)]
     pub partition_count: u32,
     /// Largest accepted message (or batch), in bytes.
@@ -211,6 +269,23 @@ impl EmulatorConfig {
 
     /// Checks the values a TOML parser cannot: names, ranges, uniqueness.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut key_names = std::collections::HashSet::new();
+        for (i, rule) in self.namespace.keys().iter().enumerate() {
+            let key = |field: &str| match i {
+                0 => format!("namespace.{field}"),
+                _ => format!("namespace.authorization_rules[{}].{field}", i - 1),
+            };
+            if rule.name.is_empty() || !key_names.insert(rule.name.clone()) {
+                return Err(invalid(
+                    key(if i == 0 { "key_name" } else { "name" }),
+                    &rule.name,
+                    "key names must be non-empty and unique",
+                ));
+            }
+            if rule.key.is_empty() {
+                return Err(invalid(key("key"), "", "a key must not be empty"));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, topic) in self.topics.iter().enumerate() {
             let key = |field: &str| format!("topics[{i}].{field}");

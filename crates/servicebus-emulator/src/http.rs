@@ -43,7 +43,14 @@ async fn dead_letters(
     Query(query): Query<DeadLetterQuery>,
 ) -> axum::response::Response {
     match shared.namespace.entity(&query.entity) {
-        Some(entity) => Json(entity.dead_letters()).into_response(),
+        Some(entity) => Json(
+            entity
+                .dead_letters()
+                .iter()
+                .map(crate::stats::DeadLetteredMessage::of)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
         None => (
             StatusCode::NOT_FOUND,
             format!("entity not found: {}", query.entity),

@@ -15,8 +15,11 @@
 //!
 //! Module map:
 //! - [`config`]: the TOML namespace description ([`EmulatorConfig`]).
+//! - `auth`: SAS tokens, authorization rules and what a connection may do.
 //! - `namespace`: entities, address resolution, duplicate detection, fan-out.
-//! - `store`: per-entity message stores, sessions, locks, settlement and dead-lettering.
+//! - `rules`: what a transfer must satisfy to be accepted (Azure's refusals, with sources).
+//! - `store`: per-entity message stores, one file per behaviour (see its module docs).
+//! - `clock`: the wall clock locks and TTLs are measured with.
 //! - `server`: the AMQP listener, links, CBS and `$management` (see its module docs).
 //! - `wire`: Service Bus annotation names/types, error conditions, batch format.
 //! - [`stats`]: inspection snapshots; `http` serves them as JSON.
@@ -31,10 +34,13 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
+mod clock;
 pub mod config;
 pub mod error;
 mod http;
 mod namespace;
+mod rules;
 mod server;
 pub mod stats;
 mod store;
@@ -50,7 +56,10 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
-pub use config::{EmulatorConfig, NamespaceConfig, QueueConfig, SubscriptionConfig, TopicConfig};
+pub use config::{
+    AccessRight, AuthorizationRule, EmulatorConfig, NamespaceConfig, QueueConfig,
+    SubscriptionConfig, TopicConfig,
+};
 pub use error::{ConfigError, Error};
 pub use stats::{DeadLetteredMessage, EntityStats, NamespaceStats, SessionStats};
 
@@ -206,7 +215,12 @@ impl EmulatorHandle {
         self.shared
             .namespace
             .entity(entity_path)
-            .map(|e| e.dead_letters())
+            .map(|e| {
+                e.dead_letters()
+                    .iter()
+                    .map(DeadLetteredMessage::of)
+                    .collect()
+            })
             .ok_or_else(|| Error::EntityNotFound(entity_path.to_owned()))
     }
 

@@ -7,9 +7,11 @@ use std::{
 };
 
 use crate::{
+    clock::now_ms,
     config::EmulatorConfig,
+    rules::{self, Admission, Refusal},
     stats::NamespaceStats,
-    store::{now_ms, AmqpMessage, Entity, EntitySettings, Part, Stored},
+    store::{AmqpMessage, Entity, EntitySettings, Part, Stored},
     wire,
 };
 
@@ -18,7 +20,7 @@ use crate::{
 pub(crate) struct Ingress {
     pub name: String,
     pub max_message_size: u64,
-    partitioned: bool,
+    admission: Admission,
     dedup_window_ms: Option<i64>,
     ttl_ms: i64,
     state: Mutex<IngressState>,
@@ -40,35 +42,11 @@ pub(crate) struct Ingested {
     pub duplicates: usize,
 }
 
-/// Why a transfer was refused.
-#[derive(Debug)]
-pub(crate) struct Refusal {
-    pub condition: &'static str,
-    pub description: String,
-}
-
 impl Ingress {
     /// Accepts the messages of one transfer atomically: either all are checked and enqueued (or
     /// dropped as duplicates), or the transfer is refused.
     pub(crate) fn ingest(&self, messages: Vec<AmqpMessage>) -> Result<Ingested, Refusal> {
-        for message in &messages {
-            let session = message
-                .properties
-                .as_ref()
-                .and_then(|p| p.group_id.as_deref());
-            if let (Some(session), Some(key)) = (session, wire::partition_key(message)) {
-                if session != key {
-                    return Err(Refusal {
-                        condition: "amqp:not-allowed",
-                        description: format!(
-                            "PartitionKey {key:?} is different from SessionId {session:?}: \
-                             both must be equal when set"
-                        ),
-                    });
-                }
-            }
-            let _ = self.partitioned;
-        }
+        rules::admit(&messages, self.admission)?;
         let now = now_ms();
         let mut outcome = Ingested::default();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -178,7 +156,11 @@ impl Namespace {
                 Arc::new(Ingress {
                     name: topic.name.clone(),
                     max_message_size: topic.max_message_size_bytes,
-                    partitioned: topic.partition_count > 1,
+                    admission: Admission {
+                        partitioned: topic.partition_count > 1,
+                        duplicate_detection: topic.duplicate_detection_window.is_some(),
+                        requires_session: false,
+                    },
                     dedup_window_ms: topic
                         .duplicate_detection_window
                         .map(|d| d.as_millis() as i64),
@@ -208,7 +190,11 @@ impl Namespace {
                 Arc::new(Ingress {
                     name: queue.name.clone(),
                     max_message_size: queue.max_message_size_bytes,
-                    partitioned: queue.partition_count > 1,
+                    admission: Admission {
+                        partitioned: queue.partition_count > 1,
+                        duplicate_detection: queue.duplicate_detection_window.is_some(),
+                        requires_session: queue.requires_session,
+                    },
                     dedup_window_ms: queue
                         .duplicate_detection_window
                         .map(|d| d.as_millis() as i64),

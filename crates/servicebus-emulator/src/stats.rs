@@ -72,3 +72,27 @@ pub struct DeadLetteredMessage {
     /// Concatenated `Data` sections of the body (empty for other body kinds).
     pub body: Vec<u8>,
 }
+
+impl DeadLetteredMessage {
+    /// The inspection view of a stored dead-lettered message.
+    pub(crate) fn of(stored: &crate::store::Stored) -> Self {
+        use fe2o3_amqp_types::primitives::SimpleValue;
+
+        use crate::store::{DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON};
+        let message = &stored.message;
+        let app = message.application_properties.as_ref();
+        let text = |name: &str| match app.and_then(|a| a.0.get(name)) {
+            Some(SimpleValue::String(v)) => Some(v.clone()),
+            _ => None,
+        };
+        Self {
+            sequence_number: stored.seq,
+            message_id: crate::wire::message_id_text(message),
+            session_id: message.properties.as_ref().and_then(|p| p.group_id.clone()),
+            reason: text(DEAD_LETTER_REASON),
+            description: text(DEAD_LETTER_DESCRIPTION),
+            delivery_count: stored.delivery_count,
+            body: crate::wire::body_bytes(message),
+        }
+    }
+}

@@ -47,6 +47,9 @@ pub(crate) const ERR_NOT_FOUND: &str = "amqp:not-found";
 pub(crate) const ERR_MESSAGE_NOT_FOUND: &str = "com.microsoft:message-not-found";
 pub(crate) const ERR_ARGUMENT: &str = "com.microsoft:argument-error";
 pub(crate) const ERR_NOT_IMPLEMENTED: &str = "amqp:not-implemented";
+pub(crate) const ERR_NOT_ALLOWED: &str = "amqp:not-allowed";
+pub(crate) const ERR_UNAUTHORIZED: &str = "amqp:unauthorized-access";
+pub(crate) const ERR_ARGUMENT_OUT_OF_RANGE: &str = "com.microsoft:argument-out-of-range";
 
 pub(crate) const SESSION_LOCK_LOST_TEXT: &str =
     "The session lock has expired or the session is not locked by this receiver.";
@@ -60,12 +63,20 @@ pub(crate) fn lock_lost(e: LockError) -> definitions::Error {
     }
 }
 
-/// An AMQP error with a (possibly vendor-specific) condition symbol.
+/// An AMQP error with a (possibly vendor-specific) condition symbol. Like Service Bus it
+/// carries an `info` map with a tracking id: Microsoft's Python SDK reads the error of a
+/// rejected transfer as a three-field list and fails with an `IndexError` when `info` is left
+/// out, never reporting the refusal.
 pub(crate) fn error(condition: &str, description: impl Into<String>) -> definitions::Error {
+    let mut info = definitions::Fields::new();
+    info.insert(
+        Symbol::from("com.microsoft:tracking-id"),
+        Value::String(uuid::Uuid::new_v4().to_string()),
+    );
     definitions::Error::new(
         ErrorCondition::Custom(Symbol::from(condition)),
         Some(description.into()),
-        None,
+        Some(info),
     )
 }
 

@@ -135,8 +135,8 @@ async fn start_for_clients() -> EmulatorHandle {
     start(EmulatorConfig::from_toml_str(CONFIG).unwrap()).await
 }
 
-#[test]
-fn python_sdk_azure_servicebus() {
+/// The Python interpreter of `.venv`, failing the test unless the pinned SDK is installed.
+fn provisioned_python() -> PathBuf {
     let python = workspace_root().join(".venv").join("bin").join("python");
     let installed = std::process::Command::new(&python)
         .args([
@@ -151,6 +151,12 @@ fn python_sdk_azure_servicebus() {
             "azure-servicebus {PYTHON_SDK_VERSION} is not installed in .venv (found {version:?})"
         ));
     }
+    python
+}
+
+#[test]
+fn python_sdk_azure_servicebus() {
+    let python = provisioned_python();
     run(async move {
         let emulator = start_for_clients().await;
         run_client(&emulator, python, "python_sdk.py").await;
@@ -189,6 +195,50 @@ fn javascript_sdk_azure_service_bus() {
         let emulator = start_for_clients().await;
         run_client(&emulator, PathBuf::from("node"), "js_sdk.mjs").await;
         check_emulator_after(&emulator);
+        emulator.shutdown().await;
+    });
+}
+
+/// The rules of `azure_rules.rs` seen through the Python SDK: refused batches on partitioned
+/// topics, refused scheduled messages and long ids, a session-less message dead-lettered on the
+/// session subscription, dead letters outliving their time-to-live, a closed session receiver's
+/// messages redelivered without a higher delivery count.
+#[test]
+fn python_sdk_meets_the_azure_rules() {
+    let python = provisioned_python();
+    run(async move {
+        let emulator = start(EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap()).await;
+        let mut command = tokio::process::Command::new(&python);
+        command
+            .arg(clients_dir().join("python_rules.py"))
+            .arg(emulator.connection_string())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(CLIENT_TIMEOUT, command.output())
+            .await
+            .expect("python_rules.py finishes")
+            .expect("python runs");
+        assert!(
+            output.status.success(),
+            "python_rules.py failed with {}\n--- stdout\n{}\n--- stderr\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        let dead = emulator.subscription_dead_letters("mixed", "s").unwrap();
+        let ids: Vec<_> = dead.iter().map(|d| d.message_id.as_deref()).collect();
+        // Both session-less messages the script sent reached the session subscription too.
+        assert_eq!(ids, vec![Some("py-n:1"), Some("py-t:1")]);
+        assert!(dead
+            .iter()
+            .all(|d| d.reason.as_deref() == Some("Session id is null.")));
+        let stats = emulator.stats();
+        assert_eq!(
+            stats.entity("part-dedup/Subscriptions/s").unwrap().active,
+            2
+        );
+        assert_eq!(stats.entity("part/Subscriptions/s").unwrap().active, 2);
+        assert_eq!(stats.entity("mixed/Subscriptions/s").unwrap().active, 0);
         emulator.shutdown().await;
     });
 }

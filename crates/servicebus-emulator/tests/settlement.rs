@@ -184,13 +184,7 @@ fn oversized_messages_are_refused() {
             .is_err());
 
         // A client that sends anyway is refused on the wire with the AMQP size condition.
-        let url = format!("amqp://{}:5672", emulator.address().ip());
-        let mut connection = fe2o3_amqp::Connection::builder()
-            .container_id("raw")
-            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
-            .open(url.as_str())
-            .await
-            .unwrap();
+        let mut connection = raw_connection(&emulator).await;
         let mut session = fe2o3_amqp::Session::begin(&mut connection).await.unwrap();
         let mut raw = fe2o3_amqp::Sender::attach(&mut session, "big", TOPIC)
             .await

@@ -6,8 +6,9 @@
 //! the source filter and the lock expiry in the `com.microsoft:locked-until-utc` link property.
 //!
 //! While a link runs, every message it took is tracked: sent-but-unsettled ones are released
-//! with delivery count + 1 when the link, connection or session lock goes away; one taken but
-//! not yet sent (waiting for credit) goes back untouched.
+//! with delivery count + 1 when the connection or session lock goes away (or a plain receiver's
+//! link ends), and untouched when the client closes a session receiver; one taken but not yet
+//! sent (waiting for credit) goes back untouched.
 
 use std::{
     collections::HashSet,
@@ -17,7 +18,7 @@ use std::{
 
 use fe2o3_amqp::{
     acceptor::{LinkAcceptor, LinkEndpoint, ListenerSessionHandle},
-    link::{DispositionResponder, Sender},
+    link::{DetachError, DispositionResponder, LinkStateError, SendError, Sender},
 };
 use fe2o3_amqp_types::{
     definitions::{DeliveryTag, Fields, SenderSettleMode},
@@ -31,7 +32,11 @@ use tracing::{debug, info};
 
 use super::{refuse, ConnCtx};
 use crate::{
-    store::{now_ms, AcquireError, Entity, Holder, LinkId, Next, Part, Settle},
+    clock::now_ms,
+    store::{
+        AcquireError, Entity, Holder, LinkId, Next, Part, Release, Settle, DEAD_LETTER_DESCRIPTION,
+        DEAD_LETTER_REASON,
+    },
     wire,
 };
 
@@ -49,8 +54,13 @@ impl Ready {
     /// Gives back a granted session lock that will never be used.
     pub(crate) fn abandon(self) {
         if let Some((id, _)) = &self.grant {
-            self.entity
-                .release_link(Part::Main, std::iter::empty(), Some(id), self.link);
+            self.entity.release_link(
+                Part::Main,
+                std::iter::empty(),
+                Some(id),
+                self.link,
+                Release::Closed,
+            );
         }
     }
 }
@@ -300,7 +310,14 @@ async fn start(
         Err(e) => {
             debug!(connection = ctx.id, error = %e, "receiver attach failed");
             if session_id.is_some() {
-                entity.release_link(Part::Main, std::iter::empty(), session_id.as_ref(), link);
+                let session = session_id.as_ref();
+                entity.release_link(
+                    Part::Main,
+                    std::iter::empty(),
+                    session,
+                    link,
+                    Release::Closed,
+                );
             }
         }
     }
@@ -368,8 +385,8 @@ fn settle_of(outcome: Outcome) -> Settle {
                 _ => None,
             };
             Settle::DeadLetter {
-                reason: text("DeadLetterReason"),
-                description: text("DeadLetterErrorDescription"),
+                reason: text(DEAD_LETTER_REASON),
+                description: text(DEAD_LETTER_DESCRIPTION),
                 properties: None,
             }
         }
@@ -389,8 +406,8 @@ impl Run {
             self.part,
             outstanding.clone(),
         ));
-        let lost = self.deliver(&mut sender, &outstanding, fut_tx).await;
-        if lost {
+        let end = self.deliver(&mut sender, &outstanding, fut_tx).await;
+        if end == End::SessionLockLost {
             let error = wire::error(
                 wire::ERR_SESSION_LOCK_LOST,
                 "The session lock has expired on the MessageSession. Accept a new MessageSession.",
@@ -412,18 +429,24 @@ impl Run {
             .unwrap_or_else(|e| e.into_inner())
             .drain()
             .collect();
+        // Only a session receiver's own close gives its messages back untouched; a plain
+        // receiver's locks would outlive its link on Service Bus and expire (count + 1).
+        let release = match end {
+            End::ClosedByClient if self.session.is_some() => Release::Closed,
+            _ => Release::Lost,
+        };
         self.entity
-            .release_link(self.part, tokens, self.session.as_ref(), self.link);
-        debug!(connection = self.ctx.id, entity = %self.entity.path, "receiver link ended");
+            .release_link(self.part, tokens, self.session.as_ref(), self.link, release);
+        debug!(connection = self.ctx.id, entity = %self.entity.path, ?end, "receiver link ended");
     }
 
-    /// Returns true when the session lock was lost (the link is then detached with an error).
+    /// Delivers until the link ends, and says why it ended.
     async fn deliver(
         &self,
         sender: &mut Sender,
         outstanding: &Outstanding,
         fut_tx: mpsc::UnboundedSender<(u128, DeliveryFuture)>,
-    ) -> bool {
+    ) -> End {
         let notify = self.entity.notifier(self.part);
         loop {
             let notified = notify.notified();
@@ -457,7 +480,7 @@ impl Run {
                         }
                         _ = self.ctx.cancel.cancelled() => {
                             self.unsend(token);
-                            return false;
+                            return End::ConnectionGone;
                         }
                     };
                     match sent {
@@ -472,7 +495,7 @@ impl Run {
                         Err(e) => {
                             debug!(error = %e, "send failed");
                             self.unsend(token);
-                            return false;
+                            return End::of_send_error(&e);
                         }
                     }
                 }
@@ -482,13 +505,13 @@ impl Run {
                         _ = &mut notified => {}
                         e = sender.on_detach() => {
                             debug!(connection = self.ctx.id, error = %e, "receiver detached");
-                            return false;
+                            return End::of_detach(&e);
                         }
-                        _ = self.ctx.cancel.cancelled() => return false,
+                        _ = self.ctx.cancel.cancelled() => return End::ConnectionGone,
                         _ = tokio::time::sleep(expiry) => {}
                     }
                 }
-                Next::SessionLockLost => return true,
+                Next::SessionLockLost => return End::SessionLockLost,
             }
         }
     }
@@ -503,6 +526,42 @@ impl Run {
         if !self.delete {
             self.entity
                 .settle(self.part, token, Settle::Unsent, now_ms());
+        }
+    }
+}
+
+/// Why a delivering link ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client detached or closed the link.
+    ClosedByClient,
+    /// The connection or session went away (or the broker is suspending).
+    ConnectionGone,
+    /// The session lock expired or was taken over; the link is detached with an error.
+    SessionLockLost,
+}
+
+impl End {
+    fn of_detach(error: &DetachError) -> Self {
+        #[allow(deprecated)] // `DetachedByRemote` is still what fe2o3 reports for a plain detach
+        match error {
+            DetachError::ClosedByRemote
+            | DetachError::DetachedByRemote
+            | DetachError::RemoteDetachedWithError(_) => End::ClosedByClient,
+            _ => End::ConnectionGone,
+        }
+    }
+
+    fn of_send_error(error: &SendError) -> Self {
+        match error {
+            SendError::Detached(e) => End::of_detach(e),
+            SendError::LinkStateError(
+                LinkStateError::RemoteDetached
+                | LinkStateError::RemoteClosed
+                | LinkStateError::RemoteDetachedWithError(_)
+                | LinkStateError::RemoteClosedWithError(_),
+            ) => End::ClosedByClient,
+            _ => End::ConnectionGone,
         }
     }
 }

@@ -7,10 +7,14 @@
 //! - `ingest`: client-to-broker links that send messages to topics and queues.
 //! - `outcome`: held-back accepts of client transfers (a client race, see there).
 //! - `request`: request/response nodes (`$cbs`, `$management`) and the routing of replies.
+//! - `management`: the `$management` operations, one function each.
+//! - `latency`: the configured round trip, added to everything the broker sends.
 //! - `sasl`: the SASL mechanisms we offer (ANONYMOUS and PLAIN).
 
 mod delivery;
 mod ingest;
+mod latency;
+mod management;
 mod outcome;
 mod request;
 mod sasl;
@@ -30,6 +34,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
+    auth::{link_path, ConnAuth, Keys, Need},
     config::EmulatorConfig,
     namespace::{Address, Namespace},
 };
@@ -38,6 +43,7 @@ use crate::{
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub namespace: Namespace,
+    pub keys: Keys,
     pub config: EmulatorConfig,
     next_id: AtomicU64,
     pub connections: AtomicUsize,
@@ -47,6 +53,7 @@ impl Shared {
     pub(crate) fn new(config: EmulatorConfig) -> Self {
         Self {
             namespace: Namespace::new(&config),
+            keys: Keys::new(&config.namespace.keys()),
             config,
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -64,6 +71,8 @@ pub(crate) struct ConnCtx {
     pub shared: Arc<Shared>,
     pub id: u64,
     pub container: Arc<str>,
+    /// Tokens put on this connection's `$cbs` (or its SASL PLAIN login).
+    pub auth: Arc<ConnAuth>,
     /// Cancelled when the connection ends (or the broker suspends): link tasks stop and release
     /// their locks.
     pub cancel: CancellationToken,
@@ -89,6 +98,7 @@ pub(crate) async fn serve(
                     shared: shared.clone(),
                     id: shared.next_id(),
                     container: Arc::from(format!("conn-{peer}")),
+                    auth: Arc::default(),
                     cancel: cancel.child_token(),
                     tracker: tracker.clone(),
                 };
@@ -122,10 +132,22 @@ async fn connection(stream: TcpStream, ctx: ConnCtx) {
         .max_frame_size(65_536u32)
         .channel_max(4096u16)
         .idle_time_out(120_000u32)
-        .sasl_acceptor(sasl::Mechanisms::new(&ns.key_name, &ns.key))
+        .sasl_acceptor(sasl::Mechanisms::new(
+            ctx.shared.keys.clone(),
+            ctx.auth.clone(),
+        ))
         .build();
+    let round_trip = ns.round_trip;
+    let accept = async {
+        if round_trip.is_zero() {
+            acceptor.accept(stream).await
+        } else {
+            let delayed = latency::delayed(stream, round_trip, &ctx.tracker);
+            acceptor.accept(delayed).await
+        }
+    };
     let accepted = tokio::select! {
-        r = acceptor.accept(stream) => r,
+        r = accept => r,
         _ = ctx.cancel.cancelled() => {
             let _ = killer.shutdown(Shutdown::Both);
             return;
@@ -225,6 +247,16 @@ async fn on_attach(
     let address = address_of(&attach).unwrap_or_default();
     debug!(connection = ctx.id, link = %attach.name, role = ?attach.role, %address, "attach");
     let resolved = ctx.shared.namespace.resolve(&address);
+    if let Some(need) = needed_right(&attach.role, &resolved) {
+        let now = crate::clock::now_ms();
+        let path = link_path(&address);
+        if ctx.shared.config.namespace.require_authorization {
+            if let Err(denied) = ctx.auth.authorized_until(&path, need, now) {
+                let error = crate::wire::error(crate::wire::ERR_UNAUTHORIZED, denied.0);
+                return refuse(attach, session, ctx, error).await;
+            }
+        }
+    }
     match (attach.role.clone(), resolved) {
         (Role::Sender, Address::Cbs) => {
             request::accept_request_link(attach, session, ctx, routes, request::Node::Cbs).await
@@ -248,6 +280,20 @@ async fn on_attach(
             delivery::accept(attach, session, ctx, entity, part, ready).await
         }
         (Role::Receiver, _) => refuse(attach, session, ctx, not_found(&address)).await,
+    }
+}
+
+/// The right a link needs on its entity (none for `$cbs`, where tokens are put, and for
+/// addresses that do not exist, which are refused as not found).
+fn needed_right(role: &Role, address: &Address) -> Option<Need> {
+    match (role, address) {
+        (_, Address::Cbs | Address::Unknown) => None,
+        // A topic's `$management` serves its senders; a queue's or subscription's its receivers.
+        (_, Address::Management(None, _)) => Some(Need::Send),
+        (_, Address::Management(Some(_), _)) => Some(Need::Listen),
+        (Role::Sender, _) => Some(Need::Send),
+        (Role::Receiver, Address::Store(..)) => Some(Need::Listen),
+        (Role::Receiver, Address::Ingress) => None,
     }
 }
 

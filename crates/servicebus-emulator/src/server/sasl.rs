@@ -1,4 +1,6 @@
-//! SASL: ANONYMOUS (what Service Bus clients use before CBS) and PLAIN with the namespace key.
+//! SASL: ANONYMOUS (what Service Bus clients use before CBS), MSSBCBS (Service Bus's own name
+//! for "authorization follows through CBS", offered by the service) and PLAIN with a key name
+//! and key of the namespace, which authorizes the whole connection with that key's rights.
 
 use std::sync::Arc;
 
@@ -8,31 +10,32 @@ use fe2o3_amqp_types::{
     sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse},
 };
 
-/// Offers ANONYMOUS and PLAIN; PLAIN must present the namespace key name and key.
+use crate::auth::{ConnAuth, Keys};
+
+/// The mechanisms of one connection; a PLAIN login is recorded in its [`ConnAuth`].
 #[derive(Debug, Clone)]
 pub(crate) struct Mechanisms {
-    key_name: Arc<str>,
-    key: Arc<str>,
+    keys: Keys,
+    auth: Arc<ConnAuth>,
 }
 
 impl Mechanisms {
-    pub(crate) fn new(key_name: &str, key: &str) -> Self {
-        Self {
-            key_name: Arc::from(key_name),
-            key: Arc::from(key),
-        }
+    pub(crate) fn new(keys: Keys, auth: Arc<ConnAuth>) -> Self {
+        Self { keys, auth }
     }
 
     fn check_plain(&self, response: &[u8]) -> SaslCode {
         let mut parts = response.split(|b| *b == 0);
         let _authzid = parts.next();
-        match (parts.next(), parts.next()) {
-            (Some(user), Some(pass))
-                if user == self.key_name.as_bytes() && pass == self.key.as_bytes() =>
-            {
+        let (Some(user), Some(pass)) = (parts.next(), parts.next()) else {
+            return SaslCode::Auth;
+        };
+        match self.keys.check_plain(user, pass) {
+            Some(rights) => {
+                self.auth.login(rights);
                 SaslCode::Ok
             }
-            _ => SaslCode::Auth,
+            None => SaslCode::Auth,
         }
     }
 }
@@ -46,12 +49,16 @@ fn outcome(code: SaslCode) -> SaslServerFrame {
 
 impl SaslAcceptor for Mechanisms {
     fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![Symbol::from("ANONYMOUS"), Symbol::from("PLAIN")])
+        Array::from(vec![
+            Symbol::from("ANONYMOUS"),
+            Symbol::from("PLAIN"),
+            Symbol::from("MSSBCBS"),
+        ])
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         match init.mechanism.as_str() {
-            "ANONYMOUS" => outcome(SaslCode::Ok),
+            "ANONYMOUS" | "MSSBCBS" => outcome(SaslCode::Ok),
             "PLAIN" => {
                 let response = init
                     .initial_response

@@ -42,7 +42,16 @@ pub async fn start(config: EmulatorConfig) -> EmulatorHandle {
 }
 
 pub async fn start_default() -> EmulatorHandle {
-    start(EmulatorConfig::default_ordo()).await
+    start(batching_ordo()).await
+}
+
+/// The ordo namespace without partitioning. These tests send per-session batches of distinct
+/// MessageIds, which Azure refuses on a partitioned topic with duplicate detection (ordo's
+/// default, see `azure_rules.rs`) and accepts on an unpartitioned one.
+pub fn batching_ordo() -> EmulatorConfig {
+    let mut config = EmulatorConfig::default_ordo();
+    config.topics[0].partition_count = 0;
+    config
 }
 
 pub async fn client(emulator: &EmulatorHandle) -> Client {
@@ -51,6 +60,24 @@ pub async fn client(emulator: &EmulatorHandle) -> Client {
             emulator.connection_string(),
             ServiceBusClientOptions::default(),
         )
+        .await
+        .expect("client connects")
+}
+
+/// A client that does not retry. azservicebus 0.25 reports a send the broker rejected as a
+/// success once it retries it (`AmqpSender::send_batch_envelope` marks the envelope settled
+/// before returning the rejection, and the retry returns `Ok` for a settled envelope), so a
+/// test of a refusal must see the first answer.
+pub async fn no_retry_client(emulator: &EmulatorHandle) -> Client {
+    let options = ServiceBusClientOptions {
+        retry_options: azservicebus::ServiceBusRetryOptions {
+            max_retries: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    ServiceBusClient::unsecured()
+        .new_from_connection_string(emulator.connection_string(), options)
         .await
         .expect("client connects")
 }
@@ -106,7 +133,7 @@ where
 
 /// The ordo namespace with shorter locks and fewer deliveries, for expiry and dead-letter tests.
 pub fn short_config(lock: Duration, max_delivery_count: u32) -> EmulatorConfig {
-    let mut config = EmulatorConfig::default_ordo();
+    let mut config = batching_ordo();
     config.namespace.session_accept_timeout = Duration::from_secs(1);
     let sub = &mut config.topics[0].subscriptions[0];
     sub.lock_duration = lock;
@@ -171,3 +198,56 @@ pub async fn receive(
     }
     got
 }
+
+/// A raw fe2o3-amqp connection: an AMQP stack without the checks the Service Bus SDKs make
+/// before sending, logged in with the namespace key through SASL PLAIN.
+pub async fn raw_connection(
+    emulator: &EmulatorHandle,
+) -> fe2o3_amqp::connection::ConnectionHandle<()> {
+    let url = format!(
+        "amqp://{}:{}",
+        emulator.address().ip(),
+        emulator.address().port()
+    );
+    let namespace = EmulatorConfig::default_ordo().namespace;
+    fe2o3_amqp::Connection::builder()
+        .container_id("raw")
+        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
+            username: namespace.key_name,
+            password: namespace.key,
+        })
+        .open(url.as_str())
+        .await
+        .expect("raw AMQP connection")
+}
+
+/// A partitioned topic with duplicate detection (ordo's default), a partitioned one without,
+/// and a plain one with a session and a session-less subscription.
+pub const RULES_CONFIG: &str = r#"
+[[topics]]
+name = "part-dedup"
+partition_count = 2
+duplicate_detection_window = "10m"
+
+[[topics.subscriptions]]
+name = "s"
+requires_session = true
+
+[[topics]]
+name = "part"
+partition_count = 2
+
+[[topics.subscriptions]]
+name = "s"
+requires_session = true
+
+[[topics]]
+name = "mixed"
+
+[[topics.subscriptions]]
+name = "s"
+requires_session = true
+
+[[topics.subscriptions]]
+name = "plain"
+"#;

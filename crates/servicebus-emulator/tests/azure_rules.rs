@@ -1,0 +1,318 @@
+//! What Service Bus refuses, refused here too (see the `rules` module and the README's list of
+//! enforced rules), through azservicebus and, where azservicebus checks an input before
+//! sending, a raw AMQP client. `microsoft_sdks.rs` runs the same rules through Microsoft's
+//! Python SDK.
+
+mod common;
+
+use std::time::Duration;
+
+use azservicebus::{
+    primitives::sub_queue::SubQueue, receiver::DeadLetterOptions, ServiceBusMessage,
+    ServiceBusReceiverOptions, ServiceBusSenderOptions,
+};
+use common::*;
+use ordo_servicebus_emulator::{EmulatorConfig, EmulatorHandle};
+
+async fn start_rules() -> EmulatorHandle {
+    start(EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap()).await
+}
+
+fn active(emulator: &EmulatorHandle, path: &str) -> usize {
+    emulator.stats().entity(path).unwrap().active
+}
+
+/// Sends one transfer (one message, or a batch for several); the error is the client's text.
+async fn send_to(
+    client: &mut Client,
+    topic: &str,
+    messages: Vec<ServiceBusMessage>,
+) -> Result<(), String> {
+    let mut sender = within(
+        10,
+        client.create_sender(topic, ServiceBusSenderOptions::default()),
+    )
+    .await
+    .unwrap();
+    let sent = within(10, sender.send_messages(messages)).await;
+    let _ = within(10, sender.dispose()).await;
+    sent.map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn partitioned_topic_with_duplicate_detection_refuses_batches_and_takes_single_sends() {
+    run(async {
+        let emulator = start_rules().await;
+        let mut client = no_retry_client(&emulator).await;
+        let path = "part-dedup/Subscriptions/s";
+        let batch = vec![message("a", "a:1", b"1"), message("a", "a:2", b"2")];
+        let refused = send_to(&mut client, "part-dedup", batch).await.unwrap_err();
+        assert!(
+            refused.contains("Batching brokered messages with distinct SessionId, PartitionKey, or MessageId is not supported for an entity with partitioning and duplicate detection enabled."),
+            "{refused}"
+        );
+        assert_eq!(
+            active(&emulator, path),
+            0,
+            "nothing of a refused batch is kept"
+        );
+        for m in [message("a", "a:1", b"1"), message("a", "a:2", b"2")] {
+            send_to(&mut client, "part-dedup", vec![m]).await.unwrap();
+        }
+        assert_eq!(active(&emulator, path), 2);
+        emulator.shutdown().await;
+    });
+}
+
+#[test]
+fn partitioned_topic_refuses_a_batch_across_sessions_and_takes_a_one_session_batch() {
+    run(async {
+        let emulator = start_rules().await;
+        let mut client = no_retry_client(&emulator).await;
+        let across = vec![message("a", "a:1", b"1"), message("b", "b:1", b"1")];
+        let refused = send_to(&mut client, "part", across).await.unwrap_err();
+        assert!(refused.contains("distinct SessionId"), "{refused}");
+        let one_session = vec![message("a", "a:1", b"1"), message("a", "a:2", b"2")];
+        send_to(&mut client, "part", one_session).await.unwrap();
+        assert_eq!(active(&emulator, "part/Subscriptions/s"), 2);
+        emulator.shutdown().await;
+    });
+}
+
+#[test]
+fn a_message_without_session_id_is_dead_lettered_on_the_session_subscription_only() {
+    run(async {
+        let emulator = start_rules().await;
+        let mut client = no_retry_client(&emulator).await;
+        let mut m = ServiceBusMessage::new(b"no session".to_vec());
+        m.set_message_id("n:1").unwrap();
+        send_to(&mut client, "mixed", vec![m]).await.unwrap();
+        assert_eq!(active(&emulator, "mixed/Subscriptions/plain"), 1);
+        let dead = emulator.subscription_dead_letters("mixed", "s").unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].reason.as_deref(), Some("Session id is null."));
+        assert_eq!(
+            dead[0].description.as_deref(),
+            Some(
+                "Session enabled entity doesn't allow a message whose session identifier is null."
+            )
+        );
+        assert_eq!(active(&emulator, "mixed/Subscriptions/s"), 0);
+        emulator.shutdown().await;
+    });
+}
+
+#[test]
+fn scheduled_messages_are_refused_never_delivered_early() {
+    run(async {
+        let emulator = start_rules().await;
+        let mut client = no_retry_client(&emulator).await;
+        let mut m = message("a", "a:1", b"later");
+        m.set_scheduled_enqueue_time(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
+        let refused = send_to(&mut client, "mixed", vec![m]).await.unwrap_err();
+        assert!(refused.contains("Scheduled messages"), "{refused}");
+        assert_eq!(active(&emulator, "mixed/Subscriptions/s"), 0);
+        emulator.shutdown().await;
+    });
+}
+
+#[test]
+fn ids_longer_than_128_bytes_are_refused_on_the_wire() {
+    use fe2o3_amqp::types::messaging::{Body, Message, Properties};
+    run(async {
+        let emulator = start_rules().await;
+        // azservicebus refuses them before sending ...
+        let mut m = ServiceBusMessage::new(b"x".to_vec());
+        assert!(m.set_message_id("x".repeat(129)).is_err());
+        assert!(m.set_session_id(Some("x".repeat(129))).is_err());
+        // ... so a raw AMQP client shows what the broker does with them.
+        let mut connection = raw_connection(&emulator).await;
+        let mut session = fe2o3_amqp::Session::begin(&mut connection).await.unwrap();
+        let mut sender = fe2o3_amqp::Sender::attach(&mut session, "raw", "mixed")
+            .await
+            .unwrap();
+        let raw = |id: String, session: String| {
+            Message::builder()
+                .properties(Properties {
+                    message_id: Some(id.into()),
+                    group_id: Some(session),
+                    ..Default::default()
+                })
+                .body(Body::Value(fe2o3_amqp::types::messaging::AmqpValue(
+                    fe2o3_amqp::types::primitives::Value::String("x".into()),
+                )))
+                .build()
+        };
+        for (id, session) in [
+            ("x".repeat(129), "s".to_owned()),
+            ("i".to_owned(), "x".repeat(129)),
+        ] {
+            let outcome = within(10, sender.send(raw(id, session))).await;
+            let text = format!("{outcome:?}");
+            assert!(
+                text.contains("com.microsoft:argument-out-of-range"),
+                "{text}"
+            );
+            assert!(text.contains("129 bytes"), "{text}");
+        }
+        assert_eq!(active(&emulator, "mixed/Subscriptions/s"), 0);
+        within(10, sender.send(raw("x".repeat(128), "x".repeat(128))))
+            .await
+            .unwrap();
+        assert_eq!(active(&emulator, "mixed/Subscriptions/s"), 1);
+        emulator.shutdown().await;
+    });
+}
+
+#[test]
+fn dead_lettered_messages_never_expire() {
+    run(async {
+        let emulator = start_rules().await;
+        let mut client = no_retry_client(&emulator).await;
+        let ttl = Duration::from_secs(1);
+        let mut m = ServiceBusMessage::new(b"short-lived".to_vec());
+        m.set_message_id("t:1").unwrap();
+        m.set_time_to_live(ttl).unwrap();
+        let sent_at = std::time::Instant::now();
+        send_to(&mut client, "mixed", vec![m]).await.unwrap();
+        let mut receiver = within(
+            10,
+            client.create_receiver_for_subscription("mixed", "plain", Default::default()),
+        )
+        .await
+        .unwrap();
+        let got = within(10, receiver.receive_message()).await.unwrap();
+        within(
+            10,
+            receiver.dead_letter_message(&got, DeadLetterOptions::default()),
+        )
+        .await
+        .unwrap();
+        // Past the message's time-to-live, and past a sweep of the entity.
+        let dlq = "mixed/Subscriptions/plain";
+        eventually(10, || sent_at.elapsed() > ttl + Duration::from_millis(300)).await;
+        assert_eq!(emulator.dead_letters(dlq).unwrap().len(), 1);
+        let options = ServiceBusReceiverOptions {
+            sub_queue: SubQueue::DeadLetter,
+            ..Default::default()
+        };
+        let mut dead = within(
+            10,
+            client.create_receiver_for_subscription("mixed", "plain", options),
+        )
+        .await
+        .unwrap();
+        let again = within(
+            10,
+            dead.receive_messages_with_max_wait_time(1, Some(Duration::from_secs(3))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.len(), 1, "the dead-lettered message is still there");
+        assert_eq!(again[0].body().unwrap(), b"short-lived");
+        emulator.shutdown().await;
+    });
+}
+
+#[test]
+fn closing_a_session_receiver_gives_its_messages_back_without_raising_the_delivery_count() {
+    run(async {
+        let emulator = start_rules().await;
+        let mut client = no_retry_client(&emulator).await;
+        let batch = vec![message("c", "c:1", b"1"), message("c", "c:2", b"2")];
+        send_to(&mut client, "mixed", batch).await.unwrap();
+        let options = azservicebus::ServiceBusSessionReceiverOptions::default;
+        let mut receiver = within(
+            10,
+            client.accept_session_for_subscription("mixed", "s", "c", options()),
+        )
+        .await
+        .unwrap();
+        let got = receive(&mut receiver, 2).await;
+        assert!(got.iter().all(|m| m.delivery_count() == Some(1)));
+        within(10, receiver.dispose()).await.unwrap();
+        let path = "mixed/Subscriptions/s";
+        eventually(10, || {
+            let stats = emulator.stats();
+            let e = stats.entity(path).unwrap();
+            e.locked == 0 && e.sessions.iter().all(|s| s.holder.is_none())
+        })
+        .await;
+        let mut receiver = within(
+            10,
+            client.accept_session_for_subscription("mixed", "s", "c", options()),
+        )
+        .await
+        .unwrap();
+        let again = receive(&mut receiver, 2).await;
+        let seen: Vec<_> = again
+            .iter()
+            .map(|m| (m.body().unwrap().to_vec(), m.delivery_count()))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![(b"1".to_vec(), Some(1)), (b"2".to_vec(), Some(1))]
+        );
+        emulator.shutdown().await;
+    });
+}
+
+/// A connection string for the same emulator with another key name and key.
+fn with_key(emulator: &EmulatorHandle, name: &str, key: &str) -> String {
+    let namespace = EmulatorConfig::default_ordo().namespace;
+    emulator
+        .connection_string()
+        .replace(&namespace.key_name, name)
+        .replace(&namespace.key, key)
+}
+
+async fn client_for(connection_string: String) -> Result<Client, String> {
+    azservicebus::ServiceBusClient::unsecured()
+        .new_from_connection_string(connection_string, Default::default())
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn tokens_are_verified_and_links_need_the_right_for_their_entity() {
+    run(async {
+        let mut config = EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap();
+        config.namespace.authorization_rules = vec![ordo_servicebus_emulator::AuthorizationRule {
+            name: "sender".into(),
+            key: "sender-key".into(),
+            rights: vec![ordo_servicebus_emulator::AccessRight::Send],
+        }];
+        let emulator = start(config).await;
+        // A wrong key and an unknown key name: put-token answers 401, no link opens.
+        for (name, key) in [("sender", "wrong"), ("nobody", "sender-key")] {
+            let mut client = client_for(with_key(&emulator, name, key)).await.unwrap();
+            let refused = within(
+                30,
+                client.create_sender("mixed", ServiceBusSenderOptions::default()),
+            )
+            .await
+            .map(|_| ())
+            .unwrap_err();
+            let text = format!("{refused:?}");
+            assert!(text.contains("InvalidSignature"), "{name}/{key}: {text}");
+        }
+        // A Send key sends, and cannot receive.
+        let mut client = client_for(with_key(&emulator, "sender", "sender-key"))
+            .await
+            .unwrap();
+        send_to(&mut client, "mixed", vec![message("k", "k:1", b"1")])
+            .await
+            .unwrap();
+        assert_eq!(active(&emulator, "mixed/Subscriptions/s"), 1);
+        let refused = within(
+            30,
+            client.create_receiver_for_subscription("mixed", "plain", Default::default()),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+        let text = format!("{refused:?}");
+        assert!(text.contains("'Listen' claim(s) are required"), "{text}");
+        emulator.shutdown().await;
+    });
+}

@@ -14,10 +14,10 @@
 
 pub mod config;
 pub mod readiness;
-pub mod settle;
 pub mod rebuild;
 pub mod reconcile;
 pub mod repair;
+pub mod settle;
 pub mod store;
 pub mod supervise;
 pub mod worker;

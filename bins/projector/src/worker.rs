@@ -335,7 +335,8 @@ impl Engine {
             };
             alarm.raise();
             let delay = delays.next().unwrap_or(self.cfg.retry_max);
-            metrics::counter!(m::RETRIES, "operation" => op, "reason" => error.reason()).increment(1);
+            metrics::counter!(m::RETRIES, "operation" => op, "reason" => error.reason())
+                .increment(1);
             tracing::warn!(worker = index, op, error = %error, delay_ms = delay.as_millis() as u64, "service bus unavailable; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -535,7 +536,8 @@ impl Engine {
                     if attempt > self.cfg.transient_retry_limit {
                         alarm.raise();
                     }
-                    metrics::counter!(m::RETRIES, "operation" => "apply", "reason" => reason).increment(1);
+                    metrics::counter!(m::RETRIES, "operation" => "apply", "reason" => reason)
+                        .increment(1);
                     let delay = delays.next().unwrap_or(self.cfg.retry_max);
                     tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, %error, "fault applying a batch; retrying in place");
                     held.models = vec![None; self.projections.len()];
@@ -657,7 +659,8 @@ impl Engine {
                     } else {
                         "database"
                     };
-                    metrics::counter!(m::RETRIES, "operation" => "block", "reason" => reason).increment(1);
+                    metrics::counter!(m::RETRIES, "operation" => "block", "reason" => reason)
+                        .increment(1);
                     tracing::warn!(aggregate = %record.aggregate_id, error = %e, "cannot record the blocked aggregate yet; retrying");
                     if !self.pause(session, last_renew, delay, cancel).await {
                         return false;

@@ -136,9 +136,17 @@ async fn database_fail_points_are_retried_not_dead_lettered() {
     env.publish(&events).await;
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
-    // The fail point fired: every failed write was retried.
+    // The fail point fired: the projector (the only writer) used up its three failures, and
+    // the session worker met at least one of them (heartbeat upserts may meet the others) and
+    // retried it.
     let retries = p.metric(ordo_core::metrics::RETRIES).await;
-    assert!(retries >= 3.0, "{retries} retries counted\n{}", p.logs());
+    assert!(retries >= 1.0, "{retries} retries counted\n{}", p.logs());
+    env.mongo
+        .database()
+        .collection::<mongodb::bson::Document>("fail_point_probe")
+        .insert_one(doc! { "probe": 1 })
+        .await
+        .expect("the fail point still had failures left: the projector did not meet them all");
 }
 
 /// A projection slower than the lock duration keeps its session: the lock is renewed during
@@ -258,7 +266,6 @@ async fn a_subscription_without_sessions_keeps_the_projector_unready() {
 
 /// A wrong key: the broker refuses the CBS token; not ready, counted as `unauthorized`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs CBS verification in the emulator"]
 async fn a_wrong_key_keeps_the_projector_unready() {
     let env = start(Duration::from_secs(5)).await;
     let p = env.spawn_unready("", |toml| {

@@ -193,8 +193,9 @@ retry_max = "200ms"
     /// broker's duplicate detection does not catch (e.g. after its window), so the projector's
     /// version rule must.
     ///
-    /// Publishes through the producer's own adapter (one batch per run of one session's
-    /// messages). A send that fails or gets no answer within its timeout is retried on a fresh
+    /// Publishes through the producer's own adapter, one message per send: the test topic is
+    /// partitioned with duplicate detection, where Service Bus refuses a batch of distinct
+    /// MessageIds. A send that fails or gets no answer within its timeout is retried on a fresh
     /// publisher: the broker may or may not have taken it, and a resend is removed by MessageId
     /// duplicate detection (and, past that, by the projector's version rule). The emulator
     /// sometimes leaves a send of a message it did enqueue without an answer, so the timeout
@@ -215,7 +216,7 @@ retry_max = "200ms"
                 .unwrap()
                 .to_message();
             m.message_id.push_str(suffix);
-            if m.session_id != run_session || runs.last().is_none_or(|r| r.len() >= 50) {
+            if m.session_id != run_session || runs.last().is_none_or(|r| !r.is_empty()) {
                 runs.push(Vec::new());
             }
             run_session = m.session_id.clone();

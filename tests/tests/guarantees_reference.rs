@@ -1,0 +1,112 @@
+//! Every promise in docs/guarantees.md names the tests that try to break it, and those tests
+//! exist: a promise whose test was renamed or deleted fails here instead of going stale.
+
+use std::path::Path;
+
+use ordo_testkit::paths::workspace_root;
+
+/// A test reference as docs/guarantees.md writes it: `` `path/to/file.rs::test_name` ``.
+#[derive(Debug)]
+struct TestRef {
+    file: String,
+    name: String,
+}
+
+fn test_refs(line: &str) -> Vec<TestRef> {
+    line.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter_map(|code| {
+            let (file, name) = code.rsplit_once("::")?;
+            file.ends_with(".rs").then(|| TestRef {
+                file: file.to_owned(),
+                name: name.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The bullets of the "Guarantees" section, each joined into one line.
+fn promises(doc: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut inside = false;
+    for line in doc.lines() {
+        if line.starts_with("## ") {
+            inside = line.trim() == "## Guarantees";
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("- ") {
+            out.push(rest.to_owned());
+        } else if line.starts_with("  ") {
+            if let Some(last) = out.last_mut() {
+                last.push(' ');
+                last.push_str(line.trim());
+            }
+        }
+    }
+    out
+}
+
+fn defines_test(root: &Path, r: &TestRef) -> Result<(), String> {
+    let text = std::fs::read_to_string(root.join(&r.file))
+        .map_err(|e| format!("{}: cannot read: {e}", r.file))?;
+    let needle = format!("fn {}(", r.name);
+    let at = text
+        .find(&needle)
+        .ok_or_else(|| format!("{}: no fn {}", r.file, r.name))?;
+    // The attribute lines just above the function must mark it as a test.
+    let before = &text[..at];
+    let head: String = before.lines().rev().take(6).collect::<Vec<_>>().join("\n");
+    if head.contains("test") || head.contains("proptest") {
+        Ok(())
+    } else {
+        Err(format!("{}::{} is not a test", r.file, r.name))
+    }
+}
+
+#[test]
+fn every_guarantee_names_existing_tests() {
+    let root = workspace_root();
+    let doc = std::fs::read_to_string(root.join("docs/guarantees.md")).unwrap();
+    let promises = promises(&doc);
+    assert!(
+        promises.len() >= 6,
+        "docs/guarantees.md lists {} guarantees; the section was not found or lost bullets",
+        promises.len()
+    );
+    let mut problems = Vec::new();
+    for p in &promises {
+        let refs = test_refs(p);
+        if refs.is_empty() {
+            problems.push(format!(
+                "names no test: {}",
+                p.chars().take(80).collect::<String>()
+            ));
+        }
+        for r in refs {
+            if let Err(e) = defines_test(&root, &r) {
+                problems.push(e);
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/guarantees.md:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn the_reference_parser_reads_what_the_doc_writes() {
+    let refs = test_refs("x (`bins/a.rs::one`, `not code`, `crates/b.rs::two`)");
+    let names: Vec<_> = refs
+        .iter()
+        .map(|r| (r.file.as_str(), r.name.as_str()))
+        .collect();
+    assert_eq!(names, [("bins/a.rs", "one"), ("crates/b.rs", "two")]);
+    let doc = "## Guarantees\n\n- **A.** one\n  two\n- **B.** three\n\n## Other\n- not\n";
+    assert_eq!(promises(doc), ["**A.** one two", "**B.** three"]);
+}

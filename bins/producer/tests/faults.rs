@@ -40,7 +40,11 @@ async fn lost_history_is_republished_from_the_collection() {
 
     // More than the oplog holds, most of them new events of the same aggregates.
     writer.write(&events, 250, 25).await;
-    world.mongo.prune_oplog().await.unwrap().unwrap();
+    // An external deployment cannot have its oplog pruned on demand: skip there.
+    match world.mongo.prune_oplog().await {
+        Ok(pruned) => pruned.unwrap(),
+        Err(unavailable) => return unavailable.skip(),
+    }
 
     let mut producer = world.spawn(config);
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
@@ -215,7 +219,9 @@ async fn database_restart_resumes_the_stream() {
     writer.write(&events, 100, 25).await;
     wait_distinct(&collector, 100, DEADLINE).await;
 
-    world.mongo.kill_server().unwrap();
+    if let Err(unavailable) = world.mongo.kill_server() {
+        return unavailable.skip();
+    }
     let p = &producer;
     wait_until(
         Duration::from_secs(20),

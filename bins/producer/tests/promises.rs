@@ -175,7 +175,11 @@ async fn lost_history_with_string_ids_republishes_every_event() {
     stop(&mut producer).await;
 
     writer.write(&events, 250, 25).await;
-    world.mongo.prune_oplog().await.unwrap().unwrap();
+    // An external deployment cannot have its oplog pruned on demand: skip there.
+    match world.mongo.prune_oplog().await {
+        Ok(pruned) => pruned.unwrap(),
+        Err(unavailable) => return unavailable.skip(),
+    }
     let mut producer = world.spawn("");
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     wait_distinct(&collector, 310, DEADLINE).await;

@@ -59,7 +59,7 @@ use crate::config::StartAt;
 use crate::dispatch::{Acks, Dispatcher, WorkerContext, WorkerError};
 use crate::lease_keeper::{LeaseEnd, LeaseKeeper};
 use crate::park::Parker;
-use crate::readiness::{dependency, Fault, Readiness};
+use crate::readiness::{dependency, Readiness};
 use crate::source::{Source, SourceError, Start};
 use crate::task::{TaskFailed, TaskKind};
 
@@ -254,10 +254,9 @@ impl Producer {
     /// Standby until the lease is ours, active until it is lost or shutdown.
     pub async fn run<F: PublisherFactory>(&self, factory: Arc<F>) -> Result<(), ProducerError> {
         let cancel = self.shutdown.token.clone();
-        let mut carried = None;
         loop {
             ::metrics::gauge!(names::LEASE_HELD).set(0.0);
-            let Some(lease) = self.acquire(&cancel, carried.take()).await? else {
+            let Some(lease) = self.acquire(&cancel).await? else {
                 return Ok(());
             };
             ::metrics::gauge!(names::LEASE_HELD).set(1.0);
@@ -268,10 +267,6 @@ impl Producer {
                 Term::Stopped => return Ok(()),
                 Term::Lost => {
                     tracing::warn!(stream = %self.stream, holder = %self.holder, "lease lost: publishing stopped, back to standby");
-                    // A lease is mostly lost because the database stopped answering renewals:
-                    // stay unready until it answers again, so the end of the term's own faults
-                    // does not read as a recovery. The first answer of `acquire` clears it.
-                    carried = Some(self.readiness.fault(dependency::MONGODB));
                 }
             }
         }
@@ -283,16 +278,12 @@ impl Producer {
     /// work or to stand by", so a two-replica Deployment becomes Available and rolling updates
     /// do not stall on the standby (deploy/k8s/base/producer.yaml). Holding the lease is shown
     /// by the `ordo_lease_held` gauge.
-    async fn acquire(
-        &self,
-        cancel: &CancellationToken,
-        carried: Option<Fault>,
-    ) -> Result<Option<Lease>, ProducerError> {
+    async fn acquire(&self, cancel: &CancellationToken) -> Result<Option<Lease>, ProducerError> {
         let ttl = self.cfg.producer.lease_ttl;
         let poll = (ttl / 5).max(Duration::from_millis(100));
         let mut delays = self.backoff.delays();
         let mut announced = false;
-        let mut fault = carried;
+        let mut fault = None;
         loop {
             if cancel.is_cancelled() {
                 return Ok(None);

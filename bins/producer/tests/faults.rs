@@ -228,26 +228,6 @@ async fn database_restart_resumes_the_stream() {
         || async move { !p.is_ready().await },
     )
     .await;
-    // The lease runs out while the database is gone; losing it must not read as a recovery.
-    // Readiness is sampled every 50 ms until the loss is logged and 2 s past it.
-    let mut past_loss: Option<std::time::Instant> = None;
-    let watching = std::time::Instant::now();
-    while past_loss.is_none_or(|t| t.elapsed() < Duration::from_secs(2)) {
-        assert!(
-            watching.elapsed() < Duration::from_secs(30),
-            "the lease was never lost while the database was down\n{}",
-            producer.logs()
-        );
-        assert!(
-            !producer.is_ready().await,
-            "ready while the database is down\n{}",
-            producer.logs()
-        );
-        if past_loss.is_none() && producer.logs().contains("lease lost") {
-            past_loss = Some(std::time::Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     world.mongo.restart_server().await.unwrap().unwrap();
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     let events = world.events();

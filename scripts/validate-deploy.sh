@@ -334,6 +334,13 @@ if "$bin/docker-compose" -f deploy/compose.yaml config --quiet; then
 else
   fail "docker-compose config deploy/compose.yaml"
 fi
+# Every pulled image names a version: `latest` moves between two `up`s. ordo:local is built here.
+if unpinned="$(grep -nE '^\s*image:' deploy/compose.yaml | grep -v 'ordo:local' | grep -vE ':[0-9][^: ]*$')"; then
+  echo "$unpinned" >&2
+  fail "deploy/compose.yaml: images without a version tag"
+else
+  ok "deploy/compose.yaml: every pulled image has a version tag"
+fi
 if "$bin/hadolint" --no-color deploy/Dockerfile; then
   ok "hadolint deploy/Dockerfile"
 else

@@ -23,6 +23,8 @@ pub const EVENTS_REPUBLISHED: &str = "ordo_events_republished_total";
 pub const PUBLISH_BATCH_MESSAGES: &str = "ordo_publish_batch_messages";
 /// 1 while this producer holds the stream's lease (producer).
 pub const LEASE_HELD: &str = "ordo_lease_held";
+/// 1 while `/readyz` answers 200, else 0: readiness for scrapers without HTTP probes (both).
+pub const READY: &str = "ordo_ready";
 /// Retries of a failed operation; labels `operation` and `reason` (producer), `op` (projector).
 pub const RETRIES: &str = "ordo_retries_total";
 /// Long-running tasks restarted after they panicked or failed; label `task` (producer).
@@ -68,6 +70,7 @@ pub const RECONCILE_DURATION: &str = "ordo_reconcile_duration_seconds";
 
 /// Every name above, for the docs test and the `/metrics` smoke test.
 pub const ALL: &[&str] = &[
+    READY,
     EVENTS_PUBLISHED,
     PUBLISH_LATENCY,
     CHANGE_STREAM_LAG,

@@ -36,15 +36,27 @@ pub fn init_logging(cfg: &TelemetryConfig) {
 
 /// Installs the global Prometheus recorder with buckets suited to ordo's latencies.
 pub fn install_recorder() -> PrometheusHandle {
+    recorder_builder()
+        .install_recorder()
+        .expect("the Prometheus recorder is installed once per process")
+}
+
+/// The exporter as ordo configures it: which metrics are histograms and with what buckets.
+fn recorder_builder() -> PrometheusBuilder {
     let buckets = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         60.0, 300.0,
     ];
+    // Messages per batch: a send holds one session's run, at most a few hundred messages.
+    let batch_sizes = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
         .expect("non-empty buckets")
-        .install_recorder()
-        .expect("the Prometheus recorder is installed once per process")
+        .set_buckets_for_metric(
+            Matcher::Full(crate::metrics::PUBLISH_BATCH_MESSAGES.into()),
+            &batch_sizes,
+        )
+        .expect("non-empty buckets")
 }
 
 /// Liveness and readiness, shared by the daemon's tasks and the health server.
@@ -53,6 +65,8 @@ pub struct Health {
     started: AtomicBool,
     ready: AtomicBool,
     stopping: AtomicBool,
+    /// Orders the gauge writes, so two concurrent changes cannot leave a stale `ordo_ready`.
+    exporting: std::sync::Mutex<()>,
 }
 
 impl Health {
@@ -64,16 +78,26 @@ impl Health {
     /// Start-up completed.
     pub fn set_started(&self) {
         self.started.store(true, Ordering::SeqCst);
+        self.export();
     }
 
     /// The daemon can (true) or cannot (false) do its work right now.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+        self.export();
     }
 
     /// Shutdown began: readiness is false from now on.
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.export();
+    }
+
+    /// `ordo_ready`: what `/readyz` answers, for alerting where nothing probes it.
+    fn export(&self) {
+        let _order = self.exporting.lock().unwrap_or_else(|e| e.into_inner());
+        let ready = if self.is_ready() { 1.0 } else { 0.0 };
+        metrics::gauge!(crate::metrics::READY).set(ready);
     }
 
     /// What `/readyz` answers.
@@ -207,5 +231,58 @@ mod tests {
             404,
             "no recorder in this test"
         );
+    }
+
+    /// Every metric docs/metrics.md calls a histogram is exported with buckets, so
+    /// `histogram_quantile` works on it; a summary would export quantiles and no `_bucket`.
+    #[test]
+    fn batch_sizes_and_latencies_are_exported_as_histograms() {
+        let recorder = recorder_builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!(crate::metrics::PUBLISH_BATCH_MESSAGES).record(7.0);
+            metrics::histogram!(crate::metrics::PUBLISH_LATENCY).record(0.003);
+        });
+        let text = handle.render();
+        for name in [
+            crate::metrics::PUBLISH_BATCH_MESSAGES,
+            crate::metrics::PUBLISH_LATENCY,
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} histogram")),
+                "{name} is not a histogram:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("ordo_publish_batch_messages_bucket{le=\"10\"} 1"),
+            "7 messages falls in the bucket up to 10:\n{text}"
+        );
+    }
+
+    /// `ordo_ready` follows what `/readyz` answers through start, faults and shutdown.
+    #[test]
+    fn the_ready_gauge_follows_readiness() {
+        let recorder = recorder_builder().build_recorder();
+        let handle = recorder.handle();
+        let gauge = || {
+            let text = handle.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix("ordo_ready "))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no ordo_ready in:\n{text}"))
+        };
+        metrics::with_local_recorder(&recorder, || {
+            let health = Health::new();
+            health.set_ready(true);
+            assert_eq!(gauge(), "0", "not started yet");
+            health.set_started();
+            assert_eq!(gauge(), "1");
+            health.set_ready(false);
+            assert_eq!(gauge(), "0", "a fault");
+            health.set_ready(true);
+            assert_eq!(gauge(), "1", "recovered");
+            health.set_stopping();
+            assert_eq!(gauge(), "0", "draining");
+        });
     }
 }

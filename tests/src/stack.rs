@@ -12,9 +12,9 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use mongodb::Database;
 use ordo_core::envelope::{Envelope, EventFields};
-use ordo_core::projection::fold::event_version;
-use ordo_core::projection::{
-    fold_history, DeclarativeProjection, Projection, ProjectionsFile, ReadModel,
+use ordo_projection::event_version;
+use ordo_projection::{
+    fold_history, DeclarativeProjection, HistoryError, Projection, ProjectionsFile, ReadModel,
 };
 use ordo_servicebus_emulator::EmulatorConfig;
 use ordo_testkit::{bin_path, free_health_addr, paths::workspace_root, Daemon, TestMongo};
@@ -262,7 +262,7 @@ grace_period = "10s"
             if let (Ok(id), Some(v)) = (d.get_str("_id"), d.get("v")) {
                 latest.insert(
                     id.to_string(),
-                    ordo_core::projection::fold::event_version(&doc! {"eventId": v.clone()}),
+                    ordo_projection::event_version(&doc! {"eventId": v.clone()}),
                 );
             }
         }
@@ -308,14 +308,13 @@ grace_period = "10s"
         for p in &projections {
             let coll = db.collection::<Document>(p.collection());
             for (id, events) in &by_aggregate {
-                let expected = match fold_history(p, id, events.iter())? {
+                let expected = match fold_history(p, id, events.iter()) {
                     Ok(model) => model,
-                    Err(step) => {
-                        verdict
-                            .mismatches
-                            .push(format!("{id}: events collection has a hole: {step:?}"));
+                    Err(HistoryError::Gap(gap)) => {
+                        verdict.mismatches.push(format!("{id}: {gap}"));
                         continue;
                     }
+                    Err(HistoryError::Apply(e)) => return Err(e.into()),
                 };
                 let stored = coll.find_one(doc! {"_id": id}).await?;
                 let actual = stored.map(|d| ReadModel::from_document(id.clone(), d));

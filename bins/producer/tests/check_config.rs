@@ -1,7 +1,5 @@
 //! `--check-config` refuses a broken configuration with one line naming the key.
 
-use std::process::Command;
-
 const GOOD: &str = r#"
 [mongodb]
 uri = "mongodb://127.0.0.1:1/app?directConnection=true"
@@ -12,17 +10,7 @@ checkpoint_interval = "1s"
 "#;
 
 fn check(config: &str) -> (bool, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("producer.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ordo-producer"))
-        .arg("--check-config")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("MONGODB_URI")
-        .env_remove("AZURE_SERVICEBUS_CONNECTION_STRING")
-        .output()
-        .unwrap();
+    let out = ordo_testkit::check_config(env!("CARGO_BIN_EXE_ordo-producer").as_ref(), config);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).trim().to_string(),

@@ -1,9 +1,17 @@
+//! The `ordo-projector` command line, as a function: the shipped binary calls it with no custom
+//! projections, and a binary of your own calls it with projections written in Rust (see
+//! `examples/custom_projection.rs`), keeping every subcommand.
+
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ordo_core::cli::{config_path, load_config, Loaded};
+use ordo_projection::Projection;
+
+use crate as ordo_projector;
 
 /// Accepts Service Bus sessions (one session = one aggregate) and applies each aggregate's
 /// events, in order, to MongoDB read models.
@@ -57,27 +65,29 @@ enum Command {
 /// in the server's logs and `currentOp`.
 const ADMIN_APP_NAME: &str = "ordo-projector-admin";
 
-fn main() -> ExitCode {
+/// Runs the command line with the declarative projections of `projections_file` plus
+/// `custom` ones written in Rust; returns the process's exit status.
+pub fn main_with(custom: Vec<Arc<dyn Projection>>) -> ExitCode {
     let cli = Cli::parse();
     let cfg = match load_config::<ordo_projector::ProjectorConfig>(
         "ordo-projector",
         config_path(cli.config).as_deref(),
-        cli.check_config,
+        false,
     ) {
         Loaded::Run(cfg) => cfg,
         Loaded::Exit(code) => return code,
     };
     if cli.check_config {
-        return ExitCode::SUCCESS;
+        return check_config(&cfg, custom);
     }
     let runtime = ordo_core::cli::runtime().expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
-            None => ordo_projector::run(cfg).await,
+            None => ordo_projector::run_with(cfg, custom).await,
             Some(Command::Status { json }) => ordo_projector::status(&cfg, json).await,
             Some(cmd) => {
                 ordo_core::telemetry::init_logging(&cfg.telemetry);
-                let projections = ordo_projector::load_projections(&cfg)?;
+                let projections = ordo_projector::load_projections_with(&cfg, custom)?;
                 let client = ordo_core::mongo::connect(&cfg.mongodb, ADMIN_APP_NAME)
                     .await
                     .context("connecting to mongodb")?;
@@ -128,6 +138,31 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("ordo-projector: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config`: the configuration and the projections file it names, both validated
+/// without opening a connection, so a broken projections file fails the check, not the start.
+fn check_config(
+    cfg: &ordo_projector::ProjectorConfig,
+    custom: Vec<Arc<dyn Projection>>,
+) -> ExitCode {
+    match ordo_projector::load_projections_with(cfg, custom) {
+        Ok(projections) => {
+            println!("# ordo-projector: configuration is valid");
+            print!("{}", ordo_core::config::render(cfg));
+            let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+            println!(
+                "# projections ({} and custom): {}",
+                cfg.projector.projections_file.display(),
+                names.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ordo-projector: config error: {e:#}");
+            ExitCode::from(ordo_core::cli::EXIT_CONFIG)
         }
     }
 }

@@ -2,6 +2,7 @@
 //! aggregate's events, in order, to MongoDB read models.
 //!
 //! Module map:
+//! - [`cli`]: the command line as a function, so a binary can add projections written in Rust.
 //! - [`config`]: `[projector]` and the shared sections.
 //! - [`worker`]: the session loop (accept, receive, fold, guarded write, settle, renew).
 //! - [`settle`]: the settlement rule, pure: complete, dead-letter, block or retry.
@@ -12,6 +13,7 @@
 //! - [`repair`]: the `repair` subcommand.
 //! - [`rebuild`]: the `rebuild` subcommand.
 
+pub mod cli;
 pub mod config;
 pub mod readiness;
 pub mod rebuild;
@@ -29,11 +31,11 @@ use anyhow::Context as _;
 
 use tokio_util::sync::CancellationToken;
 
-use ordo_core::projection::{Projection, ProjectionsFile};
 use ordo_core::servicebus::receiver::{AzureSessionSource, ReceiveError, SessionSource};
 use ordo_core::shutdown::{Drained, Shutdown};
 use ordo_core::status;
 use ordo_core::telemetry;
+use ordo_projection::{Projection, ProjectionsFile};
 
 pub use config::ProjectorConfig;
 pub use store::Store;
@@ -41,17 +43,28 @@ pub use worker::Engine;
 
 /// Loads and checks the declarative projections named by the configuration.
 pub fn load_projections(cfg: &ProjectorConfig) -> anyhow::Result<Vec<Arc<dyn Projection>>> {
+    load_projections_with(cfg, Vec::new())
+}
+
+/// The declarative projections of `projections_file` followed by `custom` ones written in
+/// Rust, checked as one set: at least one projection, names and collections unique, none on
+/// the events collection or ordo's own. With custom projections the file may define none.
+pub fn load_projections_with(
+    cfg: &ProjectorConfig,
+    custom: Vec<Arc<dyn Projection>>,
+) -> anyhow::Result<Vec<Arc<dyn Projection>>> {
     let path = &cfg.projector.projections_file;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("projector.projections_file: cannot read {}", path.display()))?;
     let compiled = ProjectionsFile::load_str(&text)
         .with_context(|| format!("projections file {}", path.display()))?;
-    if compiled.is_empty() {
+    if compiled.is_empty() && custom.is_empty() {
         anyhow::bail!("projections file {}: defines no projection", path.display());
     }
     let projections: Vec<Arc<dyn Projection>> = compiled
         .into_iter()
         .map(|p| Arc::new(p) as Arc<dyn Projection>)
+        .chain(custom)
         .collect();
     rebuild::check_projections(
         &projections,
@@ -77,8 +90,16 @@ pub async fn open_store(cfg: &ProjectorConfig) -> anyhow::Result<Store> {
 
 /// Runs the projector until SIGTERM/SIGINT, then drains within the grace period.
 pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
+    run_with(cfg, Vec::new()).await
+}
+
+/// [`run`] with `custom` projections written in Rust next to the declarative ones.
+pub async fn run_with(
+    cfg: ProjectorConfig,
+    custom: Vec<Arc<dyn Projection>>,
+) -> anyhow::Result<()> {
     telemetry::init_logging(&cfg.telemetry);
-    let projections = load_projections(&cfg)?;
+    let projections = load_projections_with(&cfg, custom)?;
     let recorder = telemetry::install_recorder();
     let health = telemetry::Health::new();
     let shutdown = Shutdown::new();

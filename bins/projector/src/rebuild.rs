@@ -25,8 +25,8 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::Database;
 
-use ordo_core::projection::fold::event_version;
-use ordo_core::projection::{classify, Projection, ReadModel, Step};
+use ordo_projection::event_version;
+use ordo_projection::{classify, Gap, Projection, ReadModel, Step};
 
 use crate::reconcile;
 use crate::repair::pick;
@@ -70,7 +70,22 @@ pub fn check_projections(
     events_collection: &str,
     blocked_collection: &str,
 ) -> anyhow::Result<()> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut collections = std::collections::BTreeSet::new();
     for p in projections {
+        if !names.insert(p.name()) {
+            anyhow::bail!(
+                "two projections are named {:?}; names must be unique",
+                p.name()
+            );
+        }
+        if !collections.insert(p.collection()) {
+            anyhow::bail!(
+                "projection {:?}: collection {:?} belongs to another projection; a projection must own a collection of its own",
+                p.name(),
+                p.collection()
+            );
+        }
         if let Some(why) = forbidden_target(p.collection(), events_collection, blocked_collection) {
             anyhow::bail!(
                 "projection {:?}: collection {:?} {why}; a projection must own a collection of its own",
@@ -319,8 +334,8 @@ impl Folding {
                 ));
                 return;
             }
-            Step::Gap { from, to } => {
-                self.stopped = Some((from, format!("the events collection has no v{from}..v{to}")));
+            Step::Gap(gap @ Gap { from, .. }) => {
+                self.stopped = Some((from, gap.to_string()));
                 return;
             }
         }

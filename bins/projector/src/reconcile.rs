@@ -33,7 +33,7 @@ use mongodb::bson::{doc, Document};
 use mongodb::change_stream::event::ResumeToken;
 
 use ordo_core::metrics as m;
-use ordo_core::projection::{fold_events, Projection, ReadModel, Step};
+use ordo_projection::{fold_events, Projection, ReadModel};
 
 use crate::store::{AggregateLatest as Latest, StoreError, Written};
 use crate::Store;
@@ -351,11 +351,7 @@ impl Pass<'_> {
                 let mut model = stored.clone();
                 let stop = match fold_events(p, &mut model, events.iter()) {
                     Ok(None) => None,
-                    Ok(Some(Step::Gap { from, to })) => Some(format!(
-                        "{}: the events collection has no v{from}..v{to}",
-                        p.name()
-                    )),
-                    Ok(Some(_)) => None,
+                    Ok(Some(gap)) => Some(format!("{}: {gap}", p.name())),
                     Err(e) => {
                         problems.push(format!("{}: {e}", p.name()));
                         break;

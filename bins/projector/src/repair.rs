@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use mongodb::bson::Document;
 
-use ordo_core::projection::{fold_history, Projection, ReadModel, Step};
+use ordo_projection::{fold_history, HistoryError, Projection, ReadModel};
 
 use crate::Store;
 
@@ -42,12 +42,11 @@ pub fn pick<'a>(
 
 fn folded(p: &dyn Projection, id: &str, history: &[Document]) -> anyhow::Result<ReadModel> {
     match fold_history(p, id, history) {
-        Ok(Ok(model)) => Ok(model),
-        Ok(Err(Step::Gap { from, to })) => anyhow::bail!(
-            "aggregate {id}: the events collection has no v{from}..v{to}; cannot re-project"
-        ),
-        Ok(Err(step)) => anyhow::bail!("aggregate {id}: unexpected fold step {step:?}"),
-        Err(e) => Err(anyhow::anyhow!(e)).context(format!(
+        Ok(model) => Ok(model),
+        Err(HistoryError::Gap(gap)) => {
+            anyhow::bail!("aggregate {id}: {gap}; cannot re-project")
+        }
+        Err(HistoryError::Apply(e)) => Err(anyhow::anyhow!(e)).context(format!(
             "aggregate {id} still fails; fix the projection or the event, then repair again"
         )),
     }

@@ -12,8 +12,8 @@ use mongodb::{Collection, Database};
 
 use ordo_core::envelope::{DecodeError, Envelope, EventFields, InvalidEvent};
 use ordo_core::mongo::{is_duplicate_key, is_transient, server_code};
-use ordo_core::projection::fold::{event_version, VERSION_FIELD};
-use ordo_core::projection::{Projection, ReadModel};
+use ordo_projection::fold::{event_version, VERSION_FIELD};
+use ordo_projection::{Projection, ReadModel};
 
 /// A database failure, classified once for the retry loop and the dead-letter decision.
 #[derive(Debug, thiserror::Error)]
@@ -160,9 +160,10 @@ impl Store {
         )
     }
 
-    /// The events collection for healing: primary and majority, so a replica's lag cannot
-    /// turn a gap into a block, and an event later rolled back is never folded in.
-    fn events_for_healing(&self) -> Collection<Document> {
+    /// The events collection for reading an aggregate's events: primary and majority, so a
+    /// replica's lag cannot turn a gap into a block, and an event later rolled back is never
+    /// folded in.
+    fn events_majority(&self) -> Collection<Document> {
         self.db.collection_with_options(
             &self.events_collection,
             CollectionOptions::builder()
@@ -278,28 +279,6 @@ impl Store {
             .map_err(|e: DecodeError| bad(e.to_string()))
     }
 
-    /// Events `from..=to` of `id`, sorted; fewer when some are not (yet) there.
-    pub async fn events_between(
-        &self,
-        id: &str,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<Document>, StoreError> {
-        let f = &self.fields;
-        let filter = doc! {
-            &f.aggregate_id: id,
-            &f.event_id: { "$gte": from, "$lte": to },
-        };
-        let found: Vec<Document> = self
-            .events
-            .find(filter)
-            .sort(doc! { &f.event_id: 1 })
-            .await?
-            .try_collect()
-            .await?;
-        found.iter().map(|d| self.to_event(id, d)).collect()
-    }
-
     /// Every event of `id`, sorted.
     pub async fn history(&self, id: &str) -> Result<Vec<Document>, StoreError> {
         self.events_between(id, 1, i64::MAX).await
@@ -312,7 +291,7 @@ impl Store {
     {
         let f = self.fields.clone();
         let cursor = self
-            .events
+            .events_majority()
             .find(doc! {})
             .sort(doc! { &f.aggregate_id: 1, &f.event_id: 1 })
             .await?;
@@ -371,9 +350,11 @@ impl Store {
         Ok(self.blocked.count_documents(doc! {}).await?)
     }
 
-    /// Events `from..=to` of `id` for gap healing, sorted; fewer when some are not (yet)
-    /// there. Two documents with the same version are a [`StoreError::DuplicateVersion`].
-    async fn events_to_heal(
+    /// Events `from..=to` of `id`, sorted; fewer when some are not (yet) there. Every reader
+    /// of an aggregate's events goes through here (healing, repair, reconcile), so each reads
+    /// the primary at majority and none folds a duplicate version silently: two documents with
+    /// the same version are a [`StoreError::DuplicateVersion`] naming both.
+    pub async fn events_between(
         &self,
         id: &str,
         from: i64,
@@ -385,7 +366,7 @@ impl Store {
             &f.event_id: { "$gte": from, "$lte": to },
         };
         let found: Vec<Document> = self
-            .events_for_healing()
+            .events_majority()
             .find(filter)
             .sort(doc! { &f.event_id: 1 })
             .await?
@@ -422,7 +403,7 @@ impl Store {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut delay = Duration::from_millis(20);
         loop {
-            let evs = self.events_to_heal(id, from, to).await?;
+            let evs = self.events_between(id, from, to).await?;
             if evs.len() as i64 == to - from + 1 {
                 return Ok(Some(evs));
             }
@@ -557,7 +538,7 @@ impl Store {
         collection: &str,
         ids: &[String],
     ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
-        use ordo_core::projection::fold::VERSION_FIELD;
+        use ordo_projection::fold::VERSION_FIELD;
         let docs: Vec<Document> = self
             .db
             .collection::<Document>(collection)

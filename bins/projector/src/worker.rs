@@ -30,12 +30,12 @@ use tokio_util::sync::CancellationToken;
 
 use ordo_core::envelope::{Envelope, HASHED_ID_PREFIX};
 use ordo_core::metrics as m;
-use ordo_core::projection::fold::event_version;
-use ordo_core::projection::{fold_events, Projection, ReadModel, Step};
 use ordo_core::retry::Backoff;
 use ordo_core::servicebus::receiver::{
     Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
 };
+use ordo_projection::event_version;
+use ordo_projection::{fold_events, Gap, Projection, ReadModel};
 
 use crate::config::ProjectorSection;
 use crate::readiness::Readiness;
@@ -823,7 +823,7 @@ impl Engine {
         };
         loop {
             let err = match fold_events(p, model, docs.iter().copied()) {
-                Ok(Some(Step::Gap { from, to })) => {
+                Ok(Some(Gap { from, to })) => {
                     if (from..=to).any(|v| !healed.contains_key(&v)) {
                         match self
                             .store

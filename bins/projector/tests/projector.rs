@@ -14,7 +14,7 @@ use mongodb::options::IndexOptions;
 use mongodb::IndexModel;
 use ordo_core::envelope::{Envelope, EventFields};
 use ordo_core::metrics as m;
-use ordo_core::projection::{fold_history, Projection, ProjectionsFile};
+use ordo_projection::{fold_history, Projection, ProjectionsFile};
 use ordo_testkit::{wait_for, wait_until, Daemon};
 
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -283,7 +283,7 @@ async fn fold_expected(env: &Env, projections: &[Arc<dyn Projection>], skip: &[&
     for p in projections {
         let mut models = BTreeMap::new();
         for (id, evs) in &by_agg {
-            let model = fold_history(p.as_ref(), id, evs).unwrap().unwrap();
+            let model = fold_history(p.as_ref(), id, evs).unwrap();
             if model.version > 0 {
                 let mut d = model.to_document(DateTime::now());
                 d.remove("lastUpdatedAt");
@@ -591,7 +591,7 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
             .await
             .unwrap()
             .unwrap();
-        let top = ordo_core::projection::fold::event_version(&top);
+        let top = ordo_projection::event_version(&top);
         for v in top + 1..100 {
             fill.push(event(
                 id,
@@ -756,6 +756,43 @@ async fn a_failed_rebuild_drops_its_shadow_and_leaves_the_read_models_alone() {
         "shadow collection left behind: {names:?}"
     );
     assert_eq!(raw_models(&env, "users").await, before);
+}
+
+/// Two source documents with the same version (no unique index): `repair` and `reconcile`
+/// read an aggregate's events the way healing does, so neither folds one of them silently;
+/// both name the two documents and write nothing for that aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_and_reconcile_refuse_a_duplicate_version_naming_both_documents() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("w", 1, 3);
+    let mut twin = events[1].clone();
+    twin.insert("_id", "twin-of-v2");
+    let events_coll = env.mongo.database().collection::<Document>("events");
+    events_coll.insert_many(&events).await.unwrap();
+    events_coll.insert_one(twin).await.unwrap();
+    let v2 = events_coll
+        .find_one(doc! {"aggregateId": "w-0", "eventId": 2, "_id": {"$ne": "twin-of-v2"}})
+        .await
+        .unwrap()
+        .unwrap();
+    let v2_id = v2.get_object_id("_id").unwrap().to_hex();
+    let users = env.mongo.database().collection::<Document>("users");
+
+    let (ok, out) = run_admin(&env, "", &["repair", "--aggregate", "w-0"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("twin-of-v2") && out.contains(&v2_id) && out.contains("eventId 2"),
+        "names both documents: {out}"
+    );
+    assert_eq!(users.find_one(doc! {"_id": "w-0"}).await.unwrap(), None);
+
+    let (ok, out) = run_admin(&env, "", &["reconcile", "--full"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("not healed: w-0") && out.contains("twin-of-v2"),
+        "{out}"
+    );
+    assert_eq!(users.find_one(doc! {"_id": "w-0"}).await.unwrap(), None);
 }
 
 /// A read model without `lastEventId` (left by the service ordo replaces) matches no guard:

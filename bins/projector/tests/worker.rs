@@ -10,10 +10,10 @@ use std::time::Duration;
 use common::{event, projections, workload};
 use mongodb::bson::{doc, Document};
 use ordo_core::envelope::{Envelope, EventFields};
-use ordo_core::projection::fold_history;
 use ordo_core::servicebus::receiver::{
     Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
 };
+use ordo_projection::fold_history;
 use ordo_projector::config::ProjectorSection;
 use ordo_projector::{Engine, Store};
 use ordo_testkit::{wait_until, TestMongo};
@@ -275,7 +275,6 @@ fn expected_order(events: &[Document]) -> Document {
         .collect();
     let id = events[0].get_str("aggregateId").unwrap();
     let mut d = fold_history(p.as_ref(), id, &docs)
-        .unwrap()
         .unwrap()
         .to_document(mongodb::bson::DateTime::now());
     d.remove("lastUpdatedAt");
@@ -815,7 +814,7 @@ async fn a_stop_found_after_a_conflict_reload_is_honoured() {
 #[derive(Debug)]
 struct Bomb;
 
-impl ordo_core::projection::Projection for Bomb {
+impl ordo_projection::Projection for Bomb {
     fn name(&self) -> &str {
         "bomb"
     }
@@ -829,7 +828,7 @@ impl ordo_core::projection::Projection for Bomb {
         &self,
         _doc: &mut Option<Document>,
         _event: &Document,
-    ) -> Result<(), ordo_core::projection::ApplyError> {
+    ) -> Result<(), ordo_projection::ApplyError> {
         panic!("a bug in a custom projection")
     }
 }

@@ -1,4 +1,5 @@
-//! ordo-core: everything the two daemons share.
+//! ordo-core: everything the two daemons share. The projection engine is its own crate,
+//! `ordo-projection`, so custom projections depend on it alone.
 //!
 //! Module map:
 //! - [`envelope`]: the message contract between producer and projector (body, ids, properties).
@@ -7,7 +8,7 @@
 //! - [`secret`]: connection strings that never reach a log line.
 //! - [`checkpoint`]: the producer's resume-token store (`ordo_checkpoints`), fenced by a lease.
 //! - [`lease`]: leader election for one active producer per stream (`ordo_leases`).
-//! - [`projection`]: declarative and custom projections, folded in memory.
+//! - [`indexes`]: the unique (aggregateId, eventId) index on the events collection.
 //! - [`servicebus`]: the only module that knows azservicebus; ordo's own traits over it.
 //! - [`mongo`]: connecting to MongoDB with ordo's defaults.
 //! - [`telemetry`]: logs, the Prometheus recorder, `/healthz` `/readyz` `/metrics`.
@@ -24,7 +25,6 @@ pub mod indexes;
 pub mod lease;
 pub mod metrics;
 pub mod mongo;
-pub mod projection;
 pub mod retry;
 pub mod secret;
 pub mod servicebus;

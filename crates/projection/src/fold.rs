@@ -46,6 +46,26 @@ pub trait Projection: Send + Sync + std::fmt::Debug {
     fn apply(&self, doc: &mut Option<Document>, event: &Document) -> Result<(), ApplyError>;
 }
 
+/// Versions `from..=to` of an aggregate are missing before the event at hand: read them from
+/// the events collection and apply them first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// First missing version.
+    pub from: i64,
+    /// Last missing version (the event's version minus one).
+    pub to: i64,
+}
+
+impl std::fmt::Display for Gap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the events collection has no v{}..v{}",
+            self.from, self.to
+        )
+    }
+}
+
 /// What the version rule says about an event of version `v` given the applied version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -53,14 +73,8 @@ pub enum Step {
     Duplicate,
     /// `v == applied + 1`: apply it.
     Apply,
-    /// `v > applied + 1`: versions `from..=to` are missing; read them from the events
-    /// collection and apply them first.
-    Gap {
-        /// First missing version.
-        from: i64,
-        /// Last missing version (`v - 1`).
-        to: i64,
-    },
+    /// `v > applied + 1`: the versions in between are missing.
+    Gap(Gap),
 }
 
 /// The version rule.
@@ -70,11 +84,22 @@ pub fn classify(applied: i64, v: i64) -> Step {
     } else if v == applied + 1 {
         Step::Apply
     } else {
-        Step::Gap {
+        Step::Gap(Gap {
             from: applied + 1,
             to: v - 1,
-        }
+        })
     }
+}
+
+/// Why a complete history does not fold into a read model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryError {
+    /// The history has a hole.
+    #[error("{0}")]
+    Gap(Gap),
+    /// The projection cannot apply one of its events.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
 }
 
 /// One aggregate's read model in memory.
@@ -105,12 +130,7 @@ impl ReadModel {
 
     /// Reads a stored document (or a tombstone).
     pub fn from_document(id: impl Into<String>, mut stored: Document) -> Self {
-        let version = match stored.get(VERSION_FIELD) {
-            Some(Bson::Int64(v)) => *v,
-            Some(Bson::Int32(v)) => i64::from(*v),
-            Some(Bson::Double(d)) => *d as i64,
-            _ => 0,
-        };
+        let version = version_of(stored.get(VERSION_FIELD));
         let epoch = match stored.get(EPOCH_FIELD) {
             Some(Bson::Int64(v)) => Some(*v),
             Some(Bson::Int32(v)) => Some(i64::from(*v)),
@@ -202,9 +222,11 @@ fn selected(projection: &dyn Projection, event: &Document) -> bool {
     )
 }
 
-/// The `eventId` of an event document (0 when absent, which never applies).
-pub fn event_version(event: &Document) -> i64 {
-    match event.get("eventId") {
+/// A version as BSON stores it: an integer of either width, or a double from a client that
+/// writes every number as one (JavaScript); 0 when absent or of another type, which never
+/// applies. The one reading of a version, for events (`eventId`) and read models (`lastEventId`).
+pub fn version_of(value: Option<&Bson>) -> i64 {
+    match value {
         Some(Bson::Int64(v)) => *v,
         Some(Bson::Int32(v)) => i64::from(*v),
         Some(Bson::Double(d)) => *d as i64,
@@ -212,14 +234,19 @@ pub fn event_version(event: &Document) -> i64 {
     }
 }
 
+/// The `eventId` of an event document (see [`version_of`]).
+pub fn event_version(event: &Document) -> i64 {
+    version_of(event.get("eventId"))
+}
+
 /// Folds `events` (any order, duplicates allowed) into `model` by the version rule, as if
-/// every event were delivered once and in order. Stops at the first gap and returns it
-/// (`Some(Step::Gap)`) so the caller can fetch the missing events.
+/// every event were delivered once and in order. Stops at the first gap and returns it so the
+/// caller can fetch the missing events.
 pub fn fold_events<'a>(
     projection: &dyn Projection,
     model: &mut ReadModel,
     events: impl IntoIterator<Item = &'a Document>,
-) -> Result<Option<Step>, ApplyError> {
+) -> Result<Option<Gap>, ApplyError> {
     let mut sorted: Vec<&Document> = events.into_iter().collect();
     sorted.sort_by_key(|e| event_version(e));
     for e in sorted {
@@ -227,19 +254,19 @@ pub fn fold_events<'a>(
             Step::Duplicate => {}
             _ if model.ignores(projection, e) => {}
             Step::Apply => model.apply(projection, e)?,
-            gap @ Step::Gap { .. } => return Ok(Some(gap)),
+            Step::Gap(gap) => return Ok(Some(gap)),
         }
     }
     Ok(None)
 }
 
 /// Folds an aggregate's complete history (versions 1..=n from the events collection) from
-/// scratch, as `repair` and `rebuild` do. A hole in the history is returned as the gap.
+/// scratch, as `repair` and `rebuild` do.
 pub fn fold_history<'a>(
     projection: &dyn Projection,
     id: &str,
     events: impl IntoIterator<Item = &'a Document>,
-) -> Result<Result<ReadModel, Step>, ApplyError> {
+) -> Result<ReadModel, HistoryError> {
     let mut model = ReadModel::empty(id);
     let mut sorted: Vec<&Document> = events.into_iter().collect();
     sorted.sort_by_key(|e| event_version(e));
@@ -248,7 +275,7 @@ pub fn fold_history<'a>(
         let v = event_version(e);
         match classify(seen, v) {
             Step::Duplicate => continue,
-            gap @ Step::Gap { .. } => return Ok(Err(gap)),
+            Step::Gap(gap) => return Err(HistoryError::Gap(gap)),
             Step::Apply => {}
         }
         seen = v;
@@ -258,5 +285,5 @@ pub fn fold_history<'a>(
         model.version = v - 1;
         model.apply(projection, e)?;
     }
-    Ok(Ok(model))
+    Ok(model)
 }

@@ -13,7 +13,10 @@ pub mod rules;
 pub mod value;
 
 pub use error::{ApplyError, RuleError};
-pub use fold::{classify, fold_events, fold_history, Projection, ReadModel, Step, DELETED_FIELD};
+pub use fold::{
+    classify, event_version, fold_events, fold_history, version_of, Gap, HistoryError, Projection,
+    ReadModel, Step, DELETED_FIELD,
+};
 pub use rules::{DeclarativeProjection, ProjectionDef, ProjectionsFile};
 
 #[cfg(test)]

@@ -308,6 +308,22 @@ fn build(package: &str, bin: &str, profile_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `bin --check-config --config FILE` with `config` written to a temporary file and the
+/// environment variables that would override it removed; returns the finished process.
+pub fn check_config(bin: &Path, config: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).expect("config file");
+    std::process::Command::new(bin)
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("MONGODB_URI")
+        .env_remove("AZURE_SERVICEBUS_CONNECTION_STRING")
+        .output()
+        .expect("the daemon runs")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ pub mod prom;
 pub mod servicebus;
 pub mod wait;
 
-pub use daemon::{bin_path, bin_path_in, Daemon};
+pub use daemon::{bin_path, bin_path_in, check_config, Daemon};
 pub use mongo::{SecantusDb, SecantusOptions, TestMongo};
 pub use net::{free_health_addr, free_local_port};
 pub use servicebus::TestServiceBus;

@@ -16,9 +16,9 @@ use azservicebus::{
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use ordo_core::envelope::{Envelope, EventFields, PropertyValue, WireMessage};
-use ordo_core::projection::{fold_history, Projection, ProjectionsFile};
 use ordo_core::secret::Secret;
 use ordo_core::servicebus::sender::{Publisher, PublisherFactory, ServiceBusPublisherFactory};
+use ordo_projection::{fold_history, Projection, ProjectionsFile};
 use ordo_servicebus_emulator::config::{EmulatorConfig, SubscriptionConfig, TopicConfig};
 use ordo_servicebus_emulator::{Emulator, EmulatorHandle};
 use ordo_testkit::{free_health_addr, Daemon, TestMongo};
@@ -319,7 +319,7 @@ retry_max = "200ms"
         for p in projections() {
             let mut models = BTreeMap::new();
             for (id, evs) in &by_agg {
-                let m = fold_history(p.as_ref(), id, evs).unwrap().unwrap();
+                let m = fold_history(p.as_ref(), id, evs).unwrap();
                 if m.version > 0 {
                     let mut d = m.to_document(DateTime::now());
                     d.remove("lastUpdatedAt");

@@ -1,0 +1,5 @@
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    ordo_projector::cli::main_with(Vec::new())
+}

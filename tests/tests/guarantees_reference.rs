@@ -1,5 +1,6 @@
-//! Every promise in docs/guarantees.md names the tests that try to break it, and those tests
-//! exist: a promise whose test was renamed or deleted fails here instead of going stale.
+//! Every promise in docs/guarantees.md and in the README names the tests that try to break it,
+//! and those tests exist: a promise whose test was renamed or deleted fails here instead of
+//! going stale.
 
 use std::path::Path;
 
@@ -99,6 +100,70 @@ fn every_guarantee_names_existing_tests() {
     );
 }
 
+/// The README's paragraphs and list items, each joined into one line.
+fn paragraphs(doc: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut open = false;
+    let mut code = false;
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            code = !code;
+            open = false;
+            continue;
+        }
+        if code || line.trim().is_empty() || line.starts_with('#') {
+            open = false;
+            continue;
+        }
+        if line.starts_with("- ") || !open {
+            out.push(line.to_owned());
+            open = true;
+        } else if let Some(last) = out.last_mut() {
+            last.push(' ');
+            last.push_str(line.trim());
+        }
+    }
+    out
+}
+
+/// Promises the README makes in its own words; the paragraph that makes each must name the
+/// tests that attack it, as docs/guarantees.md does.
+const README_PROMISES: &[&str] = &[
+    "is never dropped silently",
+    "republishes at most what was in flight",
+    "fenced by the lease epoch",
+    "instead of skipping",
+    "blocks its aggregate until `ordo-projector repair",
+    "healing and blocking for both kinds",
+    "with exit status 2",
+    "from the moment SIGTERM arrives",
+];
+
+#[test]
+fn every_readme_promise_names_existing_tests() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let paragraphs = paragraphs(&readme);
+    let mut problems = Vec::new();
+    for promise in README_PROMISES {
+        let Some(p) = paragraphs.iter().find(|p| p.contains(promise)) else {
+            problems.push(format!(
+                "the README no longer says {promise:?}: update README_PROMISES"
+            ));
+            continue;
+        };
+        if test_refs(p).is_empty() {
+            problems.push(format!("names no test: {promise:?}"));
+        }
+    }
+    for r in paragraphs.iter().flat_map(|p| test_refs(p)) {
+        if let Err(e) = defines_test(&root, &r) {
+            problems.push(e);
+        }
+    }
+    assert!(problems.is_empty(), "README.md:\n{}", problems.join("\n"));
+}
+
 #[test]
 fn the_reference_parser_reads_what_the_doc_writes() {
     let refs = test_refs("x (`bins/a.rs::one`, `not code`, `crates/b.rs::two`)");
@@ -109,4 +174,6 @@ fn the_reference_parser_reads_what_the_doc_writes() {
     assert_eq!(names, [("bins/a.rs", "one"), ("crates/b.rs", "two")]);
     let doc = "## Guarantees\n\n- **A.** one\n  two\n- **B.** three\n\n## Other\n- not\n";
     assert_eq!(promises(doc), ["**A.** one two", "**B.** three"]);
+    let readme = "# T\n\nOne\ntwo.\n\n- a\n  b\n- c\n```sh\nx\n```\n";
+    assert_eq!(paragraphs(readme), ["One two.", "- a b", "- c"]);
 }

@@ -21,6 +21,7 @@ pub mod mongo;
 pub mod net;
 pub mod paths;
 pub mod prom;
+pub mod secantus;
 pub mod servicebus;
 pub mod wait;
 

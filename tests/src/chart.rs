@@ -126,6 +126,131 @@ pub fn render(title: &str, left_label: &str, right_label: &str, series: &[Series
     svg
 }
 
+/// One panel of a grouped bar chart: per group, one value per series (None: not measured).
+#[derive(Debug, Clone)]
+pub struct BarPanel {
+    /// Panel title.
+    pub title: String,
+    /// `values[group][series]`.
+    pub values: Vec<Vec<Option<f64>>>,
+    /// Unit appended to the value printed above each bar.
+    pub unit: String,
+}
+
+const BAR_COLORS: [&str; 4] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
+
+/// Renders panels of grouped bars on a log scale (values that differ by 50× stay readable),
+/// one group per label in `groups`, one bar per series with its value written above it.
+pub fn render_bars(title: &str, series: &[&str], groups: &[String], panels: &[BarPanel]) -> String {
+    let (w, ml, mr, panel_h, gap, top) = (960.0, 70.0, 20.0, 260.0, 70.0, 60.0);
+    let h = top + panels.len() as f64 * (panel_h + gap);
+    let pw = w - ml - mr;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>
+"##,
+        w / 2.0,
+        escape(title)
+    );
+    for (k, name) in series.iter().enumerate() {
+        let x = ml + 140.0 * k as f64;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x:.1}" y="34" width="14" height="12" fill="{}"/><text x="{:.1}" y="45">{}</text>"#,
+            BAR_COLORS[k % BAR_COLORS.len()],
+            x + 20.0,
+            escape(name)
+        );
+    }
+    for (pi, panel) in panels.iter().enumerate() {
+        let y0 = top + pi as f64 * (panel_h + gap) + 20.0;
+        let ph = panel_h - 20.0;
+        let vals: Vec<f64> = panel
+            .values
+            .iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .filter(|v| *v > 0.0 && v.is_finite())
+            .collect();
+        let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = vals.iter().copied().fold(0.0_f64, f64::max);
+        let (lo, hi) = if vals.is_empty() {
+            (0.0, 1.0)
+        } else {
+            (
+                lo.log10().floor(),
+                hi.log10().ceil().max(lo.log10().floor() + 1.0),
+            )
+        };
+        let y_of = |v: f64| y0 + ph - ph * ((v.log10() - lo) / (hi - lo)).clamp(0.0, 1.0);
+        let _ = writeln!(
+            svg,
+            r##"<text x="{ml}" y="{:.1}" font-size="13">{}</text><rect x="{ml}" y="{y0:.1}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##,
+            y0 - 6.0,
+            escape(&panel.title)
+        );
+        let mut d = lo;
+        while d <= hi {
+            let v = 10f64.powf(d);
+            let y = y_of(v);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{ml}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                ml + pw,
+                ml - 6.0,
+                y + 4.0,
+                fmt_num(v)
+            );
+            d += 1.0;
+        }
+        let gw = pw / groups.len().max(1) as f64;
+        let bw = (gw * 0.8 / series.len().max(1) as f64).min(60.0);
+        for (gi, label) in groups.iter().enumerate() {
+            let gx = ml + gw * gi as f64 + (gw - bw * series.len() as f64) / 2.0;
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                ml + gw * (gi as f64 + 0.5),
+                y0 + ph + 16.0,
+                escape(label)
+            );
+            for (si, v) in panel.values.get(gi).into_iter().flatten().enumerate() {
+                let x = gx + bw * si as f64;
+                match v {
+                    Some(v) if *v > 0.0 && v.is_finite() => {
+                        let y = y_of(*v);
+                        let _ = writeln!(
+                            svg,
+                            r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}{}</text>"#,
+                            bw - 2.0,
+                            (y0 + ph - y).max(0.0),
+                            BAR_COLORS[si % BAR_COLORS.len()],
+                            x + bw / 2.0,
+                            y - 3.0,
+                            fmt_num(*v),
+                            escape(&panel.unit)
+                        );
+                    }
+                    _ => {
+                        let _ = writeln!(
+                            svg,
+                            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">n/a</text>"#,
+                            x + bw / 2.0,
+                            y0 + ph - 3.0
+                        );
+                    }
+                }
+            }
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 fn fmt_num(v: f64) -> String {
     if v >= 10_000.0 {
         format!("{:.0}k", v / 1000.0)
@@ -171,5 +296,24 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("t &lt;1&gt;"));
         assert!(svg.contains(">published<") && svg.contains(">lag<"));
+    }
+
+    #[test]
+    fn bars_show_every_measured_value_and_mark_the_missing() {
+        let svg = render_bars(
+            "t",
+            &["ordo", "seed"],
+            &["hot".into(), "churn".into()],
+            &[BarPanel {
+                title: "events/s".into(),
+                values: vec![vec![Some(466.0), Some(9.2)], vec![Some(3200.0), None]],
+                unit: "/s".into(),
+            }],
+        );
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // Three bars plus two legend swatches and the panel frame.
+        assert_eq!(svg.matches("<rect").count(), 1 + 2 + 1 + 3);
+        assert!(svg.contains(">466/s<") && svg.contains(">9.20/s<") && svg.contains(">3200/s<"));
+        assert!(svg.contains(">n/a<") && svg.contains(">churn<"));
     }
 }

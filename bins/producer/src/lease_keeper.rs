@@ -10,7 +10,7 @@ use ordo_core::metrics as names;
 use ordo_core::retry::Backoff;
 use tokio_util::sync::CancellationToken;
 
-use crate::readiness::{dependency, Readiness};
+use crate::readiness::{dependency, Fault, Readiness};
 
 /// Renews one term's lease.
 #[derive(Debug)]
@@ -32,8 +32,12 @@ pub struct LeaseKeeper {
 pub enum LeaseEnd {
     /// Asked to stop; the lease is still ours (to release).
     Stopped(Lease),
-    /// Taken over, or expired before it could be renewed.
+    /// Taken over: the database answered that another holder has it.
     Lost,
+    /// Ran out before a renewal answered. The database fault held since the first failed
+    /// renewal comes with it, so readiness stays off across the end of the term until the
+    /// database answers again (see `Producer::acquire`).
+    Expired(Fault),
 }
 
 impl LeaseKeeper {
@@ -61,16 +65,25 @@ impl LeaseKeeper {
                         self.lease = l;
                         break;
                     }
-                    Ok(Err(LeaseError::Lost { .. })) => return Ok(self.lost()),
+                    Ok(Err(LeaseError::Lost { .. })) => {
+                        self.abandon();
+                        return Ok(LeaseEnd::Lost);
+                    }
                     Ok(Err(e)) if e.is_retryable() => e.to_string(),
                     Ok(Err(e)) => return Err(e),
                     Err(_) => format!("renewal did not answer within {bound:?}"),
                 };
+                // Held before the expiry check: a renewal that hangs until the lease is gone
+                // fails only once, and its fault is what the term hands to the standby loop.
+                self.readiness.hold(&mut fault, dependency::MONGODB);
                 if self.lease.is_expired() {
                     tracing::error!(error, "lease expired before it could be renewed: stopping");
-                    return Ok(self.lost());
+                    self.abandon();
+                    let held = fault
+                        .take()
+                        .unwrap_or_else(|| self.readiness.fault(dependency::MONGODB));
+                    return Ok(LeaseEnd::Expired(held));
                 }
-                self.readiness.hold(&mut fault, dependency::MONGODB);
                 let d = delays
                     .next()
                     .unwrap_or(self.backoff.max)
@@ -85,10 +98,9 @@ impl LeaseKeeper {
         }
     }
 
-    fn lost(&self) -> LeaseEnd {
+    fn abandon(&self) {
         for t in &self.on_lost {
             t.cancel();
         }
-        LeaseEnd::Lost
     }
 }

@@ -59,7 +59,7 @@ use crate::config::StartAt;
 use crate::dispatch::{Acks, Dispatcher, WorkerContext, WorkerError};
 use crate::lease_keeper::{LeaseEnd, LeaseKeeper};
 use crate::park::Parker;
-use crate::readiness::{dependency, Readiness};
+use crate::readiness::{dependency, Fault, Readiness};
 use crate::source::{Source, SourceError, Start};
 use crate::task::{TaskFailed, TaskKind};
 
@@ -210,16 +210,20 @@ pub struct Producer {
 enum Term {
     /// Shutdown requested; the lease was released.
     Stopped,
-    /// The lease was taken over or could not be renewed in time.
-    Lost,
+    /// The lease was taken over or could not be renewed in time. A lease that ran out because
+    /// the database stopped answering brings the fault its renewals held: the standby loop keeps
+    /// it until the database answers, so the end of the term's own faults does not read as a
+    /// recovery.
+    Lost(Option<Fault>),
 }
 
 /// What ended the first phase of a term.
 enum Ended {
     /// The reader returned (shutdown, or a halt error).
     Reader(Result<(), SourceError>),
-    /// Lease taken over or expired, or the checkpoint fenced.
-    Lost,
+    /// Lease taken over or expired (with the lease keeper's database fault), or the checkpoint
+    /// fenced.
+    Lost(Option<Fault>),
     /// A task failed: the term stops with this error.
     Failed(ProducerError),
 }
@@ -254,9 +258,10 @@ impl Producer {
     /// Standby until the lease is ours, active until it is lost or shutdown.
     pub async fn run<F: PublisherFactory>(&self, factory: Arc<F>) -> Result<(), ProducerError> {
         let cancel = self.shutdown.token.clone();
+        let mut carried = None;
         loop {
             ::metrics::gauge!(names::LEASE_HELD).set(0.0);
-            let Some(lease) = self.acquire(&cancel).await? else {
+            let Some(lease) = self.acquire(&cancel, carried.take()).await? else {
                 return Ok(());
             };
             ::metrics::gauge!(names::LEASE_HELD).set(1.0);
@@ -265,8 +270,9 @@ impl Producer {
             ::metrics::gauge!(names::LEASE_HELD).set(0.0);
             match term? {
                 Term::Stopped => return Ok(()),
-                Term::Lost => {
-                    tracing::warn!(stream = %self.stream, holder = %self.holder, "lease lost: publishing stopped, back to standby");
+                Term::Lost(fault) => {
+                    tracing::warn!(stream = %self.stream, holder = %self.holder, database_failing = fault.is_some(), "lease lost: publishing stopped, back to standby");
+                    carried = fault;
                 }
             }
         }
@@ -277,13 +283,18 @@ impl Producer {
     /// Readiness stays true meanwhile unless the database fails: `/readyz` means "able to
     /// work or to stand by", so a two-replica Deployment becomes Available and rolling updates
     /// do not stall on the standby (deploy/k8s/base/producer.yaml). Holding the lease is shown
-    /// by the `ordo_lease_held` gauge.
-    async fn acquire(&self, cancel: &CancellationToken) -> Result<Option<Lease>, ProducerError> {
+    /// by the `ordo_lease_held` gauge. `carried` is a database fault from the term before; the
+    /// first answer of the database drops it, whatever the answer says about the lease.
+    async fn acquire(
+        &self,
+        cancel: &CancellationToken,
+        carried: Option<Fault>,
+    ) -> Result<Option<Lease>, ProducerError> {
         let ttl = self.cfg.producer.lease_ttl;
         let poll = (ttl / 5).max(Duration::from_millis(100));
         let mut delays = self.backoff.delays();
         let mut announced = false;
-        let mut fault = None;
+        let mut fault = carried;
         loop {
             if cancel.is_cancelled() {
                 return Ok(None);
@@ -318,7 +329,10 @@ impl Producer {
             let wait = match attempted {
                 Ok(Some((claimed, lease))) => match claimed {
                     Ok(()) => return Ok(Some(lease)),
-                    Err(CheckpointError::Fenced { .. }) => poll,
+                    Err(CheckpointError::Fenced { .. }) => {
+                        fault = None;
+                        poll
+                    }
                     Err(e) if e.is_retryable() => {
                         self.readiness.hold(&mut fault, dependency::MONGODB);
                         self.retry_delay(&mut delays, "claim_checkpoint", &e)
@@ -397,7 +411,7 @@ impl Producer {
 
     /// Saves the position a fresh stream starts at as the checkpoint, before reading, so a
     /// restart before the first publish resumes here instead of at a new "now". `Ok(None)`
-    /// when cancelled; `Err(Lost)`-like outcomes come back as `Some(Err(Term::Lost))`.
+    /// when cancelled; a fenced save comes back as `Some(Err(Term::Lost(None)))`.
     async fn save_first_position(
         &self,
         source: &Source,
@@ -418,7 +432,7 @@ impl Producer {
                     tracing::info!(stream = %self.stream, "first position saved before reading");
                     return Ok(Some(Ok(Start::After(source::token_doc(&token)))));
                 }
-                Err(CheckpointError::Fenced { .. }) => return Ok(Some(Err(Term::Lost))),
+                Err(CheckpointError::Fenced { .. }) => return Ok(Some(Err(Term::Lost(None)))),
                 Err(e) if e.is_retryable() => {
                     self.readiness.hold(&mut fault, dependency::MONGODB);
                     let d = self.retry_delay(&mut delays, "save_checkpoint", &e);
@@ -541,20 +555,21 @@ impl Producer {
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Reader, e).into()),
             }),
             r = &mut keeper => (TaskKind::LeaseKeeper, match r {
-                Ok(Ok(LeaseEnd::Lost)) => Ended::Lost,
+                Ok(Ok(LeaseEnd::Lost)) => Ended::Lost(None),
+                Ok(Ok(LeaseEnd::Expired(fault))) => Ended::Lost(Some(fault)),
                 Ok(Ok(LeaseEnd::Stopped(_))) => Ended::Failed(early(TaskKind::LeaseKeeper)),
                 Ok(Err(e)) => Ended::Failed(ProducerError::State(e.to_string())),
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::LeaseKeeper, e).into()),
             }),
             r = &mut checkpointer => (TaskKind::Checkpointer, match r {
-                Ok(Ok(CheckpointerEnd::Fenced(_))) => Ended::Lost,
+                Ok(Ok(CheckpointerEnd::Fenced(_))) => Ended::Lost(None),
                 Ok(Ok(CheckpointerEnd::Stopped(_))) => Ended::Failed(early(TaskKind::Checkpointer)),
                 Ok(Err(e)) => Ended::Failed(ProducerError::State(format!("checkpoint: {e}"))),
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Checkpointer, e).into()),
             }),
             r = &mut publishers => (TaskKind::Publishers, match r {
                 // Abandoned by the lease keeper on a lost lease: its own result says so too.
-                Ok(Ok(())) if abandon.is_cancelled() => Ended::Lost,
+                Ok(Ok(())) if abandon.is_cancelled() => Ended::Lost(None),
                 Ok(Ok(())) => Ended::Failed(early(TaskKind::Publishers)),
                 Ok(Err(e)) => Ended::Failed(e.into()),
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Publishers, e).into()),
@@ -564,7 +579,7 @@ impl Producer {
 
         let read_result = match ended {
             Ended::Reader(r) => r,
-            Ended::Lost | Ended::Failed(_) => {
+            Ended::Lost(_) | Ended::Failed(_) => {
                 stop_reading.cancel();
                 abandon.cancel();
                 checkpointer_stop.cancel();
@@ -586,14 +601,18 @@ impl Producer {
                 } else {
                     None
                 };
-                if let Ended::Failed(e) = ended {
-                    tracing::error!(task = %which, error = %e, "a task of the term failed: stopping");
-                    if let Some(LeaseEnd::Stopped(lease)) = kept {
-                        self.release(&lease).await;
+                return match (ended, kept) {
+                    (Ended::Failed(e), kept) => {
+                        tracing::error!(task = %which, error = %e, "a task of the term failed: stopping");
+                        if let Some(LeaseEnd::Stopped(lease)) = kept {
+                            self.release(&lease).await;
+                        }
+                        Err(e)
                     }
-                    return Err(e);
-                }
-                return Ok(Term::Lost);
+                    (_, Some(LeaseEnd::Expired(fault))) => Ok(Term::Lost(Some(fault))),
+                    (Ended::Lost(fault), _) => Ok(Term::Lost(fault)),
+                    (Ended::Reader(_), _) => Ok(Term::Lost(None)),
+                };
             }
         };
         let stopping = root.is_cancelled() || read_result.is_err();
@@ -632,10 +651,14 @@ impl Producer {
 
         let (mut cp, lease) = match (cp_end, lease_end) {
             (CheckpointerEnd::Stopped(cp), LeaseEnd::Stopped(lease)) => (cp, lease),
-            _ => {
+            (_, lease_end) => {
                 // A halt error is the operator's to see, even when the lease went too.
                 read_result?;
-                return Ok(Term::Lost);
+                let fault = match lease_end {
+                    LeaseEnd::Expired(fault) => Some(fault),
+                    _ => None,
+                };
+                return Ok(Term::Lost(fault));
             }
         };
         // The final save, over what was acknowledged.
@@ -650,7 +673,7 @@ impl Producer {
         }
         if !stopping {
             // Cannot happen: the reader only ends on cancel or error.
-            return Ok(Term::Lost);
+            return Ok(Term::Lost(None));
         }
         Ok(Term::Stopped)
     }

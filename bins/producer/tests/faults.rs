@@ -207,7 +207,9 @@ async fn failing_getmore_resumes_the_stream() {
 }
 
 /// The database is killed and restarted (data kept): the producer retries, readiness drops
-/// while it cannot read, and it resumes from its position.
+/// while it cannot read and stays off across the loss of its lease (the database is down for
+/// longer than the lease), and it resumes from its position once the database is back, ready
+/// again within 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_restart_resumes_the_stream() {
     let mut world = World::start_with(SecantusOptions::new().persistent()).await;
@@ -228,8 +230,42 @@ async fn database_restart_resumes_the_stream() {
         || async move { !p.is_ready().await },
     )
     .await;
+    // The lease runs out while the database is gone; the end of the term must not read as a
+    // recovery. Readiness is sampled every 50 ms until the loss is logged and 3 s past it (the
+    // standby's first attempts at the lease fail meanwhile).
+    let mut past_loss: Option<Instant> = None;
+    let watching = Instant::now();
+    let mut samples = 0;
+    while past_loss.is_none_or(|t| t.elapsed() < Duration::from_secs(3)) {
+        assert!(
+            watching.elapsed() < Duration::from_secs(30),
+            "the lease was never lost while the database was down\n{}",
+            producer.logs()
+        );
+        assert!(
+            !producer.is_ready().await,
+            "ready while the database is down (sample {samples})\n{}",
+            producer.logs()
+        );
+        samples += 1;
+        if past_loss.is_none() && producer.logs().contains("lease lost") {
+            past_loss = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        producer
+            .logs()
+            .contains("lease expired before it could be renewed"),
+        "{}",
+        producer.logs()
+    );
     world.mongo.restart_server().await.unwrap().unwrap();
-    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || async move { p.is_ready().await },
+    )
+    .await;
     let events = world.events();
     ordo_testkit::wait_until_ok(Duration::from_secs(20), || {
         let events = events.clone();

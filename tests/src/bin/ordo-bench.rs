@@ -26,13 +26,13 @@ use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
 use mongodb::Collection;
 use ordo_core::envelope::{Envelope, EventFields};
 use ordo_core::metrics;
-use ordo_core::projection::Projection;
 use ordo_core::secret::Secret;
 use ordo_core::servicebus::sender::{Publisher, PublisherFactory, ServiceBusPublisherFactory};
 use ordo_e2e::chart::{render_bars, BarPanel};
 use ordo_e2e::sample::{insert, Generator, Workload};
 use ordo_e2e::stack::{emulator_config, Stack, TestServiceBus};
 use ordo_e2e::stats::percentile;
+use ordo_projection::Projection;
 use ordo_servicebus_emulator::{EmulatorConfig, SubscriptionConfig, TopicConfig};
 use serde_json::{json, Value};
 

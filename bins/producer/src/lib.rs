@@ -234,7 +234,7 @@ impl Producer {
         let stream = cfg.stream();
         let holder = format!(
             "{}:{}:{}",
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+            ordo_core::status::host_name(),
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         );

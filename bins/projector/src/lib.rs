@@ -281,9 +281,7 @@ async fn blocked_gauge(store: Store, cancel: CancellationToken) {
 /// for `ordo-projector status`; returns the instance id.
 fn heartbeat(engine: &Arc<Engine>, shutdown: &Shutdown) -> String {
     let started_at_ms = mongodb::bson::DateTime::now().timestamp_millis();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
+    let host = status::host_name();
     let instance = format!("{host}:{}:{started_at_ms}", std::process::id());
     let (beating, cancel, id) = (engine.clone(), shutdown.token.clone(), instance.clone());
     spawn_supervised(engine, shutdown, "heartbeat", move || {

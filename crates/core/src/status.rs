@@ -306,3 +306,39 @@ impl fmt::Display for StatusReport {
         }
     }
 }
+
+/// This machine's name for `status` and the producer's lease holder: `$HOSTNAME` (set by
+/// Kubernetes and most shells), else the kernel's (`/proc/sys/kernel/hostname`, hidden by
+/// systemd's `ProcSubset=pid`), else `/etc/hostname`, else `unknown`.
+pub fn host_name() -> String {
+    host_name_from(
+        std::env::var("HOSTNAME").ok(),
+        &["/proc/sys/kernel/hostname", "/etc/hostname"],
+    )
+}
+
+fn host_name_from(env: Option<String>, files: &[&str]) -> String {
+    env.into_iter()
+        .chain(files.iter().filter_map(|f| std::fs::read_to_string(f).ok()))
+        .map(|h| h.trim().to_string())
+        .find(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_name_prefers_the_environment_then_the_first_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let named = dir.path().join("hostname");
+        std::fs::write(&named, "vm-7\n").unwrap();
+        let named = named.to_str().unwrap();
+        let missing = dir.path().join("missing");
+        let missing = missing.to_str().unwrap();
+        assert_eq!(host_name_from(Some("pod-1".into()), &[named]), "pod-1");
+        assert_eq!(host_name_from(Some(" ".into()), &[missing, named]), "vm-7");
+        assert_eq!(host_name_from(None, &[missing]), "unknown");
+    }
+}

@@ -36,16 +36,10 @@ pub fn render(title: &str, left_label: &str, right_label: &str, series: &[Series
     let left: Vec<&Series> = series.iter().filter(|s| !s.right_axis).collect();
     let right: Vec<&Series> = series.iter().filter(|s| s.right_axis).collect();
     let (l_max, r_max) = (max_of(&left) * 1.1, max_of(&right) * 1.1);
-    let mut svg = String::new();
-    let _ = write!(
+    let mut svg = svg_open(w, h, title);
+    let _ = writeln!(
         svg,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>
-<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>
-"##,
-        w / 2.0,
-        escape(title)
+        r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
     );
     for i in 0..=4 {
         let y = mt + ph - ph * f64::from(i) / 4.0;
@@ -145,16 +139,7 @@ pub fn render_bars(title: &str, series: &[&str], groups: &[String], panels: &[Ba
     let (w, ml, mr, panel_h, gap, top) = (960.0, 70.0, 20.0, 260.0, 70.0, 60.0);
     let h = top + panels.len() as f64 * (panel_h + gap);
     let pw = w - ml - mr;
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>
-"##,
-        w / 2.0,
-        escape(title)
-    );
+    let mut svg = svg_open(w, h, title);
     for (k, name) in series.iter().enumerate() {
         let x = ml + 140.0 * k as f64;
         let _ = writeln!(
@@ -259,6 +244,18 @@ fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+/// The start of a chart: the SVG root, a white page and the centred title.
+fn svg_open(w: f64, h: f64, title: &str) -> String {
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>
+"##,
+        w / 2.0,
+        escape(title)
+    )
 }
 
 fn escape(s: &str) -> String {

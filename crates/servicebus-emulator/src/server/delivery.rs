@@ -337,6 +337,10 @@ type Outstanding = Arc<Mutex<HashSet<u128>>>;
 /// Upper bound for applying the last outcomes of a closing link.
 const SETTLE_DRAIN: Duration = Duration::from_secs(5);
 
+/// How long a link whose connection ended waits for a detach still on its way ([`Run::gone`]).
+/// A connection that dropped without one ends its sessions, and the wait with them, at once.
+const DETACH_GRACE: Duration = Duration::from_millis(500);
+
 /// Settles a delivery the moment its receiver disposes of it without settling (what Microsoft's
 /// SDKs do: rcv-settle-mode second) and tells fe2o3-amqp what to settle the delivery with, as
 /// Service Bus answers: `rejected` without an error for a dead-letter, `rejected` with
@@ -480,7 +484,7 @@ impl Run {
                         }
                         _ = self.ctx.cancel.cancelled() => {
                             self.unsend(token);
-                            return End::ConnectionGone;
+                            return Self::gone(sender).await;
                         }
                     };
                     match sent {
@@ -507,12 +511,23 @@ impl Run {
                             debug!(connection = self.ctx.id, error = %e, "receiver detached");
                             return End::of_detach(&e);
                         }
-                        _ = self.ctx.cancel.cancelled() => return End::ConnectionGone,
+                        _ = self.ctx.cancel.cancelled() => return Self::gone(sender).await,
                         _ = tokio::time::sleep(expiry) => {}
                     }
                 }
                 Next::SessionLockLost => return End::SessionLockLost,
             }
+        }
+    }
+
+    /// Why the link ended once its connection is gone. A client that detaches and closes its
+    /// connection in one breath (the Python SDK does) can have its detach still on the way
+    /// through the session when the connection's end is seen; that link was closed, not lost,
+    /// and its session's messages must come back without a higher delivery count.
+    async fn gone(sender: &mut Sender) -> End {
+        match tokio::time::timeout(DETACH_GRACE, sender.on_detach()).await {
+            Ok(e) => End::of_detach(&e),
+            Err(_) => End::ConnectionGone,
         }
     }
 

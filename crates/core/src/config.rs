@@ -495,6 +495,10 @@ pub struct ServiceBusConfig {
     pub topic: String,
     /// The session-enabled subscription the projector reads.
     pub subscription: String,
+    /// PEM file of CA certificates trusted for the TLS connection to Service Bus, next to the
+    /// public roots: for private endpoints behind a TLS-inspecting proxy, and for tests with a
+    /// private CA. Unset: public roots only.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ServiceBusConfig {
@@ -504,6 +508,7 @@ impl Default for ServiceBusConfig {
             connection_string_file: None,
             topic: "ordo-events".into(),
             subscription: "projector".into(),
+            ca_file: None,
         }
     }
 }
@@ -540,6 +545,13 @@ impl Validate for ServiceBusConfig {
                 "servicebus.subscription",
                 "must not be empty",
             ));
+        }
+        // The client's TLS roots are process-wide, so the CA is trusted here, where every daemon
+        // passes once at start, rather than at each connect.
+        if let Some(path) = &self.ca_file {
+            crate::servicebus::trust_ca_file(path).map_err(|e| {
+                ConfigError::invalid("servicebus.ca_file", format!("{}: {e}", path.display()))
+            })?;
         }
         Ok(())
     }

@@ -23,6 +23,15 @@
 //! Azure/azure-service-bus#258) unless a token for its entity carries the right: Send for senders
 //! to a topic or queue, Listen for receivers and for `$management` of a queue or subscription,
 //! Send for a topic's `$management`; Manage implies both.
+//!
+//! A link keeps running only while a token covers it. When the last such token expires and no
+//! new one was put, Service Bus detaches the link with `amqp:link:detach-forced` and "The link
+//! '…' is force detached. Code: RenewToken. Details: Unauthorized access. 'Listen' claim(s) are
+//! required to perform this operation. Resource: '…'.." (Azure/azure-sdk-for-go#16394,
+//! Azure/azure-sdk-for-python#23487, dapr/components-contrib#809); [`ConnAuth::lapsed`] is
+//! that watch. The check is against the token, not the key: a key removed after the token was
+//! put leaves the token valid until it expires, as on Service Bus
+//! (Azure/azure-service-bus-dotnet#357), and the renewal after that is refused.
 
 use std::sync::Mutex;
 
@@ -98,6 +107,26 @@ impl Keys {
         }
     }
 
+    /// Adds a key, or replaces the one with the same name (a key rotation).
+    pub(crate) fn put(&mut self, rule: &AuthorizationRule) {
+        let entry = (
+            rule.name.clone(),
+            rule.key.clone(),
+            Rights::of(&rule.rights),
+        );
+        match self.rules.iter_mut().find(|(n, _, _)| *n == rule.name) {
+            Some(existing) => *existing = entry,
+            None => self.rules.push(entry),
+        }
+    }
+
+    /// Removes the key named `name`; whether there was one.
+    pub(crate) fn remove(&mut self, name: &str) -> bool {
+        let before = self.rules.len();
+        self.rules.retain(|(n, _, _)| n != name);
+        self.rules.len() != before
+    }
+
     fn get(&self, name: &str) -> Option<(&str, Rights)> {
         self.rules
             .iter()
@@ -121,6 +150,14 @@ pub(crate) struct Grant {
     resource: String,
     rights: Rights,
     expires_ms: i64,
+}
+
+impl Grant {
+    /// The same grant expiring no later than `latest_ms`.
+    pub(crate) fn expiring_by(mut self, latest_ms: i64) -> Self {
+        self.expires_ms = self.expires_ms.min(latest_ms);
+        self
+    }
 }
 
 /// Why put-token answered 401.
@@ -241,6 +278,18 @@ fn time_text(unix_s: i64) -> String {
     .to_string()
 }
 
+/// The condition and description Service Bus detaches a link with when the token it depended
+/// on expired.
+pub(crate) fn renew_token_error(link: &str, why: &Unauthorized) -> (&'static str, String) {
+    (
+        "amqp:link:detach-forced",
+        format!(
+            "The link '{link}' is force detached. Code: RenewToken. Details: {}.",
+            why.0
+        ),
+    )
+}
+
 /// What one connection is authorized for: tokens put on its `$cbs`, or a SASL PLAIN login.
 #[derive(Debug, Default)]
 pub(crate) struct ConnAuth {
@@ -266,6 +315,30 @@ impl ConnAuth {
         grants.push(grant);
         drop(grants);
         self.renewed.notify_waiters();
+    }
+
+    /// Resolves once `path` is no longer authorized for `need`: the tokens covering it expired
+    /// and none was put in time. Never resolves under a SASL PLAIN login, which does not expire.
+    pub(crate) async fn lapsed(&self, path: &str, need: Need) -> Unauthorized {
+        loop {
+            let renewed = self.renewed.notified();
+            tokio::pin!(renewed);
+            renewed.as_mut().enable();
+            let now = crate::clock::now_ms();
+            match self.authorized_until(path, need, now) {
+                Err(lapsed) => return lapsed,
+                Ok(i64::MAX) => std::future::pending::<()>().await,
+                Ok(until) => {
+                    // A renewal may shorten the grant as well as lengthen it, so it is looked at
+                    // as soon as it is put rather than at the old expiry.
+                    let left = std::time::Duration::from_millis((until - now).max(0) as u64);
+                    tokio::select! {
+                        _ = tokio::time::sleep(left) => {}
+                        _ = &mut renewed => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Until when the connection may use `path` with `need` (`i64::MAX` after a SASL login).

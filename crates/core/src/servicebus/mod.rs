@@ -11,7 +11,7 @@
 //! always 5672, TLS always 5671), so a connection string with another port is refused at start
 //! instead of silently dialling the wrong one.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use azservicebus::core::BasicRetryPolicy;
 use azservicebus::{ServiceBusClient, ServiceBusClientOptions, ServiceBusRetryOptions};
@@ -104,6 +104,39 @@ impl Endpoint {
         }
         Ok(Endpoint { host, emulator })
     }
+}
+
+/// A CA file that cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    /// The file cannot be read or is not PEM.
+    #[error("cannot read PEM certificates: {0}")]
+    Read(String),
+    /// The file holds no certificate.
+    #[error("no PEM certificate in the file")]
+    Empty,
+    /// A certificate cannot be a trust anchor (then none of the file is trusted).
+    #[error("a certificate cannot be trusted: {0}")]
+    Unusable(String),
+}
+
+/// Trusts the CA certificates of a PEM file, next to the public roots, for every TLS
+/// connection to Service Bus this process opens from now on (azservicebus's AMQP client keeps
+/// one set of roots per process); returns how many were added.
+pub fn trust_ca_file(path: &Path) -> Result<usize, CaFileError> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| CaFileError::Read(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| CaFileError::Read(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CaFileError::Empty);
+    }
+    let count = certs.len();
+    fe2o3_amqp_client::connection::add_trusted_roots(certs)
+        .map_err(|e| CaFileError::Unusable(e.to_string()))?;
+    tracing::info!(file = %path.display(), certificates = count, "trusting CA certificates for Service Bus TLS");
+    Ok(count)
 }
 
 /// Opens a client: plain AMQP for the emulator, TLS otherwise. `identifier` names the client in

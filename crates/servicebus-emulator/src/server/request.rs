@@ -355,8 +355,13 @@ fn put_token(request: &AmqpMessage, ctx: &ConnCtx) -> Reply {
         _ => "",
     };
     let name = app_text(request, "name").unwrap_or_default();
-    match crate::auth::verify(token, name, &ctx.shared.keys, crate::clock::now_ms()) {
+    let now = crate::clock::now_ms();
+    match crate::auth::verify(token, name, &ctx.shared.keys(), now) {
         Ok(grant) => {
+            let grant = match ctx.shared.config.namespace.max_token_lifetime {
+                Some(max) => grant.expiring_by(now.saturating_add(max.as_millis() as i64)),
+                None => grant,
+            };
             ctx.auth.put(grant);
             accepted
         }

@@ -1,6 +1,7 @@
 //! The daemons as they run against Azure: AMQPS with a private CA trusted through
 //! `[servicebus] ca_file`, authorization enforced, and least-privilege keys (the producer's
-//! key can only Send, the projector's only Listen). The read models equal the fold.
+//! key can only Send, the projector's only Listen). The read models equal the fold, also when
+//! tokens expire under the daemons and when their keys are revoked and restored.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use mongodb::bson::{doc, Document};
 use ordo_e2e::sample::{insert, Generator, Workload};
 use ordo_e2e::stack::{emulator_config, Stack};
 use ordo_servicebus_emulator::{AccessRight, AuthorizationRule};
+use ordo_testkit::wait_until;
 
 const PRODUCER_KEY: (&str, &str) = ("ordo-producer", "send-only-key");
 const PROJECTOR_KEY: (&str, &str) = ("ordo-projector", "listen-only-key");
@@ -20,16 +22,66 @@ fn rule((name, key): (&str, &str), right: AccessRight) -> AuthorizationRule {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn daemons_over_tls_with_least_privilege_keys_project_every_event() {
+/// Inserts the whole `workload` in batches of 50, each after `pace`.
+async fn write(stack: &Stack, generator: &mut Generator, events: usize, pace: Duration) {
+    let collection = stack.db().collection::<Document>("events");
+    let mut written = 0;
+    let mut ticker = tokio::time::interval(pace);
+    while written < events {
+        ticker.tick().await;
+        let batch = generator.next_batch(50.min(events - written));
+        assert!(!batch.is_empty(), "the generator ran dry at {written}");
+        written += batch.len();
+        insert(&collection, batch).await.unwrap();
+    }
+}
+
+/// Waits until every read model reached its aggregate's last event, then checks each equals
+/// the fold; returns the number of events folded.
+async fn caught_up_and_folded(stack: &mut Stack, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        stack.check_alive().unwrap();
+        let (done, aggregates) = stack.caught_up().await.unwrap();
+        if aggregates > 0 && done == aggregates {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "read models did not catch up: {done}/{aggregates}"
+        );
+        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
+    }
+    let verdict = stack.verify().await.unwrap();
+    assert!(
+        verdict.ok(),
+        "{} read models differ from the fold, e.g. {:?}",
+        verdict.mismatches.len(),
+        verdict.mismatches.first()
+    );
+    let aggregates = stack
+        .db()
+        .collection::<Document>("events")
+        .distinct("aggregateId", doc! {})
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(verdict.aggregates, aggregates);
+    verdict.events
+}
+
+/// A stack serving TLS only to the daemons' least-privilege keys, with tokens cut to
+/// `max_token_lifetime` when given; `None` against real services.
+async fn secured_stack(max_token_lifetime: Option<Duration>) -> Option<Stack> {
     let mut config = emulator_config(Duration::from_secs(5));
     config.namespace.require_authorization = true;
+    config.namespace.max_token_lifetime = max_token_lifetime;
     config.namespace.authorization_rules = vec![
         rule(PRODUCER_KEY, AccessRight::Send),
         rule(PROJECTOR_KEY, AccessRight::Listen),
     ];
     let mut stack = Stack::start_tls(config).await.unwrap();
-    let (Some(producer), Some(projector), Some(ca_file)) = (
+    let (Some(producer), Some(projector), Some(_)) = (
         stack
             .bus
             .connection_string_for_key(PRODUCER_KEY.0, PRODUCER_KEY.1),
@@ -39,9 +91,21 @@ async fn daemons_over_tls_with_least_privilege_keys_project_every_event() {
         stack.bus.ca_file(),
     ) else {
         eprintln!("skipping: needs the emulator's TLS listener and keys");
-        return;
+        return None;
     };
     assert!(!producer.contains("UseDevelopmentEmulator"), "{producer}");
+    stack.producer_connection_string = Some(producer);
+    stack.projector_connection_string = Some(projector);
+    Some(stack)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daemons_over_tls_with_least_privilege_keys_project_every_event() {
+    let Some(mut stack) = secured_stack(None).await else {
+        return;
+    };
+    let producer = stack.producer_connection_string.clone().unwrap();
+    let ca_file = stack.bus.ca_file().unwrap();
 
     // The keys are what they claim: the producer's cannot receive.
     ordo_core::servicebus::trust_ca_file(&ca_file).unwrap();
@@ -64,8 +128,6 @@ async fn daemons_over_tls_with_least_privilege_keys_project_every_event() {
     );
     let _ = sender_only.dispose().await;
 
-    stack.producer_connection_string = Some(producer);
-    stack.projector_connection_string = Some(projector);
     stack.spawn_producer().await.unwrap();
     stack.spawn_projector(0).await.unwrap();
 
@@ -75,40 +137,106 @@ async fn daemons_over_tls_with_least_privilege_keys_project_every_event() {
         events_per_aggregate: 30,
         seed: 12,
     };
-    let events = stack.db().collection::<Document>("events");
     let mut generator = Generator::new(workload, "");
-    let mut written = 0;
-    while written < workload.total_events() {
-        let batch = generator.next_batch(50);
-        if batch.is_empty() {
-            break;
-        }
-        written += batch.len();
-        insert(&events, batch).await.unwrap();
-    }
-    assert_eq!(written, workload.total_events());
+    write(
+        &stack,
+        &mut generator,
+        workload.total_events(),
+        Duration::from_millis(1),
+    )
+    .await;
+    let folded = caught_up_and_folded(&mut stack, Duration::from_secs(120)).await;
+    assert_eq!(folded, workload.total_events());
+}
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        stack.check_alive().unwrap();
-        let (done, aggregates) = stack.caught_up().await.unwrap();
-        if aggregates > 0 && done == aggregates {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "read models did not catch up over TLS: {done}/{aggregates}"
-        );
-        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
-    }
-    let verdict = stack.verify().await.unwrap();
+/// Tokens cut to 3 s (the emulator's test knob; azservicebus makes 30-minute tokens and cannot
+/// be told otherwise): links are detached under the daemons again and again while events flow
+/// for several lifetimes, and every event still reaches its read model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daemons_keep_publishing_and_projecting_while_tokens_expire_under_them() {
+    let Some(mut stack) = secured_stack(Some(Duration::from_secs(3))).await else {
+        return;
+    };
+    stack.spawn_producer().await.unwrap();
+    stack.spawn_projector(0).await.unwrap();
+    let workload = Workload {
+        users: 10,
+        orders: 10,
+        events_per_aggregate: 30,
+        seed: 13,
+    };
+    let mut generator = Generator::new(workload, "");
+    // 12 batches a second apart: the run spans four token lifetimes.
+    write(
+        &stack,
+        &mut generator,
+        workload.total_events(),
+        Duration::from_secs(1),
+    )
+    .await;
+    let folded = caught_up_and_folded(&mut stack, Duration::from_secs(180)).await;
+    assert_eq!(folded, workload.total_events());
+    let detaches = stack.bus.emulator().unwrap().token_expiry_detaches();
+    println!("links detached by token expiry: {detaches}");
     assert!(
-        verdict.ok(),
-        "{} read models differ from the fold, e.g. {:?}",
-        verdict.mismatches.len(),
-        verdict.mismatches.first()
+        detaches >= 2,
+        "the tokens expired under the daemons ({detaches} detaches)"
     );
-    let aggregates = events.distinct("aggregateId", doc! {}).await.unwrap().len();
-    assert_eq!(verdict.aggregates, aggregates);
-    assert_eq!(verdict.events, workload.total_events());
+}
+
+/// A key revoked while the daemons run: once their tokens expire they cannot put new ones
+/// (401), `/readyz` answers 503 and the log says why; the key restored, both are ready again
+/// and nothing written meanwhile is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_key_turns_readiness_off_and_its_return_brings_the_daemons_back() {
+    let Some(mut stack) = secured_stack(Some(Duration::from_secs(3))).await else {
+        return;
+    };
+    stack.spawn_producer().await.unwrap();
+    stack.spawn_projector(0).await.unwrap();
+    let workload = Workload {
+        users: 10,
+        orders: 10,
+        events_per_aggregate: 20,
+        seed: 14,
+    };
+    let half = workload.total_events() / 2;
+    let mut generator = Generator::new(workload, "");
+    write(&stack, &mut generator, half, Duration::from_millis(1)).await;
+    assert_eq!(
+        caught_up_and_folded(&mut stack, Duration::from_secs(120)).await,
+        half
+    );
+
+    let emulator = stack.bus.emulator().unwrap();
+    assert!(emulator.remove_key(PRODUCER_KEY.0));
+    assert!(emulator.remove_key(PROJECTOR_KEY.0));
+    write(&stack, &mut generator, half, Duration::from_millis(1)).await;
+    for daemon in [
+        stack.producer.as_ref().unwrap(),
+        stack.projectors[0].as_ref().unwrap(),
+    ] {
+        wait_until(Duration::from_secs(90), || async {
+            matches!(daemon.http_get("/readyz").await, Ok((503, _)))
+        })
+        .await;
+        wait_until(Duration::from_secs(30), || async {
+            daemon.logs().contains("InvalidSignature")
+        })
+        .await;
+    }
+
+    let emulator = stack.bus.emulator().unwrap();
+    emulator.put_key(rule(PRODUCER_KEY, AccessRight::Send));
+    emulator.put_key(rule(PROJECTOR_KEY, AccessRight::Listen));
+    for daemon in [
+        stack.producer.as_ref().unwrap(),
+        stack.projectors[0].as_ref().unwrap(),
+    ] {
+        wait_until(Duration::from_secs(90), || daemon.is_ready()).await;
+    }
+    assert_eq!(
+        caught_up_and_folded(&mut stack, Duration::from_secs(180)).await,
+        workload.total_events()
+    );
 }

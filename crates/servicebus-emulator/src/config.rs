@@ -78,6 +78,49 @@ pub struct NamespaceConfig {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of [`NamespaceConfig::tls_cert`].
     #[serde(default)]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Microsoft Entra ID, played by a test issuer: put-token also takes JWTs (`type = "jwt"`)
+    /// this issuer signed, with the rights of the principal's role assignments. Absent: a JWT
+    /// is answered 401.
+    #[serde(default)]
+    pub entra: Option<EntraConfig>,
+}
+
+/// The token issuer the emulator trusts in place of Microsoft Entra ID, and the data-plane
+/// role assignments of the namespace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EntraConfig {
+    /// The `iss` claim tokens must carry.
+    pub issuer: String,
+    /// PEM public key (P-256, SubjectPublicKeyInfo) the issuer signs ES256 tokens with.
+    pub public_key: std::path::PathBuf,
+    /// Who may do what on the namespace.
+    #[serde(default)]
+    pub role_assignments: Vec<RoleAssignment>,
+}
+
+/// A role assigned to a principal at namespace scope.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoleAssignment {
+    /// The principal's object id (the token's `oid` claim).
+    pub principal_id: String,
+    /// The built-in role.
+    pub role: DataRole,
+}
+
+/// Service Bus's built-in data-plane roles.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DataRole {
+    /// Send to topics and queues.
+    #[serde(rename = "Azure Service Bus Data Sender")]
+    Sender,
+    /// Receive from subscriptions and queues.
+    #[serde(rename = "Azure Service Bus Data Receiver")]
+    Receiver,
+    /// Both, and management.
+    #[serde(rename = "Azure Service Bus Data Owner")]
+    Owner,
 }
 
 /// A right of an authorization rule.
@@ -145,6 +188,7 @@ impl Default for NamespaceConfig {
             max_token_lifetime: None,
             tls_cert: None,
             tls_key: None,
+            entra: None,
         }
     }
 }

@@ -45,8 +45,8 @@ pub enum Error {
         /// Underlying I/O error.
         source: std::io::Error,
     },
-    /// The TLS certificate or key cannot be used.
-    #[error("cannot use TLS file {path}: {reason}")]
+    /// The TLS certificate or key, or the Entra issuer's public key, cannot be used.
+    #[error("cannot use key or certificate file {path}: {reason}")]
     Tls {
         /// The certificate or key file.
         path: String,

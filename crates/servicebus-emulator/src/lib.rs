@@ -58,8 +58,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 pub use config::{
-    AccessRight, AuthorizationRule, EmulatorConfig, NamespaceConfig, QueueConfig,
-    SubscriptionConfig, TopicConfig,
+    AccessRight, AuthorizationRule, DataRole, EmulatorConfig, EntraConfig, NamespaceConfig,
+    QueueConfig, RoleAssignment, SubscriptionConfig, TopicConfig,
 };
 pub use error::{ConfigError, Error};
 pub use stats::{DeadLetteredMessage, EntityStats, NamespaceStats, SessionStats};
@@ -119,7 +119,14 @@ impl Emulator {
             }
             None => None,
         };
-        let shared = Arc::new(Shared::new(config));
+        let issuer = match &config.namespace.entra {
+            Some(entra) => Some(auth::Issuer::load(entra).map_err(|reason| Error::Tls {
+                path: entra.public_key.display().to_string(),
+                reason,
+            })?),
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(config, issuer));
         let sweeper = {
             let shared = shared.clone();
             tokio::spawn(async move {

@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     /// The namespace's keys; changed at runtime by [`crate::EmulatorHandle::put_key`] and
     /// [`crate::EmulatorHandle::remove_key`].
     keys: std::sync::RwLock<Keys>,
+    /// The trusted token issuer standing in for Microsoft Entra ID, if configured.
+    pub issuer: Option<crate::auth::Issuer>,
     pub config: EmulatorConfig,
     next_id: AtomicU64,
     pub connections: AtomicUsize,
@@ -59,8 +61,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: EmulatorConfig) -> Self {
+    pub(crate) fn new(config: EmulatorConfig, issuer: Option<crate::auth::Issuer>) -> Self {
         Self {
+            issuer,
             namespace: Namespace::new(&config),
             keys: std::sync::RwLock::new(Keys::new(&config.namespace.keys())),
             config,

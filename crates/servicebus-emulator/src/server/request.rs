@@ -327,8 +327,8 @@ pub(super) fn app_text<'a>(request: &'a AmqpMessage, name: &str) -> Option<&'a s
     }
 }
 
-/// CBS put-token: the token is verified against the namespace's keys (see `auth`) and kept for
-/// the connection's links, answered with the 202 every Service Bus client checks for, or 401
+/// CBS put-token: the token (a SAS token, or a JWT of the configured Entra issuer) is verified
+/// (see `auth`) and kept for the connection's links, answered with the 202 every Service Bus client checks for, or 401
 /// with the reason. With `require_authorization = false` every token gets 202.
 fn put_token(request: &AmqpMessage, ctx: &ConnCtx) -> Reply {
     if app_text(request, "operation") != Some("put-token") {
@@ -356,7 +356,12 @@ fn put_token(request: &AmqpMessage, ctx: &ConnCtx) -> Reply {
     };
     let name = app_text(request, "name").unwrap_or_default();
     let now = crate::clock::now_ms();
-    match crate::auth::verify(token, name, &ctx.shared.keys(), now) {
+    let verified = if app_text(request, "type") == Some("jwt") {
+        crate::auth::verify_jwt(token, ctx.shared.issuer.as_ref(), now)
+    } else {
+        crate::auth::verify(token, name, &ctx.shared.keys(), now)
+    };
+    match verified {
         Ok(grant) => {
             let grant = match ctx.shared.config.namespace.max_token_lifetime {
                 Some(max) => grant.expiring_by(now.saturating_add(max.as_millis() as i64)),

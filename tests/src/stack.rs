@@ -44,6 +44,10 @@ pub struct Stack {
     pub producer_connection_string: Option<String>,
     /// The projectors' connection string when it is not the bus's.
     pub projector_connection_string: Option<String>,
+    /// Extra environment of the producer.
+    pub producer_env: Vec<(String, String)>,
+    /// Extra environment of the projectors.
+    pub projector_env: Vec<(String, String)>,
 }
 
 /// The outcome of [`Stack::verify`].
@@ -112,6 +116,8 @@ impl Stack {
             producer_extra: String::new(),
             producer_connection_string: None,
             projector_connection_string: None,
+            producer_env: Vec::new(),
+            projector_env: Vec::new(),
         })
     }
 
@@ -213,11 +219,16 @@ grace_period = "10s"
     /// Starts the producer and waits until it is ready.
     pub async fn spawn_producer(&mut self) -> anyhow::Result<()> {
         let health = free_health_addr();
+        let env: Vec<(&str, &str)> = self
+            .producer_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut d = Daemon::spawn(
             &bin_path("ordo-producer"),
             &self.producer_config(health),
             health,
-            &[],
+            &env,
         )?;
         d.wait_ready(Duration::from_secs(60)).await?;
         self.producer = Some(d);
@@ -227,11 +238,16 @@ grace_period = "10s"
     /// Starts projector `slot` (a new one when `slot == len`) and waits until it is ready.
     pub async fn spawn_projector(&mut self, slot: usize) -> anyhow::Result<()> {
         let health = free_health_addr();
+        let env: Vec<(&str, &str)> = self
+            .projector_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut d = Daemon::spawn(
             &bin_path("ordo-projector"),
             &self.projector_config(health),
             health,
-            &[],
+            &env,
         )?;
         d.wait_ready(Duration::from_secs(60)).await?;
         if slot == self.projectors.len() {

@@ -240,3 +240,68 @@ async fn a_revoked_key_turns_readiness_off_and_its_return_brings_the_daemons_bac
         workload.total_events()
     );
 }
+
+/// Microsoft Entra ID instead of keys: each daemon gets JWTs through azure_identity's
+/// `AzureCliCredential` (an `az` stand-in on its PATH hands out tokens of the test issuer the
+/// emulator trusts), the producer's principal holds Azure Service Bus Data Sender and the
+/// projector's Data Receiver, over TLS; every event reaches its read model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daemons_authenticate_with_entra_id_and_least_privilege_roles() {
+    use ordo_servicebus_emulator::{DataRole, EntraConfig, RoleAssignment};
+    use ordo_testkit::entra::{TestIssuer, ISSUER};
+    const PRODUCER_OID: &str = "00000000-0000-0000-0000-0000000000a1";
+    const PROJECTOR_OID: &str = "00000000-0000-0000-0000-0000000000a2";
+    let issuer = TestIssuer::new().unwrap();
+    let mut config = emulator_config(Duration::from_secs(5));
+    config.namespace.require_authorization = true;
+    config.namespace.entra = Some(EntraConfig {
+        issuer: ISSUER.into(),
+        public_key: issuer.public_key_file(),
+        role_assignments: vec![
+            RoleAssignment {
+                principal_id: PRODUCER_OID.into(),
+                role: DataRole::Sender,
+            },
+            RoleAssignment {
+                principal_id: PROJECTOR_OID.into(),
+                role: DataRole::Receiver,
+            },
+        ],
+    });
+    let mut stack = Stack::start_tls(config).await.unwrap();
+    let Ok(emulator) = stack.bus.emulator() else {
+        eprintln!("skipping: needs the emulator's trusted test issuer");
+        return;
+    };
+    let entra = format!(
+        "Endpoint=sb://{}/;Authentication=AzureCli",
+        emulator.address().ip()
+    );
+    let path = std::env::var("PATH").unwrap_or_default();
+    let path_with = |oid: &str| {
+        let dir = issuer.fake_azure_cli(oid).unwrap();
+        vec![("PATH".to_owned(), format!("{}:{path}", dir.display()))]
+    };
+    stack.producer_connection_string = Some(entra.clone());
+    stack.projector_connection_string = Some(entra);
+    stack.producer_env = path_with(PRODUCER_OID);
+    stack.projector_env = path_with(PROJECTOR_OID);
+    stack.spawn_producer().await.unwrap();
+    stack.spawn_projector(0).await.unwrap();
+    let workload = Workload {
+        users: 5,
+        orders: 5,
+        events_per_aggregate: 20,
+        seed: 15,
+    };
+    let mut generator = Generator::new(workload, "");
+    write(
+        &stack,
+        &mut generator,
+        workload.total_events(),
+        Duration::from_millis(1),
+    )
+    .await;
+    let folded = caught_up_and_folded(&mut stack, Duration::from_secs(120)).await;
+    assert_eq!(folded, workload.total_events());
+}

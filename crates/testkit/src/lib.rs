@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod entra;
 mod lock;
 pub mod mongo;
 pub mod net;

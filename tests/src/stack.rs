@@ -40,6 +40,14 @@ pub struct Stack {
     pub projector_extra: String,
     /// Extra `[producer]` lines.
     pub producer_extra: String,
+    /// The producer's connection string when it is not the bus's (a key with fewer rights).
+    pub producer_connection_string: Option<String>,
+    /// The projectors' connection string when it is not the bus's.
+    pub projector_connection_string: Option<String>,
+    /// Extra environment of the producer.
+    pub producer_env: Vec<(String, String)>,
+    /// Extra environment of the projectors.
+    pub projector_env: Vec<(String, String)>,
 }
 
 /// The outcome of [`Stack::verify`].
@@ -80,10 +88,23 @@ impl Stack {
 
     /// [`Stack::start`] with a given emulator configuration.
     pub async fn start_with(emulator: EmulatorConfig) -> anyhow::Result<Self> {
-        let mongo = TestMongo::start().await.context("start MongoDB stand-in")?;
         let bus = TestServiceBus::start_with(emulator)
             .await
             .context("start Service Bus stand-in")?;
+        Self::start_on(bus).await
+    }
+
+    /// [`Stack::start_with`] over TLS: the emulator serves AMQPS with a test CA's certificate,
+    /// the daemons get the Azure-style connection string and trust the CA (`ca_file`).
+    pub async fn start_tls(emulator: EmulatorConfig) -> anyhow::Result<Self> {
+        let bus = TestServiceBus::start_tls(emulator)
+            .await
+            .context("start Service Bus stand-in with TLS")?;
+        Self::start_on(bus).await
+    }
+
+    async fn start_on(bus: TestServiceBus) -> anyhow::Result<Self> {
+        let mongo = TestMongo::start().await.context("start MongoDB stand-in")?;
         Ok(Self {
             mongo,
             bus,
@@ -93,6 +114,10 @@ impl Stack {
             start_at: "beginning".into(),
             projector_extra: String::new(),
             producer_extra: String::new(),
+            producer_connection_string: None,
+            projector_connection_string: None,
+            producer_env: Vec::new(),
+            projector_env: Vec::new(),
         })
     }
 
@@ -101,11 +126,20 @@ impl Stack {
         self.mongo.database()
     }
 
-    fn common(&self, health: SocketAddr) -> String {
-        self.common_with_uri(health, self.mongo.uri())
+    fn common(&self, health: SocketAddr, connection_string: &Option<String>) -> String {
+        self.common_with_uri(health, self.mongo.uri(), connection_string)
     }
 
-    fn common_with_uri(&self, health: SocketAddr, uri: &str) -> String {
+    fn common_with_uri(
+        &self,
+        health: SocketAddr,
+        uri: &str,
+        connection_string: &Option<String>,
+    ) -> String {
+        let ca_file = match self.bus.ca_file() {
+            Some(path) => format!("ca_file = {:?}\n", path.display().to_string()),
+            None => String::new(),
+        };
         format!(
             r#"[mongodb]
 uri = {uri:?}
@@ -116,7 +150,7 @@ events_collection = "events"
 connection_string = {sb:?}
 topic = {topic:?}
 subscription = {sub:?}
-
+{ca_file}
 [telemetry]
 listen = "{health}"
 log_format = "json"
@@ -126,7 +160,9 @@ log_level = "info"
 grace_period = "10s"
 "#,
             db = self.mongo.db_name(),
-            sb = self.bus.connection_string(),
+            sb = connection_string
+                .as_deref()
+                .unwrap_or(self.bus.connection_string()),
             topic = self.bus.topic(),
             sub = self.bus.subscription(),
         )
@@ -136,7 +172,7 @@ grace_period = "10s"
     pub fn producer_config(&self, health: SocketAddr) -> String {
         format!(
             "{}\n[producer]\nstart_at = {:?}\n{}\n",
-            self.common(health),
+            self.common(health, &self.producer_connection_string),
             self.start_at,
             self.producer_extra
         )
@@ -146,7 +182,7 @@ grace_period = "10s"
     pub fn projector_config(&self, health: SocketAddr) -> String {
         format!(
             "{}\n[projector]\nprojections_file = {:?}\n{}\n",
-            self.common(health),
+            self.common(health, &self.projector_connection_string),
             self.projections_file.display().to_string(),
             self.projector_extra
         )
@@ -166,7 +202,11 @@ grace_period = "10s"
         let sep = if uri.contains('?') { '&' } else { '?' };
         let config = format!(
             "{}\n[projector]\nprojections_file = {:?}\n{}\n",
-            self.common_with_uri(health, &format!("{uri}{sep}appName={app_name}")),
+            self.common_with_uri(
+                health,
+                &format!("{uri}{sep}appName={app_name}"),
+                &self.projector_connection_string,
+            ),
             self.projections_file.display().to_string(),
             self.projector_extra
         );
@@ -179,11 +219,16 @@ grace_period = "10s"
     /// Starts the producer and waits until it is ready.
     pub async fn spawn_producer(&mut self) -> anyhow::Result<()> {
         let health = free_health_addr();
+        let env: Vec<(&str, &str)> = self
+            .producer_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut d = Daemon::spawn(
             &bin_path("ordo-producer"),
             &self.producer_config(health),
             health,
-            &[],
+            &env,
         )?;
         d.wait_ready(Duration::from_secs(60)).await?;
         self.producer = Some(d);
@@ -193,11 +238,16 @@ grace_period = "10s"
     /// Starts projector `slot` (a new one when `slot == len`) and waits until it is ready.
     pub async fn spawn_projector(&mut self, slot: usize) -> anyhow::Result<()> {
         let health = free_health_addr();
+        let env: Vec<(&str, &str)> = self
+            .projector_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut d = Daemon::spawn(
             &bin_path("ordo-projector"),
             &self.projector_config(health),
             health,
-            &[],
+            &env,
         )?;
         d.wait_ready(Duration::from_secs(60)).await?;
         if slot == self.projectors.len() {

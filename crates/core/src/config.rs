@@ -495,6 +495,16 @@ pub struct ServiceBusConfig {
     pub topic: String,
     /// The session-enabled subscription the projector reads.
     pub subscription: String,
+    /// PEM file of CA certificates trusted for the TLS connection to Service Bus, next to the
+    /// public roots: for private endpoints behind a TLS-inspecting proxy, and for tests with a
+    /// private CA. Unset: public roots only.
+    pub ca_file: Option<PathBuf>,
+    /// `NAME.servicebus.windows.net`: authenticate with Microsoft Entra ID ([`Self::auth`])
+    /// instead of a connection string.
+    pub namespace: Option<String>,
+    /// With `namespace`: `managed_identity`, `workload_identity`, `client_secret` (reads
+    /// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET`) or `azure_cli`.
+    pub auth: Option<String>,
 }
 
 impl Default for ServiceBusConfig {
@@ -504,6 +514,9 @@ impl Default for ServiceBusConfig {
             connection_string_file: None,
             topic: "ordo-events".into(),
             subscription: "projector".into(),
+            ca_file: None,
+            namespace: None,
+            auth: None,
         }
     }
 }
@@ -519,6 +532,50 @@ impl ServiceBusConfig {
 
 impl Validate for ServiceBusConfig {
     fn validate(&mut self) -> Result<(), ConfigError> {
+        // An Entra ID namespace becomes a connection string naming the credential, so every
+        // place that connects takes it unchanged.
+        match (&self.namespace, &self.auth) {
+            (Some(namespace), Some(auth)) => {
+                let auth = crate::servicebus::EntraAuth::parse(auth).map_err(|_| {
+                    ConfigError::invalid(
+                        "servicebus.auth",
+                        format!(
+                            "{auth:?} is not one of managed_identity, workload_identity, \
+                             client_secret, azure_cli"
+                        ),
+                    )
+                })?;
+                let host = namespace
+                    .trim()
+                    .trim_start_matches("sb://")
+                    .trim_end_matches('/');
+                let derived = format!("Endpoint=sb://{host}/;Authentication={}", auth.as_str());
+                let other = self
+                    .connection_string
+                    .as_ref()
+                    .is_some_and(|c| c.expose() != derived);
+                if other || self.connection_string_file.is_some() {
+                    return Err(ConfigError::invalid(
+                        "servicebus.namespace",
+                        "set either namespace and auth, or a connection string, not both",
+                    ));
+                }
+                self.connection_string = Some(Secret::new(derived));
+            }
+            (Some(namespace), None) => {
+                return Err(ConfigError::invalid(
+                    "servicebus.auth",
+                    format!("namespace {namespace:?} needs auth = managed_identity, workload_identity, client_secret or azure_cli"),
+                ))
+            }
+            (None, Some(auth)) => {
+                return Err(ConfigError::invalid(
+                    "servicebus.namespace",
+                    format!("auth = {auth:?} needs namespace = \"NAME.servicebus.windows.net\""),
+                ))
+            }
+            (None, None) => {}
+        }
         resolve_secret(
             &mut self.connection_string,
             &self.connection_string_file,
@@ -540,6 +597,13 @@ impl Validate for ServiceBusConfig {
                 "servicebus.subscription",
                 "must not be empty",
             ));
+        }
+        // The client's TLS roots are process-wide, so the CA is trusted here, where every daemon
+        // passes once at start, rather than at each connect.
+        if let Some(path) = &self.ca_file {
+            crate::servicebus::trust_ca_file(path).map_err(|e| {
+                ConfigError::invalid("servicebus.ca_file", format!("{}: {e}", path.display()))
+            })?;
         }
         Ok(())
     }
@@ -650,6 +714,23 @@ grace_period = "5s"
 
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Sample, ConfigError> {
         load_str(text, "test.toml", &Env::from_pairs(env.iter().copied()))
+    }
+
+    #[test]
+    fn an_entra_namespace_becomes_a_connection_string_naming_the_credential() {
+        let text = GOOD.replace(
+            "connection_string = \"Endpoint=sb://127.0.0.2;SharedAccessKeyName=k;SharedAccessKey=s3cret;UseDevelopmentEmulator=true\"",
+            "namespace = \"ns.servicebus.windows.net\"\nauth = \"workload_identity\"",
+        );
+        let cfg = load(&text, &[]).unwrap();
+        assert_eq!(
+            cfg.servicebus.connection_string().expose(),
+            "Endpoint=sb://ns.servicebus.windows.net/;Authentication=WorkloadIdentity"
+        );
+        let bad = text.replace("workload_identity", "password");
+        let e = load(&bad, &[]).unwrap_err();
+        assert_eq!(e.key(), Some("servicebus.auth"));
+        assert!(e.to_string().contains("\"password\""), "{e}");
     }
 
     #[test]

@@ -15,6 +15,15 @@
 //! | `sr` does not cover the put-token `name` | `InvalidAudience: The authorization header contains a token with a wrong audience.` | Azure/azure-sdk-for-net#27644 |
 //! | `se` in the past | `ExpiredToken: The token is expired. Expiration time: '…'` | Azure/azure-service-bus-java#354 |
 //!
+//! A JWT (`type = "jwt"`, Microsoft Entra ID) is taken from the one issuer `[namespace.entra]`
+//! names, in place of Entra: ES256-signed (Entra signs RS256; a test issuer's P-256 key keeps
+//! the emulator free of an RSA implementation), `aud` the Service Bus resource
+//! `https://servicebus.azure.net`, unexpired. It grants the rights of the roles assigned to its
+//! `oid` on the whole namespace. Refusals: an unknown issuer "InvalidIssuer: Token issuer is
+//! invalid.", a wrong audience "InvalidAudience: Invalid authorization token audience."
+//! (Azure/azure-sdk-for-js#26360, MicrosoftDocs/azure-docs#19707), a bad signature, expired or
+//! malformed token as for SAS.
+//!
 //! Each description is followed by what was wrong (the key name, the audiences), which the
 //! service does not say but a developer at the emulator wants to know.
 //!
@@ -23,6 +32,15 @@
 //! Azure/azure-service-bus#258) unless a token for its entity carries the right: Send for senders
 //! to a topic or queue, Listen for receivers and for `$management` of a queue or subscription,
 //! Send for a topic's `$management`; Manage implies both.
+//!
+//! A link keeps running only while a token covers it. When the last such token expires and no
+//! new one was put, Service Bus detaches the link with `amqp:link:detach-forced` and "The link
+//! '…' is force detached. Code: RenewToken. Details: Unauthorized access. 'Listen' claim(s) are
+//! required to perform this operation. Resource: '…'.." (Azure/azure-sdk-for-go#16394,
+//! Azure/azure-sdk-for-python#23487, dapr/components-contrib#809); [`ConnAuth::lapsed`] is
+//! that watch. The check is against the token, not the key: a key removed after the token was
+//! put leaves the token valid until it expires, as on Service Bus
+//! (Azure/azure-service-bus-dotnet#357), and the renewal after that is refused.
 
 use std::sync::Mutex;
 
@@ -98,6 +116,26 @@ impl Keys {
         }
     }
 
+    /// Adds a key, or replaces the one with the same name (a key rotation).
+    pub(crate) fn put(&mut self, rule: &AuthorizationRule) {
+        let entry = (
+            rule.name.clone(),
+            rule.key.clone(),
+            Rights::of(&rule.rights),
+        );
+        match self.rules.iter_mut().find(|(n, _, _)| *n == rule.name) {
+            Some(existing) => *existing = entry,
+            None => self.rules.push(entry),
+        }
+    }
+
+    /// Removes the key named `name`; whether there was one.
+    pub(crate) fn remove(&mut self, name: &str) -> bool {
+        let before = self.rules.len();
+        self.rules.retain(|(n, _, _)| n != name);
+        self.rules.len() != before
+    }
+
     fn get(&self, name: &str) -> Option<(&str, Rights)> {
         self.rules
             .iter()
@@ -121,6 +159,14 @@ pub(crate) struct Grant {
     resource: String,
     rights: Rights,
     expires_ms: i64,
+}
+
+impl Grant {
+    /// The same grant expiring no later than `latest_ms`.
+    pub(crate) fn expiring_by(mut self, latest_ms: i64) -> Self {
+        self.expires_ms = self.expires_ms.min(latest_ms);
+        self
+    }
 }
 
 /// Why put-token answered 401.
@@ -178,11 +224,14 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// How every SAS token starts.
+pub(crate) const SAS_PREFIX: &str = "SharedAccessSignature ";
+
 /// Verifies a put-token request: `token` for audience `name` at `now_ms`.
 pub(crate) fn verify(token: &str, name: &str, keys: &Keys, now_ms: i64) -> Result<Grant, Denied> {
     let malformed = |what: &str| Denied(format!("{INVALID_SIGNATURE} ({what})"));
     let fields = token
-        .strip_prefix("SharedAccessSignature ")
+        .strip_prefix(SAS_PREFIX)
         .ok_or_else(|| malformed("the token does not start with 'SharedAccessSignature '"))?;
     let field = |key: &str| {
         fields
@@ -234,11 +283,157 @@ pub(crate) fn verify(token: &str, name: &str, keys: &Keys, now_ms: i64) -> Resul
     })
 }
 
+/// The token issuer trusted in place of Microsoft Entra ID.
+#[derive(Debug)]
+pub(crate) struct Issuer {
+    issuer: String,
+    /// The uncompressed P-256 point the issuer's signatures verify against.
+    point: Vec<u8>,
+    roles: Vec<(String, Rights)>,
+}
+
+const SERVICE_BUS_AUDIENCE: &str = "https://servicebus.azure.net";
+
+impl Issuer {
+    /// Reads the issuer's public key; the error says what is wrong with the file.
+    pub(crate) fn load(config: &crate::config::EntraConfig) -> Result<Self, String> {
+        use rustls::pki_types::{pem::PemObject, SubjectPublicKeyInfoDer};
+        let spki = SubjectPublicKeyInfoDer::from_pem_file(&config.public_key)
+            .map_err(|e| format!("not a PEM public key: {e}"))?;
+        // A P-256 SubjectPublicKeyInfo is a fixed 26-byte prefix (algorithm and curve OIDs,
+        // BIT STRING header) followed by the 65-byte uncompressed point.
+        const P256_SPKI_PREFIX: [u8; 26] = [
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        let der: &[u8] = spki.as_ref();
+        let point = der
+            .strip_prefix(&P256_SPKI_PREFIX[..])
+            .filter(|p| p.len() == 65 && p[0] == 0x04)
+            .ok_or("not a P-256 (ES256) public key")?;
+        Ok(Self {
+            issuer: config.issuer.clone(),
+            point: point.to_vec(),
+            roles: config
+                .role_assignments
+                .iter()
+                .map(|a| {
+                    let rights = match a.role {
+                        crate::config::DataRole::Sender => Rights::of(&[AccessRight::Send]),
+                        crate::config::DataRole::Receiver => Rights::of(&[AccessRight::Listen]),
+                        crate::config::DataRole::Owner => Rights::ALL,
+                    };
+                    (a.principal_id.clone(), rights)
+                })
+                .collect(),
+        })
+    }
+
+    fn rights_of(&self, principal: &str) -> Rights {
+        self.roles
+            .iter()
+            .filter(|(p, _)| p == principal)
+            .fold(Rights::default(), |acc, (_, r)| Rights {
+                send: acc.send || r.send,
+                listen: acc.listen || r.listen,
+            })
+    }
+}
+
+/// Verifies a put-token request with a JWT at `now_ms` against the trusted issuer.
+pub(crate) fn verify_jwt(
+    token: &str,
+    issuer: Option<&Issuer>,
+    now_ms: i64,
+) -> Result<Grant, Denied> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let malformed = |what: &str| Denied(format!("{INVALID_SIGNATURE} ({what})"));
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(claims_b64), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed("a JWT has three dot-separated parts"));
+    };
+    let json = |part: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    };
+    let (Some(header_json), Some(claims)) = (json(header_b64), json(claims_b64)) else {
+        return Err(malformed("header and claims must be base64url JSON"));
+    };
+    let text =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    let iss = text(&claims, "iss").unwrap_or_default();
+    let Some(issuer) = issuer.filter(|i| i.issuer == iss) else {
+        return Err(Denied(format!(
+            "InvalidIssuer: Token issuer is invalid. (issuer {iss:?} is not trusted)"
+        )));
+    };
+    if text(&header_json, "alg").as_deref() != Some("ES256") {
+        return Err(malformed("the trusted issuer signs with ES256"));
+    }
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| malformed("the signature is not base64url"))?;
+    let signed = format!("{header_b64}.{claims_b64}");
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_FIXED,
+        &issuer.point,
+    )
+    .verify(signed.as_bytes(), &signature)
+    .map_err(|_| {
+        Denied(format!(
+            "{INVALID_SIGNATURE} (not signed by issuer {iss:?})"
+        ))
+    })?;
+    let audience = text(&claims, "aud").unwrap_or_default();
+    if audience.trim_end_matches('/') != SERVICE_BUS_AUDIENCE {
+        return Err(Denied(format!(
+            "InvalidAudience: Invalid authorization token audience. (aud {audience:?}, expected {SERVICE_BUS_AUDIENCE:?})"
+        )));
+    }
+    let expires_s = claims
+        .get("exp")
+        .and_then(|v| v.as_i64())
+        .ok_or_else(|| malformed("exp is required"))?;
+    if expires_s.saturating_mul(1000) <= now_ms {
+        return Err(Denied(format!(
+            "ExpiredToken: The token is expired. Expiration time: '{}'",
+            time_text(expires_s)
+        )));
+    }
+    if let Some(nbf) = claims.get("nbf").and_then(|v| v.as_i64()) {
+        if nbf.saturating_mul(1000) > now_ms {
+            return Err(malformed("nbf is in the future"));
+        }
+    }
+    let principal = text(&claims, "oid").unwrap_or_default();
+    Ok(Grant {
+        resource: String::new(),
+        rights: issuer.rights_of(&principal),
+        expires_ms: expires_s.saturating_mul(1000),
+    })
+}
+
 fn time_text(unix_s: i64) -> String {
     humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_s.max(0) as u64),
     )
     .to_string()
+}
+
+/// The condition and description Service Bus detaches a link with when the token it depended
+/// on expired.
+pub(crate) fn renew_token_error(link: &str, why: &Unauthorized) -> (&'static str, String) {
+    (
+        "amqp:link:detach-forced",
+        format!(
+            "The link '{link}' is force detached. Code: RenewToken. Details: {}.",
+            why.0
+        ),
+    )
 }
 
 /// What one connection is authorized for: tokens put on its `$cbs`, or a SASL PLAIN login.
@@ -266,6 +461,30 @@ impl ConnAuth {
         grants.push(grant);
         drop(grants);
         self.renewed.notify_waiters();
+    }
+
+    /// Resolves once `path` is no longer authorized for `need`: the tokens covering it expired
+    /// and none was put in time. Never resolves under a SASL PLAIN login, which does not expire.
+    pub(crate) async fn lapsed(&self, path: &str, need: Need) -> Unauthorized {
+        loop {
+            let renewed = self.renewed.notified();
+            tokio::pin!(renewed);
+            renewed.as_mut().enable();
+            let now = crate::clock::now_ms();
+            match self.authorized_until(path, need, now) {
+                Err(lapsed) => return lapsed,
+                Ok(i64::MAX) => std::future::pending::<()>().await,
+                Ok(until) => {
+                    // A renewal may shorten the grant as well as lengthen it, so it is looked at
+                    // as soon as it is put rather than at the old expiry.
+                    let left = std::time::Duration::from_millis((until - now).max(0) as u64);
+                    tokio::select! {
+                        _ = tokio::time::sleep(left) => {}
+                        _ = &mut renewed => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Until when the connection may use `path` with `need` (`i64::MAX` after a SASL login).

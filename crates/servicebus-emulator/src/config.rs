@@ -66,6 +66,61 @@ pub struct NamespaceConfig {
     /// `com.microsoft:timeout` (Service Bus: 60 s). Tests shorten it.
     #[serde(default = "default_accept_timeout", with = "duration")]
     pub session_accept_timeout: Duration,
+    /// Test knob, not a Service Bus rule: a put token counts as expiring after at most this
+    /// long, whatever its `se` says, so tests can watch clients renew (or fail to) without
+    /// waiting for the hour-long tokens SDKs make. Absent: tokens live until their `se`.
+    #[serde(default, with = "opt_duration")]
+    pub max_token_lifetime: Option<Duration>,
+    /// PEM certificate chain for AMQPS: with [`NamespaceConfig::tls_key`], the emulator also
+    /// serves TLS on port 5671 of its address (Service Bus's AMQPS port).
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of [`NamespaceConfig::tls_cert`].
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Microsoft Entra ID, played by a test issuer: put-token also takes JWTs (`type = "jwt"`)
+    /// this issuer signed, with the rights of the principal's role assignments. Absent: a JWT
+    /// is answered 401.
+    #[serde(default)]
+    pub entra: Option<EntraConfig>,
+}
+
+/// The token issuer the emulator trusts in place of Microsoft Entra ID, and the data-plane
+/// role assignments of the namespace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EntraConfig {
+    /// The `iss` claim tokens must carry.
+    pub issuer: String,
+    /// PEM public key (P-256, SubjectPublicKeyInfo) the issuer signs ES256 tokens with.
+    pub public_key: std::path::PathBuf,
+    /// Who may do what on the namespace.
+    #[serde(default)]
+    pub role_assignments: Vec<RoleAssignment>,
+}
+
+/// A role assigned to a principal at namespace scope.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoleAssignment {
+    /// The principal's object id (the token's `oid` claim).
+    pub principal_id: String,
+    /// The built-in role.
+    pub role: DataRole,
+}
+
+/// Service Bus's built-in data-plane roles.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DataRole {
+    /// Send to topics and queues.
+    #[serde(rename = "Azure Service Bus Data Sender")]
+    Sender,
+    /// Receive from subscriptions and queues.
+    #[serde(rename = "Azure Service Bus Data Receiver")]
+    Receiver,
+    /// Both, and management.
+    #[serde(rename = "Azure Service Bus Data Owner")]
+    Owner,
 }
 
 /// A right of an authorization rule.
@@ -130,6 +185,10 @@ impl Default for NamespaceConfig {
             round_trip: Duration::ZERO,
             hostname: None,
             session_accept_timeout: default_accept_timeout(),
+            max_token_lifetime: None,
+            tls_cert: None,
+            tls_key: None,
+            entra: None,
         }
     }
 }
@@ -285,6 +344,26 @@ impl EmulatorConfig {
             if rule.key.is_empty() {
                 return Err(invalid(key("key"), "", "a key must not be empty"));
             }
+        }
+        if let Some(lifetime) = self.namespace.max_token_lifetime {
+            check_positive("namespace.max_token_lifetime", lifetime)?;
+        }
+        match (&self.namespace.tls_cert, &self.namespace.tls_key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "namespace.tls_key".into(),
+                    "(absent)",
+                    "tls_cert needs tls_key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "namespace.tls_cert".into(),
+                    "(absent)",
+                    "tls_key needs tls_cert",
+                ))
+            }
+            _ => {}
         }
         let mut names = std::collections::HashSet::new();
         for (i, topic) in self.topics.iter().enumerate() {

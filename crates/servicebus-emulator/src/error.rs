@@ -45,6 +45,14 @@ pub enum Error {
         /// Underlying I/O error.
         source: std::io::Error,
     },
+    /// The TLS certificate or key, or the Entra issuer's public key, cannot be used.
+    #[error("cannot use key or certificate file {path}: {reason}")]
+    Tls {
+        /// The certificate or key file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// No such topic, subscription or queue.
     #[error("entity not found: {0}")]
     EntityNotFound(String),

@@ -44,6 +44,7 @@ mod rules;
 mod server;
 pub mod stats;
 mod store;
+mod tls;
 mod wire;
 
 use std::{
@@ -57,8 +58,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 pub use config::{
-    AccessRight, AuthorizationRule, EmulatorConfig, NamespaceConfig, QueueConfig,
-    SubscriptionConfig, TopicConfig,
+    AccessRight, AuthorizationRule, DataRole, EmulatorConfig, EntraConfig, NamespaceConfig,
+    QueueConfig, RoleAssignment, SubscriptionConfig, TopicConfig,
 };
 pub use error::{ConfigError, Error};
 pub use stats::{DeadLetteredMessage, EntityStats, NamespaceStats, SessionStats};
@@ -68,6 +69,9 @@ use server::Shared;
 /// The AMQP port every Service Bus client dials for plain connections; clients ignore ports in
 /// connection strings, so parallel emulators use distinct loopback addresses instead.
 pub const AMQP_PORT: u16 = 5672;
+
+/// The port Service Bus clients dial for AMQP over TLS.
+pub const AMQPS_PORT: u16 = 5671;
 
 /// How often locks and message TTLs are checked.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -84,17 +88,45 @@ impl Emulator {
     }
 
     /// Starts an emulator on any address; port 0 picks a free port (only clients that honour
-    /// ports, such as fe2o3-amqp directly or .NET, can then reach it).
+    /// ports, such as fe2o3-amqp directly or .NET, can then reach it). With
+    /// `[namespace] tls_cert/tls_key`, AMQPS is served as well: on 5671 of the same IP when
+    /// `addr` is port 5672, on a free port otherwise ([`EmulatorHandle::tls_address`]).
     pub async fn start_on(
         config: EmulatorConfig,
         addr: SocketAddr,
     ) -> Result<EmulatorHandle, Error> {
         config.validate()?;
+        let acceptor = match (&config.namespace.tls_cert, &config.namespace.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
         let listener = bind(addr).await?;
         let addr = listener
             .local_addr()
             .map_err(|source| Error::Bind { addr, source })?;
-        let shared = Arc::new(Shared::new(config));
+        let tls = match acceptor {
+            Some(acceptor) => {
+                let port = if addr.port() == AMQP_PORT {
+                    AMQPS_PORT
+                } else {
+                    0
+                };
+                let tls_listener = bind(SocketAddr::new(addr.ip(), port)).await?;
+                let tls_addr = tls_listener
+                    .local_addr()
+                    .map_err(|source| Error::Bind { addr, source })?;
+                Some((acceptor, tls_addr, tls_listener))
+            }
+            None => None,
+        };
+        let issuer = match &config.namespace.entra {
+            Some(entra) => Some(auth::Issuer::load(entra).map_err(|reason| Error::Tls {
+                path: entra.public_key.display().to_string(),
+                reason,
+            })?),
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(config, issuer));
         let sweeper = {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -106,15 +138,20 @@ impl Emulator {
                 }
             })
         };
+        let (tls, tls_listener) = match tls {
+            Some((acceptor, addr, listener)) => (Some(Amqps { acceptor, addr }), Some(listener)),
+            None => (None, None),
+        };
         let handle = EmulatorHandle {
             shared,
             addr,
+            tls,
             running: tokio::sync::Mutex::new(None),
             sweeper,
             http: std::sync::Mutex::new(Vec::new()),
         };
-        handle.listen(listener).await;
-        info!(address = %addr, "service bus emulator listening");
+        handle.listen(listener, tls_listener).await;
+        info!(address = %addr, tls = ?handle.tls_address(), "service bus emulator listening");
         Ok(handle)
     }
 }
@@ -135,12 +172,26 @@ struct Running {
     tracker: TaskTracker,
 }
 
+/// The TLS side of an emulator.
+struct Amqps {
+    acceptor: tokio_rustls::TlsAcceptor,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Amqps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Amqps").field("addr", &self.addr).finish()
+    }
+}
+
 /// A running emulator. Dropping it without [`EmulatorHandle::shutdown`] stops the sweeper but
 /// leaves connections to end with the runtime.
 #[derive(Debug)]
 pub struct EmulatorHandle {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// The AMQPS acceptor and address, when TLS is configured.
+    tls: Option<Amqps>,
     running: tokio::sync::Mutex<Option<Running>>,
     sweeper: JoinHandle<()>,
     http: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -166,15 +217,25 @@ impl Drop for EmulatorHandle {
 }
 
 impl EmulatorHandle {
-    async fn listen(&self, listener: TcpListener) {
+    async fn listen(&self, listener: TcpListener, tls_listener: Option<TcpListener>) {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(server::serve(
             listener,
+            None,
             self.shared.clone(),
             cancel.clone(),
             tracker.clone(),
         ));
+        if let (Some(listener), Some(tls)) = (tls_listener, &self.tls) {
+            tracker.spawn(server::serve(
+                listener,
+                Some(tls.acceptor.clone()),
+                self.shared.clone(),
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
         *self.running.lock().await = Some(Running { cancel, tracker });
     }
 
@@ -183,23 +244,73 @@ impl EmulatorHandle {
         self.addr
     }
 
+    /// The AMQPS address, when TLS is configured.
+    pub fn tls_address(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|tls| tls.addr)
+    }
+
+    fn host(&self) -> String {
+        let ns = &self.shared.config.namespace;
+        ns.hostname.clone().unwrap_or_else(|| match self.addr.ip() {
+            IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        })
+    }
+
     /// `Endpoint=sb://HOST;SharedAccessKeyName=…;SharedAccessKey=…;UseDevelopmentEmulator=true`.
     /// The port appears only when it is not 5672.
     pub fn connection_string(&self) -> String {
         let ns = &self.shared.config.namespace;
-        let host = ns.hostname.clone().unwrap_or_else(|| match self.addr.ip() {
-            IpAddr::V6(ip) => format!("[{ip}]"),
-            ip => ip.to_string(),
-        });
         let port = if self.addr.port() == AMQP_PORT {
             String::new()
         } else {
             format!(":{}", self.addr.port())
         };
         format!(
-            "Endpoint=sb://{host}{port};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true",
-            ns.key_name, ns.key
+            "Endpoint=sb://{}{port};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true",
+            self.host(),
+            ns.key_name,
+            ns.key
         )
+    }
+
+    /// The connection string of the AMQPS listener, as for a namespace on Azure:
+    /// `Endpoint=sb://HOST;SharedAccessKeyName=…;SharedAccessKey=…` (clients dial 5671 with TLS;
+    /// the port appears only when it is another). `None` without TLS.
+    pub fn tls_connection_string(&self) -> Option<String> {
+        let tls_addr = self.tls_address()?;
+        let ns = &self.shared.config.namespace;
+        let port = if tls_addr.port() == AMQPS_PORT {
+            String::new()
+        } else {
+            format!(":{}", tls_addr.port())
+        };
+        Some(format!(
+            "Endpoint=sb://{}{port}/;SharedAccessKeyName={};SharedAccessKey={}",
+            self.host(),
+            ns.key_name,
+            ns.key
+        ))
+    }
+
+    /// How many links were detached because the token they depended on expired unrenewed.
+    pub fn token_expiry_detaches(&self) -> u64 {
+        self.shared.token_expiry_detaches.load(Ordering::Relaxed)
+    }
+
+    /// Adds a key (an authorization rule), or replaces the key of the same name: a key rotation.
+    /// Tokens signed with the old key stay valid until they expire, as on Service Bus.
+    pub fn put_key(&self, rule: AuthorizationRule) {
+        info!(key = %rule.name, rights = ?rule.rights, "key put");
+        self.shared.edit_keys(|keys| keys.put(&rule));
+    }
+
+    /// Removes the key named `name` (a revocation): put-token with a token signed by it answers
+    /// 401 from now on; tokens already put stay valid until they expire, as on Service Bus.
+    /// Returns whether there was such a key.
+    pub fn remove_key(&self, name: &str) -> bool {
+        info!(key = %name, "key removed");
+        self.shared.edit_keys(|keys| keys.remove(name))
     }
 
     /// Counts per queue/subscription and sessions with their lock holders.
@@ -252,7 +363,11 @@ impl EmulatorHandle {
             return Ok(());
         }
         let listener = bind(self.addr).await?;
-        self.listen(listener).await;
+        let tls_listener = match self.tls_address() {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        self.listen(listener, tls_listener).await;
         info!(address = %self.addr, "service bus emulator resumed");
         Ok(())
     }

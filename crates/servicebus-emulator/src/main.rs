@@ -1,4 +1,5 @@
-//! `ordo-servicebus-emulator`: serves the entities of a TOML file over plain AMQP.
+//! `ordo-servicebus-emulator`: serves the entities of a TOML file over plain AMQP, and over
+//! AMQPS (TLS on 5671) when given a certificate and key.
 
 use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
 
@@ -22,6 +23,13 @@ struct Args {
     /// Serve the inspection endpoint (JSON) on this address, e.g. 127.0.0.1:5300.
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// PEM certificate chain: serve AMQPS on 5671 next to plain AMQP (overrides
+    /// `[namespace] tls_cert`).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert` (overrides `[namespace] tls_key`).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -34,10 +42,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(path) => EmulatorConfig::from_file(path)?,
         None => EmulatorConfig::default_ordo(),
     };
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.namespace.tls_cert = Some(cert);
+        config.namespace.tls_key = Some(key);
+    }
     let emulator = Emulator::start_on(config, SocketAddr::new(args.bind, args.port))
         .await
         .context("cannot start the emulator")?;
@@ -48,6 +60,10 @@ async fn main() -> anyhow::Result<()> {
     let connection_string = emulator.connection_string();
     tracing::info!(connection_string = %connection_string, "ready");
     println!("{connection_string}");
+    if let Some(tls) = emulator.tls_connection_string() {
+        tracing::info!(connection_string = %tls, "ready over TLS");
+        println!("{tls}");
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     emulator.shutdown().await;

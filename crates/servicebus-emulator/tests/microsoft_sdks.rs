@@ -242,3 +242,80 @@ fn python_sdk_meets_the_azure_rules() {
         emulator.shutdown().await;
     });
 }
+
+/// A token that expires unrenewed through the Python SDK: its receiver loses the link (see
+/// `clients/python_tokens.py`), the emulator counted the detach, and the message sent
+/// after the expiry is still on the subscription.
+#[test]
+fn python_sdk_loses_a_link_whose_token_expired() {
+    let python = provisioned_python();
+    run(async move {
+        let emulator = start(EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap()).await;
+        let mut command = tokio::process::Command::new(&python);
+        command
+            .arg(clients_dir().join("python_tokens.py"))
+            .arg(emulator.connection_string())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(CLIENT_TIMEOUT, command.output())
+            .await
+            .expect("python_tokens.py finishes")
+            .expect("python runs");
+        assert!(
+            output.status.success(),
+            "python_tokens.py failed with {}\n--- stdout\n{}\n--- stderr\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+        assert!(emulator.token_expiry_detaches() >= 1);
+        let plain = emulator.stats();
+        let plain = plain.entity("mixed/Subscriptions/plain").unwrap();
+        // Available again, or still locked for the detached link until the lock expires.
+        assert_eq!(
+            plain.active + plain.locked,
+            1,
+            "py-exp:2 waits for a receiver with a valid token: {plain:?}"
+        );
+        emulator.shutdown().await;
+    });
+}
+
+/// The Python SDK over AMQPS with an Azure-style connection string: trusting the test CA it
+/// sends and receives; without it the handshake fails and nothing arrives.
+#[test]
+fn python_sdk_over_tls_trusts_only_the_configured_ca() {
+    let python = provisioned_python();
+    run(async move {
+        let ca = TestCa::loopback();
+        let emulator = start(ca.serve(EmulatorConfig::from_toml_str(CONFIG).unwrap())).await;
+        let mut command = tokio::process::Command::new(&python);
+        command
+            .arg(clients_dir().join("python_tls.py"))
+            .arg(emulator.tls_connection_string().unwrap())
+            .arg(&ca.ca_file)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(CLIENT_TIMEOUT, command.output())
+            .await
+            .expect("python_tls.py finishes")
+            .expect("python runs");
+        assert!(
+            output.status.success(),
+            "python_tls.py failed with {}\n--- stdout\n{}\n--- stderr\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+        let stats = emulator.stats();
+        let plain = stats.entity("ordo-events/Subscriptions/plain").unwrap();
+        assert_eq!(
+            (plain.active, plain.locked),
+            (0, 0),
+            "py-tls:1 was completed and py-tls:2 never sent"
+        );
+        emulator.shutdown().await;
+    });
+}

@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod entra;
 mod lock;
 pub mod mongo;
 pub mod net;
@@ -23,12 +24,14 @@ pub mod paths;
 pub mod prom;
 pub mod secantus;
 pub mod servicebus;
+pub mod tls;
 pub mod wait;
 
 pub use daemon::{bin_path, bin_path_in, check_config, Daemon};
 pub use mongo::{SecantusDb, SecantusOptions, TestMongo};
 pub use net::{free_health_addr, free_local_port};
 pub use servicebus::TestServiceBus;
+pub use tls::TestCa;
 pub use wait::{wait_for, wait_until, wait_until_ok};
 
 /// A fault-injection step that needs a local stand-in process, asked of a real service.

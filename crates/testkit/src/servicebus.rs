@@ -1,12 +1,15 @@
 //! Service Bus for tests: the embedded emulator on its own loopback address, or a real namespace
 //! named by `ORDO_TEST_SERVICEBUS_CONNECTION_STRING`.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use anyhow::Context as _;
 use ordo_servicebus_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 
-use crate::Unavailable;
+use crate::{TestCa, Unavailable};
 
 /// Environment variable naming a real Service Bus namespace to test against.
 pub const CONNECTION_STRING_ENV: &str = "ORDO_TEST_SERVICEBUS_CONNECTION_STRING";
@@ -29,6 +32,8 @@ pub struct TestServiceBus {
     connection_string: String,
     topic: String,
     subscription: String,
+    /// The CA of the emulator's AMQPS listener, when the fixture serves TLS.
+    tls: Option<TestCa>,
 }
 
 impl TestServiceBus {
@@ -49,6 +54,7 @@ impl TestServiceBus {
                     connection_string: cs,
                     topic: env_or(TOPIC_ENV, DEFAULT_TOPIC),
                     subscription: env_or(SUBSCRIPTION_ENV, DEFAULT_SUBSCRIPTION),
+                    tls: None,
                 });
             }
         }
@@ -63,7 +69,53 @@ impl TestServiceBus {
             emulator: Some(emulator),
             topic: topic_name,
             subscription,
+            tls: None,
         })
+    }
+
+    /// [`TestServiceBus::start_with`], the emulator also serving AMQPS with a certificate of a
+    /// CA made for this fixture; [`TestServiceBus::connection_string`] is then the Azure kind
+    /// (TLS on 5671, no `UseDevelopmentEmulator`) and [`TestServiceBus::ca_file`] the CA the
+    /// clients must trust. With a real namespace `config` is ignored and there is no CA file.
+    pub async fn start_tls(mut config: EmulatorConfig) -> anyhow::Result<Self> {
+        let ca = TestCa::loopback()?;
+        config.namespace.tls_cert = Some(ca.cert_file());
+        config.namespace.tls_key = Some(ca.key_file());
+        let mut bus = Self::start_with(config).await?;
+        if let Some(emulator) = &bus.emulator {
+            bus.connection_string = emulator
+                .tls_connection_string()
+                .context("the emulator serves TLS")?;
+            bus.tls = Some(ca);
+        }
+        Ok(bus)
+    }
+
+    /// The CA file clients must trust for [`TestServiceBus::connection_string`], when the
+    /// fixture serves TLS.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(TestCa::ca_file)
+    }
+
+    /// [`TestServiceBus::connection_string`] with another key name and key (an authorization
+    /// rule of the emulator's configuration); `None` against a real namespace.
+    pub fn connection_string_for_key(&self, key_name: &str, key: &str) -> Option<String> {
+        self.emulator.as_ref()?;
+        let kept: Vec<&str> = self
+            .connection_string
+            .split(';')
+            .filter(|part| {
+                let name = part.split('=').next().unwrap_or_default();
+                !name.eq_ignore_ascii_case("SharedAccessKeyName")
+                    && !name.eq_ignore_ascii_case("SharedAccessKey")
+            })
+            .collect();
+        let mut parts = kept;
+        let name_part = format!("SharedAccessKeyName={key_name}");
+        let key_part = format!("SharedAccessKey={key}");
+        parts.insert(1, &name_part);
+        parts.insert(2, &key_part);
+        Some(parts.join(";"))
     }
 
     /// The connection string daemons and clients use.

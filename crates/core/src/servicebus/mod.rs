@@ -6,12 +6,17 @@
 //! - `sender`: the producer's publishing side;
 //! - `receiver`: the projector's session side.
 //!
+//! Besides keys and signatures, a connection string may name a Microsoft Entra ID credential
+//! with `Authentication=ManagedIdentity|WorkloadIdentity|ClientSecret|AzureCli` (what
+//! `[servicebus] namespace` and `auth` turn into); the client then puts JWTs from
+//! azure_identity instead of SAS tokens.
+//!
 //! Two client quirks are handled here: azservicebus ignores `UseDevelopmentEmulator=true` (ordo
 //! reads it and opens plain AMQP itself), and it drops any port in `Endpoint=` (plain AMQP is
 //! always 5672, TLS always 5671), so a connection string with another port is refused at start
 //! instead of silently dialling the wrong one.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use azservicebus::core::BasicRetryPolicy;
 use azservicebus::{ServiceBusClient, ServiceBusClientOptions, ServiceBusRetryOptions};
@@ -50,9 +55,98 @@ pub enum EndpointError {
         /// The port the client dials.
         expected: u16,
     },
-    /// Neither a key nor a signature.
-    #[error("no SharedAccessKeyName/SharedAccessKey or SharedAccessSignature (value hidden)")]
+    /// Neither a key nor a signature nor an Entra ID credential.
+    #[error("no SharedAccessKeyName/SharedAccessKey, SharedAccessSignature or Authentication (value hidden)")]
     MissingCredential,
+    /// `Authentication=` names no credential ordo knows.
+    #[error("Authentication {0:?} is not one of ManagedIdentity, WorkloadIdentity, ClientSecret, AzureCli")]
+    UnknownAuthentication(String),
+}
+
+/// A Microsoft Entra ID credential, from azure_identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntraAuth {
+    /// The managed identity of the VM, App Service or container (system-assigned, or the
+    /// user-assigned one `AZURE_CLIENT_ID` names).
+    ManagedIdentity,
+    /// AKS workload identity: the federated token file and `AZURE_CLIENT_ID`/`AZURE_TENANT_ID`
+    /// the webhook injects.
+    WorkloadIdentity,
+    /// An app registration's secret: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`,
+    /// `AZURE_CLIENT_SECRET`.
+    ClientSecret,
+    /// Whoever is logged in to the Azure CLI (`az account get-access-token`); for development.
+    AzureCli,
+}
+
+impl EntraAuth {
+    /// The value of `Authentication=` for this credential.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntraAuth::ManagedIdentity => "ManagedIdentity",
+            EntraAuth::WorkloadIdentity => "WorkloadIdentity",
+            EntraAuth::ClientSecret => "ClientSecret",
+            EntraAuth::AzureCli => "AzureCli",
+        }
+    }
+
+    /// Reads `Authentication=` (case and `_`/`-`/space insensitive, so `managed_identity` and
+    /// "Managed Identity" both work).
+    pub fn parse(text: &str) -> Result<Self, EndpointError> {
+        let folded: String = text
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        match folded.as_str() {
+            "managedidentity" => Ok(EntraAuth::ManagedIdentity),
+            "workloadidentity" => Ok(EntraAuth::WorkloadIdentity),
+            "clientsecret" => Ok(EntraAuth::ClientSecret),
+            "azurecli" => Ok(EntraAuth::AzureCli),
+            _ => Err(EndpointError::UnknownAuthentication(text.to_owned())),
+        }
+    }
+
+    fn credential(
+        self,
+    ) -> Result<std::sync::Arc<dyn azure_core::credentials::TokenCredential>, azure_core::Error>
+    {
+        use azure_identity::{
+            AzureCliCredential, ClientSecretCredential, ManagedIdentityCredential,
+            WorkloadIdentityCredential,
+        };
+        let env = |name: &str| {
+            std::env::var(name).map_err(|_| {
+                azure_core::Error::message(
+                    azure_core::error::ErrorKind::Credential,
+                    format!("Authentication=ClientSecret needs the environment variable {name}"),
+                )
+            })
+        };
+        Ok(match self {
+            EntraAuth::ManagedIdentity => ManagedIdentityCredential::new(None)?,
+            EntraAuth::WorkloadIdentity => WorkloadIdentityCredential::new(None)?,
+            EntraAuth::ClientSecret => ClientSecretCredential::new(
+                &env("AZURE_TENANT_ID")?,
+                env("AZURE_CLIENT_ID")?,
+                azure_core::credentials::Secret::new(env("AZURE_CLIENT_SECRET")?),
+                None,
+            )?,
+            EntraAuth::AzureCli => AzureCliCredential::new(None)?,
+        })
+    }
+}
+
+/// The Entra ID credential a connection string names with `Authentication=`, if any.
+pub fn entra_auth(conn: &Secret) -> Result<Option<EntraAuth>, EndpointError> {
+    for part in conn.expose().split(';') {
+        if let Some((k, v)) = part.split_once('=') {
+            if k.trim().eq_ignore_ascii_case("authentication") {
+                return EntraAuth::parse(v.trim()).map(Some);
+            }
+        }
+    }
+    Ok(None)
 }
 
 impl Endpoint {
@@ -63,6 +157,7 @@ impl Endpoint {
         let mut key_name = false;
         let mut key = false;
         let mut sas = false;
+        let entra = entra_auth(conn)?.is_some();
         for part in conn.expose().split(';') {
             let Some((k, v)) = part.split_once('=') else {
                 continue;
@@ -99,11 +194,44 @@ impl Endpoint {
                 return Err(EndpointError::Port { port, expected });
             }
         }
-        if !(sas || (key_name && key)) {
+        if !(sas || entra || (key_name && key)) {
             return Err(EndpointError::MissingCredential);
         }
         Ok(Endpoint { host, emulator })
     }
+}
+
+/// A CA file that cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    /// The file cannot be read or is not PEM.
+    #[error("cannot read PEM certificates: {0}")]
+    Read(String),
+    /// The file holds no certificate.
+    #[error("no PEM certificate in the file")]
+    Empty,
+    /// A certificate cannot be a trust anchor (then none of the file is trusted).
+    #[error("a certificate cannot be trusted: {0}")]
+    Unusable(String),
+}
+
+/// Trusts the CA certificates of a PEM file, next to the public roots, for every TLS
+/// connection to Service Bus this process opens from now on (azservicebus's AMQP client keeps
+/// one set of roots per process); returns how many were added.
+pub fn trust_ca_file(path: &Path) -> Result<usize, CaFileError> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| CaFileError::Read(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| CaFileError::Read(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CaFileError::Empty);
+    }
+    let count = certs.len();
+    fe2o3_amqp_client::connection::add_trusted_roots(certs)
+        .map_err(|e| CaFileError::Unusable(e.to_string()))?;
+    tracing::info!(file = %path.display(), certificates = count, "trusting CA certificates for Service Bus TLS");
+    Ok(count)
 }
 
 /// Opens a client: plain AMQP for the emulator, TLS otherwise. `identifier` names the client in
@@ -124,12 +252,25 @@ pub async fn connect(conn: &Secret, identifier: &str) -> Result<Client, azure_co
         },
         ..ServiceBusClientOptions::default()
     };
-    if endpoint.emulator {
-        ServiceBusClient::unsecured()
-            .new_from_connection_string(conn.expose(), options)
-            .await
-    } else {
-        ServiceBusClient::new_from_connection_string(conn.expose(), options).await
+    let entra = entra_auth(conn).map_err(|e| {
+        azure_core::Error::message(azure_core::error::ErrorKind::Other, e.to_string())
+    })?;
+    match (entra, endpoint.emulator) {
+        (Some(auth), true) => {
+            ServiceBusClient::unsecured()
+                .new_from_token_credential(endpoint.host, auth.credential()?, options)
+                .await
+        }
+        (Some(auth), false) => {
+            ServiceBusClient::new_from_token_credential(endpoint.host, auth.credential()?, options)
+                .await
+        }
+        (None, true) => {
+            ServiceBusClient::unsecured()
+                .new_from_connection_string(conn.expose(), options)
+                .await
+        }
+        (None, false) => ServiceBusClient::new_from_connection_string(conn.expose(), options).await,
     }
 }
 
@@ -212,5 +353,24 @@ mod tests {
             parse("Endpoint=https://x;SharedAccessSignature=s"),
             Err(EndpointError::BadEndpoint(_))
         ));
+        assert_eq!(
+            parse("Endpoint=sb://ns.servicebus.windows.net/;Authentication=Password"),
+            Err(EndpointError::UnknownAuthentication("Password".into()))
+        );
+    }
+
+    #[test]
+    fn an_entra_credential_stands_in_for_a_key() {
+        let conn =
+            Secret::new("Endpoint=sb://ns.servicebus.windows.net/;Authentication=Managed Identity");
+        assert!(Endpoint::parse(&conn).is_ok());
+        assert_eq!(entra_auth(&conn), Ok(Some(EntraAuth::ManagedIdentity)));
+        for (text, auth) in [
+            ("workload_identity", EntraAuth::WorkloadIdentity),
+            ("client-secret", EntraAuth::ClientSecret),
+            ("AzureCli", EntraAuth::AzureCli),
+        ] {
+            assert_eq!(EntraAuth::parse(text), Ok(auth));
+        }
     }
 }

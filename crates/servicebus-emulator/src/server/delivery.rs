@@ -30,7 +30,7 @@ use futures::{stream::FuturesUnordered, FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use super::{refuse, ConnCtx};
+use super::{refuse, ConnCtx, LinkAuth};
 use crate::{
     clock::now_ms,
     store::{
@@ -48,6 +48,7 @@ pub(crate) struct Ready {
     link: LinkId,
     delete: bool,
     grant: Option<(Arc<str>, i64)>,
+    guard: Option<LinkAuth>,
 }
 
 impl Ready {
@@ -106,6 +107,7 @@ pub(crate) async fn accept(
     entity: Arc<Entity>,
     part: Part,
     ready: &mpsc::Sender<Ready>,
+    guard: Option<LinkAuth>,
 ) {
     let delete = matches!(attach.snd_settle_mode, SenderSettleMode::Settled);
     let link = ctx.shared.next_id();
@@ -113,7 +115,10 @@ pub(crate) async fn accept(
     let sessionful = entity.settings.requires_session && part == Part::Main;
     match (sessionful, request) {
         (false, SessionRequest::None) => {
-            start(attach, session, ctx, entity, part, link, delete, None).await;
+            start(
+                attach, session, ctx, entity, part, link, delete, None, guard,
+            )
+            .await;
         }
         (false, _) => {
             let error = wire::error(
@@ -154,6 +159,7 @@ pub(crate) async fn accept(
                         link,
                         delete,
                         grant: Some(grant),
+                        guard,
                     };
                     complete_session_attach(ready, session, ctx).await;
                 }
@@ -175,8 +181,13 @@ pub(crate) async fn accept(
                     let ready = ready.clone();
                     let cancel = ctx.cancel.clone();
                     ctx.tracker.spawn(async move {
-                        wait_for_session(attach, entity, holder, delete, timeout, ready, cancel)
-                            .await
+                        let wait = Wait {
+                            holder,
+                            delete,
+                            timeout,
+                            guard,
+                        };
+                        wait_for_session(attach, entity, wait, ready, cancel).await
                     });
                 }
             }
@@ -184,15 +195,27 @@ pub(crate) async fn accept(
     }
 }
 
-async fn wait_for_session(
-    attach: Attach,
-    entity: Arc<Entity>,
+/// A parked session receiver: who asks, for how long, and what keeps it authorized.
+struct Wait {
     holder: Holder,
     delete: bool,
     timeout: Duration,
+    guard: Option<LinkAuth>,
+}
+
+async fn wait_for_session(
+    attach: Attach,
+    entity: Arc<Entity>,
+    wait: Wait,
     ready: mpsc::Sender<Ready>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    let Wait {
+        holder,
+        delete,
+        timeout,
+        guard,
+    } = wait;
     let deadline = tokio::time::Instant::now() + timeout;
     let grant = loop {
         let notified = entity.notify.notified();
@@ -213,6 +236,7 @@ async fn wait_for_session(
         link: holder.link,
         delete,
         grant,
+        guard,
     };
     if let Err(mpsc::error::SendError(message)) = ready.send(message).await {
         message.abandon();
@@ -231,6 +255,7 @@ pub(crate) async fn complete_session_attach(
         link,
         delete,
         grant,
+        guard,
     } = ready;
     let Some((id, until)) = grant else {
         let error = wire::error(
@@ -261,6 +286,7 @@ pub(crate) async fn complete_session_attach(
         link,
         delete,
         Some((id, until)),
+        guard,
     )
     .await;
 }
@@ -275,6 +301,7 @@ async fn start(
     link: LinkId,
     delete: bool,
     grant: Option<(Arc<str>, i64)>,
+    guard: Option<LinkAuth>,
 ) {
     let mut builder = LinkAcceptor::builder();
     if let Some((_, until)) = &grant {
@@ -303,6 +330,7 @@ async fn start(
                 delete,
                 session: session_id,
                 ctx: ctx.clone(),
+                guard,
             };
             ctx.tracker.spawn(run.run(sender));
         }
@@ -330,6 +358,7 @@ struct Run {
     delete: bool,
     session: Option<Arc<str>>,
     ctx: ConnCtx,
+    guard: Option<LinkAuth>,
 }
 
 type Outstanding = Arc<Mutex<HashSet<u128>>>;
@@ -411,14 +440,18 @@ impl Run {
             outstanding.clone(),
         ));
         let end = self.deliver(&mut sender, &outstanding, fut_tx).await;
-        if end == End::SessionLockLost {
-            let error = wire::error(
-                wire::ERR_SESSION_LOCK_LOST,
-                "The session lock has expired on the MessageSession. Accept a new MessageSession.",
-            );
-            super::with_deadline(sender.close_with_error(error)).await;
-        } else {
-            super::with_deadline(sender.close()).await;
+        match &end {
+            End::SessionLockLost => {
+                let error = wire::error(
+                    wire::ERR_SESSION_LOCK_LOST,
+                    "The session lock has expired on the MessageSession. Accept a new MessageSession.",
+                );
+                super::with_deadline(sender.close_with_error(error)).await;
+            }
+            End::TokenExpired(error) => {
+                super::with_deadline(sender.close_with_error(error.clone())).await;
+            }
+            _ => super::with_deadline(sender.close()).await,
         }
         // Outcomes that reached the link before it went away still count (the client saw its
         // settlement succeed); the settle loop ends once the link's pending futures resolve.
@@ -452,6 +485,9 @@ impl Run {
         fut_tx: mpsc::UnboundedSender<(u128, DeliveryFuture)>,
     ) -> End {
         let notify = self.entity.notifier(self.part);
+        let name = sender.name().to_owned();
+        let lapsed = LinkAuth::lapsed(&self.guard, &name);
+        tokio::pin!(lapsed);
         loop {
             let notified = notify.notified();
             tokio::pin!(notified);
@@ -486,6 +522,10 @@ impl Run {
                             self.unsend(token);
                             return Self::gone(sender).await;
                         }
+                        error = &mut lapsed => {
+                            self.unsend(token);
+                            return End::TokenExpired(error);
+                        }
                     };
                     match sent {
                         Ok(fut) if !self.delete => {
@@ -512,6 +552,7 @@ impl Run {
                             return End::of_detach(&e);
                         }
                         _ = self.ctx.cancel.cancelled() => return Self::gone(sender).await,
+                        error = &mut lapsed => return End::TokenExpired(error),
                         _ = tokio::time::sleep(expiry) => {}
                     }
                 }
@@ -546,7 +587,7 @@ impl Run {
 }
 
 /// Why a delivering link ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum End {
     /// The client detached or closed the link.
     ClosedByClient,
@@ -554,6 +595,8 @@ enum End {
     ConnectionGone,
     /// The session lock expired or was taken over; the link is detached with an error.
     SessionLockLost,
+    /// The token the link depended on expired unrenewed; the link is detached with this error.
+    TokenExpired(fe2o3_amqp_types::definitions::Error),
 }
 
 impl End {

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use super::{
     outcome::{DelayedAccept, OUTCOME_DELAY},
-    ConnCtx,
+    ConnCtx, LinkAuth,
 };
 use crate::{namespace::Ingress, wire};
 
@@ -24,6 +24,7 @@ pub(crate) async fn accept(
     session: &mut ListenerSessionHandle,
     ctx: &ConnCtx,
     ingress: Arc<Ingress>,
+    guard: Option<LinkAuth>,
 ) {
     // The advertised max-message-size is how Service Bus announces its limit; clients size
     // batches from it, and fe2o3 detaches an oversized transfer with
@@ -38,18 +39,26 @@ pub(crate) async fn accept(
         .build();
     match acceptor.accept_incoming_attach(attach, session).await {
         Ok(LinkEndpoint::Receiver(receiver)) => {
-            ctx.tracker.spawn(run(receiver, ctx.clone(), ingress));
+            ctx.tracker
+                .spawn(run(receiver, ctx.clone(), ingress, guard));
         }
         Ok(LinkEndpoint::Sender(_)) => {}
         Err(e) => debug!(connection = ctx.id, error = %e, "sender attach failed"),
     }
 }
 
-async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>) {
+async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>, guard: Option<LinkAuth>) {
     let accepts = DelayedAccept::spawn(receiver.disposer(), &ctx.tracker);
+    let name = receiver.name().to_owned();
+    let lapsed = LinkAuth::lapsed(&guard, &name);
+    tokio::pin!(lapsed);
     loop {
         let delivery = tokio::select! {
             d = receiver.recv::<Body<Value>>() => d,
+            error = &mut lapsed => {
+                super::with_deadline(receiver.close_with_error(error)).await;
+                return;
+            }
             _ = ctx.cancel.cancelled() => return,
         };
         let delivery = match delivery {

@@ -1,4 +1,4 @@
-//! The AMQP side: TCP listener, SASL, connections, sessions and link dispatch.
+//! The AMQP side: TCP listeners (plain and TLS), SASL, connections, sessions and link dispatch.
 //!
 //! Module map:
 //! - `mod.rs` (this file): listener, connections, sessions, and the decision what an incoming
@@ -9,7 +9,7 @@
 //! - `request`: request/response nodes (`$cbs`, `$management`) and the routing of replies.
 //! - `management`: the `$management` operations, one function each.
 //! - `latency`: the configured round trip, added to everything the broker sends.
-//! - `sasl`: the SASL mechanisms we offer (ANONYMOUS and PLAIN).
+//! - `sasl`: the SASL mechanisms we offer (ANONYMOUS, PLAIN and MSSBCBS).
 
 mod delivery;
 mod ingest;
@@ -27,9 +27,14 @@ use std::{
     },
 };
 
-use fe2o3_amqp::acceptor::{ConnectionAcceptor, ListenerSessionHandle, SessionAcceptor};
+use fe2o3_amqp_types::definitions::Error as AmqpError;
+
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, ListenerConnectionHandle, ListenerSessionHandle, SessionAcceptor,
+};
 use fe2o3_amqp_types::{definitions::Role, performatives::Attach};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
@@ -43,21 +48,39 @@ use crate::{
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub namespace: Namespace,
-    pub keys: Keys,
+    /// The namespace's keys; changed at runtime by [`crate::EmulatorHandle::put_key`] and
+    /// [`crate::EmulatorHandle::remove_key`].
+    keys: std::sync::RwLock<Keys>,
+    /// The trusted token issuer standing in for Microsoft Entra ID, if configured.
+    pub issuer: Option<crate::auth::Issuer>,
     pub config: EmulatorConfig,
     next_id: AtomicU64,
     pub connections: AtomicUsize,
+    /// Links detached because the token they depended on expired.
+    pub token_expiry_detaches: AtomicU64,
 }
 
 impl Shared {
-    pub(crate) fn new(config: EmulatorConfig) -> Self {
+    pub(crate) fn new(config: EmulatorConfig, issuer: Option<crate::auth::Issuer>) -> Self {
         Self {
+            issuer,
             namespace: Namespace::new(&config),
-            keys: Keys::new(&config.namespace.keys()),
+            keys: std::sync::RwLock::new(Keys::new(&config.namespace.keys())),
             config,
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            token_expiry_detaches: AtomicU64::new(0),
         }
+    }
+
+    /// The keys as they are now.
+    pub(crate) fn keys(&self) -> Keys {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the keys; tokens already put stay valid until they expire.
+    pub(crate) fn edit_keys<T>(&self, edit: impl FnOnce(&mut Keys) -> T) -> T {
+        edit(&mut self.keys.write().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -79,9 +102,39 @@ pub(crate) struct ConnCtx {
     pub tracker: TaskTracker,
 }
 
-/// Accepts connections until `cancel` fires; each connection runs on `tracker`.
+/// What keeps one link authorized: a token on its connection for its path and right. `None`
+/// where nothing is checked (authorization off, `$cbs`, reply links).
+#[derive(Debug, Clone)]
+pub(crate) struct LinkAuth {
+    auth: Arc<ConnAuth>,
+    shared: Arc<Shared>,
+    connection: u64,
+    path: String,
+    need: Need,
+}
+
+impl LinkAuth {
+    /// Resolves with the error to detach `link` with once its token expired unrenewed; never
+    /// for `None`.
+    pub(crate) async fn lapsed(this: &Option<LinkAuth>, link: &str) -> AmqpError {
+        let Some(this) = this else {
+            return std::future::pending().await;
+        };
+        let why = this.auth.lapsed(&this.path, this.need).await;
+        this.shared
+            .token_expiry_detaches
+            .fetch_add(1, Ordering::Relaxed);
+        info!(connection = this.connection, link, path = %this.path, "token expired, detaching link");
+        let (condition, description) = crate::auth::renew_token_error(link, &why);
+        crate::wire::error(condition, description)
+    }
+}
+
+/// Accepts connections until `cancel` fires; each connection runs on `tracker`, behind TLS
+/// when `tls` is given (the AMQPS listener).
 pub(crate) async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -102,7 +155,7 @@ pub(crate) async fn serve(
                     cancel: cancel.child_token(),
                     tracker: tracker.clone(),
                 };
-                tracker.spawn(connection(stream, ctx));
+                tracker.spawn(connection(stream, tls.clone(), ctx));
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -112,7 +165,29 @@ pub(crate) async fn serve(
     }
 }
 
-async fn connection(stream: TcpStream, ctx: ConnCtx) {
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens the AMQP connection (SASL, open) on `stream`, through the round-trip delay if any.
+async fn open_amqp<S>(
+    stream: S,
+    acceptor: &ConnectionAcceptor<(), sasl::Mechanisms>,
+    ctx: &ConnCtx,
+) -> Result<ListenerConnectionHandle, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
+    let round_trip = ctx.shared.config.namespace.round_trip;
+    let opened = if round_trip.is_zero() {
+        acceptor.accept(stream).await
+    } else {
+        let delayed = latency::delayed(stream, round_trip, &ctx.tracker);
+        acceptor.accept(delayed).await
+    };
+    opened.map_err(|e| e.to_string())
+}
+
+async fn connection(stream: TcpStream, tls: Option<TlsAcceptor>, ctx: ConnCtx) {
     // A second handle on the socket lets suspend() cut the connection like a network outage,
     // whatever state the AMQP engine is in.
     let killer = match stream.into_std().and_then(|s| {
@@ -126,24 +201,24 @@ async fn connection(stream: TcpStream, ctx: ConnCtx) {
         }
     };
     let (stream, killer) = killer;
-    let ns = &ctx.shared.config.namespace;
     let acceptor = ConnectionAcceptor::builder()
         .container_id("ordo-servicebus-emulator")
         .max_frame_size(65_536u32)
         .channel_max(4096u16)
         .idle_time_out(120_000u32)
-        .sasl_acceptor(sasl::Mechanisms::new(
-            ctx.shared.keys.clone(),
-            ctx.auth.clone(),
-        ))
+        .sasl_acceptor(sasl::Mechanisms::new(ctx.shared.keys(), ctx.auth.clone()))
         .build();
-    let round_trip = ns.round_trip;
     let accept = async {
-        if round_trip.is_zero() {
-            acceptor.accept(stream).await
-        } else {
-            let delayed = latency::delayed(stream, round_trip, &ctx.tracker);
-            acceptor.accept(delayed).await
+        match tls {
+            None => open_amqp(stream, &acceptor, &ctx).await,
+            Some(tls) => {
+                let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream));
+                match handshake.await {
+                    Ok(Ok(stream)) => open_amqp(stream, &acceptor, &ctx).await,
+                    Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                    Err(_) => Err("TLS handshake timed out".to_owned()),
+                }
+            }
         }
     };
     let accepted = tokio::select! {
@@ -247,6 +322,7 @@ async fn on_attach(
     let address = address_of(&attach).unwrap_or_default();
     debug!(connection = ctx.id, link = %attach.name, role = ?attach.role, %address, "attach");
     let resolved = ctx.shared.namespace.resolve(&address);
+    let mut guard = None;
     if let Some(need) = needed_right(&attach.role, &resolved) {
         let now = crate::clock::now_ms();
         let path = link_path(&address);
@@ -255,6 +331,13 @@ async fn on_attach(
                 let error = crate::wire::error(crate::wire::ERR_UNAUTHORIZED, denied.0);
                 return refuse(attach, session, ctx, error).await;
             }
+            guard = Some(LinkAuth {
+                auth: ctx.auth.clone(),
+                shared: ctx.shared.clone(),
+                connection: ctx.id,
+                path,
+                need,
+            });
         }
     }
     match (attach.role.clone(), resolved) {
@@ -273,11 +356,11 @@ async fn on_attach(
             request::accept_reply_link(attach, session, ctx, routes).await
         }
         (Role::Sender, _) => match ctx.shared.namespace.ingress_for(&address) {
-            Some(ingress) => ingest::accept(attach, session, ctx, ingress).await,
+            Some(ingress) => ingest::accept(attach, session, ctx, ingress, guard).await,
             None => refuse(attach, session, ctx, not_found(&address)).await,
         },
         (Role::Receiver, Address::Store(entity, part)) => {
-            delivery::accept(attach, session, ctx, entity, part, ready).await
+            delivery::accept(attach, session, ctx, entity, part, ready, guard).await
         }
         (Role::Receiver, _) => refuse(attach, session, ctx, not_found(&address)).await,
     }

@@ -327,8 +327,8 @@ pub(super) fn app_text<'a>(request: &'a AmqpMessage, name: &str) -> Option<&'a s
     }
 }
 
-/// CBS put-token: the token is verified against the namespace's keys (see `auth`) and kept for
-/// the connection's links, answered with the 202 every Service Bus client checks for, or 401
+/// CBS put-token: the token (a SAS token, or a JWT of the configured Entra issuer) is verified
+/// (see `auth`) and kept for the connection's links, answered with the 202 every Service Bus client checks for, or 401
 /// with the reason. With `require_authorization = false` every token gets 202.
 fn put_token(request: &AmqpMessage, ctx: &ConnCtx) -> Reply {
     if app_text(request, "operation") != Some("put-token") {
@@ -355,16 +355,33 @@ fn put_token(request: &AmqpMessage, ctx: &ConnCtx) -> Reply {
         _ => "",
     };
     let name = app_text(request, "name").unwrap_or_default();
-    match crate::auth::verify(token, name, &ctx.shared.keys, crate::clock::now_ms()) {
+    let now = crate::clock::now_ms();
+    // The token's own form decides, not the `type` property: Microsoft's Python SDK (pyamqp)
+    // puts SAS tokens with type "jwt", and Service Bus takes them.
+    let jwt =
+        app_text(request, "type") == Some("jwt") && !token.starts_with(crate::auth::SAS_PREFIX);
+    let verified = if !jwt {
+        crate::auth::verify(token, name, &ctx.shared.keys(), now)
+    } else {
+        crate::auth::verify_jwt(token, ctx.shared.issuer.as_ref(), now)
+    };
+    match verified {
         Ok(grant) => {
+            let grant = match ctx.shared.config.namespace.max_token_lifetime {
+                Some(max) => grant.expiring_by(now.saturating_add(max.as_millis() as i64)),
+                None => grant,
+            };
             ctx.auth.put(grant);
             accepted
         }
-        Err(denied) => Reply {
-            status: 401,
-            description: denied.0,
-            condition: Some(wire::ERR_UNAUTHORIZED),
-            body: Value::Null,
-        },
+        Err(denied) => {
+            debug!(connection = ctx.id, reason = %denied.0, "put-token refused");
+            Reply {
+                status: 401,
+                description: denied.0,
+                condition: Some(wire::ERR_UNAUTHORIZED),
+                body: Value::Null,
+            }
+        }
     }
 }

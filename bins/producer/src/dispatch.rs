@@ -388,7 +388,7 @@ pub async fn worker<F: PublisherFactory>(
                         .iter()
                         .position(|m| m.message_id == message_id)
                         .unwrap_or(0);
-                    let error = format!("the client refused message {message_id}: {reason}");
+                    let error = format!("message {message_id} was refused: {reason}");
                     let parked = tokio::select! {
                         r = ctx.parking.park_message(&claim.messages[i], "rejected", error) => r?,
                         _ = ctx.abandon.cancelled() => return Ok(()),

@@ -121,6 +121,56 @@ async fn wide_ids_and_bodies_at_the_limit_never_stall_publishing() {
         .any(|id| id.starts_with(ordo_core::envelope::HASHED_ID_PREFIX)));
 }
 
+/// A producer configured for larger messages than the topic takes (`max_message_bytes` set for
+/// Premium, a Standard topic of 256 KB): in each send mode the message is measured against the
+/// max-message-size the broker announced on the link and parked naming it; its session goes on
+/// with the next event and the checkpoint passes it. Before, single sends put it on the wire,
+/// the broker detached the link (`amqp:link:message-size-exceeded`) and the send was retried
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_refuses_as_too_large_is_parked_in_every_send_mode() {
+    for mode in ["single", "batch"] {
+        let world = World::start().await;
+        let events = world.events();
+        let collector = Collector::start(&world.bus);
+        let mut producer = world.spawn(&format!(
+            "send_mode = {mode:?}\nmax_message_bytes = {}",
+            4 * LIMIT
+        ));
+        producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+        let docs = vec![
+            event("huge-1", "huge", 1, LIMIT + 1024),
+            event("huge-2", "huge", 2, 10),
+            event("other-1", "other", 1, 10),
+        ];
+        events.insert_many(docs).await.unwrap();
+        wait_distinct(&collector, 2, DEADLINE).await;
+        let parked = world.mongo.database().collection::<Document>("ordo_parked");
+        let p = &parked;
+        wait_until(Duration::from_secs(20), || async move {
+            p.count_documents(doc! {}).await.unwrap_or(0) == 1
+        })
+        .await;
+        let record = parked.find_one(doc! {}).await.unwrap().unwrap();
+        assert_eq!(
+            record.get_str("sourceId").unwrap(),
+            "huge-1",
+            "{mode}: {record:?}"
+        );
+        let error = record.get_str("error").unwrap();
+        assert!(
+            error.contains("max-message-size of 262144 bytes"),
+            "{mode}: the reason names the topic's limit: {error}"
+        );
+        // Parked events are acknowledged but not counted as published.
+        wait_checkpoint(&world, |cp| published(cp) >= 2).await;
+        stop(&mut producer).await;
+        let received = collector.stop().await;
+        assert_eq!(received.per_aggregate["huge"], [2], "{mode}");
+        assert_eq!(received.per_aggregate["other"], [1], "{mode}");
+    }
+}
+
 /// With the broker unreachable from the start, the producer (start_at = now) reads events it
 /// cannot publish and is killed before any checkpoint save would have happened (a long
 /// checkpoint interval stands for "soon after the start"): it saved its first position before

@@ -168,6 +168,28 @@ pub fn fits(m: &WireMessage, max_bytes: u64) -> Result<(), String> {
     }
 }
 
+/// The broker's refusal of a transfer as larger than the entity takes
+/// (`amqp:link:message-size-exceeded`; on Service Bus, for example, a Standard namespace's
+/// 256 KB under a `producer.max_message_bytes` set for Premium). azservicebus keeps the outcome
+/// in a private type, so its debug form is read; the condition, not the description.
+fn refused_as_too_large(e: &azure_core::Error) -> bool {
+    format!("{e:?}").contains("MessageSizeExceeded")
+}
+
+/// The [`PublishError`] of a failed send of `sent`: a size refusal of a single message names
+/// it, so it is parked and its session goes on; anything else is retried.
+fn send_error(e: azure_core::Error, sent: &[WireMessage]) -> PublishError {
+    match sent {
+        [m] if refused_as_too_large(&e) => PublishError::Message {
+            message_id: m.message_id.clone(),
+            reason: format!(
+                "the broker refused it as too large (amqp:link:message-size-exceeded): {e}"
+            ),
+        },
+        _ => PublishError::Send(e.to_string()),
+    }
+}
+
 /// A publisher over one azservicebus connection and one sender link.
 #[derive(Debug)]
 pub struct ServiceBusPublisher {
@@ -193,12 +215,11 @@ impl ServiceBusPublisher {
     async fn publish_single(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
         let timeout = self.send_timeout;
         let send = async {
+            // Each message as a batch of one, which the client sends as a plain transfer: it
+            // is measured against the link's max-message-size as batches are, so one the
+            // broker would detach the link over is parked instead of retried forever.
             for m in messages {
-                let msg = to_service_bus_message(m)?;
-                self.sender
-                    .send_message(msg)
-                    .await
-                    .map_err(|e| PublishError::Send(e.to_string()))?;
+                self.publish_inner(std::slice::from_ref(m)).await?;
             }
             Ok(())
         };
@@ -216,7 +237,9 @@ impl ServiceBusPublisher {
                 .map_err(|e| PublishError::Send(e.to_string()))
         };
         let mut batch = new_batch(&self.sender)?;
-        for m in messages {
+        // Messages `first..` are in the batch being filled.
+        let mut first = 0;
+        for (i, m) in messages.iter().enumerate() {
             let msg = to_service_bus_message(m)?;
             match batch.try_add_message(msg) {
                 Ok(()) => {}
@@ -224,14 +247,20 @@ impl ServiceBusPublisher {
                     if batch.is_empty() {
                         return Err(PublishError::Message {
                             message_id: m.message_id.clone(),
-                            reason: "larger than the largest batch the link accepts".into(),
+                            reason: format!(
+                                "larger than the topic's max-message-size of {} bytes, as the \
+                                 client measures it (amqp:link:message-size-exceeded)",
+                                batch.max_size_in_bytes()
+                            ),
                         });
                     }
                     let full = std::mem::replace(&mut batch, new_batch(&self.sender)?);
+                    let sent = &messages[first..i];
+                    first = i;
                     self.sender
                         .send_message_batch(full)
                         .await
-                        .map_err(|e| PublishError::Send(e.to_string()))?;
+                        .map_err(|e| send_error(e, sent))?;
                     if let Err(e) = batch.try_add_message(msg) {
                         return Err(PublishError::Message {
                             message_id: m.message_id.clone(),
@@ -251,7 +280,7 @@ impl ServiceBusPublisher {
             self.sender
                 .send_message_batch(batch)
                 .await
-                .map_err(|e| PublishError::Send(e.to_string()))?;
+                .map_err(|e| send_error(e, &messages[first..]))?;
         }
         Ok(())
     }

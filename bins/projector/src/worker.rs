@@ -72,6 +72,46 @@ pub struct Engine {
     pub activity: Activity,
     /// The faults `/readyz` reports.
     pub readiness: Readiness,
+    /// Lets one worker at a time try the broker while it is down ([`BrokerGate`]).
+    gate: BrokerGate,
+}
+
+/// While Service Bus is down, one worker at a time tries it, and sleeps its backoff before it
+/// lets the next one try; the others wait. Without it every session worker reconnected on its
+/// own backoff: 32 workers retried about 17 times a second through an outage, and the retry
+/// alert fired on any outage. The first answer opens the gate for all.
+#[derive(Debug, Default)]
+struct BrokerGate {
+    down: std::sync::atomic::AtomicBool,
+    /// Failures since the broker last answered, of all workers: the backoff is the process's,
+    /// or each worker would take its turn with a short delay of its own.
+    failures: AtomicU64,
+    probe: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl BrokerGate {
+    /// The probe permit when the broker is down (waits for it), nothing when it is up.
+    async fn pass(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if !self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let permit = self.probe.clone().lock_owned().await;
+        // Those queued behind a probe that found the broker back all go at once.
+        self.down
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(permit)
+    }
+
+    fn up(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.failures.store(0, Relaxed);
+    }
+
+    /// Marks the broker down; the number of failures before this one.
+    fn failed(&self) -> u64 {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.failures.fetch_add(1, Relaxed)
+    }
 }
 
 /// What this process is doing, for its heartbeat in `ordo_projectors` and for tests.
@@ -239,6 +279,7 @@ impl Engine {
             cfg,
             activity: Activity::default(),
             readiness: Readiness::default(),
+            gate: BrokerGate::default(),
         }
     }
 
@@ -275,10 +316,16 @@ impl Engine {
         let mut source: Option<S> = None;
         let mut delays = self.backoff().delays();
         'work: while !cancel.is_cancelled() {
+            // Held from a connect through the backoff after its failure (see `BrokerGate`).
+            let mut probe = None;
             let (op, error) = 'attempt: {
                 let src = match source.as_mut() {
                     Some(s) => s,
                     None => {
+                        probe = tokio::select! {
+                            p = self.gate.pass() => p,
+                            _ = cancel.cancelled() => break 'work,
+                        };
                         let connected = tokio::select! {
                             r = connect() => r,
                             _ = cancel.cancelled() => break 'work,
@@ -296,12 +343,15 @@ impl Engine {
                 match accepted {
                     Ok(Accepted::Session(session)) => {
                         self.readiness.broker_answered();
+                        self.gate.up();
                         alarm.lower();
                         delays = self.backoff().delays();
+                        drop(probe.take());
                         self.work_session(session, &cancel).await;
                     }
                     Ok(Accepted::Idle) => {
                         self.readiness.broker_answered();
+                        self.gate.up();
                         alarm.lower();
                         delays = self.backoff().delays();
                     }
@@ -309,6 +359,7 @@ impl Engine {
                         // The broker kept the attach open without refusing it: the connection,
                         // the credentials and the subscription work, no session was free.
                         self.readiness.broker_answered();
+                        self.gate.up();
                         alarm.lower();
                         tracing::debug!(
                             worker = index,
@@ -334,7 +385,10 @@ impl Engine {
                 continue 'work;
             };
             alarm.raise();
-            let delay = delays.next().unwrap_or(self.cfg.retry_max);
+            let failures = self.gate.failed();
+            let delay = (self.backoff().delays())
+                .nth(failures.min(64) as usize)
+                .unwrap_or(self.cfg.retry_max);
             metrics::counter!(m::RETRIES, "operation" => op, "reason" => error.reason())
                 .increment(1);
             tracing::warn!(worker = index, op, error = %error, delay_ms = delay.as_millis() as u64, "service bus unavailable; retrying");

@@ -197,6 +197,48 @@ async fn readiness_follows_the_broker() {
     converge(&env).await;
 }
 
+/// Through a broker outage one session worker at a time tries the broker: 32 workers with the
+/// default backoff (2 s at most) retry about once a second, not 16 times, so the retry alert
+/// (more than 1/s for 10 min) does not fire on every outage; recovery is still within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_probed_by_one_worker_at_a_time() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("storm", 2, 3);
+    env.insert_events(&events).await;
+    let p = env
+        .spawn_projector(
+            "max_concurrent_sessions = 32\nretry_initial = \"100ms\"\nretry_max = \"2s\"",
+        )
+        .await;
+    env.emulator.suspend().await;
+    readiness_becomes(&p, false).await;
+    // Past the first failures of every worker and the climb of the backoff to its maximum.
+    let warm = Duration::from_secs(6);
+    tokio::time::sleep(warm).await;
+    let before = p.metric(ordo_core::metrics::RETRIES).await;
+    // A measurement window, not a wait for an event.
+    let window = Duration::from_secs(10);
+    tokio::time::sleep(window).await;
+    let retries = p.metric(ordo_core::metrics::RETRIES).await - before;
+    let rate = retries / window.as_secs_f64();
+    eprintln!("broker outage: {retries} retries in {window:?} ({rate:.1}/s) with 32 workers");
+    assert!(
+        retries >= 2.0,
+        "the outage is still probed: {retries}\n{}",
+        p.logs()
+    );
+    assert!(
+        rate <= 1.5,
+        "{rate:.1} retries/s through an outage\n{}",
+        p.logs()
+    );
+    env.emulator.resume().await.unwrap();
+    let up = readiness_becomes(&p, true).await;
+    eprintln!("ready again {up:?} after the broker returned");
+    env.publish(&events).await;
+    converge(&env).await;
+}
+
 /// A MongoDB outage turns `/readyz` 503 within 10 s; 200 within 10 s after it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_mongodb() {

@@ -70,6 +70,29 @@ async fn caught_up_and_folded(stack: &mut Stack, within: Duration) -> usize {
     verdict.events
 }
 
+/// Starts both daemons on `stack`, writes `users` users and as many orders of
+/// `events_per_aggregate` events each (seeded) in batches `pace` apart, and checks every event
+/// reaches its read model within `within_s` seconds.
+async fn project_a_workload(
+    stack: &mut Stack,
+    (users, events_per_aggregate, seed): (usize, usize, u64),
+    pace: Duration,
+    within_s: u64,
+) {
+    stack.spawn_producer().await.unwrap();
+    stack.spawn_projector(0).await.unwrap();
+    let workload = Workload {
+        users,
+        orders: users,
+        events_per_aggregate,
+        seed,
+    };
+    let mut generator = Generator::new(workload, "");
+    write(stack, &mut generator, workload.total_events(), pace).await;
+    let folded = caught_up_and_folded(stack, Duration::from_secs(within_s)).await;
+    assert_eq!(folded, workload.total_events());
+}
+
 /// A stack serving TLS only to the daemons' least-privilege keys, with tokens cut to
 /// `max_token_lifetime` when given; `None` against real services.
 async fn secured_stack(max_token_lifetime: Option<Duration>) -> Option<Stack> {
@@ -128,25 +151,7 @@ async fn daemons_over_tls_with_least_privilege_keys_project_every_event() {
     );
     let _ = sender_only.dispose().await;
 
-    stack.spawn_producer().await.unwrap();
-    stack.spawn_projector(0).await.unwrap();
-
-    let workload = Workload {
-        users: 10,
-        orders: 10,
-        events_per_aggregate: 30,
-        seed: 12,
-    };
-    let mut generator = Generator::new(workload, "");
-    write(
-        &stack,
-        &mut generator,
-        workload.total_events(),
-        Duration::from_millis(1),
-    )
-    .await;
-    let folded = caught_up_and_folded(&mut stack, Duration::from_secs(120)).await;
-    assert_eq!(folded, workload.total_events());
+    project_a_workload(&mut stack, (10, 30, 12), Duration::from_millis(1), 120).await;
 }
 
 /// Tokens cut to 3 s (the emulator's test knob; azservicebus makes 30-minute tokens and cannot
@@ -157,25 +162,8 @@ async fn daemons_keep_publishing_and_projecting_while_tokens_expire_under_them()
     let Some(mut stack) = secured_stack(Some(Duration::from_secs(3))).await else {
         return;
     };
-    stack.spawn_producer().await.unwrap();
-    stack.spawn_projector(0).await.unwrap();
-    let workload = Workload {
-        users: 10,
-        orders: 10,
-        events_per_aggregate: 30,
-        seed: 13,
-    };
-    let mut generator = Generator::new(workload, "");
     // 12 batches a second apart: the run spans four token lifetimes.
-    write(
-        &stack,
-        &mut generator,
-        workload.total_events(),
-        Duration::from_secs(1),
-    )
-    .await;
-    let folded = caught_up_and_folded(&mut stack, Duration::from_secs(180)).await;
-    assert_eq!(folded, workload.total_events());
+    project_a_workload(&mut stack, (10, 30, 13), Duration::from_secs(1), 180).await;
     let detaches = stack.bus.emulator().unwrap().token_expiry_detaches();
     println!("links detached by token expiry: {detaches}");
     assert!(
@@ -286,22 +274,5 @@ async fn daemons_authenticate_with_entra_id_and_least_privilege_roles() {
     stack.projector_connection_string = Some(entra);
     stack.producer_env = path_with(PRODUCER_OID);
     stack.projector_env = path_with(PROJECTOR_OID);
-    stack.spawn_producer().await.unwrap();
-    stack.spawn_projector(0).await.unwrap();
-    let workload = Workload {
-        users: 5,
-        orders: 5,
-        events_per_aggregate: 20,
-        seed: 15,
-    };
-    let mut generator = Generator::new(workload, "");
-    write(
-        &stack,
-        &mut generator,
-        workload.total_events(),
-        Duration::from_millis(1),
-    )
-    .await;
-    let folded = caught_up_and_folded(&mut stack, Duration::from_secs(120)).await;
-    assert_eq!(folded, workload.total_events());
+    project_a_workload(&mut stack, (5, 20, 15), Duration::from_millis(1), 120).await;
 }

@@ -26,6 +26,17 @@ fn event(id: &str, agg: &str, n: i64, pad: usize) -> Document {
     doc! { "_id": id, "aggregateId": agg, "eventId": n, "eventType": "T", "payload": { "pad": "x".repeat(pad) } }
 }
 
+/// The only record in `ordo_parked`, once there is one.
+async fn the_one_parked(world: &World) -> Document {
+    let parked = world.mongo.database().collection::<Document>("ordo_parked");
+    let p = &parked;
+    wait_until(Duration::from_secs(20), || async move {
+        p.count_documents(doc! {}).await.unwrap_or(0) == 1
+    })
+    .await;
+    parked.find_one(doc! {}).await.unwrap().unwrap()
+}
+
 /// The largest padding for which the event's message still fits the default limit, found as
 /// the producer measures it (then published: the client and the broker must take it).
 fn largest_fitting_pad(db: &str, id: &str, agg: &str) -> usize {
@@ -93,13 +104,7 @@ async fn wide_ids_and_bodies_at_the_limit_never_stall_publishing() {
     events.insert_many(docs).await.unwrap();
 
     wait_distinct(&collector, 6, DEADLINE).await;
-    let parked = world.mongo.database().collection::<Document>("ordo_parked");
-    let p = &parked;
-    wait_until(Duration::from_secs(20), || async move {
-        p.count_documents(doc! {}).await.unwrap_or(0) == 1
-    })
-    .await;
-    let record = parked.find_one(doc! {}).await.unwrap().unwrap();
+    let record = the_one_parked(&world).await;
     assert_eq!(record.get_str("reason").unwrap(), "too_large", "{record:?}");
     let error = record.get_str("error").unwrap();
     assert!(
@@ -145,13 +150,7 @@ async fn a_message_the_broker_refuses_as_too_large_is_parked_in_every_send_mode(
         ];
         events.insert_many(docs).await.unwrap();
         wait_distinct(&collector, 2, DEADLINE).await;
-        let parked = world.mongo.database().collection::<Document>("ordo_parked");
-        let p = &parked;
-        wait_until(Duration::from_secs(20), || async move {
-            p.count_documents(doc! {}).await.unwrap_or(0) == 1
-        })
-        .await;
-        let record = parked.find_one(doc! {}).await.unwrap().unwrap();
+        let record = the_one_parked(&world).await;
         assert_eq!(
             record.get_str("sourceId").unwrap(),
             "huge-1",

@@ -25,6 +25,9 @@ pub const PUBLISH_BATCH_MESSAGES: &str = "ordo_publish_batch_messages";
 pub const LEASE_HELD: &str = "ordo_lease_held";
 /// 1 while `/readyz` answers 200, else 0: readiness for scrapers without HTTP probes (both).
 pub const READY: &str = "ordo_ready";
+/// 1 while the events collection has its unique (aggregateId, eventId) index, 0 when it is
+/// missing or not unique; checked every minute (producer).
+pub const EVENTS_INDEX_ENFORCED: &str = "ordo_events_index_enforced";
 /// Retries of a failed operation; labels `operation` and `reason` (producer), `op` (projector).
 pub const RETRIES: &str = "ordo_retries_total";
 /// Long-running tasks restarted after they panicked or failed; label `task` (producer).
@@ -71,6 +74,7 @@ pub const RECONCILE_DURATION: &str = "ordo_reconcile_duration_seconds";
 /// Every name above, for the docs test and the `/metrics` smoke test.
 pub const ALL: &[&str] = &[
     READY,
+    EVENTS_INDEX_ENFORCED,
     EVENTS_PUBLISHED,
     PUBLISH_LATENCY,
     CHANGE_STREAM_LAG,

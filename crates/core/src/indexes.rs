@@ -32,6 +32,9 @@ pub enum IndexState {
     NotUnique(String),
     /// Creating it failed because the collection already holds duplicate versions.
     Duplicates(String),
+    /// The server refused to create it (a role without `createIndex`, a conflicting index);
+    /// the server's message.
+    Refused(String),
 }
 
 impl IndexState {
@@ -52,6 +55,7 @@ impl fmt::Display for IndexState {
             IndexState::NotUnique(name) => {
                 write!(f, "NOT UNIQUE: index {name} on (aggregate id, event id) allows duplicate versions")
             }
+            IndexState::Refused(e) => write!(f, "MISSING: the server refused to create it: {e}"),
             IndexState::Duplicates(e) => {
                 write!(
                     f,
@@ -130,7 +134,14 @@ pub async fn ensure_event_index(
             ErrorKind::Command(c) => c.message.clone(),
             _ => e.to_string(),
         })),
-        Err(e) => Err(e),
+        // A refusal is an answer, not an outage: report it instead of retrying forever.
+        Err(e) => match e.kind.as_ref() {
+            ErrorKind::Command(c) => Ok(IndexState::Refused(format!(
+                "{} ({}): {}",
+                c.code_name, c.code, c.message
+            ))),
+            _ => Err(e),
+        },
     }
 }
 
@@ -177,6 +188,30 @@ mod tests {
         assert!(
             dup.is_err_and(|e| is_duplicate_key(&e)),
             "the index enforces one document per version"
+        );
+    }
+
+    /// A server that refuses the creation (here: ordo's index name taken by other keys) is an
+    /// answer, reported as a state, not an error retried forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_creation_is_reported_not_retried() {
+        let mongo = TestMongo::start().await.expect("mongodb");
+        let coll = mongo.database().collection::<Document>("events");
+        let other = IndexModel::builder()
+            .keys(doc! { "streamId": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name(EVENT_INDEX_NAME.to_string())
+                    .build(),
+            )
+            .build();
+        coll.create_index(other).await.unwrap();
+        let state = ensure_event_index(&coll, &fields(), true).await.unwrap();
+        assert!(matches!(state, IndexState::Refused(_)), "{state:?}");
+        assert!(!state.is_enforced());
+        assert!(
+            state.to_string().starts_with("MISSING: the server refused"),
+            "{state}"
         );
     }
 

@@ -214,18 +214,17 @@ impl ServiceBusPublisher {
     /// messages with distinct ids.
     async fn publish_single(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
         let timeout = self.send_timeout;
-        let send = async {
-            // Each message as a batch of one, which the client sends as a plain transfer: it
-            // is measured against the link's max-message-size as batches are, so one the
-            // broker would detach the link over is parked instead of retried forever.
-            for m in messages {
-                self.publish_inner(std::slice::from_ref(m)).await?;
-            }
-            Ok(())
-        };
-        tokio::time::timeout(timeout, send)
-            .await
-            .map_err(|_| PublishError::Timeout(timeout))?
+        // Each message as a batch of one, which the client sends as a plain transfer: it is
+        // measured against the link's max-message-size as batches are, so one the broker would
+        // detach the link over is parked instead of retried forever. The timeout is per
+        // message: a claim of 100 single sends over a slow link must not time out as a whole
+        // and be resent whole, forever.
+        for m in messages {
+            tokio::time::timeout(timeout, self.publish_inner(std::slice::from_ref(m)))
+                .await
+                .map_err(|_| PublishError::Timeout(timeout))??;
+        }
+        Ok(())
     }
 
     async fn publish_inner(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {

@@ -21,7 +21,10 @@
 //! delivery count does not move for a fault that is not the message's.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,7 +85,7 @@ pub struct Engine {
 /// alert fired on any outage. The first answer opens the gate for all.
 #[derive(Debug, Default)]
 struct BrokerGate {
-    down: std::sync::atomic::AtomicBool,
+    down: AtomicBool,
     /// Failures since the broker last answered, of all workers: the backoff is the process's,
     /// or each worker would take its turn with a short delay of its own.
     failures: AtomicU64,
@@ -92,24 +95,22 @@ struct BrokerGate {
 impl BrokerGate {
     /// The probe permit when the broker is down (waits for it), nothing when it is up.
     async fn pass(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        if !self.down.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.down.load(SeqCst) {
             return None;
         }
         let permit = self.probe.clone().lock_owned().await;
         // Those queued behind a probe that found the broker back all go at once.
-        self.down
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some(permit)
+        self.down.load(SeqCst).then_some(permit)
     }
 
     fn up(&self) {
-        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.down.store(false, SeqCst);
         self.failures.store(0, Relaxed);
     }
 
     /// Marks the broker down; the number of failures before this one.
     fn failed(&self) -> u64 {
-        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.down.store(true, SeqCst);
         self.failures.fetch_add(1, Relaxed)
     }
 }

@@ -213,16 +213,13 @@ impl ServiceBusPublisher {
     /// Sends `messages` one per transfer, in order: for entities that refuse batches of
     /// messages with distinct ids.
     async fn publish_single(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
-        let timeout = self.send_timeout;
         // Each message as a batch of one, which the client sends as a plain transfer: it is
         // measured against the link's max-message-size as batches are, so one the broker would
         // detach the link over is parked instead of retried forever. The timeout is per
         // message: a claim of 100 single sends over a slow link must not time out as a whole
         // and be resent whole, forever.
         for m in messages {
-            tokio::time::timeout(timeout, self.publish_inner(std::slice::from_ref(m)))
-                .await
-                .map_err(|_| PublishError::Timeout(timeout))??;
+            self.publish(std::slice::from_ref(m)).await?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 use fe2o3_amqp_types::{
     definitions::{self, ConnectionError},
-    performatives::Disposition,
+    performatives::{Attach, Disposition},
 };
 use tokio::sync::{mpsc::Sender, oneshot};
 
@@ -60,6 +60,13 @@ pub(crate) enum SessionControl {
         responder: oneshot::Sender<Result<OutputHandle, AllocLinkError>>,
     },
     DeallocateLink(OutputHandle),
+    // ordo patch (vendor/README.md): answer an incoming attach and close it with an error in
+    // one step, so the peer's own detach cannot cross the closing detach.
+    RefuseIncomingLink {
+        reply: Attach,
+        error: definitions::Error,
+        responder: oneshot::Sender<Result<(), AllocLinkError>>,
+    },
     Disposition(Disposition),
     CloseConnectionWithError((ConnectionError, Option<String>)),
 
@@ -98,6 +105,7 @@ impl std::fmt::Display for SessionControl {
                 responder: _,
             } => write!(f, "AllocateIncomingLink"),
             SessionControl::DeallocateLink(name) => write!(f, "DeallocateLink({:?})", name),
+            SessionControl::RefuseIncomingLink { .. } => write!(f, "RefuseIncomingLink"), // ordo patch (vendor/README.md)
             SessionControl::Disposition(_) => write!(f, "Disposition"),
             SessionControl::CloseConnectionWithError(_) => write!(f, "CloseConnectionWithError"),
 

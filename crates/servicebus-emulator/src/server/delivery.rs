@@ -502,30 +502,49 @@ impl Run {
             ) {
                 Next::Deliver(delivery) => {
                     let token = delivery.token;
-                    let payload =
-                        wire::encode_delivered(wire::delivered_message(&delivery, !self.delete));
+                    let payload = bytes::Bytes::from(wire::encode_delivered(
+                        wire::delivered_message(&delivery, !self.delete),
+                    ));
                     // While this waits for credit, an earlier message of the session may come
                     // back (abandon, lock loss): then the held one goes back and we pick again,
-                    // so order is never broken. `send_batchable_encoded` is cancel-safe.
-                    let sent = tokio::select! {
-                        r = sender.send_batchable_encoded(
-                            payload.into(),
-                            MESSAGE_FORMAT,
-                            Some(self.delete),
-                            Some(DeliveryTag::from(wire::delivery_tag(token))),
-                        ) => r,
-                        _ = &mut notified => {
-                            self.entity.put_back(self.part, token);
-                            continue;
+                    // so order is never broken. Biased, so that when the credit and the news
+                    // are both there by the time this task runs (a busy machine), the news is
+                    // looked at first; news of anything else (new messages) keeps the held one.
+                    // `send_batchable_encoded` is cancel-safe.
+                    let sent = loop {
+                        tokio::select! {
+                            biased;
+                            _ = &mut notified => {
+                                // Armed again before looking, so no return is missed.
+                                notified.set(notify.notified());
+                                notified.as_mut().enable();
+                                if self.entity.returned_before(
+                                    self.part,
+                                    self.session.as_ref(),
+                                    delivery.seq,
+                                ) {
+                                    break None;
+                                }
+                            }
+                            r = sender.send_batchable_encoded(
+                                payload.clone(),
+                                MESSAGE_FORMAT,
+                                Some(self.delete),
+                                Some(DeliveryTag::from(wire::delivery_tag(token))),
+                            ) => break Some(r),
+                            _ = self.ctx.cancel.cancelled() => {
+                                self.unsend(token);
+                                return Self::gone(sender).await;
+                            }
+                            error = &mut lapsed => {
+                                self.unsend(token);
+                                return End::TokenExpired(error);
+                            }
                         }
-                        _ = self.ctx.cancel.cancelled() => {
-                            self.unsend(token);
-                            return Self::gone(sender).await;
-                        }
-                        error = &mut lapsed => {
-                            self.unsend(token);
-                            return End::TokenExpired(error);
-                        }
+                    };
+                    let Some(sent) = sent else {
+                        self.entity.put_back(self.part, token);
+                        continue;
                     };
                     match sent {
                         Ok(fut) if !self.delete => {

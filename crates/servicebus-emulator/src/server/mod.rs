@@ -388,31 +388,39 @@ fn not_found(address: &str) -> fe2o3_amqp_types::definitions::Error {
 }
 
 /// Refuses a link the Service Bus way: complete the attach with a null terminus, then detach
-/// it with the error.
+/// it with the error. Both frames leave in one step of the session, as Service Bus writes
+/// them, so a client that detaches on seeing the null terminus (fe2o3-amqp does) still reads
+/// the error instead of an answer to its own detach.
 pub(crate) async fn refuse(
-    mut attach: Attach,
+    attach: Attach,
     session: &mut ListenerSessionHandle,
     ctx: &ConnCtx,
     error: fe2o3_amqp_types::definitions::Error,
 ) {
     info!(connection = ctx.id, link = %attach.name, condition = ?error.condition, "refusing link");
-    match attach.role {
-        Role::Sender => attach.target = None,
-        Role::Receiver => attach.source = None,
-    }
-    let acceptor = fe2o3_amqp::acceptor::LinkAcceptor::builder()
-        .verify_incoming_source(false)
-        .verify_incoming_target(false)
-        .build();
-    match acceptor.accept_incoming_attach(attach, session).await {
-        // The detach handshake runs on its own so a slow peer cannot stall the session.
-        Ok(fe2o3_amqp::acceptor::LinkEndpoint::Sender(s)) => {
-            ctx.tracker.spawn(with_deadline(s.close_with_error(error)));
-        }
-        Ok(fe2o3_amqp::acceptor::LinkEndpoint::Receiver(r)) => {
-            ctx.tracker.spawn(with_deadline(r.close_with_error(error)));
-        }
-        Err(e) => debug!(connection = ctx.id, error = %e, "refused attach failed"),
+    let (role, source, target, initial_delivery_count) = match attach.role {
+        // The peer receives, so the broker's end is the sender and its source is refused.
+        Role::Receiver => (Role::Sender, None, attach.target, Some(0)),
+        Role::Sender => (Role::Receiver, attach.source, None, None),
+    };
+    let reply = Attach {
+        name: attach.name,
+        handle: attach.handle,
+        role,
+        snd_settle_mode: attach.snd_settle_mode,
+        rcv_settle_mode: attach.rcv_settle_mode,
+        source,
+        target,
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count,
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    if let Err(e) = session.refuse_incoming_attach(reply, error).await {
+        debug!(connection = ctx.id, error = %e, "refused attach failed");
     }
 }
 

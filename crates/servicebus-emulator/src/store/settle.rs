@@ -77,6 +77,18 @@ impl Entity {
         Ok(())
     }
 
+    /// Whether a message of `session` earlier than `seq` is waiting to be delivered again
+    /// (abandoned, lock lost) while `seq` is taken: then `seq` must go back behind it.
+    pub(crate) fn returned_before(&self, part: Part, session: Option<&Arc<str>>, seq: i64) -> bool {
+        let guard = self.lock();
+        let key: &str = session.map_or("", |s| s);
+        guard
+            .store(part)
+            .sessions
+            .get(key)
+            .is_some_and(|queue| queue.released.first().is_some_and(|&first| first < seq))
+    }
+
     /// Puts back a message a link took but did not send, without waking other links: the same
     /// link picks again right away (used when something earlier in line came back).
     pub(crate) fn put_back(&self, part: Part, token: u128) {

@@ -61,6 +61,43 @@ impl ListenerSessionHandle {
     pub async fn next_incoming_attach(&mut self) -> Option<Attach> {
         self.link_listener.recv().await
     }
+
+    /// ordo patch (vendor/README.md): refuses a link the way AMQP 1.0 §2.6.3 describes: answers
+    /// `reply` (the local attach, whose `handle` is replaced by a free one; the refused terminus
+    /// should be null) and sends the closing detach with `error` right behind it, in one step
+    /// of the session. A detach the peer sends meanwhile is ignored, so it cannot cross the
+    /// closing detach and take the error's place.
+    pub async fn refuse_incoming_attach(
+        &mut self,
+        reply: Attach,
+        error: definitions::Error,
+    ) -> Result<(), super::error::AcceptorAttachError> {
+        use super::error::AcceptorAttachError;
+        let (responder, resp_rx) = oneshot::channel();
+        let stopped = || {
+            AcceptorAttachError::SessionStopped(
+                self.session_stop_reason
+                    .get()
+                    .cloned()
+                    .unwrap_or(SessionStopReason::Ended),
+            )
+        };
+        self.control
+            .send(SessionControl::RefuseIncomingLink {
+                reply,
+                error,
+                responder,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        match resp_rx.await.map_err(|_| stopped())? {
+            Ok(()) => Ok(()),
+            Err(AllocLinkError::SessionStopped(reason)) => {
+                Err(AcceptorAttachError::SessionStopped(reason))
+            }
+            Err(other) => Err(AcceptorAttachError::LocalReceiver(other.into())),
+        }
+    }
 }
 
 pub(crate) async fn allocate_incoming_link(

@@ -349,6 +349,37 @@ where
             SessionControl::DeallocateLink(link_name) => {
                 self.session.deallocate_link(link_name);
             }
+            // ordo patch (vendor/README.md): the attach and the closing detach leave together,
+            // and the handle is free again before the peer can answer; the peer's detach then
+            // finds no link and is ignored.
+            SessionControl::RefuseIncomingLink {
+                mut reply,
+                error,
+                responder,
+            } => match self.session.allocate_link(reply.name.clone(), None) {
+                Ok(handle) => {
+                    reply.handle = handle.clone().into();
+                    let detach = fe2o3_amqp_types::performatives::Detach {
+                        handle: handle.into(),
+                        closed: true,
+                        error: Some(error),
+                    };
+                    let attach = self.session.on_outgoing_attach(reply)?;
+                    let frames = std::iter::once(attach)
+                        .chain(self.session.on_outgoing_detach(detach, false))
+                        .collect();
+                    send_outgoing_item(
+                        &self.outgoing,
+                        SessionOutgoingItem::MultipleFrames(frames),
+                        self.session.connection_stop_reason(),
+                    )
+                    .await?;
+                    let _ = responder.send(Ok(()));
+                }
+                Err(error) => {
+                    let _ = responder.send(Err(error.into()));
+                }
+            },
             SessionControl::Disposition(disposition) => {
                 let disposition = self.session.on_outgoing_disposition(disposition)?;
                 self.outgoing

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::TryStreamExt;
@@ -17,6 +17,8 @@ use ordo_projection::{
     fold_history, DeclarativeProjection, HistoryError, Projection, ProjectionsFile, ReadModel,
 };
 use ordo_servicebus_emulator::EmulatorConfig;
+
+use crate::sample::{insert, Generator, Workload};
 use ordo_testkit::{bin_path, free_health_addr, paths::workspace_root, Daemon, TestMongo};
 
 pub use ordo_testkit::servicebus::TestServiceBus;
@@ -426,4 +428,75 @@ grace_period = "10s"
             .count_documents(doc! {})
             .await?)
     }
+}
+
+/// Inserts the whole `workload` in batches of 50, each after `pace`.
+pub async fn write(stack: &Stack, generator: &mut Generator, events: usize, pace: Duration) {
+    let collection = stack.db().collection::<Document>("events");
+    let mut written = 0;
+    let mut ticker = tokio::time::interval(pace);
+    while written < events {
+        ticker.tick().await;
+        let batch = generator.next_batch(50.min(events - written));
+        assert!(!batch.is_empty(), "the generator ran dry at {written}");
+        written += batch.len();
+        insert(&collection, batch).await.unwrap();
+    }
+}
+
+/// Waits until every read model reached its aggregate's last event, then checks each equals
+/// the fold; returns the number of events folded.
+pub async fn caught_up_and_folded(stack: &mut Stack, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        stack.check_alive().unwrap();
+        let (done, aggregates) = stack.caught_up().await.unwrap();
+        if aggregates > 0 && done == aggregates {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "read models did not catch up: {done}/{aggregates}"
+        );
+        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
+    }
+    let verdict = stack.verify().await.unwrap();
+    assert!(
+        verdict.ok(),
+        "{} read models differ from the fold, e.g. {:?}",
+        verdict.mismatches.len(),
+        verdict.mismatches.first()
+    );
+    let aggregates = stack
+        .db()
+        .collection::<Document>("events")
+        .distinct("aggregateId", doc! {})
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(verdict.aggregates, aggregates);
+    verdict.events
+}
+
+/// Starts both daemons on `stack`, writes `users` users and as many orders of
+/// `events_per_aggregate` events each (seeded) in batches `pace` apart, and checks every event
+/// reaches its read model within `within_s` seconds.
+pub async fn project_a_workload(
+    stack: &mut Stack,
+    (users, events_per_aggregate, seed): (usize, usize, u64),
+    pace: Duration,
+    within_s: u64,
+) {
+    stack.spawn_producer().await.unwrap();
+    stack.spawn_projector(0).await.unwrap();
+    let workload = Workload {
+        users,
+        orders: users,
+        events_per_aggregate,
+        seed,
+    };
+    let mut generator = Generator::new(workload, "");
+    write(stack, &mut generator, workload.total_events(), pace).await;
+    let folded = caught_up_and_folded(stack, Duration::from_secs(within_s)).await;
+    assert_eq!(folded, workload.total_events());
 }

@@ -3,11 +3,11 @@
 //! key can only Send, the projector's only Listen). The read models equal the fold, also when
 //! tokens expire under the daemons and when their keys are revoked and restored.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mongodb::bson::{doc, Document};
-use ordo_e2e::sample::{insert, Generator, Workload};
-use ordo_e2e::stack::{emulator_config, Stack};
+use mongodb::bson::doc;
+use ordo_e2e::sample::{Generator, Workload};
+use ordo_e2e::stack::{caught_up_and_folded, emulator_config, project_a_workload, write, Stack};
 use ordo_servicebus_emulator::{AccessRight, AuthorizationRule};
 use ordo_testkit::wait_until;
 
@@ -20,77 +20,6 @@ fn rule((name, key): (&str, &str), right: AccessRight) -> AuthorizationRule {
         key: key.into(),
         rights: vec![right],
     }
-}
-
-/// Inserts the whole `workload` in batches of 50, each after `pace`.
-async fn write(stack: &Stack, generator: &mut Generator, events: usize, pace: Duration) {
-    let collection = stack.db().collection::<Document>("events");
-    let mut written = 0;
-    let mut ticker = tokio::time::interval(pace);
-    while written < events {
-        ticker.tick().await;
-        let batch = generator.next_batch(50.min(events - written));
-        assert!(!batch.is_empty(), "the generator ran dry at {written}");
-        written += batch.len();
-        insert(&collection, batch).await.unwrap();
-    }
-}
-
-/// Waits until every read model reached its aggregate's last event, then checks each equals
-/// the fold; returns the number of events folded.
-async fn caught_up_and_folded(stack: &mut Stack, within: Duration) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        stack.check_alive().unwrap();
-        let (done, aggregates) = stack.caught_up().await.unwrap();
-        if aggregates > 0 && done == aggregates {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "read models did not catch up: {done}/{aggregates}"
-        );
-        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
-    }
-    let verdict = stack.verify().await.unwrap();
-    assert!(
-        verdict.ok(),
-        "{} read models differ from the fold, e.g. {:?}",
-        verdict.mismatches.len(),
-        verdict.mismatches.first()
-    );
-    let aggregates = stack
-        .db()
-        .collection::<Document>("events")
-        .distinct("aggregateId", doc! {})
-        .await
-        .unwrap()
-        .len();
-    assert_eq!(verdict.aggregates, aggregates);
-    verdict.events
-}
-
-/// Starts both daemons on `stack`, writes `users` users and as many orders of
-/// `events_per_aggregate` events each (seeded) in batches `pace` apart, and checks every event
-/// reaches its read model within `within_s` seconds.
-async fn project_a_workload(
-    stack: &mut Stack,
-    (users, events_per_aggregate, seed): (usize, usize, u64),
-    pace: Duration,
-    within_s: u64,
-) {
-    stack.spawn_producer().await.unwrap();
-    stack.spawn_projector(0).await.unwrap();
-    let workload = Workload {
-        users,
-        orders: users,
-        events_per_aggregate,
-        seed,
-    };
-    let mut generator = Generator::new(workload, "");
-    write(stack, &mut generator, workload.total_events(), pace).await;
-    let folded = caught_up_and_folded(stack, Duration::from_secs(within_s)).await;
-    assert_eq!(folded, workload.total_events());
 }
 
 /// A stack serving TLS only to the daemons' least-privilege keys, with tokens cut to

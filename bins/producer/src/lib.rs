@@ -128,8 +128,8 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
     cfg.producer.warn_deprecated();
     let client = ordo_core::mongo::connect(&cfg.mongodb, "ordo-producer").await?;
     let db = client.database(cfg.mongodb.database());
-    let factory = Arc::new(ModalPublisherFactory {
-        inner: ServiceBusPublisherFactory {
+    let factory = Arc::new(ModalPublisherFactory::new(
+        ServiceBusPublisherFactory {
             connection_string: cfg.servicebus.connection_string().clone(),
             topic: cfg.servicebus.topic.clone(),
             identifier: format!("ordo-producer-{}", std::process::id()),
@@ -137,9 +137,8 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
             send_timeout: cfg.producer.send_timeout,
             connect_timeout: cfg.producer.send_timeout,
         },
-        mode: cfg.producer.send_mode,
-        single: Arc::default(),
-    });
+        cfg.producer.send_mode,
+    ));
     health.set_started();
     tokio::spawn(check_event_index(
         db.clone(),

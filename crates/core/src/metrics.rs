@@ -21,6 +21,10 @@ pub const HISTORY_LOST: &str = "ordo_history_lost_total";
 pub const EVENTS_REPUBLISHED: &str = "ordo_events_republished_total";
 /// Messages per batch sent to the broker; one session per batch (producer).
 pub const PUBLISH_BATCH_MESSAGES: &str = "ordo_publish_batch_messages";
+/// 1 while the producer sends one message per transfer: `send_mode = "single"`, or `auto`
+/// after the topic refused a batch (partitioning with duplicate detection); 0 while it sends
+/// batches (producer).
+pub const PUBLISH_SINGLE_SENDS: &str = "ordo_publish_single_sends";
 /// 1 while this producer holds the stream's lease (producer).
 pub const LEASE_HELD: &str = "ordo_lease_held";
 /// 1 while `/readyz` answers 200, else 0: readiness for scrapers without HTTP probes (both).
@@ -84,6 +88,7 @@ pub const ALL: &[&str] = &[
     HISTORY_LOST,
     EVENTS_REPUBLISHED,
     PUBLISH_BATCH_MESSAGES,
+    PUBLISH_SINGLE_SENDS,
     LEASE_HELD,
     RETRIES,
     TASK_RESTARTS,

@@ -30,7 +30,7 @@ pub mod wait;
 pub use daemon::{bin_path, bin_path_in, check_config, Daemon};
 pub use mongo::{SecantusDb, SecantusOptions, TestMongo};
 pub use net::{free_health_addr, free_local_port};
-pub use servicebus::TestServiceBus;
+pub use servicebus::{TestServiceBus, Topology};
 pub use tls::TestCa;
 pub use wait::{wait_for, wait_until, wait_until_ok};
 

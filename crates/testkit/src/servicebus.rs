@@ -172,6 +172,46 @@ impl TestServiceBus {
     }
 }
 
+/// The layouts Azure allows ordo's topic to have; each asks for its own send mode of the
+/// producer (docs/configuration.md, `send_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Partitioned, with duplicate detection: the default entities and deploy/azure's.
+    /// Refuses a batch of distinct MessageIds, so the producer sends one message at a time.
+    PartitionedDeduplicated,
+    /// Partitioned, without duplicate detection: batches of one session are accepted.
+    Partitioned,
+    /// Not partitioned, with duplicate detection: batches are accepted.
+    Unpartitioned,
+}
+
+impl Topology {
+    /// Every layout.
+    pub const ALL: [Topology; 3] = [
+        Topology::PartitionedDeduplicated,
+        Topology::Partitioned,
+        Topology::Unpartitioned,
+    ];
+
+    /// Whether the topic accepts a batch of several messages of one session.
+    pub fn accepts_batches(self) -> bool {
+        self != Topology::PartitionedDeduplicated
+    }
+
+    /// `config` with its first topic laid out this way.
+    pub fn apply(self, mut config: EmulatorConfig) -> EmulatorConfig {
+        let topic = config.topics.first_mut().expect("a topic to lay out");
+        let (partitions, dedup) = match self {
+            Topology::PartitionedDeduplicated => (16, true),
+            Topology::Partitioned => (16, false),
+            Topology::Unpartitioned => (0, true),
+        };
+        topic.partition_count = partitions;
+        topic.duplicate_detection_window = dedup.then(|| std::time::Duration::from_secs(600));
+        config
+    }
+}
+
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name)
         .ok()

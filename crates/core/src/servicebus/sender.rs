@@ -340,11 +340,25 @@ impl Publisher for ModalPublisher {
         match self.inner.publish(messages).await {
             Err(PublishError::Send(e)) if self.mode == SendMode::Auto && refuses_batching(&e) => {
                 if !self.single.swap(true, Ordering::SeqCst) {
+                    metrics::gauge!(crate::metrics::PUBLISH_SINGLE_SENDS).set(1.0);
                     tracing::warn!(error = %e, "the topic refuses batches (partitioning with duplicate detection): sending one message at a time from now on (producer.send_mode = \"auto\")");
                 }
                 self.inner.publish_single(messages).await
             }
             other => other,
+        }
+    }
+}
+
+impl ModalPublisherFactory {
+    /// A factory sending as `mode` says, through `inner`; sets `ordo_publish_single_sends`.
+    pub fn new(inner: ServiceBusPublisherFactory, mode: SendMode) -> Self {
+        let single = mode == SendMode::Single;
+        metrics::gauge!(crate::metrics::PUBLISH_SINGLE_SENDS).set(if single { 1.0 } else { 0.0 });
+        Self {
+            inner,
+            mode,
+            single: Arc::default(),
         }
     }
 }

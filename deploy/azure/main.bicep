@@ -11,6 +11,12 @@
 // (premiumMessagingPartitions) and its entities follow. Partitioning is for throughput and
 // availability; ordo's ordering comes from sessions, not from partitions.
 //
+// Microsoft Entra ID instead of keys: producerPrincipalId and projectorPrincipalId give the
+// daemons' identities (managed identities, AKS workload identities, app registrations) Azure
+// Service Bus Data Sender on the topic and Data Receiver on the subscription; createIdentities
+// creates two user-assigned identities for them. docs/operations.md, "Microsoft Entra ID
+// instead of keys", walks through both.
+//
 // No connection string leaves this template as an output: deployment outputs stay readable in
 // the resource group's deployment history. With keyVaultName set, the three connection strings
 // are written to that vault as secrets; otherwise read them with
@@ -67,6 +73,19 @@ param logAnalyticsWorkspaceId string = ''
 
 @description('Topic size, in bytes, above which the size alert fires (default 80 % of 5120 MB).')
 param sizeAlertBytes int = 4294967296
+
+@description('Object (principal) id of the identity ordo-producer runs as: gets Azure Service Bus Data Sender on the topic. Empty: no role assignment.')
+param producerPrincipalId string = ''
+
+@description('Object (principal) id of the identity ordo-projector (and its status, repair and reconcile commands) runs as: gets Azure Service Bus Data Receiver on the subscription. Empty: no role assignment.')
+param projectorPrincipalId string = ''
+
+@description('Kind of producerPrincipalId and projectorPrincipalId. Managed identities, AKS workload identities and app registrations are all ServicePrincipal.')
+@allowed(['ServicePrincipal', 'User', 'Group'])
+param principalType string = 'ServicePrincipal'
+
+@description('Create the user-assigned managed identities NAMESPACE-ordo-producer and NAMESPACE-ordo-projector with the same two roles; their client and principal ids are outputs. Independent of producerPrincipalId and projectorPrincipalId.')
+param createIdentities bool = false
 
 var premium = sku == 'Premium'
 
@@ -148,6 +167,68 @@ resource kedaRule 'Microsoft.ServiceBus/namespaces/topics/authorizationRules@202
       'Listen'
       'Send'
     ]
+  }
+}
+
+// Entra ID roles, least privilege: Data Sender on the topic for the producer, Data Receiver on
+// the subscription for the projector (receiving, settling, renewing session locks and peeking
+// at the dead-letter queue, which is all `status`, `repair` and `reconcile` need). Role ids of
+// the built-in roles, from
+// https://learn.microsoft.com/en-us/azure/role-based-access-control/built-in-roles/integration#azure-service-bus-data-sender
+// https://learn.microsoft.com/en-us/azure/role-based-access-control/built-in-roles/integration#azure-service-bus-data-receiver
+var dataSenderRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39')
+var dataReceiverRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0')
+
+resource producerSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(producerPrincipalId)) {
+  name: guid(topic.id, producerPrincipalId, dataSenderRoleId)
+  scope: topic
+  properties: {
+    roleDefinitionId: dataSenderRoleId
+    principalId: producerPrincipalId
+    principalType: principalType
+  }
+}
+
+resource projectorReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(projectorPrincipalId)) {
+  name: guid(subscription.id, projectorPrincipalId, dataReceiverRoleId)
+  scope: subscription
+  properties: {
+    roleDefinitionId: dataReceiverRoleId
+    principalId: projectorPrincipalId
+    principalType: principalType
+  }
+}
+
+// Optional identities for the daemons. Their principal ids exist only once they are created,
+// so the assignments' names use the identities' resource ids, which are known in advance.
+// AKS workload identity also needs a federated credential on each (docs/operations.md).
+resource producerIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = if (createIdentities) {
+  name: '${namespaceName}-ordo-producer'
+  location: location
+}
+
+resource projectorIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = if (createIdentities) {
+  name: '${namespaceName}-ordo-projector'
+  location: location
+}
+
+resource producerIdentitySender 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (createIdentities) {
+  name: guid(topic.id, producerIdentity.id, dataSenderRoleId)
+  scope: topic
+  properties: {
+    roleDefinitionId: dataSenderRoleId
+    principalId: producerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource projectorIdentityReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (createIdentities) {
+  name: guid(subscription.id, projectorIdentity.id, dataReceiverRoleId)
+  scope: subscription
+  properties: {
+    roleDefinitionId: dataReceiverRoleId
+    principalId: projectorIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
   }
 }
 
@@ -290,3 +371,10 @@ resource kedaSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(
 output namespaceHost string = '${namespace.name}.servicebus.windows.net'
 output topicEntityName string = topic.name
 output subscriptionEntityName string = subscription.name
+
+// Identifiers, not secrets. With createIdentities: the client ids go into the ServiceAccount
+// annotations of deploy/k8s/overlays/workload-identity; otherwise empty.
+output producerIdentityClientId string = createIdentities ? producerIdentity.properties.clientId : ''
+output producerIdentityPrincipalId string = createIdentities ? producerIdentity.properties.principalId : ''
+output projectorIdentityClientId string = createIdentities ? projectorIdentity.properties.clientId : ''
+output projectorIdentityPrincipalId string = createIdentities ? projectorIdentity.properties.principalId : ''

@@ -5,8 +5,10 @@
 # file (mode 0600) in a directory outside the repository. Safe to run again: existing
 # entities are updated, not recreated, and an existing topic or subscription is checked for
 # the settings that cannot change after creation.
-# The Service Bus entities of main.bicep (Standard only; the Bicep also offers Premium, alerts
-# and Key Vault), for those who prefer plain az commands.
+# The Service Bus entities of main.bicep (Standard only; the Bicep also offers Premium, alerts,
+# Key Vault and managed identities), for those who prefer plain az commands. With
+# --producer-principal-id and --projector-principal-id it also gives the daemons' Entra ID
+# identities their roles, as the Bicep's producerPrincipalId and projectorPrincipalId do.
 #
 #   deploy/azure/provision.sh --resource-group RG --namespace NAME [--location westeurope]
 #
@@ -31,6 +33,17 @@ usage: provision.sh --resource-group RG --namespace NAME [options]
                           connection string scripts/demo.sh and the tests
                           need; only in a namespace used for nothing else
                                                                      [ORDO_AZ_DEMO=true]
+  --producer-principal-id ID
+                          object id of ordo-producer's Entra ID identity:
+                          Azure Service Bus Data Sender on the topic
+                                                                     [ORDO_AZ_PRODUCER_PRINCIPAL_ID]
+  --projector-principal-id ID
+                          object id of ordo-projector's identity: Azure
+                          Service Bus Data Receiver on the subscription
+                                                                     [ORDO_AZ_PROJECTOR_PRINCIPAL_ID]
+  --principal-type TYPE   ServicePrincipal (default: managed and workload
+                          identities, app registrations), User or Group
+                                                                     [ORDO_AZ_PRINCIPAL_TYPE]
   --out DIR               directory for the connection strings
                           (default ~/.config/ordo/NAMESPACE)         [ORDO_AZ_OUT]
 
@@ -56,6 +69,9 @@ dedup_window="${ORDO_AZ_DEDUP_WINDOW:-PT10M}"
 keda="${ORDO_AZ_KEDA:-true}"
 demo="${ORDO_AZ_DEMO:-false}"
 out="${ORDO_AZ_OUT:-}"
+producer_principal="${ORDO_AZ_PRODUCER_PRINCIPAL_ID:-}"
+projector_principal="${ORDO_AZ_PROJECTOR_PRINCIPAL_ID:-}"
+principal_type="${ORDO_AZ_PRINCIPAL_TYPE:-ServicePrincipal}"
 ttl="P14D"
 
 while [ $# -gt 0 ]; do
@@ -70,6 +86,9 @@ while [ $# -gt 0 ]; do
     --no-keda) keda=false; shift ;;
     --demo) demo=true; shift ;;
     --out) out="$2"; shift 2 ;;
+    --producer-principal-id) producer_principal="$2"; shift 2 ;;
+    --projector-principal-id) projector_principal="$2"; shift 2 ;;
+    --principal-type) principal_type="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "provision: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -83,6 +102,16 @@ fi
 case "$max_size" in
   1024|2048|3072|4096|5120) ;;
   *) echo "provision: --max-size must be one of 1024 2048 3072 4096 5120" >&2; exit 2 ;;
+esac
+for id in "$producer_principal" "$projector_principal"; do
+  if [ -n "$id" ] && ! [[ "$id" =~ ^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$ ]]; then
+    echo "provision: principal id $id is not an object id (a GUID)" >&2
+    exit 2
+  fi
+done
+case "$principal_type" in
+  ServicePrincipal|User|Group) ;;
+  *) echo "provision: --principal-type must be ServicePrincipal, User or Group" >&2; exit 2 ;;
 esac
 command -v az >/dev/null || { echo "provision: the az CLI is required" >&2; exit 1; }
 
@@ -154,6 +183,33 @@ else
   log "creating session-enabled subscription $subscription"
   az servicebus topic subscription create "${common[@]}" --topic-name "$topic" \
     --name "$subscription" --enable-session true "${sub_settings[@]}"
+fi
+
+# Entra ID roles, least privilege: Data Sender on the topic, Data Receiver on the subscription
+# (enough for the projector's status, repair and reconcile too). Ids of the built-in roles, from
+# https://learn.microsoft.com/en-us/azure/role-based-access-control/built-in-roles/integration
+# Creating an assignment that exists changes nothing.
+assign_role() { # principal role-id role-name scope-id
+  if [ -z "$4" ]; then
+    echo "provision: could not read the resource id to assign $3 on" >&2
+    exit 1
+  fi
+  log "role $3 for $1 on ${4#*/providers/Microsoft.ServiceBus/}"
+  az role assignment create --assignee-object-id "$1" --assignee-principal-type "$principal_type" \
+    --role "$2" --scope "$4" --only-show-errors --output none
+}
+if [ -n "$producer_principal" ]; then
+  topic_id="$(az servicebus topic show --resource-group "$rg" --namespace-name "$ns" \
+    --name "$topic" --query id --output tsv --only-show-errors)"
+  assign_role "$producer_principal" 69a216fc-b8fb-44d8-bc22-1f3c2cd27a39 \
+    "Azure Service Bus Data Sender" "$topic_id"
+fi
+if [ -n "$projector_principal" ]; then
+  subscription_id="$(az servicebus topic subscription show --resource-group "$rg" \
+    --namespace-name "$ns" --topic-name "$topic" --name "$subscription" --query id --output tsv \
+    --only-show-errors)"
+  assign_role "$projector_principal" 4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0 \
+    "Azure Service Bus Data Receiver" "$subscription_id"
 fi
 
 # Least privilege, scoped to the topic. Creating an existing rule updates its rights.

@@ -82,14 +82,32 @@ pub struct Engine {
 /// While Service Bus is down, one worker at a time tries it, and sleeps its backoff before it
 /// lets the next one try; the others wait. Without it every session worker reconnected on its
 /// own backoff: 32 workers retried about 17 times a second through an outage, and the retry
-/// alert fired on any outage. The first answer opens the gate for all.
-#[derive(Debug, Default)]
+/// alert fired on any outage. The first answer opens the gate for all. The gate starts
+/// closed: until the broker first answered, it is as good as down.
+///
+/// A probe waits at most [`PROBE_ACCEPT_WAIT`] for a session: an idle broker answers an
+/// accept only when its hold ends (60 s on Service Bus), and readiness must come back within
+/// seconds of the broker, also with `accept_timeout` set above that hold.
+#[derive(Debug)]
 struct BrokerGate {
     down: AtomicBool,
     /// Failures since the broker last answered, of all workers: the backoff is the process's,
     /// or each worker would take its turn with a short delay of its own.
     failures: AtomicU64,
     probe: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The longest a probe waits for a session (see [`BrokerGate`]).
+const PROBE_ACCEPT_WAIT: Duration = Duration::from_secs(3);
+
+impl Default for BrokerGate {
+    fn default() -> Self {
+        Self {
+            down: AtomicBool::new(true),
+            failures: AtomicU64::new(0),
+            probe: Arc::default(),
+        }
+    }
 }
 
 impl BrokerGate {
@@ -327,6 +345,12 @@ impl Engine {
                             p = self.gate.pass() => p,
                             _ = cancel.cancelled() => break 'work,
                         };
+                        if probe.is_none() {
+                            // The gate is open: the broker answered someone since this worker
+                            // failed, so its alarm need not wait for an accept of its own (up
+                            // to `accept_timeout` on an idle broker) to come down.
+                            alarm.lower();
+                        }
                         let connected = tokio::select! {
                             r = connect() => r,
                             _ = cancel.cancelled() => break 'work,
@@ -337,8 +361,12 @@ impl Engine {
                         }
                     }
                 };
+                let wait = match probe {
+                    Some(_) => self.cfg.accept_timeout.min(PROBE_ACCEPT_WAIT),
+                    None => self.cfg.accept_timeout,
+                };
                 let accepted = tokio::select! {
-                    r = src.accept_next(self.cfg.accept_timeout) => r,
+                    r = src.accept_next(wait) => r,
                     _ = cancel.cancelled() => break 'work,
                 };
                 match accepted {

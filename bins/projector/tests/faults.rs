@@ -239,6 +239,37 @@ async fn an_outage_is_probed_by_one_worker_at_a_time() {
     converge(&env).await;
 }
 
+/// With `accept_timeout` above the broker's own hold of an accept (60 s on Service Bus, which
+/// the emulator keeps here), an idle broker answers an accept only after a minute: readiness
+/// must still come within seconds, at start and after an outage, because a worker probing the
+/// broker waits for a session only briefly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_does_not_wait_for_a_long_accept_on_an_idle_broker() {
+    let env = start_with(Duration::from_secs(5), |cfg| {
+        cfg.namespace.session_accept_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let p = env.spawn_unready("", |toml| {
+        toml.replace("accept_timeout = \"3s\"", "accept_timeout = \"70s\"")
+    });
+    let ready_after = readiness_becomes(&p, true).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "ready {:?} after start on an idle broker",
+        started.elapsed()
+    );
+    env.emulator.suspend().await;
+    readiness_becomes(&p, false).await;
+    env.emulator.resume().await.unwrap();
+    let up = readiness_becomes(&p, true).await;
+    eprintln!("idle broker, accept_timeout 70 s: ready {ready_after:?} after start, {up:?} after the outage");
+    let events = workload("idle", 2, 3);
+    env.insert_events(&events).await;
+    env.publish(&events).await;
+    converge(&env).await;
+}
+
 /// A MongoDB outage turns `/readyz` 503 within 10 s; 200 within 10 s after it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_mongodb() {

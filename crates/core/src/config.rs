@@ -502,7 +502,8 @@ pub struct ServiceBusConfig {
     /// `NAME.servicebus.windows.net`: authenticate with Microsoft Entra ID ([`Self::auth`])
     /// instead of a connection string.
     pub namespace: Option<String>,
-    /// With `namespace`: `managed_identity`, `workload_identity`, `client_secret` (reads
+    /// With `namespace`: `managed_identity` (system-assigned, or the user-assigned identity
+    /// whose client id `AZURE_CLIENT_ID` holds), `workload_identity`, `client_secret` (reads
     /// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET`) or `azure_cli`.
     pub auth: Option<String>,
 }

@@ -124,7 +124,15 @@ impl EntraAuth {
             })
         };
         Ok(match self {
-            EntraAuth::ManagedIdentity => ManagedIdentityCredential::new(None)?,
+            // As DefaultAzureCredential does: AZURE_CLIENT_ID picks a user-assigned identity
+            // (a host with several has no default one); unset, the system-assigned identity.
+            EntraAuth::ManagedIdentity => ManagedIdentityCredential::new(Some(
+                azure_identity::ManagedIdentityCredentialOptions {
+                    user_assigned_id: user_assigned_client_id()
+                        .map(azure_identity::UserAssignedId::ClientId),
+                    ..Default::default()
+                },
+            ))?,
             EntraAuth::WorkloadIdentity => WorkloadIdentityCredential::new(None)?,
             EntraAuth::ClientSecret => ClientSecretCredential::new(
                 &env("AZURE_TENANT_ID")?,
@@ -135,6 +143,14 @@ impl EntraAuth {
             EntraAuth::AzureCli => AzureCliCredential::new(None)?,
         })
     }
+}
+
+/// The client id of the user-assigned managed identity to use: `AZURE_CLIENT_ID`, when set.
+fn user_assigned_client_id() -> Option<String> {
+    std::env::var("AZURE_CLIENT_ID")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
 }
 
 /// The Entra ID credential a connection string names with `Authentication=`, if any.

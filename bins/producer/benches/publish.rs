@@ -3,10 +3,11 @@
 //!
 //! - change stream: a plain `watch()` draining N inserts (events/s from the first insert to the
 //!   last event read);
-//! - sends: the producer's publisher (`send_mode` as configured by default: batches, or single
-//!   sends once a partitioned topic with duplicate detection refuses a batch) with the same
-//!   number of senders, one session per batch (up to `max_batch_messages`), no producer in
-//!   between;
+//! - sends: the producer's publisher (`send_mode = "auto"`, the default) on two topic layouts,
+//!   side by side: partitioned with duplicate detection (single sends) and partitioned without
+//!   it (batches), with the producer's number of senders, one session per batch (up to
+//!   `max_batch_messages`), no producer in between; the producer run below is repeated on
+//!   each layout and a summary table closes the run;
 //! - producer: N inserts while the producer runs, from the first insert until
 //!   `ordo_events_published_total` reaches N; CPU seconds of the producer process per 1,000
 //!   events (`/proc/<pid>/stat` utime+stime).
@@ -34,6 +35,7 @@ use ordo_core::servicebus::sender::{
     ModalPublisherFactory, Publisher, PublisherFactory, ServiceBusPublisherFactory,
 };
 use ordo_producer::config::ProducerSection;
+use ordo_testkit::{SecantusOptions, Topology};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -190,10 +192,10 @@ async fn send_ceiling(world: &World, n: usize, aggregates: usize, senders: usize
                 .collect::<Vec<_>>()
         })
         .collect();
-    // The producer's own send path: on the default topic (partitioned, duplicate detection on)
-    // the broker refuses batches and `auto` falls back to single sends, as the producer does.
-    let factory = Arc::new(ModalPublisherFactory {
-        inner: ServiceBusPublisherFactory {
+    // The producer's own send path: on a partitioned topic with duplicate detection the broker
+    // refuses batches and `auto` falls back to single sends, as the producer does.
+    let factory = Arc::new(ModalPublisherFactory::new(
+        ServiceBusPublisherFactory {
             connection_string: Secret::new(world.bus.connection_string()),
             topic: world.bus.topic().to_string(),
             identifier: "ordo-producer-bench".into(),
@@ -201,9 +203,8 @@ async fn send_ceiling(world: &World, n: usize, aggregates: usize, senders: usize
             send_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(30),
         },
-        mode: ProducerSection::default().send_mode,
-        single: Arc::default(),
-    });
+        ProducerSection::default().send_mode,
+    ));
     let mut publishers = Vec::new();
     for _ in 0..senders {
         publishers.push(factory.open().await.expect("open publisher"));
@@ -364,34 +365,56 @@ async fn bench(server: &str) {
     let stream = change_stream_ceiling(&world, n, aggregates).await;
     println!("ceiling  insert -> change stream read : {stream:>9.0} events/s");
     cpu.report("insert -> change stream read", n);
-    let cpu = CpuPhase::start(None);
-    let sends = send_ceiling(&world, n, aggregates, senders).await;
-    println!("ceiling  sends ({senders} senders)           : {sends:>9.0} events/s");
-    cpu.report("sends", n);
-    let ceiling = stream.min(sends);
+    drop(world);
 
     let extra = std::env::var("ORDO_BENCH_PRODUCER_CONFIG").unwrap_or_default();
     if !extra.is_empty() {
         println!("producer settings: {}", extra.replace('\n', "; "));
     }
-    let run = producer_run(
-        &world,
-        n,
-        aggregates,
-        &format!("senders = {senders}\n{extra}"),
-    )
-    .await;
+    // Both send modes side by side: the layout decides which one `auto` ends up in.
+    let mut rows = Vec::new();
+    for (topology, mode) in [
+        (Topology::PartitionedDeduplicated, "single sends"),
+        (Topology::Partitioned, "batches"),
+    ] {
+        println!("-- topic {topology:?}: {mode}");
+        let world = World::start_laid_out(SecantusOptions::new(), topology).await;
+        let cpu = CpuPhase::start(None);
+        let sends = send_ceiling(&world, n, aggregates, senders).await;
+        println!("ceiling  sends ({senders} senders)           : {sends:>9.0} events/s");
+        cpu.report("sends", n);
+        let ceiling = stream.min(sends);
+        let run = producer_run(
+            &world,
+            n,
+            aggregates,
+            &format!("senders = {senders}\n{extra}"),
+        )
+        .await;
+        println!(
+            "producer published                  : {:>9.0} events/s, {:.3} CPU s per 1,000 events",
+            run.rate, run.cpu_per_1000
+        );
+        let share = run.rate / ceiling * 100.0;
+        println!(
+            "producer / lower ceiling            : {share:>8.1} % ({})",
+            if share >= 90.0 {
+                "goal of 90 % met"
+            } else {
+                "below the 90 % goal"
+            }
+        );
+        rows.push((mode, sends, run));
+    }
+    println!("summary (events/s; CPU s of the producer per 1,000 events):");
     println!(
-        "producer published                  : {:>9.0} events/s, {:.3} CPU s per 1,000 events",
-        run.rate, run.cpu_per_1000
+        "  {:<13} {:>12} {:>12} {:>10}",
+        "mode", "send ceiling", "producer", "CPU s/1k"
     );
-    let share = run.rate / ceiling * 100.0;
-    println!(
-        "producer / lower ceiling            : {share:>8.1} % ({})",
-        if share >= 90.0 {
-            "goal of 90 % met"
-        } else {
-            "below the 90 % goal"
-        }
-    );
+    for (mode, sends, run) in rows {
+        println!(
+            "  {mode:<13} {sends:>12.0} {:>12.0} {:>10.3}",
+            run.rate, run.cpu_per_1000
+        );
+    }
 }

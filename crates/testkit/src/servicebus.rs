@@ -198,6 +198,11 @@ impl Topology {
         self != Topology::PartitionedDeduplicated
     }
 
+    /// ordo's default entities ([`EmulatorConfig::default_ordo`]) laid out this way.
+    pub fn emulator_config(self) -> EmulatorConfig {
+        self.apply(EmulatorConfig::default_ordo())
+    }
+
     /// `config` with its first topic laid out this way.
     pub fn apply(self, mut config: EmulatorConfig) -> EmulatorConfig {
         let topic = config.topics.first_mut().expect("a topic to lay out");

@@ -13,7 +13,7 @@ use mongodb::bson::{doc, Document};
 use ordo_core::envelope::Envelope;
 use ordo_core::secret::Secret;
 use ordo_testkit::servicebus::TestServiceBus;
-use ordo_testkit::{bin_path, free_health_addr, Daemon, SecantusOptions, TestMongo};
+use ordo_testkit::{bin_path, free_health_addr, Daemon, SecantusOptions, TestMongo, Topology};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +37,15 @@ impl World {
     }
 
     pub async fn start_with(options: SecantusOptions) -> World {
-        let (mongo, bus) = tokio::join!(TestMongo::start_with(options), TestServiceBus::start());
+        Self::start_laid_out(options, Topology::PartitionedDeduplicated).await
+    }
+
+    /// A world whose topic is laid out as `topology` says.
+    pub async fn start_laid_out(options: SecantusOptions, topology: Topology) -> World {
+        let (mongo, bus) = tokio::join!(
+            TestMongo::start_with(options),
+            TestServiceBus::start_with(topology.emulator_config())
+        );
         World {
             mongo: mongo.expect("mongodb"),
             bus: bus.expect("service bus"),

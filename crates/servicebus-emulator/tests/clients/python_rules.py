@@ -117,6 +117,18 @@ def session_close(client):
             receiver.complete_message(m)
 
 
+def complete_then_close(client):
+    """A completion sent right before the receiver closes still counts: nothing comes back."""
+    sent(client, "mixed", msg("d", "py-d:1"))
+    with client.get_subscription_receiver("mixed", "s", session_id="d") as receiver:
+        got = receiver.receive_messages(max_message_count=1, max_wait_time=WAIT)
+        check(len(got) == 1, f"one message of session d, got {len(got)}")
+        receiver.complete_message(got[0])
+    with client.get_subscription_receiver("mixed", "s", session_id="d") as receiver:
+        again = receiver.receive_messages(max_message_count=1, max_wait_time=1)
+        check(again == [], f"a completed message came back: {again}")
+
+
 def bad_key(connection_string):
     """A token signed with the wrong key is answered 401 and nothing is sent."""
     parts = [p for p in connection_string.split(";") if not p.startswith("SharedAccessKey=")]
@@ -140,6 +152,7 @@ def main():
         session_less(client)
         dead_letters_do_not_expire(client)
         session_close(client)
+        complete_then_close(client)
     print("python rules: ok")
 
 

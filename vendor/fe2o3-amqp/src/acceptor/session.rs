@@ -464,9 +464,10 @@ impl endpoint::Session for ListenerSession {
     fn allocate_link(
         &mut self,
         link_name: String,
+        role: fe2o3_amqp_types::definitions::Role, // ordo patch (vendor/README.md)
         link_handle: Option<LinkRelay<()>>,
     ) -> Result<OutputHandle, Self::AllocError> {
-        self.session.allocate_link(link_name, link_handle)
+        self.session.allocate_link(link_name, role, link_handle)
     }
 
     fn allocate_incoming_link(
@@ -525,7 +526,9 @@ impl endpoint::Session for ListenerSession {
     }
 
     async fn on_incoming_attach(&mut self, attach: Attach) -> Result<(), Self::Error> {
-        match self.session.link_by_name.get_mut(&attach.name) {
+        // ordo patch (vendor/README.md): the local end of this link has the other role.
+        let key = (attach.name.clone(), crate::session::local_role_for(&attach.role));
+        match self.session.link_by_name.get_mut(&key) {
             Some(link) => match link.take() {
                 Some(mut relay) => {
                     // Only Sender need to update the receiver settle mode

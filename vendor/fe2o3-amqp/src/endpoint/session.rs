@@ -44,9 +44,13 @@ pub(crate) trait Session {
     fn outgoing_channel(&self) -> OutgoingChannel;
 
     // Allocate new local handle for new Link
+    //
+    // ordo patch (vendor/README.md): `role` is the local end's role; a link is known by its
+    // name and role, so a sender and a receiver may share a name (AMQP 1.0 §2.6.1).
     fn allocate_link(
         &mut self,
         link_name: String,
+        role: fe2o3_amqp_types::definitions::Role,
         link_relay: Option<LinkRelay<()>>,
     ) -> Result<OutputHandle, Self::AllocError>;
 

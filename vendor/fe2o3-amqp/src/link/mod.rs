@@ -555,6 +555,16 @@ pub(crate) enum LinkRelay<O> {
     },
 }
 
+impl<O> LinkRelay<O> {
+    /// ordo patch (vendor/README.md): the role of the local end this relay serves.
+    pub(crate) fn local_role(&self) -> fe2o3_amqp_types::definitions::Role {
+        match self {
+            LinkRelay::Sender { .. } => fe2o3_amqp_types::definitions::Role::Sender,
+            LinkRelay::Receiver { .. } => fe2o3_amqp_types::definitions::Role::Receiver,
+        }
+    }
+}
+
 impl LinkRelay<()> {
     pub fn new_sender(
         tx: mpsc::Sender<LinkIncomingItem>,

@@ -326,7 +326,8 @@ where
                 link_relay,
                 responder,
             } => {
-                let result = self.session.allocate_link(link_name, Some(link_relay));
+                let role = link_relay.local_role(); // ordo patch (vendor/README.md)
+                let result = self.session.allocate_link(link_name, role, Some(link_relay));
                 responder
                     .send(result.map_err(Into::into))
                     // The receiving end (ie. link) must have been stopped
@@ -356,7 +357,10 @@ where
                 mut reply,
                 error,
                 responder,
-            } => match self.session.allocate_link(reply.name.clone(), None) {
+            } => match self
+                .session
+                .allocate_link(reply.name.clone(), reply.role.clone(), None)
+            {
                 Ok(handle) => {
                     reply.handle = handle.clone().into();
                     let detach = fe2o3_amqp_types::performatives::Detach {

@@ -236,6 +236,15 @@ impl<R> SessionHandle<R> {
 ///
 /// It internally `.await` on a send on `tokio::mpsc::Sender` and on a `oneshot::Receiver`.
 /// This should be cancel safe
+/// ordo patch (vendor/README.md): the role of the local end of a link whose remote end has
+/// `remote`.
+pub(crate) fn local_role_for(remote: &Role) -> Role {
+    match remote {
+        Role::Sender => Role::Receiver,
+        Role::Receiver => Role::Sender,
+    }
+}
+
 pub(crate) async fn allocate_link(
     control: &mpsc::Sender<SessionControl>,
     link_name: String,
@@ -373,8 +382,9 @@ pub struct Session {
     pub(crate) properties: Option<Fields>,
 
     // local links by output handle
-    pub(crate) link_name_by_output_handle: Slab<String>,
-    pub(crate) link_by_name: HashMap<String, Option<LinkRelay<OutputHandle>>>,
+    // ordo patch (vendor/README.md): links are known by name and local role.
+    pub(crate) link_name_by_output_handle: Slab<(String, Role)>,
+    pub(crate) link_by_name: HashMap<(String, Role), Option<LinkRelay<OutputHandle>>>,
     pub(crate) link_by_input_handle: HashMap<InputHandle, LinkRelay<OutputHandle>>,
     // Output handles of links whose own detach/close has been sent and is
     // still awaiting the peer's answer
@@ -649,6 +659,7 @@ impl endpoint::Session for Session {
     fn allocate_link(
         &mut self,
         link_name: String,
+        role: Role, // ordo patch (vendor/README.md)
         link_relay: Option<LinkRelay<()>>, // TODO: why is this `Option`?
     ) -> Result<OutputHandle, Self::AllocError> {
         match &self.local_state {
@@ -683,8 +694,9 @@ impl endpoint::Session for Session {
             }
         };
 
-        // check whether link name is duplciated
-        if self.link_by_name.contains_key(&link_name) {
+        // check whether link name is duplciated (ordo patch: for this role)
+        let key = (link_name, role);
+        if self.link_by_name.contains_key(&key) {
             return Err(AllocLinkError::DuplicatedLinkName);
         }
 
@@ -692,9 +704,9 @@ impl endpoint::Session for Session {
         let entry = self.link_name_by_output_handle.vacant_entry();
         let handle = OutputHandle(entry.key() as u32);
 
-        entry.insert(link_name.clone());
+        entry.insert(key.clone());
         let value = link_relay.map(|val| val.with_output_handle(handle.clone()));
-        self.link_by_name.insert(link_name, value);
+        self.link_by_name.insert(key, value);
         Ok(handle)
     }
 
@@ -704,7 +716,8 @@ impl endpoint::Session for Session {
         link_relay: LinkRelay<()>,
         input_handle: InputHandle,
     ) -> Result<OutputHandle, Self::AllocError> {
-        match self.allocate_link(link_name, None) {
+        let role = link_relay.local_role(); // ordo patch (vendor/README.md)
+        match self.allocate_link(link_name, role, None) {
             Ok(output_handle) => {
                 let value = link_relay.with_output_handle(output_handle.clone());
                 self.link_by_input_handle.insert(input_handle, value);
@@ -749,7 +762,9 @@ impl endpoint::Session for Session {
     }
 
     async fn on_incoming_attach(&mut self, attach: Attach) -> Result<(), Self::Error> {
-        match self.link_by_name.get_mut(&attach.name) {
+        // ordo patch (vendor/README.md): the local end of this link has the other role.
+        let key = (attach.name.clone(), local_role_for(&attach.role));
+        match self.link_by_name.get_mut(&key) {
             Some(link) => match link.take() {
                 Some(mut relay) => {
                     // Only Sender need to update the receiver settle mode

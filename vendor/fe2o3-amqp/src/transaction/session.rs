@@ -258,9 +258,10 @@ where
     fn allocate_link(
         &mut self,
         link_name: String,
+        role: fe2o3_amqp_types::definitions::Role, // ordo patch (vendor/README.md)
         link_relay: Option<LinkRelay<()>>,
     ) -> Result<OutputHandle, Self::AllocError> {
-        self.session.allocate_link(link_name, link_relay)
+        self.session.allocate_link(link_name, role, link_relay)
     }
 
     fn allocate_incoming_link(

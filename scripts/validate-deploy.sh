@@ -461,8 +461,10 @@ topic = next(r["config"]["properties"] for r in res.values()
              if r["type"] == "Microsoft.ServiceBus/namespaces/topics")
 sub = next(r["config"]["properties"] for r in res.values()
            if r["type"] == "Microsoft.ServiceBus/namespaces/topics/subscriptions")
-if topic.get("requiresDuplicateDetection") is not True:
-    sys.exit("the topic must have duplicate detection")
+# Duplicate detection is a parameter (a trade-off, docs/prerequisites.md), on by default.
+dedup = tree["parameters"].get("duplicateDetection", {})
+if topic.get("requiresDuplicateDetection") != "duplicateDetection" or dedup.get("default") is not True:
+    sys.exit("the topic's duplicate detection must follow the duplicateDetection parameter, default true")
 # Standard partitions the topic, Premium the namespace: the flag must follow the tier.
 if topic.get("enablePartitioning") != {"operator": {"type": "not", "operands": {"bool_value": "premium"}}}:
     sys.exit("the topic must be partitioned on Standard (enablePartitioning: !premium)")

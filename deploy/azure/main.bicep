@@ -1,4 +1,5 @@
-// Service Bus for ordo: a Standard or Premium namespace, a topic with duplicate detection, a
+// Service Bus for ordo: a Standard or Premium namespace, a topic (duplicate detection on by
+// default; duplicateDetection=false trades it for batched sends, see its description), a
 // session-enabled subscription for the projectors, least-privilege SAS rules, Azure Monitor
 // alerts on what only the broker sees (its own dead-lettering, throttling, server errors,
 // topic size) and, optionally, diagnostic settings and Key Vault secrets.
@@ -53,7 +54,10 @@ param subscriptionName string = 'projector'
 @allowed([1024, 2048, 3072, 4096, 5120, 10240, 20480, 40960, 81920])
 param maxSizeInMegabytes int = 5120
 
-@description('Duplicate detection window (ISO 8601). MessageId is "{aggregateId}:{eventId}", so re-published events inside the window are dropped by the broker.')
+@description('Duplicate detection on the topic (fixed at creation). On: re-published events inside the window are dropped by the broker, and a partitioned topic refuses batches, so the producer sends one message per transfer (send_mode = "auto" falls back by itself). Off: batches, several times the publish rate; re-published events reach the projectors, whose version guard drops them (ordo_duplicates_total). docs/prerequisites.md, "Send mode".')
+param duplicateDetection bool = true
+
+@description('Duplicate detection window (ISO 8601), with duplicateDetection. MessageId is "{aggregateId}:{eventId}", so re-published events inside the window are dropped by the broker.')
 param duplicateDetectionWindow string = 'PT10M'
 
 @description('Time a message may wait before it expires and is dead-lettered (ISO 8601).')
@@ -109,8 +113,8 @@ resource topic 'Microsoft.ServiceBus/namespaces/topics@2021-11-01' = {
   properties: {
     // Entity-level partitioning exists on Standard only; Premium partitions the namespace.
     enablePartitioning: !premium
-    requiresDuplicateDetection: true
-    duplicateDetectionHistoryTimeWindow: duplicateDetectionWindow
+    requiresDuplicateDetection: duplicateDetection
+    duplicateDetectionHistoryTimeWindow: duplicateDetection ? duplicateDetectionWindow : null
     maxSizeInMegabytes: maxSizeInMegabytes
     defaultMessageTimeToLive: messageTimeToLive
     enableBatchedOperations: true

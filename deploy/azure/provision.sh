@@ -150,7 +150,7 @@ if az servicebus topic show "${common[@]}" --name "$topic" 2>/dev/null; then
     --only-show-errors)"
   read -r partitioned dedup <<<"${settings//$'\n'/ }"
   if [ "$dedup" != "true" ]; then
-    echo "provision: topic $topic exists without duplicate detection, which cannot be turned on later; ordo needs it (delete the topic or choose another --topic)" >&2
+    echo "provision: topic $topic exists without duplicate detection, which cannot be turned on later; this script sets up ordo's default layout, with it. ordo also works on such a topic (docs/prerequisites.md, Send mode): use it as it is without this script, or delete it or choose another --topic" >&2
     exit 1
   fi
   if [ "$partitioned" != "true" ]; then

@@ -312,7 +312,7 @@ pub struct ModalPublisherFactory {
     pub inner: ServiceBusPublisherFactory,
     /// The configured mode.
     pub mode: SendMode,
-    /// Set once `auto` fell back to single sends.
+    /// Set once the topic refused a batch (`auto` then sends single messages).
     pub single: Arc<AtomicBool>,
 }
 
@@ -341,9 +341,16 @@ impl Publisher for ModalPublisher {
             Err(PublishError::Send(e)) if self.mode == SendMode::Auto && refuses_batching(&e) => {
                 if !self.single.swap(true, Ordering::SeqCst) {
                     metrics::gauge!(crate::metrics::PUBLISH_SINGLE_SENDS).set(1.0);
-                    tracing::warn!(error = %e, "the topic refuses batches (partitioning with duplicate detection): sending one message at a time from now on (producer.send_mode = \"auto\")");
+                    tracing::warn!(error = %e, "the topic refuses batches (partitioning with duplicate detection): sending one message at a time from now on (producer.send_mode = \"auto\"). For batches, publish to a topic without duplicate detection; to skip this first refusal, set send_mode = \"single\" (docs/prerequisites.md, Send mode)");
                 }
                 self.inner.publish_single(messages).await
+            }
+            Err(PublishError::Send(e)) if refuses_batching(&e) => {
+                // `batch` does not fall back: every batch is refused and retried as a fault.
+                if !self.single.swap(true, Ordering::SeqCst) {
+                    tracing::error!(error = %e, "the topic refuses batches (partitioning with duplicate detection) and producer.send_mode = \"batch\": nothing can be published; set send_mode = \"auto\" or \"single\"");
+                }
+                Err(PublishError::Send(e))
             }
             other => other,
         }

@@ -497,3 +497,53 @@ async fn batch_mode_on_a_topic_that_refuses_batches_says_what_to_change() {
     assert!(p.metric(names::EVENTS_PUBLISHED).await < 40.0);
     stop(&mut producer).await;
 }
+
+/// A wrong key: the broker refuses the producer's token (401). The producer is never ready,
+/// counts its retries, says why, and publishes nothing; restarted with the right key it
+/// publishes every event written meanwhile, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_keeps_the_producer_unready_and_loses_nothing() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(5, 43);
+    let collector = Collector::start(&world.bus);
+    let health = ordo_testkit::free_health_addr();
+    let config = world.config(health, r#"probe_interval = "1s""#);
+    let key = config
+        .split("SharedAccessKey=")
+        .nth(1)
+        .and_then(|rest| rest.split(['"', ';']).next())
+        .unwrap()
+        .to_owned();
+    let wrong = config.replace(
+        &format!("SharedAccessKey={key}"),
+        "SharedAccessKey=d3Jvbmcta2V5LXdyb25nLWtleQ==",
+    );
+    assert_ne!(wrong, config, "the key was replaced");
+    let mut refused = ordo_testkit::Daemon::spawn(
+        &ordo_testkit::bin_path("ordo-producer"),
+        &wrong,
+        health,
+        &[],
+    )
+    .unwrap();
+    writer.write(&events, 60, 12).await;
+    let p = &refused;
+    wait_until(Duration::from_secs(20), || async move {
+        p.metric(names::RETRIES).await >= 2.0 && !p.is_ready().await
+    })
+    .await;
+    let logs = refused.logs();
+    assert!(
+        logs.contains("401") || logs.contains("InvalidSignature"),
+        "the refusal is named:\n{logs}"
+    );
+    assert_eq!(refused.metric(names::EVENTS_PUBLISHED).await, 0.0);
+    stop(&mut refused).await;
+
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    wait_distinct(&collector, 60, DEADLINE).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}

@@ -62,7 +62,7 @@ async fn daemons_over_tls_with_least_privilege_keys_project_every_event() {
     // The keys are what they claim: the producer's cannot receive.
     ordo_core::servicebus::trust_ca_file(&ca_file).unwrap();
     let mut sender_only =
-        ordo_core::servicebus::connect(&ordo_core::secret::Secret::new(&producer), "tls-test")
+        ordo_core::servicebus::test_client(&ordo_core::secret::Secret::new(&producer), "tls-test")
             .await
             .unwrap();
     let refused = sender_only

@@ -259,7 +259,7 @@ impl Collector {
                 while !stop.is_cancelled() {
                     let Ok(Ok(mut client)) = tokio::time::timeout(
                         Duration::from_secs(5),
-                        ordo_core::servicebus::connect(&cs, "test-collector"),
+                        ordo_core::servicebus::test_client(&cs, "test-collector"),
                     )
                     .await
                     else {

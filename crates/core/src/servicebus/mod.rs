@@ -27,7 +27,19 @@ pub mod receiver;
 pub mod sender;
 
 /// The client type the daemons use.
-pub type Client = ServiceBusClient<BasicRetryPolicy>;
+pub(crate) type Client = ServiceBusClient<BasicRetryPolicy>;
+
+/// A broker operation of ordo-core's own that failed (the client's error, as text): the
+/// client's error type stays behind this module's seam.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BrokerError(String);
+
+impl From<azure_core::Error> for BrokerError {
+    fn from(e: azure_core::Error) -> Self {
+        BrokerError(e.to_string())
+    }
+}
 
 /// What ordo needs to know about a connection string before handing it to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,9 +262,20 @@ pub fn trust_ca_file(path: &Path) -> Result<usize, CaFileError> {
     Ok(count)
 }
 
+/// The raw client, for tests that talk to the broker as ordo does (TLS, CA file, Entra ID):
+/// [`connect`] behind the `test-client` feature, which only dev-dependencies turn on, so the
+/// daemons themselves reach the client only through this crate's traits.
+#[cfg(feature = "test-client")]
+pub async fn test_client(
+    conn: &Secret,
+    identifier: &str,
+) -> Result<ServiceBusClient<BasicRetryPolicy>, azure_core::Error> {
+    connect(conn, identifier).await
+}
+
 /// Opens a client: plain AMQP for the emulator, TLS otherwise. `identifier` names the client in
 /// the broker's diagnostics.
-pub async fn connect(conn: &Secret, identifier: &str) -> Result<Client, azure_core::Error> {
+pub(crate) async fn connect(conn: &Secret, identifier: &str) -> Result<Client, azure_core::Error> {
     let endpoint = Endpoint::parse(conn).map_err(|e| {
         azure_core::Error::message(azure_core::error::ErrorKind::Other, e.to_string())
     })?;
@@ -297,7 +320,7 @@ pub async fn dead_letter_depth(
     topic: &str,
     subscription: &str,
     cap: usize,
-) -> Result<(usize, bool), azure_core::Error> {
+) -> Result<(usize, bool), BrokerError> {
     use azservicebus::{ServiceBusReceiverOptions, SubQueue};
     let mut client = connect(conn, "ordo-status").await?;
     let mut receiver = client

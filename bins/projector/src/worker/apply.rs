@@ -1,0 +1,206 @@
+//! Applying events: fold them into the aggregate's read models (healing gaps from the events
+//! collection) and write each changed model once, guarded by the version it was read at.
+
+use super::*;
+
+impl Engine {
+    /// Folds `events` into every relevant projection and writes each changed model once.
+    /// A fault of the events (poison, a refused write) becomes the returned stop; any other
+    /// fault is an error, and the caller retries the batch.
+    pub(super) async fn apply(
+        &self,
+        held: &mut Held,
+        aggregate_id: &str,
+        events: &[&Event],
+    ) -> Result<Applied, WorkError> {
+        if !self.cfg.apply_delay.is_zero() {
+            tokio::time::sleep(self.cfg.apply_delay).await;
+        }
+        let mut limit = events.iter().map(|e| e.version).max().unwrap_or(0);
+        let mut stop: Option<Stop> = None;
+        let mut healed: BTreeMap<i64, Document> = BTreeMap::new();
+        let mut base = 0;
+        // Load what is needed.
+        for (pi, p) in self.projections.iter().enumerate() {
+            if held.models[pi].is_none() && events.iter().any(|e| selects(p.as_ref(), &e.doc)) {
+                let model = self.store.load(p.as_ref(), aggregate_id).await?;
+                let v = model.version;
+                held.models[pi] = Some((model, v));
+            }
+            if let Some((m, _)) = &held.models[pi] {
+                base = base.max(m.version);
+            }
+        }
+        let mut lower = |limit: &mut i64, s: Stop| {
+            if s.version <= *limit {
+                *limit = s.version - 1;
+                stop = Some(s);
+            }
+        };
+        // Phase 1: find where folding must stop (poison, unhealed gap), without writing.
+        for (pi, p) in self.projections.iter().enumerate() {
+            let Some((model, _)) = &held.models[pi] else {
+                continue;
+            };
+            let mut model = model.clone();
+            if let Some(s) = self
+                .fold(p.as_ref(), &mut model, events, limit, &mut healed)
+                .await?
+            {
+                lower(&mut limit, s);
+            }
+        }
+        // Phase 2: fold up to the limit and write, reloading on a failed guard. A model
+        // reloaded after a conflict can be older than the one phase 1 folded (a rebuild, an
+        // operator's reset) and stop elsewhere: that stop lowers the limit too.
+        for (pi, p) in self.projections.iter().enumerate() {
+            let mut conflicts = 0;
+            loop {
+                let Some((stored, loaded)) = held.models[pi].clone() else {
+                    break;
+                };
+                let mut model = stored.clone();
+                if let Some(s) = self
+                    .fold(p.as_ref(), &mut model, events, limit, &mut healed)
+                    .await?
+                {
+                    lower(&mut limit, s);
+                }
+                if !model.needs_write(loaded) {
+                    held.models[pi] = Some((model, loaded));
+                    break;
+                }
+                match self.store.write(p.as_ref(), &model, loaded).await {
+                    Ok(Written::Ok) => {
+                        let v = model.version;
+                        held.models[pi] = Some((model, v));
+                        break;
+                    }
+                    Ok(Written::Conflict) => {
+                        metrics::counter!(m::GUARD_CONFLICTS).increment(1);
+                        conflicts += 1;
+                        if conflicts > self.cfg.transient_retry_limit.max(3) {
+                            return Err(WorkError::ConflictStorm(conflicts));
+                        }
+                        let fresh = self.store.load(p.as_ref(), aggregate_id).await?;
+                        let v = fresh.version;
+                        held.models[pi] = Some((fresh, v));
+                    }
+                    Err(e) if e.is_refusal() => {
+                        tracing::error!(aggregate = %aggregate_id, projection = p.name(), error = %e, "the server refused the read model");
+                        lower(
+                            &mut limit,
+                            Stop {
+                                version: loaded + 1,
+                                fault: Fault {
+                                    reason: REASON_REFUSED,
+                                    description: format!(
+                                        "{} of {aggregate_id} up to v{}: {e}",
+                                        p.collection(),
+                                        model.version
+                                    ),
+                                    projection: p.name().to_string(),
+                                },
+                            },
+                        );
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(Applied {
+            durable: limit,
+            base,
+            stop,
+        })
+    }
+
+    /// Folds the events up to `limit` into `model`, healing gaps from the events collection.
+    /// Returns where folding must stop, if it must.
+    pub(super) async fn fold(
+        &self,
+        p: &dyn Projection,
+        model: &mut ReadModel,
+        events: &[&Event],
+        limit: i64,
+        healed: &mut BTreeMap<i64, Document>,
+    ) -> Result<Option<Stop>, StoreError> {
+        let docs: Vec<&Document> = events
+            .iter()
+            .filter(|e| e.version <= limit)
+            .map(|e| &e.doc)
+            .collect();
+        let stop = |version: i64, reason: &'static str, description: String| {
+            Some(Stop {
+                version,
+                fault: Fault {
+                    reason,
+                    description,
+                    projection: p.name().to_string(),
+                },
+            })
+        };
+        loop {
+            let err = match fold_events(p, model, docs.iter().copied()) {
+                Ok(Some(Gap { from, to })) => {
+                    if (from..=to).any(|v| !healed.contains_key(&v)) {
+                        match self
+                            .store
+                            .heal(&model.id, from, to, self.cfg.gap_timeout)
+                            .await
+                        {
+                            Ok(Some(found)) => {
+                                metrics::counter!(m::GAPS_HEALED).increment(found.len() as u64);
+                                tracing::info!(aggregate = %model.id, from, to, "gap healed from the events collection");
+                                for e in found {
+                                    healed.insert(event_version(&e), e);
+                                }
+                            }
+                            Ok(None) => {
+                                return Ok(stop(
+                                    from,
+                                    REASON_GAP,
+                                    format!(
+                                        "events v{from}..v{to} of {} not found in the events collection within {:?}",
+                                        model.id, self.cfg.gap_timeout
+                                    ),
+                                ))
+                            }
+                            Err(e @ StoreError::BadEvent { .. }) => {
+                                return Ok(stop(from, REASON_SOURCE, e.to_string()))
+                            }
+                            Err(e @ StoreError::DuplicateVersion { .. }) => {
+                                return Ok(stop(from, REASON_DUPLICATE, e.to_string()))
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    let mut failed = None;
+                    for v in from..=to {
+                        // Healing returned every version of the range, each once.
+                        let Some(e) = healed.get(&v) else {
+                            return Ok(stop(
+                                v,
+                                REASON_GAP,
+                                format!("event v{v} of {} was not read while healing", model.id),
+                            ));
+                        };
+                        if let Err(e) = model.apply(p, e) {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    match failed {
+                        None => continue,
+                        Some(e) => e,
+                    }
+                }
+                Ok(_) => return Ok(None),
+                Err(e) => e,
+            };
+            tracing::error!(aggregate = %model.id, projection = p.name(), event_id = err.event_id, error = %err, "projection error");
+            return Ok(stop(err.event_id, REASON_PROJECTION, err.to_string()));
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! One batch of a held session: receive → decide → settle, with the lock renewed while it
+//! runs; pausing for a fault that is not the events', and blocking the aggregate for one that is.
+
+use super::*;
+
+impl Engine {
+    /// Runs `fut` while renewing the session lock every renewal interval. `None` when a renewal
+    /// failed (the lock is gone: the caller must not settle anything).
+    pub(super) async fn renewing<R: SessionReceiver, T>(
+        &self,
+        session: &mut R,
+        last_renew: &mut Instant,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::pin!(fut);
+        loop {
+            let next = *last_renew + self.cfg.lock_renewal_interval;
+            tokio::select! {
+                r = &mut fut => return Some(r),
+                _ = tokio::time::sleep_until(next.into()) => {
+                    match session.renew_lock().await {
+                        Ok(()) => {
+                            metrics::counter!(m::LOCK_RENEWALS).increment(1);
+                            *last_renew = Instant::now();
+                        }
+                        Err(e) => {
+                            self.lock_trouble(session.session_id(), &e);
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The aggregate's outcome for this batch: already blocked, or applied. Reads
+    /// `ordo_blocked` once per session, and on every batch while blocked (a repair may have
+    /// lifted it).
+    pub(super) async fn outcome(
+        &self,
+        held: &mut Held,
+        aggregate_id: &str,
+        events: &[&Event],
+    ) -> Result<(i64, Outcome), WorkError> {
+        if !held.checked_blocked || held.blocked.is_some() {
+            let was = held.blocked;
+            held.blocked = self.store.blocked_at(aggregate_id).await?;
+            held.checked_blocked = true;
+            if was.is_some() && held.blocked.is_none() {
+                tracing::info!(aggregate = %aggregate_id, "aggregate was repaired; resuming");
+                held.models = vec![None; self.projections.len()];
+            }
+        }
+        if let Some(at) = held.blocked {
+            return Ok((at - 1, Outcome::Blocked { at }));
+        }
+        let a = self.apply(held, aggregate_id, events).await?;
+        Ok((
+            a.base,
+            Outcome::Applied {
+                durable: a.durable,
+                stop: a.stop,
+            },
+        ))
+    }
+
+    pub(super) async fn batch<R: SessionReceiver>(
+        &self,
+        session: &mut R,
+        held: &mut Held,
+        msgs: Vec<R::Message>,
+        last_renew: &mut Instant,
+        cancel: &CancellationToken,
+    ) -> After {
+        let started = Instant::now();
+        let decoded: Vec<Result<Event, Fault>> = msgs.iter().map(decode).collect();
+        let aggregate_id = aggregate_of(session.session_id(), &msgs, &decoded);
+        let items: Vec<Item> = decoded
+            .iter()
+            .map(|d| match d {
+                Ok(e) => Item::Event(e.version),
+                Err(f) => Item::Undecodable(f.clone()),
+            })
+            .collect();
+        let cut = decoded
+            .iter()
+            .position(Result::is_err)
+            .unwrap_or(decoded.len());
+        let events: Vec<&Event> = decoded[..cut]
+            .iter()
+            .filter_map(|d| d.as_ref().ok())
+            .collect();
+
+        // Work out the outcome, retrying in place any fault that is not the events' own.
+        let mut alarm = self.readiness.store_alarm();
+        let mut attempt: u32 = 0;
+        let mut delays = self.backoff().delays();
+        let (actions, block) = loop {
+            let work = self.outcome(held, &aggregate_id, &events);
+            let (stored, outcome, error) = match self.renewing(session, last_renew, work).await {
+                None => return After::Drop,
+                Some(Ok((stored, outcome))) => (stored, outcome, None),
+                Some(Err(e)) => (0, Outcome::Faulted, Some(e)),
+            };
+            let (reason, error) =
+                error.map_or(("none", String::new()), |e| (e.reason(), e.to_string()));
+            match settle::decide(&items, stored, &outcome) {
+                Decision::Settle { actions, block } => break (actions, block),
+                Decision::Retry => {
+                    attempt += 1;
+                    // A fault that outlasts the retry budget is an outage, not a blip: the
+                    // process reports it (503) until the batch goes through.
+                    if attempt > self.cfg.transient_retry_limit {
+                        alarm.raise();
+                    }
+                    metrics::counter!(m::RETRIES, "operation" => "apply", "reason" => reason)
+                        .increment(1);
+                    let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                    tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, %error, "fault applying a batch; retrying in place");
+                    held.models = vec![None; self.projections.len()];
+                    held.checked_blocked = false;
+                    if !self.pause(session, last_renew, delay, cancel).await {
+                        // Lock lost, or shutdown: nothing settled, the broker redelivers.
+                        return After::Drop;
+                    }
+                }
+            }
+        };
+        drop(alarm);
+
+        if let Some(stop) = &block {
+            let poison = actions
+                .iter()
+                .position(
+                    |a| matches!(a, Action::DeadLetter { reason, .. } if *reason != REASON_BLOCKED),
+                )
+                .and_then(|i| msgs[i].message_id())
+                .unwrap_or_default();
+            let record = block_record(&aggregate_id, stop, poison);
+            if !self.block(session, held, &record, last_renew, cancel).await {
+                return After::Drop;
+            }
+        }
+        let now_ms = mongodb::bson::DateTime::now().timestamp_millis();
+        for ((msg, d), action) in msgs.iter().zip(&decoded).zip(&actions) {
+            let r = match action {
+                Action::Complete { applied } => {
+                    if *applied {
+                        metrics::counter!(m::EVENTS_APPLIED).increment(1);
+                        self.activity.applied.fetch_add(1, Relaxed);
+                        if let Some(ts) = d.as_ref().ok().and_then(|e| e.timestamp_ms) {
+                            metrics::histogram!(m::END_TO_END_LAG)
+                                .record((now_ms - ts).max(0) as f64 / 1000.0);
+                        }
+                    } else {
+                        metrics::counter!(m::DUPLICATES).increment(1);
+                    }
+                    session.complete(msg).await
+                }
+                Action::DeadLetter {
+                    reason,
+                    description,
+                } => {
+                    if *reason != REASON_BLOCKED {
+                        let msg_id = msg.message_id().unwrap_or_default();
+                        tracing::error!(aggregate = %aggregate_id, message_id = %msg_id, reason, description = %description, "poison message");
+                    }
+                    session
+                        .dead_letter(msg, reason, description)
+                        .await
+                        .map(|()| {
+                            metrics::counter!(m::DEAD_LETTERED, "reason" => reason.to_string())
+                                .increment(1);
+                        })
+                }
+                Action::Abandon => session.abandon(msg).await,
+            };
+            if let Err(e) = r {
+                self.lock_trouble(session.session_id(), &e);
+                return After::Drop;
+            }
+        }
+        if held.blocked.is_none() && held.state_says_blocked {
+            if session.set_state(Vec::new()).await.is_err() {
+                return After::Drop;
+            }
+            held.state_says_blocked = false;
+        }
+        let elapsed = started.elapsed();
+        metrics::histogram!(m::APPLY_LATENCY).record(elapsed.as_secs_f64());
+        tracing::debug!(aggregate = %aggregate_id, messages = msgs.len(), elapsed_us = elapsed.as_micros() as u64, "batch settled");
+        After::Continue
+    }
+
+    /// Sleeps `delay` while renewing the session lock; `false` when the lock was lost or the
+    /// process is shutting down.
+    pub(super) async fn pause<R: SessionReceiver>(
+        &self,
+        session: &mut R,
+        last_renew: &mut Instant,
+        delay: Duration,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let sleep = async {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => true,
+                _ = cancel.cancelled() => false,
+            }
+        };
+        self.renewing(session, last_renew, sleep).await == Some(true)
+    }
+
+    /// Records the block before the poison is dead-lettered, so a crash in between leaves the
+    /// aggregate blocked rather than open to the events after the poison. The record is
+    /// retried like any database write; `false` when the session must be dropped.
+    pub(super) async fn block<R: SessionReceiver>(
+        &self,
+        session: &mut R,
+        held: &mut Held,
+        record: &BlockRecord,
+        last_renew: &mut Instant,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut delays = self.backoff().delays();
+        loop {
+            match self
+                .renewing(session, last_renew, self.store.block(record))
+                .await
+            {
+                None => return false,
+                Some(Ok(())) => break,
+                Some(Err(e)) => {
+                    let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                    let reason = if e.is_retryable() {
+                        "transient"
+                    } else {
+                        "database"
+                    };
+                    metrics::counter!(m::RETRIES, "operation" => "block", "reason" => reason)
+                        .increment(1);
+                    tracing::warn!(aggregate = %record.aggregate_id, error = %e, "cannot record the blocked aggregate yet; retrying");
+                    if !self.pause(session, last_renew, delay, cancel).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        metrics::counter!(m::AGGREGATES_BLOCKED).increment(1);
+        tracing::error!(aggregate = %record.aggregate_id, blocked_at = record.blocked_at_event_id, reason = %record.reason, "aggregate blocked");
+        held.blocked = Some(record.blocked_at_event_id);
+        held.checked_blocked = true;
+        let state = format!(
+            "blocked at v{} ({})",
+            record.blocked_at_event_id, record.reason
+        )
+        .into_bytes();
+        if session.set_state(state).await.is_err() {
+            return false;
+        }
+        held.state_says_blocked = true;
+        true
+    }
+}

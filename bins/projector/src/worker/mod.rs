@@ -1,0 +1,405 @@
+//! The session worker: accept a session, receive batches, fold, write once, settle.
+//!
+//! Per batch: decode every message; fold the decodable prefix into the aggregate's in-memory
+//! read models (healing gaps from the events collection); write each changed model once,
+//! guarded by the version it was read at; then settle as [`crate::settle::decide`] says. The
+//! session lock is renewed between steps and, while a batch is applied or retried, by a timer
+//! racing the work (receiver methods take `&mut self`, so renewal cannot run on its own task).
+//! A renewal or settle that fails means the lock may be gone: the session is dropped and
+//! nothing more is settled; the broker redelivers, and the version rule turns what was already
+//! written into duplicates.
+//!
+//! Faults are sorted by whose they are. One that belongs to the events (an undecodable body,
+//! an unsupported envelope version, a projection error, a gap not healed within
+//! `gap_timeout`, an invalid or duplicated source event reached by healing, a read model the
+//! server refuses to store) is poison: dead-lettered with a reason, the aggregate blocked in
+//! `ordo_blocked` and the session state, and later messages dead-lettered as
+//! `AggregateBlocked` so the subscription never stalls behind them; `ordo-projector repair`
+//! re-projects the aggregate from the events collection, which holds them all. Any other fault
+//! (database unreachable, a fail point, a timeout, a guard-conflict storm) is retried in place
+//! with backoff for as long as it lasts, holding the session and its lock, so the broker's
+//! delivery count does not move for a fault that is not the message's.
+//!
+//! Files: this one (the worker loop and the held session), `batch.rs` (one batch: decide,
+//! settle, pause on a fault, block on poison), `apply.rs` (fold, heal gaps, guarded write),
+//! `gate.rs` (one prober while the broker is down), `message.rs` (what a message says).
+
+mod apply;
+mod batch;
+mod gate;
+mod message;
+
+use gate::{BrokerGate, PROBE_ACCEPT_WAIT};
+use message::{aggregate_of, block_record, decode, selects};
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mongodb::bson::Document;
+use tokio_util::sync::CancellationToken;
+
+use ordo_core::envelope::{Envelope, HASHED_ID_PREFIX};
+use ordo_core::metrics as m;
+use ordo_core::retry::Backoff;
+use ordo_core::servicebus::receiver::{
+    Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
+};
+use ordo_projection::event_version;
+use ordo_projection::{fold_events, Gap, Projection, ReadModel};
+
+use crate::config::ProjectorSection;
+use crate::readiness::Readiness;
+use crate::settle::{self, Action, Decision, Fault, Item, Outcome, Stop};
+use crate::store::{BlockRecord, StoreError, Written};
+use crate::Store;
+
+pub use crate::settle::REASON_BLOCKED;
+/// Dead-letter reason for a body that is not an envelope.
+pub const REASON_DECODE: &str = "UndecodableMessage";
+/// Dead-letter reason for an envelope version this build does not read.
+pub const REASON_VERSION: &str = "UnsupportedEnvelopeVersion";
+/// Dead-letter reason for an event a projection cannot apply.
+pub const REASON_PROJECTION: &str = "ProjectionError";
+/// Dead-letter reason for missing events that did not appear within `gap_timeout`.
+pub const REASON_GAP: &str = "GapNotHealed";
+/// Dead-letter reason for a source event, reached by healing, that breaks the contract.
+pub const REASON_SOURCE: &str = "InvalidSourceEvent";
+/// Dead-letter reason for two source documents with the same (aggregateId, eventId).
+pub const REASON_DUPLICATE: &str = "DuplicateVersion";
+/// Dead-letter reason for a read model the server refuses to store (validator, 16 MB).
+pub const REASON_REFUSED: &str = "ReadModelRefused";
+
+/// Everything a worker shares with the others.
+#[derive(Debug)]
+pub struct Engine {
+    /// Every projection, declarative or custom.
+    pub projections: Vec<Arc<dyn Projection>>,
+    /// The database.
+    pub store: Store,
+    /// `[projector]`.
+    pub cfg: ProjectorSection,
+    /// Counters the heartbeat reports (`ordo-projector status`).
+    pub activity: Activity,
+    /// The faults `/readyz` reports.
+    pub readiness: Readiness,
+    /// Lets one worker at a time try the broker while it is down ([`BrokerGate`]).
+    gate: BrokerGate,
+}
+
+/// What this process is doing, for its heartbeat in `ordo_projectors` and for tests.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Sessions held now.
+    pub sessions_held: AtomicU64,
+    /// Events applied since start.
+    pub applied: AtomicU64,
+    /// Session workers running now.
+    pub workers: AtomicU64,
+    /// Tasks restarted by their supervisor since start.
+    pub restarts: AtomicU64,
+}
+
+/// Counts a session (or a worker) for as long as it lives, panics included.
+struct Counted<'a> {
+    count: &'a AtomicU64,
+    gauge: Option<&'static str>,
+}
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a AtomicU64, gauge: Option<&'static str>) -> Self {
+        count.fetch_add(1, Relaxed);
+        if let Some(g) = gauge {
+            metrics::gauge!(g).increment(1.0);
+        }
+        Self { count, gauge }
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Relaxed);
+        if let Some(g) = self.gauge {
+            metrics::gauge!(g).decrement(1.0);
+        }
+    }
+}
+
+/// Why applying a batch failed for a reason that is not the events' own.
+#[derive(Debug, thiserror::Error)]
+enum WorkError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("version guard failed {0} times in a row")]
+    ConflictStorm(u32),
+}
+
+impl WorkError {
+    /// The `reason` label of `ordo_retries_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            WorkError::Store(e) if e.is_retryable() => "transient",
+            WorkError::Store(_) => "database",
+            WorkError::ConflictStorm(_) => "conflicts",
+        }
+    }
+}
+
+/// A decoded message.
+struct Event {
+    doc: Document,
+    version: i64,
+    aggregate_id: String,
+    timestamp_ms: Option<i64>,
+}
+
+/// How the apply of a batch ended, when it ended with nothing left to retry.
+struct Applied {
+    /// Highest version durable in every read model the batch touched.
+    durable: i64,
+    /// Highest version stored before the batch.
+    base: i64,
+    /// The poison the apply stopped at.
+    stop: Option<Stop>,
+}
+
+/// State of a held session.
+struct Held {
+    /// Per projection: the model and the version stored in the database.
+    models: Vec<Option<(ReadModel, i64)>>,
+    blocked: Option<i64>,
+    checked_blocked: bool,
+    state_says_blocked: bool,
+}
+
+/// What the session loop does after a batch.
+enum After {
+    Continue,
+    Drop,
+}
+
+impl Engine {
+    /// An engine with nothing running yet.
+    pub fn new(projections: Vec<Arc<dyn Projection>>, store: Store, cfg: ProjectorSection) -> Self {
+        Self {
+            projections,
+            store,
+            cfg,
+            activity: Activity::default(),
+            readiness: Readiness::default(),
+            gate: BrokerGate::default(),
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.cfg.retry_initial,
+            max: self.cfg.retry_max,
+        }
+    }
+
+    /// The delays between restarts of a failed task: the retry backoff, at least 100 ms, so a
+    /// task that panics at once does not spin.
+    pub fn backoff_for_restarts(&self) -> Backoff {
+        Backoff {
+            initial: self.cfg.retry_initial.max(Duration::from_millis(100)),
+            max: self.cfg.retry_max.max(Duration::from_millis(100)),
+        }
+    }
+
+    /// One worker: accepts sessions until `cancel`, then returns after releasing its session.
+    /// While its connect or accept fails it holds readiness down and counts its retries.
+    pub async fn run_worker<S, F, Fut>(
+        self: Arc<Self>,
+        index: usize,
+        connect: F,
+        cancel: CancellationToken,
+    ) where
+        S: SessionSource,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<S, ReceiveError>>,
+    {
+        let _alive = Counted::new(&self.activity.workers, None);
+        let mut alarm = self.readiness.broker_alarm();
+        let mut source: Option<S> = None;
+        let mut delays = self.backoff().delays();
+        'work: while !cancel.is_cancelled() {
+            // Held from a connect through the backoff after its failure (see `BrokerGate`).
+            let mut probe = None;
+            let (op, error) = 'attempt: {
+                let src = match source.as_mut() {
+                    Some(s) => s,
+                    None => {
+                        probe = tokio::select! {
+                            p = self.gate.pass() => p,
+                            _ = cancel.cancelled() => break 'work,
+                        };
+                        if probe.is_none() {
+                            // The gate is open: the broker answered someone since this worker
+                            // failed, so its alarm need not wait for an accept of its own (up
+                            // to `accept_timeout` on an idle broker) to come down.
+                            alarm.lower();
+                        }
+                        let connected = tokio::select! {
+                            r = connect() => r,
+                            _ = cancel.cancelled() => break 'work,
+                        };
+                        match connected {
+                            Ok(s) => source.insert(s),
+                            Err(e) => break 'attempt ("connect", e),
+                        }
+                    }
+                };
+                let wait = match probe {
+                    Some(_) => self.cfg.accept_timeout.min(PROBE_ACCEPT_WAIT),
+                    None => self.cfg.accept_timeout,
+                };
+                let accepted = tokio::select! {
+                    r = src.accept_next(wait) => r,
+                    _ = cancel.cancelled() => break 'work,
+                };
+                match accepted {
+                    Ok(Accepted::Session(session)) => {
+                        self.readiness.broker_answered();
+                        self.gate.up();
+                        alarm.lower();
+                        delays = self.backoff().delays();
+                        drop(probe.take());
+                        self.work_session(session, &cancel).await;
+                    }
+                    Ok(Accepted::Idle) => {
+                        self.readiness.broker_answered();
+                        self.gate.up();
+                        alarm.lower();
+                        delays = self.backoff().delays();
+                    }
+                    Ok(Accepted::GaveUp) => {
+                        // The broker kept the attach open without refusing it: the connection,
+                        // the credentials and the subscription work, no session was free.
+                        self.readiness.broker_answered();
+                        self.gate.up();
+                        alarm.lower();
+                        tracing::debug!(
+                            worker = index,
+                            "accept timed out on the client; reconnecting"
+                        );
+                        source = None;
+                    }
+                    Ok(Accepted::Unclear) => {
+                        // Neither proof of health nor of a fault: readiness stays as the last
+                        // clear answer left it, and the next accept waits a little.
+                        let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                        metrics::counter!(m::RETRIES, "operation" => "accept", "reason" => "unclear_refusal").increment(1);
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = cancel.cancelled() => break 'work,
+                        }
+                    }
+                    Err(e) => {
+                        source = None;
+                        break 'attempt ("accept", e);
+                    }
+                }
+                continue 'work;
+            };
+            alarm.raise();
+            let failures = self.gate.failed();
+            let delay = (self.backoff().delays())
+                .nth(failures.min(64) as usize)
+                .unwrap_or(self.cfg.retry_max);
+            metrics::counter!(m::RETRIES, "operation" => op, "reason" => error.reason())
+                .increment(1);
+            tracing::warn!(worker = index, op, error = %error, delay_ms = delay.as_millis() as u64, "service bus unavailable; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        tracing::debug!(worker = index, "worker stopped");
+    }
+
+    /// Works one session until it is idle, its lock is lost, or shutdown.
+    pub async fn work_session<R: SessionReceiver>(
+        &self,
+        mut session: R,
+        cancel: &CancellationToken,
+    ) {
+        let held_now = Counted::new(&self.activity.sessions_held, Some(m::SESSIONS_HELD));
+        let sid = session.session_id().to_string();
+        tracing::debug!(session = %sid, "session accepted");
+        let mut held = Held {
+            models: vec![None; self.projections.len()],
+            blocked: None,
+            checked_blocked: false,
+            state_says_blocked: false,
+        };
+        match session.state().await {
+            Ok(state) => held.state_says_blocked = !state.is_empty(),
+            Err(e) => {
+                self.lock_trouble(&sid, &e);
+                session.close().await;
+                return;
+            }
+        }
+        let mut last_renew = Instant::now();
+        let mut idle_since = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if last_renew.elapsed() >= self.cfg.lock_renewal_interval {
+                if let Err(e) = session.renew_lock().await {
+                    self.lock_trouble(&sid, &e);
+                    break;
+                }
+                metrics::counter!(m::LOCK_RENEWALS).increment(1);
+                last_renew = Instant::now();
+            }
+            let wait = self
+                .cfg
+                .receive_wait
+                .min(
+                    self.cfg
+                        .session_idle_timeout
+                        .saturating_sub(idle_since.elapsed()),
+                )
+                .max(Duration::from_millis(10));
+            let msgs = match session.receive(self.cfg.batch_size, wait).await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.lock_trouble(&sid, &e);
+                    break;
+                }
+            };
+            if msgs.is_empty() {
+                if idle_since.elapsed() >= self.cfg.session_idle_timeout {
+                    break;
+                }
+                continue;
+            }
+            match self
+                .batch(&mut session, &mut held, msgs, &mut last_renew, cancel)
+                .await
+            {
+                After::Continue => idle_since = Instant::now(),
+                After::Drop => break,
+            }
+        }
+        session.close().await;
+        drop(held_now);
+        tracing::debug!(session = %sid, "session released");
+    }
+
+    fn lock_trouble(&self, sid: &str, e: &ReceiveError) {
+        if e.is_lock_lost() {
+            metrics::counter!(m::LOCKS_LOST).increment(1);
+            tracing::warn!(session = %sid, error = %e, "session lock lost; dropping its work");
+        } else {
+            tracing::warn!(session = %sid, error = %e, "session failed; releasing it");
+        }
+    }
+}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [
-    ROOT / "crates/core/src/config.rs",
+    ROOT / "crates/core/src/config/sections.rs",
     ROOT / "crates/core/src/envelope.rs",
     ROOT / "bins/producer/src/config.rs",
     ROOT / "bins/projector/src/config.rs",

@@ -12,6 +12,8 @@
 //! - [`lease_keeper`]: renewing the lease while active.
 //! - [`readiness`]: what `/readyz` says, per failing dependency.
 //! - [`task`]: the tasks of a term and what their early end means.
+//! - `index_check`: the events collection's unique index, checked at start and every minute.
+//! - `probe`: the broker probe that keeps `/readyz` honest while nothing is sent.
 //! - this file: the lease loop (standby ↔ active), the term's tasks, shutdown.
 //!
 //! Life of the process: wait for the stream's lease (standby), then, holding it, load the
@@ -26,8 +28,10 @@ pub mod acks;
 pub mod checkpointer;
 pub mod config;
 pub mod dispatch;
+mod index_check;
 pub mod lease_keeper;
 pub mod park;
+mod probe;
 pub mod readiness;
 pub mod source;
 pub mod task;
@@ -44,7 +48,7 @@ use ordo_core::lease::{Lease, LeaseStore};
 use ordo_core::metrics as names;
 use ordo_core::retry::Backoff;
 use ordo_core::servicebus::sender::{
-    ModalPublisherFactory, PublishError, PublisherFactory, ServiceBusPublisherFactory,
+    ModalPublisherFactory, PublisherFactory, ServiceBusPublisherFactory,
 };
 use ordo_core::shutdown::Shutdown;
 use ordo_core::telemetry::{self, Health};
@@ -140,7 +144,7 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
         cfg.producer.send_mode,
     ));
     health.set_started();
-    tokio::spawn(check_event_index(
+    tokio::spawn(index_check::check_event_index(
         db.clone(),
         cfg.mongodb.clone(),
         cfg.producer.retry_max,
@@ -154,65 +158,6 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
     }
     client.shutdown().await;
     result
-}
-
-/// How often the events index is checked again after the first check: a collection dropped
-/// and restored, or an index dropped by hand, is noticed (and the index created again when
-/// allowed) within this time.
-const INDEX_RECHECK: Duration = Duration::from_secs(60);
-
-/// Checks (and, when `[mongodb] create_indexes` allows, creates) the unique (aggregateId,
-/// eventId) index of the events collection, at start and every [`INDEX_RECHECK`], retrying
-/// while the database is unreachable. Its state is the `ordo_events_index_enforced` gauge; a
-/// change is logged, a missing or non-unique index as a warning: publishing does not need it,
-/// the projector does.
-async fn check_event_index(
-    db: Database,
-    mongo: ordo_core::config::MongoConfig,
-    retry: Duration,
-    cancel: CancellationToken,
-) {
-    let coll = db.collection(&mongo.events_collection);
-    let mut last: Option<String> = None;
-    loop {
-        let wait = match ordo_core::indexes::ensure_event_index(
-            &coll,
-            &mongo.fields,
-            mongo.create_indexes,
-        )
-        .await
-        {
-            Ok(state) => {
-                let enforced = state.is_enforced();
-                ::metrics::gauge!(names::EVENTS_INDEX_ENFORCED).set(if enforced {
-                    1.0
-                } else {
-                    0.0
-                });
-                let text = state.to_string();
-                // A creation is always told: it means the index was missing until now.
-                let created = matches!(state, ordo_core::indexes::IndexState::Created);
-                if created || last.as_deref() != Some(text.as_str()) {
-                    if enforced {
-                        tracing::info!(collection = %mongo.events_collection, "events index: {state}");
-                    } else {
-                        tracing::warn!(collection = %mongo.events_collection, create_indexes = mongo.create_indexes, "events index: {state}");
-                    }
-                    last = Some(text);
-                }
-                INDEX_RECHECK
-            }
-            Err(e) => {
-                ::metrics::counter!(names::RETRIES, "operation" => "check_event_index", "reason" => ordo_core::mongo::error_reason(&e)).increment(1);
-                tracing::warn!(error = %e, "cannot check the events index yet, retrying");
-                retry
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = cancel.cancelled() => return,
-        }
-    }
 }
 
 /// One producer process: the lease loop around the active pipeline.
@@ -566,7 +511,7 @@ impl Producer {
             }
             .run(checkpointer_stop.clone()),
         );
-        let probe = AbortOnDrop(tokio::spawn(probe_broker(
+        let probe = AbortOnDrop(tokio::spawn(probe::probe_broker(
             factory,
             self.readiness.clone(),
             p.probe_interval,
@@ -736,31 +681,5 @@ struct AbortOnDrop<T>(JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Opens a publisher (connection, authentication, a sender link to the topic) every `every`,
-/// so a broker that is unreachable, refuses the key or lacks the topic makes the producer not
-/// ready even while no event is being sent. The attempt is bounded by `every` as well.
-async fn probe_broker<F: PublisherFactory>(
-    factory: Arc<F>,
-    readiness: Arc<Readiness>,
-    every: Duration,
-) {
-    let mut fault = None;
-    loop {
-        let opened = match tokio::time::timeout(every, factory.probe()).await {
-            Ok(r) => r,
-            Err(_) => Err(PublishError::Timeout(every)),
-        };
-        match opened {
-            Ok(()) => fault = None,
-            Err(e) => {
-                readiness.hold(&mut fault, dependency::SERVICEBUS);
-                ::metrics::counter!(names::RETRIES, "operation" => "probe_servicebus", "reason" => e.reason()).increment(1);
-                tracing::warn!(error = %e, "Service Bus probe failed");
-            }
-        }
-        tokio::time::sleep(every).await;
     }
 }

@@ -340,8 +340,15 @@ impl Collector {
 
     pub async fn stop(self) -> Received {
         self.stop.cancel();
-        for t in self.tasks {
-            let _ = t.await;
+        // A receiver's complete or dispose can wait forever on a link the broker already
+        // dropped (fe2o3-amqp 0.14); what was received is in `received` either way.
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(10), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
         }
         std::mem::take(&mut *self.received.lock().unwrap())
     }

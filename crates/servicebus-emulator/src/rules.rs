@@ -147,12 +147,14 @@ fn scheduled(message: &AmqpMessage) -> Result<(), Refusal> {
 /// MessageId (duplicate detection runs per partition on the batch's id). Single messages are
 /// always accepted.
 ///
-/// Azure answers the second case with condition `amqp:not-allowed` (the Python SDK prints it as
-/// "Error condition: ErrorCodes.NotAllowed") and the text of [`DISTINCT_IDS_TEXT`]
-/// (Azure/azure-sdk-for-python#21955). The service team confirmed it does not implement
-/// batching there and recommends sending single messages when deduplication is needed on a
-/// partitioned entity (Azure/azure-sdk-for-python#36333, #37744). The wording Azure uses for
-/// the first case without duplicate detection is not published; the same text is used.
+/// Azure answers with condition `amqp:not-allowed` (the Python SDK prints it as "Error
+/// condition: ErrorCodes.NotAllowed"): on a partitioned entity, with the text of
+/// [`PARTITIONED_TEXT`] (Azure/amqpnetlite#120); with duplicate detection on as well, with
+/// the text of [`DISTINCT_IDS_TEXT`] (Azure/azure-sdk-for-python#21955). The service team
+/// confirmed it does not implement batching there and recommends sending single messages when
+/// deduplication is needed on a partitioned entity (Azure/azure-sdk-for-python#36333, #37744).
+/// Azure appends the ids it looked at (`LogicalPartitionId:…::PartitionKey:…::SessionId:…::
+/// MessageId:…`); the emulator appends those of the first message that differs.
 fn partitioned_batch(messages: &[AmqpMessage], duplicate_detection: bool) -> Result<(), Refusal> {
     let Some((first, rest)) = messages.split_first() else {
         return Ok(());
@@ -163,17 +165,18 @@ fn partitioned_batch(messages: &[AmqpMessage], duplicate_detection: bool) -> Res
             || wire::partition_key(message) != wire::partition_key(first)
             || (duplicate_detection && wire::message_id_text(message) != first_id);
         if distinct {
+            let text = if duplicate_detection {
+                DISTINCT_IDS_TEXT
+            } else {
+                PARTITIONED_TEXT
+            };
             return Err(Refusal {
                 condition: wire::ERR_NOT_ALLOWED,
                 description: format!(
-                    "{DISTINCT_IDS_TEXT} SessionId {:?} / {:?}, PartitionKey {:?} / {:?}, \
-                     MessageId {:?} / {:?}.",
-                    session_id(first),
-                    session_id(message),
-                    wire::partition_key(first),
-                    wire::partition_key(message),
-                    first_id,
-                    wire::message_id_text(message),
+                    "{text}PartitionKey:{}::SessionId:{}::MessageId:{}",
+                    wire::partition_key(message).unwrap_or_default(),
+                    session_id(message).unwrap_or_default(),
+                    wire::message_id_text(message).unwrap_or_default(),
                 ),
             });
         }
@@ -181,7 +184,13 @@ fn partitioned_batch(messages: &[AmqpMessage], duplicate_detection: bool) -> Res
     Ok(())
 }
 
-/// Azure's description for a refused batch on a partitioned entity (see [`partitioned_batch`]).
+/// Azure's description for a batch of several sessions or partition keys refused by a
+/// partitioned entity (see [`partitioned_batch`]).
+pub(crate) const PARTITIONED_TEXT: &str = "Batching brokered messages with distinct SessionId or \
+     PartitionKey is not supported for an entity with partitioning enabled.";
+
+/// Azure's description for a batch refused by a partitioned entity with duplicate detection
+/// (see [`partitioned_batch`]).
 pub(crate) const DISTINCT_IDS_TEXT: &str = "Batching brokered messages with distinct SessionId, \
      PartitionKey, or MessageId is not supported for an entity with partitioning and duplicate \
      detection enabled.";
@@ -236,10 +245,16 @@ mod tests {
     #[test]
     fn partitioned_refuses_a_batch_across_sessions() {
         let batch = [message(Some("s"), "a"), message(Some("t"), "a")];
+        let refused = admit(&batch, PARTITIONED).unwrap_err();
+        assert_eq!(refused.condition, "amqp:not-allowed");
         assert_eq!(
-            admit(&batch, PARTITIONED).unwrap_err().condition,
-            "amqp:not-allowed"
+            refused.description,
+            format!("{PARTITIONED_TEXT}PartitionKey:::SessionId:t::MessageId:a")
         );
+        assert!(admit(&batch, PARTITIONED_DEDUP)
+            .unwrap_err()
+            .description
+            .starts_with(DISTINCT_IDS_TEXT));
         assert_eq!(admit(&batch, PLAIN), Ok(()));
     }
 

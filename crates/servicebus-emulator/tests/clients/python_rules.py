@@ -52,7 +52,13 @@ def partitioned_batches(client):
     )
     sent(client, "part-dedup", msg("a", "py-a:1"))
     sent(client, "part-dedup", msg("a", "py-a:2"))
-    refused(client, "part", [msg("a", "py-a:1"), msg("b", "py-b:1")], "distinct SessionId")
+    refused(
+        client,
+        "part",
+        [msg("a", "py-a:1"), msg("b", "py-b:1")],
+        "Batching brokered messages with distinct SessionId or PartitionKey is not supported for "
+        "an entity with partitioning enabled.",
+    )
     sent(client, "part", [msg("a", "py-a:1"), msg("a", "py-a:2")])
 
 

@@ -186,13 +186,6 @@ pub enum Topology {
 }
 
 impl Topology {
-    /// Every layout.
-    pub const ALL: [Topology; 3] = [
-        Topology::PartitionedDeduplicated,
-        Topology::Partitioned,
-        Topology::Unpartitioned,
-    ];
-
     /// Whether the topic accepts a batch of several messages of one session.
     pub fn accepts_batches(self) -> bool {
         self != Topology::PartitionedDeduplicated

@@ -30,6 +30,12 @@ impl SessionQueue {
         }
     }
 
+    /// Whether a message earlier than `seq` came back (abandoned, lock lost) and waits to be
+    /// delivered again: then `seq`, taken meanwhile, must go back behind it.
+    pub(super) fn returned_before(&self, seq: i64) -> bool {
+        self.released.first().is_some_and(|&first| first < seq)
+    }
+
     pub(super) fn take_next(&mut self) -> Option<i64> {
         if let Some(seq) = self.released.pop_first() {
             return Some(seq);

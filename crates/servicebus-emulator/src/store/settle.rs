@@ -86,7 +86,7 @@ impl Entity {
             .store(part)
             .sessions
             .get(key)
-            .is_some_and(|queue| queue.released.first().is_some_and(|&first| first < seq))
+            .is_some_and(|queue| queue.returned_before(seq))
     }
 
     /// Puts back a message a link took but did not send, without waking other links: the same

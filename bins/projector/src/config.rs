@@ -43,6 +43,11 @@ pub struct ProjectorSection {
     /// short by it drops the worker's connection and opens a new one.
     #[serde(with = "humantime_serde")]
     pub accept_timeout: Duration,
+    /// How often Service Bus is probed for `/readyz` (one connection, a peek on the
+    /// subscription's dead-letter queue); a probe is bounded by it as well. A failed probe also
+    /// sends workers waiting in an accept to reconnect: an accept can wait on a dead connection.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
     /// A session with no message for this long is released so other aggregates get a worker.
     /// One session is one aggregate, and most aggregates receive a few events at a time: a short
     /// timeout keeps workers moving (measured with the demo, 300 aggregates at 300 events/s:
@@ -89,6 +94,7 @@ impl Default for ProjectorSection {
             batch_size: 100,
             receive_wait: Duration::from_millis(200),
             accept_timeout: Duration::from_secs(5),
+            probe_interval: Duration::from_secs(5),
             session_idle_timeout: Duration::from_millis(300),
             lock_renewal_interval: Duration::from_secs(10),
             gap_timeout: Duration::from_secs(10),
@@ -118,6 +124,12 @@ impl Validate for ProjectorSection {
         check_duration(
             "projector.accept_timeout",
             self.accept_timeout,
+            ms(100),
+            s(300),
+        )?;
+        check_duration(
+            "projector.probe_interval",
+            self.probe_interval,
             ms(100),
             s(300),
         )?;

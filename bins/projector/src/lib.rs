@@ -6,7 +6,7 @@
 //! - [`config`]: `[projector]` and the shared sections.
 //! - [`worker`]: the session loop (accept, receive, fold, guarded write, settle, renew).
 //! - [`settle`]: the settlement rule, pure: complete, dead-letter, block or retry.
-//! - [`readiness`]: the faults `/readyz` reports.
+//! - [`readiness`]: the faults `/readyz` reports; `probes.rs` checks MongoDB and Service Bus.
 //! - [`supervise`]: every long-running task is respawned after a panic.
 //! - [`store`]: read models with version guards, the events collection, `ordo_blocked`.
 //! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
@@ -15,6 +15,7 @@
 
 pub mod cli;
 pub mod config;
+mod probes;
 pub mod readiness;
 pub mod rebuild;
 pub mod reconcile;
@@ -143,7 +144,12 @@ pub async fn run_with(
     });
     spawn_supervised(&engine, &shutdown, "readiness_probe", {
         let (engine, cancel) = (engine.clone(), shutdown.token.clone());
-        move || probe(engine.clone(), cancel.clone())
+        move || probes::mongodb(engine.clone(), cancel.clone())
+    });
+    spawn_supervised(&engine, &shutdown, "broker_probe", {
+        let (engine, cancel) = (engine.clone(), shutdown.token.clone());
+        let sb = cfg.servicebus.clone();
+        move || probes::service_bus(engine.clone(), sb.clone(), cancel.clone())
     });
     spawn_supervised(&engine, &shutdown, "blocked_gauge", {
         let (store, cancel) = (store.clone(), shutdown.token.clone());
@@ -219,49 +225,6 @@ where
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         },
     ));
-}
-
-/// How often MongoDB is pinged for `/readyz`, and how long a ping may take: a dead database
-/// turns the projector unready within a few seconds, a recovered one ready within one interval.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Pings MongoDB for the readiness verdict.
-async fn probe(engine: Arc<Engine>, cancel: CancellationToken) {
-    let mut was_reachable = true;
-    while !cancel.is_cancelled() {
-        let ping = engine
-            .store
-            .database()
-            .run_command(mongodb::bson::doc! { "ping": 1 });
-        let reachable = match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                if was_reachable {
-                    tracing::warn!(error = %e, "mongodb unreachable; not ready");
-                }
-                false
-            }
-            Err(_) => {
-                if was_reachable {
-                    tracing::warn!(
-                        timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
-                        "mongodb did not answer a ping; not ready"
-                    );
-                }
-                false
-            }
-        };
-        if reachable && !was_reachable {
-            tracing::info!("mongodb reachable again");
-        }
-        was_reachable = reachable;
-        engine.readiness.set_database_reachable(reachable);
-        tokio::select! {
-            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-            _ = cancel.cancelled() => {}
-        }
-    }
 }
 
 /// Keeps `ordo_blocked_aggregates` up to date.

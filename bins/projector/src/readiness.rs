@@ -105,6 +105,11 @@ impl Alarm<'_> {
         }
     }
 
+    /// Whether this holder votes against readiness now.
+    pub fn is_raised(&self) -> bool {
+        self.raised
+    }
+
     /// The holder works again.
     pub fn lower(&mut self) {
         if self.raised {

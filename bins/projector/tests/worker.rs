@@ -1007,3 +1007,58 @@ async fn a_read_model_over_16_mb_blocks_the_aggregate() {
         assert_eq!(blocked.get_i64("blockedAtEventId").unwrap(), blocked_at);
     }
 }
+
+/// A source whose accepts are answered by nobody: what azservicebus gives when the connection
+/// drops during the accept's own handshake (measured against the emulator: the accept waits
+/// out its whole timeout and reports nothing).
+struct DeadConnection;
+
+impl SessionSource for DeadConnection {
+    type Session = FakeSession;
+
+    async fn accept_next(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Accepted<FakeSession>, ReceiveError> {
+        tokio::time::sleep(timeout).await;
+        Ok(Accepted::GaveUp)
+    }
+}
+
+/// A failed broker probe ends an accept that waits on a dead connection: the worker holds
+/// readiness down and connects again at once, instead of waiting out `accept_timeout` (a
+/// minute, as operators set it) looking healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_broker_probe_ends_an_accept_waiting_on_a_dead_connection() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |cfg| cfg.accept_timeout = Duration::from_secs(60)).await;
+    let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = || connects.load(std::sync::atomic::Ordering::SeqCst);
+    let cancel = CancellationToken::new();
+    let worker = tokio::spawn(engine.clone().run_worker(
+        0,
+        {
+            let connects = connects.clone();
+            move || {
+                connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Ok(DeadConnection) }
+            }
+        },
+        cancel.clone(),
+    ));
+    // The first accept probes the broker briefly, gives up, and reports it reachable; the
+    // second is the long one.
+    wait_until(Duration::from_secs(10), || async { counted() == 2 }).await;
+    assert!(
+        engine.readiness.is_ready(),
+        "the broker answered the first probe"
+    );
+    engine.broker_probe_failed();
+    wait_until(Duration::from_secs(2), || async { counted() == 3 }).await;
+    assert!(
+        !engine.readiness.is_ready(),
+        "a worker whose accept was given up for a failed probe holds readiness down"
+    );
+    cancel.cancel();
+    worker.await.unwrap();
+}

@@ -89,6 +89,9 @@ pub struct Engine {
     pub readiness: Readiness,
     /// Lets one worker at a time try the broker while it is down ([`BrokerGate`]).
     gate: BrokerGate,
+    /// Bumped by the broker probe when it fails: accepts in flight may wait on a dead
+    /// connection, and are given up.
+    probe_failures: tokio::sync::watch::Sender<u64>,
 }
 
 /// What this process is doing, for its heartbeat in `ordo_projectors` and for tests.
@@ -192,7 +195,20 @@ impl Engine {
             activity: Activity::default(),
             readiness: Readiness::default(),
             gate: BrokerGate::default(),
+            probe_failures: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// The broker probe got an answer after failing: the workers waiting to try the broker one
+    /// at a time ([`BrokerGate`]) may all go.
+    pub fn broker_probe_answered(&self) {
+        self.gate.up();
+    }
+
+    /// The broker probe failed: every worker waiting in an accept reconnects, as after a
+    /// failed accept of its own (an accept does not always notice its connection drop).
+    pub fn broker_probe_failed(&self) {
+        self.probe_failures.send_modify(|n| *n += 1);
     }
 
     fn backoff(&self) -> Backoff {
@@ -227,6 +243,7 @@ impl Engine {
         let mut alarm = self.readiness.broker_alarm();
         let mut source: Option<S> = None;
         let mut delays = self.backoff().delays();
+        let mut probe_failed = self.probe_failures.subscribe();
         'work: while !cancel.is_cancelled() {
             // Held from a connect through the backoff after its failure (see `BrokerGate`).
             let mut probe = None;
@@ -258,8 +275,15 @@ impl Engine {
                     Some(_) => self.cfg.accept_timeout.min(PROBE_ACCEPT_WAIT),
                     None => self.cfg.accept_timeout,
                 };
+                probe_failed.mark_unchanged();
                 let accepted = tokio::select! {
                     r = src.accept_next(wait) => r,
+                    _ = probe_failed.changed() => {
+                        source = None;
+                        break 'attempt ("accept", ReceiveError::Broker(
+                            "the broker probe failed while this accept waited".into(),
+                        ));
+                    }
                     _ = cancel.cancelled() => break 'work,
                 };
                 match accepted {

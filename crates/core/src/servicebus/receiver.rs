@@ -103,6 +103,14 @@ impl ReceiveError {
         Err(ReceiveError::Broker(e.to_string()))
     }
 
+    /// A failed connect or attach outside an accept: every answer but success is a fault.
+    fn of_fault(e: azure_core::Error) -> Self {
+        match Self::of_accept::<()>(e) {
+            Err(e) => e,
+            Ok(_) => ReceiveError::Broker("the broker refused the link without a reason".into()),
+        }
+    }
+
     fn classify(e: azure_core::Error) -> Self {
         let text = format!("{e} {e:?}");
         let lower = text.to_ascii_lowercase();
@@ -286,6 +294,65 @@ impl SessionSource for AzureSessionSource {
             })),
             Ok(Err(e)) => ReceiveError::of_accept(e),
         }
+    }
+}
+
+/// A standing check that Service Bus answers for a subscription, apart from the session
+/// workers: an accept can outlast an outage unseen (an idle broker holds it for a minute, and
+/// azservicebus 0.25 does not notice a connection that drops during the accept's own
+/// handshake: measured against the emulator, such an accept waits out its whole timeout), so
+/// readiness cannot rest on the accepts alone.
+///
+/// It keeps one connection with a receiver on the subscription's dead-letter queue (never
+/// session-enabled, so the attach is answered at once) and peeks one message per check: a
+/// round trip that proves the connection, the credentials and the subscription. A failed
+/// check leaves the probe unusable; the caller drops it and opens a new one.
+#[derive(Debug)]
+pub struct SubscriptionProbe {
+    client: Client,
+    receiver: azservicebus::ServiceBusReceiver,
+}
+
+impl SubscriptionProbe {
+    /// Connects, authenticates and attaches to the subscription's dead-letter queue.
+    pub async fn open(
+        conn: &Secret,
+        topic: &str,
+        subscription: &str,
+        identifier: &str,
+    ) -> Result<Self, ReceiveError> {
+        use azservicebus::{ServiceBusReceiverOptions, SubQueue};
+        let mut client = super::connect(conn, identifier)
+            .await
+            .map_err(ReceiveError::of_fault)?;
+        let receiver = client
+            .create_receiver_for_subscription(
+                topic,
+                subscription,
+                ServiceBusReceiverOptions {
+                    sub_queue: SubQueue::DeadLetter,
+                    identifier: Some(identifier.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(ReceiveError::of_fault)?;
+        Ok(Self { client, receiver })
+    }
+
+    /// One round trip to the broker (a peek of at most one dead-lettered message).
+    pub async fn check(&mut self) -> Result<(), ReceiveError> {
+        self.receiver
+            .peek_messages(1, None)
+            .await
+            .map(drop)
+            .map_err(|e| ReceiveError::Broker(e.to_string()))
+    }
+
+    /// Detaches and closes the connection.
+    pub async fn close(self) {
+        let _ = self.receiver.dispose().await;
+        let _ = self.client.dispose().await;
     }
 }
 

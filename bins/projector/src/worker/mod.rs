@@ -288,25 +288,19 @@ impl Engine {
                 };
                 match accepted {
                     Ok(Accepted::Session(session)) => {
-                        self.readiness.broker_answered();
-                        self.gate.up();
-                        alarm.lower();
+                        self.answered(&mut alarm);
                         delays = self.backoff().delays();
                         drop(probe.take());
                         self.work_session(session, &cancel).await;
                     }
                     Ok(Accepted::Idle) => {
-                        self.readiness.broker_answered();
-                        self.gate.up();
-                        alarm.lower();
+                        self.answered(&mut alarm);
                         delays = self.backoff().delays();
                     }
                     Ok(Accepted::GaveUp) => {
                         // The broker kept the attach open without refusing it: the connection,
                         // the credentials and the subscription work, no session was free.
-                        self.readiness.broker_answered();
-                        self.gate.up();
-                        alarm.lower();
+                        self.answered(&mut alarm);
                         tracing::debug!(
                             worker = index,
                             "accept timed out on the client; reconnecting"
@@ -344,6 +338,14 @@ impl Engine {
             }
         }
         tracing::debug!(worker = index, "worker stopped");
+    }
+
+    /// The broker answered a worker's accept: readiness may count on it, the gate opens for
+    /// every worker, and this worker's alarm comes down.
+    fn answered(&self, alarm: &mut crate::readiness::Alarm<'_>) {
+        self.readiness.broker_answered();
+        self.gate.up();
+        alarm.lower();
     }
 
     /// Works one session until it is idle, its lock is lost, or shutdown.

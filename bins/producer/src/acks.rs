@@ -171,6 +171,11 @@ impl<P> AckTracker<P> {
         self.ready.take()
     }
 
+    /// The number of published events up to the position a take would return, if any.
+    pub fn ready_events(&self) -> Option<u64> {
+        self.ready.as_ref().map(|(_, events)| *events)
+    }
+
     /// Puts back a position (and its event count) whose save failed, unless a newer one arrived
     /// meanwhile.
     pub fn restore(&mut self, position: P, events: u64) {

@@ -39,6 +39,8 @@ pub struct Checkpointer {
     pub every: u64,
     /// Save at least this often while the prefix moves.
     pub interval: Duration,
+    /// Save at least this often while the prefix moves with no event in it.
+    pub idle_interval: Duration,
     /// Not ready once items wait this long behind a prefix that does not move.
     pub stuck_after: Duration,
     /// Readiness.
@@ -62,6 +64,8 @@ impl Checkpointer {
         stop: CancellationToken,
     ) -> Result<CheckpointerEnd, CheckpointError> {
         let mut last = Instant::now();
+        // Published events the last save covered (`None` before the first).
+        let mut saved_events = None;
         let mut stuck = Stuck::default();
         let mut db_fault: Option<Fault> = None;
         loop {
@@ -71,8 +75,15 @@ impl Checkpointer {
             }
             let (due, outstanding, advanced) = {
                 let a = self.acks.lock().expect("ack lock");
+                // Only idle positions since the last save: the longer interval.
+                let idle = a.ready_events().is_some() && a.ready_events() == saved_events;
+                let interval = if idle {
+                    self.idle_interval
+                } else {
+                    self.interval
+                };
                 (
-                    a.advanced_by() >= self.every || last.elapsed() >= self.interval,
+                    a.advanced_by() >= self.every || last.elapsed() >= interval,
                     a.outstanding(),
                     a.advanced_by() > 0,
                 )
@@ -81,7 +92,10 @@ impl Checkpointer {
             if due {
                 last = Instant::now();
                 match self.save().await {
-                    Ok(()) => db_fault = None,
+                    Ok(events) => {
+                        db_fault = None;
+                        saved_events = events.or(saved_events);
+                    }
                     Err(CheckpointError::Fenced { .. }) => {
                         return Ok(CheckpointerEnd::Fenced(self))
                     }
@@ -97,11 +111,12 @@ impl Checkpointer {
         }
     }
 
-    /// Saves the newest acknowledged position, if it moved.
-    pub async fn save(&mut self) -> Result<(), CheckpointError> {
+    /// Saves the newest acknowledged position, if it moved; returns the number of events (of
+    /// this term) it covers, `None` when there was nothing to save.
+    pub async fn save(&mut self) -> Result<Option<u64>, CheckpointError> {
         let taken = self.acks.lock().expect("ack lock").take();
         let Some((position, events)) = taken else {
-            return Ok(());
+            return Ok(None);
         };
         let mut cp = Checkpoint::new(self.stream.clone());
         cp.resume_token = Some(source::token_doc(&position.token));
@@ -113,7 +128,7 @@ impl Checkpointer {
                 *self.saved_wall.lock().expect("saved wall lock") = Some(position.wall_time);
                 ::metrics::counter!(names::CHECKPOINTS_SAVED).increment(1);
                 tracing::debug!(stream = %self.stream, wall_time = %position.wall_time, "checkpoint saved");
-                Ok(())
+                Ok(Some(events))
             }
             Err(e @ CheckpointError::Fenced { .. }) => {
                 tracing::warn!(stream = %self.stream, error = %e, "checkpoint fenced: another producer took over");
@@ -144,7 +159,7 @@ impl Checkpointer {
     pub async fn save_until_done(&mut self) {
         loop {
             match self.save().await {
-                Ok(()) => return,
+                Ok(_) => return,
                 Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
                 Err(_) => return,
             }

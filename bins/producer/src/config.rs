@@ -71,6 +71,11 @@ pub struct ProducerSection {
     pub checkpoint_interval: Duration,
     /// Save a checkpoint after this many acknowledged events, even before the interval.
     pub checkpoint_every_events: u64,
+    /// Longest time between checkpoint saves while no event flows: the stream's position still
+    /// moves (other writes move the oplog, the checkpoint's own among them), and saving it keeps
+    /// a restart's resume point recent without a write every `checkpoint_interval`.
+    #[serde(with = "humantime_serde")]
+    pub idle_checkpoint_interval: Duration,
     /// How long one getMore waits for new events; an empty answer advances the idle checkpoint.
     #[serde(with = "humantime_serde")]
     pub max_await_time: Duration,
@@ -125,6 +130,7 @@ impl Default for ProducerSection {
             on_invalid: OnInvalid::Park,
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_every_events: 1000,
+            idle_checkpoint_interval: Duration::from_secs(30),
             max_await_time: Duration::from_millis(500),
             read_batch_size: 1000,
             history_safety_margin: Duration::from_secs(300),
@@ -223,6 +229,12 @@ impl Validate for ProducerConfig {
             "producer.checkpoint_interval",
             p.checkpoint_interval,
             Duration::from_millis(10),
+            Duration::from_secs(3600),
+        )?;
+        check_duration(
+            "producer.idle_checkpoint_interval",
+            p.idle_checkpoint_interval,
+            p.checkpoint_interval,
             Duration::from_secs(3600),
         )?;
         check_range(

@@ -506,6 +506,7 @@ impl Producer {
                 published_before,
                 every: p.checkpoint_every_events,
                 interval: p.checkpoint_interval,
+                idle_interval: p.idle_checkpoint_interval,
                 stuck_after: p.checkpoint_stuck_after,
                 readiness: self.readiness.clone(),
             }

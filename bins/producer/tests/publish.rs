@@ -68,6 +68,52 @@ async fn kill_nine_five_times_under_load_loses_nothing() {
     drop(producer);
 }
 
+/// While no event flows, the stream's position still moves (other writes, the producer's own
+/// checkpoint and lease writes), and the checkpoint follows it only every
+/// `idle_checkpoint_interval`: an idle pipeline does not write a checkpoint every
+/// `checkpoint_interval` forever, each write moving the oplog for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_saves_its_checkpoint_rarely() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(5, 7);
+    let collector = Collector::start(&world.bus);
+    let mut producer =
+        world.spawn("checkpoint_interval = \"100ms\"\nidle_checkpoint_interval = \"30s\"");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 20, 20).await;
+    wait_distinct(&collector, 20, DEADLINE).await;
+    wait_checkpoint(&world, |cp| published(cp) >= 20).await;
+    let name = ordo_core::metrics::CHECKPOINTS_SAVED;
+    let before = producer.metric(name).await;
+    // A measurement window of idleness, with the oplog moving under it.
+    let other = world.mongo.database().collection::<Document>("unrelated");
+    for i in 0..30 {
+        other
+            .insert_one(mongodb::bson::doc! {"x": i})
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let saved = producer.metric(name).await - before;
+    assert!(
+        saved <= 1.0,
+        "{saved} checkpoints saved in 3 s of idleness with checkpoint_interval = 100ms"
+    );
+    // Events end the idle interval: the next one is saved within checkpoint_interval.
+    writer.write(&events, 5, 5).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_checkpoint(&world, |cp| published(cp) >= 25),
+    )
+    .await
+    .expect("new events are checkpointed without waiting out the idle interval");
+    producer.sigterm().unwrap();
+    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    collector.stop().await.check(&writer.expected()).unwrap();
+}
+
 /// On a quiet collection the checkpoint keeps moving (postBatchResumeToken), and SIGTERM
 /// exits 0 with the checkpoint saved and the lease released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

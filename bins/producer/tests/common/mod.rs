@@ -116,6 +116,7 @@ fn producer_defaults(extra: &str) -> String {
         ("start_at", "\"beginning\""),
         ("lease_ttl", "\"3s\""),
         ("checkpoint_interval", "\"200ms\""),
+        ("idle_checkpoint_interval", "\"200ms\""),
         ("max_await_time", "\"200ms\""),
         ("retry_max", "\"1s\""),
         ("send_timeout", "\"5s\""),

@@ -447,23 +447,30 @@ pub async fn write(stack: &Stack, generator: &mut Generator, events: usize, pace
 /// Waits until every read model reached its aggregate's last event, then checks each equals
 /// the fold; returns the number of events folded.
 pub async fn caught_up_and_folded(stack: &mut Stack, within: Duration) -> usize {
+    caught_up_and_folded_for(stack, within, "").await
+}
+
+/// [`caught_up_and_folded`], with `context` (a seed, a layout) in every failure message.
+pub async fn caught_up_and_folded_for(stack: &mut Stack, within: Duration, context: &str) -> usize {
     let deadline = Instant::now() + within;
     loop {
-        stack.check_alive().unwrap();
+        if let Err(e) = stack.check_alive() {
+            panic!("{context}: {e}");
+        }
         let (done, aggregates) = stack.caught_up().await.unwrap();
         if aggregates > 0 && done == aggregates {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "read models did not catch up: {done}/{aggregates}"
+            "{context}: read models did not catch up: {done}/{aggregates}"
         );
         tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
     }
     let verdict = stack.verify().await.unwrap();
     assert!(
         verdict.ok(),
-        "{} read models differ from the fold, e.g. {:?}",
+        "{context}: {} read models differ from the fold, e.g. {:?}",
         verdict.mismatches.len(),
         verdict.mismatches.first()
     );
@@ -474,7 +481,10 @@ pub async fn caught_up_and_folded(stack: &mut Stack, within: Duration) -> usize 
         .await
         .unwrap()
         .len();
-    assert_eq!(verdict.aggregates, aggregates);
+    assert_eq!(
+        verdict.aggregates, aggregates,
+        "{context}: every aggregate written has a read model equal to its fold"
+    );
     verdict.events
 }
 

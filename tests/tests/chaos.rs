@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mongodb::bson::{doc, Document};
 use ordo_core::metrics as m;
 use ordo_e2e::sample::{insert, Generator, Workload};
-use ordo_e2e::stack::Stack;
+use ordo_e2e::stack::{caught_up_and_folded_for, Stack};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -184,33 +184,12 @@ async fn read_models_survive_chaos_under_load() {
         println!("not injected {fault:?}: {why}");
     }
 
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Err(e) = stack.check_alive() {
-            panic!("seed {seed}: {e}");
-        }
-        let (done, aggregates) = stack.caught_up().await.unwrap();
-        if done == aggregates {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "read models did not catch up: {done}/{aggregates} (seed {seed})"
-        );
-        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
-    }
-    let verdict = stack.verify().await.unwrap();
-    assert!(
-        verdict.ok(),
-        "seed {seed}: {} read models differ from the fold, e.g. {:?}",
-        verdict.mismatches.len(),
-        verdict.mismatches.first()
-    );
-    let aggregates = events.distinct("aggregateId", doc! {}).await.unwrap().len();
-    assert_eq!(
-        verdict.aggregates, aggregates,
-        "seed {seed}: every aggregate written has a read model equal to its fold"
-    );
+    caught_up_and_folded_for(
+        &mut stack,
+        Duration::from_secs(180),
+        &format!("seed {seed}"),
+    )
+    .await;
     assert_eq!(
         stack.blocked().await.unwrap(),
         0,

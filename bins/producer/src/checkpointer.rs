@@ -75,10 +75,13 @@ impl Checkpointer {
             }
             let (due, outstanding, advanced) = {
                 let a = self.acks.lock().expect("ack lock");
-                // Only idle positions since the last save: the longer interval.
-                let idle = a.ready_events().is_some() && a.ready_events() == saved_events;
+                // Only idle positions since the last save: the longer interval. Not while a
+                // save is failing: the retry decides when readiness comes back.
+                let idle = a.ready_events().is_some()
+                    && a.ready_events() == saved_events
+                    && db_fault.is_none();
                 let interval = if idle {
-                    self.idle_interval
+                    self.idle_interval.max(self.interval)
                 } else {
                     self.interval
                 };
@@ -218,5 +221,81 @@ impl Stuck {
         } else {
             self.fault = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acks::AckTracker;
+    use crate::Position;
+    use ordo_core::telemetry::Health;
+    use ordo_testkit::{wait_until, TestMongo};
+
+    /// An idle save that fails is retried at `checkpoint_interval`, not after the idle
+    /// interval: readiness, which the failure turned off, comes back as soon as MongoDB does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_idle_save_is_retried_at_the_checkpoint_interval() {
+        let mongo = TestMongo::start().await.unwrap();
+        let store = CheckpointStore::new(&mongo.database(), "ordo_checkpoints");
+        let acks: Acks = Arc::new(std::sync::Mutex::new(AckTracker::new()));
+        let readiness = Readiness::new(Health::new());
+        acks.lock().unwrap().push_acked_marker(Position::test(1));
+        let stop = CancellationToken::new();
+        let idle_interval = Duration::from_secs(5);
+        let task = tokio::spawn(
+            Checkpointer {
+                store: store.clone(),
+                stream: "s".into(),
+                epoch: 1,
+                acks: acks.clone(),
+                saved_wall: Arc::default(),
+                published_before: 0,
+                every: 1000,
+                interval: Duration::from_millis(100),
+                idle_interval,
+                stuck_after: Duration::from_secs(600),
+                readiness: readiness.clone(),
+            }
+            .run(stop.clone()),
+        );
+        let stored = |i: i64| {
+            let store = store.clone();
+            async move {
+                store
+                    .load("s")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|cp| cp.wall_time)
+                    == Some(DateTime::from_millis(i))
+            }
+        };
+        wait_until(Duration::from_secs(10), || stored(1)).await;
+        // The next position adds no event: it waits for the idle interval, and its save fails
+        // three times. WriteConflict: transient, and neither retried by the driver nor making
+        // it rediscover the server, so each failure is one round trip.
+        mongo
+            .configure_fail_point(
+                "failCommand",
+                mongodb::bson::doc! { "mode": { "times": 3 }, "data": { "failCommands": ["update"], "errorCode": 112 } },
+            )
+            .await
+            .unwrap();
+        acks.lock().unwrap().push_acked_marker(Position::test(2));
+        wait_until(idle_interval * 3, || async {
+            readiness.failing().contains(&dependency::MONGODB)
+        })
+        .await;
+        let failed_at = Instant::now();
+        wait_until(Duration::from_secs(10), || stored(2)).await;
+        let recovered = failed_at.elapsed();
+        assert!(
+            recovered < idle_interval / 2,
+            "the failed idle save was retried after {recovered:?}, not within checkpoint_interval"
+        );
+        assert!(readiness.failing().is_empty());
+        stop.cancel();
+        task.await.unwrap().unwrap();
     }
 }

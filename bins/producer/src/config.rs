@@ -73,7 +73,8 @@ pub struct ProducerSection {
     pub checkpoint_every_events: u64,
     /// Longest time between checkpoint saves while no event flows: the stream's position still
     /// moves (other writes move the oplog, the checkpoint's own among them), and saving it keeps
-    /// a restart's resume point recent without a write every `checkpoint_interval`.
+    /// a restart's resume point recent without a write every `checkpoint_interval`. Never
+    /// shorter than `checkpoint_interval`.
     #[serde(with = "humantime_serde")]
     pub idle_checkpoint_interval: Duration,
     /// How long one getMore waits for new events; an empty answer advances the idle checkpoint.
@@ -231,11 +232,13 @@ impl Validate for ProducerConfig {
             Duration::from_millis(10),
             Duration::from_secs(3600),
         )?;
+        // Below `checkpoint_interval` it is that interval; above 4 minutes an idle producer's
+        // checkpoint would age past the OrdoCheckpointStale alert (300 s).
         check_duration(
             "producer.idle_checkpoint_interval",
             p.idle_checkpoint_interval,
-            p.checkpoint_interval,
-            Duration::from_secs(3600),
+            Duration::from_millis(10),
+            Duration::from_secs(240),
         )?;
         check_range(
             "producer.checkpoint_every_events",

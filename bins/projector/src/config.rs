@@ -127,12 +127,7 @@ impl Validate for ProjectorSection {
             ms(100),
             s(300),
         )?;
-        check_duration(
-            "projector.probe_interval",
-            self.probe_interval,
-            ms(100),
-            s(300),
-        )?;
+        check_duration("projector.probe_interval", self.probe_interval, s(1), s(30))?;
         check_duration(
             "projector.session_idle_timeout",
             self.session_idle_timeout,

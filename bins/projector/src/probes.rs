@@ -56,8 +56,11 @@ pub(crate) async fn mongodb(engine: Arc<Engine>, cancel: CancellationToken) {
     }
 }
 
-/// Probes Service Bus every `probe_interval`, each check bounded by it as well (see
-/// [`SubscriptionProbe`]); after a failure, sooner. A failure holds `/readyz` at 503 until a check succeeds, is counted
+/// The shortest wait for a probe's answer, whatever `probe_interval` is.
+const PROBE_TIMEOUT_FLOOR: Duration = Duration::from_secs(5);
+
+/// Probes Service Bus every `probe_interval`, each check bounded by it (at least
+/// [`PROBE_TIMEOUT_FLOOR`]; see [`SubscriptionProbe`]); after a failure, on the retry backoff. A failure holds `/readyz` at 503 until a check succeeds, is counted
 /// in `ordo_retries_total{operation="probe_servicebus"}`, and sends the workers waiting in an
 /// accept to reconnect.
 pub(crate) async fn service_bus(
@@ -66,14 +69,17 @@ pub(crate) async fn service_bus(
     cancel: CancellationToken,
 ) {
     let every = engine.cfg.probe_interval;
+    // Opening takes a TLS handshake and a token (from Entra ID, seconds at worst): a short
+    // interval must not make every check fail.
+    let bound = every.max(PROBE_TIMEOUT_FLOOR);
     let mut alarm = engine.readiness.broker_alarm();
     let mut probe: Option<SubscriptionProbe> = None;
     let identifier = format!("ordo-projector-{}-probe", std::process::id());
-    // While failing, the broker is tried again sooner (retry_initial, doubling up to the
-    // interval), so readiness returns soon after the broker does.
+    // While failing, the broker is tried again sooner (retry_initial, doubling up to
+    // retry_max), so readiness returns soon after the broker does.
     let retry = Backoff {
         initial: engine.cfg.retry_initial,
-        max: every,
+        max: every.min(engine.cfg.retry_max),
     };
     let mut failures = 0usize;
     while !cancel.is_cancelled() {
@@ -94,7 +100,7 @@ pub(crate) async fn service_bus(
             }
         };
         let checked = tokio::select! {
-            r = tokio::time::timeout(every, check) => r,
+            r = tokio::time::timeout(bound, check) => r,
             _ = cancel.cancelled() => break,
         };
         let failure = match checked {
@@ -102,7 +108,7 @@ pub(crate) async fn service_bus(
             Ok(Err(e)) => Some((e.reason(), e.to_string())),
             Err(_) => Some((
                 "timeout".to_string(),
-                format!("no answer within {}ms", every.as_millis()),
+                format!("no answer within {}ms", bound.as_millis()),
             )),
         };
         match failure {
@@ -110,14 +116,13 @@ pub(crate) async fn service_bus(
                 failures = 0;
                 if alarm.is_raised() {
                     tracing::info!("service bus answers the probe again");
-                    engine.broker_probe_answered();
                 }
                 alarm.lower();
             }
             Some((reason, error)) => {
                 if let Some(p) = probe.take() {
                     // Closing a dead connection can hang like the check did: bounded, aside.
-                    tokio::spawn(tokio::time::timeout(every, p.close()));
+                    tokio::spawn(tokio::time::timeout(bound, p.close()));
                 }
                 if !alarm.is_raised() {
                     tracing::warn!(%error, "service bus probe failed; not ready");
@@ -140,6 +145,6 @@ pub(crate) async fn service_bus(
         }
     }
     if let Some(p) = probe {
-        p.close().await;
+        let _ = tokio::time::timeout(bound, p.close()).await;
     }
 }

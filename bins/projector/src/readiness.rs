@@ -1,8 +1,9 @@
 //! What the projector's `/readyz` says: ready once the broker has answered an accept, while
 //! MongoDB answers and no worker is stuck on a fault. Workers raise an [`Alarm`] while their
 //! connect or accept fails (broker unreachable, credentials refused, topic or subscription
-//! missing or without sessions) or while a batch is retried for a database fault; the probe
-//! task in `lib.rs` pings MongoDB. Every change is published to the health endpoint at once.
+//! missing or without sessions) or while a batch is retried for a database fault; the probes
+//! in `probes.rs` ping MongoDB and check Service Bus apart from the accepts. Every change is
+//! published to the health endpoint at once.
 //! An alarm is lowered when its holder succeeds, or when it is dropped (a worker that panics
 //! does not leave the process unready for good).
 

@@ -142,8 +142,14 @@ async fn database_fail_points_are_retried_not_dead_lettered() {
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
     // The fail point fired: the projector's workers (the only inserters) used up its three
     // failures, met at least one as an error, and retried it.
-    let retries = p.metric(ordo_core::metrics::RETRIES).await;
-    assert!(retries >= 1.0, "{retries} retries counted\n{}", p.logs());
+    let retries = p
+        .metric_where(ordo_core::metrics::RETRIES, ("operation", "apply"))
+        .await;
+    assert!(
+        retries >= 1.0,
+        "{retries} apply retries counted\n{}",
+        p.logs()
+    );
     env.mongo
         .database()
         .collection::<mongodb::bson::Document>("fail_point_probe")

@@ -160,6 +160,14 @@ impl Daemon {
         }
     }
 
+    /// [`Daemon::metric`], only the samples labelled `label="value"`.
+    pub async fn metric_where(&self, name: &str, label: (&str, &str)) -> f64 {
+        match self.http_get("/metrics").await {
+            Ok((200, body)) => crate::prom::sum_where(&body, name, label),
+            _ => 0.0,
+        }
+    }
+
     /// Sends SIGTERM (graceful shutdown).
     pub fn sigterm(&self) -> anyhow::Result<()> {
         self.signal(rustix::process::Signal::TERM)

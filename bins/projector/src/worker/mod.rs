@@ -199,12 +199,6 @@ impl Engine {
         }
     }
 
-    /// The broker probe got an answer after failing: the workers waiting to try the broker one
-    /// at a time ([`BrokerGate`]) may all go.
-    pub fn broker_probe_answered(&self) {
-        self.gate.up();
-    }
-
     /// The broker probe failed: every worker waiting in an accept reconnects, as after a
     /// failed accept of its own (an accept does not always notice its connection drop).
     pub fn broker_probe_failed(&self) {
@@ -249,12 +243,19 @@ impl Engine {
             let mut probe = None;
             let (op, error) = 'attempt: {
                 let src = match source.as_mut() {
-                    Some(s) => s,
+                    Some(s) => {
+                        // A probe failure from now on ends this accept.
+                        probe_failed.mark_unchanged();
+                        s
+                    }
                     None => {
                         probe = tokio::select! {
                             p = self.gate.pass() => p,
                             _ = cancel.cancelled() => break 'work,
                         };
+                        // A probe failure from now on (not one from the wait at the gate) ends
+                        // this attempt's accept, also one signalled while connecting.
+                        probe_failed.mark_unchanged();
                         if probe.is_none() {
                             // The gate is open: the broker answered someone since this worker
                             // failed, so its alarm need not wait for an accept of its own (up
@@ -275,7 +276,6 @@ impl Engine {
                     Some(_) => self.cfg.accept_timeout.min(PROBE_ACCEPT_WAIT),
                     None => self.cfg.accept_timeout,
                 };
-                probe_failed.mark_unchanged();
                 let accepted = tokio::select! {
                     r = src.accept_next(wait) => r,
                     _ = probe_failed.changed() => {

@@ -60,8 +60,9 @@ pub(crate) async fn mongodb(engine: Arc<Engine>, cancel: CancellationToken) {
 const PROBE_TIMEOUT_FLOOR: Duration = Duration::from_secs(5);
 
 /// Probes Service Bus every `probe_interval`, each check bounded by it (at least
-/// [`PROBE_TIMEOUT_FLOOR`]; see [`SubscriptionProbe`]); after a failure, on the retry backoff. A failure holds `/readyz` at 503 until a check succeeds, is counted
-/// in `ordo_retries_total{operation="probe_servicebus"}`, and sends the workers waiting in an
+/// [`PROBE_TIMEOUT_FLOOR`]; see [`SubscriptionProbe`]); after a failure, on the retry
+/// backoff. A failure holds `/readyz` at 503 until a check succeeds, is counted in
+/// `ordo_retries_total{operation="probe_servicebus"}`, and sends the workers waiting in an
 /// accept to reconnect.
 pub(crate) async fn service_bus(
     engine: Arc<Engine>,
@@ -81,23 +82,22 @@ pub(crate) async fn service_bus(
         initial: engine.cfg.retry_initial,
         max: every.min(engine.cfg.retry_max),
     };
-    let mut failures = 0usize;
+    let mut delays = retry.delays();
     while !cancel.is_cancelled() {
         let check = async {
-            if probe.is_none() {
-                let opened = SubscriptionProbe::open(
-                    sb.connection_string(),
-                    &sb.topic,
-                    &sb.subscription,
-                    &identifier,
-                )
-                .await?;
-                probe = Some(opened);
-            }
-            match probe.as_mut() {
-                Some(p) => p.check().await,
-                None => Ok(()),
-            }
+            let p = match probe.as_mut() {
+                Some(p) => p,
+                None => probe.insert(
+                    SubscriptionProbe::open(
+                        sb.connection_string(),
+                        &sb.topic,
+                        &sb.subscription,
+                        &identifier,
+                    )
+                    .await?,
+                ),
+            };
+            p.check().await
         };
         let checked = tokio::select! {
             r = tokio::time::timeout(bound, check) => r,
@@ -113,7 +113,7 @@ pub(crate) async fn service_bus(
         };
         match failure {
             None => {
-                failures = 0;
+                delays = retry.delays();
                 if alarm.is_raised() {
                     tracing::info!("service bus answers the probe again");
                 }
@@ -134,8 +134,7 @@ pub(crate) async fn service_bus(
             }
         }
         let delay = if alarm.is_raised() {
-            failures += 1;
-            retry.delays().nth(failures.min(64) - 1).unwrap_or(every)
+            delays.next().unwrap_or(every)
         } else {
             every
         };

@@ -154,17 +154,19 @@ impl Daemon {
     /// The sum of every series of metric `name` on the daemon's `/metrics` right now; 0 when
     /// absent or when the daemon does not answer.
     pub async fn metric(&self, name: &str) -> f64 {
-        match self.http_get("/metrics").await {
-            Ok((200, body)) => crate::prom::sum(&body, name),
-            _ => 0.0,
-        }
+        crate::prom::sum(&self.metrics_text().await, name)
     }
 
     /// [`Daemon::metric`], only the samples labelled `label="value"`.
     pub async fn metric_where(&self, name: &str, label: (&str, &str)) -> f64 {
+        crate::prom::sum_where(&self.metrics_text().await, name, label)
+    }
+
+    /// The daemon's `/metrics` now; empty when it does not answer 200.
+    async fn metrics_text(&self) -> String {
         match self.http_get("/metrics").await {
-            Ok((200, body)) => crate::prom::sum_where(&body, name, label),
-            _ => 0.0,
+            Ok((200, body)) => body,
+            _ => String::new(),
         }
     }
 

@@ -1,32 +1,30 @@
 //! Reading a daemon's `/metrics` (Prometheus text format).
 
-/// Sum of every sample of metric `name` (all label sets), or 0 when absent.
-pub fn sum(text: &str, name: &str) -> f64 {
+/// Every sample of the text as (metric, labels without braces, value).
+fn samples(text: &str) -> impl Iterator<Item = (&str, &str, f64)> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name).then(|| value.parse::<f64>().ok())?
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            Some((metric, labels.trim_end_matches('}'), value.parse().ok()?))
         })
+}
+
+/// Sum of every sample of metric `name` (all label sets), or 0 when absent.
+pub fn sum(text: &str, name: &str) -> f64 {
+    samples(text)
+        .filter(|(metric, _, _)| *metric == name)
+        .map(|(_, _, value)| value)
         .sum()
 }
 
 /// Sum of the samples of metric `name` whose labels include `label="value"`.
 pub fn sum_where(text: &str, name: &str, (label, value): (&str, &str)) -> f64 {
     let wanted = format!("{label}=\"{value}\"");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, sample) = l.rsplit_once(' ')?;
-            let (metric, labels) = series.split_once('{')?;
-            let matches = metric == name
-                && labels
-                    .trim_end_matches('}')
-                    .split(',')
-                    .any(|pair| pair == wanted);
-            matches.then(|| sample.parse::<f64>().ok())?
-        })
+    samples(text)
+        .filter(|(metric, labels, _)| *metric == name && labels.split(',').any(|p| p == wanted))
+        .map(|(_, _, value)| value)
         .sum()
 }
 

@@ -313,6 +313,30 @@ pub(crate) async fn connect(conn: &Secret, identifier: &str) -> Result<Client, a
     }
 }
 
+/// A client named `identifier` with a receiver on a subscription's dead-letter queue (never
+/// session-enabled, so the attach is answered at once).
+pub(crate) async fn dead_letter_receiver(
+    conn: &Secret,
+    topic: &str,
+    subscription: &str,
+    identifier: &str,
+) -> Result<(Client, azservicebus::ServiceBusReceiver), azure_core::Error> {
+    use azservicebus::{ServiceBusReceiverOptions, SubQueue};
+    let mut client = connect(conn, identifier).await?;
+    let receiver = client
+        .create_receiver_for_subscription(
+            topic,
+            subscription,
+            ServiceBusReceiverOptions {
+                sub_queue: SubQueue::DeadLetter,
+                identifier: Some(identifier.to_string()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok((client, receiver))
+}
+
 /// Counts the messages in a subscription's dead-letter queue by peeking (no locks taken, nothing
 /// removed), up to `cap`; returns `(count, capped)`.
 pub async fn dead_letter_depth(
@@ -321,18 +345,8 @@ pub async fn dead_letter_depth(
     subscription: &str,
     cap: usize,
 ) -> Result<(usize, bool), BrokerError> {
-    use azservicebus::{ServiceBusReceiverOptions, SubQueue};
-    let mut client = connect(conn, "ordo-status").await?;
-    let mut receiver = client
-        .create_receiver_for_subscription(
-            topic,
-            subscription,
-            ServiceBusReceiverOptions {
-                sub_queue: SubQueue::DeadLetter,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let (client, mut receiver) =
+        dead_letter_receiver(conn, topic, subscription, "ordo-status").await?;
     let mut count = 0;
     let mut from = Some(0);
     while count < cap {

@@ -321,20 +321,7 @@ impl SubscriptionProbe {
         subscription: &str,
         identifier: &str,
     ) -> Result<Self, ReceiveError> {
-        use azservicebus::{ServiceBusReceiverOptions, SubQueue};
-        let mut client = super::connect(conn, identifier)
-            .await
-            .map_err(ReceiveError::of_fault)?;
-        let receiver = client
-            .create_receiver_for_subscription(
-                topic,
-                subscription,
-                ServiceBusReceiverOptions {
-                    sub_queue: SubQueue::DeadLetter,
-                    identifier: Some(identifier.to_string()),
-                    ..Default::default()
-                },
-            )
+        let (client, receiver) = super::dead_letter_receiver(conn, topic, subscription, identifier)
             .await
             .map_err(ReceiveError::of_fault)?;
         Ok(Self { client, receiver })

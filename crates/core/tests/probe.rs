@@ -38,10 +38,13 @@ async fn the_probe_follows_the_broker_through_an_outage() {
         .await
         .expect("and answers again on the same connection");
     sb.suspend().await.unwrap();
+    // The client sometimes errs at once and sometimes never answers on a connection the
+    // broker dropped (2 runs in 6 here); the daemon bounds every check, so either is a
+    // failure. What must never happen is a success.
     let failed = tokio::time::timeout(BOUND, probe.check()).await;
     assert!(
-        matches!(failed, Ok(Err(_))),
-        "a check on a connection the broker dropped fails: {failed:?}"
+        !matches!(failed, Ok(Ok(()))),
+        "a check on a connection the broker dropped does not succeed: {failed:?}"
     );
     let reopened = tokio::time::timeout(
         BOUND,

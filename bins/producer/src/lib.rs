@@ -65,7 +65,7 @@ use crate::lease_keeper::{LeaseEnd, LeaseKeeper};
 use crate::park::Parker;
 use crate::readiness::{dependency, Fault, Readiness};
 use crate::source::{Source, SourceError, Start};
-use crate::task::{TaskFailed, TaskKind};
+use crate::task::{joined, Ended, TaskFailed, TaskKind, TermTasks};
 
 pub use park::PARKED_COLLECTION;
 
@@ -183,17 +183,6 @@ enum Term {
     /// it until the database answers, so the end of the term's own faults does not read as a
     /// recovery.
     Lost(Option<Fault>),
-}
-
-/// What ended the first phase of a term.
-enum Ended {
-    /// The reader returned (shutdown, or a halt error).
-    Reader(Result<(), SourceError>),
-    /// Lease taken over or expired (with the lease keeper's database fault), or the checkpoint
-    /// fenced.
-    Lost(Option<Fault>),
-    /// A task failed: the term stops with this error.
-    Failed(ProducerError),
 }
 
 impl Producer {
@@ -482,94 +471,57 @@ impl Producer {
             abandon: abandon.clone(),
             restarts: Arc::new(AtomicUsize::new(0)),
         };
-        let mut publishers = tokio::spawn(dispatch::supervise(p.senders, factory.clone(), ctx));
-        let mut reader = tokio::spawn(async move { source.run(start).await });
         let keeper_stop = CancellationToken::new();
-        let mut keeper = tokio::spawn(
-            LeaseKeeper {
-                leases: self.leases.clone(),
-                lease: lease.clone(),
-                backoff: self.backoff,
-                readiness: self.readiness.clone(),
-                on_lost: vec![stop_reading.clone(), abandon.clone()],
-            }
-            .run(keeper_stop.clone()),
-        );
         let checkpointer_stop = CancellationToken::new();
-        let mut checkpointer = tokio::spawn(
-            Checkpointer {
-                store: self.checkpoints.clone(),
-                stream: self.stream.clone(),
-                epoch: lease.epoch,
-                acks: acks.clone(),
-                saved_wall,
-                published_before,
-                every: p.checkpoint_every_events,
-                interval: p.checkpoint_interval,
-                idle_interval: p.idle_checkpoint_interval,
-                stuck_after: p.checkpoint_stuck_after,
-                readiness: self.readiness.clone(),
-            }
-            .run(checkpointer_stop.clone()),
-        );
+        let mut tasks = TermTasks {
+            publishers: tokio::spawn(dispatch::supervise(p.senders, factory.clone(), ctx)),
+            reader: tokio::spawn(async move { source.run(start).await }),
+            keeper: tokio::spawn(
+                LeaseKeeper {
+                    leases: self.leases.clone(),
+                    lease: lease.clone(),
+                    backoff: self.backoff,
+                    readiness: self.readiness.clone(),
+                    on_lost: vec![stop_reading.clone(), abandon.clone()],
+                }
+                .run(keeper_stop.clone()),
+            ),
+            checkpointer: tokio::spawn(
+                Checkpointer {
+                    store: self.checkpoints.clone(),
+                    stream: self.stream.clone(),
+                    epoch: lease.epoch,
+                    acks: acks.clone(),
+                    saved_wall,
+                    published_before,
+                    every: p.checkpoint_every_events,
+                    interval: p.checkpoint_interval,
+                    idle_interval: p.idle_checkpoint_interval,
+                    stuck_after: p.checkpoint_stuck_after,
+                    readiness: self.readiness.clone(),
+                }
+                .run(checkpointer_stop.clone()),
+            ),
+            stops: vec![
+                stop_reading.clone(),
+                abandon.clone(),
+                checkpointer_stop.clone(),
+                keeper_stop.clone(),
+            ],
+        };
         let probe = AbortOnDrop(tokio::spawn(probe::probe_broker(
             factory,
             self.readiness.clone(),
             p.probe_interval,
         )));
 
-        let (which, ended) = tokio::select! {
-            r = &mut reader => (TaskKind::Reader, match r {
-                Ok(r) => Ended::Reader(r),
-                Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Reader, e).into()),
-            }),
-            r = &mut keeper => (TaskKind::LeaseKeeper, match r {
-                Ok(Ok(LeaseEnd::Lost)) => Ended::Lost(None),
-                Ok(Ok(LeaseEnd::Expired(fault))) => Ended::Lost(Some(fault)),
-                Ok(Ok(LeaseEnd::Stopped(_))) => Ended::Failed(early(TaskKind::LeaseKeeper)),
-                Ok(Err(e)) => Ended::Failed(ProducerError::State(e.to_string())),
-                Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::LeaseKeeper, e).into()),
-            }),
-            r = &mut checkpointer => (TaskKind::Checkpointer, match r {
-                Ok(Ok(CheckpointerEnd::Fenced(_))) => Ended::Lost(None),
-                Ok(Ok(CheckpointerEnd::Stopped(_))) => Ended::Failed(early(TaskKind::Checkpointer)),
-                Ok(Err(e)) => Ended::Failed(ProducerError::State(format!("checkpoint: {e}"))),
-                Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Checkpointer, e).into()),
-            }),
-            r = &mut publishers => (TaskKind::Publishers, match r {
-                // Abandoned by the lease keeper on a lost lease: its own result says so too.
-                Ok(Ok(())) if abandon.is_cancelled() => Ended::Lost(None),
-                Ok(Ok(())) => Ended::Failed(early(TaskKind::Publishers)),
-                Ok(Err(e)) => Ended::Failed(e.into()),
-                Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Publishers, e).into()),
-            }),
-        };
+        let (which, ended) = tasks.first_to_end(&abandon).await;
         drop(probe);
 
         let read_result = match ended {
             Ended::Reader(r) => r,
             Ended::Lost(_) | Ended::Failed(_) => {
-                stop_reading.cancel();
-                abandon.cancel();
-                checkpointer_stop.cancel();
-                keeper_stop.cancel();
-                // What is still running stops at once; only the lease is worth getting back.
-                if which != TaskKind::Reader {
-                    reader.abort();
-                }
-                if which != TaskKind::Publishers {
-                    publishers.abort();
-                }
-                // A save in flight may wait on an unreachable database: not worth waiting for.
-                if which != TaskKind::Checkpointer {
-                    checkpointer.abort();
-                    let _ = checkpointer.await;
-                }
-                let kept = if which != TaskKind::LeaseKeeper {
-                    keeper.await.ok().and_then(Result::ok)
-                } else {
-                    None
-                };
+                let kept = tasks.stop_after(which).await;
                 return match (ended, kept) {
                     (Ended::Failed(e), kept) => {
                         tracing::error!(task = %which, error = %e, "a task of the term failed: stopping");
@@ -584,6 +536,12 @@ impl Producer {
                 };
             }
         };
+        let TermTasks {
+            mut publishers,
+            checkpointer,
+            keeper,
+            ..
+        } = tasks;
         let stopping = root.is_cancelled() || read_result.is_err();
         dispatcher.close();
 
@@ -653,26 +611,6 @@ impl Producer {
             Ok(Err(e)) => tracing::warn!(error = %e, "lease release failed; it expires on its own"),
             Err(_) => tracing::warn!("lease release timed out; it expires on its own"),
         }
-    }
-}
-
-fn early(kind: TaskKind) -> ProducerError {
-    TaskFailed {
-        kind,
-        reason: "ended before the term did".into(),
-    }
-    .into()
-}
-
-/// A task's outcome at the end of a term: its value, or the term's error.
-fn joined<T, E: std::fmt::Display>(
-    kind: TaskKind,
-    r: Result<Result<T, E>, tokio::task::JoinError>,
-) -> Result<T, ProducerError> {
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(ProducerError::State(e.to_string())),
-        Err(e) => Err(TaskFailed::joined(kind, e).into()),
     }
 }
 

@@ -17,6 +17,14 @@
 //! third of its change-stream throughput. Operation types other than inserts (an update or a
 //! delete someone made by hand, a drop before its invalidate) are skipped here.
 //!
+//! An event whose change event is over MongoDB's 16 MB limit (BSONObjectTooLarge, 10334; a
+//! document near the limit plus the event's metadata) cannot be read as it is, and reopening
+//! the stream would meet it again forever. After the first such error the stream is reopened
+//! with one stage that replaces a document over [`OVERSIZE_BYTES`] by its `_id` and marks the
+//! event with its size; the producer parks it as `too_large` (no topic carries 16 MB anyway)
+//! and goes on. The stage stays for the rest of the reader's life; until then the stream has
+//! no stage at all.
+//!
 //! Lost history (286 ChangeStreamHistoryLost, 260 InvalidResumeToken, 280 ChangeStreamFatalError,
 //! or an invalidate event): re-publish the whole events collection in (aggregateId, eventId)
 //! order, then continue as above. Nothing in the collection says which events were published
@@ -48,6 +56,17 @@ use crate::dispatch::{Acks, Dispatcher};
 use crate::park::{ParkError, Parker};
 use crate::readiness::{dependency, Fault, Readiness};
 use crate::Position;
+
+/// BSONObjectTooLarge: a change event over the 16 MB limit.
+const EVENT_TOO_LARGE: i32 = 10334;
+
+/// A document above this many bytes of BSON is read by its `_id` alone once the stream met an
+/// event over the limit: 16 MiB less 64 KiB for the change event's own fields (its resume
+/// token, the namespace, the document key).
+pub const OVERSIZE_BYTES: i64 = 16 * 1024 * 1024 - 64 * 1024;
+
+/// The field the shrinking stage adds to an event whose document it replaced.
+const OVERSIZE_FIELD: &str = "ordoOversizeBytes";
 
 /// Server codes meaning the stream cannot resume from the position it was given.
 pub const HISTORY_LOST_CODES: &[i32] = &[286, 260, 280];
@@ -126,12 +145,20 @@ struct Change {
     wall_time: Option<DateTime>,
     full_document: Option<Document>,
     document_key: Option<Document>,
+    /// Set by the shrinking stage: the size of the document it replaced by its `_id`.
+    #[serde(rename = "ordoOversizeBytes")]
+    oversize: Option<i64>,
 }
 
 /// What the stream reader hands to the handling side, in stream order.
 enum Streamed {
     /// An inserted event and its position.
-    Insert { doc: Document, position: Position },
+    Insert {
+        doc: Document,
+        position: Position,
+        /// The document was over [`OVERSIZE_BYTES`]: `doc` is its `_id` alone.
+        oversize: Option<i64>,
+    },
     /// The stream is caught up to this position (an idle stream's post-batch resume token).
     Idle(Position),
 }
@@ -345,11 +372,17 @@ impl Source {
         }
     }
 
-    async fn open(&self, start: &Start) -> mongodb::error::Result<ChangeStream<Change>> {
+    async fn open(
+        &self,
+        start: &Start,
+        shrink: bool,
+    ) -> mongodb::error::Result<ChangeStream<Change>> {
         let p = &self.cfg.producer;
+        let pipeline = if shrink { shrinking_stage() } else { vec![] };
         let watch = self
             .events
             .watch()
+            .pipeline(pipeline)
             .max_await_time(p.max_await_time)
             .batch_size(p.read_batch_size);
         let stream = match start {
@@ -370,6 +403,12 @@ impl Source {
             Start::Mode(_) | Start::Recover => watch.await,
         };
         stream.map(ChangeStream::with_type)
+    }
+
+    /// The stream met an event over the 16 MB limit; it is reopened with the shrinking stage.
+    fn met_event_too_large(&self, e: &mongodb::error::Error) {
+        ::metrics::counter!(names::RETRIES, "operation" => "change_stream", "reason" => "event_too_large").increment(1);
+        tracing::error!(stream = %self.stream, error = %e, limit = OVERSIZE_BYTES, "a change event is over MongoDB's 16 MB limit: reopening the stream with a stage that reads a document over the limit by its _id; it is parked as too_large");
     }
 
     fn recovery(&self, cause: &'static str, detail: &str) -> Read {
@@ -393,8 +432,18 @@ impl Source {
         };
         while let Some(item) = rx.recv().await {
             match item {
-                Streamed::Insert { doc, position } => {
-                    if !self.handle(doc, Some(position)).await? {
+                Streamed::Insert {
+                    doc,
+                    position,
+                    oversize,
+                } => {
+                    let handled = match oversize {
+                        Some(bytes) => self.park(doc, Some(position), "too_large", format!(
+                            "the document is {bytes} bytes of BSON: its change event is over MongoDB's 16 MB limit, so only its _id was read"
+                        )).await?,
+                        None => self.handle(doc, Some(position)).await?,
+                    };
+                    if !handled {
                         return Ok(Read::Stop);
                     }
                 }
@@ -418,18 +467,25 @@ impl Source {
         // Where to reopen after a transient fault: the last position read, else the start.
         let mut reopen = start;
         let mut last_token: Option<ResumeToken> = None;
+        // Read oversized documents by their `_id`: set after the first event over the limit.
+        let mut shrink = false;
         'open: loop {
             if let Some(token) = last_token.as_ref() {
                 reopen = Start::After(token_doc(token));
             }
             let opened = tokio::select! {
-                r = self.open(&reopen) => r,
+                r = self.open(&reopen, shrink) => r,
                 _ = self.cancel.cancelled() => return Read::Stop,
             };
             let mut stream = match opened {
                 Ok(s) => s,
                 Err(e) if is_history_lost(&e) => {
                     return self.recovery(code_name(&e), &e.to_string())
+                }
+                Err(e) if !shrink && is_event_too_large(&e) => {
+                    self.met_event_too_large(&e);
+                    shrink = true;
+                    continue 'open;
                 }
                 Err(e) => {
                     self.fault(&mut failed);
@@ -468,7 +524,11 @@ impl Source {
                                     wall_time: event.wall_time.unwrap_or_else(DateTime::now),
                                 };
                                 last_token = Some(event.id);
-                                Streamed::Insert { doc, position }
+                                Streamed::Insert {
+                                    doc,
+                                    position,
+                                    oversize: event.oversize,
+                                }
                             }
                             "invalidate" => {
                                 return self.recovery("invalidate", "the change stream was invalidated (collection dropped or renamed)");
@@ -503,6 +563,11 @@ impl Source {
                     }
                     Err(e) if is_history_lost(&e) => {
                         return self.recovery(code_name(&e), &e.to_string())
+                    }
+                    Err(e) if !shrink && is_event_too_large(&e) => {
+                        self.met_event_too_large(&e);
+                        shrink = true;
+                        continue 'open;
                     }
                     Err(e) => {
                         self.fault(&mut failed);
@@ -584,6 +649,22 @@ impl Source {
 /// The resume token as a document (how the checkpoint stores it).
 pub fn token_doc(token: &ResumeToken) -> Document {
     bson::to_document(token).unwrap_or_default()
+}
+
+fn is_event_too_large(e: &mongodb::error::Error) -> bool {
+    ordo_core::mongo::server_code(e) == Some(EVENT_TOO_LARGE)
+}
+
+/// The stage that keeps every change event under the limit: a document over
+/// [`OVERSIZE_BYTES`] is replaced by its `_id`, and the event gets [`OVERSIZE_FIELD`] with the
+/// document's size. Events of other kinds (no document) pass unchanged.
+fn shrinking_stage() -> Vec<Document> {
+    let size = doc! { "$bsonSize": "$fullDocument" };
+    let over = doc! { "$gt": [size.clone(), OVERSIZE_BYTES] };
+    vec![doc! { "$set": {
+        OVERSIZE_FIELD: { "$cond": [over.clone(), size, "$$REMOVE"] },
+        "fullDocument": { "$cond": [over, { "_id": "$fullDocument._id" }, "$fullDocument"] },
+    } }]
 }
 
 fn is_history_lost(e: &mongodb::error::Error) -> bool {

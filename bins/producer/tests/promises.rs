@@ -547,3 +547,75 @@ async fn a_wrong_key_keeps_the_producer_unready_and_loses_nothing() {
     stop(&mut producer).await;
     collector.stop().await.check(&writer.expected()).unwrap();
 }
+
+/// A change event over MongoDB's 16 MB limit (a document near the limit plus the event's own
+/// fields) fails every read of the stream with BSONObjectTooLarge (10334) on MongoDB; reopened
+/// as it was, the stream would meet it again forever. The stand-in does not enforce that limit,
+/// so a fail point answers 10334 to the stream's next read; the document inserted after it is
+/// over the limit. The producer reopens the stream with its shrinking stage: the document is
+/// read by its `_id` and parked as `too_large` naming its size, the aggregate's next event is
+/// published, and the checkpoint passes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_event_over_the_16_mb_limit_is_parked_not_read_forever() {
+    let world = World::start().await;
+    let events = world.events();
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn("");
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    events
+        .insert_one(event("huge-1", "huge", 1, 10))
+        .await
+        .unwrap();
+    wait_distinct(&collector, 1, DEADLINE).await;
+
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": { "times": 1 }, "data": {
+                "failCommands": ["getMore", "aggregate"], "appName": "ordo-producer",
+                "errorCode": 10334, "errmsg": "BSONObj size: 16777300 (0x1000054) is invalid",
+            } },
+        )
+        .await
+        .unwrap();
+    let p = &producer;
+    wait_until(Duration::from_secs(20), || async move {
+        p.metric_where(names::RETRIES, ("reason", "event_too_large"))
+            .await
+            >= 1.0
+    })
+    .await;
+
+    // 16 MiB less 16 KiB of padding: under the insert limit, over the producer's bound.
+    let pad = 16 * 1024 * 1024 - 16 * 1024;
+    assert!(pad as i64 > ordo_producer::source::OVERSIZE_BYTES);
+    events
+        .insert_one(event("huge-2", "huge", 2, pad))
+        .await
+        .unwrap();
+    events
+        .insert_one(event("huge-3", "huge", 3, 10))
+        .await
+        .unwrap();
+
+    wait_distinct(&collector, 2, DEADLINE).await;
+    let record = the_one_parked(&world).await;
+    assert_eq!(record.get_str("reason").unwrap(), "too_large", "{record:?}");
+    assert_eq!(record.get_str("sourceId").unwrap(), "huge-2");
+    let error = record.get_str("error").unwrap();
+    assert!(
+        error.contains("over MongoDB's 16 MB limit") && error.contains("bytes of BSON"),
+        "{error}"
+    );
+    assert_eq!(
+        record.get_document("source").unwrap(),
+        &doc! { "_id": "huge-2" },
+        "only the _id was read"
+    );
+    // Parked events are acknowledged, not published: the checkpoint passes huge-2.
+    wait_checkpoint(&world, |cp| published(cp) >= 2).await;
+    stop(&mut producer).await;
+    let received = collector.stop().await;
+    assert_eq!(received.per_aggregate["huge"], [1, 3]);
+}

@@ -119,6 +119,43 @@ async fn a_withheld_message_is_healed_from_the_events_collection() {
     assert!(env.dead_letters().is_empty());
 }
 
+/// `readPreference=secondary` in the URI does not send ordo's reads to a replica, whose lag
+/// would read as a gap (blocked after `gap_timeout`) or as a stale read model: the stand-in is
+/// a one-member replica set with no secondary, so every read that followed the URI would find
+/// no server. A withheld event is healed all the same, and the projector says the setting is
+/// ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_read_preference_in_the_uri_is_not_followed() {
+    let env = start(Duration::from_secs(5)).await;
+    let hello = env
+        .mongo
+        .database()
+        .run_command(doc! { "hello": 1 })
+        .await
+        .unwrap();
+    let set = hello.get_str("setName").expect("a replica set").to_string();
+    let direct = env.mongo.uri();
+    let secondary = direct.replace(
+        "directConnection=true",
+        &format!("replicaSet={set}&readPreference=secondary&serverSelectionTimeoutMS=3000"),
+    );
+    assert_ne!(direct, secondary);
+    let events = workload("s", 4, 8);
+    env.insert_events(&events).await;
+    for e in events.iter().filter(|e| e.get_i64("eventId").unwrap() != 4) {
+        env.publish(std::slice::from_ref(e)).await;
+    }
+    let mut p = env.spawn_unready("", |toml| toml.replace(&*direct, &secondary));
+    p.wait_ready(Duration::from_secs(30)).await.unwrap();
+    converge(&env).await;
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    assert!(
+        p.logs().contains("readPreference is ignored"),
+        "{}",
+        p.logs()
+    );
+}
+
 /// A fail point on the read-model writes is retried in place, never dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_fail_points_are_retried_not_dead_lettered() {

@@ -3,15 +3,28 @@
 use std::time::Duration;
 
 use mongodb::error::{Error, ErrorKind};
-use mongodb::options::ClientOptions;
+use mongodb::options::{ClientOptions, ReadPreference, SelectionCriteria};
 use mongodb::Client;
 
 use crate::config::MongoConfig;
 
 /// Opens a client with ordo's defaults: the app name shows in the server's logs and `currentOp`.
+///
+/// Every read goes to the primary, whatever `readPreference` the URI names: a secondary's lag
+/// would read as a gap in an aggregate's events (blocked after `gap_timeout`), as a read model
+/// behind its last write (a storm of version-guard conflicts), or as a stale checkpoint or
+/// lease. A URI that asks otherwise gets a warning.
 pub async fn connect(cfg: &MongoConfig, app_name: &str) -> Result<Client, Error> {
     let mut options = ClientOptions::parse(cfg.uri().expose()).await?;
     options.app_name.get_or_insert_with(|| app_name.to_string());
+    let primary = SelectionCriteria::ReadPreference(ReadPreference::Primary);
+    match options.selection_criteria.replace(primary) {
+        None | Some(SelectionCriteria::ReadPreference(ReadPreference::Primary)) => {}
+        Some(asked) => tracing::warn!(
+            read_preference = ?asked,
+            "the MongoDB URI's readPreference is ignored: ordo reads from the primary, where a replica's lag cannot look like a missing event"
+        ),
+    }
     options
         .server_selection_timeout
         .get_or_insert(Duration::from_secs(10));
@@ -78,5 +91,38 @@ pub fn error_reason(e: &Error) -> &'static str {
         ErrorKind::Authentication { .. } => "auth",
         _ if is_transient(e) => "transient_server_error",
         _ => "server_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    /// A URI that asks for a secondary (or any replica) still reads from the primary.
+    #[tokio::test]
+    async fn reads_go_to_the_primary_whatever_the_uri_asks() {
+        for asked in [
+            "secondary",
+            "secondaryPreferred",
+            "nearest",
+            "primaryPreferred",
+        ] {
+            let cfg = MongoConfig {
+                uri: Some(Secret::new(format!(
+                    "mongodb://127.0.0.1:1/?replicaSet=rs0&readPreference={asked}"
+                ))),
+                ..MongoConfig::default()
+            };
+            let client = connect(&cfg, "test").await.unwrap();
+            assert!(
+                matches!(
+                    client.selection_criteria(),
+                    Some(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+                ),
+                "{asked}: {:?}",
+                client.selection_criteria()
+            );
+        }
     }
 }

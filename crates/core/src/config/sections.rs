@@ -15,6 +15,7 @@ use crate::secret::Secret;
 #[serde(deny_unknown_fields, default)]
 pub struct MongoConfig {
     /// Connection string (`mongodb://…`); or `uri_file`, `ORDO__MONGODB__URI`, `MONGODB_URI`.
+    /// A `readPreference` in it is ignored: ordo reads from the primary.
     pub uri: Option<Secret>,
     /// File holding the connection string (a mounted secret).
     pub uri_file: Option<PathBuf>,

@@ -52,7 +52,6 @@ use ordo_core::servicebus::sender::{
 };
 use ordo_core::shutdown::Shutdown;
 use ordo_core::telemetry::{self, Health};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ProducerConfig;
@@ -65,7 +64,7 @@ use crate::lease_keeper::{LeaseEnd, LeaseKeeper};
 use crate::park::Parker;
 use crate::readiness::{dependency, Fault, Readiness};
 use crate::source::{Source, SourceError, Start};
-use crate::task::{joined, Ended, TaskFailed, TaskKind, TermTasks};
+use crate::task::{joined, AbortOnDrop, Ended, TaskFailed, TaskKind, TermTasks};
 
 pub use park::PARKED_COLLECTION;
 
@@ -502,12 +501,10 @@ impl Producer {
                 }
                 .run(checkpointer_stop.clone()),
             ),
-            stops: vec![
-                stop_reading.clone(),
-                abandon.clone(),
-                checkpointer_stop.clone(),
-                keeper_stop.clone(),
-            ],
+            stop_reading,
+            abandon,
+            stop_checkpointer: checkpointer_stop,
+            stop_keeper: keeper_stop,
         };
         let probe = AbortOnDrop(tokio::spawn(probe::probe_broker(
             factory,
@@ -515,7 +512,7 @@ impl Producer {
             p.probe_interval,
         )));
 
-        let (which, ended) = tasks.first_to_end(&abandon).await;
+        let (which, ended) = tasks.first_to_end().await;
         drop(probe);
 
         let read_result = match ended {
@@ -536,13 +533,29 @@ impl Producer {
                 };
             }
         };
+        let stopping = root.is_cancelled() || read_result.is_err();
+        self.finish(tasks, &dispatcher, read_result, stopping).await
+    }
+
+    /// The end of a term whose reader stopped (shutdown, or a halt): drains the publishers
+    /// within a share of the grace period, saves the checkpoint over what was acknowledged and
+    /// releases the lease.
+    async fn finish(
+        &self,
+        tasks: TermTasks,
+        dispatcher: &Dispatcher,
+        read_result: Result<(), SourceError>,
+        stopping: bool,
+    ) -> Result<Term, ProducerError> {
         let TermTasks {
             mut publishers,
             checkpointer,
             keeper,
+            abandon,
+            stop_checkpointer,
+            stop_keeper,
             ..
         } = tasks;
-        let stopping = root.is_cancelled() || read_result.is_err();
         dispatcher.close();
 
         // Drain what was read, bounded by a share of the grace period (the rest is for the
@@ -571,9 +584,9 @@ impl Producer {
             Err(e) => Some(TaskFailed::joined(TaskKind::Publishers, e).into()),
         };
 
-        checkpointer_stop.cancel();
+        stop_checkpointer.cancel();
         let cp_end = joined(TaskKind::Checkpointer, checkpointer.await)?;
-        keeper_stop.cancel();
+        stop_keeper.cancel();
         let lease_end = joined(TaskKind::LeaseKeeper, keeper.await)?;
 
         let (mut cp, lease) = match (cp_end, lease_end) {
@@ -611,14 +624,5 @@ impl Producer {
             Ok(Err(e)) => tracing::warn!(error = %e, "lease release failed; it expires on its own"),
             Err(_) => tracing::warn!("lease release timed out; it expires on its own"),
         }
-    }
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -81,8 +81,15 @@ pub(crate) struct TermTasks {
     pub publishers: JoinHandle<Result<(), WorkerError>>,
     pub checkpointer: JoinHandle<Result<CheckpointerEnd, CheckpointError>>,
     pub keeper: JoinHandle<Result<LeaseEnd, LeaseError>>,
-    /// Cancelled by [`TermTasks::stop_after`]: every stop token of the term.
-    pub stops: Vec<CancellationToken>,
+    /// Stops the reader: shutdown, or the lease lost.
+    pub stop_reading: CancellationToken,
+    /// Abandons sends at once: the lease lost, a failed task, or the drain part of the grace
+    /// period over.
+    pub abandon: CancellationToken,
+    /// Stops the checkpointer, which then hands back its state for the final save.
+    pub stop_checkpointer: CancellationToken,
+    /// Stops the lease keeper, which then hands back the lease to release.
+    pub stop_keeper: CancellationToken,
 }
 
 impl TermTasks {
@@ -90,7 +97,7 @@ impl TermTasks {
     /// first on its own (shutdown or halt); the others end the term, as lost (lease taken
     /// over, checkpoint fenced, sends abandoned) or failed (an error, a panic, or a return
     /// nobody asked for).
-    pub async fn first_to_end(&mut self, abandon: &CancellationToken) -> (TaskKind, Ended) {
+    pub async fn first_to_end(&mut self) -> (TaskKind, Ended) {
         tokio::select! {
             r = &mut self.reader => (TaskKind::Reader, match r {
                 Ok(r) => Ended::Reader(r),
@@ -111,7 +118,7 @@ impl TermTasks {
             }),
             r = &mut self.publishers => (TaskKind::Publishers, match r {
                 // Abandoned by the lease keeper on a lost lease: its own result says so too.
-                Ok(Ok(())) if abandon.is_cancelled() => Ended::Lost(None),
+                Ok(Ok(())) if self.abandon.is_cancelled() => Ended::Lost(None),
                 Ok(Ok(())) => Ended::Failed(early(TaskKind::Publishers)),
                 Ok(Err(e)) => Ended::Failed(e.into()),
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Publishers, e).into()),
@@ -123,7 +130,12 @@ impl TermTasks {
     /// on an unreachable database, and sends are abandoned) and waits only for the lease
     /// keeper, whose lease is worth releasing. Returns the keeper's end when it had one.
     pub async fn stop_after(self, ended: TaskKind) -> Option<LeaseEnd> {
-        for stop in &self.stops {
+        for stop in [
+            &self.stop_reading,
+            &self.abandon,
+            &self.stop_checkpointer,
+            &self.stop_keeper,
+        ] {
             stop.cancel();
         }
         for (kind, handle) in [
@@ -164,6 +176,15 @@ pub(crate) fn joined<T, E: fmt::Display>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(ProducerError::State(e.to_string())),
         Err(e) => Err(TaskFailed::joined(kind, e).into()),
+    }
+}
+
+/// Aborts the task when dropped: nothing a term or a reader started outlives it.
+pub(crate) struct AbortOnDrop<T>(pub JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -232,7 +253,10 @@ mod tests {
             publishers: task(TaskKind::Publishers, failing, gone),
             checkpointer: task(TaskKind::Checkpointer, failing, gone),
             keeper,
-            stops: vec![keeper_stop],
+            stop_reading: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            stop_checkpointer: CancellationToken::new(),
+            stop_keeper: keeper_stop,
         }
     }
 
@@ -255,8 +279,7 @@ mod tests {
         ] {
             let gone = Gone::default();
             let mut tasks = term(failing, &gone);
-            let abandon = CancellationToken::new();
-            let (which, ended) = within("first_to_end", tasks.first_to_end(&abandon)).await;
+            let (which, ended) = within("first_to_end", tasks.first_to_end()).await;
             assert_eq!(which, failing);
             match ended {
                 Ended::Failed(ProducerError::Task(TaskFailed { kind, reason })) => {

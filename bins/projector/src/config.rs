@@ -55,6 +55,12 @@ pub struct ProjectorSection {
     /// the whole write rate, and p50 1.0 s).
     #[serde(with = "humantime_serde")]
     pub session_idle_timeout: Duration,
+    /// The idle timeout while every worker of the process holds a session: other aggregates
+    /// may be waiting at the broker, and an idle session keeps one of them from a worker. At
+    /// most `session_idle_timeout` (a larger value counts as it); equal to it turns the rule
+    /// off.
+    #[serde(with = "humantime_serde")]
+    pub busy_session_idle_timeout: Duration,
     /// Session lock renewal period; well under the subscription's lock duration (a third).
     #[serde(with = "humantime_serde")]
     pub lock_renewal_interval: Duration,
@@ -96,6 +102,7 @@ impl Default for ProjectorSection {
             accept_timeout: Duration::from_secs(5),
             probe_interval: Duration::from_secs(5),
             session_idle_timeout: Duration::from_millis(300),
+            busy_session_idle_timeout: Duration::from_millis(20),
             lock_renewal_interval: Duration::from_secs(10),
             gap_timeout: Duration::from_secs(10),
             transient_retry_limit: 10,
@@ -131,6 +138,12 @@ impl Validate for ProjectorSection {
         check_duration(
             "projector.session_idle_timeout",
             self.session_idle_timeout,
+            ms(10),
+            s(3600),
+        )?;
+        check_duration(
+            "projector.busy_session_idle_timeout",
+            self.busy_session_idle_timeout,
             ms(10),
             s(3600),
         )?;

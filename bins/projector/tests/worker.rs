@@ -1062,3 +1062,77 @@ async fn a_failed_broker_probe_ends_an_accept_waiting_on_a_dead_connection() {
     cancel.cancel();
     worker.await.unwrap();
 }
+
+/// Two workers, `session_idle_timeout` 30 s and `busy_session_idle_timeout` 20 ms, working
+/// one session per event of `events`; returns each session's operations.
+async fn two_busy_workers(
+    mongo: &TestMongo,
+    events: &[Document],
+) -> (Vec<Arc<Mutex<Vec<Op>>>>, ordo_core::shutdown::Shutdown) {
+    let engine = engine(mongo, |c| {
+        c.max_concurrent_sessions = 2;
+        c.session_idle_timeout = Duration::from_secs(30);
+        c.busy_session_idle_timeout = Duration::from_millis(20);
+    })
+    .await;
+    let mut sessions = VecDeque::new();
+    let mut all_ops = Vec::new();
+    for e in events {
+        let (s, ops) = FakeSession::new(e.get_str("aggregateId").unwrap(), vec![msg(e)]);
+        sessions.push_back(s);
+        all_ops.push(ops);
+    }
+    let source = SharedSource(Arc::new(Mutex::new(sessions)));
+    let shutdown = ordo_core::shutdown::Shutdown::new();
+    ordo_projector::spawn_workers(&engine, &shutdown, move |_| {
+        let source = source.clone();
+        async move { Ok::<_, ReceiveError>(source) }
+    });
+    (all_ops, shutdown)
+}
+
+async fn applied_within(all_ops: &[Arc<Mutex<Vec<Op>>>], within: Duration) {
+    wait_until(within, || async move {
+        all_ops
+            .iter()
+            .all(|ops| count(&ops_of(ops), |o| matches!(o, Op::Complete(_))) == 1)
+    })
+    .await;
+}
+
+async fn stop(shutdown: ordo_core::shutdown::Shutdown) {
+    shutdown.token.cancel();
+    assert_eq!(
+        shutdown.drain(Duration::from_secs(10)).await,
+        ordo_core::shutdown::Drained::Clean
+    );
+}
+
+/// While every worker holds a session, other aggregates may be waiting at the broker: an idle
+/// session is released after `busy_session_idle_timeout`, not `session_idle_timeout`. With two
+/// workers and six one-event aggregates, all six are applied long before one session's idle
+/// timeout (30 s) is over; held for it, the first two would keep both workers for 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_make_way_while_every_worker_is_busy() {
+    let mongo = TestMongo::start().await.unwrap();
+    let (all_ops, shutdown) = two_busy_workers(&mongo, &workload("c", 6, 1)).await;
+    applied_within(&all_ops, Duration::from_secs(10)).await;
+    stop(shutdown).await;
+}
+
+/// With a worker free, nothing waits for the worker an idle session keeps: the session is held
+/// for the whole `session_idle_timeout`, so its aggregate's next event needs no new accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_kept_while_a_worker_is_free() {
+    let mongo = TestMongo::start().await.unwrap();
+    let (all_ops, shutdown) = two_busy_workers(&mongo, &workload("k", 1, 1)).await;
+    applied_within(&all_ops, Duration::from_secs(10)).await;
+    // Fifty busy idle timeouts later, it is still held.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !ops_of(&all_ops[0]).contains(&Op::Close),
+        "{:?}",
+        ops_of(&all_ops[0])
+    );
+    stop(shutdown).await;
+}

@@ -385,14 +385,11 @@ impl Engine {
                 metrics::counter!(m::LOCK_RENEWALS).increment(1);
                 last_renew = Instant::now();
             }
+            let idle_limit = self.idle_limit();
             let wait = self
                 .cfg
                 .receive_wait
-                .min(
-                    self.cfg
-                        .session_idle_timeout
-                        .saturating_sub(idle_since.elapsed()),
-                )
+                .min(idle_limit.saturating_sub(idle_since.elapsed()))
                 .max(Duration::from_millis(10));
             let msgs = match session.receive(self.cfg.batch_size, wait).await {
                 Ok(v) => v,
@@ -402,7 +399,7 @@ impl Engine {
                 }
             };
             if msgs.is_empty() {
-                if idle_since.elapsed() >= self.cfg.session_idle_timeout {
+                if idle_since.elapsed() >= self.idle_limit() {
                     break;
                 }
                 continue;
@@ -418,6 +415,21 @@ impl Engine {
         session.close().await;
         drop(held_now);
         tracing::debug!(session = %sid, "session released");
+    }
+
+    /// How long a held session may stay idle now: `session_idle_timeout`, or the shorter
+    /// `busy_session_idle_timeout` while every worker holds a session, when other aggregates
+    /// may be waiting at the broker for a worker this idle one keeps.
+    fn idle_limit(&self) -> Duration {
+        let all_held =
+            self.activity.sessions_held.load(Relaxed) >= self.activity.workers.load(Relaxed);
+        if all_held {
+            self.cfg
+                .busy_session_idle_timeout
+                .min(self.cfg.session_idle_timeout)
+        } else {
+            self.cfg.session_idle_timeout
+        }
     }
 
     fn lock_trouble(&self, sid: &str, e: &ReceiveError) {

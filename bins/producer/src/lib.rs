@@ -214,6 +214,19 @@ impl Producer {
     /// Standby until the lease is ours, active until it is lost or shutdown.
     pub async fn run<F: PublisherFactory>(&self, factory: Arc<F>) -> Result<(), ProducerError> {
         let cancel = self.shutdown.token.clone();
+        // `/readyz` follows the database on its own clock: the term's operations can wait
+        // much longer on a hung server than the 10 s readiness promises.
+        let _pings = AbortOnDrop(tokio::spawn({
+            let readiness = self.readiness.clone();
+            let mut fault = None;
+            ordo_core::mongo::probe(self.db.clone(), cancel.clone(), move |reachable| {
+                if reachable {
+                    fault = None;
+                } else {
+                    readiness.hold(&mut fault, dependency::MONGODB);
+                }
+            })
+        }));
         let mut carried = None;
         loop {
             ::metrics::gauge!(names::LEASE_HELD).set(0.0);

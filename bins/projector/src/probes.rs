@@ -13,47 +13,13 @@ use ordo_core::servicebus::receiver::SubscriptionProbe;
 
 use crate::Engine;
 
-/// How often MongoDB is pinged for `/readyz`, and how long a ping may take: a dead database
-/// turns the projector unready within a few seconds, a recovered one ready within one interval.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Pings MongoDB for the readiness verdict.
+/// Pings MongoDB for the readiness verdict ([`ordo_core::mongo::probe`]).
 pub(crate) async fn mongodb(engine: Arc<Engine>, cancel: CancellationToken) {
-    let mut was_reachable = true;
-    while !cancel.is_cancelled() {
-        let ping = engine
-            .store
-            .database()
-            .run_command(mongodb::bson::doc! { "ping": 1 });
-        let reachable = match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                if was_reachable {
-                    tracing::warn!(error = %e, "mongodb unreachable; not ready");
-                }
-                false
-            }
-            Err(_) => {
-                if was_reachable {
-                    tracing::warn!(
-                        timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
-                        "mongodb did not answer a ping; not ready"
-                    );
-                }
-                false
-            }
-        };
-        if reachable && !was_reachable {
-            tracing::info!("mongodb reachable again");
-        }
-        was_reachable = reachable;
-        engine.readiness.set_database_reachable(reachable);
-        tokio::select! {
-            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-            _ = cancel.cancelled() => {}
-        }
-    }
+    let db = engine.store.database().clone();
+    ordo_core::mongo::probe(db, cancel, |reachable| {
+        engine.readiness.set_database_reachable(reachable)
+    })
+    .await
 }
 
 /// The shortest wait for a probe's answer, whatever `probe_interval` is.

@@ -450,6 +450,63 @@ async fn poison_is_dead_lettered_and_blocks_the_aggregate() {
     assert_eq!(doc.get_i64("lastEventId").unwrap(), 2);
 }
 
+/// A session that carries two aggregates (a publisher other than ordo-producer, or one from
+/// before session ids were made injective): the other aggregate's event is dead-lettered as
+/// `ForeignAggregate`, never folded into this aggregate's model, and its own model is not
+/// written. Before, the batch was folded as the first message's aggregate, and B's event 2
+/// became A's event 2.
+#[tokio::test]
+async fn an_event_of_another_aggregate_in_the_session_is_never_folded_in() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |_| {}).await;
+    let created =
+        |id: &str, v: i64| event(id, "Order", v, "OrderCreated", doc! { "customerId": id });
+    let item = |id: &str, v: i64| {
+        event(
+            id,
+            "Order",
+            v,
+            "ItemAddedToOrder",
+            doc! { "sku": "s", "qty": 1, "price": 2.0 },
+        )
+    };
+    let events = [created("mix-a", 1), item("mix-b", 2), item("mix-a", 2)];
+    let (session, ops) = FakeSession::new("mix-a", events.iter().map(msg).collect());
+    let cancel = CancellationToken::new();
+    let source = Mutex::new(Some(FakeSource {
+        sessions: VecDeque::from([session]),
+        cancel: cancel.clone(),
+    }));
+    let connect = || {
+        let s = source.lock().unwrap().take();
+        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        engine.clone().run_worker(0, connect, cancel),
+    )
+    .await
+    .expect("the worker stops once the source is exhausted");
+    let ops = ops_of(&ops);
+    assert!(
+        ops.contains(&Op::DeadLetter("mix-b:2".into(), "ForeignAggregate".into())),
+        "{ops:?}"
+    );
+    assert!(ops.contains(&Op::Complete("mix-a:1".into())), "{ops:?}");
+    let a = stored(&mongo, "orders", "mix-a").await.unwrap();
+    assert_eq!(a.get_i64("lastEventId").unwrap(), 1, "{a:?}");
+    assert!(stored(&mongo, "orders", "mix-b").await.is_none());
+    let blocked = stored(&mongo, "ordo_blocked", "mix-a").await.unwrap();
+    assert_eq!(blocked.get_str("reason").unwrap(), "ForeignAggregate");
+    assert!(
+        blocked
+            .get_str("description")
+            .unwrap()
+            .contains("\"mix-b\""),
+        "{blocked:?}"
+    );
+}
+
 fn ops_of(ops: &Arc<Mutex<Vec<Op>>>) -> Vec<Op> {
     ops.lock().unwrap().clone()
 }

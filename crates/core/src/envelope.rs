@@ -10,7 +10,10 @@
 //! Service Bus (and azservicebus, which checks `str::len`) refuses session, partition-key and
 //! message ids longer than 128 *bytes*, so longer ids (in UTF-8 bytes, not characters: 50 CJK
 //! characters are 150 bytes) are replaced by a stable SHA-256 digest; the real aggregate id stays
-//! in the body and in the `aggregateId` property. The contract is versioned by the
+//! in the body and in the `aggregateId` property. An id that itself starts with the digest's
+//! prefix (`sha256:`) is replaced by its digest too, however short: otherwise an aggregate whose
+//! id *is* another one's digest would share its session, and the projector fold one's events
+//! into the other's read model. With it, no id kept as it is can equal a digest. The contract is versioned by the
 //! `ordo-envelope` property.
 
 use mongodb::bson::{self, Bson, Document};
@@ -454,7 +457,7 @@ fn digest(text: &str) -> String {
 }
 
 fn bounded(id: String) -> String {
-    if id.len() > MAX_ID_LEN {
+    if id.len() > MAX_ID_LEN || id.starts_with(HASHED_ID_PREFIX) {
         digest(&id)
     } else {
         id
@@ -462,13 +465,13 @@ fn bounded(id: String) -> String {
 }
 
 /// SessionId (and PartitionKey) of an aggregate: the id itself, or its digest when longer than
-/// 128 bytes.
+/// 128 bytes or when it starts with [`HASHED_ID_PREFIX`].
 pub fn session_id(aggregate_id: &str) -> String {
     bounded(aggregate_id.to_string())
 }
 
 /// MessageId of an event: `"{aggregateId}:{eventId}"`, or its digest when longer than 128
-/// bytes.
+/// bytes or when it starts with [`HASHED_ID_PREFIX`].
 pub fn message_id(aggregate_id: &str, event_id: i64) -> String {
     bounded(format!("{aggregate_id}:{event_id}"))
 }
@@ -565,6 +568,40 @@ mod tests {
             .properties
             .contains(&("aggregateId".into(), PropertyValue::String(long.clone()))));
         assert_eq!(Envelope::decode(&m.body).unwrap().aggregate_id, long);
+    }
+
+    /// An aggregate whose id is another aggregate's digest gets a session (and message ids)
+    /// of its own: before, it shared the long id's session, and the projector applied one's
+    /// events to the other's read model.
+    #[test]
+    fn an_id_that_looks_like_a_digest_never_shares_a_session() {
+        let long = format!("s7-{}", "k".repeat(200));
+        let lookalike = session_id(&long);
+        assert!(lookalike.starts_with(HASHED_ID_PREFIX) && lookalike.len() <= MAX_ID_LEN);
+        assert_ne!(session_id(&lookalike), lookalike);
+        assert_ne!(session_id(&lookalike), session_id(&long));
+        assert_ne!(message_id(&lookalike, 1), message_id(&long, 1));
+        assert!(session_id(&lookalike).starts_with(HASHED_ID_PREFIX));
+        // A short id with the prefix is hashed too; one without it is kept.
+        assert_ne!(session_id("sha256:x"), "sha256:x");
+        assert_eq!(session_id("sha256x"), "sha256x");
+    }
+
+    proptest! {
+        /// Distinct aggregate ids never share a session id: kept ids never start with the
+        /// digest prefix, and digests of distinct ids differ.
+        #[test]
+        fn distinct_ids_have_distinct_sessions(a in ".{0,80}", b in ".{0,80}", long in any::<bool>()) {
+            let widen = |s: &str| if long { format!("{s}{}", "w".repeat(130)) } else { s.to_string() };
+            let (a, b) = (widen(&a), widen(&b));
+            prop_assume!(a != b);
+            prop_assert_ne!(session_id(&a), session_id(&b));
+            // An id equal to the other's session id (a digest) is no exception.
+            let sb = session_id(&b);
+            if sb != b {
+                prop_assert_ne!(session_id(&sb), sb);
+            }
+        }
     }
 
     #[test]

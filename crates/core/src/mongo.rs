@@ -34,6 +34,55 @@ pub async fn connect(cfg: &MongoConfig, app_name: &str) -> Result<Client, Error>
     Client::with_options(options)
 }
 
+/// How often [`probe`] pings, and how long a ping may take: a dead or hung database is
+/// reported within about four seconds, a recovered one within one interval.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// See [`PROBE_INTERVAL`]. Shorter than the client's server selection timeout (10 s), which
+/// is what an operation on a killed server waits for before it fails.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Pings `db` every [`PROBE_INTERVAL`] until `cancel`, and tells `verdict` after each ping
+/// whether the database answered within [`PROBE_TIMEOUT`]. Readiness rests on it rather than
+/// on the daemons' own operations, which may wait much longer on a hung server (a tailing
+/// getMore has no deadline at all). Logs each change once.
+pub async fn probe(
+    db: mongodb::Database,
+    cancel: tokio_util::sync::CancellationToken,
+    mut verdict: impl FnMut(bool),
+) {
+    let mut was_reachable = true;
+    while !cancel.is_cancelled() {
+        let ping = db.run_command(mongodb::bson::doc! { "ping": 1 });
+        let reachable = match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                if was_reachable {
+                    tracing::warn!(error = %e, "mongodb unreachable; not ready");
+                }
+                false
+            }
+            Err(_) => {
+                if was_reachable {
+                    tracing::warn!(
+                        timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
+                        "mongodb did not answer a ping; not ready"
+                    );
+                }
+                false
+            }
+        };
+        if reachable && !was_reachable {
+            tracing::info!("mongodb reachable again");
+        }
+        was_reachable = reachable;
+        verdict(reachable);
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = cancel.cancelled() => {}
+        }
+    }
+}
+
 /// Server codes that mean "try again": node shutting down or stepping down, network trouble,
 /// exceeded time limits, write conflicts, interrupted operations.
 const TRANSIENT_CODES: &[i32] = &[

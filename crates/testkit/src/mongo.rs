@@ -99,6 +99,12 @@ impl TestMongo {
         Ok(())
     }
 
+    /// Hangs the server (SIGSTOP) or lets it go on (SIGCONT); see [`SecantusDb::hang`]. The
+    /// outer error is [`Unavailable`] on a real deployment.
+    pub fn hang_server(&mut self, hang: bool) -> Result<anyhow::Result<()>, Unavailable> {
+        Ok(self.secantus()?.hang(hang))
+    }
+
     /// Restarts the server on the same port (see [`SecantusDb::restart`]). The outer error is
     /// [`Unavailable`] on a real deployment; the inner one a failed start.
     pub async fn restart_server(&mut self) -> Result<anyhow::Result<()>, Unavailable> {

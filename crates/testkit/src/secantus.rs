@@ -222,6 +222,22 @@ impl SecantusDb {
         }
     }
 
+    /// SIGSTOPs (`hang = true`) or SIGCONTs the server: a hung database, whose connections
+    /// stay open and whose every command waits, unlike a killed one that refuses at once.
+    pub fn hang(&mut self, hang: bool) -> anyhow::Result<()> {
+        let p = self.process.as_ref().context("secantusdb is not running")?;
+        let pid = i32::try_from(p.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .context("invalid pid")?;
+        let signal = if hang {
+            rustix::process::Signal::STOP
+        } else {
+            rustix::process::Signal::CONT
+        };
+        rustix::process::kill_process(pid, signal).context("signalling secantusdb")
+    }
+
     /// Kills the server if it runs and starts it again on the same port, returning once it
     /// answers `ping`.
     pub async fn restart(&mut self) -> anyhow::Result<()> {

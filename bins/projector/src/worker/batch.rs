@@ -75,6 +75,7 @@ impl Engine {
         let started = Instant::now();
         let decoded: Vec<Result<Event, Fault>> = msgs.iter().map(decode).collect();
         let aggregate_id = aggregate_of(session.session_id(), &msgs, &decoded);
+        let decoded = one_aggregate(decoded, &aggregate_id, session.session_id());
         let items: Vec<Item> = decoded
             .iter()
             .map(|d| match d {

@@ -30,7 +30,7 @@ mod gate;
 mod message;
 
 use gate::{BrokerGate, PROBE_ACCEPT_WAIT};
-use message::{aggregate_of, block_record, decode, selects};
+use message::{aggregate_of, block_record, decode, one_aggregate, selects};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{
@@ -71,6 +71,9 @@ pub const REASON_GAP: &str = "GapNotHealed";
 pub const REASON_SOURCE: &str = "InvalidSourceEvent";
 /// Dead-letter reason for two source documents with the same (aggregateId, eventId).
 pub const REASON_DUPLICATE: &str = "DuplicateVersion";
+/// Dead-letter reason for an event of another aggregate than the rest of its session's batch:
+/// one session must carry one aggregate, and folding it would write it into the wrong model.
+pub const REASON_FOREIGN: &str = "ForeignAggregate";
 /// Dead-letter reason for a read model the server refuses to store (validator, 16 MB).
 pub const REASON_REFUSED: &str = "ReadModelRefused";
 

@@ -62,7 +62,9 @@ pub struct ProducerSection {
     pub max_in_flight_bytes: usize,
     /// Most messages of one session in one batch.
     pub max_batch_messages: usize,
-    /// Largest message body accepted by the topic; larger events are invalid.
+    /// Largest message the topic accepts (its maximum message size: 256 KiB on Standard). An
+    /// event whose encoded message (envelope, ids and properties, as the client measures it)
+    /// plus a 1 KiB margin for the broker's annotations is larger is parked as `too_large`.
     pub max_message_bytes: usize,
     /// `park` (record in `ordo_parked`, carry on) or `halt` (exit non-zero).
     pub on_invalid: OnInvalid,

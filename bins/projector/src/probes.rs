@@ -82,6 +82,7 @@ pub(crate) async fn service_bus(
                 delays = retry.delays();
                 if alarm.is_raised() {
                     tracing::info!("service bus answers the probe again");
+                    engine.broker_probe_recovered();
                 }
                 alarm.lower();
             }

@@ -69,6 +69,11 @@ impl Readiness {
         }
     }
 
+    /// Whether a worker's accept has been answered since start.
+    pub fn has_broker_answered(&self) -> bool {
+        self.broker_answered.load(Ordering::SeqCst)
+    }
+
     /// An alarm for a worker's Service Bus connection.
     pub fn broker_alarm(&self) -> Alarm<'_> {
         Alarm {

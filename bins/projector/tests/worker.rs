@@ -1120,6 +1120,70 @@ async fn a_failed_broker_probe_ends_an_accept_waiting_on_a_dead_connection() {
     worker.await.unwrap();
 }
 
+/// An idle broker: every accept is answered "no session" after a moment.
+struct IdleBroker;
+
+impl SessionSource for IdleBroker {
+    type Session = FakeSession;
+
+    async fn accept_next(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Accepted<FakeSession>, ReceiveError> {
+        tokio::time::sleep(timeout.min(Duration::from_millis(20))).await;
+        Ok(Accepted::Idle)
+    }
+}
+
+/// A connect begun while the broker was down can hang once it is back (a TCP handshake the
+/// kernel completed for a stopped broker): the probe's recovery starts it over, so readiness
+/// returns with the broker instead of waiting on that connect (seen once at 12.7 s, past the
+/// 10 s promise). Without it the worker below waits on its second connect for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_recovery_ends_a_connect_hung_through_the_outage() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |_| {}).await;
+    let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = || connects.load(std::sync::atomic::Ordering::SeqCst);
+    let cancel = CancellationToken::new();
+    let worker = tokio::spawn(engine.clone().run_worker(
+        0,
+        {
+            let connects = connects.clone();
+            move || {
+                let n = connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                async move {
+                    if n == 2 {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(IdleBroker)
+                }
+            }
+        },
+        cancel.clone(),
+    ));
+    let e = &engine;
+    wait_until(
+        Duration::from_secs(10),
+        || async move { e.readiness.is_ready() },
+    )
+    .await;
+    // The outage: the probe fails, the worker gives up its accept and connects again; that
+    // connect hangs.
+    engine.broker_probe_failed();
+    wait_until(Duration::from_secs(5), || async { counted() == 2 }).await;
+    assert!(!engine.readiness.is_ready());
+    engine.broker_probe_recovered();
+    wait_until(
+        Duration::from_secs(5),
+        || async move { e.readiness.is_ready() },
+    )
+    .await;
+    assert_eq!(counted(), 3, "the hung connect was started over");
+    cancel.cancel();
+    worker.await.unwrap();
+}
+
 /// Two workers, `session_idle_timeout` 30 s and `busy_session_idle_timeout` 20 ms, working
 /// one session per event of `events`; returns each session's operations.
 async fn two_busy_workers(

@@ -5,8 +5,9 @@ use super::*;
 /// While Service Bus is down, one worker at a time tries it, and sleeps its backoff before it
 /// lets the next one try; the others wait. Without it every session worker reconnected on its
 /// own backoff: 32 workers retried about 17 times a second through an outage, and the retry
-/// alert fired on any outage. The first answer opens the gate for all. The gate starts
-/// closed: until the broker first answered, it is as good as down.
+/// alert fired on any outage. The first answer opens the gate for all, and so does the broker
+/// probe answering again after an outage ([`Engine::broker_probe_recovered`]). The gate starts
+/// closed: until the broker first answered an accept, it is as good as down.
 ///
 /// A probe waits at most [`PROBE_ACCEPT_WAIT`] for a session: an idle broker answers an
 /// accept only when its hold ends (60 s on Service Bus), and readiness must come back within

@@ -95,6 +95,9 @@ pub struct Engine {
     /// Bumped by the broker probe when it fails: accepts in flight may wait on a dead
     /// connection, and are given up.
     probe_failures: tokio::sync::watch::Sender<u64>,
+    /// Bumped by the broker probe when it answers again after failing: connects begun during
+    /// the outage may hang on a connection the broker never serves, and are started over.
+    probe_recoveries: tokio::sync::watch::Sender<u64>,
 }
 
 /// What this process is doing, for its heartbeat in `ordo_projectors` and for tests.
@@ -199,6 +202,19 @@ impl Engine {
             readiness: Readiness::default(),
             gate: BrokerGate::default(),
             probe_failures: tokio::sync::watch::Sender::new(0),
+            probe_recoveries: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The broker probe answers again after failing. Once an accept has been answered since
+    /// start (so the subscription is known to take session receivers, which the probe's
+    /// dead-letter peek does not show), this ends the outage as an accept's answer would: the
+    /// gate opens, and a worker still connecting starts over on a fresh connection, because a
+    /// connection begun while the broker was down can hang like an accept does.
+    pub fn broker_probe_recovered(&self) {
+        if self.readiness.has_broker_answered() {
+            self.gate.up();
+            self.probe_recoveries.send_modify(|n| *n += 1);
         }
     }
 
@@ -241,6 +257,7 @@ impl Engine {
         let mut source: Option<S> = None;
         let mut delays = self.backoff().delays();
         let mut probe_failed = self.probe_failures.subscribe();
+        let mut probe_recovered = self.probe_recoveries.subscribe();
         'work: while !cancel.is_cancelled() {
             // Held from a connect through the backoff after its failure (see `BrokerGate`).
             let mut probe = None;
@@ -265,8 +282,11 @@ impl Engine {
                             // to `accept_timeout` on an idle broker) to come down.
                             alarm.lower();
                         }
+                        probe_recovered.mark_unchanged();
                         let connected = tokio::select! {
                             r = connect() => r,
+                            // The broker is back and this connect began before: start over.
+                            _ = probe_recovered.changed() => continue 'work,
                             _ = cancel.cancelled() => break 'work,
                         };
                         match connected {

@@ -412,21 +412,7 @@ async fn poison_is_dead_lettered_and_blocks_the_aggregate() {
     let mut msgs: Vec<Msg> = order.iter().map(msg).collect();
     msgs[2].body = b"{not json".to_vec();
     let (session, ops) = FakeSession::new("q-1", msgs);
-    let cancel = CancellationToken::new();
-    let source = Mutex::new(Some(FakeSource {
-        sessions: VecDeque::from([session]),
-        cancel: cancel.clone(),
-    }));
-    let connect = || {
-        let s = source.lock().unwrap().take();
-        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
-    };
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        engine.clone().run_worker(0, connect, cancel),
-    )
-    .await
-    .expect("the worker stops once the source is exhausted");
+    work_one_session(&engine, session).await;
     let ops = ops.lock().unwrap().clone();
     assert_eq!(
         ops,
@@ -472,21 +458,7 @@ async fn an_event_of_another_aggregate_in_the_session_is_never_folded_in() {
     };
     let events = [created("mix-a", 1), item("mix-b", 2), item("mix-a", 2)];
     let (session, ops) = FakeSession::new("mix-a", events.iter().map(msg).collect());
-    let cancel = CancellationToken::new();
-    let source = Mutex::new(Some(FakeSource {
-        sessions: VecDeque::from([session]),
-        cancel: cancel.clone(),
-    }));
-    let connect = || {
-        let s = source.lock().unwrap().take();
-        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
-    };
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        engine.clone().run_worker(0, connect, cancel),
-    )
-    .await
-    .expect("the worker stops once the source is exhausted");
+    work_one_session(&engine, session).await;
     let ops = ops_of(&ops);
     assert!(
         ops.contains(&Op::DeadLetter("mix-b:2".into(), "ForeignAggregate".into())),
@@ -505,6 +477,25 @@ async fn an_event_of_another_aggregate_in_the_session_is_never_folded_in() {
             .contains("\"mix-b\""),
         "{blocked:?}"
     );
+}
+
+/// Runs one worker over a source that hands out `session` once, until it is worked.
+async fn work_one_session(engine: &Arc<Engine>, session: FakeSession) {
+    let cancel = CancellationToken::new();
+    let source = Mutex::new(Some(FakeSource {
+        sessions: VecDeque::from([session]),
+        cancel: cancel.clone(),
+    }));
+    let connect = || {
+        let s = source.lock().unwrap().take();
+        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        engine.clone().run_worker(0, connect, cancel),
+    )
+    .await
+    .expect("the worker stops once the source is exhausted");
 }
 
 fn ops_of(ops: &Arc<Mutex<Vec<Op>>>) -> Vec<Op> {

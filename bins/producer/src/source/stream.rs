@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::{token_doc, Read, Source, SourceError, Start, HISTORY_LOST_CODES};
 use crate::config::StartAt;
+use crate::readiness::Fault;
 use crate::task::AbortOnDrop;
 use crate::Position;
 
@@ -89,6 +90,31 @@ impl Source {
         stream.map(ChangeStream::with_type)
     }
 
+    /// What a failed open or read of the stream leads to: `Some` ends the tail (lost history,
+    /// or cancelled during the pause), `None` reopens it (with the shrinking stage after an
+    /// event over the limit, at once; after any other fault, past a backoff pause).
+    async fn failed(
+        &self,
+        e: &mongodb::error::Error,
+        shrink: &mut bool,
+        fault: &mut Option<Fault>,
+        delays: &mut impl Iterator<Item = std::time::Duration>,
+    ) -> Option<Read> {
+        if is_history_lost(e) {
+            return Some(self.recovery(code_name(e), &e.to_string()));
+        }
+        if !*shrink && is_event_too_large(e) {
+            self.met_event_too_large(e);
+            *shrink = true;
+            return None;
+        }
+        self.fault(fault);
+        if !self.pause(delays, "change_stream", e).await {
+            return Some(Read::Stop);
+        }
+        None
+    }
+
     /// The stream met an event over the 16 MB limit; it is reopened with the shrinking stage.
     fn met_event_too_large(&self, e: &mongodb::error::Error) {
         ::metrics::counter!(names::RETRIES, "operation" => "change_stream", "reason" => "event_too_large").increment(1);
@@ -163,21 +189,10 @@ impl Source {
             };
             let mut stream = match opened {
                 Ok(s) => s,
-                Err(e) if is_history_lost(&e) => {
-                    return self.recovery(code_name(&e), &e.to_string())
-                }
-                Err(e) if !shrink && is_event_too_large(&e) => {
-                    self.met_event_too_large(&e);
-                    shrink = true;
-                    continue 'open;
-                }
-                Err(e) => {
-                    self.fault(&mut failed);
-                    if !self.pause(&mut delays, "change_stream", &e).await {
-                        return Read::Stop;
-                    }
-                    continue 'open;
-                }
+                Err(e) => match self.failed(&e, &mut shrink, &mut failed, &mut delays).await {
+                    Some(read) => return read,
+                    None => continue 'open,
+                },
             };
             tracing::info!(stream = %self.stream, "change stream open");
             loop {
@@ -245,21 +260,10 @@ impl Source {
                             _ => continue,
                         }
                     }
-                    Err(e) if is_history_lost(&e) => {
-                        return self.recovery(code_name(&e), &e.to_string())
-                    }
-                    Err(e) if !shrink && is_event_too_large(&e) => {
-                        self.met_event_too_large(&e);
-                        shrink = true;
-                        continue 'open;
-                    }
-                    Err(e) => {
-                        self.fault(&mut failed);
-                        if !self.pause(&mut delays, "change_stream", &e).await {
-                            return Read::Stop;
-                        }
-                        continue 'open;
-                    }
+                    Err(e) => match self.failed(&e, &mut shrink, &mut failed, &mut delays).await {
+                        Some(read) => return read,
+                        None => continue 'open,
+                    },
                 };
                 let sent = tokio::select! {
                     r = tx.send(item) => r,

@@ -551,10 +551,11 @@ async fn a_wrong_key_keeps_the_producer_unready_and_loses_nothing() {
 /// A change event over MongoDB's 16 MB limit (a document near the limit plus the event's own
 /// fields) fails every read of the stream with BSONObjectTooLarge (10334) on MongoDB; reopened
 /// as it was, the stream would meet it again forever. The stand-in does not enforce that limit,
-/// so a fail point answers 10334 to the stream's next read; the document inserted after it is
-/// over the limit. The producer reopens the stream with its shrinking stage: the document is
-/// read by its `_id` and parked as `too_large` naming its size, the aggregate's next event is
-/// published, and the checkpoint passes both.
+/// so a fail point answers 10334 to the stream's first command after a restart, when the
+/// oversized document is the next event after the checkpoint. The producer reopens the stream
+/// at the same position with its shrinking stages: the document is read by its `_id` and
+/// parked as `too_large` naming its size, the aggregate's next event is published, and the
+/// checkpoint passes both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_event_over_the_16_mb_limit_is_parked_not_read_forever() {
     let world = World::start().await;
@@ -567,25 +568,8 @@ async fn a_change_event_over_the_16_mb_limit_is_parked_not_read_forever() {
         .await
         .unwrap();
     wait_distinct(&collector, 1, DEADLINE).await;
-
-    world
-        .mongo
-        .configure_fail_point(
-            "failCommand",
-            doc! { "mode": { "times": 1 }, "data": {
-                "failCommands": ["getMore", "aggregate"], "appName": "ordo-producer",
-                "errorCode": 10334, "errmsg": "BSONObj size: 16777300 (0x1000054) is invalid",
-            } },
-        )
-        .await
-        .unwrap();
-    let p = &producer;
-    wait_until(Duration::from_secs(20), || async move {
-        p.metric_where(names::RETRIES, ("reason", "event_too_large"))
-            .await
-            >= 1.0
-    })
-    .await;
+    wait_checkpoint(&world, |cp| published(cp) >= 1).await;
+    stop(&mut producer).await;
 
     // 16 MiB less 16 KiB of padding: under the insert limit, over the producer's bound.
     let pad = 16 * 1024 * 1024 - 16 * 1024;
@@ -598,8 +582,27 @@ async fn a_change_event_over_the_16_mb_limit_is_parked_not_read_forever() {
         .insert_one(event("huge-3", "huge", 3, 10))
         .await
         .unwrap();
-
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": { "times": 1 }, "data": {
+                "failCommands": ["getMore", "aggregate"], "appName": "ordo-producer",
+                "errorCode": 10334, "errmsg": "BSONObj size: 16777300 (0x1000054) is invalid",
+            } },
+        )
+        .await
+        .unwrap();
+    let mut producer = world.spawn("");
     wait_distinct(&collector, 2, DEADLINE).await;
+    assert!(
+        producer
+            .metric_where(names::RETRIES, ("reason", "event_too_large"))
+            .await
+            >= 1.0,
+        "the fault fired\n{}",
+        producer.logs()
+    );
     let record = the_one_parked(&world).await;
     assert_eq!(record.get_str("reason").unwrap(), "too_large", "{record:?}");
     assert_eq!(record.get_str("sourceId").unwrap(), "huge-2");

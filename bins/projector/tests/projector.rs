@@ -467,10 +467,7 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
     env.insert_events(&events).await;
     env.publish(&events).await;
     let mut proj = env
-        // Every worker holds a session, so the busy idle timeout must hold them too.
-        .spawn_projector(
-            "max_concurrent_sessions = 16\nsession_idle_timeout = \"300s\"\nbusy_session_idle_timeout = \"300s\"",
-        )
+        .spawn_projector("max_concurrent_sessions = 16\nsession_idle_timeout = \"300s\"")
         .await;
     converge(&env, &env.expected().await, CONVERGE).await;
     let p = &proj;

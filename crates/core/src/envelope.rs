@@ -11,7 +11,7 @@
 //! message ids longer than 128 *bytes*, so longer ids (in UTF-8 bytes, not characters: 50 CJK
 //! characters are 150 bytes) are replaced by a stable SHA-256 digest; the real aggregate id stays
 //! in the body and in the `aggregateId` property. An id that itself starts with the digest's
-//! prefix (`sha256:`) is replaced by its digest too, however short: otherwise an aggregate whose
+//! prefix (`sha256:`, in any case) is replaced by its digest too, however short: otherwise an aggregate whose
 //! id *is* another one's digest would share its session, and the projector fold one's events
 //! into the other's read model. With it, no id kept as it is can equal a digest. The contract is versioned by the
 //! `ordo-envelope` property.
@@ -457,7 +457,11 @@ fn digest(text: &str) -> String {
 }
 
 fn bounded(id: String) -> String {
-    if id.len() > MAX_ID_LEN || id.starts_with(HASHED_ID_PREFIX) {
+    // The prefix without case: Service Bus is reported to compare session ids so.
+    let looks_hashed = id
+        .get(..HASHED_ID_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(HASHED_ID_PREFIX));
+    if id.len() > MAX_ID_LEN || looks_hashed {
         digest(&id)
     } else {
         id
@@ -584,6 +588,7 @@ mod tests {
         assert!(session_id(&lookalike).starts_with(HASHED_ID_PREFIX));
         // A short id with the prefix is hashed too; one without it is kept.
         assert_ne!(session_id("sha256:x"), "sha256:x");
+        assert_ne!(session_id("SHA256:x"), "SHA256:x");
         assert_eq!(session_id("sha256x"), "sha256x");
     }
 

@@ -23,10 +23,10 @@
 //! An event whose change event is over MongoDB's 16 MB limit (BSONObjectTooLarge, 10334; a
 //! document near the limit plus the event's metadata) cannot be read as it is, and reopening
 //! the stream would meet it again forever. After the first such error the stream is reopened
-//! with one stage that replaces a document over [`OVERSIZE_BYTES`] by its `_id` and marks the
-//! event with its size; the producer parks it as `too_large` (no topic carries 16 MB anyway)
-//! and goes on. The stage stays for the rest of the reader's life; until then the stream has
-//! no stage at all.
+//! with stages that replace a document over [`OVERSIZE_BYTES`] by its `_id` and mark the event
+//! with its size, and drop update descriptions (never read, as large); the producer parks such
+//! an event as `too_large` (no topic carries 16 MB anyway) and goes on. The stages stay until
+//! the stream is started afresh (a restart, lost history); until needed the stream has none.
 //!
 //! Lost history (286 ChangeStreamHistoryLost, 260 InvalidResumeToken, 280 ChangeStreamFatalError,
 //! or an invalidate event): re-publish the whole events collection in (aggregateId, eventId)
@@ -231,11 +231,23 @@ impl Source {
         }
     }
 
-    /// Queues one source event, or parks it. Returns false when cancelled while waiting for
-    /// room in the queues or for the parking write.
-    async fn handle(&self, doc: Document, position: Option<Position>) -> Result<bool, SourceError> {
+    /// Queues one source event, or parks it (`oversize`: the stream read only its `_id`, see
+    /// the shrinking stage). Returns false when cancelled while waiting for room in the queues
+    /// or for the parking write.
+    async fn handle(
+        &self,
+        doc: Document,
+        position: Option<Position>,
+        oversize: Option<i64>,
+    ) -> Result<bool, SourceError> {
         if !self.room().await {
             return Ok(false);
+        }
+        if let Some(bytes) = oversize {
+            let error = format!(
+                "the document is {bytes} bytes of BSON: its change event is over MongoDB's 16 MB limit, so only its _id was read"
+            );
+            return self.park(doc, position, "too_large", error).await;
         }
         let m = &self.cfg.mongodb;
         let max = self.cfg.producer.max_message_bytes as u64;

@@ -76,7 +76,7 @@ impl Source {
                 match next {
                     Ok(Some(doc)) => {
                         failed = None;
-                        if !self.handle(doc, None).await? {
+                        if !self.handle(doc, None, None).await? {
                             return Ok(None);
                         }
                         published += 1;

@@ -147,12 +147,7 @@ impl Source {
                     position,
                     oversize,
                 } => {
-                    let handled = match oversize {
-                        Some(bytes) => self.park(doc, Some(position), "too_large", format!(
-                            "the document is {bytes} bytes of BSON: its change event is over MongoDB's 16 MB limit, so only its _id was read"
-                        )).await?,
-                        None => self.handle(doc, Some(position)).await?,
-                    };
+                    let handled = self.handle(doc, Some(position), oversize).await?;
                     if !handled {
                         return Ok(Read::Stop);
                     }
@@ -282,16 +277,20 @@ fn is_event_too_large(e: &mongodb::error::Error) -> bool {
     ordo_core::mongo::server_code(e) == Some(EVENT_TOO_LARGE)
 }
 
-/// The stage that keeps every change event under the limit: a document over
+/// The stages that keep every change event under the limit: a document over
 /// [`OVERSIZE_BYTES`] is replaced by its `_id`, and the event gets [`OVERSIZE_FIELD`] with the
-/// document's size. Events of other kinds (no document) pass unchanged.
+/// document's size (measured once); an update's description, which the producer never reads
+/// and which can be as large, is dropped. Events without a document pass otherwise unchanged.
 fn shrinking_stage() -> Vec<Document> {
-    let size = doc! { "$bsonSize": "$fullDocument" };
-    let over = doc! { "$gt": [size.clone(), OVERSIZE_BYTES] };
-    vec![doc! { "$set": {
-        OVERSIZE_FIELD: { "$cond": [over.clone(), size, "$$REMOVE"] },
-        "fullDocument": { "$cond": [over, { "_id": "$fullDocument._id" }, "$fullDocument"] },
-    } }]
+    let over = doc! { "$gt": [format!("${OVERSIZE_FIELD}"), OVERSIZE_BYTES] };
+    vec![
+        doc! { "$set": { OVERSIZE_FIELD: { "$bsonSize": "$fullDocument" } } },
+        doc! { "$set": {
+            "fullDocument": { "$cond": [over.clone(), { "_id": "$fullDocument._id" }, "$fullDocument"] },
+            OVERSIZE_FIELD: { "$cond": [over, format!("${OVERSIZE_FIELD}"), "$$REMOVE"] },
+            "updateDescription": "$$REMOVE",
+        } },
+    ]
 }
 
 fn is_history_lost(e: &mongodb::error::Error) -> bool {

@@ -64,6 +64,68 @@ impl Engine {
         ))
     }
 
+    /// Dead-letters, first, every event whose aggregate's session id is not this session's, or
+    /// whose aggregate is not the batch's first (`ForeignAggregate`): one session is one
+    /// aggregate by contract, and such an event comes from another publisher, or from an
+    /// aggregate whose id differs from this one only in case. It is neither folded into this aggregate's model nor
+    /// a reason to block it; its own aggregate gets it from the events collection (`reconcile`,
+    /// `repair`, or gap healing at its next event). Returns the rest, `None` when a settle
+    /// failed (the lock may be gone).
+    async fn settle_foreign<R: SessionReceiver>(
+        &self,
+        session: &mut R,
+        msgs: Vec<R::Message>,
+        decoded: Vec<Result<Event, Fault>>,
+    ) -> Option<(Vec<R::Message>, Vec<Result<Event, Fault>>)> {
+        let sid = session.session_id().to_string();
+        // Compared without case: Service Bus is reported to treat session ids so, and may hand
+        // one back in another case than it was sent (azure-sdk-for-java#48759).
+        let own_session =
+            |aggregate: &str| session_id(aggregate).to_lowercase() == sid.to_lowercase();
+        // Two aggregates whose ids differ only in case share a session there: the first one
+        // of the batch keeps it, the other's events are foreign to it.
+        let mut owner: Option<String> = None;
+        let mut kept = (
+            Vec::with_capacity(msgs.len()),
+            Vec::with_capacity(msgs.len()),
+        );
+        for (msg, d) in msgs.into_iter().zip(decoded) {
+            let foreign = match &d {
+                Ok(e)
+                    if !own_session(&e.aggregate_id)
+                        || owner.as_ref().is_some_and(|o| *o != e.aggregate_id) =>
+                {
+                    Some(e)
+                }
+                Ok(e) => {
+                    owner.get_or_insert_with(|| e.aggregate_id.clone());
+                    None
+                }
+                Err(_) => None,
+            };
+            let Some(e) = foreign else {
+                kept.0.push(msg);
+                kept.1.push(d);
+                continue;
+            };
+            let description = format!(
+                "event {} of aggregate {:?} arrived in session {sid:?}, the session of another aggregate; one session must carry one aggregate",
+                e.version, e.aggregate_id
+            );
+            let msg_id = msg.message_id().unwrap_or_default();
+            tracing::error!(session = %sid, message_id = %msg_id, aggregate = %e.aggregate_id, description = %description, "event of another aggregate dead-lettered");
+            if let Err(err) = session
+                .dead_letter(&msg, REASON_FOREIGN, &description)
+                .await
+            {
+                self.lock_trouble(&sid, &err);
+                return None;
+            }
+            metrics::counter!(m::DEAD_LETTERED, "reason" => REASON_FOREIGN).increment(1);
+        }
+        Some(kept)
+    }
+
     pub(super) async fn batch<R: SessionReceiver>(
         &self,
         session: &mut R,
@@ -74,8 +136,13 @@ impl Engine {
     ) -> After {
         let started = Instant::now();
         let decoded: Vec<Result<Event, Fault>> = msgs.iter().map(decode).collect();
+        let Some((msgs, decoded)) = self.settle_foreign(session, msgs, decoded).await else {
+            return After::Drop;
+        };
+        if msgs.is_empty() {
+            return After::Continue;
+        }
         let aggregate_id = aggregate_of(session.session_id(), &msgs, &decoded);
-        let decoded = one_aggregate(decoded, &aggregate_id, session.session_id());
         let items: Vec<Item> = decoded
             .iter()
             .map(|d| match d {

@@ -48,32 +48,6 @@ pub(super) fn aggregate_of<M: Delivery>(
         .unwrap_or_else(|| session_id.to_string())
 }
 
-/// Turns every event of another aggregate than `aggregate_id` into a fault of its own: a
-/// session is one aggregate by contract (ordo-producer's session ids are injective), and an
-/// event folded into another aggregate's model would corrupt it silently. Such a batch can
-/// only come from another publisher; its event stays in the events collection, where
-/// `reconcile` or `repair` of its own aggregate finds it.
-pub(super) fn one_aggregate(
-    decoded: Vec<Result<Event, Fault>>,
-    aggregate_id: &str,
-    session_id: &str,
-) -> Vec<Result<Event, Fault>> {
-    decoded
-        .into_iter()
-        .map(|d| match d {
-            Ok(e) if e.aggregate_id != aggregate_id => Err(Fault {
-                reason: REASON_FOREIGN,
-                description: format!(
-                    "event {} of aggregate {:?} arrived in session {session_id:?} with events of aggregate {aggregate_id:?}; one session must carry one aggregate",
-                    e.version, e.aggregate_id
-                ),
-                projection: "*".into(),
-            }),
-            other => other,
-        })
-        .collect()
-}
-
 /// The `ordo_blocked` record of a poison. Under a `sha256:` session id (nothing in the batch
 /// named the aggregate) the description says so: `repair` needs the real id.
 pub(super) fn block_record(

@@ -30,7 +30,7 @@ mod gate;
 mod message;
 
 use gate::{BrokerGate, PROBE_ACCEPT_WAIT};
-use message::{aggregate_of, block_record, decode, one_aggregate, selects};
+use message::{aggregate_of, block_record, decode, selects};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{
@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use mongodb::bson::Document;
 use tokio_util::sync::CancellationToken;
 
-use ordo_core::envelope::{Envelope, HASHED_ID_PREFIX};
+use ordo_core::envelope::{session_id, Envelope, HASHED_ID_PREFIX};
 use ordo_core::metrics as m;
 use ordo_core::retry::Backoff;
 use ordo_core::servicebus::receiver::{
@@ -71,7 +71,7 @@ pub const REASON_GAP: &str = "GapNotHealed";
 pub const REASON_SOURCE: &str = "InvalidSourceEvent";
 /// Dead-letter reason for two source documents with the same (aggregateId, eventId).
 pub const REASON_DUPLICATE: &str = "DuplicateVersion";
-/// Dead-letter reason for an event of another aggregate than the rest of its session's batch:
+/// Dead-letter reason for an event whose aggregate's session id is not the session it came in:
 /// one session must carry one aggregate, and folding it would write it into the wrong model.
 pub const REASON_FOREIGN: &str = "ForeignAggregate";
 /// Dead-letter reason for a read model the server refuses to store (validator, 16 MB).
@@ -355,8 +355,11 @@ impl Engine {
             metrics::counter!(m::RETRIES, "operation" => op, "reason" => error.reason())
                 .increment(1);
             tracing::warn!(worker = index, op, error = %error, delay_ms = delay.as_millis() as u64, "service bus unavailable; retrying");
+            probe_recovered.mark_unchanged();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                // The broker is back: no need to wait out a long `retry_max`.
+                _ = probe_recovered.changed() => {}
                 _ = cancel.cancelled() => break,
             }
         }
@@ -441,17 +444,18 @@ impl Engine {
     }
 
     /// How long a held session may stay idle now: `session_idle_timeout`, or the shorter
-    /// `busy_session_idle_timeout` while every worker holds a session, when other aggregates
+    /// `busy_session_idle_timeout` (when set) while every worker holds a session, when other aggregates
     /// may be waiting at the broker for a worker this idle one keeps.
     fn idle_limit(&self) -> Duration {
-        let all_held =
-            self.activity.sessions_held.load(Relaxed) >= self.activity.workers.load(Relaxed);
-        if all_held {
-            self.cfg
-                .busy_session_idle_timeout
-                .min(self.cfg.session_idle_timeout)
-        } else {
-            self.cfg.session_idle_timeout
+        let idle = self.cfg.session_idle_timeout;
+        match self.cfg.busy_session_idle_timeout {
+            Some(busy)
+                if self.activity.sessions_held.load(Relaxed)
+                    >= self.activity.workers.load(Relaxed) =>
+            {
+                busy.min(idle)
+            }
+            _ => idle,
         }
     }
 

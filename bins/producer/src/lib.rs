@@ -64,7 +64,7 @@ use crate::lease_keeper::{LeaseEnd, LeaseKeeper};
 use crate::park::Parker;
 use crate::readiness::{dependency, Fault, Readiness};
 use crate::source::{Source, SourceError, Start};
-use crate::task::{joined, AbortOnDrop, Ended, TaskFailed, TaskKind, TermTasks};
+use crate::task::{stopped_within, AbortOnDrop, Ended, TaskFailed, TaskKind, TermTasks};
 
 pub use park::PARKED_COLLECTION;
 
@@ -155,7 +155,13 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
     if let Err(e) = &result {
         tracing::error!(error = %e, "producer stopped");
     }
-    client.shutdown().await;
+    // Ends server sessions and cursors; bounded, because a hung database never answers.
+    if tokio::time::timeout(Duration::from_secs(2), client.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("mongodb client shutdown did not finish within 2 s");
+    }
     result
 }
 
@@ -214,19 +220,6 @@ impl Producer {
     /// Standby until the lease is ours, active until it is lost or shutdown.
     pub async fn run<F: PublisherFactory>(&self, factory: Arc<F>) -> Result<(), ProducerError> {
         let cancel = self.shutdown.token.clone();
-        // `/readyz` follows the database on its own clock: the term's operations can wait
-        // much longer on a hung server than the 10 s readiness promises.
-        let _pings = AbortOnDrop(tokio::spawn({
-            let readiness = self.readiness.clone();
-            let mut fault = None;
-            ordo_core::mongo::probe(self.db.clone(), cancel.clone(), move |reachable| {
-                if reachable {
-                    fault = None;
-                } else {
-                    readiness.hold(&mut fault, dependency::MONGODB);
-                }
-            })
-        }));
         let mut carried = None;
         loop {
             ::metrics::gauge!(names::LEASE_HELD).set(0.0);
@@ -597,25 +590,32 @@ impl Producer {
             Err(e) => Some(TaskFailed::joined(TaskKind::Publishers, e).into()),
         };
 
+        // Both bounded: a save or renewal in flight may wait on a hung database.
         stop_checkpointer.cancel();
-        let cp_end = joined(TaskKind::Checkpointer, checkpointer.await)?;
+        let cp_end =
+            stopped_within(TaskKind::Checkpointer, checkpointer, grace.mul_f64(0.1)).await?;
         stop_keeper.cancel();
-        let lease_end = joined(TaskKind::LeaseKeeper, keeper.await)?;
+        let lease_end = stopped_within(TaskKind::LeaseKeeper, keeper, grace.mul_f64(0.1)).await?;
 
         let (mut cp, lease) = match (cp_end, lease_end) {
-            (CheckpointerEnd::Stopped(cp), LeaseEnd::Stopped(lease)) => (cp, lease),
+            (Some(CheckpointerEnd::Stopped(cp)), Some(LeaseEnd::Stopped(lease))) => (cp, lease),
             (_, lease_end) => {
-                // A halt error is the operator's to see, even when the lease went too.
-                read_result?;
                 let fault = match lease_end {
-                    LeaseEnd::Expired(fault) => Some(fault),
+                    Some(LeaseEnd::Expired(fault)) => Some(fault),
+                    Some(LeaseEnd::Stopped(lease)) => {
+                        // Still ours, but nothing more can be saved: let the next holder in.
+                        self.release(&lease).await;
+                        None
+                    }
                     _ => None,
                 };
+                // A halt error is the operator's to see, even when the lease went too.
+                read_result?;
                 return Ok(Term::Lost(fault));
             }
         };
         // The final save, over what was acknowledged.
-        let saved = tokio::time::timeout(grace.mul_f64(0.3), cp.save_until_done()).await;
+        let saved = tokio::time::timeout(grace.mul_f64(0.2), cp.save_until_done()).await;
         if saved.is_err() {
             tracing::error!(stream = %self.stream, "final checkpoint could not be saved within the grace period");
         }

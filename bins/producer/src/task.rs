@@ -179,6 +179,24 @@ pub(crate) fn joined<T, E: fmt::Display>(
     }
 }
 
+/// Like [`joined`] for a task asked to stop, waiting at most `within`: a task in the middle of
+/// a database operation (a checkpoint save has no deadline of its own) can wait on a hung
+/// server for good. `Ok(None)` when it did not stop in time; it is aborted then.
+pub(crate) async fn stopped_within<T, E: fmt::Display>(
+    kind: TaskKind,
+    mut handle: JoinHandle<Result<T, E>>,
+    within: std::time::Duration,
+) -> Result<Option<T>, ProducerError> {
+    match tokio::time::timeout(within, &mut handle).await {
+        Ok(r) => joined(kind, r).map(Some),
+        Err(_) => {
+            handle.abort();
+            tracing::warn!(task = %kind, within_ms = within.as_millis() as u64, "task did not stop in time (waiting on the database?): abandoned");
+            Ok(None)
+        }
+    }
+}
+
 /// Aborts the task when dropped: nothing a term or a reader started outlives it.
 pub(crate) struct AbortOnDrop<T>(pub JoinHandle<T>);
 

@@ -108,6 +108,8 @@ async fn an_idle_stream_saves_its_checkpoint_rarely() {
     )
     .await
     .expect("new events are checkpointed without waiting out the idle interval");
+    // Acknowledged by the broker is not yet received by the collector.
+    wait_distinct(&collector, 25, DEADLINE).await;
     producer.sigterm().unwrap();
     let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
     assert!(status.success(), "exit status {status:?}");

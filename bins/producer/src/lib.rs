@@ -220,6 +220,21 @@ impl Producer {
     /// Standby until the lease is ours, active until it is lost or shutdown.
     pub async fn run<F: PublisherFactory>(&self, factory: Arc<F>) -> Result<(), ProducerError> {
         let cancel = self.shutdown.token.clone();
+        // `/readyz` follows the database on its own clock: the term's operations can wait
+        // much longer on a hung server than the 10 s readiness promises.
+        let probe = ordo_core::mongo::connect_probe(&self.cfg.mongodb, "ordo-producer").await?;
+        let _pings = AbortOnDrop(tokio::spawn({
+            let readiness = self.readiness.clone();
+            let mut fault = None;
+            let db = probe.database(self.cfg.mongodb.database());
+            ordo_core::mongo::probe(db, cancel.clone(), move |reachable| {
+                if reachable {
+                    fault = None;
+                } else {
+                    readiness.hold(&mut fault, dependency::MONGODB);
+                }
+            })
+        }));
         let mut carried = None;
         loop {
             ::metrics::gauge!(names::LEASE_HELD).set(0.0);

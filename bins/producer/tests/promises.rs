@@ -647,3 +647,53 @@ async fn sigterm_while_the_database_hangs_exits_within_the_grace_period() {
         producer.logs()
     );
 }
+
+/// A hung database (SIGSTOP: connections stay open, every command waits) turns `/readyz` off
+/// within seconds, not when the producer's own operations give up: a tailing getMore has no
+/// deadline, and a lease renewal waits out its timeout. Without the MongoDB ping, readiness
+/// took 11.6–14.9 s here. It comes back when the database answers again, and the stream goes
+/// on from where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_turns_readiness_off_within_seconds() {
+    let mut world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(5, 31);
+    let collector = Collector::start(&world.bus);
+    // The production lease and waits: the tests' short lease would notice the hang by itself.
+    let mut producer = world.spawn(
+        "lease_ttl = \"15s\"\nmax_await_time = \"1s\"\ncheckpoint_interval = \"1s\"\nidle_checkpoint_interval = \"30s\"",
+    );
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 10, 10).await;
+    if let Err(unavailable) = world.mongo.hang_server(true) {
+        return unavailable.skip();
+    }
+    let hung = std::time::Instant::now();
+    let p = &producer;
+    wait_until(
+        Duration::from_secs(10),
+        || async move { !p.is_ready().await },
+    )
+    .await;
+    let took = hung.elapsed();
+    world.mongo.hang_server(false).unwrap().unwrap();
+    assert!(
+        took < Duration::from_secs(6),
+        "503 only after {took:?}\n{}",
+        producer.logs()
+    );
+    assert!(
+        producer.logs().contains("mongodb did not answer a ping"),
+        "{}",
+        producer.logs()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || async move { p.is_ready().await },
+    )
+    .await;
+    writer.write(&events, 10, 10).await;
+    wait_distinct(&collector, 20, DEADLINE).await;
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}

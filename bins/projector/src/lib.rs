@@ -142,9 +142,13 @@ pub async fn run_with(
             .await
         }
     });
+    let probe = ordo_core::mongo::connect_probe(&cfg.mongodb, "ordo-projector")
+        .await
+        .context("connecting to mongodb")?
+        .database(cfg.mongodb.database());
     spawn_supervised(&engine, &shutdown, "readiness_probe", {
         let (engine, cancel) = (engine.clone(), shutdown.token.clone());
-        move || probes::mongodb(engine.clone(), cancel.clone())
+        move || probes::mongodb(engine.clone(), probe.clone(), cancel.clone())
     });
     spawn_supervised(&engine, &shutdown, "broker_probe", {
         let (engine, cancel) = (engine.clone(), shutdown.token.clone());

@@ -14,8 +14,8 @@ use ordo_core::servicebus::receiver::SubscriptionProbe;
 use crate::Engine;
 
 /// Pings MongoDB for the readiness verdict ([`ordo_core::mongo::probe`]).
-pub(crate) async fn mongodb(engine: Arc<Engine>, cancel: CancellationToken) {
-    let db = engine.store.database().clone();
+/// `db` is over a client of its own ([`ordo_core::mongo::connect_probe`]).
+pub(crate) async fn mongodb(engine: Arc<Engine>, db: mongodb::Database, cancel: CancellationToken) {
     ordo_core::mongo::probe(db, cancel, |reachable| {
         engine.readiness.set_database_reachable(reachable)
     })

@@ -1,5 +1,6 @@
 //! Connecting to MongoDB, and one classification of its errors for every retry loop.
 
+use std::future::IntoFuture as _;
 use std::time::Duration;
 
 use mongodb::error::{Error, ErrorKind};
@@ -15,15 +16,30 @@ use crate::config::MongoConfig;
 /// behind its last write (a storm of version-guard conflicts), or as a stale checkpoint or
 /// lease. A URI that asks otherwise gets a warning.
 pub async fn connect(cfg: &MongoConfig, app_name: &str) -> Result<Client, Error> {
+    Client::with_options(options(cfg, app_name, true).await?)
+}
+
+/// A client of its own for [`probe`]: at most one connection, so a ping never queues behind
+/// the daemon's operations for a connection (a busy pool would read as a hung database) and
+/// never adds to their pool. Its app name is `app_name` with `-probe`, unless the URI names one.
+pub async fn connect_probe(cfg: &MongoConfig, app_name: &str) -> Result<Client, Error> {
+    let mut options = options(cfg, &format!("{app_name}-probe"), false).await?;
+    options.max_pool_size = Some(1);
+    options.min_pool_size = None;
+    Client::with_options(options)
+}
+
+async fn options(cfg: &MongoConfig, app_name: &str, warn: bool) -> Result<ClientOptions, Error> {
     let mut options = ClientOptions::parse(cfg.uri().expose()).await?;
     options.app_name.get_or_insert_with(|| app_name.to_string());
     let primary = SelectionCriteria::ReadPreference(ReadPreference::Primary);
     match options.selection_criteria.replace(primary) {
         None | Some(SelectionCriteria::ReadPreference(ReadPreference::Primary)) => {}
-        Some(asked) => tracing::warn!(
+        Some(asked) if warn => tracing::warn!(
             read_preference = ?asked,
             "the MongoDB URI's readPreference is ignored: ordo reads from the primary, where a replica's lag cannot look like a missing event"
         ),
+        Some(_) => {}
     }
     options
         .server_selection_timeout
@@ -31,51 +47,82 @@ pub async fn connect(cfg: &MongoConfig, app_name: &str) -> Result<Client, Error>
     options
         .connect_timeout
         .get_or_insert(Duration::from_secs(5));
-    Client::with_options(options)
+    Ok(options)
 }
 
-/// How often [`probe`] pings, and how long a ping may take: a dead or hung database is
-/// reported within about four seconds, a recovered one within one interval.
+/// How often [`probe`] pings: a recovered database is reported within one interval.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// See [`PROBE_INTERVAL`]. Shorter than the client's server selection timeout (10 s), which
-/// is what an operation on a killed server waits for before it fails.
+/// How long a ping may go unanswered before the database counts as unreachable: a dead or
+/// hung database is reported within about four seconds. Shorter than the client's server
+/// selection timeout (10 s), which is what an operation on a killed server waits for.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an unanswered ping is waited for before it is given up and a new one sent (over a
+/// new connection: a half-open one may never answer).
+pub const PROBE_ABANDON: Duration = Duration::from_secs(30);
 
-/// Pings `db` every [`PROBE_INTERVAL`] until `cancel`, and tells `verdict` after each ping
-/// whether the database answered within [`PROBE_TIMEOUT`]. Readiness rests on it rather than
-/// on the daemons' own operations, which may wait much longer on a hung server (a tailing
-/// getMore has no deadline at all). Logs each change once.
+/// Pings `db` until `cancel`, one ping at a time, and tells `verdict` whether the database
+/// answers: `true` after each answer, `false` after an error or once a ping has gone
+/// [`PROBE_TIMEOUT`] unanswered. Readiness rests on it rather than on the daemons' own
+/// operations, which may wait much longer on a hung server (a tailing getMore has no deadline
+/// at all). Logs each change once.
+///
+/// A slow ping is not cancelled at [`PROBE_TIMEOUT`] but waited for, up to [`PROBE_ABANDON`]:
+/// cancelling a command drops its connection, and a slow server that gets a new connection
+/// every second only gets slower (SecantusDB wedged at 100 % CPU with hundreds of sockets).
+/// Use a client of its own ([`connect_probe`]).
 pub async fn probe(
     db: mongodb::Database,
     cancel: tokio_util::sync::CancellationToken,
     mut verdict: impl FnMut(bool),
 ) {
     let mut was_reachable = true;
-    while !cancel.is_cancelled() {
-        let ping = db.run_command(mongodb::bson::doc! { "ping": 1 });
-        let reachable = match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                if was_reachable {
-                    tracing::warn!(error = %e, "mongodb unreachable; not ready");
-                }
-                false
-            }
-            Err(_) => {
-                if was_reachable {
-                    tracing::warn!(
-                        timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
-                        "mongodb did not answer a ping; not ready"
-                    );
-                }
-                false
-            }
-        };
+    let mut tell = |reachable: bool, why: &dyn Fn()| {
+        if !reachable && was_reachable {
+            why();
+        }
         if reachable && !was_reachable {
             tracing::info!("mongodb reachable again");
         }
         was_reachable = reachable;
         verdict(reachable);
+    };
+    while !cancel.is_cancelled() {
+        let ping = db
+            .run_command(mongodb::bson::doc! { "ping": 1 })
+            .into_future();
+        tokio::pin!(ping);
+        let answer = tokio::select! {
+            answer = &mut ping => Some(answer),
+            _ = tokio::time::sleep(PROBE_TIMEOUT) => None,
+            _ = cancel.cancelled() => return,
+        };
+        let answer = match answer {
+            Some(answer) => Some(answer),
+            None => {
+                tell(false, &|| {
+                    tracing::warn!(
+                        timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
+                        "mongodb did not answer a ping; not ready"
+                    )
+                });
+                tokio::select! {
+                    answer = &mut ping => Some(answer),
+                    _ = tokio::time::sleep(PROBE_ABANDON - PROBE_TIMEOUT) => None,
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        };
+        match answer {
+            Some(Ok(_)) => tell(true, &|| {}),
+            Some(Err(e)) => tell(
+                false,
+                &|| tracing::warn!(error = %e, "mongodb unreachable; not ready"),
+            ),
+            None => tracing::warn!(
+                abandon_ms = PROBE_ABANDON.as_millis() as u64,
+                "mongodb ping unanswered: given up, sending a new one"
+            ),
+        }
         tokio::select! {
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
             _ = cancel.cancelled() => {}

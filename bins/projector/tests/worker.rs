@@ -1081,6 +1081,34 @@ impl SessionSource for DeadConnection {
     }
 }
 
+/// One worker whose `connect` is given its connect's number (from 1); the counter says how
+/// many connects were begun.
+fn counted_worker<S, Fut>(
+    engine: &Arc<Engine>,
+    connect: impl Fn(usize) -> Fut + Send + Sync + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicUsize>,
+    CancellationToken,
+)
+where
+    S: SessionSource + Send + 'static,
+    S::Session: Send,
+    Fut: std::future::Future<Output = Result<S, ReceiveError>> + Send + 'static,
+{
+    let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cancel = CancellationToken::new();
+    let worker = tokio::spawn(engine.clone().run_worker(
+        0,
+        {
+            let connects = connects.clone();
+            move || connect(connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1)
+        },
+        cancel.clone(),
+    ));
+    (worker, connects, cancel)
+}
+
 /// A failed broker probe ends an accept that waits on a dead connection: the worker holds
 /// readiness down and connects again at once, instead of waiting out `accept_timeout` (a
 /// minute, as operators set it) looking healthy.
@@ -1088,20 +1116,8 @@ impl SessionSource for DeadConnection {
 async fn a_failed_broker_probe_ends_an_accept_waiting_on_a_dead_connection() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |cfg| cfg.accept_timeout = Duration::from_secs(60)).await;
-    let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (worker, connects, cancel) = counted_worker(&engine, |_| async { Ok(DeadConnection) });
     let counted = || connects.load(std::sync::atomic::Ordering::SeqCst);
-    let cancel = CancellationToken::new();
-    let worker = tokio::spawn(engine.clone().run_worker(
-        0,
-        {
-            let connects = connects.clone();
-            move || {
-                connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async { Ok(DeadConnection) }
-            }
-        },
-        cancel.clone(),
-    ));
     // The first accept probes the broker briefly, gives up, and reports it reachable; the
     // second is the long one.
     wait_until(Duration::from_secs(10), || async { counted() == 2 }).await;
@@ -1142,25 +1158,13 @@ impl SessionSource for IdleBroker {
 async fn a_probe_recovery_ends_a_connect_hung_through_the_outage() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |_| {}).await;
-    let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (worker, connects, cancel) = counted_worker(&engine, |n| async move {
+        if n == 2 {
+            std::future::pending::<()>().await;
+        }
+        Ok(IdleBroker)
+    });
     let counted = || connects.load(std::sync::atomic::Ordering::SeqCst);
-    let cancel = CancellationToken::new();
-    let worker = tokio::spawn(engine.clone().run_worker(
-        0,
-        {
-            let connects = connects.clone();
-            move || {
-                let n = connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                async move {
-                    if n == 2 {
-                        std::future::pending::<()>().await;
-                    }
-                    Ok(IdleBroker)
-                }
-            }
-        },
-        cancel.clone(),
-    ));
     let e = &engine;
     wait_until(
         Duration::from_secs(10),
@@ -1179,6 +1183,39 @@ async fn a_probe_recovery_ends_a_connect_hung_through_the_outage() {
     )
     .await;
     assert_eq!(counted(), 3, "the hung connect was started over");
+    cancel.cancel();
+    worker.await.unwrap();
+}
+
+/// A probe failure signalled while the worker is not waiting in an accept (here: while it
+/// works a session) still sends it to a new connection before its next accept. It used to be
+/// lost when it came between two accepts, and the worker went on with a suspect connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_failure_between_two_accepts_is_not_lost() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |c| c.session_idle_timeout = Duration::from_secs(2)).await;
+    let first = [event("p-1", "Order", 1, "OrderPlaced", doc! {})];
+    let (session, ops) = FakeSession::new("p-1", first.iter().map(msg).collect());
+    let source = SharedSource(Arc::new(Mutex::new(VecDeque::from([session]))));
+    let (worker, connects, cancel) = counted_worker(&engine, move |_| {
+        let source = source.clone();
+        async move { Ok(source) }
+    });
+    // The event is completed; the session is held until it has been idle for 2 s.
+    wait_until(Duration::from_secs(10), || async {
+        count(&ops_of(&ops), |o| matches!(o, Op::Complete(_))) == 1
+    })
+    .await;
+    engine.broker_probe_failed();
+    assert!(
+        !ops_of(&ops).contains(&Op::Close),
+        "the failure came while the session was worked"
+    );
+    wait_until(Duration::from_secs(10), || async {
+        connects.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+    assert!(ops_of(&ops).contains(&Op::Close));
     cancel.cancel();
     worker.await.unwrap();
 }

@@ -263,11 +263,10 @@ impl Engine {
             let mut probe = None;
             let (op, error) = 'attempt: {
                 let src = match source.as_mut() {
-                    Some(s) => {
-                        // A probe failure from now on ends this accept.
-                        probe_failed.mark_unchanged();
-                        s
-                    }
+                    // A probe failure since this connection was opened ends its accept: one
+                    // signalled between two accepts (or while a session was worked) is not
+                    // lost.
+                    Some(s) => s,
                     None => {
                         probe = tokio::select! {
                             p = self.gate.pass() => p,

@@ -16,8 +16,8 @@ use ordo_core::metrics as names;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Acks;
-use crate::readiness::{dependency, Fault, Readiness};
 use crate::source;
+use ordo_core::readiness::{dependency, Fault, Readiness};
 
 /// Saves the acknowledged prefix of one term.
 #[derive(Debug)]
@@ -229,7 +229,6 @@ mod tests {
     use super::*;
     use crate::acks::AckTracker;
     use crate::Position;
-    use ordo_core::telemetry::Health;
     use ordo_testkit::{wait_until, TestMongo};
 
     /// An idle save that fails is retried at `checkpoint_interval`, not after the idle
@@ -239,7 +238,7 @@ mod tests {
         let mongo = TestMongo::start().await.unwrap();
         let store = CheckpointStore::new(&mongo.database(), "ordo_checkpoints");
         let acks: Acks = Arc::new(std::sync::Mutex::new(AckTracker::new()));
-        let readiness = Readiness::new(Health::new());
+        let readiness = Readiness::new();
         acks.lock().unwrap().push_acked_marker(Position::test(1));
         let stop = CancellationToken::new();
         let idle_interval = Duration::from_secs(5);

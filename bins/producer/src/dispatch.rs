@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acks::{AckTracker, Seq};
 use crate::park::{ParkError, ParkMessage};
-use crate::readiness::{dependency, Readiness};
 use crate::Position;
+use ordo_core::readiness::{dependency, Readiness};
 
 /// One message waiting for its send.
 #[derive(Debug)]
@@ -438,7 +438,6 @@ mod tests {
     use futures::future::BoxFuture;
     use mongodb::bson::doc;
     use ordo_core::envelope::{Envelope, EventFields};
-    use ordo_core::telemetry::Health;
 
     /// Records what was sent; fails the first `fail_first` publishes; refuses the messages in
     /// `reject`; panics once on a batch holding a message of `panic_on`.
@@ -528,12 +527,10 @@ mod tests {
     }
 
     fn context(log: &Arc<Log>, dispatcher: &Arc<Dispatcher>, acks: &Acks) -> WorkerContext {
-        let health = Health::new();
-        health.set_started();
         WorkerContext {
             dispatcher: dispatcher.clone(),
             acks: acks.clone(),
-            readiness: Readiness::new(health),
+            readiness: Readiness::new(),
             parking: Arc::new(FakePark(log.clone())),
             backoff: Backoff {
                 initial: Duration::from_millis(1),

@@ -10,7 +10,7 @@ use ordo_core::metrics as names;
 use ordo_core::retry::Backoff;
 use tokio_util::sync::CancellationToken;
 
-use crate::readiness::{dependency, Fault, Readiness};
+use ordo_core::readiness::{dependency, Fault, Readiness};
 
 /// Renews one term's lease.
 #[derive(Debug)]

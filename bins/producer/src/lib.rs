@@ -10,7 +10,6 @@
 //! - [`park`]: `ordo_parked`, for events that cannot be published.
 //! - [`checkpointer`]: when the acknowledged prefix is saved; a prefix that stops moving.
 //! - [`lease_keeper`]: renewing the lease while active.
-//! - [`readiness`]: what `/readyz` says, per failing dependency.
 //! - [`task`]: the tasks of a term and what their early end means.
 //! - `index_check`: the events collection's unique index, checked at start and every minute.
 //! - `probe`: the broker probe that keeps `/readyz` honest while nothing is sent.
@@ -33,7 +32,6 @@ mod index_check;
 pub mod lease_keeper;
 pub mod park;
 mod probe;
-pub mod readiness;
 pub mod source;
 pub mod task;
 mod term;
@@ -58,10 +56,10 @@ use tokio_util::sync::CancellationToken;
 pub use config::ProducerConfig;
 
 use crate::dispatch::WorkerError;
-use crate::readiness::{dependency, Fault, Readiness};
 use crate::source::{Source, SourceError, Start};
 use crate::task::{AbortOnDrop, TaskFailed};
 use crate::term::Term;
+use ordo_core::readiness::{dependency, Fault, Readiness};
 
 pub use park::PARKED_COLLECTION;
 
@@ -197,7 +195,11 @@ impl Producer {
             db,
             stream,
             holder,
-            readiness: Readiness::new(health),
+            readiness: {
+                let readiness = Readiness::new();
+                readiness.publish_to(health);
+                readiness
+            },
             shutdown,
             backoff,
         }
@@ -209,18 +211,11 @@ impl Producer {
         // `/readyz` follows the database on its own clock: the term's operations can wait
         // much longer on a hung server than the 10 s readiness promises.
         let probe = ordo_core::mongo::connect_probe(&self.cfg.mongodb, "ordo-producer").await?;
-        let _pings = AbortOnDrop(tokio::spawn({
-            let readiness = self.readiness.clone();
-            let mut fault = None;
-            let db = probe.database(self.cfg.mongodb.database());
-            ordo_core::mongo::probe(db, cancel.clone(), move |reachable| {
-                if reachable {
-                    fault = None;
-                } else {
-                    readiness.hold(&mut fault, dependency::MONGODB);
-                }
-            })
-        }));
+        let _pings = AbortOnDrop(tokio::spawn(ordo_core::mongo::probe(
+            probe.database(self.cfg.mongodb.database()),
+            cancel.clone(),
+            self.readiness.follow(dependency::MONGODB),
+        )));
         let mut carried = None;
         loop {
             ::metrics::gauge!(names::LEASE_HELD).set(0.0);

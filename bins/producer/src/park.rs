@@ -19,7 +19,7 @@ use ordo_core::metrics as names;
 use ordo_core::retry::Backoff;
 use tokio_util::sync::CancellationToken;
 
-use crate::readiness::{dependency, Readiness};
+use ordo_core::readiness::{dependency, Readiness};
 
 /// Where parked events are recorded.
 pub const PARKED_COLLECTION: &str = "ordo_parked";

@@ -6,7 +6,7 @@ use std::time::Duration;
 use ordo_core::metrics as names;
 use ordo_core::servicebus::sender::{PublishError, PublisherFactory};
 
-use crate::readiness::{dependency, Readiness};
+use ordo_core::readiness::{dependency, Readiness};
 
 /// Opens a publisher (connection, authentication, a sender link to the topic) every `every`,
 /// so a broker that is unreachable, refuses the key or lacks the topic makes the producer not

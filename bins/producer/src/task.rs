@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpointer::CheckpointerEnd;
 use crate::dispatch::WorkerError;
 use crate::lease_keeper::LeaseEnd;
-use crate::readiness::Fault;
 use crate::source::SourceError;
 use crate::ProducerError;
+use ordo_core::readiness::Fault;
 
 /// The task kinds of a term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,10 +17,10 @@ use crate::dispatch::{self, Acks, Dispatcher, WorkerContext};
 use crate::lease_keeper::{LeaseEnd, LeaseKeeper};
 use crate::park::Parker;
 use crate::probe;
-use crate::readiness::Fault;
 use crate::source::{Source, SourceError, Start};
 use crate::task::{stopped_within, AbortOnDrop, Ended, TaskFailed, TaskKind, TermTasks};
 use crate::{Producer, ProducerError};
+use ordo_core::readiness::Fault;
 
 /// How an active term ended.
 pub(crate) enum Term {

@@ -6,7 +6,7 @@
 //! - [`config`]: `[projector]` and the shared sections.
 //! - [`worker`]: the session loop (accept, receive, fold, guarded write, settle, renew).
 //! - [`settle`]: the settlement rule, pure: complete, dead-letter, block or retry.
-//! - [`readiness`]: the faults `/readyz` reports; `probes.rs` checks MongoDB and Service Bus.
+//! - `probes`: MongoDB and Service Bus checked for `/readyz` apart from the workers' accepts.
 //! - [`supervise`]: every long-running task is respawned after a panic.
 //! - [`store`]: read models with version guards, the events collection, `ordo_blocked`.
 //! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
@@ -16,7 +16,6 @@
 pub mod cli;
 pub mod config;
 mod probes;
-pub mod readiness;
 pub mod rebuild;
 pub mod reconcile;
 pub mod repair;

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use ordo_core::config::ServiceBusConfig;
 use ordo_core::metrics as m;
+use ordo_core::readiness::dependency;
 use ordo_core::retry::Backoff;
 use ordo_core::servicebus::receiver::SubscriptionProbe;
 
@@ -16,10 +17,7 @@ use crate::Engine;
 /// Pings MongoDB for the readiness verdict ([`ordo_core::mongo::probe`]).
 /// `db` is over a client of its own ([`ordo_core::mongo::connect_probe`]).
 pub(crate) async fn mongodb(engine: Arc<Engine>, db: mongodb::Database, cancel: CancellationToken) {
-    ordo_core::mongo::probe(db, cancel, |reachable| {
-        engine.readiness.set_database_reachable(reachable)
-    })
-    .await
+    ordo_core::mongo::probe(db, cancel, engine.readiness.follow(dependency::MONGODB)).await
 }
 
 /// The shortest wait for a probe's answer, whatever `probe_interval` is.
@@ -39,7 +37,7 @@ pub(crate) async fn service_bus(
     // Opening takes a TLS handshake and a token (from Entra ID, seconds at worst): a short
     // interval must not make every check fail.
     let bound = every.max(PROBE_TIMEOUT_FLOOR);
-    let mut alarm = engine.readiness.broker_alarm();
+    let mut alarm = engine.readiness.alarm(dependency::SERVICEBUS);
     let mut probe: Option<SubscriptionProbe> = None;
     let identifier = format!("ordo-projector-{}-probe", std::process::id());
     // While failing, the broker is tried again sooner (retry_initial, doubling up to

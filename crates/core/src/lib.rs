@@ -25,6 +25,7 @@ pub mod indexes;
 pub mod lease;
 pub mod metrics;
 pub mod mongo;
+pub mod readiness;
 pub mod retry;
 pub mod secret;
 pub mod servicebus;

@@ -54,8 +54,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{OnInvalid, ProducerConfig, StartAt};
 use crate::dispatch::{Acks, Dispatcher};
 use crate::park::{ParkError, Parker};
-use crate::readiness::{dependency, Fault, Readiness};
 use crate::Position;
+use ordo_core::readiness::{dependency, Fault, Readiness};
 
 mod scan;
 mod stream;

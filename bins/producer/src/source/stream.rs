@@ -9,9 +9,9 @@ use serde::Deserialize;
 
 use super::{token_doc, Read, Source, SourceError, Start, HISTORY_LOST_CODES};
 use crate::config::StartAt;
-use crate::readiness::Fault;
 use crate::task::AbortOnDrop;
 use crate::Position;
+use ordo_core::readiness::Fault;
 
 /// BSONObjectTooLarge: a change event over the 16 MB limit.
 const EVENT_TOO_LARGE: i32 = 10334;

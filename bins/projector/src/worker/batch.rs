@@ -160,7 +160,7 @@ impl Engine {
             .collect();
 
         // Work out the outcome, retrying in place any fault that is not the events' own.
-        let mut alarm = self.readiness.store_alarm();
+        let mut alarm = self.readiness.alarm(dependency::MONGODB);
         let mut attempt: u32 = 0;
         let mut delays = self.backoff().delays();
         let (actions, block) = loop {

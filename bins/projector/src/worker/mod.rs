@@ -53,10 +53,10 @@ use ordo_projection::event_version;
 use ordo_projection::{fold_events, Gap, Projection, ReadModel};
 
 use crate::config::ProjectorSection;
-use crate::readiness::Readiness;
 use crate::settle::{self, Action, Decision, Fault, Item, Outcome, Stop};
 use crate::store::{BlockRecord, StoreError, Written};
 use crate::Store;
+use ordo_core::readiness::{self, dependency, Alarm, Readiness};
 
 pub use crate::settle::REASON_BLOCKED;
 /// Dead-letter reason for a body that is not an envelope.
@@ -88,8 +88,14 @@ pub struct Engine {
     pub cfg: ProjectorSection,
     /// Counters the heartbeat reports (`ordo-projector status`).
     pub activity: Activity,
-    /// The faults `/readyz` reports.
-    pub readiness: Readiness,
+    /// The faults `/readyz` reports: workers raise an alarm while their connect or accept
+    /// fails (broker unreachable, credentials refused, topic or subscription missing or without
+    /// sessions) or while a batch is retried for a database fault; the probes in `probes.rs`
+    /// ping MongoDB and check Service Bus apart from the accepts.
+    pub readiness: Arc<Readiness>,
+    /// Held until a worker's accept is first answered: only an accept shows that the
+    /// connection, the credentials and a session-enabled subscription all work.
+    unanswered: std::sync::Mutex<Option<readiness::Fault>>,
     /// Lets one worker at a time try the broker while it is down ([`BrokerGate`]).
     gate: BrokerGate,
     /// Bumped by the broker probe when it fails: accepts in flight may wait on a dead
@@ -194,12 +200,14 @@ enum After {
 impl Engine {
     /// An engine with nothing running yet.
     pub fn new(projections: Vec<Arc<dyn Projection>>, store: Store, cfg: ProjectorSection) -> Self {
+        let readiness = Readiness::new();
         Self {
             projections,
             store,
             cfg,
             activity: Activity::default(),
-            readiness: Readiness::default(),
+            unanswered: std::sync::Mutex::new(Some(readiness.pending(dependency::SERVICEBUS))),
+            readiness,
             gate: BrokerGate::default(),
             probe_failures: tokio::sync::watch::Sender::new(0),
             probe_recoveries: tokio::sync::watch::Sender::new(0),
@@ -212,10 +220,18 @@ impl Engine {
     /// gate opens, and a worker still connecting starts over on a fresh connection, because a
     /// connection begun while the broker was down can hang like an accept does.
     pub fn broker_probe_recovered(&self) {
-        if self.readiness.has_broker_answered() {
+        if self.has_broker_answered() {
             self.gate.up();
             self.probe_recoveries.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Whether a worker's accept has been answered since start.
+    pub fn has_broker_answered(&self) -> bool {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
     }
 
     /// The broker probe failed: every worker waiting in an accept reconnects, as after a
@@ -253,7 +269,7 @@ impl Engine {
         Fut: std::future::Future<Output = Result<S, ReceiveError>>,
     {
         let _alive = Counted::new(&self.activity.workers, None);
-        let mut alarm = self.readiness.broker_alarm();
+        let mut alarm = self.readiness.alarm(dependency::SERVICEBUS);
         let mut source: Option<S> = None;
         let mut delays = self.backoff().delays();
         let mut probe_failed = self.probe_failures.subscribe();
@@ -367,8 +383,11 @@ impl Engine {
 
     /// The broker answered a worker's accept: readiness may count on it, the gate opens for
     /// every worker, and this worker's alarm comes down.
-    fn answered(&self, alarm: &mut crate::readiness::Alarm<'_>) {
-        self.readiness.broker_answered();
+    fn answered(&self, alarm: &mut Alarm) {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         self.gate.up();
         alarm.lower();
     }

@@ -183,8 +183,16 @@ pub async fn run_with(
             tracing::warn!("stopped with work still in flight; the broker redelivers it")
         }
     }
-    if let Err(e) = status::retire(engine.store.database(), &instance).await {
-        tracing::warn!(error = %e, "could not remove this projector's heartbeat");
+    // Bounded: a hung database never answers, and the heartbeat expires on its own.
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        status::retire(engine.store.database(), &instance),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove this projector's heartbeat"),
+        Err(_) => tracing::warn!("removing this projector's heartbeat timed out; it expires"),
     }
     Ok(())
 }

@@ -336,6 +336,41 @@ async fn readiness_follows_mongodb() {
     eprintln!("database outage: 503 after {down:?}, 200 again {up:?} after it returned");
 }
 
+/// A hung database (SIGSTOP: connections stay open, nothing answers) turns `/readyz` off within
+/// seconds; SIGTERM during the hang still ends the process within its grace period (the
+/// heartbeat's removal at exit waited on the database for good), and the events published
+/// meanwhile are applied by the next projector once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_turns_readiness_off_and_does_not_hold_a_shutdown() {
+    let mut env = start(Duration::from_secs(5)).await;
+    let (before, during) = (workload("h", 3, 4), workload("k", 3, 4));
+    env.insert_events(&before).await;
+    env.insert_events(&during).await;
+    let mut p = env.spawn_projector("").await;
+    env.publish(&before).await;
+    // Applied and completed before the hang.
+    wait_until(Duration::from_secs(60), || async { env.pending() == 0 }).await;
+    if let Err(unavailable) = env.mongo.hang_server(true) {
+        return unavailable.skip();
+    }
+    let hung = std::time::Instant::now();
+    env.publish(&during).await;
+    let down = readiness_becomes(&p, false).await;
+    p.sigterm().unwrap();
+    // The tests set `[shutdown] grace_period = "10s"`.
+    let exited = p.wait_exit(Duration::from_secs(15)).await;
+    let took = hung.elapsed();
+    env.mongo.hang_server(false).unwrap().unwrap();
+    assert!(
+        exited.is_ok(),
+        "still running {took:?} after the hang began\n{}",
+        p.logs()
+    );
+    assert!(down < Duration::from_secs(6), "503 only after {down:?}");
+    let _next = env.spawn_projector("").await;
+    converge(&env).await;
+}
+
 /// Waits until the projector has retried an accept or connect for `reason`, and checks it is
 /// not ready meanwhile.
 async fn unready_for(p: &Daemon, reason: &str) {

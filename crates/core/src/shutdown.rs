@@ -1,9 +1,17 @@
-//! Graceful shutdown: one root [`CancellationToken`], one [`TaskTracker`], a bounded grace period.
+//! Graceful shutdown, the same shape in both daemons: one root [`CancellationToken`], work
+//! that stops in a bounded time, and one grace period (`[shutdown] grace_period`).
 //!
 //! On SIGTERM or SIGINT the token is cancelled. Readiness flips first (the telemetry server
-//! watches the same token), loops stop taking work (`run_until_cancelled`), in-flight work is
-//! finished or released, and [`Shutdown::drain`] waits for the tracked tasks at most the grace
-//! period. A second signal does not wait: the process exits at once.
+//! watches the same token), then every loop stops taking work:
+//! - the projector's tasks are in [`Shutdown::tracker`]; its workers finish or release the
+//!   session they hold, and [`Shutdown::drain`] waits for them at most the grace period;
+//! - the producer's active term stops in order within the same grace period (its `term.rs`):
+//!   the reader stops, the publishing workers drain (0.6 of it), the checkpointer and lease
+//!   keeper stop (0.1 each), the checkpoint is saved over what was acknowledged (0.2).
+//!
+//! What is left after the grace period (the lease release, the projector's heartbeat removal,
+//! the database client's close) is bounded by 2 s each: a hung database never holds a
+//! shutdown. A second signal does not wait: the process exits at once.
 
 use std::time::Duration;
 

@@ -19,7 +19,9 @@ use ordo_projection::{
 use ordo_servicebus_emulator::EmulatorConfig;
 
 use crate::sample::{insert, Generator, Workload};
-use ordo_testkit::{bin_path, free_health_addr, paths::workspace_root, Daemon, TestMongo};
+use ordo_testkit::{
+    bin_path, free_health_addr, paths::workspace_root, ConfigFile, Daemon, TestMongo,
+};
 
 pub use ordo_testkit::servicebus::TestServiceBus;
 
@@ -128,66 +130,56 @@ impl Stack {
         self.mongo.database()
     }
 
-    fn common(&self, health: SocketAddr, connection_string: &Option<String>) -> String {
-        self.common_with_uri(health, self.mongo.uri(), connection_string)
-    }
-
-    fn common_with_uri(
+    /// The settings both daemons share, with `uri` for MongoDB and the daemon's own
+    /// connection string (the test's key) when one is set.
+    fn common(
         &self,
         health: SocketAddr,
         uri: &str,
         connection_string: &Option<String>,
-    ) -> String {
-        let ca_file = match self.bus.ca_file() {
-            Some(path) => format!("ca_file = {:?}\n", path.display().to_string()),
-            None => String::new(),
-        };
-        format!(
-            r#"[mongodb]
-uri = {uri:?}
-database = {db:?}
-events_collection = "events"
-
-[servicebus]
-connection_string = {sb:?}
-topic = {topic:?}
-subscription = {sub:?}
-{ca_file}
-[telemetry]
-listen = "{health}"
-log_format = "json"
-log_level = "info"
-
-[shutdown]
-grace_period = "10s"
-"#,
-            db = self.mongo.db_name(),
-            sb = connection_string
+    ) -> ConfigFile {
+        let config = ConfigFile::new(
+            uri,
+            self.mongo.db_name(),
+            connection_string
                 .as_deref()
                 .unwrap_or(self.bus.connection_string()),
-            topic = self.bus.topic(),
-            sub = self.bus.subscription(),
+            self.bus.topic(),
+            health,
+            "info",
         )
+        .set("mongodb", "events_collection", "events")
+        .set("servicebus", "subscription", self.bus.subscription())
+        .set("telemetry", "log_format", "json");
+        match self.bus.ca_file() {
+            Some(path) => config.set("servicebus", "ca_file", path.display().to_string()),
+            None => config,
+        }
     }
 
     /// The producer's configuration file.
     pub fn producer_config(&self, health: SocketAddr) -> String {
-        format!(
-            "{}\n[producer]\nstart_at = {:?}\n{}\n",
-            self.common(health, &self.producer_connection_string),
-            self.start_at,
-            self.producer_extra
-        )
+        self.common(health, self.mongo.uri(), &self.producer_connection_string)
+            .set("producer", "start_at", self.start_at.as_str())
+            .overlay("producer", &self.producer_extra)
+            .render()
+    }
+
+    /// A projector's configuration file, its MongoDB reached through `uri`.
+    fn projector_config_with(&self, health: SocketAddr, uri: &str) -> String {
+        self.common(health, uri, &self.projector_connection_string)
+            .set(
+                "projector",
+                "projections_file",
+                self.projections_file.display().to_string(),
+            )
+            .overlay("projector", &self.projector_extra)
+            .render()
     }
 
     /// A projector's configuration file.
     pub fn projector_config(&self, health: SocketAddr) -> String {
-        format!(
-            "{}\n[projector]\nprojections_file = {:?}\n{}\n",
-            self.common(health, &self.projector_connection_string),
-            self.projections_file.display().to_string(),
-            self.projector_extra
-        )
+        self.projector_config_with(health, self.mongo.uri())
     }
 
     /// Runs `ordo-projector <args>` (a one-shot subcommand such as `repair`) to completion with
@@ -202,16 +194,7 @@ grace_period = "10s"
         let health = free_health_addr();
         let uri = self.mongo.uri();
         let sep = if uri.contains('?') { '&' } else { '?' };
-        let config = format!(
-            "{}\n[projector]\nprojections_file = {:?}\n{}\n",
-            self.common_with_uri(
-                health,
-                &format!("{uri}{sep}appName={app_name}"),
-                &self.projector_connection_string,
-            ),
-            self.projections_file.display().to_string(),
-            self.projector_extra
-        );
+        let config = self.projector_config_with(health, &format!("{uri}{sep}appName={app_name}"));
         let mut d =
             Daemon::spawn_with_args(&bin_path("ordo-projector"), &config, health, &[], args)?;
         let status = d.wait_exit(Duration::from_secs(120)).await?;

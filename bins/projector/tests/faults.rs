@@ -145,7 +145,7 @@ async fn a_secondary_read_preference_in_the_uri_is_not_followed() {
     for e in events.iter().filter(|e| e.get_i64("eventId").unwrap() != 4) {
         env.publish(std::slice::from_ref(e)).await;
     }
-    let mut p = env.spawn_unready("", |toml| toml.replace(&*direct, &secondary));
+    let mut p = env.spawn_unready(|c| c.set("mongodb", "uri", secondary));
     p.wait_ready(Duration::from_secs(30)).await.unwrap();
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
@@ -296,9 +296,7 @@ async fn readiness_does_not_wait_for_a_long_accept_on_an_idle_broker() {
     })
     .await;
     let started = std::time::Instant::now();
-    let p = env.spawn_unready("", |toml| {
-        toml.replace("accept_timeout = \"3s\"", "accept_timeout = \"70s\"")
-    });
+    let p = env.spawn_unready(|c| c.set("projector", "accept_timeout", "70s"));
     let ready_after = readiness_becomes(&p, true).await;
     assert!(
         started.elapsed() < Duration::from_secs(30),
@@ -390,12 +388,7 @@ async fn unready_for(p: &Daemon, reason: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_subscription_keeps_the_projector_unready() {
     let env = start(Duration::from_secs(5)).await;
-    let p = env.spawn_unready("", |toml| {
-        toml.replace(
-            &format!("subscription = \"{SUB}\""),
-            "subscription = \"no-such-subscription\"",
-        )
-    });
+    let p = env.spawn_unready(|c| c.set("servicebus", "subscription", "no-such-subscription"));
     unready_for(&p, "amqp:not-found").await;
 }
 
@@ -409,12 +402,7 @@ async fn a_subscription_without_sessions_keeps_the_projector_unready() {
         cfg.topics[0].subscriptions.push(plain);
     })
     .await;
-    let p = env.spawn_unready("", |toml| {
-        toml.replace(
-            &format!("subscription = \"{SUB}\""),
-            "subscription = \"plain\"",
-        )
-    });
+    let p = env.spawn_unready(|c| c.set("servicebus", "subscription", "plain"));
     unready_for(&p, "amqp:not-allowed").await;
 }
 
@@ -422,18 +410,8 @@ async fn a_subscription_without_sessions_keeps_the_projector_unready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_keeps_the_projector_unready() {
     let env = start(Duration::from_secs(5)).await;
-    let p = env.spawn_unready("", |toml| {
-        let key = toml
-            .split("SharedAccessKey=")
-            .nth(1)
-            .and_then(|rest| rest.split(';').next())
-            .unwrap()
-            .to_string();
-        toml.replace(
-            &format!("SharedAccessKey={key}"),
-            "SharedAccessKey=d3Jvbmcta2V5LXdyb25nLWtleQ==",
-        )
-    });
+    let wrong = ordo_testkit::servicebus::with_wrong_key(&env.conn);
+    let p = env.spawn_unready(|c| c.set("servicebus", "connection_string", wrong));
     unready_for(&p, "unauthorized").await;
 }
 

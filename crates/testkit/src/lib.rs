@@ -15,6 +15,7 @@
 //! Tests synchronise with [`wait_until`] / [`wait_for`], never with fixed sleeps.
 
 pub mod bench;
+pub mod config;
 pub mod daemon;
 pub mod entra;
 mod lock;
@@ -27,6 +28,7 @@ pub mod servicebus;
 pub mod tls;
 pub mod wait;
 
+pub use config::ConfigFile;
 pub use daemon::{bin_path, bin_path_in, check_config, Daemon};
 pub use mongo::{SecantusDb, SecantusOptions, TestMongo};
 pub use net::{free_health_addr, free_local_port};

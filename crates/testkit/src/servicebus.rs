@@ -21,6 +21,21 @@ pub const SUBSCRIPTION_ENV: &str = "ORDO_TEST_SERVICEBUS_SUBSCRIPTION";
 const DEFAULT_TOPIC: &str = "ordo-events";
 const DEFAULT_SUBSCRIPTION: &str = "projector";
 
+/// `connection_string` with another, valid-looking key: the broker refuses its tokens.
+pub fn with_wrong_key(connection_string: &str) -> String {
+    let key = connection_string
+        .split("SharedAccessKey=")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("a connection string with SharedAccessKey=");
+    let wrong = connection_string.replace(
+        &format!("SharedAccessKey={key}"),
+        "SharedAccessKey=d3Jvbmcta2V5LXdyb25nLWtleQ==",
+    );
+    assert_ne!(wrong, connection_string, "the key was replaced");
+    wrong
+}
+
 /// A Service Bus namespace to test against.
 ///
 /// The emulator binds `127.0.0.N:5672` with a random `N` in 2..=250: Service Bus clients

@@ -13,7 +13,9 @@ use mongodb::bson::{doc, Document};
 use ordo_core::envelope::Envelope;
 use ordo_core::secret::Secret;
 use ordo_testkit::servicebus::TestServiceBus;
-use ordo_testkit::{bin_path, free_health_addr, Daemon, SecantusOptions, TestMongo, Topology};
+use ordo_testkit::{
+    bin_path, free_health_addr, ConfigFile, Daemon, SecantusOptions, TestMongo, Topology,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
@@ -59,29 +61,30 @@ impl World {
     /// The producer's configuration for this world; `extra` is appended to `[producer]` and
     /// replaces the test defaults of the keys it sets.
     pub fn config(&self, health: SocketAddr, extra: &str) -> String {
-        format!(
-            r#"
-[mongodb]
-uri = {uri:?}
-database = {db:?}
-[servicebus]
-connection_string = {cs:?}
-topic = {topic:?}
-[telemetry]
-listen = "{health}"
-log_format = "pretty"
-log_level = "info,ordo_producer=debug"
-[shutdown]
-grace_period = "10s"
-[producer]
-{defaults}
-{extra}
-"#,
-            defaults = producer_defaults(extra),
-            uri = self.mongo.uri(),
-            db = self.mongo.db_name(),
-            cs = self.bus.connection_string(),
-            topic = self.bus.topic(),
+        self.config_file(health).overlay("producer", extra).render()
+    }
+
+    /// The test producer's configuration, with the tests' defaults.
+    pub fn config_file(&self, health: SocketAddr) -> ConfigFile {
+        ConfigFile::new(
+            self.mongo.uri(),
+            self.mongo.db_name(),
+            self.bus.connection_string(),
+            self.bus.topic(),
+            health,
+            "info,ordo_producer=debug",
+        )
+        .defaults(
+            "producer",
+            &[
+                ("start_at", "\"beginning\""),
+                ("lease_ttl", "\"3s\""),
+                ("checkpoint_interval", "\"200ms\""),
+                ("idle_checkpoint_interval", "\"200ms\""),
+                ("max_await_time", "\"200ms\""),
+                ("retry_max", "\"1s\""),
+                ("send_timeout", "\"5s\""),
+            ],
         )
     }
 
@@ -107,26 +110,6 @@ grace_period = "10s"
 }
 
 /// The tests' `[producer]` settings, less the keys `extra` sets.
-fn producer_defaults(extra: &str) -> String {
-    let set: Vec<&str> = extra
-        .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
-        .collect();
-    [
-        ("start_at", "\"beginning\""),
-        ("lease_ttl", "\"3s\""),
-        ("checkpoint_interval", "\"200ms\""),
-        ("idle_checkpoint_interval", "\"200ms\""),
-        ("max_await_time", "\"200ms\""),
-        ("retry_max", "\"1s\""),
-        ("send_timeout", "\"5s\""),
-    ]
-    .iter()
-    .filter(|(k, _)| !set.contains(k))
-    .map(|(k, v)| format!("{k} = {v}\n"))
-    .collect()
-}
-
 /// Writes events: `aggregates` aggregates, eventIds contiguous per aggregate, interleaved in a
 /// seeded random order, inserted in ordered batches.
 pub struct Writer {

@@ -21,7 +21,7 @@ use ordo_core::servicebus::sender::{Publisher, PublisherFactory, ServiceBusPubli
 use ordo_projection::{fold_history, Projection, ProjectionsFile};
 use ordo_servicebus_emulator::config::{EmulatorConfig, SubscriptionConfig, TopicConfig};
 use ordo_servicebus_emulator::{Emulator, EmulatorHandle};
-use ordo_testkit::{free_health_addr, Daemon, TestMongo};
+use ordo_testkit::{free_health_addr, ConfigFile, Daemon, TestMongo};
 
 pub const TOPIC: &str = "ordo-events";
 pub const SUB: &str = "projector";
@@ -95,73 +95,50 @@ pub async fn start_with(lock: Duration, tune: impl FnOnce(&mut EmulatorConfig)) 
 }
 
 impl Env {
-    /// A projector config; `extra` is appended to `[projector]`, replacing the keys it sets.
+    /// A projector config; `extra` is laid over `[projector]`, replacing the keys it sets.
     pub fn projector_toml(&self, health: std::net::SocketAddr, extra: &str) -> String {
-        let overridden: Vec<&str> = extra
-            .lines()
-            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
-            .collect();
-        let base = self.base_toml(health);
-        let mut out: Vec<&str> = Vec::new();
-        let mut in_projector = false;
-        for line in base.lines() {
-            if line.starts_with('[') {
-                in_projector = line == "[projector]";
-            }
-            let key = line.split_once('=').map(|(k, _)| k.trim());
-            if in_projector && key.is_some_and(|k| overridden.contains(&k)) {
-                continue;
-            }
-            out.push(line);
-        }
-        format!("{}\n{extra}\n", out.join("\n"))
+        self.projector_config(health)
+            .overlay("projector", extra)
+            .render()
     }
 
-    fn base_toml(&self, health: std::net::SocketAddr) -> String {
-        format!(
-            r#"
-[mongodb]
-uri = "{uri}"
-database = "{db}"
-[servicebus]
-connection_string = "{conn}"
-topic = "{TOPIC}"
-subscription = "{SUB}"
-[telemetry]
-listen = "{health}"
-log_format = "pretty"
-log_level = "info,ordo_projector=debug"
-[shutdown]
-grace_period = "10s"
-[projector]
-projections_file = "{proj}"
-max_concurrent_sessions = 4
-batch_size = 50
-receive_wait = "200ms"
-accept_timeout = "3s"
-session_idle_timeout = "300ms"
-lock_renewal_interval = "1s"
-gap_timeout = "2s"
-retry_initial = "20ms"
-retry_max = "200ms"
-"#,
-            uri = self.mongo.uri(),
-            db = self.mongo.db_name(),
-            conn = self.conn,
-            proj = projections_path().display(),
-        )
-    }
-
-    /// Starts a projector without waiting for it to be ready; `edit` changes the whole file.
-    pub fn spawn_unready(&self, extra: &str, edit: impl FnOnce(String) -> String) -> Daemon {
-        let health = free_health_addr();
-        Daemon::spawn(
-            &bin(),
-            &edit(self.projector_toml(health, extra)),
+    /// The test projector's configuration.
+    pub fn projector_config(&self, health: std::net::SocketAddr) -> ConfigFile {
+        ConfigFile::new(
+            self.mongo.uri(),
+            self.mongo.db_name(),
+            &self.conn,
+            TOPIC,
             health,
-            &[],
+            "info,ordo_projector=debug",
         )
-        .expect("spawn projector")
+        .set("servicebus", "subscription", SUB)
+        .set(
+            "projector",
+            "projections_file",
+            projections_path().display().to_string(),
+        )
+        .defaults(
+            "projector",
+            &[
+                ("max_concurrent_sessions", "4"),
+                ("batch_size", "50"),
+                ("receive_wait", "\"200ms\""),
+                ("accept_timeout", "\"3s\""),
+                ("session_idle_timeout", "\"300ms\""),
+                ("lock_renewal_interval", "\"1s\""),
+                ("gap_timeout", "\"2s\""),
+                ("retry_initial", "\"20ms\""),
+                ("retry_max", "\"200ms\""),
+            ],
+        )
+    }
+
+    /// Starts a projector without waiting for it to be ready; `edit` changes its configuration.
+    pub fn spawn_unready(&self, edit: impl FnOnce(ConfigFile) -> ConfigFile) -> Daemon {
+        let health = free_health_addr();
+        let config = edit(self.projector_config(health)).render();
+        Daemon::spawn(&bin(), &config, health, &[]).expect("spawn projector")
     }
 
     pub async fn spawn_projector(&self, extra: &str) -> Daemon {

@@ -51,6 +51,10 @@ enum Command {
         /// The projection to rebuild.
         #[arg(long)]
         projection: String,
+        /// Swap in even when some aggregates could not be folded; they are blocked for
+        /// `repair`. Without it such a rebuild changes nothing and fails, naming them.
+        #[arg(long)]
+        allow_blocked: bool,
     },
     /// Heal every aggregate whose read model is behind the events collection (blocked ones are
     /// reported, not touched). Incremental after the first run.
@@ -111,12 +115,16 @@ pub fn main_with(custom: Vec<Arc<dyn Projection>>) -> ExitCode {
                         .await
                     }
                     Command::Status { .. } => unreachable!("handled above"),
-                    Command::Rebuild { projection } => {
+                    Command::Rebuild {
+                        projection,
+                        allow_blocked,
+                    } => {
                         let rebuilt = ordo_projector::rebuild::rebuild(
                             &store,
                             &projections,
                             &projection,
                             &cfg.projector.blocked_collection,
+                            allow_blocked,
                         )
                         .await?;
                         print!("{rebuilt}");

@@ -9,7 +9,12 @@
 //!   rebuilt document.
 //! - An event that cannot be folded (invalid in the events collection, a duplicate version, a
 //!   hole, a projection error) does not end the replay: its aggregate is rebuilt up to the
-//!   event before and blocked there, with the reason, for `repair`.
+//!   event before. When any aggregate stopped, nothing is swapped in (new rules that fail on
+//!   old events would otherwise replace the live read models with fewer or none): the run
+//!   fails naming them, and the live collection and `ordo_blocked` are untouched. With
+//!   `--allow-blocked` the shadow is swapped in anyway and those aggregates are blocked there,
+//!   reason `RebuildStopped`, for `repair`; blocks of an earlier rebuild of the projection are
+//!   replaced by this run's.
 //! - Writes workers made to the old collection during the replay go away with it; a full
 //!   reconciliation pass over this projection after the swap heals every aggregate whose events
 //!   collection holds a newer version than its rebuilt document.
@@ -30,7 +35,7 @@ use ordo_projection::{classify, Gap, Projection, ReadModel, Step};
 
 use crate::reconcile;
 use crate::repair::pick;
-use crate::store::BlockRecord;
+use crate::store::{BlockRecord, REBUILD_STOPPED};
 use crate::Store;
 
 /// Prefix of ordo's own collections, which no projection may own.
@@ -144,6 +149,7 @@ pub async fn rebuild(
     projections: &[Arc<dyn Projection>],
     name: &str,
     blocked_collection: &str,
+    allow_blocked: bool,
 ) -> anyhow::Result<Rebuilt> {
     let p = pick(projections, Some(name))?[0].clone();
     let target = p.collection().to_string();
@@ -158,6 +164,20 @@ pub async fn rebuild(
     let built = async {
         let indexes = prepare_shadow(&db, &target, &shadow).await?;
         let (documents, blocked) = replay(store, p.as_ref(), &db, &shadow, epoch).await?;
+        if !blocked.is_empty() && !allow_blocked {
+            anyhow::bail!(
+                "{} aggregates could not be folded, so the live collection {target} is left as it \
+                 is (nothing swapped in, nothing blocked). Fix the projection's rules or the \
+                 events, or run again with --allow-blocked to swap in the rest and block these \
+                 for repair.{}",
+                blocked.len(),
+                blocked
+                    .iter()
+                    .take(10)
+                    .map(|(id, v, why)| format!("\n  {id} at v{v}: {why}"))
+                    .collect::<String>()
+            );
+        }
         let db_name = db.name().to_string();
         db.client()
             .database("admin")
@@ -187,13 +207,21 @@ pub async fn rebuild(
         epoch,
         "rebuilt collection swapped in"
     );
+    let lifted = store.lift_rebuild_blocks(p.name()).await?;
+    if lifted > 0 {
+        tracing::info!(
+            projection = name,
+            lifted,
+            "blocks of an earlier rebuild lifted"
+        );
+    }
     for (id, v, reason) in &blocked {
         store
             .block(&BlockRecord {
                 aggregate_id: id.clone(),
                 projection: p.name().to_string(),
                 blocked_at_event_id: *v,
-                reason: "RebuildStopped".into(),
+                reason: REBUILD_STOPPED.into(),
                 description: reason.clone(),
                 message_id: String::new(),
             })

@@ -38,8 +38,22 @@ use ordo_projection::{fold_events, Projection, ReadModel};
 use crate::store::{AggregateLatest as Latest, StoreError, Written};
 use crate::Store;
 
-/// Collection holding the reconciliation watermark, one document per events collection.
+/// Collection holding the reconciliation watermark, one document per events collection and
+/// set of projections ([`watermark_key`]).
 pub const WATERMARK_COLLECTION: &str = "ordo_reconcile";
+
+/// The watermark's `_id`: the events collection and every projection with its collection.
+/// Two sets of projections over one events collection (two pipelines side by side, or a
+/// projection added) each have their own, so one set's run never makes the other's next run
+/// skip aggregates it has not checked.
+pub fn watermark_key(events_collection: &str, projections: &[Arc<dyn Projection>]) -> String {
+    let mut set: Vec<String> = projections
+        .iter()
+        .map(|p| format!("{}={}", p.name(), p.collection()))
+        .collect();
+    set.sort();
+    format!("{events_collection}:{}", set.join(","))
+}
 
 /// Aggregates checked per round trip (one `$in` query per projection).
 const CHUNK: usize = 500;
@@ -158,7 +172,7 @@ async fn run(
     let watermarks = store
         .database()
         .collection::<Document>(WATERMARK_COLLECTION);
-    let key = store.events_collection_name().to_string();
+    let key = watermark_key(store.events_collection_name(), projections);
     let saved = watermarks.find_one(doc! { "_id": &key }).await?;
     let token: Option<ResumeToken> = saved
         .as_ref()

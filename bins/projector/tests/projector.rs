@@ -381,6 +381,42 @@ async fn reconcile_heals_events_that_never_reached_the_broker_and_leaves_blocked
     assert_eq!(env.active(), 0, "the broker never saw these events");
 }
 
+/// Two sets of projections over one events collection (a second pipeline's read models, or a
+/// projection added later) keep their own watermark: the second set's first run is a full
+/// pass that builds every read model it owns. Before, it took the first set's watermark,
+/// checked nothing and left all of them missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_set_of_projections_over_the_same_events_is_reconciled_in_full() {
+    let env = start(Duration::from_secs(5)).await;
+    env.insert_events(&workload("q", 6, 3)).await;
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    let rules = std::fs::read_to_string(projections_path()).unwrap();
+    let second = rules
+        .replace("collection = \"users\"", "collection = \"users_b\"")
+        .replace("collection = \"orders\"", "collection = \"orders_b\"");
+    assert_ne!(second, rules);
+    let extra = format!(
+        "projections_file = {:?}",
+        projections_file(&second).display().to_string()
+    );
+    let (ok, out) = run_admin(&env, &extra, &["reconcile"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("reconcile (full: no watermark yet): 6 aggregates checked, 6 behind, 6 read models healed"),
+        "{out}"
+    );
+    assert_eq!(env.read_models("users_b").await.len(), 3);
+    assert_eq!(env.read_models("orders_b").await.len(), 3);
+    // The first set's watermark is its own: its next run is incremental and finds nothing.
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("reconcile (incremental): 0 aggregates checked"),
+        "{out}"
+    );
+}
+
 /// With `reconcile_interval`, the daemon heals events that never reached the broker by itself,
 /// run after run (the second run is incremental), and its heartbeat expires the heartbeat of
 /// a projector that died without retiring it.
@@ -549,7 +585,7 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
         let r = run_admin(
             &env,
             &format!("projections_file = {:?}", rules_path.display().to_string()),
-            &["rebuild", "--projection", "users"],
+            &["rebuild", "--projection", "users", "--allow-blocked"],
         )
         .await;
         done.store(true, Ordering::Relaxed);
@@ -756,6 +792,71 @@ async fn a_failed_rebuild_drops_its_shadow_and_leaves_the_read_models_alone() {
         "shadow collection left behind: {names:?}"
     );
     assert_eq!(raw_models(&env, "users").await, before);
+}
+
+/// New rules that fail on old events (a `set` from a payload field those events lack): the
+/// rebuild swaps nothing in and blocks nothing, naming the aggregates; the live read models
+/// stay. With `--allow-blocked` it swaps in what folded and blocks the rest; a later rebuild
+/// with working rules replaces those blocks. Before, the first run swapped in an empty
+/// collection, exited 0, and its blocks outlived a good rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_whose_rules_fail_on_old_events_swaps_nothing_unless_allowed() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("r", 4, 3);
+    env.insert_events(&events).await;
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    let live = raw_models(&env, "users").await;
+    assert_eq!(live.len(), 2);
+    let rules = std::fs::read_to_string(projections_path()).unwrap();
+    let failing = rules.replacen("\"$payload.email\"", "\"$payload.currency\"", 1);
+    assert_ne!(failing, rules);
+    let extra = format!(
+        "projections_file = {:?}",
+        projections_file(&failing).display().to_string()
+    );
+    let blocked = env.mongo.database().collection::<Document>("ordo_blocked");
+
+    let (ok, out) = run_admin(&env, &extra, &["rebuild", "--projection", "users"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("2 aggregates could not be folded") && out.contains("r-0 at v1"),
+        "{out}"
+    );
+    assert_eq!(
+        raw_models(&env, "users").await,
+        live,
+        "the live models stay"
+    );
+    assert_eq!(blocked.count_documents(doc! {}).await.unwrap(), 0);
+    let names = env.mongo.database().list_collection_names().await.unwrap();
+    assert!(!names.iter().any(|n| n.contains("_rebuild_")), "{names:?}");
+
+    let (ok, out) = run_admin(
+        &env,
+        &extra,
+        &["rebuild", "--projection", "users", "--allow-blocked"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(raw_models(&env, "users").await.is_empty());
+    assert_eq!(
+        blocked
+            .count_documents(doc! {"reason": "RebuildStopped"})
+            .await
+            .unwrap(),
+        2
+    );
+
+    let (ok, out) = run_admin(&env, "", &["rebuild", "--projection", "users"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(blocked.count_documents(doc! {}).await.unwrap(), 0, "{out}");
+    let rebuilt = raw_models(&env, "users").await;
+    assert_eq!(
+        rebuilt.keys().collect::<Vec<_>>(),
+        live.keys().collect::<Vec<_>>()
+    );
+    assert!(rebuilt.values().all(|d| d.get_i64("lastEventId") == Ok(3)));
 }
 
 /// Two source documents with the same version (no unique index): `repair` and `reconcile`

@@ -7,6 +7,9 @@ use ordo_core::mongo::is_duplicate_key;
 
 use super::{Store, StoreError};
 
+/// The reason of a block recorded by `rebuild`.
+pub const REBUILD_STOPPED: &str = "RebuildStopped";
+
 /// A blocked aggregate, as stored in `ordo_blocked`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockRecord {
@@ -63,6 +66,16 @@ impl Store {
             .await?
             .deleted_count
             > 0)
+    }
+
+    /// Removes the blocks an earlier rebuild of `projection` recorded (reason `RebuildStopped`):
+    /// a rebuild that has folded those aggregates since replaces them with its own.
+    pub async fn lift_rebuild_blocks(&self, projection: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .blocked
+            .delete_many(doc! { "projection": projection, "reason": REBUILD_STOPPED })
+            .await?
+            .deleted_count)
     }
 
     /// Number of blocked aggregates (the gauge).

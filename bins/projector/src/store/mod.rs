@@ -17,7 +17,7 @@ mod events;
 mod latest;
 mod models;
 
-pub use blocked::BlockRecord;
+pub use blocked::{BlockRecord, REBUILD_STOPPED};
 pub use latest::{AggregateLatest, LatestCursor};
 pub use models::Written;
 

@@ -101,7 +101,7 @@ pub fn main_with(custom: Vec<Arc<dyn Projection>>) -> ExitCode {
                     &cfg.projector.blocked_collection,
                     cfg.mongodb.fields.clone(),
                 );
-                match cmd {
+                let done = match cmd {
                     Command::Repair {
                         aggregate,
                         projection,
@@ -118,26 +118,24 @@ pub fn main_with(custom: Vec<Arc<dyn Projection>>) -> ExitCode {
                     Command::Rebuild {
                         projection,
                         allow_blocked,
-                    } => {
-                        let rebuilt = ordo_projector::rebuild::rebuild(
-                            &store,
-                            &projections,
-                            &projection,
-                            &cfg.projector.blocked_collection,
-                            allow_blocked,
-                        )
-                        .await?;
-                        print!("{rebuilt}");
-                        Ok(())
-                    }
+                    } => ordo_projector::rebuild::rebuild(
+                        &store,
+                        &projections,
+                        &projection,
+                        &cfg.projector.blocked_collection,
+                        allow_blocked,
+                    )
+                    .await
+                    .map(|rebuilt| print!("{rebuilt}")),
                     Command::Reconcile { full } => {
-                        let report =
-                            ordo_projector::reconcile::reconcile(&store, &projections, full)
-                                .await?;
-                        print!("{report}");
-                        Ok(())
+                        ordo_projector::reconcile::reconcile(&store, &projections, full)
+                            .await
+                            .map(|report| print!("{report}"))
+                            .map_err(anyhow::Error::from)
                     }
-                }
+                };
+                ordo_core::mongo::close(client).await;
+                done
             }
         }
     });

@@ -194,6 +194,7 @@ pub async fn run_with(
         Ok(Err(e)) => tracing::warn!(error = %e, "could not remove this projector's heartbeat"),
         Err(_) => tracing::warn!("removing this projector's heartbeat timed out; it expires"),
     }
+    ordo_core::mongo::close(engine.store.database().client().clone()).await;
     Ok(())
 }
 
@@ -317,14 +318,15 @@ async fn report_event_index(store: Store, mongo: ordo_core::config::MongoConfig)
 /// `ordo-projector status`: the deployment as MongoDB and Service Bus see it.
 pub async fn status(cfg: &ProjectorConfig, json: bool) -> anyhow::Result<()> {
     let store = open_store(cfg).await?;
-    let mut report = status::gather_with_fields(
+    let gathered = status::gather_with_fields(
         store.database(),
         &cfg.mongodb.events_collection,
         &cfg.mongodb.fields,
         &cfg.projector.blocked_collection,
     )
-    .await
-    .context("reading status from mongodb")?;
+    .await;
+    ordo_core::mongo::close(store.database().client().clone()).await;
+    let mut report = gathered.context("reading status from mongodb")?;
     match ordo_core::servicebus::dead_letter_depth(
         cfg.servicebus.connection_string(),
         &cfg.servicebus.topic,

@@ -50,6 +50,19 @@ async fn options(cfg: &MongoConfig, app_name: &str, warn: bool) -> Result<Client
     Ok(options)
 }
 
+/// Closes `client` before the process exits: ends its sessions and cursors and stops its
+/// background workers while the runtime still runs them (dropped by the runtime's teardown
+/// instead, a worker could panic on a channel already closed, and print a backtrace after a
+/// command that succeeded). Bounded by 2 s, because a hung database never answers.
+pub async fn close(client: Client) {
+    if tokio::time::timeout(Duration::from_secs(2), client.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("mongodb client shutdown did not finish within 2 s");
+    }
+}
+
 /// How often [`probe`] pings: a recovered database is reported within one interval.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a ping may go unanswered before the database counts as unreachable: a dead or

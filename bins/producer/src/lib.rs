@@ -12,13 +12,15 @@
 //! - [`lease_keeper`]: renewing the lease while active.
 //! - [`task`]: the tasks of a term and what their early end means.
 //! - `index_check`: the events collection's unique index, checked at start and every minute.
-//! - `probe`: the broker probe that keeps `/readyz` honest while nothing is sent.
+//! - `probe`: the broker probe that keeps `/readyz` honest while nothing is sent, also in
+//!   standby.
 //! - `term`: one active term: its tasks, the first to end, the bounded drain and final save.
 //! - this file: the lease loop (standby ↔ active), the first position, shutdown.
 //!
-//! Life of the process: wait for the stream's lease (standby), then, holding it, load the
-//! checkpoint (saving the first position before reading, when there is none) and run reader +
-//! workers + checkpointer + lease keeper + broker probe. Losing the lease abandons all sends at
+//! Life of the process: ping MongoDB and probe the broker for `/readyz` throughout; wait for
+//! the stream's lease (standby; not taken while the broker refuses this producer), then,
+//! holding it, load the checkpoint (saving the first position before reading, when there is
+//! none) and run reader + workers + checkpointer + lease keeper. Losing the lease abandons all sends at
 //! once and goes back to standby. SIGTERM stops the reader, lets the workers drain within the
 //! grace period, saves the checkpoint over what was acknowledged and releases the lease. Any
 //! task of the term that fails or panics (other than a publishing worker, which is restarted)
@@ -150,13 +152,7 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
     if let Err(e) = &result {
         tracing::error!(error = %e, "producer stopped");
     }
-    // Ends server sessions and cursors; bounded, because a hung database never answers.
-    if tokio::time::timeout(Duration::from_secs(2), client.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("mongodb client shutdown did not finish within 2 s");
-    }
+    ordo_core::mongo::close(client).await;
     result
 }
 
@@ -216,6 +212,13 @@ impl Producer {
             cancel.clone(),
             self.readiness.follow(dependency::MONGODB),
         )));
+        // The broker too, in standby as well as active: a standby that cannot publish (a wrong
+        // key, no route to the namespace) must not look ready, nor take the lease.
+        let _broker = AbortOnDrop(tokio::spawn(probe::probe_broker(
+            factory.clone(),
+            self.readiness.clone(),
+            self.cfg.producer.probe_interval,
+        )));
         let mut carried = None;
         loop {
             ::metrics::gauge!(names::LEASE_HELD).set(0.0);
@@ -252,11 +255,26 @@ impl Producer {
         let poll = (ttl / 5).max(Duration::from_millis(100));
         let mut delays = self.backoff.delays();
         let mut announced = false;
+        let mut broker_announced = false;
         let mut fault = carried;
         loop {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
+            // A producer the broker refuses would hold the lease and publish nothing, while a
+            // standby that can publish waits behind it.
+            if self.readiness.failing().contains(&dependency::SERVICEBUS) {
+                if !broker_announced {
+                    broker_announced = true;
+                    tracing::warn!(stream = %self.stream, holder = %self.holder, "standby: Service Bus refuses or does not answer this producer; not taking the lease until it does");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = cancel.cancelled() => return Ok(None),
+                }
+                continue;
+            }
+            broker_announced = false;
             // Bounded, so an unreachable database turns readiness off in about a third of the
             // lease rather than after the driver's server-selection timeout.
             let attempt = async {
@@ -301,7 +319,7 @@ impl Producer {
                     fault = None;
                     if !announced {
                         announced = true;
-                        tracing::info!(stream = %self.stream, holder = %self.holder, "standby: another producer holds the lease");
+                        tracing::info!(stream = %self.stream, this_producer = %self.holder, "standby: another producer holds the lease");
                     }
                     poll
                 }

@@ -1,5 +1,5 @@
 //! One term as the active producer: its tasks (reader, publishing workers, checkpointer,
-//! lease keeper, broker probe), how the first of them to end ends the others, and the bounded
+//! lease keeper), how the first of them to end ends the others, and the bounded
 //! drain, final save and release at its end.
 
 use std::sync::atomic::AtomicUsize;
@@ -16,9 +16,9 @@ use crate::config::StartAt;
 use crate::dispatch::{self, Acks, Dispatcher, WorkerContext};
 use crate::lease_keeper::{LeaseEnd, LeaseKeeper};
 use crate::park::Parker;
-use crate::probe;
+
 use crate::source::{Source, SourceError, Start};
-use crate::task::{stopped_within, AbortOnDrop, Ended, TaskFailed, TaskKind, TermTasks};
+use crate::task::{stopped_within, Ended, TaskFailed, TaskKind, TermTasks};
 use crate::{Producer, ProducerError};
 use ordo_core::readiness::Fault;
 
@@ -138,14 +138,7 @@ impl Producer {
             stop_checkpointer: checkpointer_stop,
             stop_keeper: keeper_stop,
         };
-        let probe = AbortOnDrop(tokio::spawn(probe::probe_broker(
-            factory,
-            self.readiness.clone(),
-            p.probe_interval,
-        )));
-
         let (which, ended) = tasks.first_to_end().await;
-        drop(probe);
 
         let read_result = match ended {
             Ended::Reader(r) => r,

@@ -692,3 +692,48 @@ async fn a_hung_database_turns_readiness_off_within_seconds() {
     stop(&mut producer).await;
     collector.stop().await.check(&writer.expected()).unwrap();
 }
+
+/// A standby producer the broker refuses (a wrong key) answers 503, and does not take the
+/// lease when the active one stops: a producer with a working key, started after, takes it and
+/// publishes. Before, the standby said 200, took the lease, and held it publishing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_the_broker_refuses_is_unready_and_leaves_the_lease_alone() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(4, 47);
+    let collector = Collector::start(&world.bus);
+    let mut good = world.spawn("");
+    good.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let health = ordo_testkit::free_health_addr();
+    let refused_config = world
+        .config_file(health)
+        .set("producer", "probe_interval", "1s")
+        .set(
+            "servicebus",
+            "connection_string",
+            ordo_testkit::servicebus::with_wrong_key(world.bus.connection_string()),
+        )
+        .render();
+    let mut refused = ordo_testkit::Daemon::spawn(
+        &ordo_testkit::bin_path("ordo-producer"),
+        &refused_config,
+        health,
+        &[],
+    )
+    .unwrap();
+    let r = &refused;
+    wait_until(Duration::from_secs(20), || async move {
+        r.logs().contains("not taking the lease") && !r.is_ready().await
+    })
+    .await;
+    stop(&mut good).await;
+    let mut next = world.spawn("");
+    next.wait_ready(Duration::from_secs(30)).await.unwrap();
+    writer.write(&events, 20, 10).await;
+    wait_distinct(&collector, 20, DEADLINE).await;
+    assert_eq!(refused.metric(names::LEASE_HELD).await, 0.0);
+    assert_eq!(refused.metric(names::EVENTS_PUBLISHED).await, 0.0);
+    stop(&mut next).await;
+    stop(&mut refused).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}

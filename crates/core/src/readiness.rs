@@ -139,7 +139,10 @@ impl Drop for Fault {
         let n = faults.entry(self.dependency).or_default();
         *n = n.saturating_sub(1);
         if *n == 0 {
-            tracing::info!(dependency = self.dependency, "dependency recovered");
+            tracing::info!(
+                dependency = self.dependency,
+                "dependency no longer failing (recovered, or its last failing holder stopped)"
+            );
         }
         self.readiness.publish(&faults);
     }

@@ -83,6 +83,14 @@ async fn repair_under_live_traffic_applies_events_that_arrive_while_it_runs() {
     })
     .await;
 
+    // The session released: a worker reads an aggregate's block once per session it holds,
+    // so a block written behind a held session's back (as here, by the test) is seen by the
+    // next one only.
+    let st = &stack;
+    wait_until(Duration::from_secs(30), || async move {
+        st.metric(ordo_core::metrics::SESSIONS_HELD).await == 0.0
+    })
+    .await;
     // Blocked at v4, as after a poison event the operator has since fixed.
     db.collection::<Document>("ordo_blocked")
         .insert_one(doc! {

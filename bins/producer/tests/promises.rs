@@ -505,23 +505,7 @@ async fn a_wrong_key_keeps_the_producer_unready_and_loses_nothing() {
     let events = world.events();
     let mut writer = Writer::new(5, 43);
     let collector = Collector::start(&world.bus);
-    let health = ordo_testkit::free_health_addr();
-    let wrong = world
-        .config_file(health)
-        .set("producer", "probe_interval", "1s")
-        .set(
-            "servicebus",
-            "connection_string",
-            ordo_testkit::servicebus::with_wrong_key(world.bus.connection_string()),
-        )
-        .render();
-    let mut refused = ordo_testkit::Daemon::spawn(
-        &ordo_testkit::bin_path("ordo-producer"),
-        &wrong,
-        health,
-        &[],
-    )
-    .unwrap();
+    let mut refused = world.spawn_with_wrong_key();
     writer.write(&events, 60, 12).await;
     let p = &refused;
     wait_until(Duration::from_secs(20), || async move {
@@ -704,23 +688,7 @@ async fn a_standby_the_broker_refuses_is_unready_and_leaves_the_lease_alone() {
     let collector = Collector::start(&world.bus);
     let mut good = world.spawn("");
     good.wait_ready(Duration::from_secs(30)).await.unwrap();
-    let health = ordo_testkit::free_health_addr();
-    let refused_config = world
-        .config_file(health)
-        .set("producer", "probe_interval", "1s")
-        .set(
-            "servicebus",
-            "connection_string",
-            ordo_testkit::servicebus::with_wrong_key(world.bus.connection_string()),
-        )
-        .render();
-    let mut refused = ordo_testkit::Daemon::spawn(
-        &ordo_testkit::bin_path("ordo-producer"),
-        &refused_config,
-        health,
-        &[],
-    )
-    .unwrap();
+    let mut refused = world.spawn_with_wrong_key();
     let r = &refused;
     wait_until(Duration::from_secs(20), || async move {
         r.logs().contains("not taking the lease") && !r.is_ready().await

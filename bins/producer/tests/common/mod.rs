@@ -99,6 +99,22 @@ impl World {
         .expect("spawn producer")
     }
 
+    /// A producer whose connection string carries a wrong key (the broker refuses it),
+    /// probing the broker every second.
+    pub fn spawn_with_wrong_key(&self) -> Daemon {
+        let health = free_health_addr();
+        let config = self
+            .config_file(health)
+            .set("producer", "probe_interval", "1s")
+            .set(
+                "servicebus",
+                "connection_string",
+                ordo_testkit::servicebus::with_wrong_key(self.bus.connection_string()),
+            )
+            .render();
+        Daemon::spawn(&bin_path("ordo-producer"), &config, health, &[]).expect("spawn producer")
+    }
+
     pub async fn checkpoint(&self) -> Option<Document> {
         self.mongo
             .database()

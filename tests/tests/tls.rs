@@ -18,6 +18,7 @@ fn rule((name, key): (&str, &str), right: AccessRight) -> AuthorizationRule {
     AuthorizationRule {
         name: name.into(),
         key: key.into(),
+        secondary_key: None,
         rights: vec![right],
     }
 }

@@ -100,10 +100,18 @@ impl Need {
     }
 }
 
+/// A rule's keys: the primary, then the secondary when it has one.
+fn keys_of(rule: &AuthorizationRule) -> Vec<String> {
+    std::iter::once(rule.key.clone())
+        .chain(rule.secondary_key.clone())
+        .collect()
+}
+
 /// The namespace's keys, by name.
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
-    rules: Vec<(String, String, Rights)>,
+    /// Name, its keys (primary, then secondary), rights.
+    rules: Vec<(String, Vec<String>, Rights)>,
 }
 
 impl Keys {
@@ -111,18 +119,14 @@ impl Keys {
         Self {
             rules: rules
                 .iter()
-                .map(|r| (r.name.clone(), r.key.clone(), Rights::of(&r.rights)))
+                .map(|r| (r.name.clone(), keys_of(r), Rights::of(&r.rights)))
                 .collect(),
         }
     }
 
     /// Adds a key, or replaces the one with the same name (a key rotation).
     pub(crate) fn put(&mut self, rule: &AuthorizationRule) {
-        let entry = (
-            rule.name.clone(),
-            rule.key.clone(),
-            Rights::of(&rule.rights),
-        );
+        let entry = (rule.name.clone(), keys_of(rule), Rights::of(&rule.rights));
         match self.rules.iter_mut().find(|(n, _, _)| *n == rule.name) {
             Some(existing) => *existing = entry,
             None => self.rules.push(entry),
@@ -136,18 +140,18 @@ impl Keys {
         self.rules.len() != before
     }
 
-    fn get(&self, name: &str) -> Option<(&str, Rights)> {
+    fn get(&self, name: &str) -> Option<(&[String], Rights)> {
         self.rules
             .iter()
             .find(|(n, _, _)| n == name)
-            .map(|(_, key, rights)| (key.as_str(), *rights))
+            .map(|(_, keys, rights)| (keys.as_slice(), *rights))
     }
 
     /// SASL PLAIN: a key name and key that match a rule authorize the whole connection.
     pub(crate) fn check_plain(&self, name: &[u8], key: &[u8]) -> Option<Rights> {
         self.rules
             .iter()
-            .find(|(n, k, _)| n.as_bytes() == name && k.as_bytes() == key)
+            .find(|(n, keys, _)| n.as_bytes() == name && keys.iter().any(|k| k.as_bytes() == key))
             .map(|(_, _, rights)| *rights)
     }
 }
@@ -243,7 +247,7 @@ pub(crate) fn verify(token: &str, name: &str, keys: &Keys, now_ms: i64) -> Resul
     else {
         return Err(malformed("sr, sig, se and skn are all required"));
     };
-    let Some((key, rights)) = keys.get(skn) else {
+    let Some((rule_keys, rights)) = keys.get(skn) else {
         return Err(Denied(format!(
             "{INVALID_SIGNATURE} (no authorization rule is named {skn:?})"
         )));
@@ -251,10 +255,14 @@ pub(crate) fn verify(token: &str, name: &str, keys: &Keys, now_ms: i64) -> Resul
     let signature = percent_decode(sig)
         .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
         .ok_or_else(|| malformed("sig is not URL-encoded base64"))?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any length");
-    mac.update(format!("{sr}\n{se}").as_bytes());
-    if mac.verify_slice(&signature).is_err() {
+    // Either key of the rule signs (Azure: primary and secondary).
+    let signed = rule_keys.iter().any(|key| {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes keys of any length");
+        mac.update(format!("{sr}\n{se}").as_bytes());
+        mac.verify_slice(&signature).is_ok()
+    });
+    if !signed {
         return Err(Denied(format!(
             "{INVALID_SIGNATURE} (the signature does not match key {skn:?})"
         )));
@@ -528,11 +536,13 @@ mod tests {
             AuthorizationRule {
                 name: "root".into(),
                 key: "secret".into(),
+                secondary_key: None,
                 rights: vec![AccessRight::Manage],
             },
             AuthorizationRule {
                 name: "sender".into(),
                 key: "s-key".into(),
+                secondary_key: Some("s-key-2".into()),
                 rights: vec![AccessRight::Send],
             },
         ])
@@ -564,6 +574,28 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000_000;
     const LATER: i64 = 1_700_000_600;
+
+    #[test]
+    fn either_key_of_a_rule_signs_and_a_replaced_key_does_not() {
+        for key in ["s-key", "s-key-2"] {
+            let t = token("amqp://h/topic", "sender", key, NOW / 1000 + 60);
+            assert!(verify(&t, "amqp://h/topic", &keys(), NOW).is_ok(), "{key}");
+            assert!(keys().check_plain(b"sender", key.as_bytes()).is_some());
+        }
+        // The secondary regenerated (a rotation step): tokens signed with the old one fail.
+        let mut rotated = keys();
+        rotated.put(&AuthorizationRule {
+            name: "sender".into(),
+            key: "s-key".into(),
+            secondary_key: Some("s-key-3".into()),
+            rights: vec![AccessRight::Send],
+        });
+        let old = token("amqp://h/topic", "sender", "s-key-2", NOW / 1000 + 60);
+        let refused = verify(&old, "amqp://h/topic", &rotated, NOW).unwrap_err();
+        assert!(refused.0.contains("InvalidSignature"), "{}", refused.0);
+        let new = token("amqp://h/topic", "sender", "s-key-3", NOW / 1000 + 60);
+        assert!(verify(&new, "amqp://h/topic", &rotated, NOW).is_ok());
+    }
 
     #[test]
     fn a_valid_token_grants_its_keys_rights_on_its_audience() {

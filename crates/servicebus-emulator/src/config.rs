@@ -140,9 +140,15 @@ pub enum AccessRight {
 pub struct AuthorizationRule {
     /// Key name (`skn` in a SAS token).
     pub name: String,
-    /// The key tokens are signed with.
+    /// The key tokens are signed with (Azure: the rule's primary key).
     pub key: String,
-    /// What tokens signed with this key may do.
+    /// A second key valid next to `key` (Azure: the rule's secondary key). Service Bus gives
+    /// every shared access authorization rule two keys so clients can move to one while the
+    /// other is regenerated ("Service Bus access control with Shared Access Signatures",
+    /// learn.microsoft.com/azure/service-bus-messaging/service-bus-sas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_key: Option<String>,
+    /// What tokens signed with either key may do.
     pub rights: Vec<AccessRight>,
 }
 
@@ -152,6 +158,7 @@ impl NamespaceConfig {
         let mut keys = vec![AuthorizationRule {
             name: self.key_name.clone(),
             key: self.key.clone(),
+            secondary_key: None,
             rights: vec![AccessRight::Manage],
         }];
         keys.extend(self.authorization_rules.iter().cloned());

@@ -283,6 +283,7 @@ fn tokens_are_verified_and_links_need_the_right_for_their_entity() {
         config.namespace.authorization_rules = vec![ordo_servicebus_emulator::AuthorizationRule {
             name: "sender".into(),
             key: "sender-key".into(),
+            secondary_key: None,
             rights: vec![ordo_servicebus_emulator::AccessRight::Send],
         }];
         let emulator = start(config).await;
@@ -316,6 +317,45 @@ fn tokens_are_verified_and_links_need_the_right_for_their_entity() {
         .unwrap_err();
         let text = format!("{refused:?}");
         assert!(text.contains("'Listen' claim(s) are required"), "{text}");
+        emulator.shutdown().await;
+    });
+}
+
+/// A rule has two keys, as on Service Bus, and tokens signed with either are accepted; after
+/// the secondary is regenerated (put again with a new one), the old secondary is refused and
+/// the primary still works: the steps of a rotation without downtime.
+#[test]
+fn either_key_of_a_rule_authorizes_and_a_regenerated_one_stops() {
+    run(async {
+        let rule = |secondary: &str| ordo_servicebus_emulator::AuthorizationRule {
+            name: "sender".into(),
+            key: "primary-key".into(),
+            secondary_key: Some(secondary.into()),
+            rights: vec![ordo_servicebus_emulator::AccessRight::Send],
+        };
+        let mut config = EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap();
+        config.namespace.authorization_rules = vec![rule("secondary-key")];
+        let emulator = start(config).await;
+        let sends = |key: &'static str| {
+            let cs = with_key(&emulator, "sender", key);
+            async move {
+                let mut client = client_for(cs).await?;
+                within(
+                    30,
+                    client.create_sender("mixed", ServiceBusSenderOptions::default()),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{e:?}"))
+            }
+        };
+        sends("primary-key").await.unwrap();
+        sends("secondary-key").await.unwrap();
+        emulator.put_key(rule("secondary-key-2"));
+        let refused = sends("secondary-key").await.unwrap_err();
+        assert!(refused.contains("InvalidSignature"), "{refused}");
+        sends("secondary-key-2").await.unwrap();
+        sends("primary-key").await.unwrap();
         emulator.shutdown().await;
     });
 }

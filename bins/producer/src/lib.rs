@@ -423,10 +423,6 @@ impl Producer {
     }
 
     async fn release(&self, lease: &Lease) {
-        match tokio::time::timeout(Duration::from_secs(2), self.leases.release(lease)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "lease release failed; it expires on its own"),
-            Err(_) => tracing::warn!("lease release timed out; it expires on its own"),
-        }
+        ordo_core::shutdown::last_step("lease release", self.leases.release(lease)).await;
     }
 }

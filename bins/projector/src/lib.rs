@@ -183,17 +183,11 @@ pub async fn run_with(
             tracing::warn!("stopped with work still in flight; the broker redelivers it")
         }
     }
-    // Bounded: a hung database never answers, and the heartbeat expires on its own.
-    match tokio::time::timeout(
-        Duration::from_secs(2),
+    ordo_core::shutdown::last_step(
+        "heartbeat removal",
         status::retire(engine.store.database(), &instance),
     )
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove this projector's heartbeat"),
-        Err(_) => tracing::warn!("removing this projector's heartbeat timed out; it expires"),
-    }
+    .await;
     ordo_core::mongo::close(engine.store.database().client().clone()).await;
     Ok(())
 }

@@ -53,13 +53,13 @@ async fn options(cfg: &MongoConfig, app_name: &str, warn: bool) -> Result<Client
 /// Closes `client` before the process exits: ends its sessions and cursors and stops its
 /// background workers while the runtime still runs them (dropped by the runtime's teardown
 /// instead, a worker could panic on a channel already closed, and print a backtrace after a
-/// command that succeeded). Bounded by 2 s, because a hung database never answers.
+/// command that succeeded). Bounded by [`crate::shutdown::LAST_STEP`].
 pub async fn close(client: Client) {
-    if tokio::time::timeout(Duration::from_secs(2), client.shutdown())
+    if tokio::time::timeout(crate::shutdown::LAST_STEP, client.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("mongodb client shutdown did not finish within 2 s");
+        tracing::warn!("mongodb client shutdown did not finish in time");
     }
 }
 

@@ -18,6 +18,25 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long each last step at exit (a lease release, a heartbeat removal, a database client's
+/// close) may wait: a hung database never answers.
+pub const LAST_STEP: Duration = Duration::from_secs(2);
+
+/// Runs `step`, the removal of something that also expires on its own (a lease, a heartbeat),
+/// waiting at most [`LAST_STEP`]; a failure or a timeout is logged as `what`, not returned.
+pub async fn last_step<T, E: std::fmt::Display>(
+    what: &'static str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) {
+    match tokio::time::timeout(LAST_STEP, step).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(step = what, error = %e, "failed at exit; it expires on its own")
+        }
+        Err(_) => tracing::warn!(step = what, "timed out at exit; it expires on its own"),
+    }
+}
+
 /// The root token and tracker of a daemon.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {

@@ -67,10 +67,10 @@ impl Engine {
     /// Dead-letters, first, every event whose aggregate's session id is not this session's, or
     /// whose aggregate is not the batch's first (`ForeignAggregate`): one session is one
     /// aggregate by contract, and such an event comes from another publisher, or from an
-    /// aggregate whose id differs from this one only in case. It is neither folded into this aggregate's model nor
-    /// a reason to block it; its own aggregate gets it from the events collection (`reconcile`,
-    /// `repair`, or gap healing at its next event). Returns the rest, `None` when a settle
-    /// failed (the lock may be gone).
+    /// aggregate whose id differs from this one only in case. It is neither folded into this
+    /// aggregate's model nor a reason to block it; its own aggregate gets it from the events
+    /// collection (`reconcile`, `repair`, or gap healing at its next event). Returns the rest,
+    /// `None` when a settle failed (the lock may be gone).
     async fn settle_foreign<R: SessionReceiver>(
         &self,
         session: &mut R,
@@ -80,8 +80,8 @@ impl Engine {
         let sid = session.session_id().to_string();
         // Compared without case: Service Bus is reported to treat session ids so, and may hand
         // one back in another case than it was sent (azure-sdk-for-java#48759).
-        let own_session =
-            |aggregate: &str| session_id(aggregate).to_lowercase() == sid.to_lowercase();
+        let sid_lower = sid.to_lowercase();
+        let own_session = |aggregate: &str| session_id(aggregate).to_lowercase() == sid_lower;
         // Two aggregates whose ids differ only in case share a session there: the first one
         // of the batch keeps it, the other's events are foreign to it.
         let mut owner: Option<String> = None;

@@ -56,12 +56,15 @@ use crate::config::{AccessRight, AuthorizationRule};
 pub(crate) struct Rights {
     send: bool,
     listen: bool,
+    /// Manage: Send and Listen, and the rule's keys (listed and regenerated over HTTP).
+    manage: bool,
 }
 
 impl Rights {
     pub(crate) const ALL: Rights = Rights {
         send: true,
         listen: true,
+        manage: true,
     };
 
     fn of(rights: &[AccessRight]) -> Self {
@@ -81,6 +84,11 @@ impl Rights {
             Need::Send => self.send,
             Need::Listen => self.listen,
         }
+    }
+
+    /// Whether these rights include Manage.
+    pub(crate) fn manage(self) -> bool {
+        self.manage
     }
 }
 
@@ -140,6 +148,28 @@ impl Keys {
         self.rules.len() != before
     }
 
+    /// The keys of the rule named `name`, as `keys list` shows them.
+    pub(crate) fn list(&self, name: &str) -> Option<RuleKeys> {
+        self.get(name).map(|(keys, _)| RuleKeys::of(name, keys))
+    }
+
+    /// Replaces one key of the rule named `name` with `value` (Azure's `regenerateKeys`); the
+    /// other key stays valid. A rule given only a primary key gains a secondary.
+    pub(crate) fn regenerate(
+        &mut self,
+        name: &str,
+        which: KeyType,
+        value: String,
+    ) -> Option<RuleKeys> {
+        let (_, keys, _) = self.rules.iter_mut().find(|(n, _, _)| n == name)?;
+        match (which, keys.len()) {
+            (KeyType::PrimaryKey, _) => keys[0] = value,
+            (KeyType::SecondaryKey, 1) => keys.push(value),
+            (KeyType::SecondaryKey, _) => keys[1] = value,
+        }
+        Some(RuleKeys::of(name, keys))
+    }
+
     fn get(&self, name: &str) -> Option<(&[String], Rights)> {
         self.rules
             .iter()
@@ -154,6 +184,42 @@ impl Keys {
             .find(|(n, keys, _)| n.as_bytes() == name && keys.iter().any(|k| k.as_bytes() == key))
             .map(|(_, _, rights)| *rights)
     }
+}
+
+/// One of the two keys of a rule, as Azure's `regenerateKeys` names it (`keyType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub(crate) enum KeyType {
+    PrimaryKey,
+    SecondaryKey,
+}
+
+/// A rule's keys as Azure's `listKeys` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RuleKeys {
+    pub name: String,
+    pub primary: String,
+    pub secondary: Option<String>,
+}
+
+impl RuleKeys {
+    fn of(name: &str, keys: &[String]) -> Self {
+        Self {
+            name: name.to_owned(),
+            primary: keys[0].clone(),
+            secondary: keys.get(1).cloned(),
+        }
+    }
+}
+
+/// A new key as Service Bus makes one: 256 random bits, base64.
+pub(crate) fn new_key() -> String {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random source failed");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// A verified token: the rights it carries on `resource` (a lowercased path, `""` for the whole
@@ -344,6 +410,7 @@ impl Issuer {
             .fold(Rights::default(), |acc, (_, r)| Rights {
                 send: acc.send || r.send,
                 listen: acc.listen || r.listen,
+                manage: acc.manage || r.manage,
             })
     }
 }

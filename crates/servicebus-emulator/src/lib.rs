@@ -373,13 +373,20 @@ impl EmulatorHandle {
     }
 
     /// Serves the inspection endpoint (`GET /stats`, `GET /dead-letters?entity=PATH`,
-    /// `GET /healthz`) on `addr`; returns the bound address.
+    /// `GET /healthz`) and the keys of the namespace's rules (`POST /keys/RULE/listKeys`,
+    /// `POST /keys/RULE/regenerateKeys`, for a Manage key) on `addr`; returns the bound address.
     pub async fn serve_http(&self, addr: SocketAddr) -> Result<SocketAddr, Error> {
         let listener = bind(addr).await?;
         let local = listener
             .local_addr()
             .map_err(|source| Error::Bind { addr, source })?;
-        let task = tokio::spawn(http::serve(listener, self.shared.clone()));
+        let connection_string = self.connection_string();
+        let endpoint = connection_string
+            .split(";SharedAccessKeyName=")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let task = tokio::spawn(http::serve(listener, self.shared.clone(), endpoint));
         self.http
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -69,8 +69,21 @@ pub struct DeadLetteredMessage {
     pub description: Option<String>,
     /// Deliveries before it was dead-lettered.
     pub delivery_count: u32,
-    /// Concatenated `Data` sections of the body (empty for other body kinds).
+    /// Concatenated `Data` sections of the body (empty for other body kinds). In JSON: the text
+    /// when it is UTF-8, else `"base64:…"`.
+    #[serde(serialize_with = "body_as_text")]
     pub body: Vec<u8>,
+}
+
+fn body_as_text<S: serde::Serializer>(body: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    use base64::Engine as _;
+    match std::str::from_utf8(body) {
+        Ok(text) => s.serialize_str(text),
+        Err(_) => s.serialize_str(&format!(
+            "base64:{}",
+            base64::engine::general_purpose::STANDARD.encode(body)
+        )),
+    }
 }
 
 impl DeadLetteredMessage {
@@ -94,5 +107,26 @@ impl DeadLetteredMessage {
             delivery_count: stored.delivery_count,
             body: crate::wire::body_bytes(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_lettered_body_is_text_when_it_is_utf8_and_base64_otherwise() {
+        let message = |body: &[u8]| DeadLetteredMessage {
+            sequence_number: 1,
+            message_id: None,
+            session_id: None,
+            reason: None,
+            description: None,
+            delivery_count: 0,
+            body: body.to_vec(),
+        };
+        let json = |m| serde_json::to_value(m).unwrap()["body"].clone();
+        assert_eq!(json(message(b"{\"a\":1}")), "{\"a\":1}");
+        assert_eq!(json(message(&[0xff, 0x00])), "base64:/wA=");
     }
 }

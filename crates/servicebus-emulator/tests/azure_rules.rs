@@ -360,6 +360,157 @@ fn either_key_of_a_rule_authorizes_and_a_regenerated_one_stops() {
     });
 }
 
+/// A rotation as docs/operations.md runs it, over the emulator's HTTP copy of Azure's
+/// `listKeys` and `regenerateKeys`: the key nobody uses is regenerated, a client moves to the
+/// connection string returned, then the old key is regenerated. Each regenerated key stops
+/// signing at once, the other keeps working, and keys are shown only to a Manage key.
+#[test]
+fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
+    run(async {
+        let mut config = EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap();
+        config.namespace.authorization_rules = vec![ordo_servicebus_emulator::AuthorizationRule {
+            name: "sender".into(),
+            key: "primary-key".into(),
+            secondary_key: Some("secondary-key".into()),
+            rights: vec![ordo_servicebus_emulator::AccessRight::Send],
+        }];
+        let root = format!(
+            "SharedAccessKeyName={};SharedAccessKey={}",
+            config.namespace.key_name, config.namespace.key
+        );
+        let emulator = start(config).await;
+        let ip = emulator.address().ip();
+        let http = emulator
+            .serve_http(std::net::SocketAddr::new(ip, 0))
+            .await
+            .unwrap();
+        let post = |path: &'static str, auth: Option<String>, body: &'static str| {
+            tokio::task::spawn_blocking(move || {
+                http_request(http, "POST", path, auth.as_deref(), body)
+            })
+        };
+        let sends = |cs: String| async move {
+            let mut client = client_for(cs).await?;
+            within(
+                30,
+                client.create_sender("mixed", ServiceBusSenderOptions::default()),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+        };
+        let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
+
+        // Refused: no key, a wrong key, a key without Manage, an unknown rule, a bad body.
+        let list = "/keys/sender/listKeys";
+        let (status, why) = post(list, None, "").await.unwrap();
+        assert_eq!(
+            (status, why.contains("Authorization header is missing")),
+            (401, true),
+            "{why}"
+        );
+        let wrong = Some("SharedAccessKeyName=sender;SharedAccessKey=nope".to_owned());
+        assert_eq!(post(list, wrong, "").await.unwrap().0, 401);
+        let sender = Some("SharedAccessKeyName=sender;SharedAccessKey=primary-key".to_owned());
+        let (status, why) = post(list, sender, "").await.unwrap();
+        assert_eq!(
+            (status, why.contains("no Manage right")),
+            (403, true),
+            "{why}"
+        );
+        let (status, why) = post("/keys/nobody/listKeys", Some(root.clone()), "")
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, why.as_str()),
+            (404, "authorization rule not found: nobody")
+        );
+        let regenerate = "/keys/sender/regenerateKeys";
+        let (status, why) = post(
+            regenerate,
+            Some(root.clone()),
+            r#"{"keyType":"TertiaryKey"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, why.contains("TertiaryKey")), (400, true), "{why}");
+        let (status, why) = post(
+            regenerate,
+            Some(root.clone()),
+            r#"{"keyType":"PrimaryKey","key":"a;b"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, why.contains("\"a;b\"")), (400, true), "{why}");
+
+        let (status, listed) = post(list, Some(root.clone()), "").await.unwrap();
+        assert_eq!(status, 200, "{listed}");
+        let listed = json(&listed);
+        assert_eq!(listed["keyName"], "sender");
+        assert_eq!(listed["primaryKey"], "primary-key");
+        assert_eq!(listed["secondaryKey"], "secondary-key");
+        sends(
+            listed["primaryConnectionString"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+        .await
+        .unwrap();
+
+        // 1. Regenerate the key nobody uses; the connection string returned works as it is.
+        let (status, renewed) = post(
+            regenerate,
+            Some(root.clone()),
+            r#"{"keyType":"SecondaryKey"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{renewed}");
+        let renewed = json(&renewed);
+        let new_secondary = renewed["secondaryKey"].as_str().unwrap().to_owned();
+        assert_ne!(new_secondary, "secondary-key");
+        assert_eq!(
+            new_secondary.len(),
+            44,
+            "256 bits in base64, as Azure's keys"
+        );
+        assert_eq!(renewed["primaryKey"], "primary-key");
+        let moved = renewed["secondaryConnectionString"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        sends(moved.clone()).await.unwrap();
+        let refused = sends(with_key(&emulator, "sender", "secondary-key"))
+            .await
+            .unwrap_err();
+        assert!(refused.contains("InvalidSignature"), "{refused}");
+        sends(with_key(&emulator, "sender", "primary-key"))
+            .await
+            .unwrap();
+
+        // 2. Then the old one, to a chosen value.
+        let (status, renewed) = post(
+            regenerate,
+            Some(root.clone()),
+            r#"{"keyType":"PrimaryKey","key":"chosen"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{renewed}");
+        assert_eq!(json(&renewed)["primaryKey"], "chosen");
+        let refused = sends(with_key(&emulator, "sender", "primary-key"))
+            .await
+            .unwrap_err();
+        assert!(refused.contains("InvalidSignature"), "{refused}");
+        sends(moved).await.unwrap();
+        sends(with_key(&emulator, "sender", "chosen"))
+            .await
+            .unwrap();
+        emulator.shutdown().await;
+    });
+}
+
 /// A link is known by its name and its role (AMQP 1.0 §2.6.1): a sender and a receiver of one
 /// session may share a name, as the request/response ("duplex") links of Microsoft's .NET AMQP
 /// stack do for `$cbs` and `$management`. Both attach, and a request on the one is answered on

@@ -113,19 +113,6 @@ fn suspend_drops_connections_but_keeps_state() {
     });
 }
 
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 #[test]
 fn inspection_lists_counts_sessions_holders_and_dead_letters() {
     run(async {
@@ -180,6 +167,10 @@ fn inspection_lists_counts_sessions_holders_and_dead_letters() {
         .await
         .unwrap();
         assert!(dlq.contains("\"message_id\":\"h:1\""), "{dlq}");
+        assert!(
+            dlq.contains("\"body\":\"x\""),
+            "a text body reads as text: {dlq}"
+        );
         emulator.shutdown().await;
     });
 }

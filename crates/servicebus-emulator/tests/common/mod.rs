@@ -307,3 +307,43 @@ impl TestCa {
         fe2o3_amqp_client::connection::add_trusted_roots(vec![ca]).unwrap();
     }
 }
+
+/// One HTTP/1.1 request to the emulator's HTTP endpoint: the status and the body.
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let authorization = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `GET path`: the status line, then the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let (status, body) = http_request(addr, "GET", path, None, "");
+    format!("HTTP/1.1 {status}\r\n\r\n{body}")
+}

@@ -30,11 +30,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Re-project one aggregate from the events collection and unblock it.
+    /// Re-project one aggregate (or every blocked one) from the events collection and unblock
+    /// it.
+    #[command(group(
+        clap::ArgGroup::new("which").required(true).args(["aggregate", "all_blocked"])
+    ))]
     Repair {
         /// The aggregate id.
         #[arg(long)]
-        aggregate: String,
+        aggregate: Option<String>,
+        /// Every aggregate in `ordo_blocked`, one at a time; those that still fail stay blocked
+        /// and are listed, and the command then exits non-zero.
+        #[arg(long)]
+        all_blocked: bool,
         /// Only this projection (default: every projection that selects the aggregate).
         #[arg(long)]
         projection: Option<String>,
@@ -103,8 +111,9 @@ pub fn main_with(custom: Vec<Arc<dyn Projection>>) -> ExitCode {
                 );
                 let done = match cmd {
                     Command::Repair {
-                        aggregate,
+                        aggregate: Some(aggregate),
                         projection,
+                        ..
                     } => {
                         ordo_projector::repair::repair(
                             &store,
@@ -114,6 +123,23 @@ pub fn main_with(custom: Vec<Arc<dyn Projection>>) -> ExitCode {
                         )
                         .await
                     }
+                    Command::Repair {
+                        aggregate: None,
+                        projection,
+                        ..
+                    } => ordo_projector::repair::repair_blocked(
+                        &store,
+                        &projections,
+                        projection.as_deref(),
+                    )
+                    .await
+                    .and_then(|report| {
+                        print!("{report}");
+                        match report.failed.len() {
+                            0 => Ok(()),
+                            n => Err(anyhow::anyhow!("{n} aggregates are still blocked")),
+                        }
+                    }),
                     Command::Status { .. } => unreachable!("handled above"),
                     Command::Rebuild {
                         projection,

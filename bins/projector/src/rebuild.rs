@@ -169,7 +169,7 @@ pub async fn rebuild(
                 "{} aggregates could not be folded, so the live collection {target} is left as it \
                  is (nothing swapped in, nothing blocked). Fix the projection's rules or the \
                  events, or run again with --allow-blocked to swap in the rest and block these \
-                 for repair.{}",
+                 for `repair --all-blocked`.{}",
                 blocked.len(),
                 blocked
                     .iter()

@@ -1,5 +1,6 @@
 //! `ordo-projector repair --aggregate ID`: re-project one aggregate from the events collection
-//! and lift its block, while projectors keep running.
+//! and lift its block, while projectors keep running; `repair --all-blocked` does it for every
+//! aggregate in `ordo_blocked` (after a projection fix that unblocks many at once).
 //!
 //! The order closes the race with live traffic: the block is lifted first, and only then is the
 //! history read. A message that a worker dead-letters as `AggregateBlocked` before the unblock
@@ -104,4 +105,54 @@ pub async fn repair(
     }
     tracing::info!(aggregate = aggregate_id, was_blocked, "repair done");
     Ok(())
+}
+
+/// What `repair --all-blocked` did: how many it repaired, and each one it could not, with why.
+#[derive(Debug, Default)]
+pub struct BlockedRepair {
+    pub repaired: usize,
+    pub failed: Vec<(String, String)>,
+}
+
+/// Aggregates named in full in the report; the rest are counted.
+const NAMED: usize = 10;
+
+impl std::fmt::Display for BlockedRepair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "repaired {} of {} blocked aggregates",
+            self.repaired,
+            self.repaired + self.failed.len()
+        )?;
+        for (id, why) in self.failed.iter().take(NAMED) {
+            writeln!(f, "still blocked: {id}: {why}")?;
+        }
+        if self.failed.len() > NAMED {
+            writeln!(f, "still blocked: {} more", self.failed.len() - NAMED)?;
+        }
+        Ok(())
+    }
+}
+
+/// Repairs every aggregate recorded in `ordo_blocked`, one at a time, as `repair --aggregate`
+/// does for one; an aggregate that still cannot be repaired keeps its block and is reported,
+/// and the others are repaired all the same.
+pub async fn repair_blocked(
+    store: &Store,
+    projections: &[Arc<dyn Projection>],
+    projection: Option<&str>,
+) -> anyhow::Result<BlockedRepair> {
+    pick(projections, projection)?;
+    let mut report = BlockedRepair::default();
+    for id in store.blocked_ids().await? {
+        match repair(store, projections, &id, projection).await {
+            Ok(()) => report.repaired += 1,
+            Err(e) => {
+                tracing::warn!(aggregate = %id, error = format!("{e:#}"), "still blocked");
+                report.failed.push((id, format!("{e:#}")));
+            }
+        }
+    }
+    Ok(report)
 }

@@ -859,6 +859,60 @@ async fn a_rebuild_whose_rules_fail_on_old_events_swaps_nothing_unless_allowed()
     assert!(rebuilt.values().all(|d| d.get_i64("lastEventId") == Ok(3)));
 }
 
+/// `repair --all-blocked`, after a fix that unblocks many aggregates at once: every blocked
+/// aggregate whose history folds is re-projected and unblocked; one that still cannot be (a
+/// hole) keeps its block and is named with why, and the command exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_all_blocked_repairs_each_blocked_aggregate_and_names_the_rest() {
+    let env = start(Duration::from_secs(5)).await;
+    env.insert_events(&workload("b", 6, 3)).await;
+    let db = env.mongo.database();
+    db.collection::<Document>("events")
+        .delete_one(doc! {"aggregateId": "b-4", "eventId": 2})
+        .await
+        .unwrap();
+    let blocked = db.collection::<Document>("ordo_blocked");
+    for id in ["b-0", "b-2", "b-4"] {
+        blocked
+            .insert_one(doc! {
+                "_id": id, "projection": "users", "blockedAtEventId": 2_i64,
+                "reason": "ProjectionError", "description": "fixed since",
+                "messageId": format!("{id}:2"),
+            })
+            .await
+            .unwrap();
+    }
+
+    let (ok, out) = run_admin(&env, "", &["repair"]).await;
+    assert!(
+        !ok && out.contains("--aggregate") && out.contains("--all-blocked"),
+        "{out}"
+    );
+
+    let (ok, out) = run_admin(&env, "", &["repair", "--all-blocked"]).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("repaired 2 of 3 blocked aggregates"), "{out}");
+    assert!(
+        out.contains("still blocked: b-4:") && out.contains("1 aggregates are still blocked"),
+        "{out}"
+    );
+    let left: Vec<Document> = blocked
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].get_str("_id"), Ok("b-4"));
+    let users = raw_models(&env, "users").await;
+    assert_eq!(users.keys().collect::<Vec<_>>(), ["b-0", "b-2"]);
+    assert!(
+        users.values().all(|d| d.get_i64("lastEventId") == Ok(3)),
+        "{users:?}"
+    );
+}
+
 /// Two source documents with the same version (no unique index): `repair` and `reconcile`
 /// read an aggregate's events the way healing does, so neither folds one of them silently;
 /// both name the two documents and write nothing for that aggregate.

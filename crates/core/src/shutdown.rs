@@ -9,6 +9,11 @@
 //!   the reader stops, the publishing workers drain (0.6 of it), the checkpointer and lease
 //!   keeper stop (0.1 each), the checkpoint is saved over what was acknowledged (0.2).
 //!
+//! Two drains, on purpose: the projector's workers are independent of one another, so waiting
+//! for all of them at once is enough; the producer's steps depend on each other (the final
+//! checkpoint may cover only what the drained workers got acknowledged, and the lease must be
+//! held while it is saved), so they stop one after another, each with its share of the period.
+//!
 //! What is left after the grace period (the lease release, the projector's heartbeat removal,
 //! the database client's close) is bounded by 2 s each: a hung database never holds a
 //! shutdown. A second signal does not wait: the process exits at once.

@@ -1,0 +1,183 @@
+//! [`ServiceBusPublisher`]: one azservicebus connection and sender link, batching one
+//! session's messages and splitting a batch the link's size limit would refuse.
+
+use std::time::Duration;
+
+use azservicebus::{CreateMessageBatchOptions, ServiceBusSender};
+
+use crate::envelope::WireMessage;
+use crate::secret::Secret;
+use crate::servicebus::Client;
+
+use super::{to_service_bus_message, PublishError, Publisher, PublisherFactory};
+
+/// The broker's refusal of a transfer as larger than the entity takes
+/// (`amqp:link:message-size-exceeded`; on Service Bus, for example, a Standard namespace's
+/// 256 KB under a `producer.max_message_bytes` set for Premium). azservicebus keeps the outcome
+/// in a private type, so its debug form is read; the condition, not the description.
+fn refused_as_too_large(e: &azure_core::Error) -> bool {
+    format!("{e:?}").contains("MessageSizeExceeded")
+}
+
+/// The [`PublishError`] of a failed send of `sent`: a size refusal of a single message names
+/// it, so it is parked and its session goes on; anything else is retried.
+fn send_error(e: azure_core::Error, sent: &[WireMessage]) -> PublishError {
+    match sent {
+        [m] if refused_as_too_large(&e) => PublishError::Message {
+            message_id: m.message_id.clone(),
+            reason: format!(
+                "the broker refused it as too large (amqp:link:message-size-exceeded): {e}"
+            ),
+        },
+        _ => PublishError::Send(e.to_string()),
+    }
+}
+
+/// A publisher over one azservicebus connection and one sender link.
+#[derive(Debug)]
+pub struct ServiceBusPublisher {
+    // Kept alive for the sender: the connection belongs to the client.
+    _client: Client,
+    sender: ServiceBusSender,
+    max_batch_bytes: Option<u64>,
+    send_timeout: Duration,
+}
+
+impl Publisher for ServiceBusPublisher {
+    async fn publish(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
+        let timeout = self.send_timeout;
+        tokio::time::timeout(timeout, self.publish_inner(messages))
+            .await
+            .map_err(|_| PublishError::Timeout(timeout))?
+    }
+}
+
+impl ServiceBusPublisher {
+    /// Sends `messages` one per transfer, in order: for entities that refuse batches of
+    /// messages with distinct ids.
+    pub(super) async fn publish_single(
+        &mut self,
+        messages: &[WireMessage],
+    ) -> Result<(), PublishError> {
+        // Each message as a batch of one, which the client sends as a plain transfer: it is
+        // measured against the link's max-message-size as batches are, so one the broker would
+        // detach the link over is parked instead of retried forever. The timeout is per
+        // message: a claim of 100 single sends over a slow link must not time out as a whole
+        // and be resent whole, forever.
+        for m in messages {
+            self.publish(std::slice::from_ref(m)).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_inner(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
+        let new_batch = |sender: &ServiceBusSender| {
+            sender
+                .create_message_batch(CreateMessageBatchOptions {
+                    max_size_in_bytes: self.max_batch_bytes,
+                })
+                .map_err(|e| PublishError::Send(e.to_string()))
+        };
+        let mut batch = new_batch(&self.sender)?;
+        // Messages `first..` are in the batch being filled.
+        let mut first = 0;
+        for (i, m) in messages.iter().enumerate() {
+            let msg = to_service_bus_message(m)?;
+            match batch.try_add_message(msg) {
+                Ok(()) => {}
+                Err(azservicebus::amqp::error::TryAddMessageError::BatchFull(msg)) => {
+                    if batch.is_empty() {
+                        return Err(PublishError::Message {
+                            message_id: m.message_id.clone(),
+                            reason: format!(
+                                "larger than the topic's max-message-size of {} bytes, as the \
+                                 client measures it (amqp:link:message-size-exceeded)",
+                                batch.max_size_in_bytes()
+                            ),
+                        });
+                    }
+                    let full = std::mem::replace(&mut batch, new_batch(&self.sender)?);
+                    let sent = &messages[first..i];
+                    first = i;
+                    self.sender
+                        .send_message_batch(full)
+                        .await
+                        .map_err(|e| send_error(e, sent))?;
+                    if let Err(e) = batch.try_add_message(msg) {
+                        return Err(PublishError::Message {
+                            message_id: m.message_id.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+                Err(e) => {
+                    return Err(PublishError::Message {
+                        message_id: m.message_id.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.sender
+                .send_message_batch(batch)
+                .await
+                .map_err(|e| send_error(e, &messages[first..]))?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens [`ServiceBusPublisher`]s, each on its own connection, so a broken connection takes
+/// down one publisher only and sends on different publishers do not queue behind each other.
+#[derive(Debug, Clone)]
+pub struct ServiceBusPublisherFactory {
+    /// Connection string of the namespace.
+    pub connection_string: Secret,
+    /// Topic to publish to.
+    pub topic: String,
+    /// Name of the client in the broker's diagnostics.
+    pub identifier: String,
+    /// Largest batch in bytes; `None` lets the link's negotiated maximum decide.
+    pub max_batch_bytes: Option<u64>,
+    /// Bound on one publish (connect excluded); a broker that stops answering is a fault.
+    pub send_timeout: Duration,
+    /// Bound on opening a connection and a sender link.
+    pub connect_timeout: Duration,
+}
+
+impl PublisherFactory for ServiceBusPublisherFactory {
+    type Publisher = ServiceBusPublisher;
+
+    /// Opens a publisher and closes its link and connection at once, so probing every few
+    /// seconds leaves no connection behind on the broker.
+    async fn probe(&self) -> Result<(), PublishError> {
+        let publisher = self.open().await?;
+        let _ = publisher.sender.dispose().await;
+        let _ = publisher._client.dispose().await;
+        Ok(())
+    }
+
+    async fn open(&self) -> Result<ServiceBusPublisher, PublishError> {
+        let open = async {
+            let mut client = crate::servicebus::connect(&self.connection_string, &self.identifier)
+                .await
+                .map_err(|e| PublishError::Connect(e.to_string()))?;
+            let sender = client
+                .create_sender(&self.topic, Default::default())
+                .await
+                .map_err(|e| PublishError::Connect(e.to_string()))?;
+            Ok(ServiceBusPublisher {
+                _client: client,
+                sender,
+                max_batch_bytes: self.max_batch_bytes,
+                send_timeout: self.send_timeout,
+            })
+        };
+        tokio::time::timeout(self.connect_timeout, open)
+            .await
+            .map_err(|_| {
+                PublishError::Connect(format!("timed out after {:?}", self.connect_timeout))
+            })?
+    }
+}

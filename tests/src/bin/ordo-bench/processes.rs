@@ -1,0 +1,136 @@
+//! What each daemon process costs: CPU, peak RSS, and the AMQP connections it holds.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// AMQP connections process `pid` holds to `broker`: its sockets (`/proc/<pid>/fd`) that
+/// `/proc/<pid>/net/tcp` lists as established to that address.
+fn amqp_connections(pid: u32, broker: SocketAddr) -> Option<usize> {
+    let IpAddr::V4(ip) = broker.ip() else {
+        return None;
+    };
+    // The kernel prints the address as the in-memory (network order) word read as a host
+    // integer, and the port in host order.
+    let remote = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        broker.port()
+    );
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let t = target.to_string_lossy();
+            if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                inodes.insert(inode.to_string());
+            }
+        }
+    }
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    Some(
+        table
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 9 && f[2] == remote && f[3] == "01" && inodes.contains(f[9])
+            })
+            .count(),
+    )
+}
+
+/// Samples the AMQP connections of a set of processes every half second and keeps each one's
+/// maximum, until stopped.
+pub(crate) struct ConnectionSampler {
+    stop: Arc<AtomicBool>,
+    max: Arc<Mutex<BTreeMap<u32, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConnectionSampler {
+    pub(crate) fn start(pids: Vec<u32>, broker: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(Mutex::new(BTreeMap::new()));
+        let task = tokio::spawn({
+            let (stop, max) = (stop.clone(), max.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    for &pid in &pids {
+                        if let Some(n) = amqp_connections(pid, broker) {
+                            let mut m = max.lock().unwrap_or_else(|e| e.into_inner());
+                            let e = m.entry(pid).or_insert(0);
+                            *e = (*e).max(n);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        });
+        Self { stop, max, task }
+    }
+
+    pub(crate) async fn finish(self) -> BTreeMap<u32, usize> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let m = self.max.lock().unwrap_or_else(|e| e.into_inner());
+        m.clone()
+    }
+}
+
+/// One process's CPU and peak RSS, per 1,000 of the `events` its row handled.
+fn process_json(pid: u32, events: usize, connections: Option<usize>) -> Value {
+    let cpu = ordo_testkit::bench::cpu_seconds(pid);
+    let rss = ordo_testkit::bench::peak_rss_bytes(pid);
+    let per_k = 1000.0 / events.max(1) as f64;
+    json!({
+        "pid": pid,
+        "cpu_seconds": cpu,
+        "cpu_ms_per_1000_events": cpu.map(|c| c * 1000.0 * per_k),
+        "peak_rss_mib": rss.map(|r| r as f64 / 1048576.0),
+        "peak_rss_kib_per_1000_events": rss.map(|r| r as f64 / 1024.0 * per_k),
+        "amqp_connections": connections,
+    })
+}
+
+/// [`process_json`] of every named process, with the most connections the sampler saw.
+pub(crate) fn processes_json(
+    pids: &[(String, u32)],
+    connections: &BTreeMap<u32, usize>,
+    events: usize,
+) -> BTreeMap<String, Value> {
+    pids.iter()
+        .map(|(name, pid)| {
+            (
+                name.clone(),
+                process_json(*pid, events, connections.get(pid).copied()),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_only_this_process_established_connections_to_the_broker() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let broker = listener.local_addr().unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pid = std::process::id();
+        assert_eq!(amqp_connections(pid, broker), Some(0));
+        let a = std::net::TcpStream::connect(broker).unwrap();
+        let b = std::net::TcpStream::connect(broker).unwrap();
+        let _elsewhere = std::net::TcpStream::connect(other.local_addr().unwrap()).unwrap();
+        let (_sa, _) = listener.accept().unwrap();
+        let (_sb, _) = listener.accept().unwrap();
+        // The accepted ends are this process's too, but their remote is the client's port.
+        assert_eq!(amqp_connections(pid, broker), Some(2));
+        drop((a, b));
+        assert_eq!(amqp_connections(u32::MAX, broker), None);
+    }
+}

@@ -28,23 +28,13 @@ use ordo_e2e::stack::{emulator_config, Stack};
 use ordo_servicebus_emulator::{EmulatorConfig, TopicConfig};
 use serde_json::{json, Value};
 
-// Modules under `ordo-bench/`: a crate root's own directory is `src/bin/`, where Cargo would
-// take every file for a binary of its own.
-#[path = "ordo-bench/ceilings.rs"]
 mod ceilings;
-#[path = "ordo-bench/latency.rs"]
 mod latency;
-#[path = "ordo-bench/load.rs"]
 mod load;
-#[path = "ordo-bench/node.rs"]
 mod node;
-#[path = "ordo-bench/ordo.rs"]
 mod ordo;
-#[path = "ordo-bench/processes.rs"]
 mod processes;
-#[path = "ordo-bench/report.rs"]
 mod report;
-#[path = "ordo-bench/seed.rs"]
 mod seed;
 
 use ceilings::{change_stream_ceiling, guarded_update_ceiling, send_ceiling, MongoCeilings};

@@ -124,7 +124,14 @@ pub(crate) fn unbatch(
         .into_inner()
         .into_iter()
         .map(|data| {
+            // Annotation keys written as strings (uAMQP) are read as symbols, as for a single
+            // message (vendor/README.md).
             serde_amqp::from_slice::<Deserializable<AmqpMessage>>(&data.0)
+                .or_else(|e| {
+                    let fixed =
+                        fe2o3_amqp::frames::amqp::annotation_keys_as_symbols(&data.0).ok_or(e)?;
+                    serde_amqp::from_slice::<Deserializable<AmqpMessage>>(&fixed)
+                })
                 .map(|d| d.0)
                 .map_err(|e| format!("undecodable message in batch: {e}"))
         })

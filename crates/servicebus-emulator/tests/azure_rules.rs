@@ -167,6 +167,95 @@ fn ids_longer_than_128_bytes_are_refused_on_the_wire() {
     });
 }
 
+/// A message as Microsoft's uAMQP C library (a transport of the Python SDK) encodes one:
+/// message annotations whose keys are strings (AMQP asks for symbols), properties, a data
+/// body.
+fn uamqp_message(id: &str, session: &str, partition_key: &str) -> Vec<u8> {
+    use fe2o3_amqp::types::messaging::Properties;
+    let str8 = |s: &str| [&[0xa1, s.len() as u8][..], s.as_bytes()].concat();
+    let pairs = [str8("x-opt-partition-key"), str8(partition_key)].concat();
+    let mut bytes = vec![0x00, 0x53, 0x72, 0xc1, (pairs.len() + 1) as u8, 2];
+    bytes.extend(pairs);
+    let properties = Properties {
+        message_id: Some(id.to_owned().into()),
+        group_id: Some(session.to_owned()),
+        ..Default::default()
+    };
+    bytes.extend(serde_amqp::to_vec(&properties).unwrap());
+    bytes.extend([0x00, 0x53, 0x75, 0xa0, 1, b'x']);
+    bytes
+}
+
+/// Sends an encoded message (`format` 0) or batch unsettled; the outcome, or the error's text.
+async fn send_encoded(
+    sender: &mut fe2o3_amqp::Sender,
+    payload: Vec<u8>,
+    format: u32,
+) -> Result<(), String> {
+    let outcome = within(
+        10,
+        sender.send_batchable_encoded(payload.into(), format, Some(false), None),
+    )
+    .await
+    .map_err(|e| format!("{e:?}"))?;
+    match within(10, outcome).await {
+        Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// Service Bus reads annotation keys written as strings (uAMQP's), so its rules apply to them:
+/// on a partitioned topic a partition key that differs from the SessionId is refused, in a
+/// single message and in a batch, and one that matches is stored. (The emulator once detached such a link without a
+/// condition, and refused such a batch as undecodable.)
+#[test]
+fn annotation_keys_written_as_strings_are_read() {
+    const BATCH: u32 = 0x8001_3700;
+    run(async {
+        let emulator = start_rules().await;
+        let mut connection = raw_connection(&emulator).await;
+        let mut session = fe2o3_amqp::Session::begin(&mut connection).await.unwrap();
+        let mut sender = fe2o3_amqp::Sender::attach(&mut session, "uamqp", "part")
+            .await
+            .unwrap();
+        let batch = |messages: &[Vec<u8>]| {
+            messages
+                .iter()
+                .flat_map(|m| [&[0x00, 0x53, 0x75, 0xa0, m.len() as u8][..], m].concat())
+                .collect::<Vec<u8>>()
+        };
+        let path = "part/Subscriptions/s";
+
+        send_encoded(&mut sender, uamqp_message("u1", "s1", "s1"), 0)
+            .await
+            .unwrap();
+        assert_eq!(active(&emulator, path), 1);
+        let refused = send_encoded(&mut sender, uamqp_message("u2", "s1", "other"), 0)
+            .await
+            .unwrap_err();
+        assert!(refused.contains("NotAllowed"), "{refused}");
+
+        let good = [
+            uamqp_message("u3", "s2", "s2"),
+            uamqp_message("u4", "s2", "s2"),
+        ];
+        send_encoded(&mut sender, batch(&good), BATCH)
+            .await
+            .unwrap();
+        assert_eq!(active(&emulator, path), 3);
+        let mixed = [
+            uamqp_message("u5", "s3", "s3"),
+            uamqp_message("u6", "s3", "elsewhere"),
+        ];
+        let refused = send_encoded(&mut sender, batch(&mixed), BATCH)
+            .await
+            .unwrap_err();
+        assert!(refused.contains("NotAllowed"), "{refused}");
+        assert_eq!(active(&emulator, path), 3);
+        emulator.shutdown().await;
+    });
+}
+
 #[test]
 fn dead_lettered_messages_never_expire() {
     run(async {

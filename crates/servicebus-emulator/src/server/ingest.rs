@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use fe2o3_amqp::{
     acceptor::{LinkAcceptor, LinkEndpoint, ListenerSessionHandle},
-    link::Receiver,
+    link::{Receiver, RecvError},
 };
 use fe2o3_amqp_types::{messaging::Body, primitives::Value};
 use tracing::{debug, warn};
@@ -65,6 +65,23 @@ async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>, guard:
             Ok(d) => d,
             Err(e) => {
                 debug!(connection = ctx.id, entity = %ingress.name, error = %e, "sender link ended");
+                // A transfer the link cannot take ends it with a condition, as Service Bus
+                // names one: never a bare detach the client can only call "unknown".
+                let refusal = match &e {
+                    RecvError::TransferLimitExceeded => Some((
+                        "amqp:link:transfer-limit-exceeded",
+                        "The peer sent more transfers than the link credit allowed.".to_owned(),
+                    )),
+                    RecvError::MessageDecode(why) => Some((
+                        "amqp:decode-error",
+                        format!("The message could not be decoded: {why}"),
+                    )),
+                    _ => None,
+                };
+                if let Some((condition, description)) = refusal {
+                    let error = wire::error(condition, description);
+                    super::with_deadline(receiver.close_with_error(error)).await;
+                }
                 return;
             }
         };

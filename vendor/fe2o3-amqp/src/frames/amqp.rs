@@ -433,3 +433,122 @@ mod tests {
         let _frame = decoder.decode(&mut src).unwrap();
     }
 }
+
+// ordo patch (vendor/README.md): lenient decoding of messages.
+//
+// Annotation keys are symbols (or ulongs), but Microsoft's uAMQP C library (a transport of the
+// Python Service Bus SDK) sends string keys (`x-opt-partition-key`, `x-opt-scheduled-enqueue-
+// time`), and Service Bus accepts them. A message that does not decode is decoded again after
+// the string keys of its delivery annotations, message annotations and footer are read as
+// symbols; other sections (application properties, body) keep theirs.
+
+/// The encoded length of the value at the start of `bytes` (format code included).
+fn encoded_len(bytes: &[u8]) -> Option<usize> {
+    let width = |n: usize| -> Option<usize> {
+        let size = bytes.get(1..1 + n)?;
+        let size = size.iter().fold(0usize, |acc, b| acc << 8 | usize::from(*b));
+        Some(1 + n + size)
+    };
+    match *bytes.first()? {
+        0x00 => {
+            let descriptor = encoded_len(&bytes[1..])?;
+            Some(1 + descriptor + encoded_len(bytes.get(1 + descriptor..)?)?)
+        }
+        0x40..=0x45 => Some(1),
+        0x50..=0x56 => Some(2),
+        0x60..=0x61 => Some(3),
+        0x70..=0x73 => Some(5),
+        0x80..=0x84 => Some(9),
+        0x94 | 0x98 => Some(17),
+        0xa0 | 0xa1 | 0xa3 | 0xc0 | 0xc1 | 0xe0 => width(1),
+        0xb0 | 0xb1 | 0xb3 | 0xd0 | 0xd1 | 0xf0 => width(4),
+        _ => None,
+    }
+}
+
+/// The message in `bytes` re-encoded with the string keys of its annotation sections as
+/// symbols; `None` when nothing changed or it is not a sequence of sections.
+pub fn annotation_keys_as_symbols(bytes: &[u8]) -> Option<Vec<u8>> {
+    use serde_amqp::{described::Described, primitives::Symbol, Value};
+
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut changed = false;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let len = encoded_len(rest).filter(|len| *len <= rest.len())?;
+        let (section, tail) = rest.split_at(len);
+        rest = tail;
+        // Delivery annotations, message annotations, footer: a small-ulong descriptor.
+        if !matches!(section, [0x00, 0x53, 0x71 | 0x72 | 0x78, ..]) {
+            out.extend_from_slice(section);
+            continue;
+        }
+        let Value::Described(described) = serde_amqp::from_slice::<Value>(section).ok()? else {
+            return None;
+        };
+        let Value::Map(map) = described.value else {
+            return None;
+        };
+        let map = map
+            .into_iter()
+            .map(|(key, value)| match key {
+                Value::String(s) => {
+                    changed = true;
+                    (Value::Symbol(Symbol::from(s)), value)
+                }
+                key => (key, value),
+            })
+            .collect();
+        let section = Described {
+            descriptor: described.descriptor,
+            value: Value::Map(map),
+        };
+        out.extend(serde_amqp::to_vec(&Value::Described(Box::new(section))).ok()?);
+    }
+    changed.then_some(out)
+}
+
+#[cfg(test)]
+mod lenient_message_tests {
+    use fe2o3_amqp_types::messaging::{message::DecodeIntoMessage, Body, Message};
+    use serde_amqp::{read::SliceReader, Value};
+
+    /// A message as uAMQP encodes one: message annotations with a string key, then a data body.
+    fn with_string_key() -> Vec<u8> {
+        let mut bytes = vec![0x00, 0x53, 0x72, 0xc1];
+        let key = b"x-opt-partition-key";
+        let value = b"p1";
+        let body = [
+            &[0xa1, key.len() as u8][..],
+            key,
+            &[0xa1, value.len() as u8][..],
+            value,
+        ]
+        .concat();
+        bytes.push((body.len() + 1) as u8);
+        bytes.push(2);
+        bytes.extend(body);
+        bytes.extend([0x00, 0x53, 0x75, 0xa0, 0x01, b'x']);
+        bytes
+    }
+
+    #[test]
+    fn string_keys_of_annotations_are_read_as_symbols() {
+        let bytes = with_string_key();
+        assert!(Body::<Value>::decode_message_from_reader(SliceReader::new(&bytes)).is_err());
+        let fixed = super::annotation_keys_as_symbols(&bytes).expect("changed");
+        let message: Message<Body<Value>> =
+            Body::<Value>::decode_message_from_reader(SliceReader::new(&fixed)).unwrap();
+        let annotations = message.message_annotations.unwrap();
+        let key: &dyn fe2o3_amqp_types::messaging::annotations::AnnotationKey =
+            &serde_amqp::primitives::Symbol::from("x-opt-partition-key");
+        assert_eq!(annotations.get(key), Some(&Value::String("p1".into())));
+    }
+
+    #[test]
+    fn a_message_without_string_keys_is_left_alone() {
+        let bytes = [0x00, 0x53, 0x75, 0xa0, 0x01, b'x'];
+        assert_eq!(super::annotation_keys_as_symbols(&bytes), None);
+        assert_eq!(super::annotation_keys_as_symbols(&[0x00, 0x53]), None);
+    }
+}

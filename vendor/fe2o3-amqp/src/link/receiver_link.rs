@@ -163,7 +163,7 @@ where
         let (result, mode) = if settled_by_sender {
             // If the message is pre-settled, there is no need to
             // add to the unsettled map and no need to reply to the Sender
-            let result = T::decode_message_from_reader(payload.into_reader());
+            let result = decode_leniently::<T, P>(payload);
             (result, None)
         } else {
             // If the message is being sent settled by the sender, the value of this
@@ -182,7 +182,7 @@ where
                 None => None,
             };
 
-            let result = T::decode_message_from_reader(payload.into_reader());
+            let result = decode_leniently::<T, P>(payload);
 
             let state = DeliveryState::Received(Received {
                 section_number, // What is section number?
@@ -952,6 +952,26 @@ where
             None => ReceiverAttachError::IllegalState, // defensive: no stop reason recorded; failure is link-local
         },
     }
+}
+
+// ordo patch (vendor/README.md): a message whose annotations have string keys (uAMQP) is
+// decoded again with them read as symbols (`frames::amqp::annotation_keys_as_symbols`).
+fn decode_leniently<'a, T, P>(
+    payload: P,
+) -> Result<fe2o3_amqp_types::messaging::Message<T>, serde_amqp::Error>
+where
+    for<'de> T: FromBody<'de> + Send,
+    P: IntoReader<'a> + AsByteIterator,
+{
+    let copy: Vec<u8> = payload.as_byte_iterator().copied().collect();
+    T::decode_message_from_reader(payload.into_reader()).or_else(|error| {
+        match crate::frames::amqp::annotation_keys_as_symbols(&copy) {
+            Some(fixed) => {
+                T::decode_message_from_reader(serde_amqp::read::SliceReader::new(&fixed))
+            }
+            None => Err(error),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -20,17 +20,22 @@
 //! with backoff for as long as it lasts, holding the session and its lock, so the broker's
 //! delivery count does not move for a fault that is not the message's.
 //!
-//! Files: this one (the worker loop and the held session), `batch.rs` (one batch: decide,
-//! settle, pause on a fault, block on poison), `apply.rs` (fold, heal gaps, guarded write),
-//! `gate.rs` (one prober while the broker is down), `message.rs` (what a message says).
+//! Files: this one (the engine and what its parts share), `accept.rs` (a worker's accept loop
+//! and its retries), `session.rs` (one held session, its lock renewed between batches),
+//! `batch.rs` (one batch: decide, settle, pause on a fault, block on poison), `apply.rs` (fold,
+//! heal gaps, guarded write), `gate.rs` (one prober while the broker is down), `message.rs`
+//! (what a message says).
 
+mod accept;
 mod apply;
 mod batch;
 mod gate;
 mod message;
+mod session;
 
 use gate::{BrokerGate, PROBE_ACCEPT_WAIT};
 use message::{aggregate_of, block_record, decode, selects};
+use session::{After, Held};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{
@@ -182,21 +187,6 @@ struct Applied {
     stop: Option<Stop>,
 }
 
-/// State of a held session.
-struct Held {
-    /// Per projection: the model and the version stored in the database.
-    models: Vec<Option<(ReadModel, i64)>>,
-    blocked: Option<i64>,
-    checked_blocked: bool,
-    state_says_blocked: bool,
-}
-
-/// What the session loop does after a batch.
-enum After {
-    Continue,
-    Drop,
-}
-
 impl Engine {
     /// An engine with nothing running yet.
     pub fn new(projections: Vec<Arc<dyn Projection>>, store: Store, cfg: ProjectorSection) -> Self {
@@ -214,32 +204,6 @@ impl Engine {
         }
     }
 
-    /// The broker probe answers again after failing. Once an accept has been answered since
-    /// start (so the subscription is known to take session receivers, which the probe's
-    /// dead-letter peek does not show), this ends the outage as an accept's answer would: the
-    /// gate opens, and a worker still connecting starts over on a fresh connection, because a
-    /// connection begun while the broker was down can hang like an accept does.
-    pub fn broker_probe_recovered(&self) {
-        if self.has_broker_answered() {
-            self.gate.up();
-            self.probe_recoveries.send_modify(|n| *n += 1);
-        }
-    }
-
-    /// Whether a worker's accept has been answered since start.
-    pub fn has_broker_answered(&self) -> bool {
-        self.unanswered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_none()
-    }
-
-    /// The broker probe failed: every worker waiting in an accept reconnects, as after a
-    /// failed accept of its own (an accept does not always notice its connection drop).
-    pub fn broker_probe_failed(&self) {
-        self.probe_failures.send_modify(|n| *n += 1);
-    }
-
     fn backoff(&self) -> Backoff {
         Backoff {
             initial: self.cfg.retry_initial,
@@ -253,236 +217,6 @@ impl Engine {
         Backoff {
             initial: self.cfg.retry_initial.max(Duration::from_millis(100)),
             max: self.cfg.retry_max.max(Duration::from_millis(100)),
-        }
-    }
-
-    /// One worker: accepts sessions until `cancel`, then returns after releasing its session.
-    /// While its connect or accept fails it holds readiness down and counts its retries.
-    pub async fn run_worker<S, F, Fut>(
-        self: Arc<Self>,
-        index: usize,
-        connect: F,
-        cancel: CancellationToken,
-    ) where
-        S: SessionSource,
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<S, ReceiveError>>,
-    {
-        let _alive = Counted::new(&self.activity.workers, None);
-        let mut alarm = self.readiness.alarm(dependency::SERVICEBUS);
-        let mut source: Option<S> = None;
-        let mut delays = self.backoff().delays();
-        let mut probe_failed = self.probe_failures.subscribe();
-        let mut probe_recovered = self.probe_recoveries.subscribe();
-        'work: while !cancel.is_cancelled() {
-            // Held from a connect through the backoff after its failure (see `BrokerGate`).
-            let mut probe = None;
-            let (op, error) = 'attempt: {
-                let src = match source.as_mut() {
-                    // A probe failure since this connection was opened ends its accept: one
-                    // signalled between two accepts (or while a session was worked) is not
-                    // lost.
-                    Some(s) => s,
-                    None => {
-                        probe = tokio::select! {
-                            p = self.gate.pass() => p,
-                            _ = cancel.cancelled() => break 'work,
-                        };
-                        // A probe failure from now on (not one from the wait at the gate) ends
-                        // this attempt's accept, also one signalled while connecting.
-                        probe_failed.mark_unchanged();
-                        if probe.is_none() {
-                            // The gate is open: the broker answered someone since this worker
-                            // failed, so its alarm need not wait for an accept of its own (up
-                            // to `accept_timeout` on an idle broker) to come down.
-                            alarm.lower();
-                        }
-                        probe_recovered.mark_unchanged();
-                        let connected = tokio::select! {
-                            r = connect() => r,
-                            // The broker is back and this connect began before: start over.
-                            _ = probe_recovered.changed() => continue 'work,
-                            _ = cancel.cancelled() => break 'work,
-                        };
-                        match connected {
-                            Ok(s) => source.insert(s),
-                            Err(e) => break 'attempt ("connect", e),
-                        }
-                    }
-                };
-                let wait = match probe {
-                    Some(_) => self.cfg.accept_timeout.min(PROBE_ACCEPT_WAIT),
-                    None => self.cfg.accept_timeout,
-                };
-                let accepted = tokio::select! {
-                    r = src.accept_next(wait) => r,
-                    _ = probe_failed.changed() => {
-                        source = None;
-                        break 'attempt ("accept", ReceiveError::Broker(
-                            "the broker probe failed while this accept waited".into(),
-                        ));
-                    }
-                    _ = cancel.cancelled() => break 'work,
-                };
-                match accepted {
-                    Ok(Accepted::Session(session)) => {
-                        self.answered(&mut alarm);
-                        delays = self.backoff().delays();
-                        drop(probe.take());
-                        self.work_session(session, &cancel).await;
-                    }
-                    Ok(Accepted::Idle) => {
-                        self.answered(&mut alarm);
-                        delays = self.backoff().delays();
-                    }
-                    Ok(Accepted::GaveUp) => {
-                        // The broker kept the attach open without refusing it: the connection,
-                        // the credentials and the subscription work, no session was free.
-                        self.answered(&mut alarm);
-                        tracing::debug!(
-                            worker = index,
-                            "accept timed out on the client; reconnecting"
-                        );
-                        source = None;
-                    }
-                    Ok(Accepted::Unclear) => {
-                        // Neither proof of health nor of a fault: readiness stays as the last
-                        // clear answer left it, and the next accept waits a little.
-                        let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                        metrics::counter!(m::RETRIES, "operation" => "accept", "reason" => "unclear_refusal").increment(1);
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = cancel.cancelled() => break 'work,
-                        }
-                    }
-                    Err(e) => {
-                        source = None;
-                        break 'attempt ("accept", e);
-                    }
-                }
-                continue 'work;
-            };
-            alarm.raise();
-            let failures = self.gate.failed();
-            let delay = (self.backoff().delays())
-                .nth(failures.min(64) as usize)
-                .unwrap_or(self.cfg.retry_max);
-            metrics::counter!(m::RETRIES, "operation" => op, "reason" => error.reason())
-                .increment(1);
-            tracing::warn!(worker = index, op, error = %error, delay_ms = delay.as_millis() as u64, "service bus unavailable; retrying");
-            probe_recovered.mark_unchanged();
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                // The broker is back: no need to wait out a long `retry_max`.
-                _ = probe_recovered.changed() => {}
-                _ = cancel.cancelled() => break,
-            }
-        }
-        tracing::debug!(worker = index, "worker stopped");
-    }
-
-    /// The broker answered a worker's accept: readiness may count on it, the gate opens for
-    /// every worker, and this worker's alarm comes down.
-    fn answered(&self, alarm: &mut Alarm) {
-        self.unanswered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        self.gate.up();
-        alarm.lower();
-    }
-
-    /// Works one session until it is idle, its lock is lost, or shutdown.
-    pub async fn work_session<R: SessionReceiver>(
-        &self,
-        mut session: R,
-        cancel: &CancellationToken,
-    ) {
-        let held_now = Counted::new(&self.activity.sessions_held, Some(m::SESSIONS_HELD));
-        let sid = session.session_id().to_string();
-        tracing::debug!(session = %sid, "session accepted");
-        let mut held = Held {
-            models: vec![None; self.projections.len()],
-            blocked: None,
-            checked_blocked: false,
-            state_says_blocked: false,
-        };
-        match session.state().await {
-            Ok(state) => held.state_says_blocked = !state.is_empty(),
-            Err(e) => {
-                self.lock_trouble(&sid, &e);
-                session.close().await;
-                return;
-            }
-        }
-        let mut last_renew = Instant::now();
-        let mut idle_since = Instant::now();
-        loop {
-            if cancel.is_cancelled() {
-                break;
-            }
-            if last_renew.elapsed() >= self.cfg.lock_renewal_interval {
-                if let Err(e) = session.renew_lock().await {
-                    self.lock_trouble(&sid, &e);
-                    break;
-                }
-                metrics::counter!(m::LOCK_RENEWALS).increment(1);
-                last_renew = Instant::now();
-            }
-            let idle_limit = self.idle_limit();
-            let wait = self
-                .cfg
-                .receive_wait
-                .min(idle_limit.saturating_sub(idle_since.elapsed()))
-                .max(Duration::from_millis(10));
-            let msgs = match session.receive(self.cfg.batch_size, wait).await {
-                Ok(v) => v,
-                Err(e) => {
-                    self.lock_trouble(&sid, &e);
-                    break;
-                }
-            };
-            if msgs.is_empty() {
-                if idle_since.elapsed() >= self.idle_limit() {
-                    break;
-                }
-                continue;
-            }
-            match self
-                .batch(&mut session, &mut held, msgs, &mut last_renew, cancel)
-                .await
-            {
-                After::Continue => idle_since = Instant::now(),
-                After::Drop => break,
-            }
-        }
-        session.close().await;
-        drop(held_now);
-        tracing::debug!(session = %sid, "session released");
-    }
-
-    /// How long a held session may stay idle now: `session_idle_timeout`, or the shorter
-    /// `busy_session_idle_timeout` (when set) while every worker holds a session, when other aggregates
-    /// may be waiting at the broker for a worker this idle one keeps.
-    fn idle_limit(&self) -> Duration {
-        let idle = self.cfg.session_idle_timeout;
-        match self.cfg.busy_session_idle_timeout {
-            Some(busy)
-                if self.activity.sessions_held.load(Relaxed)
-                    >= self.activity.workers.load(Relaxed) =>
-            {
-                busy.min(idle)
-            }
-            _ => idle,
-        }
-    }
-
-    fn lock_trouble(&self, sid: &str, e: &ReceiveError) {
-        if e.is_lock_lost() {
-            metrics::counter!(m::LOCKS_LOST).increment(1);
-            tracing::warn!(session = %sid, error = %e, "session lock lost; dropping its work");
-        } else {
-            tracing::warn!(session = %sid, error = %e, "session failed; releasing it");
         }
     }
 }

@@ -23,46 +23,30 @@
 //! - An aggregate that could not be healed (a hole in its history, an invalid event, a
 //!   projection error, a conflict storm, a transient fault) is kept in the watermark document
 //!   and checked again by the next run.
+//!
+//! Files: this one (a run, start to end, and the periodic task), `watermark.rs` (where the
+//! next run resumes, and what it retries), `heal.rs` (comparing aggregates and healing them).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+mod heal;
+mod watermark;
+
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mongodb::bson::{doc, Document};
 use mongodb::change_stream::event::ResumeToken;
 
 use ordo_core::metrics as m;
-use ordo_projection::{fold_events, Projection, ReadModel};
+use ordo_projection::Projection;
 
-use crate::store::{AggregateLatest as Latest, StoreError, Written};
+use crate::store::StoreError;
 use crate::Store;
-
-/// Collection holding the reconciliation watermark, one document per events collection and
-/// set of projections ([`watermark_key`]).
-pub const WATERMARK_COLLECTION: &str = "ordo_reconcile";
-
-/// The watermark's `_id`: the events collection and every projection with its collection.
-/// Two sets of projections over one events collection (two pipelines side by side, or a
-/// projection added) each have their own, so one set's run never makes the other's next run
-/// skip aggregates it has not checked.
-pub fn watermark_key(events_collection: &str, projections: &[Arc<dyn Projection>]) -> String {
-    let mut set: Vec<String> = projections
-        .iter()
-        .map(|p| format!("{}={}", p.name(), p.collection()))
-        .collect();
-    set.sort();
-    format!("{events_collection}:{}", set.join(","))
-}
+use heal::Pass;
+pub use watermark::{watermark_key, WATERMARK_COLLECTION};
 
 /// Aggregates checked per round trip (one `$in` query per projection).
 const CHUNK: usize = 500;
-
-/// Guard conflicts on one read model before the run leaves it to the worker.
-const CONFLICTS_BEFORE_GIVING_UP: u32 = 3;
-
-/// Aggregates kept for the next run at most; past it the next run is a full pass.
-const MAX_RETRY_KEPT: usize = 10_000;
 
 /// Change events read by one incremental run at most; the rest is left to the next run.
 const MAX_CHANGES_PER_RUN: usize = 2_000_000;
@@ -162,6 +146,41 @@ pub async fn full_pass(
     run(store, projections, true, false).await
 }
 
+/// The aggregates a run checks.
+enum Scope {
+    /// Those with events inserted since the watermark's token, up to `next`.
+    Since {
+        ids: BTreeSet<String>,
+        next: ResumeToken,
+    },
+    /// Every aggregate, and why.
+    Full { because: String },
+}
+
+/// Full when asked for, before the first run, or when the watermark's token fell out of the
+/// oplog; otherwise the aggregates with events since the token.
+async fn scope(
+    store: &Store,
+    full: bool,
+    token: Option<ResumeToken>,
+) -> Result<Scope, ReconcileError> {
+    let full_because = |because: String| Ok(Scope::Full { because });
+    match (full, token) {
+        (true, _) => full_because("asked for".to_string()),
+        (false, None) => full_because("no watermark yet".to_string()),
+        (false, Some(t)) => match store.inserted_since(t, MAX_CHANGES_PER_RUN).await {
+            Ok((ids, next)) => Ok(Scope::Since { ids, next }),
+            Err(e)
+                if ordo_core::mongo::server_code(&e)
+                    .is_some_and(|c| [286, 260, 280].contains(&c)) =>
+            {
+                full_because(format!("the watermark fell out of the oplog ({e})"))
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
 async fn run(
     store: &Store,
     projections: &[Arc<dyn Projection>],
@@ -169,59 +188,20 @@ async fn run(
     persist: bool,
 ) -> Result<Report, ReconcileError> {
     let started = Instant::now();
-    let watermarks = store
-        .database()
-        .collection::<Document>(WATERMARK_COLLECTION);
     let key = watermark_key(store.events_collection_name(), projections);
-    let saved = watermarks.find_one(doc! { "_id": &key }).await?;
-    let token: Option<ResumeToken> = saved
-        .as_ref()
-        .and_then(|d| d.get_document("token").ok())
-        .and_then(|t| mongodb::bson::from_document(t.clone()).ok());
-    let retry: Vec<String> = saved
-        .as_ref()
-        .and_then(|d| d.get_array("retry").ok())
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-
-    let mut full_because = None;
-    let incremental = match (full, token) {
-        (true, _) => {
-            full_because = Some("asked for".to_string());
-            None
-        }
-        (false, None) => {
-            full_because = Some("no watermark yet".to_string());
-            None
-        }
-        (false, Some(t)) => match store.inserted_since(t, MAX_CHANGES_PER_RUN).await {
-            Ok(found) => Some(found),
-            Err(e)
-                if ordo_core::mongo::server_code(&e)
-                    .is_some_and(|c| [286, 260, 280].contains(&c)) =>
-            {
-                full_because = Some(format!("the watermark fell out of the oplog ({e})"));
-                None
-            }
-            Err(e) => return Err(e.into()),
-        },
+    let saved = watermark::load(store, &key).await?;
+    let scope = scope(store, full, saved.token).await?;
+    let (mode, full_because) = match &scope {
+        Scope::Since { .. } => (Mode::Incremental, None),
+        Scope::Full { because } => (Mode::Full, Some(because.clone())),
     };
-
     let blocked_now: HashSet<String> = store.blocked_ids().await?.into_iter().collect();
     let mut pass = Pass {
         store,
         projections,
         blocked_now,
         report: Report {
-            mode: if incremental.is_some() {
-                Mode::Incremental
-            } else {
-                Mode::Full
-            },
+            mode,
             full_because,
             checked: 0,
             behind: 0,
@@ -231,10 +211,9 @@ async fn run(
             elapsed: Duration::ZERO,
         },
     };
-    let next_token = match incremental {
-        Some((ids, next)) => {
-            let mut ids: BTreeSet<String> = ids;
-            ids.extend(retry);
+    let next_token = match scope {
+        Scope::Since { mut ids, next } => {
+            ids.extend(saved.retry);
             let ids: Vec<String> = ids.into_iter().collect();
             for chunk in ids.chunks(CHUNK) {
                 let latest = store.latest_of(chunk).await?;
@@ -242,7 +221,7 @@ async fn run(
             }
             next
         }
-        None => {
+        Scope::Full { .. } => {
             // Taken before the pass: whatever is inserted during it is in the next run.
             let next = store.current_token().await?;
             let mut chunk = Vec::with_capacity(CHUNK);
@@ -264,154 +243,10 @@ async fn run(
     metrics::counter!(m::RECONCILE_CHECKED).increment(report.checked);
     metrics::counter!(m::RECONCILE_HEALED).increment(report.healed);
     metrics::histogram!(m::RECONCILE_DURATION).record(report.elapsed.as_secs_f64());
-    if !persist {
-        return Ok(report);
+    if persist {
+        watermark::save(store, &key, &report, &next_token).await?;
     }
-    let keep: Vec<&String> = report.unhealed.iter().map(|(id, _)| id).collect();
-    let mut set = doc! { "updatedAt": mongodb::bson::DateTime::now() };
-    if keep.len() > MAX_RETRY_KEPT {
-        // Too many to carry: the next run starts over with a full pass.
-        set.insert("token", mongodb::bson::Bson::Null);
-        set.insert("retry", Vec::<String>::new());
-    } else {
-        set.insert(
-            "token",
-            mongodb::bson::to_document(&next_token).map_err(|e| {
-                mongodb::error::Error::custom(format!("resume token not storable: {e}"))
-            })?,
-        );
-        set.insert("retry", keep.into_iter().cloned().collect::<Vec<_>>());
-    }
-    watermarks
-        .update_one(doc! { "_id": &key }, doc! { "$set": set })
-        .upsert(true)
-        .await?;
     Ok(report)
-}
-
-struct Pass<'a> {
-    store: &'a Store,
-    projections: &'a [Arc<dyn Projection>],
-    blocked_now: HashSet<String>,
-    report: Report,
-}
-
-impl Pass<'_> {
-    /// Compares one chunk of aggregates with every projection's stored versions and heals the
-    /// ones behind.
-    async fn check(&mut self, chunk: Vec<Latest>) -> Result<(), ReconcileError> {
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        self.report.checked += chunk.len() as u64;
-        let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
-        // Per aggregate: the projections that select it and are behind.
-        let mut behind: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (pi, p) in self.projections.iter().enumerate() {
-            let stored = self.store.stored_versions(p.collection(), &ids).await?;
-            for l in &chunk {
-                let selected = l.kinds.iter().any(|(t, e)| p.selects(t.as_deref(), e));
-                if selected && stored.get(&l.id).copied().unwrap_or(0) < l.version {
-                    behind.entry(l.id.clone()).or_default().push(pi);
-                }
-            }
-        }
-        for l in chunk {
-            let Some(pis) = behind.remove(&l.id) else {
-                continue;
-            };
-            self.report.behind += 1;
-            if self.blocked_now.contains(&l.id) {
-                self.report.blocked.push(l.id);
-                continue;
-            }
-            if let Err(why) = self.heal(&l, &pis).await {
-                tracing::warn!(aggregate = %l.id, reason = %why, "reconcile could not heal the aggregate; the next run checks it again");
-                self.report.unhealed.push((l.id, why));
-            }
-        }
-        Ok(())
-    }
-
-    /// Brings the read models `pis` of one aggregate up to the events collection.
-    async fn heal(&mut self, l: &Latest, pis: &[usize]) -> Result<(), String> {
-        let err = |e: StoreError| e.to_string();
-        // Blocked since the run started: leave it to repair.
-        if self.store.blocked_at(&l.id).await.map_err(err)?.is_some() {
-            self.report.blocked.push(l.id.clone());
-            return Ok(());
-        }
-        let mut models: Vec<(usize, ReadModel)> = Vec::new();
-        for &pi in pis {
-            let model = self
-                .store
-                .load(self.projections[pi].as_ref(), &l.id)
-                .await
-                .map_err(err)?;
-            models.push((pi, model));
-        }
-        let from = models.iter().map(|(_, m)| m.version).min().unwrap_or(0) + 1;
-        let mut events = self
-            .store
-            .events_between(&l.id, from, i64::MAX)
-            .await
-            .map_err(err)?;
-        let mut problems = Vec::new();
-        for (pi, mut stored) in models {
-            let p = self.projections[pi].as_ref();
-            let mut conflicts = 0;
-            loop {
-                let loaded = stored.version;
-                let mut model = stored.clone();
-                let stop = match fold_events(p, &mut model, events.iter()) {
-                    Ok(None) => None,
-                    Ok(Some(gap)) => Some(format!("{}: {gap}", p.name())),
-                    Err(e) => {
-                        problems.push(format!("{}: {e}", p.name()));
-                        break;
-                    }
-                };
-                if model.needs_write(loaded) {
-                    match self.store.write(p, &model, loaded).await.map_err(err)? {
-                        Written::Ok => {
-                            self.report.healed += 1;
-                            tracing::info!(aggregate = %l.id, projection = p.name(), from = loaded, to = model.version, "reconcile healed a read model");
-                        }
-                        Written::Conflict => {
-                            metrics::counter!(m::GUARD_CONFLICTS).increment(1);
-                            conflicts += 1;
-                            if conflicts >= CONFLICTS_BEFORE_GIVING_UP {
-                                problems.push(format!(
-                                    "{}: the document kept moving ({conflicts} guard conflicts); left to the worker",
-                                    p.name()
-                                ));
-                                break;
-                            }
-                            stored = self.store.load(p, &l.id).await.map_err(err)?;
-                            if stored.version < from - 1 {
-                                // Moved backwards (a rebuild swap): read what is missing.
-                                events = self
-                                    .store
-                                    .events_between(&l.id, stored.version + 1, i64::MAX)
-                                    .await
-                                    .map_err(err)?;
-                            }
-                            continue;
-                        }
-                    }
-                }
-                if let Some(s) = stop {
-                    problems.push(s);
-                }
-                break;
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
-    }
 }
 
 /// Runs [`reconcile`] every `interval` until `cancel`; a failed run is logged and retried at

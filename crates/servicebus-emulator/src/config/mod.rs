@@ -2,12 +2,20 @@
 //!
 //! The TOML mirrors the knobs of a real Service Bus namespace that ordo relies on. Durations are
 //! human-readable strings (`"30s"`, `"10m"`) so the file reads like the portal.
+//!
+//! This file holds the types and their defaults; `validate` the checks a TOML parser cannot
+//! make, `durations` the serde form of durations.
 
 use std::{path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+
+mod durations;
+mod validate;
+
+use durations::{duration, opt_duration};
 
 /// Service Bus Standard/Premium default for the largest accepted message (256 KiB).
 pub const DEFAULT_MAX_MESSAGE_SIZE_BYTES: u64 = 256 * 1024;
@@ -332,208 +340,6 @@ impl EmulatorConfig {
         })?;
         Self::from_toml_str(&text)
     }
-
-    /// Checks the values a TOML parser cannot: names, ranges, uniqueness.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut key_names = std::collections::HashSet::new();
-        for (i, rule) in self.namespace.keys().iter().enumerate() {
-            let key = |field: &str| match i {
-                0 => format!("namespace.{field}"),
-                _ => format!("namespace.authorization_rules[{}].{field}", i - 1),
-            };
-            if rule.name.is_empty() || !key_names.insert(rule.name.clone()) {
-                return Err(invalid(
-                    key(if i == 0 { "key_name" } else { "name" }),
-                    &rule.name,
-                    "key names must be non-empty and unique",
-                ));
-            }
-            if rule.key.is_empty() {
-                return Err(invalid(key("key"), "", "a key must not be empty"));
-            }
-        }
-        if let Some(lifetime) = self.namespace.max_token_lifetime {
-            check_positive("namespace.max_token_lifetime", lifetime)?;
-        }
-        match (&self.namespace.tls_cert, &self.namespace.tls_key) {
-            (Some(_), None) => {
-                return Err(invalid(
-                    "namespace.tls_key".into(),
-                    "(absent)",
-                    "tls_cert needs tls_key",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "namespace.tls_cert".into(),
-                    "(absent)",
-                    "tls_key needs tls_cert",
-                ))
-            }
-            _ => {}
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, topic) in self.topics.iter().enumerate() {
-            let key = |field: &str| format!("topics[{i}].{field}");
-            check_name(&key("name"), &topic.name)?;
-            if !names.insert(topic.name.to_ascii_lowercase()) {
-                return Err(invalid(key("name"), &topic.name, "duplicate entity name"));
-            }
-            check_size(&key("max_message_size_bytes"), topic.max_message_size_bytes)?;
-            check_window(
-                &key("duplicate_detection_window"),
-                topic.duplicate_detection_window,
-            )?;
-            check_positive(&key("default_message_ttl"), topic.default_message_ttl)?;
-            let mut subs = std::collections::HashSet::new();
-            for (j, sub) in topic.subscriptions.iter().enumerate() {
-                let key = |field: &str| format!("topics[{i}].subscriptions[{j}].{field}");
-                check_name(&key("name"), &sub.name)?;
-                if !subs.insert(sub.name.to_ascii_lowercase()) {
-                    return Err(invalid(
-                        key("name"),
-                        &sub.name,
-                        "duplicate subscription name",
-                    ));
-                }
-                check_lock(&key("lock_duration"), sub.lock_duration)?;
-                check_delivery_count(&key("max_delivery_count"), sub.max_delivery_count)?;
-                if let Some(ttl) = sub.default_message_ttl {
-                    check_positive(&key("default_message_ttl"), ttl)?;
-                }
-            }
-        }
-        for (i, queue) in self.queues.iter().enumerate() {
-            let key = |field: &str| format!("queues[{i}].{field}");
-            check_name(&key("name"), &queue.name)?;
-            if !names.insert(queue.name.to_ascii_lowercase()) {
-                return Err(invalid(key("name"), &queue.name, "duplicate entity name"));
-            }
-            check_size(&key("max_message_size_bytes"), queue.max_message_size_bytes)?;
-            check_window(
-                &key("duplicate_detection_window"),
-                queue.duplicate_detection_window,
-            )?;
-            check_positive(&key("default_message_ttl"), queue.default_message_ttl)?;
-            check_lock(&key("lock_duration"), queue.lock_duration)?;
-            check_delivery_count(&key("max_delivery_count"), queue.max_delivery_count)?;
-        }
-        Ok(())
-    }
-}
-
-fn invalid(key: String, value: impl std::fmt::Display, reason: &str) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        value: value.to_string(),
-        reason: reason.to_owned(),
-    }
-}
-
-fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= 260
-        && !name.starts_with('/')
-        && !name.ends_with('/')
-        && !name.starts_with('$')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | '~'));
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(
-            key.to_owned(),
-            format!("{name:?}"),
-            "names use letters, digits, '-', '_', '.', '~' and inner '/' only",
-        ))
-    }
-}
-
-fn check_size(key: &str, size: u64) -> Result<(), ConfigError> {
-    if (1024..=100 * 1024 * 1024).contains(&size) {
-        Ok(())
-    } else {
-        Err(invalid(
-            key.to_owned(),
-            size,
-            "must be between 1024 and 104857600 bytes",
-        ))
-    }
-}
-
-fn check_window(key: &str, window: Option<Duration>) -> Result<(), ConfigError> {
-    match window {
-        Some(w) if w.is_zero() || w > Duration::from_secs(7 * 24 * 3600) => Err(invalid(
-            key.to_owned(),
-            humantime::format_duration(w),
-            "must be between 1s and 7 days",
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn check_lock(key: &str, lock: Duration) -> Result<(), ConfigError> {
-    if lock >= Duration::from_millis(100) && lock <= Duration::from_secs(300) {
-        Ok(())
-    } else {
-        Err(invalid(
-            key.to_owned(),
-            humantime::format_duration(lock),
-            "must be between 100ms and 5m",
-        ))
-    }
-}
-
-fn check_positive(key: &str, d: Duration) -> Result<(), ConfigError> {
-    if d.is_zero() {
-        Err(invalid(key.to_owned(), "0s", "must be positive"))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_delivery_count(key: &str, count: u32) -> Result<(), ConfigError> {
-    if (1..=2000).contains(&count) {
-        Ok(())
-    } else {
-        Err(invalid(key.to_owned(), count, "must be between 1 and 2000"))
-    }
-}
-
-mod duration {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {text:?}: {e} (use e.g. \"30s\")"))
-        })
-    }
-}
-
-mod opt_duration {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map(Some).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {text:?}: {e} (use e.g. \"10m\")"))
-        })
-    }
 }
 
 #[cfg(test)]
@@ -542,7 +348,7 @@ mod tests {
 
     #[test]
     fn shipped_config_is_the_ordo_default() {
-        let text = include_str!("../../../config/servicebus-emulator.toml");
+        let text = include_str!("../../../../config/servicebus-emulator.toml");
         let config = EmulatorConfig::from_toml_str(text).unwrap();
         assert_eq!(config, EmulatorConfig::default_ordo());
     }

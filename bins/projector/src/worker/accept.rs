@@ -1,0 +1,242 @@
+//! The accept loop of one worker: connect, accept sessions and work them, and while the
+//! broker fails, hold readiness down, pass the [`BrokerGate`] one worker at a time, and retry
+//! with backoff. The broker probe's verdicts end accepts and connects that may hang.
+
+use super::*;
+
+impl Engine {
+    /// The broker probe answers again after failing. Once an accept has been answered since
+    /// start (so the subscription is known to take session receivers, which the probe's
+    /// dead-letter peek does not show), this ends the outage as an accept's answer would: the
+    /// gate opens, and a worker still connecting starts over on a fresh connection, because a
+    /// connection begun while the broker was down can hang like an accept does.
+    pub fn broker_probe_recovered(&self) {
+        if self.has_broker_answered() {
+            self.gate.up();
+            self.probe_recoveries.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Whether a worker's accept has been answered since start.
+    pub fn has_broker_answered(&self) -> bool {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+    }
+
+    /// The broker probe failed: every worker waiting in an accept reconnects, as after a
+    /// failed accept of its own (an accept does not always notice its connection drop).
+    pub fn broker_probe_failed(&self) {
+        self.probe_failures.send_modify(|n| *n += 1);
+    }
+
+    /// One worker: accepts sessions until `cancel`, then returns after releasing its session.
+    /// While its connect or accept fails it holds readiness down and counts its retries.
+    pub async fn run_worker<S, F, Fut>(
+        self: Arc<Self>,
+        index: usize,
+        connect: F,
+        cancel: CancellationToken,
+    ) where
+        S: SessionSource,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<S, ReceiveError>>,
+    {
+        let _alive = Counted::new(&self.activity.workers, None);
+        let mut alarm = self.readiness.alarm(dependency::SERVICEBUS);
+        let mut source: Option<S> = None;
+        let mut delays = self.backoff().delays();
+        let mut probe_failed = self.probe_failures.subscribe();
+        let mut probe_recovered = self.probe_recoveries.subscribe();
+        'work: while !cancel.is_cancelled() {
+            // Held from a connect through the backoff after its failure (see `BrokerGate`).
+            let mut probe = None;
+            let (op, error) = 'attempt: {
+                let src = match source.as_mut() {
+                    // A probe failure since this connection was opened ends its accept: one
+                    // signalled between two accepts (or while a session was worked) is not
+                    // lost.
+                    Some(s) => s,
+                    None => match self
+                        .open(
+                            &connect,
+                            &mut probe,
+                            &mut probe_failed,
+                            &mut probe_recovered,
+                            &mut alarm,
+                            &cancel,
+                        )
+                        .await
+                    {
+                        Opened::Connected(s) => source.insert(s),
+                        Opened::Failed(e) => break 'attempt ("connect", e),
+                        Opened::Again => continue 'work,
+                        Opened::Stopped => break 'work,
+                    },
+                };
+                let accepting = self.accept_once(src, probe.is_some(), &mut probe_failed, &cancel);
+                let Some(accepted) = accepting.await else {
+                    break 'work;
+                };
+                match accepted {
+                    Ok(Accepted::Session(session)) => {
+                        self.answered(&mut alarm);
+                        delays = self.backoff().delays();
+                        drop(probe.take());
+                        self.work_session(session, &cancel).await;
+                    }
+                    Ok(Accepted::Idle) => {
+                        self.answered(&mut alarm);
+                        delays = self.backoff().delays();
+                    }
+                    Ok(Accepted::GaveUp) => {
+                        // The broker kept the attach open without refusing it: the connection,
+                        // the credentials and the subscription work, no session was free.
+                        self.answered(&mut alarm);
+                        tracing::debug!(
+                            worker = index,
+                            "accept timed out on the client; reconnecting"
+                        );
+                        source = None;
+                    }
+                    Ok(Accepted::Unclear) => {
+                        // Neither proof of health nor of a fault: readiness stays as the last
+                        // clear answer left it, and the next accept waits a little.
+                        let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                        metrics::counter!(m::RETRIES, "operation" => "accept", "reason" => "unclear_refusal").increment(1);
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = cancel.cancelled() => break 'work,
+                        }
+                    }
+                    Err(e) => {
+                        source = None;
+                        break 'attempt ("accept", e);
+                    }
+                }
+                continue 'work;
+            };
+            alarm.raise();
+            if !self
+                .back_off(index, op, &error, &mut probe_recovered, &cancel)
+                .await
+            {
+                break;
+            }
+        }
+        tracing::debug!(worker = index, "worker stopped");
+    }
+
+    /// Waits at the [`BrokerGate`] and connects. The gate's pass goes to `probe`, where the
+    /// caller holds it through the accept or the backoff after a failure.
+    async fn open<S, F, Fut>(
+        &self,
+        connect: &F,
+        probe: &mut Option<tokio::sync::OwnedMutexGuard<()>>,
+        probe_failed: &mut tokio::sync::watch::Receiver<u64>,
+        probe_recovered: &mut tokio::sync::watch::Receiver<u64>,
+        alarm: &mut Alarm,
+        cancel: &CancellationToken,
+    ) -> Opened<S>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<S, ReceiveError>>,
+    {
+        *probe = tokio::select! {
+            p = self.gate.pass() => p,
+            _ = cancel.cancelled() => return Opened::Stopped,
+        };
+        // A probe failure from now on (not one from the wait at the gate) ends this attempt's
+        // accept, also one signalled while connecting.
+        probe_failed.mark_unchanged();
+        if probe.is_none() {
+            // The gate is open: the broker answered someone since this worker failed, so its
+            // alarm need not wait for an accept of its own (up to `accept_timeout` on an idle
+            // broker) to come down.
+            alarm.lower();
+        }
+        probe_recovered.mark_unchanged();
+        let connected = tokio::select! {
+            r = connect() => r,
+            // The broker is back and this connect began before: start over.
+            _ = probe_recovered.changed() => return Opened::Again,
+            _ = cancel.cancelled() => return Opened::Stopped,
+        };
+        match connected {
+            Ok(s) => Opened::Connected(s),
+            Err(e) => Opened::Failed(e),
+        }
+    }
+
+    /// One accept, shorter while this worker probes the broker ([`PROBE_ACCEPT_WAIT`]). A
+    /// broker probe failure meanwhile ends it as a failed accept; `None` on shutdown.
+    async fn accept_once<S: SessionSource>(
+        &self,
+        src: &mut S,
+        probing: bool,
+        probe_failed: &mut tokio::sync::watch::Receiver<u64>,
+        cancel: &CancellationToken,
+    ) -> Option<Result<Accepted<S::Session>, ReceiveError>> {
+        let wait = if probing {
+            self.cfg.accept_timeout.min(PROBE_ACCEPT_WAIT)
+        } else {
+            self.cfg.accept_timeout
+        };
+        tokio::select! {
+            r = src.accept_next(wait) => Some(r),
+            _ = probe_failed.changed() => Some(Err(ReceiveError::Broker(
+                "the broker probe failed while this accept waited".into(),
+            ))),
+            _ = cancel.cancelled() => None,
+        }
+    }
+
+    /// After a failed connect or accept: counts the retry and waits out the backoff (shorter
+    /// when the broker probe answers again); false when cancelled.
+    async fn back_off(
+        &self,
+        index: usize,
+        op: &'static str,
+        error: &ReceiveError,
+        probe_recovered: &mut tokio::sync::watch::Receiver<u64>,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let failures = self.gate.failed();
+        let delay = (self.backoff().delays())
+            .nth(failures.min(64) as usize)
+            .unwrap_or(self.cfg.retry_max);
+        metrics::counter!(m::RETRIES, "operation" => op, "reason" => error.reason()).increment(1);
+        tracing::warn!(worker = index, op, error = %error, delay_ms = delay.as_millis() as u64, "service bus unavailable; retrying");
+        probe_recovered.mark_unchanged();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            // The broker is back: no need to wait out a long `retry_max`.
+            _ = probe_recovered.changed() => true,
+            _ = cancel.cancelled() => false,
+        }
+    }
+
+    /// The broker answered a worker's accept: readiness may count on it, the gate opens for
+    /// every worker, and this worker's alarm comes down.
+    fn answered(&self, alarm: &mut Alarm) {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        self.gate.up();
+        alarm.lower();
+    }
+}
+
+/// How a worker's connect ended.
+enum Opened<S> {
+    /// Connected.
+    Connected(S),
+    /// The connect failed.
+    Failed(ReceiveError),
+    /// The broker came back while connecting: start over on a fresh connection.
+    Again,
+    /// Shutdown.
+    Stopped,
+}

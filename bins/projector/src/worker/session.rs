@@ -1,0 +1,115 @@
+//! One held session: read its state, receive batches and apply them until it is idle, its lock
+//! is lost, or shutdown, renewing the lock between steps.
+
+use super::*;
+
+/// State of a held session.
+pub(super) struct Held {
+    /// Per projection: the model and the version stored in the database.
+    pub(super) models: Vec<Option<(ReadModel, i64)>>,
+    pub(super) blocked: Option<i64>,
+    pub(super) checked_blocked: bool,
+    pub(super) state_says_blocked: bool,
+}
+
+/// What the session loop does after a batch.
+pub(super) enum After {
+    Continue,
+    Drop,
+}
+
+impl Engine {
+    /// Works one session until it is idle, its lock is lost, or shutdown.
+    pub async fn work_session<R: SessionReceiver>(
+        &self,
+        mut session: R,
+        cancel: &CancellationToken,
+    ) {
+        let held_now = Counted::new(&self.activity.sessions_held, Some(m::SESSIONS_HELD));
+        let sid = session.session_id().to_string();
+        tracing::debug!(session = %sid, "session accepted");
+        let mut held = Held {
+            models: vec![None; self.projections.len()],
+            blocked: None,
+            checked_blocked: false,
+            state_says_blocked: false,
+        };
+        match session.state().await {
+            Ok(state) => held.state_says_blocked = !state.is_empty(),
+            Err(e) => {
+                self.lock_trouble(&sid, &e);
+                session.close().await;
+                return;
+            }
+        }
+        let mut last_renew = Instant::now();
+        let mut idle_since = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if last_renew.elapsed() >= self.cfg.lock_renewal_interval {
+                if let Err(e) = session.renew_lock().await {
+                    self.lock_trouble(&sid, &e);
+                    break;
+                }
+                metrics::counter!(m::LOCK_RENEWALS).increment(1);
+                last_renew = Instant::now();
+            }
+            let idle_limit = self.idle_limit();
+            let wait = self
+                .cfg
+                .receive_wait
+                .min(idle_limit.saturating_sub(idle_since.elapsed()))
+                .max(Duration::from_millis(10));
+            let msgs = match session.receive(self.cfg.batch_size, wait).await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.lock_trouble(&sid, &e);
+                    break;
+                }
+            };
+            if msgs.is_empty() {
+                if idle_since.elapsed() >= self.idle_limit() {
+                    break;
+                }
+                continue;
+            }
+            match self
+                .batch(&mut session, &mut held, msgs, &mut last_renew, cancel)
+                .await
+            {
+                After::Continue => idle_since = Instant::now(),
+                After::Drop => break,
+            }
+        }
+        session.close().await;
+        drop(held_now);
+        tracing::debug!(session = %sid, "session released");
+    }
+
+    /// How long a held session may stay idle now: `session_idle_timeout`, or the shorter
+    /// `busy_session_idle_timeout` (when set) while every worker holds a session, when other aggregates
+    /// may be waiting at the broker for a worker this idle one keeps.
+    fn idle_limit(&self) -> Duration {
+        let idle = self.cfg.session_idle_timeout;
+        match self.cfg.busy_session_idle_timeout {
+            Some(busy)
+                if self.activity.sessions_held.load(Relaxed)
+                    >= self.activity.workers.load(Relaxed) =>
+            {
+                busy.min(idle)
+            }
+            _ => idle,
+        }
+    }
+
+    pub(super) fn lock_trouble(&self, sid: &str, e: &ReceiveError) {
+        if e.is_lock_lost() {
+            metrics::counter!(m::LOCKS_LOST).increment(1);
+            tracing::warn!(session = %sid, error = %e, "session lock lost; dropping its work");
+        } else {
+            tracing::warn!(session = %sid, error = %e, "session failed; releasing it");
+        }
+    }
+}

@@ -127,7 +127,14 @@ impl Validate for ProjectorSection {
             1024,
         )?;
         check_range("projector.batch_size", self.batch_size, 1, 5000)?;
-        check_duration("projector.receive_wait", self.receive_wait, ms(10), s(60))?;
+        // A receive that waits longer than the client gives an operation fails as timed out.
+        let receive_max = ordo_core::servicebus::OPERATION_TIMEOUT - s(5);
+        check_duration(
+            "projector.receive_wait",
+            self.receive_wait,
+            ms(10),
+            receive_max,
+        )?;
         check_duration(
             "projector.accept_timeout",
             self.accept_timeout,

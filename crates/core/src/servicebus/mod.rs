@@ -84,6 +84,10 @@ pub async fn test_client(
     connect(conn, identifier).await
 }
 
+/// How long the client gives one operation (a send, a receive with its wait, a settlement)
+/// before it reports "Timeout elapsed".
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Opens a client: plain AMQP for the emulator, TLS otherwise. `identifier` names the client in
 /// the broker's diagnostics.
 pub(crate) async fn connect(conn: &Secret, identifier: &str) -> Result<Client, azure_core::Error> {
@@ -97,7 +101,7 @@ pub(crate) async fn connect(conn: &Secret, identifier: &str) -> Result<Client, a
             // azservicebus 0.25 marks a rejected transfer settled, and its retry then reports the
             // settled message as sent, so a refused batch would count as published and be lost.
             max_retries: 0,
-            try_timeout: Duration::from_secs(20),
+            try_timeout: OPERATION_TIMEOUT,
             ..ServiceBusRetryOptions::default()
         },
         ..ServiceBusClientOptions::default()

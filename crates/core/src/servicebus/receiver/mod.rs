@@ -31,7 +31,7 @@ mod session;
 
 pub use error::{ReceiveError, CONDITION_TIMEOUT};
 pub use probe::SubscriptionProbe;
-pub use session::{AzureMessage, AzureSession, AzureSessionSource};
+pub use session::{AzureMessage, AzureSession, AzureSessionSource, BATCH_WINDOW};
 
 /// A received message, as the worker sees it.
 pub trait Delivery: Send + Sync {
@@ -85,7 +85,8 @@ pub trait SessionReceiver: Send {
     /// The session id (the aggregate id, or its digest when longer than 128 characters).
     fn session_id(&self) -> &str;
 
-    /// Up to `max` messages, waiting at most `wait` for the first.
+    /// Up to `max` messages: waits at most `wait` for the first, then returns what arrives
+    /// shortly after it ([`BATCH_WINDOW`]), not waiting for `max`.
     fn receive(
         &mut self,
         max: u32,

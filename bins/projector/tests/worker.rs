@@ -388,32 +388,7 @@ async fn assert_fail_point_spent(mongo: &TestMongo) {
 async fn poison_is_dead_lettered_and_blocks_the_aggregate() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |_| {}).await;
-    let order: Vec<Document> = (1..=5)
-        .map(|v| {
-            if v == 1 {
-                event(
-                    "q-1",
-                    "Order",
-                    1,
-                    "OrderCreated",
-                    doc! { "customerId": "c" },
-                )
-            } else {
-                event(
-                    "q-1",
-                    "Order",
-                    v,
-                    "ItemAddedToOrder",
-                    doc! { "sku": format!("s{v}"), "qty": 1, "price": 2.0 },
-                )
-            }
-        })
-        .collect();
-    let mut msgs: Vec<Msg> = order.iter().map(msg).collect();
-    msgs[2].body = b"{not json".to_vec();
-    let (session, ops) = FakeSession::new("q-1", msgs);
-    work_one_session(&engine, session).await;
-    let ops = ops.lock().unwrap().clone();
+    let (ops, blocked_at) = poison_third_of_five(&mongo, &engine, "q-1").await;
     assert_eq!(
         ops,
         // The block is recorded before anything is settled: a crash after the poison's
@@ -429,11 +404,65 @@ async fn poison_is_dead_lettered_and_blocks_the_aggregate() {
         ],
         "{ops:?}"
     );
-    let blocked = stored(&mongo, "ordo_blocked", "q-1").await.unwrap();
-    assert_eq!(blocked.get_i64("blockedAtEventId").unwrap(), 3);
+    assert_eq!(blocked_at, 3);
+}
+
+/// A poison that starts a batch (batches of two: 1-2, poison-4, 5) is blocked where it stands,
+/// after what the read models hold. Before, a batch with no readable event counted nothing as
+/// durable and recorded the block at v1.
+#[tokio::test]
+async fn a_poison_that_starts_a_batch_blocks_after_what_the_models_hold() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |c| c.batch_size = 2).await;
+    let (ops, blocked_at) = poison_third_of_five(&mongo, &engine, "q-2").await;
+    assert_eq!(
+        ops,
+        vec![
+            Op::Complete("q-2:1".into()),
+            Op::Complete("q-2:2".into()),
+            Op::SetState("blocked at v3 (UndecodableMessage)".into()),
+            Op::DeadLetter("q-2:3".into(), "UndecodableMessage".into()),
+            Op::DeadLetter("q-2:4".into(), "AggregateBlocked".into()),
+            Op::DeadLetter("q-2:5".into(), "AggregateBlocked".into()),
+            Op::Close,
+        ],
+        "{ops:?}"
+    );
+    assert_eq!(blocked_at, 3);
+}
+
+/// Works one session of order `id`'s five events with the third unreadable; returns the
+/// session's calls and the recorded block's version, after checking the reason and the model.
+async fn poison_third_of_five(mongo: &TestMongo, engine: &Arc<Engine>, id: &str) -> (Vec<Op>, i64) {
+    let order: Vec<Document> = (1..=5)
+        .map(|v| {
+            if v == 1 {
+                event(id, "Order", 1, "OrderCreated", doc! { "customerId": "c" })
+            } else {
+                event(
+                    id,
+                    "Order",
+                    v,
+                    "ItemAddedToOrder",
+                    doc! { "sku": format!("s{v}"), "qty": 1, "price": 2.0 },
+                )
+            }
+        })
+        .collect();
+    let mut msgs: Vec<Msg> = order.iter().map(msg).collect();
+    msgs[2].body = b"{not json".to_vec();
+    let (session, ops) = FakeSession::new(id, msgs);
+    work_one_session(engine, session).await;
+    let ops = ops.lock().unwrap().clone();
+    let blocked = stored(mongo, "ordo_blocked", id).await.unwrap();
     assert_eq!(blocked.get_str("reason").unwrap(), "UndecodableMessage");
-    let doc = stored(&mongo, "orders", "q-1").await.unwrap();
-    assert_eq!(doc.get_i64("lastEventId").unwrap(), 2);
+    let doc = stored(mongo, "orders", id).await.unwrap();
+    assert_eq!(
+        doc.get_i64("lastEventId").unwrap(),
+        2,
+        "nothing over the hole"
+    );
+    (ops, blocked.get_i64("blockedAtEventId").unwrap())
 }
 
 /// A session that carries two aggregates (a publisher other than ordo-producer, or one from

@@ -16,13 +16,14 @@ impl Engine {
         if !self.cfg.apply_delay.is_zero() {
             tokio::time::sleep(self.cfg.apply_delay).await;
         }
-        let mut limit = events.iter().map(|e| e.version).max().unwrap_or(0);
         let mut stop: Option<Stop> = None;
         let mut healed: BTreeMap<i64, Document> = BTreeMap::new();
         let mut base = 0;
-        // Load what is needed.
+        // Load what is needed. With no event to apply (the batch starts with a message that
+        // cannot be read), every model: what they hold is where that message stands.
         for (pi, p) in self.projections.iter().enumerate() {
-            if held.models[pi].is_none() && events.iter().any(|e| selects(p.as_ref(), &e.doc)) {
+            let needed = events.is_empty() || events.iter().any(|e| selects(p.as_ref(), &e.doc));
+            if held.models[pi].is_none() && needed {
                 let model = self.store.load(p.as_ref(), aggregate_id).await?;
                 let v = model.version;
                 held.models[pi] = Some((model, v));
@@ -31,6 +32,9 @@ impl Engine {
                 base = base.max(m.version);
             }
         }
+        // Durable after this batch, unless a stop lowers it: its last event, or what the models
+        // already held when that is more (a batch of duplicates).
+        let mut limit = events.iter().map(|e| e.version).fold(base, i64::max);
         let mut lower = |limit: &mut i64, s: Stop| {
             if s.version <= *limit {
                 *limit = s.version - 1;

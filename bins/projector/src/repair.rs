@@ -79,13 +79,21 @@ pub async fn repair(
     aggregate_id: &str,
     projection: Option<&str>,
 ) -> anyhow::Result<()> {
-    let chosen = pick(projections, projection)?;
+    repair_chosen(store, &pick(projections, projection)?, aggregate_id).await
+}
+
+/// [`repair`] with the projections already picked.
+async fn repair_chosen(
+    store: &Store,
+    chosen: &[&Arc<dyn Projection>],
+    aggregate_id: &str,
+) -> anyhow::Result<()> {
     // A dry fold first: a repair that cannot succeed must leave the block in place.
-    fold_all(store, &chosen, aggregate_id).await?;
+    fold_all(store, chosen, aggregate_id).await?;
     let was_blocked = store.unblock(aggregate_id).await?;
     // Read again after the unblock: this history holds every event a worker dead-lettered
     // while the aggregate was blocked.
-    let models = fold_all(store, &chosen, aggregate_id).await?;
+    let models = fold_all(store, chosen, aggregate_id).await?;
     for (p, model) in models {
         if model.version == 0 {
             continue;
@@ -143,14 +151,15 @@ pub async fn repair_blocked(
     projections: &[Arc<dyn Projection>],
     projection: Option<&str>,
 ) -> anyhow::Result<BlockedRepair> {
-    pick(projections, projection)?;
+    let chosen = pick(projections, projection)?;
     let mut report = BlockedRepair::default();
     for id in store.blocked_ids().await? {
-        match repair(store, projections, &id, projection).await {
+        match repair_chosen(store, &chosen, &id).await {
             Ok(()) => report.repaired += 1,
             Err(e) => {
-                tracing::warn!(aggregate = %id, error = format!("{e:#}"), "still blocked");
-                report.failed.push((id, format!("{e:#}")));
+                let why = format!("{e:#}");
+                tracing::warn!(aggregate = %id, error = %why, "still blocked");
+                report.failed.push((id, why));
             }
         }
     }

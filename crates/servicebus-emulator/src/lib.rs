@@ -216,6 +216,12 @@ impl Drop for EmulatorHandle {
     }
 }
 
+/// The connection string of the plain listener at `endpoint` (`Endpoint=sb://HOST[:PORT]`) for
+/// one key of a rule.
+pub(crate) fn emulator_connection_string(endpoint: &str, key_name: &str, key: &str) -> String {
+    format!("{endpoint};SharedAccessKeyName={key_name};SharedAccessKey={key};UseDevelopmentEmulator=true")
+}
+
 impl EmulatorHandle {
     async fn listen(&self, listener: TcpListener, tls_listener: Option<TcpListener>) {
         let cancel = CancellationToken::new();
@@ -261,17 +267,17 @@ impl EmulatorHandle {
     /// The port appears only when it is not 5672.
     pub fn connection_string(&self) -> String {
         let ns = &self.shared.config.namespace;
+        emulator_connection_string(&self.endpoint(), &ns.key_name, &ns.key)
+    }
+
+    /// `Endpoint=sb://HOST[:PORT]` of the AMQP listener, the start of its connection strings.
+    fn endpoint(&self) -> String {
         let port = if self.addr.port() == AMQP_PORT {
             String::new()
         } else {
             format!(":{}", self.addr.port())
         };
-        format!(
-            "Endpoint=sb://{}{port};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true",
-            self.host(),
-            ns.key_name,
-            ns.key
-        )
+        format!("Endpoint=sb://{}{port}", self.host())
     }
 
     /// The connection string of the AMQPS listener, as for a namespace on Azure:
@@ -380,13 +386,7 @@ impl EmulatorHandle {
         let local = listener
             .local_addr()
             .map_err(|source| Error::Bind { addr, source })?;
-        let connection_string = self.connection_string();
-        let endpoint = connection_string
-            .split(";SharedAccessKeyName=")
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let task = tokio::spawn(http::serve(listener, self.shared.clone(), endpoint));
+        let task = tokio::spawn(http::serve(listener, self.shared.clone(), self.endpoint()));
         self.http
             .lock()
             .unwrap_or_else(|e| e.into_inner())

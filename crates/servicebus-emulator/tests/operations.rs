@@ -148,17 +148,17 @@ fn inspection_lists_counts_sessions_holders_and_dead_letters() {
         assert_eq!(entity.sessions[0].id, "h");
         assert!(entity.sessions[0].holder.is_some());
 
-        let body = tokio::task::spawn_blocking(move || http_get(http, "/stats"))
+        let (status, body) = tokio::task::spawn_blocking(move || http_get(http, "/stats"))
             .await
             .unwrap();
-        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert_eq!(status, 200, "{body}");
         assert!(
             body.contains("\"path\":\"ordo-events/Subscriptions/projector\""),
             "{body}"
         );
         assert!(body.contains("\"dead_lettered\":1"), "{body}");
         assert!(body.contains("\"id\":\"h\""), "{body}");
-        let dlq = tokio::task::spawn_blocking(move || {
+        let (status, dlq) = tokio::task::spawn_blocking(move || {
             http_get(
                 http,
                 "/dead-letters?entity=ordo-events/Subscriptions/projector",
@@ -166,6 +166,7 @@ fn inspection_lists_counts_sessions_holders_and_dead_letters() {
         })
         .await
         .unwrap();
+        assert_eq!(status, 200, "{dlq}");
         assert!(dlq.contains("\"message_id\":\"h:1\""), "{dlq}");
         assert!(
             dlq.contains("\"body\":\"x\""),

@@ -79,41 +79,40 @@ impl Engine {
                 let Some(accepted) = accepting.await else {
                     break 'work;
                 };
-                match accepted {
-                    Ok(Accepted::Session(session)) => {
-                        self.answered(&mut alarm);
-                        delays = self.backoff().delays();
+                let answer = match accepted {
+                    Err(e) => {
+                        source = None;
+                        break 'attempt ("accept", e);
+                    }
+                    Ok(Accepted::Unclear) => {
+                        // Neither proof of health nor of a fault: readiness stays as the last
+                        // clear answer left it, and the next accept waits a little.
+                        let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                        if !self.wait_after_unclear(delay, &cancel).await {
+                            break 'work;
+                        }
+                        continue 'work;
+                    }
+                    Ok(answer) => answer,
+                };
+                // Any other answer proves the connection, the credentials and the subscription.
+                self.answered(&mut alarm);
+                delays = self.backoff().delays();
+                match answer {
+                    Accepted::Session(session) => {
                         drop(probe.take());
                         self.work_session(session, &cancel).await;
                     }
-                    Ok(Accepted::Idle) => {
-                        self.answered(&mut alarm);
-                        delays = self.backoff().delays();
-                    }
-                    Ok(Accepted::GaveUp) => {
-                        // The broker kept the attach open without refusing it: the connection,
-                        // the credentials and the subscription work, no session was free.
-                        self.answered(&mut alarm);
+                    Accepted::GaveUp => {
+                        // The broker kept the attach open without refusing it: no session was
+                        // free.
                         tracing::debug!(
                             worker = index,
                             "accept timed out on the client; reconnecting"
                         );
                         source = None;
                     }
-                    Ok(Accepted::Unclear) => {
-                        // Neither proof of health nor of a fault: readiness stays as the last
-                        // clear answer left it, and the next accept waits a little.
-                        let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                        metrics::counter!(m::RETRIES, "operation" => "accept", "reason" => "unclear_refusal").increment(1);
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = cancel.cancelled() => break 'work,
-                        }
-                    }
-                    Err(e) => {
-                        source = None;
-                        break 'attempt ("accept", e);
-                    }
+                    Accepted::Idle | Accepted::Unclear => {}
                 }
                 continue 'work;
             };
@@ -126,6 +125,16 @@ impl Engine {
             }
         }
         tracing::debug!(worker = index, "worker stopped");
+    }
+
+    /// Counts an unclear refusal of an accept and waits `delay`; false when cancelled.
+    async fn wait_after_unclear(&self, delay: Duration, cancel: &CancellationToken) -> bool {
+        metrics::counter!(m::RETRIES, "operation" => "accept", "reason" => "unclear_refusal")
+            .increment(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = cancel.cancelled() => false,
+        }
     }
 
     /// Waits at the [`BrokerGate`] and connects. The gate's pass goes to `probe`, where the

@@ -342,8 +342,7 @@ pub fn http_request(
     (status, body)
 }
 
-/// `GET path`: the status line, then the body.
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let (status, body) = http_request(addr, "GET", path, None, "");
-    format!("HTTP/1.1 {status}\r\n\r\n{body}")
+/// `GET path`: the status and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, None, "")
 }

@@ -245,7 +245,8 @@ pub(crate) trait ReceiverLink: Link + LinkExt {
     ) -> Result<Delivery<T>, Self::TransferError>
     where
         for<'de> T: FromBody<'de> + Send,
-        P: IntoReader<'a> + AsByteIterator + Send + 'a;
+        // ordo patch (vendor/README.md): `Clone`, to decode a payload a second time.
+        P: IntoReader<'a> + AsByteIterator + Clone + Send + 'a;
 
     async fn dispose(
         &self,

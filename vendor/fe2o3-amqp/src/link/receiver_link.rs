@@ -138,7 +138,7 @@ where
     ) -> Result<Delivery<T>, Self::TransferError>
     where
         for<'de> T: FromBody<'de> + Send,
-        P: IntoReader<'a> + AsByteIterator + Send + 'a,
+        P: IntoReader<'a> + AsByteIterator + Clone + Send + 'a,
     {
         match self.local_state {
             LinkState::Attached | LinkState::IncompleteAttachExchanged => {}
@@ -961,10 +961,13 @@ fn decode_leniently<'a, T, P>(
 ) -> Result<fe2o3_amqp_types::messaging::Message<T>, serde_amqp::Error>
 where
     for<'de> T: FromBody<'de> + Send,
-    P: IntoReader<'a> + AsByteIterator,
+    P: IntoReader<'a> + AsByteIterator + Clone,
 {
-    let copy: Vec<u8> = payload.as_byte_iterator().copied().collect();
+    // A clone is a reference or a list of shared frames: the bytes are copied only when the
+    // first decode fails.
+    let again = payload.clone();
     T::decode_message_from_reader(payload.into_reader()).or_else(|error| {
+        let copy: Vec<u8> = again.as_byte_iterator().copied().collect();
         match crate::frames::amqp::annotation_keys_as_symbols(&copy) {
             Some(fixed) => {
                 T::decode_message_from_reader(serde_amqp::read::SliceReader::new(&fixed))

@@ -47,8 +47,10 @@ impl Engine {
         let mut alarm = self.readiness.alarm(dependency::SERVICEBUS);
         let mut source: Option<S> = None;
         let mut delays = self.backoff().delays();
-        let mut probe_failed = self.probe_failures.subscribe();
-        let mut probe_recovered = self.probe_recoveries.subscribe();
+        let mut verdicts = ProbeVerdicts {
+            failed: self.probe_failures.subscribe(),
+            recovered: self.probe_recoveries.subscribe(),
+        };
         'work: while !cancel.is_cancelled() {
             // Held from a connect through the backoff after its failure (see `BrokerGate`).
             let mut probe = None;
@@ -59,14 +61,7 @@ impl Engine {
                     // lost.
                     Some(s) => s,
                     None => match self
-                        .open(
-                            &connect,
-                            &mut probe,
-                            &mut probe_failed,
-                            &mut probe_recovered,
-                            &mut alarm,
-                            &cancel,
-                        )
+                        .open(&connect, &mut probe, &mut verdicts, &mut alarm, &cancel)
                         .await
                     {
                         Opened::Connected(s) => source.insert(s),
@@ -75,7 +70,8 @@ impl Engine {
                         Opened::Stopped => break 'work,
                     },
                 };
-                let accepting = self.accept_once(src, probe.is_some(), &mut probe_failed, &cancel);
+                let probing = probe.is_some();
+                let accepting = self.accept_once(src, probing, &mut verdicts.failed, &cancel);
                 let Some(accepted) = accepting.await else {
                     break 'work;
                 };
@@ -85,8 +81,6 @@ impl Engine {
                         break 'attempt ("accept", e);
                     }
                     Ok(Accepted::Unclear) => {
-                        // Neither proof of health nor of a fault: readiness stays as the last
-                        // clear answer left it, and the next accept waits a little.
                         let delay = delays.next().unwrap_or(self.cfg.retry_max);
                         if !self.wait_after_unclear(delay, &cancel).await {
                             break 'work;
@@ -118,7 +112,7 @@ impl Engine {
             };
             alarm.raise();
             if !self
-                .back_off(index, op, &error, &mut probe_recovered, &cancel)
+                .back_off(index, op, &error, &mut verdicts.recovered, &cancel)
                 .await
             {
                 break;
@@ -127,7 +121,9 @@ impl Engine {
         tracing::debug!(worker = index, "worker stopped");
     }
 
-    /// Counts an unclear refusal of an accept and waits `delay`; false when cancelled.
+    /// Counts an unclear refusal of an accept and waits `delay`; false when cancelled. Such an
+    /// answer is neither proof of health nor of a fault: readiness stays as the last clear
+    /// answer left it.
     async fn wait_after_unclear(&self, delay: Duration, cancel: &CancellationToken) -> bool {
         metrics::counter!(m::RETRIES, "operation" => "accept", "reason" => "unclear_refusal")
             .increment(1);
@@ -143,8 +139,7 @@ impl Engine {
         &self,
         connect: &F,
         probe: &mut Option<tokio::sync::OwnedMutexGuard<()>>,
-        probe_failed: &mut tokio::sync::watch::Receiver<u64>,
-        probe_recovered: &mut tokio::sync::watch::Receiver<u64>,
+        verdicts: &mut ProbeVerdicts,
         alarm: &mut Alarm,
         cancel: &CancellationToken,
     ) -> Opened<S>
@@ -158,18 +153,18 @@ impl Engine {
         };
         // A probe failure from now on (not one from the wait at the gate) ends this attempt's
         // accept, also one signalled while connecting.
-        probe_failed.mark_unchanged();
+        verdicts.failed.mark_unchanged();
         if probe.is_none() {
             // The gate is open: the broker answered someone since this worker failed, so its
             // alarm need not wait for an accept of its own (up to `accept_timeout` on an idle
             // broker) to come down.
             alarm.lower();
         }
-        probe_recovered.mark_unchanged();
+        verdicts.recovered.mark_unchanged();
         let connected = tokio::select! {
             r = connect() => r,
             // The broker is back and this connect began before: start over.
-            _ = probe_recovered.changed() => return Opened::Again,
+            _ = verdicts.recovered.changed() => return Opened::Again,
             _ = cancel.cancelled() => return Opened::Stopped,
         };
         match connected {
@@ -236,6 +231,12 @@ impl Engine {
         self.gate.up();
         alarm.lower();
     }
+}
+
+/// What a worker hears from the broker probe: its failures and its recoveries, counted.
+struct ProbeVerdicts {
+    failed: tokio::sync::watch::Receiver<u64>,
+    recovered: tokio::sync::watch::Receiver<u64>,
 }
 
 /// How a worker's connect ended.

@@ -16,44 +16,26 @@ impl Engine {
         if !self.cfg.apply_delay.is_zero() {
             tokio::time::sleep(self.cfg.apply_delay).await;
         }
-        let mut stop: Option<Stop> = None;
-        let mut healed: BTreeMap<i64, Document> = BTreeMap::new();
-        let mut base = 0;
-        // Load what is needed. With no event to apply (the batch starts with a message that
-        // cannot be read), every model: what they hold is where that message stands.
-        for (pi, p) in self.projections.iter().enumerate() {
-            let needed = events.is_empty() || events.iter().any(|e| selects(p.as_ref(), &e.doc));
-            if held.models[pi].is_none() && needed {
-                let model = self.store.load(p.as_ref(), aggregate_id).await?;
-                let v = model.version;
-                held.models[pi] = Some((model, v));
+        // A batch from v1 starts its aggregate (a new order, a new user): its models are not
+        // read first but created by the write, an insert whose guard catches a model that
+        // exists after all (a redelivery, a rebuild), which is read then. One database round
+        // trip less for every new aggregate.
+        let new_aggregate = events.first().is_some_and(|e| e.version == 1);
+        let mut plan = self.plan(held, aggregate_id, events, new_aggregate).await?;
+        if plan.stop.is_some() && !plan.assumed.is_empty() {
+            // A stop found on a model assumed new may be none on the stored one: read them.
+            for pi in std::mem::take(&mut plan.assumed) {
+                held.models[pi] = None;
             }
-            if let Some((m, _)) = &held.models[pi] {
-                base = base.max(m.version);
-            }
+            plan = self.plan(held, aggregate_id, events, false).await?;
         }
-        // Durable after this batch, unless a stop lowers it: its last event, or what the models
-        // already held when that is more (a batch of duplicates).
-        let mut limit = events.iter().map(|e| e.version).fold(base, i64::max);
-        let mut lower = |limit: &mut i64, s: Stop| {
-            if s.version <= *limit {
-                *limit = s.version - 1;
-                stop = Some(s);
-            }
-        };
-        // Phase 1: find where folding must stop (poison, unhealed gap), without writing.
-        for (pi, p) in self.projections.iter().enumerate() {
-            let Some((model, _)) = &held.models[pi] else {
-                continue;
-            };
-            let mut model = model.clone();
-            if let Some(s) = self
-                .fold(p.as_ref(), &mut model, events, limit, &mut healed)
-                .await?
-            {
-                lower(&mut limit, s);
-            }
-        }
+        let Plan {
+            mut limit,
+            mut base,
+            mut stop,
+            mut healed,
+            ..
+        } = plan;
         // Phase 2: fold up to the limit and write, reloading on a failed guard. A model
         // reloaded after a conflict can be older than the one phase 1 folded (a rebuild, an
         // operator's reset) and stop elsewhere: that stop lowers the limit too.
@@ -68,7 +50,7 @@ impl Engine {
                     .fold(p.as_ref(), &mut model, events, limit, &mut healed)
                     .await?
                 {
-                    lower(&mut limit, s);
+                    lower(&mut limit, &mut stop, s);
                 }
                 if !model.needs_write(loaded) {
                     held.models[pi] = Some((model, loaded));
@@ -88,12 +70,14 @@ impl Engine {
                         }
                         let fresh = self.store.load(p.as_ref(), aggregate_id).await?;
                         let v = fresh.version;
+                        base = base.max(v);
                         held.models[pi] = Some((fresh, v));
                     }
                     Err(e) if e.is_refusal() => {
                         tracing::error!(aggregate = %aggregate_id, projection = p.name(), error = %e, "the server refused the read model");
                         lower(
                             &mut limit,
+                            &mut stop,
                             Stop {
                                 version: loaded + 1,
                                 fault: Fault {
@@ -118,6 +102,59 @@ impl Engine {
             base,
             stop,
         })
+    }
+
+    /// Loads the models the batch needs (`assume_new`: takes them as empty instead, and lists
+    /// them in [`Plan::assumed`]) and finds where folding must stop (poison, unhealed gap),
+    /// without writing.
+    async fn plan(
+        &self,
+        held: &mut Held,
+        aggregate_id: &str,
+        events: &[&Event],
+        assume_new: bool,
+    ) -> Result<Plan, WorkError> {
+        let mut plan = Plan {
+            limit: 0,
+            base: 0,
+            stop: None,
+            healed: BTreeMap::new(),
+            assumed: Vec::new(),
+        };
+        // With no event to apply (the batch starts with a message that cannot be read), every
+        // model: what they hold is where that message stands.
+        for (pi, p) in self.projections.iter().enumerate() {
+            let needed = events.is_empty() || events.iter().any(|e| selects(p.as_ref(), &e.doc));
+            if held.models[pi].is_none() && needed {
+                let model = if assume_new {
+                    plan.assumed.push(pi);
+                    ReadModel::empty(aggregate_id)
+                } else {
+                    self.store.load(p.as_ref(), aggregate_id).await?
+                };
+                let v = model.version;
+                held.models[pi] = Some((model, v));
+            }
+            if let Some((m, _)) = &held.models[pi] {
+                plan.base = plan.base.max(m.version);
+            }
+        }
+        // Durable after this batch, unless a stop lowers it: its last event, or what the models
+        // already held when that is more (a batch of duplicates).
+        plan.limit = events.iter().map(|e| e.version).fold(plan.base, i64::max);
+        for (pi, p) in self.projections.iter().enumerate() {
+            let Some((model, _)) = &held.models[pi] else {
+                continue;
+            };
+            let mut model = model.clone();
+            if let Some(s) = self
+                .fold(p.as_ref(), &mut model, events, plan.limit, &mut plan.healed)
+                .await?
+            {
+                lower(&mut plan.limit, &mut plan.stop, s);
+            }
+        }
+        Ok(plan)
     }
 
     /// Folds the events up to `limit` into `model`, healing gaps from the events collection.
@@ -206,5 +243,27 @@ impl Engine {
             tracing::error!(aggregate = %model.id, projection = p.name(), event_id = err.event_id, error = %err, "projection error");
             return Ok(stop(err.event_id, REASON_PROJECTION, err.to_string()));
         }
+    }
+}
+
+/// What [`Engine::plan`] found before anything is written.
+struct Plan {
+    /// The highest version that can be made durable.
+    limit: i64,
+    /// The highest version the models held.
+    base: i64,
+    /// Where folding must stop, if it must.
+    stop: Option<Stop>,
+    /// Events read from the events collection to fill gaps.
+    healed: BTreeMap<i64, Document>,
+    /// Projections whose model was taken as empty without reading it.
+    assumed: Vec<usize>,
+}
+
+/// Lowers `limit` to just below `s`, which becomes the stop, when `s` is at or below it.
+fn lower(limit: &mut i64, stop: &mut Option<Stop>, s: Stop) {
+    if s.version <= *limit {
+        *limit = s.version - 1;
+        *stop = Some(s);
     }
 }

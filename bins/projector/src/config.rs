@@ -101,7 +101,7 @@ impl Default for ProjectorSection {
             receive_wait: Duration::from_millis(200),
             accept_timeout: Duration::from_secs(5),
             probe_interval: Duration::from_secs(5),
-            session_idle_timeout: Duration::from_millis(300),
+            session_idle_timeout: Duration::from_millis(100),
             busy_session_idle_timeout: None,
             lock_renewal_interval: Duration::from_secs(10),
             gap_timeout: Duration::from_secs(10),

@@ -156,6 +156,9 @@ impl Stack {
                 "projections_file",
                 self.projections_file.display().to_string(),
             )
+            // Well inside the stand-in's short session lock (`emulator_config`): with the
+            // default 10 s every session held past the lock was lost, whatever it did.
+            .set("projector", "lock_renewal_interval", "1s")
             .overlay("projector", &self.projector_extra)
             .render()
     }

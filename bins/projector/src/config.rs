@@ -32,15 +32,19 @@ pub struct ProjectorConfig {
 pub struct ProjectorSection {
     /// The declarative projections (TOML), relative to the working directory.
     pub projections_file: PathBuf,
-    /// Sessions (aggregates) this process works at once; one client connection each.
+    /// Sessions (aggregates) this process works at once.
     pub max_concurrent_sessions: usize,
+    /// AMQP connections the session workers share (one more serves the readiness probe). One
+    /// accept at a time runs on a connection; held sessions are worked concurrently on it.
+    pub connections: usize,
     /// Most messages folded into one read-model write.
     pub batch_size: u32,
     /// Longest wait for the first message of a batch; keep it well under the lock duration.
     #[serde(with = "humantime_serde")]
     pub receive_wait: Duration,
-    /// Longest wait for the broker to hand out a session before asking again. An accept cut
-    /// short by it drops the worker's connection and opens a new one.
+    /// Longest wait for the broker to hand out a session before asking again. The broker is told
+    /// it (`com.microsoft:timeout`) and answers "no session available" after it; an accept the
+    /// broker leaves unanswered for 2 s more retires its connection.
     #[serde(with = "humantime_serde")]
     pub accept_timeout: Duration,
     /// How often Service Bus is probed for `/readyz` (one connection, a peek on the
@@ -97,6 +101,7 @@ impl Default for ProjectorSection {
         Self {
             projections_file: PathBuf::from("config/projections.toml"),
             max_concurrent_sessions: 32,
+            connections: 3,
             batch_size: 100,
             receive_wait: Duration::from_millis(200),
             accept_timeout: Duration::from_secs(5),
@@ -126,6 +131,7 @@ impl Validate for ProjectorSection {
             1,
             1024,
         )?;
+        check_range("projector.connections", self.connections, 1, 64)?;
         check_range("projector.batch_size", self.batch_size, 1, 5000)?;
         // A receive that waits longer than the client gives an operation fails as timed out.
         let receive_max = ordo_core::servicebus::OPERATION_TIMEOUT - s(5);

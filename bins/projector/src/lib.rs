@@ -31,7 +31,7 @@ use anyhow::Context as _;
 
 use tokio_util::sync::CancellationToken;
 
-use ordo_core::servicebus::receiver::{AzureSessionSource, ReceiveError, SessionSource};
+use ordo_core::servicebus::receiver::{ReceiveError, SessionConnections, SessionSource};
 use ordo_core::shutdown::{Drained, Shutdown};
 use ordo_core::status;
 use ordo_core::telemetry;
@@ -125,21 +125,18 @@ pub async fn run_with(
         projections = engine.projections.len(),
         "projector starting"
     );
-    let sb = cfg.servicebus.clone();
-    let prefetch = cfg.projector.prefetch;
-    let pid = std::process::id();
+    let sb = &cfg.servicebus;
+    let connections = SessionConnections::new(
+        sb.connection_string(),
+        &sb.topic,
+        &sb.subscription,
+        &format!("ordo-projector-{}", std::process::id()),
+        cfg.projector.prefetch,
+        cfg.projector.connections,
+    );
     spawn_workers(&engine, &shutdown, move |i| {
-        let sb = sb.clone();
-        async move {
-            AzureSessionSource::connect(
-                sb.connection_string(),
-                &sb.topic,
-                &sb.subscription,
-                &format!("ordo-projector-{pid}-{i}"),
-                prefetch,
-            )
-            .await
-        }
+        let connections = connections.clone();
+        async move { connections.source(i).await }
     });
     let probe = ordo_core::mongo::connect_probe(&cfg.mongodb, "ordo-projector")
         .await

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use mongodb::bson::{doc, Document};
-use ordo_testkit::{wait_until, Daemon};
+use ordo_testkit::{wait_until, wait_until_ok, Daemon};
 
 async fn converge(env: &Env) {
     let expected = env.expected().await;
@@ -283,6 +283,16 @@ async fn an_outage_is_probed_by_one_worker_at_a_time() {
     eprintln!("ready again {up:?} after the broker returned");
     env.publish(&events).await;
     converge(&env).await;
+    // The 32 workers share the default 3 connections, and the ones the outage retired are
+    // closed: 3 and the probe's once the test's own publisher has gone.
+    let envr = &env;
+    wait_until_ok(Duration::from_secs(30), || async move {
+        match envr.emulator.stats().connections {
+            n if n <= 4 => Ok(()),
+            n => Err(format!("{n} connections after the outage")),
+        }
+    })
+    .await;
 }
 
 /// With `accept_timeout` above the broker's own hold of an accept (60 s on Service Bus, which
@@ -415,12 +425,16 @@ async fn a_wrong_key_keeps_the_projector_unready() {
     unready_for(&p, "unauthorized").await;
 }
 
-/// Production timings: the broker holds an accept for 60 s, the projector gives up after its
-/// default 5 s. The cut accept drops the connection rather than reusing a client that may be
-/// halfway through an attach, and sessions published afterwards are still worked.
+/// A broker that leaves an accept unanswered: the emulator holds it for 60 s whatever the
+/// projector asks, and the projector gives up 2 s after its default 5 s. The cut accept
+/// retires its shared connection rather than reusing a client that may be halfway through an
+/// attach, and sessions published afterwards are still worked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accept_cut_by_the_client_timeout_leaves_the_worker_usable() {
-    let env = start_with(Duration::from_secs(5), |_| {}).await;
+    let env = start_with(Duration::from_secs(5), |cfg| {
+        cfg.namespace.ignore_client_accept_timeout = true;
+    })
+    .await;
     let defaults = ordo_projector::config::ProjectorSection::default();
     let p = env
         .spawn_projector(&format!(
@@ -430,7 +444,7 @@ async fn an_accept_cut_by_the_client_timeout_leaves_the_worker_usable() {
         .await;
     wait_until(Duration::from_secs(30), || async {
         p.logs()
-            .contains("accept timed out on the client; reconnecting")
+            .contains("accept unanswered by the broker; reconnecting")
     })
     .await;
     let events = workload("m5", 4, 3);
@@ -438,6 +452,15 @@ async fn an_accept_cut_by_the_client_timeout_leaves_the_worker_usable() {
     env.publish(&events).await;
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    // Each retired connection is closed: two workers on two connections, and the probe's.
+    let envr = &env;
+    wait_until_ok(Duration::from_secs(30), || async move {
+        match envr.emulator.stats().connections {
+            n if n <= 3 => Ok(()),
+            n => Err(format!("{n} connections after cut accepts")),
+        }
+    })
+    .await;
 }
 
 /// A database fault far longer than `transient_retry_limit` retries: the projector keeps its

@@ -222,6 +222,63 @@ async fn sigterm_with_sessions_held_exits_zero_within_the_grace_period() {
         .success());
 }
 
+/// A process's sessions share `[projector] connections` AMQP connections however many it works
+/// at once: 16 workers on 2 connections hold more sessions at a time than there are
+/// connections, several on one connection, while the emulator never counts more than 2 plus
+/// the readiness probe's; every read model equals the fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_sessions_share_two_connections() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("c", 48, 3);
+    env.insert_events(&events).await;
+    let expected = env.expected().await;
+    publish_and_confirm(&env, &events).await;
+    // The test's own publisher has closed its connection: from here on, every connection is
+    // the projector's.
+    wait_until(Duration::from_secs(10), || async {
+        env.emulator.stats().connections == 0
+    })
+    .await;
+    let mut proj = env
+        .spawn_projector("max_concurrent_sessions = 16\nconnections = 2\napply_delay = \"300ms\"")
+        .await;
+    let (mut most_connections, mut most_held, mut most_on_one) = (0, 0, 0);
+    let deadline = Instant::now() + CONVERGE;
+    while !(env.converged(&expected).await && env.pending() == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "not converged\n{}",
+            env.diff(&expected).await
+        );
+        let stats = env.emulator.stats();
+        most_connections = most_connections.max(stats.connections);
+        let mut per_connection: BTreeMap<String, usize> = BTreeMap::new();
+        let sub = stats
+            .entity(&format!("{TOPIC}/Subscriptions/{SUB}"))
+            .unwrap();
+        for holder in sub.sessions.iter().filter_map(|s| s.holder.as_deref()) {
+            // `container-id/link-name`, and azservicebus names a link `{container-id};…`: the
+            // part before the `;` names the connection.
+            let container = holder.split(';').next().unwrap_or(holder);
+            *per_connection.entry(container.to_string()).or_default() += 1;
+        }
+        most_held = most_held.max(per_connection.values().sum::<usize>());
+        most_on_one = most_on_one.max(per_connection.values().copied().max().unwrap_or(0));
+        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
+    }
+    assert!(
+        most_connections <= 3,
+        "{most_connections} connections at once; 2 for sessions and 1 for the probe expected"
+    );
+    assert!(
+        most_held > 3 && most_on_one >= 2,
+        "at most {most_held} sessions held at once, {most_on_one} on one connection: nothing was shared"
+    );
+    eprintln!("connections {most_connections}, sessions held at once {most_held}, on one connection {most_on_one}");
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    stop_all(std::slice::from_mut(&mut proj)).await;
+}
+
 /// Runs a one-shot subcommand (`reconcile`, `rebuild`, ...) with the test configuration plus
 /// `extra`; returns whether it exited 0 and its output.
 async fn run_admin(env: &Env, extra: &str, args: &[&str]) -> (bool, String) {

@@ -274,6 +274,7 @@ impl Collector {
                             prefetch_count: 0,
                             receive_mode: ServiceBusReceiveMode::PeekLock,
                             identifier: None,
+                            ..Default::default()
                         };
                         let accepted = tokio::select! {
                             r = tokio::time::timeout(

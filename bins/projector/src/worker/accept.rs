@@ -98,11 +98,11 @@ impl Engine {
                         self.work_session(session, &cancel).await;
                     }
                     Accepted::GaveUp => {
-                        // The broker kept the attach open without refusing it: no session was
-                        // free.
+                        // The broker left the attach unanswered past its own timeout: the
+                        // connection is retired, and the next accept opens a new one.
                         tracing::debug!(
                             worker = index,
-                            "accept timed out on the client; reconnecting"
+                            "accept unanswered by the broker; reconnecting"
                         );
                         source = None;
                     }

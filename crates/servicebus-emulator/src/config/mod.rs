@@ -79,6 +79,11 @@ pub struct NamespaceConfig {
     /// waiting for the hour-long tokens SDKs make. Absent: tokens live until their `se`.
     #[serde(default, with = "opt_duration")]
     pub max_token_lifetime: Option<Duration>,
+    /// Test knob, not a Service Bus rule: accept-next-session ignores the client's
+    /// `com.microsoft:timeout` and waits `session_accept_timeout`, as a broker that leaves an
+    /// accept unanswered past the client's own timeout, so tests can watch the client give up.
+    #[serde(default)]
+    pub ignore_client_accept_timeout: bool,
     /// PEM certificate chain for AMQPS: with [`NamespaceConfig::tls_key`], the emulator also
     /// serves TLS on port 5671 of its address (Service Bus's AMQPS port).
     #[serde(default)]
@@ -201,6 +206,7 @@ impl Default for NamespaceConfig {
             hostname: None,
             session_accept_timeout: default_accept_timeout(),
             max_token_lifetime: None,
+            ignore_client_accept_timeout: false,
             tls_cert: None,
             tls_key: None,
             entra: None,

@@ -5,10 +5,12 @@
 //! and azservicebus can be replaced by the official crate without touching it.
 //!
 //! azservicebus facts that shape this module:
-//! - `accept_next_session_*` has no timeout and takes the client by `&mut`: each source owns a
-//!   client of its own, and [`SessionSource::accept_next`] wraps the accept in a timeout. An
-//!   accept cancelled halfway through its attach can leave the client's AMQP session unusable,
-//!   so a timed-out accept is reported as [`Accepted::GaveUp`] and the caller drops the source;
+//! - `accept_next_session_*` takes the client by `&mut`: the workers of a process share a few
+//!   connections ([`SessionConnections`]) and take turns accepting on each. The accept tells
+//!   the broker how long it may wait (`com.microsoft:timeout`, added by the vendored
+//!   azservicebus) and is wrapped in a slightly longer timeout of the client's own. An accept
+//!   cancelled halfway through its attach can leave the client's AMQP session unusable, so a
+//!   timed-out accept is reported as [`Accepted::GaveUp`] and retires its connection;
 //! - the broker says "no session available" by refusing the link with the condition
 //!   `com.microsoft:timeout`; every other refusal (`amqp:not-found` for a missing entity,
 //!   `amqp:not-allowed` for one without sessions, `amqp:unauthorized-access`), a failed CBS
@@ -31,7 +33,9 @@ mod session;
 
 pub use error::{ReceiveError, CONDITION_TIMEOUT};
 pub use probe::SubscriptionProbe;
-pub use session::{AzureMessage, AzureSession, AzureSessionSource, BATCH_WINDOW};
+pub use session::{
+    AzureMessage, AzureSession, AzureSessionSource, SessionConnections, ACCEPT_GRACE, BATCH_WINDOW,
+};
 
 /// A received message, as the worker sees it.
 pub trait Delivery: Send + Sync {
@@ -56,7 +60,7 @@ pub enum Accepted<S> {
     /// The broker answered that no session is available.
     Idle,
     /// The accept was cancelled by its timeout before the broker answered: the client may be
-    /// halfway through an attach, so the source must be dropped, not used again.
+    /// halfway through an attach, so its connection is not used again.
     GaveUp,
     /// The broker refused the link, but its reason was lost: the client detaches a link
     /// attached without a source at once, and when that detach crosses the broker's own

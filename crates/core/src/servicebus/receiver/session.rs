@@ -1,6 +1,7 @@
 //! Sessions through azservicebus: [`AzureSessionSource`] accepts, [`AzureSession`] receives,
 //! settles and renews, [`AzureMessage`] is what it hands out.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use azservicebus::receiver::DeadLetterOptions;
@@ -20,19 +21,98 @@ use super::{Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource};
 /// soon as a message is there, and messages are not held locked in the client while it waits.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
-/// Sessions of a subscription through azservicebus. Owns its client: accepting takes the
-/// client by `&mut`, so one source per worker lets workers accept concurrently.
+/// How much longer than the broker's own accept timeout the client waits before it gives up
+/// on an accept: the broker answers "no session available" at its timeout, so only a broker
+/// that does not answer at all (a hung connection) reaches this.
+pub const ACCEPT_GRACE: Duration = Duration::from_secs(2);
+
+/// The Service Bus connections one process's session workers share: at most `connections`
+/// AMQP connections whatever the number of workers (a namespace's connections are a quota, and
+/// each costs a TLS handshake and a token), worker `i` accepting on connection `i % n`.
+///
+/// azservicebus takes the client by `&mut` for an accept, so one accept at a time runs on a
+/// connection and the others queue for it; a held session's receiver does not need the
+/// client, so sessions on one connection are worked concurrently. The accept tells the broker
+/// its timeout (`com.microsoft:timeout`), so on an idle subscription the broker answers "no
+/// session available" and the connection stays usable. Only an accept the broker left
+/// unanswered, or one cancelled halfway through its attach, retires its connection: the next
+/// accept on it opens a new one, and the old one closes when its last held session is
+/// released.
 #[derive(Debug)]
-pub struct AzureSessionSource {
-    client: Client,
+pub struct SessionConnections {
+    conn: Secret,
     topic: String,
     subscription: String,
     identifier: String,
     prefetch: u32,
+    slots: Vec<tokio::sync::Mutex<Option<Client>>>,
+}
+
+impl SessionConnections {
+    /// `connections` (at least one) lazily opened connections to `topic`/`subscription`;
+    /// `identifier` names them (`{identifier}-c{n}`) and their receivers (`{identifier}-{worker}`)
+    /// in the broker's diagnostics.
+    pub fn new(
+        conn: &Secret,
+        topic: &str,
+        subscription: &str,
+        identifier: &str,
+        prefetch: u32,
+        connections: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            conn: conn.clone(),
+            topic: topic.to_string(),
+            subscription: subscription.to_string(),
+            identifier: identifier.to_string(),
+            prefetch,
+            slots: (0..connections.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+        })
+    }
+
+    /// The source for worker `worker`; opens its connection if none is open, so a failure to
+    /// connect (a wrong key, an unreachable namespace) is reported here.
+    pub async fn source(
+        self: &Arc<Self>,
+        worker: usize,
+    ) -> Result<AzureSessionSource, ReceiveError> {
+        let slot = worker % self.slots.len();
+        let mut held = self.slots[slot].lock().await;
+        if held.is_none() {
+            *held = Some(self.connect(slot).await?);
+        }
+        Ok(AzureSessionSource {
+            connections: self.clone(),
+            slot,
+            identifier: format!("{}-{worker}", self.identifier),
+        })
+    }
+
+    async fn connect(&self, slot: usize) -> Result<Client, ReceiveError> {
+        let identifier = format!("{}-c{slot}", self.identifier);
+        crate::servicebus::connect(&self.conn, &identifier)
+            .await
+            .map_err(|e| {
+                ReceiveError::of_accept::<()>(e)
+                    .err()
+                    .unwrap_or_else(|| ReceiveError::Broker("connect".into()))
+            })
+    }
+}
+
+/// One worker's way to accept sessions, on a connection it shares ([`SessionConnections`]).
+#[derive(Debug)]
+pub struct AzureSessionSource {
+    connections: Arc<SessionConnections>,
+    slot: usize,
+    identifier: String,
 }
 
 impl AzureSessionSource {
-    /// Connects a client for one worker.
+    /// A source on a connection of its own (tests and tools; the projector shares connections
+    /// through [`SessionConnections`]).
     pub async fn connect(
         conn: &Secret,
         topic: &str,
@@ -40,48 +120,68 @@ impl AzureSessionSource {
         identifier: &str,
         prefetch: u32,
     ) -> Result<Self, ReceiveError> {
-        let client = crate::servicebus::connect(conn, identifier)
+        SessionConnections::new(conn, topic, subscription, identifier, prefetch, 1)
+            .source(0)
             .await
-            .map_err(|e| {
-                ReceiveError::of_accept::<()>(e)
-                    .err()
-                    .unwrap_or_else(|| ReceiveError::Broker("connect".into()))
-            })?;
-        Ok(Self {
-            client,
-            topic: topic.to_string(),
-            subscription: subscription.to_string(),
-            identifier: identifier.to_string(),
-            prefetch,
-        })
+    }
+}
+
+/// A connection's client, held for one accept. Unless the accept ends with an answer from the
+/// broker, dropping it retires the connection: an attach cancelled or left unanswered halfway
+/// can leave the client's AMQP session unusable.
+struct Attempt<'a> {
+    held: tokio::sync::MutexGuard<'a, Option<Client>>,
+    answered: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            *self.held = None;
+        }
     }
 }
 
 impl SessionSource for AzureSessionSource {
     type Session = AzureSession;
 
+    /// Waits for this worker's turn on its connection (the accepts of other workers on it),
+    /// then accepts, asking the broker to answer within `timeout`.
     async fn accept_next(
         &mut self,
         timeout: Duration,
     ) -> Result<Accepted<AzureSession>, ReceiveError> {
+        let c = &self.connections;
+        let mut held = c.slots[self.slot].lock().await;
+        if held.is_none() {
+            *held = Some(c.connect(self.slot).await?);
+        }
+        let mut attempt = Attempt {
+            held,
+            answered: false,
+        };
+        let Some(client) = attempt.held.as_mut() else {
+            return Err(ReceiveError::Broker("no connection".into()));
+        };
         let options = ServiceBusSessionReceiverOptions {
-            prefetch_count: self.prefetch,
+            prefetch_count: c.prefetch,
             identifier: Some(self.identifier.clone()),
+            accept_timeout: Some(timeout),
             ..Default::default()
         };
-        let accept = self.client.accept_next_session_for_subscription(
-            &self.topic,
-            &self.subscription,
-            options,
-        );
-        match tokio::time::timeout(timeout, accept).await {
-            Err(_) => Ok(Accepted::GaveUp),
+        let accept =
+            client.accept_next_session_for_subscription(&c.topic, &c.subscription, options);
+        let answer = match tokio::time::timeout(timeout + ACCEPT_GRACE, accept).await {
+            Err(_) => return Ok(Accepted::GaveUp),
             Ok(Ok(receiver)) => Ok(Accepted::Session(AzureSession {
                 session_id: receiver.session_id().to_string(),
                 receiver,
             })),
             Ok(Err(e)) => ReceiveError::of_accept(e),
-        }
+        };
+        // A fault (a dropped connection, a refused token) retires the connection too.
+        attempt.answered = answer.is_ok();
+        answer
     }
 }
 

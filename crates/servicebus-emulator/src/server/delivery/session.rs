@@ -130,8 +130,12 @@ pub(super) async fn acquire(
             refuse(attach, session, ctx, error).await;
         }
         Err(AcquireError::NoneAvailable) => {
-            let timeout =
-                requested_timeout(&attach, ctx.shared.config.namespace.session_accept_timeout);
+            let namespace = &ctx.shared.config.namespace;
+            let timeout = if namespace.ignore_client_accept_timeout {
+                namespace.session_accept_timeout
+            } else {
+                requested_timeout(&attach, namespace.session_accept_timeout)
+            };
             let ready = ready.clone();
             let cancel = ctx.cancel.clone();
             ctx.tracker.spawn(async move {

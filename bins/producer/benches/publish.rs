@@ -202,6 +202,7 @@ async fn send_ceiling(world: &World, n: usize, aggregates: usize, senders: usize
             max_batch_bytes: None,
             send_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(30),
+            connections: Default::default(),
         },
         ProducerSection::default().send_mode,
     ));

@@ -54,8 +54,10 @@ pub struct ProducerSection {
     pub stream: Option<String>,
     /// Start point without a checkpoint: `now`, `beginning` or an RFC 3339 timestamp.
     pub start_at: String,
-    /// Publishers (one connection and sender each) sending concurrently across sessions.
+    /// Publishers (one sender link each) sending concurrently across sessions.
     pub senders: usize,
+    /// AMQP connections the publishers share (the readiness probe opens its sender on them too).
+    pub connections: usize,
     /// Most messages read but not yet acknowledged by the broker.
     pub max_in_flight_messages: usize,
     /// Most message bytes read but not yet acknowledged by the broker.
@@ -97,7 +99,8 @@ pub struct ProducerSection {
     /// Not ready while items wait behind an acknowledged prefix that has not moved this long.
     #[serde(with = "humantime_serde")]
     pub checkpoint_stuck_after: Duration,
-    /// How often the broker is probed (connect, authenticate, open the topic) for readiness.
+    /// How often the broker is probed for readiness: a sender link opened (authenticated) on
+    /// one of the shared connections, connecting it if it is not open, then closed.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
     /// `auto` (batches; single sends once the topic refuses batching distinct ids, as a
@@ -126,6 +129,7 @@ impl Default for ProducerSection {
             stream: None,
             start_at: "now".into(),
             senders: 8,
+            connections: 3,
             max_in_flight_messages: 5000,
             max_in_flight_bytes: 32 * 1024 * 1024,
             max_batch_messages: 100,
@@ -206,6 +210,7 @@ impl Validate for ProducerConfig {
         }
         parse_start_at(&p.start_at).map_err(|e| ConfigError::invalid("producer.start_at", e))?;
         check_range("producer.senders", p.senders, 1, 64)?;
+        check_range("producer.connections", p.connections, 1, 64)?;
         check_range(
             "producer.max_in_flight_messages",
             p.max_in_flight_messages,

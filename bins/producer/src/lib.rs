@@ -49,7 +49,7 @@ use ordo_core::lease::{Lease, LeaseStore};
 use ordo_core::metrics as names;
 use ordo_core::retry::Backoff;
 use ordo_core::servicebus::sender::{
-    ModalPublisherFactory, PublisherFactory, ServiceBusPublisherFactory,
+    ModalPublisherFactory, PublisherFactory, SenderConnections, ServiceBusPublisherFactory,
 };
 use ordo_core::shutdown::Shutdown;
 use ordo_core::telemetry::{self, Health};
@@ -136,6 +136,7 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
             max_batch_bytes: None,
             send_timeout: cfg.producer.send_timeout,
             connect_timeout: cfg.producer.send_timeout,
+            connections: SenderConnections::shared(cfg.producer.connections),
         },
         cfg.producer.send_mode,
     ));

@@ -33,6 +33,39 @@ async fn every_event_arrives_in_order_per_aggregate() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Eight senders share two connections: while the producer publishes everything (before any
+/// receiver connects), the emulator never counts more than two connections; then every event
+/// arrives, in order per aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_senders_share_two_connections() {
+    let world = World::start().await;
+    let Ok(emulator) = world.bus.emulator() else {
+        eprintln!("skipped: only the embedded emulator counts connections");
+        return;
+    };
+    let (total, aggregates) = scale();
+    let mut writer = Writer::new(aggregates, 7);
+    writer.write(&world.events(), total, 500).await;
+    let mut producer = world.spawn("senders = 8\nconnections = 2");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let mut most = 0;
+    while world.checkpoint().await.map_or(0, |cp| published(&cp)) < total as i64 {
+        assert!(std::time::Instant::now() < deadline, "not all published");
+        most = most.max(emulator.stats().connections);
+        tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
+    }
+    assert!(most <= 2, "{most} connections at once; 2 expected");
+    assert!(most >= 1, "no connection seen while publishing");
+    let collector = Collector::start(&world.bus);
+    wait_distinct(&collector, total, DEADLINE).await;
+    let received = collector.stop().await;
+    received.check(&writer.expected()).unwrap();
+    eprintln!("{total} events published over at most {most} connections");
+    producer.sigterm().unwrap();
+    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// kill -9 five times at seeded random moments while events are being written: after MessageId
 /// dedup every aggregate's sequence is exactly 1..n.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

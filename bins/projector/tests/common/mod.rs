@@ -185,6 +185,7 @@ impl Env {
             max_batch_bytes: None,
             send_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(10),
+            connections: Default::default(),
         };
         let mut runs: Vec<Vec<WireMessage>> = Vec::new();
         let mut run_session = String::new();

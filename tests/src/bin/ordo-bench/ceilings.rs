@@ -137,6 +137,7 @@ pub(crate) async fn send_ceiling(
         max_batch_bytes: None,
         send_timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(10),
+        connections: Default::default(),
     };
     let queue = Arc::new(tokio::sync::Mutex::new(batches));
     let mut publishers = Vec::new();

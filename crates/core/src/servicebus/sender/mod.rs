@@ -30,7 +30,7 @@ mod modal;
 mod publisher;
 
 pub use modal::{refuses_batching, ModalPublisher, ModalPublisherFactory, SendMode};
-pub use publisher::{ServiceBusPublisher, ServiceBusPublisherFactory};
+pub use publisher::{SenderConnections, ServiceBusPublisher, ServiceBusPublisherFactory};
 
 /// Why a publish failed. Every variant is retryable from the producer's point of view: the
 /// events stay unacknowledged and the checkpoint does not move.

@@ -1,6 +1,8 @@
 //! [`ServiceBusPublisher`]: one azservicebus connection and sender link, batching one
 //! session's messages and splitting a batch the link's size limit would refuse.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use azservicebus::{CreateMessageBatchOptions, ServiceBusSender};
@@ -33,11 +35,14 @@ fn send_error(e: azure_core::Error, sent: &[WireMessage]) -> PublishError {
     }
 }
 
-/// A publisher over one azservicebus connection and one sender link.
+/// A publisher: one sender link, on a connection of its own or a shared one.
 #[derive(Debug)]
 pub struct ServiceBusPublisher {
-    // Kept alive for the sender: the connection belongs to the client.
-    _client: Client,
+    // A connection of its own, closed with the publisher (`None` on a shared connection; the
+    // sender keeps that one open while it lives).
+    client: Option<Client>,
+    // The shared connection it is on, retired when a send fails on it.
+    shared: Option<(SenderConnections, usize, u64)>,
     sender: ServiceBusSender,
     max_batch_bytes: Option<u64>,
     send_timeout: Duration,
@@ -46,9 +51,51 @@ pub struct ServiceBusPublisher {
 impl Publisher for ServiceBusPublisher {
     async fn publish(&mut self, messages: &[WireMessage]) -> Result<(), PublishError> {
         let timeout = self.send_timeout;
-        tokio::time::timeout(timeout, self.publish_inner(messages))
+        let result = tokio::time::timeout(timeout, self.publish_inner(messages))
             .await
-            .map_err(|_| PublishError::Timeout(timeout))?
+            .map_err(|_| PublishError::Timeout(timeout))
+            .and_then(|r| r);
+        if let (Err(e), Some((connections, slot, generation))) = (&result, &self.shared) {
+            if !matches!(e, PublishError::Message { .. }) {
+                // The connection may be what failed: publishers opened from now on get a new
+                // one, and those still on it keep it until they fail or close.
+                connections.retire(*slot, *generation).await;
+            }
+        }
+        result
+    }
+}
+
+/// Connections the publishers of a process share: each new publisher opens its sender link on
+/// the next of them, round robin, connecting it first if it is not open. A failed send retires
+/// the connection it was on, so the next publisher on that slot connects afresh. The default
+/// has no slot: every publisher opens a connection of its own.
+#[derive(Debug, Clone, Default)]
+pub struct SenderConnections(Arc<SenderSlots>);
+
+#[derive(Debug, Default)]
+struct SenderSlots {
+    next: AtomicUsize,
+    slots: Vec<tokio::sync::Mutex<Option<(Client, u64)>>>,
+    generations: AtomicU64,
+}
+
+impl SenderConnections {
+    /// `n` shared connections (at least one).
+    pub fn shared(n: usize) -> Self {
+        Self(Arc::new(SenderSlots {
+            slots: (0..n.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            ..SenderSlots::default()
+        }))
+    }
+
+    async fn retire(&self, slot: usize, generation: u64) {
+        let mut held = self.0.slots[slot].lock().await;
+        if held.as_ref().is_some_and(|(_, g)| *g == generation) {
+            *held = None;
+        }
     }
 }
 
@@ -128,8 +175,8 @@ impl ServiceBusPublisher {
     }
 }
 
-/// Opens [`ServiceBusPublisher`]s, each on its own connection, so a broken connection takes
-/// down one publisher only and sends on different publishers do not queue behind each other.
+/// Opens [`ServiceBusPublisher`]s on shared connections ([`SenderConnections::shared`]), or
+/// each on its own ([`SenderConnections::default`]).
 #[derive(Debug, Clone)]
 pub struct ServiceBusPublisherFactory {
     /// Connection string of the namespace.
@@ -144,6 +191,8 @@ pub struct ServiceBusPublisherFactory {
     pub send_timeout: Duration,
     /// Bound on opening a connection and a sender link.
     pub connect_timeout: Duration,
+    /// The connections publishers share; the default gives each its own.
+    pub connections: SenderConnections,
 }
 
 impl PublisherFactory for ServiceBusPublisherFactory {
@@ -154,21 +203,65 @@ impl PublisherFactory for ServiceBusPublisherFactory {
     async fn probe(&self) -> Result<(), PublishError> {
         let publisher = self.open().await?;
         let _ = publisher.sender.dispose().await;
-        let _ = publisher._client.dispose().await;
+        if let Some(client) = publisher.client {
+            let _ = client.dispose().await;
+        }
         Ok(())
     }
 
     async fn open(&self) -> Result<ServiceBusPublisher, PublishError> {
+        let shared = &self.connections.0;
+        if shared.slots.is_empty() {
+            return self.open_own().await;
+        }
+        let slot = shared.next.fetch_add(1, Ordering::Relaxed) % shared.slots.len();
+        let mut held = shared.slots[slot].lock().await;
         let open = async {
-            let mut client = crate::servicebus::connect(&self.connection_string, &self.identifier)
+            if held.is_none() {
+                let client = self.connect(slot).await?;
+                *held = Some((client, shared.generations.fetch_add(1, Ordering::Relaxed)));
+            }
+            let Some((client, generation)) = held.as_mut() else {
+                return Err(PublishError::Connect("no connection".into()));
+            };
+            let sender = client
+                .create_sender(&self.topic, Default::default())
                 .await
                 .map_err(|e| PublishError::Connect(e.to_string()))?;
+            Ok((sender, *generation))
+        };
+        match tokio::time::timeout(self.connect_timeout, open).await {
+            Ok(Ok((sender, generation))) => Ok(ServiceBusPublisher {
+                client: None,
+                shared: Some((self.connections.clone(), slot, generation)),
+                sender,
+                max_batch_bytes: self.max_batch_bytes,
+                send_timeout: self.send_timeout,
+            }),
+            failed => {
+                // A connection that cannot open a sender link is not used again.
+                *held = None;
+                Err(match failed {
+                    Ok(Err(e)) => e,
+                    _ => self.timed_out(),
+                })
+            }
+        }
+    }
+}
+
+impl ServiceBusPublisherFactory {
+    /// A publisher on a connection of its own.
+    async fn open_own(&self) -> Result<ServiceBusPublisher, PublishError> {
+        let open = async {
+            let mut client = self.connect(0).await?;
             let sender = client
                 .create_sender(&self.topic, Default::default())
                 .await
                 .map_err(|e| PublishError::Connect(e.to_string()))?;
             Ok(ServiceBusPublisher {
-                _client: client,
+                client: Some(client),
+                shared: None,
                 sender,
                 max_batch_bytes: self.max_batch_bytes,
                 send_timeout: self.send_timeout,
@@ -176,8 +269,17 @@ impl PublisherFactory for ServiceBusPublisherFactory {
         };
         tokio::time::timeout(self.connect_timeout, open)
             .await
-            .map_err(|_| {
-                PublishError::Connect(format!("timed out after {:?}", self.connect_timeout))
-            })?
+            .map_err(|_| self.timed_out())?
+    }
+
+    async fn connect(&self, slot: usize) -> Result<Client, PublishError> {
+        let identifier = format!("{}-c{slot}", self.identifier);
+        crate::servicebus::connect(&self.connection_string, &identifier)
+            .await
+            .map_err(|e| PublishError::Connect(e.to_string()))
+    }
+
+    fn timed_out(&self) -> PublishError {
+        PublishError::Connect(format!("timed out after {:?}", self.connect_timeout))
     }
 }

@@ -56,8 +56,9 @@ pub struct ProducerSection {
     pub start_at: String,
     /// Publishers (one sender link each) sending concurrently across sessions.
     pub senders: usize,
-    /// AMQP connections the publishers share (the readiness probe opens its sender on them too).
-    pub connections: usize,
+    /// AMQP connections the publishers share (the readiness probe opens its sender on them too);
+    /// absent, one per sender.
+    pub connections: Option<usize>,
     /// Most messages read but not yet acknowledged by the broker.
     pub max_in_flight_messages: usize,
     /// Most message bytes read but not yet acknowledged by the broker.
@@ -129,7 +130,7 @@ impl Default for ProducerSection {
             stream: None,
             start_at: "now".into(),
             senders: 8,
-            connections: 3,
+            connections: None,
             max_in_flight_messages: 5000,
             max_in_flight_bytes: 32 * 1024 * 1024,
             max_batch_messages: 100,
@@ -210,7 +211,9 @@ impl Validate for ProducerConfig {
         }
         parse_start_at(&p.start_at).map_err(|e| ConfigError::invalid("producer.start_at", e))?;
         check_range("producer.senders", p.senders, 1, 64)?;
-        check_range("producer.connections", p.connections, 1, 64)?;
+        if let Some(n) = p.connections {
+            check_range("producer.connections", n, 1, 64)?;
+        }
         check_range(
             "producer.max_in_flight_messages",
             p.max_in_flight_messages,

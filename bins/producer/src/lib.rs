@@ -136,7 +136,9 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
             max_batch_bytes: None,
             send_timeout: cfg.producer.send_timeout,
             connect_timeout: cfg.producer.send_timeout,
-            connections: SenderConnections::shared(cfg.producer.connections),
+            connections: SenderConnections::shared(
+                cfg.producer.connections.unwrap_or(cfg.producer.senders),
+            ),
         },
         cfg.producer.send_mode,
     ));

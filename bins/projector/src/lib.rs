@@ -132,7 +132,9 @@ pub async fn run_with(
         &sb.subscription,
         &format!("ordo-projector-{}", std::process::id()),
         cfg.projector.prefetch,
-        cfg.projector.connections,
+        cfg.projector
+            .connections
+            .unwrap_or(cfg.projector.max_concurrent_sessions),
     );
     spawn_workers(&engine, &shutdown, move |i| {
         let connections = connections.clone();

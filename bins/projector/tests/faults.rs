@@ -253,7 +253,7 @@ async fn an_outage_is_probed_by_one_worker_at_a_time() {
     env.insert_events(&events).await;
     let p = env
         .spawn_projector(
-            "max_concurrent_sessions = 32\nretry_initial = \"100ms\"\nretry_max = \"2s\"",
+            "max_concurrent_sessions = 32\nconnections = 3\nretry_initial = \"100ms\"\nretry_max = \"2s\"",
         )
         .await;
     env.emulator.suspend().await;
@@ -283,8 +283,8 @@ async fn an_outage_is_probed_by_one_worker_at_a_time() {
     eprintln!("ready again {up:?} after the broker returned");
     env.publish(&events).await;
     converge(&env).await;
-    // The 32 workers share the default 3 connections, and the ones the outage retired are
-    // closed: 3 and the probe's once the test's own publisher has gone.
+    // The 32 workers share 3 connections, and the ones the outage retired are closed: 3 and the
+    // probe's once the test's own publisher has gone.
     let envr = &env;
     wait_until_ok(Duration::from_secs(30), || async move {
         match envr.emulator.stats().connections {

@@ -163,7 +163,9 @@ impl Env {
 
     /// Publishes `events` by the message contract, one batch per aggregate run.
     pub async fn publish(&self, events: &[Document]) {
-        self.publish_with(events, "").await
+        // Boxed: the publisher's future is large, and the largest tests overflowed the test
+        // thread's stack in debug builds with it inline.
+        Box::pin(self.publish_with(events, "")).await
     }
 
     /// Like [`Env::publish`], with `suffix` appended to every MessageId: a redelivery the

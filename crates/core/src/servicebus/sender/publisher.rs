@@ -41,7 +41,7 @@ pub struct ServiceBusPublisher {
     // A connection of its own, closed with the publisher (`None` on a shared connection; the
     // sender keeps that one open while it lives).
     client: Option<Client>,
-    // The shared connection it is on, retired when a send fails on it.
+    // The shared connection it is on, retired when a send on it gets no answer.
     shared: Option<(SenderConnections, usize, u64)>,
     sender: ServiceBusSender,
     max_batch_bytes: Option<u64>,
@@ -55,20 +55,23 @@ impl Publisher for ServiceBusPublisher {
             .await
             .map_err(|_| PublishError::Timeout(timeout))
             .and_then(|r| r);
-        if let (Err(e), Some((connections, slot, generation))) = (&result, &self.shared) {
-            if !matches!(e, PublishError::Message { .. }) {
-                // The connection may be what failed: publishers opened from now on get a new
-                // one, and those still on it keep it until they fail or close.
-                connections.retire(*slot, *generation).await;
-            }
+        if let (Err(PublishError::Timeout(_)), Some((connections, slot, generation))) =
+            (&result, &self.shared)
+        {
+            // No answer: the connection may be what failed. Publishers opened from now on get a
+            // new one, and those still on it keep it until they fail or close. (A refusal is
+            // an answer; a connection that died with an error fails the next sender link
+            // opened on it, which retires it then.)
+            connections.retire(*slot, *generation).await;
         }
         result
     }
 }
 
 /// Connections the publishers of a process share: each new publisher opens its sender link on
-/// the next of them, round robin, connecting it first if it is not open. A failed send retires
-/// the connection it was on, so the next publisher on that slot connects afresh. The default
+/// the next of them, round robin, connecting it first if it is not open. A send left without an
+/// answer, or a sender link that cannot be opened, retires the connection, so the next
+/// publisher on that slot connects afresh. The default
 /// has no slot: every publisher opens a connection of its own.
 #[derive(Debug, Clone, Default)]
 pub struct SenderConnections(Arc<SenderSlots>);
@@ -217,18 +220,23 @@ impl PublisherFactory for ServiceBusPublisherFactory {
         let slot = shared.next.fetch_add(1, Ordering::Relaxed) % shared.slots.len();
         let mut held = shared.slots[slot].lock().await;
         let open = async {
-            if held.is_none() {
-                let client = self.connect(slot).await?;
-                *held = Some((client, shared.generations.fetch_add(1, Ordering::Relaxed)));
+            loop {
+                let fresh = held.is_none();
+                if fresh {
+                    let client = self.connect(slot).await?;
+                    *held = Some((client, shared.generations.fetch_add(1, Ordering::Relaxed)));
+                }
+                let Some((client, generation)) = held.as_mut() else {
+                    return Err(PublishError::Connect("no connection".into()));
+                };
+                match client.create_sender(&self.topic, Default::default()).await {
+                    Ok(sender) => return Ok((sender, *generation)),
+                    // A connection opened earlier may have ended meanwhile (its AMQP session
+                    // gone): once more on a new one.
+                    Err(_) if !fresh => *held = None,
+                    Err(e) => return Err(PublishError::Connect(e.to_string())),
+                }
             }
-            let Some((client, generation)) = held.as_mut() else {
-                return Err(PublishError::Connect("no connection".into()));
-            };
-            let sender = client
-                .create_sender(&self.topic, Default::default())
-                .await
-                .map_err(|e| PublishError::Connect(e.to_string()))?;
-            Ok((sender, *generation))
         };
         match tokio::time::timeout(self.connect_timeout, open).await {
             Ok(Ok((sender, generation))) => Ok(ServiceBusPublisher {

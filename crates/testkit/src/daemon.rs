@@ -29,6 +29,8 @@ pub struct Daemon {
     /// Holds `config.toml` and `daemon.log`.
     dir: tempfile::TempDir,
     http: reqwest::Client,
+    /// Shows this daemon's log in the watchdog's report while the daemon lives.
+    _watched: crate::watchdog::DaemonGuard,
 }
 
 impl Daemon {
@@ -79,6 +81,8 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("spawning {}", binary.display()))?;
         let pid = child.id().context("spawned daemon has no pid")?;
+        let watched =
+            crate::watchdog::daemon(format!("{name} (pid {pid})"), dir.path().join("daemon.log"));
         Ok(Self {
             name,
             child,
@@ -89,6 +93,7 @@ impl Daemon {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()?,
+            _watched: watched,
         })
     }
 

@@ -27,6 +27,7 @@ pub mod secantus;
 pub mod servicebus;
 pub mod tls;
 pub mod wait;
+mod watchdog;
 
 pub use config::ConfigFile;
 pub use daemon::{bin_path, bin_path_in, check_config, Daemon};

@@ -21,7 +21,7 @@ where
     let caller = Location::caller();
     let mut condition = condition;
     async move {
-        let waited = wait_for_inner(timeout, || {
+        let waited = wait_for_inner(caller, timeout, || {
             let fut = condition();
             async move { fut.await.then_some(()) }
         })
@@ -42,7 +42,7 @@ where
 {
     let caller = Location::caller();
     async move {
-        match wait_for_inner(timeout, probe).await {
+        match wait_for_inner(caller, timeout, probe).await {
             Some(value) => value,
             None => panic!("no value within {timeout:?} (wait_for at {caller})"),
         }
@@ -61,28 +61,44 @@ where
     let caller = Location::caller();
     let mut probe = probe;
     async move {
+        let _waiting = crate::watchdog::waiting(caller);
         let deadline = Instant::now() + timeout;
         loop {
-            let last = match probe().await {
-                Ok(value) => return value,
-                Err(e) => e,
+            let last = match bounded(deadline, probe()).await {
+                Some(Ok(value)) => return value,
+                Some(Err(e)) => format!("{e:?}"),
+                None => "the last probe did not return by the deadline".to_owned(),
             };
             if Instant::now() >= deadline {
-                panic!("still failing after {timeout:?} (wait_until_ok at {caller}): {last:?}");
+                panic!("still failing after {timeout:?} (wait_until_ok at {caller}): {last}");
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 }
 
-async fn wait_for_inner<T, F, Fut>(timeout: Duration, mut probe: F) -> Option<T>
+/// `probe`'s answer, or `None` once `deadline` has passed: a probe that hangs (a database call
+/// without a reply) ends the wait at its deadline like a probe that keeps saying no.
+async fn bounded<T>(deadline: Instant, probe: impl Future<Output = T>) -> Option<T> {
+    // A probe started at the deadline still gets one poll interval to answer.
+    tokio::time::timeout_at(deadline.max(Instant::now() + POLL_INTERVAL), probe)
+        .await
+        .ok()
+}
+
+async fn wait_for_inner<T, F, Fut>(
+    caller: &'static Location<'static>,
+    timeout: Duration,
+    mut probe: F,
+) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    let _waiting = crate::watchdog::waiting(caller);
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(value) = probe().await {
+        if let Some(value) = bounded(deadline, probe()).await.flatten() {
             return Some(value);
         }
         if Instant::now() >= deadline {
@@ -135,5 +151,32 @@ mod tests {
     #[should_panic(expected = "boom")]
     async fn wait_until_ok_reports_the_last_error() {
         wait_until_ok(Duration::from_millis(50), || async { Err::<(), _>("boom") }).await;
+    }
+
+    /// A probe that never answers (a database call without a reply) ends the wait at its
+    /// deadline, naming the caller, instead of hanging the test.
+    #[tokio::test]
+    async fn a_probe_that_never_answers_ends_the_wait_at_its_deadline() {
+        let started = Instant::now();
+        let hung = tokio::spawn(wait_until(Duration::from_millis(200), || {
+            std::future::pending::<bool>()
+        }));
+        let panic = hung.await.expect_err("the wait must panic").into_panic();
+        let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            message.contains("condition not met within 200ms"),
+            "{message}"
+        );
+        assert!(message.contains("wait.rs"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let hung = tokio::spawn(wait_until_ok(Duration::from_millis(200), || {
+            std::future::pending::<Result<(), String>>()
+        }));
+        let panic = hung.await.expect_err("the wait must panic").into_panic();
+        let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            message.contains("did not return by the deadline"),
+            "{message}"
+        );
     }
 }

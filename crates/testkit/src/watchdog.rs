@@ -1,0 +1,175 @@
+//! Says where a hung test hangs, before the test runner kills it.
+//!
+//! The runner (nextest's `slow-timeout` in `.config/nextest.toml`) kills a test process after
+//! 300 s and shows only what the test printed, which for a hung test is nothing: the daemons'
+//! logs are printed when a test panics, and a hang does not panic. So the first wait or daemon
+//! spawn of a test process starts this watchdog, a plain OS thread (it fires even when every
+//! runtime worker is blocked). If the process is still running after
+//! `ORDO_TEST_WATCHDOG_SECS` (default 240 s), it prints the wait in progress with its caller's
+//! line, and the tail of every live daemon's log.
+
+use std::panic::Location;
+use std::path::PathBuf;
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// How long a test process runs before the watchdog reports; below the runner's 300 s.
+const DEFAULT_AFTER: Duration = Duration::from_secs(240);
+/// Lines of each daemon's log the report shows.
+const LOG_TAIL_LINES: usize = 150;
+
+struct State {
+    /// The wait in progress (caller and start), if any.
+    waiting: Option<(&'static Location<'static>, Instant)>,
+    /// Live daemons: (id, name and pid, log file).
+    daemons: Vec<(u64, String, PathBuf)>,
+    next_id: u64,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    waiting: None,
+    daemons: Vec::new(),
+    next_id: 0,
+});
+
+fn state() -> std::sync::MutexGuard<'static, State> {
+    STATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn arm() {
+    static ARMED: Once = Once::new();
+    ARMED.call_once(|| {
+        let after = std::env::var("ORDO_TEST_WATCHDOG_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(DEFAULT_AFTER, Duration::from_secs);
+        let started = Instant::now();
+        let _ = std::thread::Builder::new()
+            .name("ordo-test-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(after);
+                eprintln!("{}", report(started.elapsed()));
+            });
+    });
+}
+
+fn report(ran: Duration) -> String {
+    render(&state(), ran)
+}
+
+/// What the watchdog prints.
+fn render(s: &State, ran: Duration) -> String {
+    let mut out = format!(
+        "===== ordo-testkit watchdog: this test process has run {:.0} s =====\n",
+        ran.as_secs_f64()
+    );
+    match s.waiting {
+        Some((caller, since)) => out.push_str(&format!(
+            "a wait started at {caller} {:.1} s ago has not returned\n",
+            since.elapsed().as_secs_f64()
+        )),
+        None => {
+            out.push_str("no wait_until/wait_for is in progress: the test is stuck elsewhere\n")
+        }
+    }
+    for (_, name, log) in &s.daemons {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+        out.push_str(&format!(
+            "----- {name}: last {} lines -----\n{}\n",
+            tail.len(),
+            tail.join("\n")
+        ));
+    }
+    out.push_str("===== end of watchdog report =====");
+    out
+}
+
+/// Marks a wait by `caller` as in progress until the returned guard drops.
+pub(crate) fn waiting(caller: &'static Location<'static>) -> WaitGuard {
+    arm();
+    state().waiting = Some((caller, Instant::now()));
+    WaitGuard
+}
+
+pub(crate) struct WaitGuard;
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        state().waiting = None;
+    }
+}
+
+/// Registers a live daemon's log; the report includes it until the guard drops.
+pub(crate) fn daemon(name: String, log: PathBuf) -> DaemonGuard {
+    arm();
+    let mut s = state();
+    let id = s.next_id;
+    s.next_id += 1;
+    s.daemons.push((id, name, log));
+    DaemonGuard(id)
+}
+
+#[derive(Debug)]
+pub(crate) struct DaemonGuard(u64);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        state().daemons.retain(|(id, _, _)| *id != self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_names_the_wait_in_progress_and_tails_live_daemon_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("daemon.log");
+        let lines: Vec<String> = (0..LOG_TAIL_LINES + 10)
+            .map(|i| format!("line {i}"))
+            .collect();
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        let here = Location::caller();
+        let s = State {
+            waiting: Some((here, Instant::now())),
+            daemons: vec![(0, "ordo-producer (pid 7)".into(), log)],
+            next_id: 1,
+        };
+        let report = render(&s, Duration::from_secs(241));
+        assert!(report.contains("has run 241 s"), "{report}");
+        assert!(
+            report.contains(&format!("a wait started at {here}")),
+            "{report}"
+        );
+        assert!(
+            report.contains("ordo-producer (pid 7): last 150 lines"),
+            "{report}"
+        );
+        assert!(report.contains("\nline 10\n"), "{report}");
+        assert!(report.contains("line 159"), "{report}");
+        assert!(!report.contains("\nline 9\n"), "{report}");
+        let idle = State {
+            waiting: None,
+            daemons: Vec::new(),
+            next_id: 0,
+        };
+        let report = render(&idle, Duration::from_secs(1));
+        assert!(
+            report.contains("no wait_until/wait_for is in progress"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_daemon_is_reported_while_its_guard_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("watched-{:?}", std::thread::current().id());
+        let guard = daemon(name.clone(), dir.path().join("daemon.log"));
+        assert!(report(Duration::ZERO).contains(&name));
+        drop(guard);
+        assert!(!report(Duration::ZERO).contains(&name));
+    }
+}

@@ -938,6 +938,8 @@ cfg_not_wasm32! {
 
             let addr = url.socket_addrs(|| default_port(url.scheme()))?;
             let stream = TcpStream::connect(&*addr).await?; // std::io::Error
+            // ordo patch (vendor/README.md): no Nagle delay on AMQP's small frames.
+            stream.set_nodelay(true)?;
 
             self.open_with_stream(stream).await
         }
@@ -1211,6 +1213,8 @@ cfg_not_wasm32! {
 
                 let addr = url.socket_addrs(|| default_port(url.scheme()))?;
                 let stream = TcpStream::connect(&*addr).await?; // std::io::Error
+                // ordo patch (vendor/README.md): no Nagle delay on AMQP's small frames.
+                stream.set_nodelay(true)?;
 
                 self.open_with_stream(stream).await
             }
@@ -1344,6 +1348,8 @@ cfg_not_wasm32! {
 
                 let addr = url.socket_addrs(|| default_port(url.scheme()))?;
                 let stream = TcpStream::connect(&*addr).await?; // std::io::Error
+                // ordo patch (vendor/README.md): no Nagle delay on AMQP's small frames.
+                stream.set_nodelay(true)?;
 
                 self.open_with_stream(stream).await
             }

@@ -36,8 +36,8 @@ pub struct ProjectorSection {
     pub max_concurrent_sessions: usize,
     /// AMQP connections the session workers share (one more serves the readiness probe); absent,
     /// one per worker. One accept at a time runs on a connection; held sessions are worked
-    /// concurrently on it, but measured on the emulator, churn then applies far fewer events
-    /// per second (docs/configuration.md).
+    /// concurrently on it, but measured on the emulator, hot aggregates then apply about half
+    /// as many events per second (docs/configuration.md).
     pub connections: Option<usize>,
     /// Most messages folded into one read-model write.
     pub batch_size: u32,

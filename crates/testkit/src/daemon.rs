@@ -81,8 +81,7 @@ impl Daemon {
             .spawn()
             .with_context(|| format!("spawning {}", binary.display()))?;
         let pid = child.id().context("spawned daemon has no pid")?;
-        let watched =
-            crate::watchdog::daemon(format!("{name} (pid {pid})"), dir.path().join("daemon.log"));
+        let watched = crate::watchdog::daemon(name.clone(), pid, dir.path().join("daemon.log"));
         Ok(Self {
             name,
             child,

@@ -150,6 +150,8 @@ struct Running {
     /// Closing this makes the launcher kill the server; see [`LAUNCHER`].
     stdin: Option<ChildStdin>,
     log_path: PathBuf,
+    /// Shows the server's log and state in the watchdog's report while it runs.
+    _watched: crate::watchdog::DaemonGuard,
 }
 
 impl SecantusDb {
@@ -296,10 +298,16 @@ impl SecantusDb {
             .spawn()
             .with_context(|| format!("starting secantusdb with {}", self.python.display()))?;
         let stdin = child.stdin.take().context("secantusdb stdin")?;
+        let watched = crate::watchdog::daemon(
+            format!("secantusdb (port {})", self.port),
+            child.id(),
+            log_path.clone(),
+        );
         self.process = Some(Running {
             child,
             stdin: Some(stdin),
             log_path,
+            _watched: watched,
         });
         match self.wait_answering().await {
             Ok(()) => Ok(()),

@@ -21,8 +21,8 @@ const LOG_TAIL_LINES: usize = 150;
 struct State {
     /// The wait in progress (caller and start), if any.
     waiting: Option<(&'static Location<'static>, Instant)>,
-    /// Live daemons: (id, name and pid, log file).
-    daemons: Vec<(u64, String, PathBuf)>,
+    /// Live daemons: (id, name, pid, log file).
+    daemons: Vec<(u64, String, u32, PathBuf)>,
     next_id: u64,
 }
 
@@ -72,18 +72,53 @@ fn render(s: &State, ran: Duration) -> String {
             out.push_str("no wait_until/wait_for is in progress: the test is stuck elsewhere\n")
         }
     }
-    for (_, name, log) in &s.daemons {
+    out.push_str(&threads());
+    for (_, name, pid, log) in &s.daemons {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+        let (state, wchan) = state_of(&PathBuf::from(format!("/proc/{pid}")));
         out.push_str(&format!(
-            "----- {name}: last {} lines -----\n{}\n",
+            "----- {name} (pid {pid}, state {state}, waiting in {wchan}): last {} lines -----\n{}\n",
             tail.len(),
             tail.join("\n")
         ));
     }
     out.push_str("===== end of watchdog report =====");
     out
+}
+
+/// This process's threads, each with its state and the kernel function it waits in: a runtime
+/// worker blocked in `futex_wait` is a blocking call inside async code, all of them in
+/// `ep_poll` an await that nothing will wake.
+fn threads() -> String {
+    let mut out = String::from("threads (name, state, waiting in):\n");
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let (state, wchan) = state_of(&dir);
+        out.push_str(&format!("  {} {state} {wchan}\n", name.trim()));
+    }
+    out
+}
+
+/// The state letter (R running, S sleeping, D disk, T stopped, Z zombie) and the kernel wait
+/// channel of the process or thread at `dir` (`/proc/PID` or `/proc/self/task/TID`); `?` when
+/// it is gone.
+fn state_of(dir: &std::path::Path) -> (String, String) {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let stat = read("stat");
+    // The state follows the name's closing parenthesis.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("?")
+        .to_owned();
+    let wchan = read("wchan").trim().to_owned();
+    (state, if wchan.is_empty() { "?".into() } else { wchan })
 }
 
 /// Marks a wait by `caller` as in progress until the returned guard drops.
@@ -101,13 +136,14 @@ impl Drop for WaitGuard {
     }
 }
 
-/// Registers a live daemon's log; the report includes it until the guard drops.
-pub(crate) fn daemon(name: String, log: PathBuf) -> DaemonGuard {
+/// Registers a live process (a daemon, a database server) with its log; the report shows its
+/// state and the log's tail until the guard drops.
+pub(crate) fn daemon(name: String, pid: u32, log: PathBuf) -> DaemonGuard {
     arm();
     let mut s = state();
     let id = s.next_id;
     s.next_id += 1;
-    s.daemons.push((id, name, log));
+    s.daemons.push((id, name, pid, log));
     DaemonGuard(id)
 }
 
@@ -116,7 +152,7 @@ pub(crate) struct DaemonGuard(u64);
 
 impl Drop for DaemonGuard {
     fn drop(&mut self) {
-        state().daemons.retain(|(id, _, _)| *id != self.0);
+        state().daemons.retain(|(id, ..)| *id != self.0);
     }
 }
 
@@ -135,19 +171,25 @@ mod tests {
         let here = Location::caller();
         let s = State {
             waiting: Some((here, Instant::now())),
-            daemons: vec![(0, "ordo-producer (pid 7)".into(), log)],
+            daemons: vec![(0, "ordo-producer".into(), std::process::id(), log)],
             next_id: 1,
         };
         let report = render(&s, Duration::from_secs(241));
         assert!(report.contains("has run 241 s"), "{report}");
         assert!(
-            report.contains(&format!("a wait started at {here}")),
+            report.contains("threads (name, state, waiting in):"),
             "{report}"
         );
         assert!(
-            report.contains("ordo-producer (pid 7): last 150 lines"),
+            report.contains(&format!("a wait started at {here}")),
             "{report}"
         );
+        let me = std::process::id();
+        assert!(
+            report.contains(&format!("ordo-producer (pid {me}, state ")),
+            "{report}"
+        );
+        assert!(report.contains("last 150 lines"), "{report}");
         assert!(report.contains("\nline 10\n"), "{report}");
         assert!(report.contains("line 159"), "{report}");
         assert!(!report.contains("\nline 9\n"), "{report}");
@@ -167,7 +209,7 @@ mod tests {
     fn a_daemon_is_reported_while_its_guard_lives() {
         let dir = tempfile::tempdir().unwrap();
         let name = format!("watched-{:?}", std::thread::current().id());
-        let guard = daemon(name.clone(), dir.path().join("daemon.log"));
+        let guard = daemon(name.clone(), 1, dir.path().join("daemon.log"));
         assert!(report(Duration::ZERO).contains(&name));
         drop(guard);
         assert!(!report(Duration::ZERO).contains(&name));

@@ -14,6 +14,9 @@ use crate::Unavailable;
 /// Environment variable naming a real MongoDB deployment to test against.
 pub const MONGODB_URI_ENV: &str = "ORDO_TEST_MONGODB_URI";
 
+/// The events collection every test writes (the daemons' default `events_collection`).
+const EVENTS_COLLECTION: &str = "events";
+
 /// A MongoDB to test against, with a database of its own (`ordo_test_<random>`).
 ///
 /// Starts SecantusDB unless `ORDO_TEST_MONGODB_URI` names a deployment. Against a real
@@ -46,11 +49,22 @@ impl TestMongo {
         let client = Client::with_uri_str(&uri)
             .await
             .with_context(|| format!("connecting to {}", redact(&uri)))?;
+        let db_name = unique_db_name();
+        // SecantusDB 0.7.0b3 can livelock when one connection creates a collection by indexing
+        // it (the producer's unique index on `events`, at its start) while another creates it by
+        // inserting (a test writing events): one server thread spins in WiredTiger holding the
+        // storage lock, the insert waits for that lock, and the server answers nothing more.
+        // Every test writes `events`, so it exists before anything can race to create it.
+        client
+            .database(&db_name)
+            .create_collection(EVENTS_COLLECTION)
+            .await
+            .with_context(|| format!("creating {db_name}.{EVENTS_COLLECTION}"))?;
         Ok(Self {
             server,
             uri,
             client,
-            db_name: unique_db_name(),
+            db_name,
         })
     }
 

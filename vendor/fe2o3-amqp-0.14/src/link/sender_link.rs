@@ -226,28 +226,45 @@ where
             .delivery_tag
             .clone()
             .ok_or(LinkStateError::IllegalState)?;
-        let settled = self
+        // ordo patch (vendor/README.md): an unsettled delivery is registered before its transfer
+        // is written, not after. The peer's outcome can arrive before this task runs again, and
+        // an outcome for a delivery not in the map was dropped: the caller then waited for it
+        // until its own timeout (20 s for azservicebus).
+        // If not set on the first (or only) transfer for a (multi-transfer)
+        // delivery, then the settled flag MUST be interpreted as being false.
+        let settled = transfer.settled.unwrap_or(match self.snd_settle_mode {
+            SenderSettleMode::Settled => true,
+            SenderSettleMode::Unsettled => false,
+            SenderSettleMode::Mixed => false,
+        });
+        let outcome = if settled {
+            None
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let unsettled = UnsettledMessage::new(payload_copy, None, message_format, tx);
+            self.unsettled
+                .write()
+                .get_or_insert(OrderedMap::new())
+                .insert(delivery_tag.clone(), unsettled);
+            Some(rx)
+        };
+        if let Err(e) = self
             .send_transfer_without_modifying_unsettled_map(writer, transfer, payload)
-            .await?;
-        match settled {
-            true => Ok(Settlement::Settled(delivery_tag)),
-            // If not set on the first (or only) transfer for a (multi-transfer)
-            // delivery, then the settled flag MUST be interpreted as being false.
-            false => {
-                let (tx, rx) = oneshot::channel();
-                let unsettled = UnsettledMessage::new(payload_copy, None, message_format, tx);
-                {
-                    let mut guard = self.unsettled.write();
-                    guard
-                        .get_or_insert(OrderedMap::new())
-                        .insert(delivery_tag.clone(), unsettled);
+            .await
+        {
+            if outcome.is_some() {
+                if let Some(map) = self.unsettled.write().as_mut() {
+                    map.swap_remove(&delivery_tag);
                 }
-
-                Ok(Settlement::Unsettled {
-                    delivery_tag,
-                    outcome: rx,
-                })
             }
+            return Err(e);
+        }
+        match outcome {
+            None => Ok(Settlement::Settled(delivery_tag)),
+            Some(outcome) => Ok(Settlement::Unsettled {
+                delivery_tag,
+                outcome,
+            }),
         }
     }
 

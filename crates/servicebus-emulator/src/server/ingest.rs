@@ -2,7 +2,11 @@
 //!
 //! Each transfer (a single message or a 0x80013700 batch) is accepted only after its messages
 //! are in every subscription's store, so an `Accepted` outcome means "durably enqueued" as far
-//! as the emulator's lifetime goes (suspend/resume keeps it).
+//! as the emulator's lifetime goes (suspend/resume keeps it). The outcome goes out the moment
+//! the messages are stored, as Service Bus sends it: a client must be ready for it before its
+//! transfer is written. fe2o3-amqp 0.14 as published was not (an outcome that came first was
+//! dropped and the send waited for its timeout); the vendored copy is (vendor/README.md). Test:
+//! `crates/core/tests/connection.rs::an_outcome_that_arrives_at_once_is_never_lost`.
 
 use std::sync::Arc;
 
@@ -13,10 +17,7 @@ use fe2o3_amqp::{
 use fe2o3_amqp_types::{messaging::Body, primitives::Value};
 use tracing::{debug, warn};
 
-use super::{
-    outcome::{DelayedAccept, OUTCOME_DELAY},
-    ConnCtx, LinkAuth,
-};
+use super::{ConnCtx, LinkAuth};
 use crate::{namespace::Ingress, wire};
 
 pub(crate) async fn accept(
@@ -48,7 +49,6 @@ pub(crate) async fn accept(
 }
 
 async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>, guard: Option<LinkAuth>) {
-    let accepts = DelayedAccept::spawn(receiver.disposer(), &ctx.tracker);
     let name = receiver.name().to_owned();
     let lapsed = LinkAuth::lapsed(&guard, &name);
     tokio::pin!(lapsed);
@@ -85,7 +85,6 @@ async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>, guard:
                 return;
             }
         };
-        let arrived = tokio::time::Instant::now();
         let format = *delivery.message_format();
         let (info, message) = delivery.into_parts();
         let result = wire::unbatch(message, format)
@@ -100,16 +99,10 @@ async fn run(mut receiver: Receiver, ctx: ConnCtx, ingress: Arc<Ingress>, guard:
                 if outcome.duplicates > 0 {
                     debug!(entity = %ingress.name, duplicates = outcome.duplicates, "dropped duplicates");
                 }
-                if accepts.accept(info, arrived) {
-                    Ok(())
-                } else {
-                    return;
-                }
+                receiver.accept(info).await
             }
             Err(error) => {
                 warn!(entity = %ingress.name, condition = ?error.condition, "refused transfer");
-                // Held back like an accept (see `outcome`); refusals are rare.
-                tokio::time::sleep_until(arrived + OUTCOME_DELAY).await;
                 receiver.reject(info, error).await
             }
         };

@@ -6,7 +6,6 @@
 //! - `connection`: listeners, the AMQP handshake, connections and their sessions.
 //! - `delivery`: broker-to-client links (receivers of the client), including session grants.
 //! - `ingest`: client-to-broker links that send messages to topics and queues.
-//! - `outcome`: held-back accepts of client transfers (a client race, see there).
 //! - `request`: request/response nodes (`$cbs`, `$management`) and the routing of replies.
 //! - `management`: the `$management` operations, one function each.
 //! - `latency`: the configured round trip, added to everything the broker sends.
@@ -17,7 +16,6 @@ mod delivery;
 mod ingest;
 mod latency;
 mod management;
-mod outcome;
 mod request;
 mod sasl;
 

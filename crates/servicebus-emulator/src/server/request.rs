@@ -20,7 +20,7 @@ use fe2o3_amqp_types::{
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, warn};
 
-use super::{outcome::DelayedAccept, ConnCtx};
+use super::ConnCtx;
 use crate::{
     store::{AmqpMessage, Entity, Part},
     wire,
@@ -203,18 +203,16 @@ async fn request_loop(
     node: Node,
     node_address: String,
 ) {
-    let accepts = DelayedAccept::spawn(receiver.disposer(), &ctx.tracker);
     loop {
         let delivery = tokio::select! {
             d = receiver.recv::<Body<Value>>() => d,
             _ = ctx.cancel.cancelled() => return,
         };
         let Ok(delivery) = delivery else { return };
-        let arrived = tokio::time::Instant::now();
         let (info, request) = delivery.into_parts();
         // The client reads the reply only after the request's outcome; it waits in its link
-        // buffer meanwhile. The outcome is held back (see `outcome`).
-        if !accepts.accept(info, arrived) {
+        // buffer meanwhile.
+        if receiver.accept(info).await.is_err() {
             return;
         }
         let reply = match &node {

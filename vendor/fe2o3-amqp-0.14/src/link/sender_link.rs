@@ -23,11 +23,7 @@ where
         mut transfer: Transfer,
         mut payload: Payload,
     ) -> Result<bool, LinkStateError> {
-        let settled = transfer.settled.unwrap_or(match self.snd_settle_mode {
-            SenderSettleMode::Settled => true,
-            SenderSettleMode::Unsettled => false,
-            SenderSettleMode::Mixed => false,
-        });
+        let settled = self.settles(&transfer);
         let input_handle = self
             .input_handle
             .clone()
@@ -65,6 +61,18 @@ where
         }
 
         Ok(settled)
+    }
+
+    /// ordo patch (vendor/README.md): whether a transfer goes out settled, one rule for both
+    /// senders above and below: its own flag, else the link's sender settle mode. If not set on
+    /// the first (or only) transfer for a (multi-transfer) delivery, then the settled flag MUST
+    /// be interpreted as being false.
+    fn settles(&self, transfer: &Transfer) -> bool {
+        transfer.settled.unwrap_or(match self.snd_settle_mode {
+            SenderSettleMode::Settled => true,
+            SenderSettleMode::Unsettled => false,
+            SenderSettleMode::Mixed => false,
+        })
     }
 
     pub(crate) async fn get_delivery_tag_or_detached<Fut>(
@@ -230,14 +238,7 @@ where
         // is written, not after. The peer's outcome can arrive before this task runs again, and
         // an outcome for a delivery not in the map was dropped: the caller then waited for it
         // until its own timeout (20 s for azservicebus).
-        // If not set on the first (or only) transfer for a (multi-transfer)
-        // delivery, then the settled flag MUST be interpreted as being false.
-        let settled = transfer.settled.unwrap_or(match self.snd_settle_mode {
-            SenderSettleMode::Settled => true,
-            SenderSettleMode::Unsettled => false,
-            SenderSettleMode::Mixed => false,
-        });
-        let outcome = if settled {
+        let outcome = if self.settles(&transfer) {
             None
         } else {
             let (tx, rx) = oneshot::channel();

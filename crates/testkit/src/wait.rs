@@ -64,12 +64,17 @@ where
         let _waiting = crate::watchdog::waiting(caller);
         let deadline = Instant::now() + timeout;
         loop {
+            // Kept as it is and formatted only for the panic: most probes fail many times.
             let last = match bounded(deadline, probe()).await {
                 Some(Ok(value)) => return value,
-                Some(Err(e)) => format!("{e:?}"),
-                None => "the last probe did not return by the deadline".to_owned(),
+                Some(Err(e)) => Some(e),
+                None => None,
             };
             if Instant::now() >= deadline {
+                let last = last.map_or_else(
+                    || "the last probe did not return by the deadline".to_owned(),
+                    |e| format!("{e:?}"),
+                );
                 panic!("still failing after {timeout:?} (wait_until_ok at {caller}): {last}");
             }
             tokio::time::sleep(POLL_INTERVAL).await;

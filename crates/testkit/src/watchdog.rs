@@ -19,18 +19,25 @@ const DEFAULT_AFTER: Duration = Duration::from_secs(240);
 const LOG_TAIL_LINES: usize = 150;
 
 struct State {
-    /// The wait in progress (caller and start), if any.
-    waiting: Option<(&'static Location<'static>, Instant)>,
+    /// Waits in progress: (id, caller, start). Waits can nest or run side by side.
+    waits: Vec<(u64, &'static Location<'static>, Instant)>,
     /// Live daemons: (id, name, pid, log file).
     daemons: Vec<(u64, String, u32, PathBuf)>,
     next_id: u64,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
-    waiting: None,
+    waits: Vec::new(),
     daemons: Vec::new(),
     next_id: 0,
 });
+
+impl State {
+    fn take_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
 
 fn state() -> std::sync::MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
@@ -63,14 +70,14 @@ fn render(s: &State, ran: Duration) -> String {
         "===== ordo-testkit watchdog: this test process has run {:.0} s =====\n",
         ran.as_secs_f64()
     );
-    match s.waiting {
-        Some((caller, since)) => out.push_str(&format!(
+    for (_, caller, since) in &s.waits {
+        out.push_str(&format!(
             "a wait started at {caller} {:.1} s ago has not returned\n",
             since.elapsed().as_secs_f64()
-        )),
-        None => {
-            out.push_str("no wait_until/wait_for is in progress: the test is stuck elsewhere\n")
-        }
+        ));
+    }
+    if s.waits.is_empty() {
+        out.push_str("no wait_until/wait_for is in progress: the test is stuck elsewhere\n");
     }
     out.push_str(&threads());
     for (_, name, pid, log) in &s.daemons {
@@ -124,15 +131,17 @@ fn state_of(dir: &std::path::Path) -> (String, String) {
 /// Marks a wait by `caller` as in progress until the returned guard drops.
 pub(crate) fn waiting(caller: &'static Location<'static>) -> WaitGuard {
     arm();
-    state().waiting = Some((caller, Instant::now()));
-    WaitGuard
+    let mut s = state();
+    let id = s.take_id();
+    s.waits.push((id, caller, Instant::now()));
+    WaitGuard(id)
 }
 
-pub(crate) struct WaitGuard;
+pub(crate) struct WaitGuard(u64);
 
 impl Drop for WaitGuard {
     fn drop(&mut self) {
-        state().waiting = None;
+        state().waits.retain(|(id, ..)| *id != self.0);
     }
 }
 
@@ -141,8 +150,7 @@ impl Drop for WaitGuard {
 pub(crate) fn daemon(name: String, pid: u32, log: PathBuf) -> DaemonGuard {
     arm();
     let mut s = state();
-    let id = s.next_id;
-    s.next_id += 1;
+    let id = s.take_id();
     s.daemons.push((id, name, pid, log));
     DaemonGuard(id)
 }
@@ -170,7 +178,7 @@ mod tests {
         std::fs::write(&log, lines.join("\n")).unwrap();
         let here = Location::caller();
         let s = State {
-            waiting: Some((here, Instant::now())),
+            waits: vec![(2, here, Instant::now())],
             daemons: vec![(0, "ordo-producer".into(), std::process::id(), log)],
             next_id: 1,
         };
@@ -194,7 +202,7 @@ mod tests {
         assert!(report.contains("line 159"), "{report}");
         assert!(!report.contains("\nline 9\n"), "{report}");
         let idle = State {
-            waiting: None,
+            waits: Vec::new(),
             daemons: Vec::new(),
             next_id: 0,
         };
@@ -203,6 +211,28 @@ mod tests {
             report.contains("no wait_until/wait_for is in progress"),
             "{report}"
         );
+    }
+
+    #[test]
+    fn an_outer_wait_is_still_reported_after_an_inner_one_ends() {
+        let outer_at = Location::caller();
+        let outer = waiting(outer_at);
+        let inner_at = inner_location();
+        let inner = waiting(inner_at);
+        let both = report(Duration::ZERO);
+        assert!(both.contains(&format!("a wait started at {outer_at}")), "{both}");
+        assert!(both.contains(&format!("a wait started at {inner_at}")), "{both}");
+        drop(inner);
+        let after = report(Duration::ZERO);
+        assert!(after.contains(&format!("a wait started at {outer_at}")), "{after}");
+        assert!(!after.contains(&format!("a wait started at {inner_at}")), "{after}");
+        drop(outer);
+        assert!(!report(Duration::ZERO).contains(&format!("{outer_at}")));
+    }
+
+    #[track_caller]
+    fn inner_location() -> &'static Location<'static> {
+        Location::caller()
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub trait PublisherFactory: Send + Sync + 'static {
 }
 
 /// Builds the azservicebus message for a [`WireMessage`].
-pub fn to_service_bus_message(m: &WireMessage) -> Result<ServiceBusMessage, PublishError> {
+pub(crate) fn to_service_bus_message(m: &WireMessage) -> Result<ServiceBusMessage, PublishError> {
     let reject = |reason: String| PublishError::Message {
         message_id: m.message_id.clone(),
         reason,

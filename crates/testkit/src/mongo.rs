@@ -73,12 +73,6 @@ impl TestMongo {
         &self.uri
     }
 
-    /// The connection string with this fixture's database as its path, for configurations that
-    /// take the database from the URI (`MONGODB_URI`).
-    pub fn uri_with_database(&self) -> String {
-        with_database(&self.uri, &self.db_name)
-    }
-
     /// A client connected to the server.
     pub fn client(&self) -> &Client {
         &self.client
@@ -203,17 +197,6 @@ pub fn unique_db_name() -> String {
     format!("ordo_test_{:016x}", rand::random::<u64>())
 }
 
-/// `uri` with its path (the default database) replaced by `db`, options kept.
-fn with_database(uri: &str, db: &str) -> String {
-    let hosts_start = uri.find("://").map_or(0, |i| i + 3);
-    let rest = &uri[hosts_start..];
-    let hosts_end = hosts_start + rest.find(['/', '?']).unwrap_or(rest.len());
-    let query = uri[hosts_end..]
-        .find('?')
-        .map_or("", |i| &uri[hosts_end + i..]);
-    format!("{}/{db}{query}", &uri[..hosts_end])
-}
-
 /// The URI with any `user:password@` removed, for messages.
 fn redact(uri: &str) -> String {
     match (uri.find("://"), uri.rfind('@')) {
@@ -227,22 +210,6 @@ fn redact(uri: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn puts_the_database_into_the_uri() {
-        assert_eq!(
-            with_database("mongodb://127.0.0.1:5/?directConnection=true", "d"),
-            "mongodb://127.0.0.1:5/d?directConnection=true"
-        );
-        assert_eq!(
-            with_database("mongodb://h1,h2:7/old?rs=x", "d"),
-            "mongodb://h1,h2:7/d?rs=x"
-        );
-        assert_eq!(
-            with_database("mongodb+srv://u:p@c.net", "d"),
-            "mongodb+srv://u:p@c.net/d"
-        );
-    }
 
     #[test]
     fn redacts_credentials() {

@@ -76,7 +76,7 @@ pub struct WireMessage {
 
 impl WireMessage {
     /// Approximate encoded size (body plus ids and properties), a cheap upper-side estimate;
-    /// the producer weighs in-flight bytes by it.
+    /// [`fits`](crate::servicebus::sender::fits) skips encoding a message far below the limit by it.
     pub fn approx_size(&self) -> usize {
         let props: usize = self
             .properties

@@ -10,6 +10,12 @@ use ordo_core::config::{
     TelemetryConfig, Validate,
 };
 
+/// AMQP connections the session workers share by default. Measured with `ordo-bench`
+/// (docs/configuration.md), against one connection per worker: the same churn rate and about
+/// 90 % of the hot-aggregate rate, with 4 connections per projector (its probe included)
+/// instead of 33.
+const DEFAULT_CONNECTIONS: usize = 3;
+
 /// The whole configuration file of `ordo-projector`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -34,10 +40,11 @@ pub struct ProjectorSection {
     pub projections_file: PathBuf,
     /// Sessions (aggregates) this process works at once.
     pub max_concurrent_sessions: usize,
-    /// AMQP connections the session workers share (one more serves the readiness probe); absent,
-    /// one per worker. One accept at a time runs on a connection; held sessions are worked
-    /// concurrently on it, but measured on the emulator, hot aggregates then apply about half
-    /// as many events per second (docs/configuration.md).
+    /// AMQP connections the session workers share (one more serves the readiness probe); 3 by
+    /// default, so a projector holds 4 whatever `max_concurrent_sessions` is. One accept at a
+    /// time runs on a connection; held sessions are worked concurrently on it. Set it to
+    /// `max_concurrent_sessions` for one connection per worker (docs/configuration.md has both
+    /// measured).
     pub connections: Option<usize>,
     /// Most messages folded into one read-model write.
     pub batch_size: u32,
@@ -103,7 +110,7 @@ impl Default for ProjectorSection {
         Self {
             projections_file: PathBuf::from("config/projections.toml"),
             max_concurrent_sessions: 32,
-            connections: None,
+            connections: Some(DEFAULT_CONNECTIONS),
             batch_size: 100,
             receive_wait: Duration::from_millis(200),
             accept_timeout: Duration::from_secs(5),

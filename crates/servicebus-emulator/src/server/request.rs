@@ -43,6 +43,7 @@ pub(crate) enum Node {
 #[derive(Debug)]
 struct Route {
     id: u64,
+    name: String,
     target: Option<String>,
     node: String,
     tx: mpsc::Sender<AmqpMessage>,
@@ -56,16 +57,23 @@ pub(crate) struct Routes {
 }
 
 impl Routes {
+    /// The reply link a request's answer goes to: the one the request's `reply-to` names, by
+    /// its target address, as Service Bus's request/response guide has it ("my response link
+    /// unique address"), or by its link name, which is all Microsoft's JavaScript `$cbs` client
+    /// gives (a reply link with no target, named after its `reply-to`). A `reply-to` that names
+    /// no link yet waits for it (`wait_for`): the link may still be attaching, and on a
+    /// session that many `$management` clients share, an answer sent to another client's link
+    /// left its caller waiting for its timeout. Only a request without `reply-to` goes to the
+    /// newest reply link of its node.
     fn find(&self, reply_to: Option<&str>, node: &str) -> Option<mpsc::Sender<AmqpMessage>> {
         let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        let by_target = reply_to.and_then(|r| {
-            routes
+        let route = match reply_to {
+            Some(r) => routes
                 .iter()
-                .find(|route| route.target.as_deref() == Some(r))
-        });
-        by_target
-            .or_else(|| routes.iter().rev().find(|route| route.node == node))
-            .map(|route| route.tx.clone())
+                .find(|route| route.target.as_deref() == Some(r) || route.name == r),
+            None => routes.iter().rev().find(|route| route.node == node),
+        };
+        route.map(|route| route.tx.clone())
     }
 
     async fn wait_for(
@@ -101,6 +109,7 @@ pub(crate) async fn accept_reply_link(
     routes: &Arc<Routes>,
 ) {
     let target = super::target_address(&attach);
+    let name = attach.name.clone();
     let node = attach
         .source
         .as_ref()
@@ -120,6 +129,7 @@ pub(crate) async fn accept_reply_link(
                 .unwrap_or_else(|e| e.into_inner())
                 .push(Route {
                     id,
+                    name,
                     target,
                     node,
                     tx,

@@ -8,12 +8,12 @@
 mod common;
 
 use common::*;
-use fe2o3_amqp::types::messaging::{ApplicationProperties, Message, Properties};
+use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Message, Properties};
 use fe2o3_amqp::types::primitives::Value;
 
 /// A put-token request with a token that is not one: the broker answers it (401) on the reply
 /// link named by `reply_to`.
-fn put_token(id: &str, reply_to: &str) -> Message<Value> {
+fn put_token(id: &str, reply_to: &str) -> Message<AmqpValue<String>> {
     Message::builder()
         .properties(
             Properties::builder()
@@ -28,7 +28,7 @@ fn put_token(id: &str, reply_to: &str) -> Message<Value> {
                 .insert("name", "sb://emulator/ordo-events")
                 .build(),
         )
-        .value(Value::String("not a token".into()))
+        .value(String::from("not a token"))
         .build()
 }
 

@@ -13,12 +13,6 @@ use ordo_testkit::{wait_until, SecantusOptions};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
-async fn stop(producer: &mut ordo_testkit::Daemon) {
-    producer.sigterm().unwrap();
-    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
-    assert!(status.success(), "exit {status:?}\n{}", producer.logs());
-}
-
 /// The saved resume token falls out of the oplog while the producer is down: the restarted
 /// producer gets 286, counts it, re-publishes from the collection a safety margin before the
 /// checkpoint and then follows the stream; the event count continues from the checkpoint's.

@@ -16,12 +16,6 @@ use ordo_testkit::{wait_until, SecantusOptions};
 const DEADLINE: Duration = Duration::from_secs(90);
 const LIMIT: usize = 256 * 1024;
 
-async fn stop(producer: &mut ordo_testkit::Daemon) {
-    producer.sigterm().unwrap();
-    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
-    assert!(status.success(), "exit {status:?}\n{}", producer.logs());
-}
-
 fn event(id: &str, agg: &str, n: i64, pad: usize) -> Document {
     doc! { "_id": id, "aggregateId": agg, "eventId": n, "eventType": "T", "payload": { "pad": "x".repeat(pad) } }
 }

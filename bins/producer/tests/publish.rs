@@ -28,9 +28,7 @@ async fn every_event_arrives_in_order_per_aggregate() {
     let received = collector.stop().await;
     received.check(&writer.expected()).unwrap();
     assert_eq!(received.distinct(), total);
-    producer.sigterm().unwrap();
-    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    stop(&mut producer).await;
 }
 
 /// Eight senders share two connections: while the producer publishes everything (before any
@@ -61,9 +59,7 @@ async fn eight_senders_share_two_connections() {
     let received = collector.stop().await;
     received.check(&writer.expected()).unwrap();
     eprintln!("{total} events published over at most {most} connections");
-    producer.sigterm().unwrap();
-    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    stop(&mut producer).await;
 }
 
 /// kill -9 five times at seeded random moments while events are being written: after MessageId
@@ -143,9 +139,7 @@ async fn an_idle_stream_saves_its_checkpoint_rarely() {
     .expect("new events are checkpointed without waiting out the idle interval");
     // Acknowledged by the broker is not yet received by the collector.
     wait_distinct(&collector, 25, DEADLINE).await;
-    producer.sigterm().unwrap();
-    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    stop(&mut producer).await;
     collector.stop().await.check(&writer.expected()).unwrap();
 }
 
@@ -181,13 +175,7 @@ async fn idle_checkpoint_advances_and_sigterm_saves_it() {
     assert!(idle.get_datetime("wallTime").unwrap() >= last.get_datetime("wallTime").unwrap());
     assert_eq!(published(&idle), 50, "idle advances publish nothing");
 
-    producer.sigterm().unwrap();
-    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
-    assert!(
-        status.success(),
-        "exit status {status:?}\n{}",
-        producer.logs()
-    );
+    stop(&mut producer).await;
     let lease = world
         .mongo
         .database()

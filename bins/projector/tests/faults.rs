@@ -92,12 +92,7 @@ async fn poison_blocks_the_aggregate_until_repair() {
             .unwrap(),
         0
     );
-    proj.sigterm().unwrap();
-    assert!(proj
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .unwrap()
-        .success());
+    stop(&mut proj).await;
 }
 
 /// A message withheld from the topic is healed from the events collection.

@@ -4,22 +4,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::IndexOptions;
 use mongodb::IndexModel;
-use ordo_core::envelope::{Envelope, EventFields};
 use ordo_core::metrics as m;
-use ordo_projection::{fold_history, Projection, ProjectionsFile};
 use ordo_testkit::{wait_for, wait_until, Daemon};
 
 const CONVERGE: Duration = Duration::from_secs(120);
-
-type Expected = BTreeMap<String, BTreeMap<String, Document>>;
 
 /// Waits until every read model equals the fold and nothing is left on the subscription;
 /// panics with a diff otherwise.
@@ -214,12 +208,7 @@ async fn sigterm_with_sessions_held_exits_zero_within_the_grace_period() {
     let mut next = env.spawn_projector("").await;
     converge(&env, &expected, CONVERGE).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
-    next.sigterm().unwrap();
-    assert!(next
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .unwrap()
-        .success());
+    stop(&mut next).await;
 }
 
 /// A process's sessions share `[projector] connections` AMQP connections however many it works
@@ -276,7 +265,7 @@ async fn sixteen_sessions_share_two_connections() {
     );
     eprintln!("connections {most_connections}, sessions held at once {most_held}, on one connection {most_on_one}");
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
-    stop_all(std::slice::from_mut(&mut proj)).await;
+    stop(&mut proj).await;
 }
 
 /// Runs a one-shot subcommand (`reconcile`, `rebuild`, ...) with the test configuration plus
@@ -304,52 +293,6 @@ fn projections_file(text: &str) -> std::path::PathBuf {
     ));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn compile(text: &str) -> Vec<Arc<dyn Projection>> {
-    ProjectionsFile::load_str(text)
-        .unwrap()
-        .into_iter()
-        .map(|p| Arc::new(p) as Arc<dyn Projection>)
-        .collect()
-}
-
-/// The fold of the events collection under `projections`, without the aggregates in `skip`.
-async fn fold_expected(env: &Env, projections: &[Arc<dyn Projection>], skip: &[&str]) -> Expected {
-    let all: Vec<Document> = env
-        .events()
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    let mut by_agg: BTreeMap<String, Vec<Document>> = BTreeMap::new();
-    for d in &all {
-        let id = d.get_str("aggregateId").unwrap();
-        if skip.contains(&id) {
-            continue;
-        }
-        let env = Envelope::from_event(d, &EventFields::default(), "db", "events").unwrap();
-        by_agg
-            .entry(id.to_string())
-            .or_default()
-            .push(env.to_event_document().unwrap());
-    }
-    let mut out = BTreeMap::new();
-    for p in projections {
-        let mut models = BTreeMap::new();
-        for (id, evs) in &by_agg {
-            let model = fold_history(p.as_ref(), id, evs).unwrap();
-            if model.version > 0 {
-                let mut d = model.to_document(DateTime::now());
-                d.remove("lastUpdatedAt");
-                models.insert(id.clone(), d);
-            }
-        }
-        out.insert(p.collection().to_string(), models);
-    }
-    out
 }
 
 /// A collection's read models without the write time and the rebuild epoch, minus `skip`.
@@ -533,12 +476,7 @@ async fn the_daemon_reconciles_periodically_and_expires_dead_heartbeats() {
     .await;
     assert_eq!(env.active(), 0, "the broker never saw these events");
     assert_eq!(proj.metric(m::EVENTS_APPLIED).await, 0.0);
-    proj.sigterm().unwrap();
-    assert!(proj
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .unwrap()
-        .success());
+    stop(&mut proj).await;
 }
 
 /// `rebuild` under live traffic, with new rules (UserRegistered also sets `tier`), while a
@@ -700,7 +638,7 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
     env.publish(&last).await;
 
     let projections = compile(&new_rules);
-    let expected = fold_expected(&env, &projections, &["bad-0"]).await;
+    let expected = env.fold(&projections, &["bad-0"]).await;
     let want = &expected["users"];
     let envr = &env;
     let reached = tokio::time::timeout(CONVERGE, async move {
@@ -761,12 +699,7 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
         "shadow collection left behind: {names:?}"
     );
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
-    proj.sigterm().unwrap();
-    assert!(proj
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .unwrap()
-        .success());
+    stop(&mut proj).await;
 }
 
 /// A projection whose collection is the events collection, or one of ordo's own, is refused by
@@ -953,13 +886,7 @@ async fn repair_all_blocked_repairs_each_blocked_aggregate_and_names_the_rest() 
         out.contains("still blocked: b-4:") && out.contains("1 aggregates are still blocked"),
         "{out}"
     );
-    let left: Vec<Document> = blocked
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let left = all_documents(&blocked).await;
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0].get_str("_id"), Ok("b-4"));
     let users = raw_models(&env, "users").await;
@@ -1060,10 +987,5 @@ async fn a_failed_reconcile_run_is_counted_and_the_next_run_heals() {
         proj.logs()
     );
     assert!(proj.logs().contains("failCommand"), "{}", proj.logs());
-    proj.sigterm().unwrap();
-    assert!(proj
-        .wait_exit(Duration::from_secs(15))
-        .await
-        .unwrap()
-        .success());
+    stop(&mut proj).await;
 }

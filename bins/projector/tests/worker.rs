@@ -104,6 +104,11 @@ impl FakeSession {
         )
     }
 
+    /// A session of `events`' messages, whose calls [`work`] returns.
+    fn of(id: &str, events: &[Document]) -> Self {
+        Self::new(id, events.iter().map(msg).collect()).0
+    }
+
     fn record(&self, op: Op) {
         self.ops.lock().unwrap().push(op);
     }
@@ -227,6 +232,15 @@ impl SessionSource for FakeSource {
 }
 
 async fn engine(mongo: &TestMongo, tune: impl FnOnce(&mut ProjectorSection)) -> Arc<Engine> {
+    engine_of(mongo, projections(), tune).await
+}
+
+/// An engine of `projections` over `mongo`, with short waits and retries changed by `tune`.
+async fn engine_of(
+    mongo: &TestMongo,
+    projections: Vec<Arc<dyn ordo_projection::Projection>>,
+    tune: impl FnOnce(&mut ProjectorSection),
+) -> Arc<Engine> {
     let mut cfg = ProjectorSection {
         batch_size: 10,
         receive_wait: Duration::from_millis(20),
@@ -239,7 +253,7 @@ async fn engine(mongo: &TestMongo, tune: impl FnOnce(&mut ProjectorSection)) -> 
     };
     tune(&mut cfg);
     Arc::new(Engine::new(
-        projections(),
+        projections,
         Store::new(
             mongo.database(),
             "events",
@@ -257,6 +271,50 @@ async fn stored(mongo: &TestMongo, coll: &str, id: &str) -> Option<Document> {
         .find_one(doc! { "_id": id })
         .await
         .unwrap()
+}
+
+/// The order model stored under `id`, without its write time.
+async fn stored_order(mongo: &TestMongo, id: &str) -> Option<Document> {
+    let mut doc = stored(mongo, "orders", id).await?;
+    doc.remove("lastUpdatedAt");
+    Some(doc)
+}
+
+/// Works `session` on its own (no worker loop, never cancelled) and returns its calls.
+async fn work(engine: &Engine, session: FakeSession) -> Vec<Op> {
+    let ops = session.ops.clone();
+    engine
+        .work_session(session, &CancellationToken::new())
+        .await;
+    ops_of(&ops)
+}
+
+/// The session of order `id`'s events `order` was worked through: every message completed,
+/// none burned a delivery, and the read model is the fold of them all.
+async fn assert_applied(mongo: &TestMongo, ops: &[Op], id: &str, order: &[Document]) {
+    assert_eq!(
+        count(ops, |o| matches!(o, Op::Complete(_))),
+        order.len(),
+        "{ops:?}"
+    );
+    assert!(!ops.iter().any(burns_delivery_count), "{ops:?}");
+    assert_eq!(
+        stored_order(mongo, id).await.unwrap(),
+        expected_order(order)
+    );
+}
+
+/// Fails the next `times` inserts and updates with WriteConflict: transient, and unlike
+/// "shutting down" codes it does not make the driver rediscover the server, which would only
+/// slow the test down.
+async fn fail_writes(mongo: &TestMongo, times: i32) {
+    mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": { "times": times }, "data": { "failCommands": ["update", "insert"], "errorCode": 112 } },
+        )
+        .await
+        .unwrap();
 }
 
 fn expected_order(events: &[Document]) -> Document {
@@ -292,13 +350,9 @@ async fn a_lock_lost_during_the_apply_settles_nothing() {
     })
     .await;
     let events = workload("l", 2, 5);
-    let order: Vec<Msg> = events[5..].iter().map(msg).collect();
-    let (mut session, ops) = FakeSession::new("l-1", order);
+    let mut session = FakeSession::of("l-1", &events[5..]);
     session.renewals_ok = Some(0);
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops.lock().unwrap().clone();
+    let ops = work(&engine, session).await;
     assert_eq!(ops, vec![Op::Refused("renew"), Op::Close], "{ops:?}");
     assert_eq!(stored(&mongo, "orders", "l-1").await, None);
 }
@@ -311,12 +365,9 @@ async fn no_settle_follows_a_lock_loss() {
     let engine = engine(&mongo, |_| {}).await;
     let events = workload("c", 2, 6);
     let order = &events[6..];
-    let (mut session, ops) = FakeSession::new("c-1", order.iter().map(msg).collect());
+    let mut session = FakeSession::of("c-1", order);
     session.completes_ok = Some(2);
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops.lock().unwrap().clone();
+    let ops = work(&engine, session).await;
     assert_eq!(
         ops,
         vec![
@@ -327,9 +378,10 @@ async fn no_settle_follows_a_lock_loss() {
         ],
         "{ops:?}"
     );
-    let mut doc = stored(&mongo, "orders", "c-1").await.unwrap();
-    doc.remove("lastUpdatedAt");
-    assert_eq!(doc, expected_order(order));
+    assert_eq!(
+        stored_order(&mongo, "c-1").await.unwrap(),
+        expected_order(order)
+    );
 }
 
 /// Transient database errors (a fail point on update and insert) are retried in place while
@@ -340,33 +392,9 @@ async fn a_transient_store_error_is_retried_not_dead_lettered() {
     let engine = engine(&mongo, |c| c.batch_size = 3).await;
     let events = workload("t", 2, 7);
     let order = &events[7..];
-    mongo
-        .configure_fail_point(
-            "failCommand",
-            // WriteConflict: transient, and unlike "shutting down" codes it does not make the
-            // driver rediscover the server, which would only slow the test down.
-            doc! { "mode": { "times": 4 }, "data": { "failCommands": ["update", "insert"], "errorCode": 112 } },
-        )
-        .await
-        .unwrap();
-    let (session, ops) = FakeSession::new("t-1", order.iter().map(msg).collect());
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops.lock().unwrap().clone();
-    let completes: Vec<&Op> = ops
-        .iter()
-        .filter(|o| matches!(o, Op::Complete(_)))
-        .collect();
-    assert_eq!(completes.len(), order.len(), "{ops:?}");
-    assert!(
-        !ops.iter()
-            .any(|o| matches!(o, Op::DeadLetter(..) | Op::Abandon(_) | Op::Refused(_))),
-        "{ops:?}"
-    );
-    let mut doc = stored(&mongo, "orders", "t-1").await.unwrap();
-    doc.remove("lastUpdatedAt");
-    assert_eq!(doc, expected_order(order));
+    fail_writes(&mongo, 4).await;
+    let ops = work(&engine, FakeSession::of("t-1", order)).await;
+    assert_applied(&mongo, &ops, "t-1", order).await;
     assert_fail_point_spent(&mongo).await;
 }
 
@@ -388,23 +416,17 @@ async fn assert_fail_point_spent(mongo: &TestMongo) {
 async fn poison_is_dead_lettered_and_blocks_the_aggregate() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |_| {}).await;
-    let (ops, blocked_at) = poison_third_of_five(&mongo, &engine, "q-1").await;
+    let before = poison_third_of_five(&mongo, &engine, "q-1").await;
     assert_eq!(
-        ops,
+        before,
         // The block is recorded before anything is settled: a crash after the poison's
         // dead-letter cannot leave the aggregate open to the events behind it.
-        vec![
+        [
             Op::SetState("blocked at v3 (UndecodableMessage)".into()),
             Op::Complete("q-1:1".into()),
             Op::Complete("q-1:2".into()),
-            Op::DeadLetter("q-1:3".into(), "UndecodableMessage".into()),
-            Op::DeadLetter("q-1:4".into(), "AggregateBlocked".into()),
-            Op::DeadLetter("q-1:5".into(), "AggregateBlocked".into()),
-            Op::Close,
-        ],
-        "{ops:?}"
+        ]
     );
-    assert_eq!(blocked_at, 3);
 }
 
 /// A poison that starts a batch (batches of two: 1-2, poison-4, 5) is blocked where it stands,
@@ -414,55 +436,69 @@ async fn poison_is_dead_lettered_and_blocks_the_aggregate() {
 async fn a_poison_that_starts_a_batch_blocks_after_what_the_models_hold() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |c| c.batch_size = 2).await;
-    let (ops, blocked_at) = poison_third_of_five(&mongo, &engine, "q-2").await;
+    let before = poison_third_of_five(&mongo, &engine, "q-2").await;
     assert_eq!(
-        ops,
-        vec![
+        before,
+        [
             Op::Complete("q-2:1".into()),
             Op::Complete("q-2:2".into()),
             Op::SetState("blocked at v3 (UndecodableMessage)".into()),
-            Op::DeadLetter("q-2:3".into(), "UndecodableMessage".into()),
-            Op::DeadLetter("q-2:4".into(), "AggregateBlocked".into()),
-            Op::DeadLetter("q-2:5".into(), "AggregateBlocked".into()),
+        ]
+    );
+}
+
+/// Order `id`'s events v1 to v`n`: created, then one item added by each.
+fn order_events(id: &str, n: i64) -> Vec<Document> {
+    let mut events = vec![event(
+        id,
+        "Order",
+        1,
+        "OrderCreated",
+        doc! { "customerId": "c" },
+    )];
+    events.extend((2..=n).map(|v| {
+        event(
+            id,
+            "Order",
+            v,
+            "ItemAddedToOrder",
+            doc! { "sku": format!("s{v}"), "qty": 1, "price": 2.0 },
+        )
+    }));
+    events
+}
+
+/// Works one session of order `id`'s five events with the third unreadable. Checks that the
+/// poison and the two events behind it were dead-lettered last, before the close, that the
+/// block was recorded at v3 for the poison, and that nothing was applied over the hole; returns
+/// the session's calls before those dead-letters.
+async fn poison_third_of_five(mongo: &TestMongo, engine: &Arc<Engine>, id: &str) -> Vec<Op> {
+    let mut msgs: Vec<Msg> = order_events(id, 5).iter().map(msg).collect();
+    msgs[2].body = b"{not json".to_vec();
+    let (session, ops) = FakeSession::new(id, msgs);
+    work_one_session(engine, session).await;
+    let ops = ops_of(&ops);
+    let (before, last) = ops.split_at(ops.len().saturating_sub(4));
+    assert_eq!(
+        last,
+        [
+            Op::DeadLetter(format!("{id}:3"), "UndecodableMessage".into()),
+            Op::DeadLetter(format!("{id}:4"), "AggregateBlocked".into()),
+            Op::DeadLetter(format!("{id}:5"), "AggregateBlocked".into()),
             Op::Close,
         ],
         "{ops:?}"
     );
-    assert_eq!(blocked_at, 3);
-}
-
-/// Works one session of order `id`'s five events with the third unreadable; returns the
-/// session's calls and the recorded block's version, after checking the reason and the model.
-async fn poison_third_of_five(mongo: &TestMongo, engine: &Arc<Engine>, id: &str) -> (Vec<Op>, i64) {
-    let order: Vec<Document> = (1..=5)
-        .map(|v| {
-            if v == 1 {
-                event(id, "Order", 1, "OrderCreated", doc! { "customerId": "c" })
-            } else {
-                event(
-                    id,
-                    "Order",
-                    v,
-                    "ItemAddedToOrder",
-                    doc! { "sku": format!("s{v}"), "qty": 1, "price": 2.0 },
-                )
-            }
-        })
-        .collect();
-    let mut msgs: Vec<Msg> = order.iter().map(msg).collect();
-    msgs[2].body = b"{not json".to_vec();
-    let (session, ops) = FakeSession::new(id, msgs);
-    work_one_session(engine, session).await;
-    let ops = ops.lock().unwrap().clone();
     let blocked = stored(mongo, "ordo_blocked", id).await.unwrap();
     assert_eq!(blocked.get_str("reason").unwrap(), "UndecodableMessage");
+    assert_eq!(blocked.get_i64("blockedAtEventId").unwrap(), 3);
     let doc = stored(mongo, "orders", id).await.unwrap();
     assert_eq!(
         doc.get_i64("lastEventId").unwrap(),
         2,
         "nothing over the hole"
     );
-    (ops, blocked.get_i64("blockedAtEventId").unwrap())
+    before.to_vec()
 }
 
 /// A batch from v1 is applied without reading the model first (the aggregate is new); when
@@ -473,27 +509,7 @@ async fn poison_third_of_five(mongo: &TestMongo, engine: &Arc<Engine>, id: &str)
 async fn a_batch_from_v1_over_an_existing_model_is_not_applied_twice() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |_| {}).await;
-    let order: Vec<Document> = (1..=3)
-        .map(|v| {
-            if v == 1 {
-                event(
-                    "n-1",
-                    "Order",
-                    1,
-                    "OrderCreated",
-                    doc! { "customerId": "c" },
-                )
-            } else {
-                event(
-                    "n-1",
-                    "Order",
-                    v,
-                    "ItemAddedToOrder",
-                    doc! { "sku": format!("s{v}"), "qty": 1, "price": 2.0 },
-                )
-            }
-        })
-        .collect();
+    let order = order_events("n-1", 3);
     let msgs: Vec<Msg> = order.iter().map(msg).collect();
     let (first, _) = FakeSession::new("n-1", msgs[..2].to_vec());
     work_one_session(&engine, first).await;
@@ -508,9 +524,11 @@ async fn a_batch_from_v1_over_an_existing_model_is_not_applied_twice() {
             Op::Close,
         ]
     );
-    let mut doc = stored(&mongo, "orders", "n-1").await.unwrap();
-    doc.remove("lastUpdatedAt");
-    assert_eq!(doc, expected_order(&order), "each event applied once");
+    assert_eq!(
+        stored_order(&mongo, "n-1").await.unwrap(),
+        expected_order(&order),
+        "each event applied once"
+    );
 }
 
 /// A session that carries two aggregates (a publisher other than ordo-producer, or one from
@@ -608,31 +626,13 @@ async fn a_database_fault_outlasting_the_retry_budget_keeps_the_session() {
     .await;
     let events = workload("b", 2, 5);
     let order = &events[5..];
-    mongo
-        .configure_fail_point(
-            "failCommand",
-            doc! { "mode": { "times": 15 }, "data": { "failCommands": ["insert", "update"], "errorCode": 112 } },
-        )
-        .await
-        .unwrap();
-    let (session, ops) = FakeSession::new("b-1", order.iter().map(msg).collect());
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops_of(&ops);
-    assert_eq!(
-        count(&ops, |o| matches!(o, Op::Complete(_))),
-        order.len(),
-        "{ops:?}"
-    );
-    assert!(!ops.iter().any(burns_delivery_count), "{ops:?}");
+    fail_writes(&mongo, 15).await;
+    let ops = work(&engine, FakeSession::of("b-1", order)).await;
     assert!(
         count(&ops, |o| *o == Op::Renew) >= 1,
         "the lock is renewed while the fault lasts: {ops:?}"
     );
-    let mut doc = stored(&mongo, "orders", "b-1").await.unwrap();
-    doc.remove("lastUpdatedAt");
-    assert_eq!(doc, expected_order(order));
+    assert_applied(&mongo, &ops, "b-1", order).await;
     assert_fail_point_spent(&mongo).await;
 }
 
@@ -686,15 +686,7 @@ async fn a_killed_database_is_waited_for_not_abandoned() {
         count(&ops[..back], |o| *o == Op::Renew) >= 1,
         "the lock is renewed during the outage: {ops:?}"
     );
-    assert_eq!(
-        count(&ops, |o| matches!(o, Op::Complete(_))),
-        order.len(),
-        "{ops:?}"
-    );
-    assert!(!ops.iter().any(burns_delivery_count), "{ops:?}");
-    let mut doc = stored(&mongo, "orders", "k-1").await.unwrap();
-    doc.remove("lastUpdatedAt");
-    assert_eq!(doc, expected_order(order));
+    assert_applied(&mongo, &ops, "k-1", order).await;
 }
 
 /// An event the producer parked for an invalid field (here a payload that is not a document)
@@ -704,32 +696,12 @@ async fn a_killed_database_is_waited_for_not_abandoned() {
 async fn an_invalid_event_reached_by_healing_blocks_the_aggregate_once() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |_| {}).await;
-    let good = workload("h", 2, 3);
-    let order: Vec<Document> = good[3..].to_vec();
+    let order: Vec<Document> = workload("h", 2, 3)[3..].to_vec();
     let mut bad = order[1].clone();
     bad.insert("_id", "bad-event-2");
     bad.insert("payload", "not a document");
-    let events = mongo.database().collection::<Document>("events");
-    events
-        .insert_many([order[0].clone(), bad, order[2].clone()])
-        .await
-        .unwrap();
-    let (session, ops) = FakeSession::new("h-1", vec![msg(&order[0]), msg(&order[2])]);
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops_of(&ops);
-    assert_eq!(
-        ops,
-        vec![
-            Op::SetState("blocked at v2 (InvalidSourceEvent)".into()),
-            Op::Complete("h-1:1".into()),
-            Op::DeadLetter("h-1:3".into(), "InvalidSourceEvent".into()),
-            Op::Close,
-        ],
-        "{ops:?}"
-    );
-    let blocked = stored(&mongo, "ordo_blocked", "h-1").await.unwrap();
+    let blocked =
+        blocked_by_healing(&mongo, &engine, &order, vec![bad], "InvalidSourceEvent").await;
     assert_eq!(blocked.get_i64("blockedAtEventId").unwrap(), 2);
     assert_eq!(blocked.get_str("reason").unwrap(), "InvalidSourceEvent");
     let description = blocked.get_str("description").unwrap();
@@ -745,6 +717,42 @@ async fn an_invalid_event_reached_by_healing_blocks_the_aggregate_once() {
     );
 }
 
+/// Works a session of only the first and the last of `order`'s events, over an events
+/// collection that holds those two and `between`, so healing reads `between` for the gap.
+/// Checks that the aggregate is blocked at v2 for `reason` before anything is settled, the first
+/// event completed and the last dead-lettered once, and returns the block's record.
+async fn blocked_by_healing(
+    mongo: &TestMongo,
+    engine: &Engine,
+    order: &[Document],
+    between: Vec<Document>,
+    reason: &str,
+) -> Document {
+    let (first, last) = (&order[0], &order[order.len() - 1]);
+    let mut source = vec![first.clone()];
+    source.extend(between);
+    source.push(last.clone());
+    mongo
+        .database()
+        .collection::<Document>("events")
+        .insert_many(source)
+        .await
+        .unwrap();
+    let id = first.get_str("aggregateId").unwrap();
+    let ops = work(engine, FakeSession::of(id, &[first.clone(), last.clone()])).await;
+    assert_eq!(
+        ops,
+        vec![
+            Op::SetState(format!("blocked at v2 ({reason})")),
+            Op::Complete(msg(first).id),
+            Op::DeadLetter(msg(last).id, reason.into()),
+            Op::Close,
+        ],
+        "{ops:?}"
+    );
+    stored(mongo, "ordo_blocked", id).await.unwrap()
+}
+
 /// Two source documents with the same (aggregateId, eventId), reached by healing: no panic;
 /// the aggregate is blocked with a reason naming both documents.
 #[tokio::test]
@@ -757,28 +765,14 @@ async fn duplicate_versions_in_the_source_block_without_a_panic() {
     let mut second = order[1].clone();
     second.insert("_id", "dup-b");
     // v2 twice and no v3: a heal of v2..v3 finds two documents, as many as it asked for.
-    mongo
-        .database()
-        .collection::<Document>("events")
-        .insert_many([order[0].clone(), first, second, order[3].clone()])
-        .await
-        .unwrap();
-    let (session, ops) = FakeSession::new("d-1", vec![msg(&order[0]), msg(&order[3])]);
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops_of(&ops);
-    assert_eq!(
-        ops,
-        vec![
-            Op::SetState("blocked at v2 (DuplicateVersion)".into()),
-            Op::Complete("d-1:1".into()),
-            Op::DeadLetter("d-1:4".into(), "DuplicateVersion".into()),
-            Op::Close,
-        ],
-        "{ops:?}"
-    );
-    let blocked = stored(&mongo, "ordo_blocked", "d-1").await.unwrap();
+    let blocked = blocked_by_healing(
+        &mongo,
+        &engine,
+        &order,
+        vec![first, second],
+        "DuplicateVersion",
+    )
+    .await;
     let description = blocked.get_str("description").unwrap();
     assert!(
         description.contains("dup-a") && description.contains("dup-b"),
@@ -805,11 +799,7 @@ async fn a_validator_refusing_the_read_model_blocks_the_aggregate() {
         .get_document_mut("payload")
         .unwrap()
         .insert("customerId", 42);
-    let (session, ops) = FakeSession::new("v-1", order.iter().map(msg).collect());
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops_of(&ops);
+    let ops = work(&engine, FakeSession::of("v-1", &order)).await;
     assert_eq!(
         ops,
         vec![
@@ -839,20 +829,8 @@ async fn a_read_model_without_a_version_is_replaced_by_the_fold() {
         .insert_one(doc! { "_id": "u-1", "customerId": "legacy", "status": "imported" })
         .await
         .unwrap();
-    let (session, ops) = FakeSession::new("u-1", order.iter().map(msg).collect());
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops_of(&ops);
-    assert_eq!(
-        count(&ops, |o| matches!(o, Op::Complete(_))),
-        order.len(),
-        "{ops:?}"
-    );
-    assert!(!ops.iter().any(burns_delivery_count), "{ops:?}");
-    let mut doc = stored(&mongo, "orders", "u-1").await.unwrap();
-    doc.remove("lastUpdatedAt");
-    assert_eq!(doc, expected_order(&order));
+    let ops = work(&engine, FakeSession::of("u-1", &order)).await;
+    assert_applied(&mongo, &ops, "u-1", &order).await;
 }
 
 /// An event type no rule handles still records the aggregate's version, so later events need
@@ -862,11 +840,8 @@ async fn an_event_type_without_rules_records_progress() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |_| {}).await;
     let noted = event("n-1", "Order", 1, "OrderNoted", doc! {});
-    let (session, ops) = FakeSession::new("n-1", vec![msg(&noted)]);
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    assert_eq!(ops_of(&ops), vec![Op::Complete("n-1:1".into()), Op::Close]);
+    let ops = work(&engine, FakeSession::of("n-1", &[noted])).await;
+    assert_eq!(ops, vec![Op::Complete("n-1:1".into()), Op::Close]);
     let doc = stored(&mongo, "orders", "n-1")
         .await
         .expect("the document exists");
@@ -892,11 +867,7 @@ async fn a_block_is_recorded_under_the_real_aggregate_id() {
     m.aggregate = Some(long_id.clone());
     let session_id = ordo_core::envelope::session_id(&long_id);
     assert!(session_id.starts_with("sha256:"));
-    let (session, ops) = FakeSession::new(&session_id, vec![m]);
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops_of(&ops);
+    let ops = work(&engine, FakeSession::new(&session_id, vec![m]).0).await;
     assert_eq!(
         count(&ops, |o| matches!(o, Op::DeadLetter(..))),
         1,
@@ -924,12 +895,9 @@ async fn a_stop_found_after_a_conflict_reload_is_honoured() {
         .unwrap();
     let mut reset = expected_order(&order[..1]);
     reset.insert("lastUpdatedAt", mongodb::bson::DateTime::now());
-    let (mut session, ops) = FakeSession::new("r-1", order.iter().map(msg).collect());
+    let mut session = FakeSession::of("r-1", &order);
     session.rewrite = Some((1, mongo.database().collection("orders"), reset));
-    engine
-        .work_session(session, &CancellationToken::new())
-        .await;
-    let ops = ops_of(&ops);
+    let ops = work(&engine, session).await;
     assert!(
         !ops.contains(&Op::Complete("r-1:4".into()))
             && !ops.contains(&Op::Complete("r-1:5".into())),
@@ -994,28 +962,13 @@ impl SessionSource for SharedSource {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_worker_is_replaced_and_the_others_converge() {
     let mongo = TestMongo::start().await.unwrap();
-    let mut cfg = ProjectorSection {
-        max_concurrent_sessions: 2,
-        batch_size: 10,
-        receive_wait: Duration::from_millis(20),
-        session_idle_timeout: Duration::from_millis(60),
-        retry_initial: Duration::from_millis(10),
-        retry_max: Duration::from_millis(50),
-        ..Default::default()
-    };
-    cfg.gap_timeout = Duration::from_millis(200);
     let mut all = projections();
     all.push(Arc::new(Bomb));
-    let engine = Arc::new(Engine::new(
-        all,
-        Store::new(
-            mongo.database(),
-            "events",
-            "ordo_blocked",
-            EventFields::default(),
-        ),
-        cfg,
-    ));
+    let engine = engine_of(&mongo, all, |c| {
+        c.max_concurrent_sessions = 2;
+        c.lock_renewal_interval = ProjectorSection::default().lock_renewal_interval;
+    })
+    .await;
     let boom = [event("x-1", "Order", 1, "Explode", doc! {})];
     let (boom_session, _) = FakeSession::new("x-1", boom.iter().map(msg).collect());
     let good = workload("g", 8, 4);
@@ -1048,11 +1001,7 @@ async fn a_panicking_worker_is_replaced_and_the_others_converge() {
                 return false;
             }
             for (id, evs, _) in good_ref {
-                let Some(mut doc) = stored(m, "orders", id).await else {
-                    return false;
-                };
-                doc.remove("lastUpdatedAt");
-                if doc != expected_order(evs) {
+                if stored_order(m, id).await != Some(expected_order(evs)) {
                     return false;
                 }
             }

@@ -29,6 +29,56 @@ fn position(token: &str, time: u32) -> Checkpoint {
     }
 }
 
+/// The stream's stored checkpoint, which must exist.
+async fn stored(checkpoints: &CheckpointStore) -> Checkpoint {
+    checkpoints
+        .load(STREAM)
+        .await
+        .unwrap()
+        .expect("a stored checkpoint")
+}
+
+/// Fails unless `result` is the refusal of a write from a deposed epoch.
+fn assert_fenced<T: std::fmt::Debug>(result: Result<T, CheckpointError>) {
+    assert!(
+        matches!(result, Err(CheckpointError::Fenced { .. })),
+        "{result:?}"
+    );
+}
+
+/// Acquires the lease for `holder`; it must be free, expired, or `holder`'s own.
+async fn acquire(leases: &LeaseStore, holder: &str, ttl: Duration) -> lease::Lease {
+    leases
+        .try_acquire(STREAM, holder, ttl)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{holder} was refused the lease"))
+}
+
+/// Whether `holder` is refused the lease because another holds it.
+async fn refused(leases: &LeaseStore, holder: &str, ttl: Duration) -> bool {
+    leases
+        .try_acquire(STREAM, holder, ttl)
+        .await
+        .unwrap()
+        .is_none()
+}
+
+/// An old leader that saved position `old-1` under a short lease, and the new leader that took
+/// the lease over once it expired: `(old, new)`.
+async fn deposed_leader(
+    leases: &LeaseStore,
+    checkpoints: &CheckpointStore,
+) -> (lease::Lease, lease::Lease) {
+    let old = acquire(leases, "old", SHORT_TTL).await;
+    checkpoints
+        .save(&position("old-1", 10), old.epoch)
+        .await
+        .unwrap();
+    let new = take_over_after_expiry(leases, "new").await;
+    (old, new)
+}
+
 /// Waits for `lease`'s expiry to pass and returns the takeover by `holder`.
 async fn take_over_after_expiry(leases: &LeaseStore, holder: &str) -> lease::Lease {
     wait_for(Duration::from_secs(10), || async {
@@ -45,7 +95,7 @@ async fn checkpoint_round_trip() {
 
     let saved = position("8263A1", 42);
     checkpoints.save(&saved, 1).await.unwrap();
-    let loaded = checkpoints.load(STREAM).await.unwrap().unwrap();
+    let loaded = stored(&checkpoints).await;
     assert_eq!(loaded.resume_token, saved.resume_token);
     assert_eq!(loaded.cluster_time, saved.cluster_time);
     assert_eq!(loaded.wall_time, saved.wall_time);
@@ -54,7 +104,7 @@ async fn checkpoint_round_trip() {
 
     // A later position overwrites it; other streams are independent.
     checkpoints.save(&position("8263A2", 43), 1).await.unwrap();
-    let loaded = checkpoints.load(STREAM).await.unwrap().unwrap();
+    let loaded = stored(&checkpoints).await;
     assert_eq!(loaded.resume_token, Some(doc! { "_data": "8263A2" }));
     assert_eq!(checkpoints.load("other").await.unwrap(), None);
 }
@@ -64,18 +114,10 @@ async fn lease_is_exclusive_until_it_expires_then_taken_over_with_a_higher_epoch
     let mongo = TestMongo::start().await.unwrap();
     let (leases, _) = stores(&mongo);
 
-    let a = leases
-        .try_acquire(STREAM, "a", SHORT_TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let a = acquire(&leases, "a", SHORT_TTL).await;
     assert_eq!(a.epoch, 1);
     // Re-acquiring one's own live lease keeps the epoch.
-    let again = leases
-        .try_acquire(STREAM, "a", SHORT_TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let again = acquire(&leases, "a", SHORT_TTL).await;
     assert_eq!(again.epoch, 1);
 
     // While live, b cannot take it; once expired, b can, under the next epoch.
@@ -89,11 +131,7 @@ async fn lease_is_exclusive_until_it_expires_then_taken_over_with_a_higher_epoch
     assert_eq!(b.holder, "b");
     assert_eq!(b.epoch, 2);
     assert!(a.is_expired(), "b must not win before a's lease expired");
-    assert!(leases
-        .try_acquire(STREAM, "a", SHORT_TTL)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(refused(&leases, "a", SHORT_TTL).await);
 }
 
 #[tokio::test]
@@ -101,11 +139,7 @@ async fn renew_extends_a_held_lease_and_fails_after_loss() {
     let mongo = TestMongo::start().await.unwrap();
     let (leases, _) = stores(&mongo);
 
-    let a = leases
-        .try_acquire(STREAM, "a", SHORT_TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let a = acquire(&leases, "a", SHORT_TTL).await;
     let renewed = leases.renew(&a).await.unwrap();
     assert_eq!(renewed.epoch, a.epoch);
     assert!(renewed.expires_at >= a.expires_at);
@@ -128,22 +162,10 @@ async fn release_hands_over_at_once_and_epochs_keep_growing() {
     let mongo = TestMongo::start().await.unwrap();
     let (leases, _) = stores(&mongo);
 
-    let a = leases
-        .try_acquire(STREAM, "a", LONG_TTL)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(leases
-        .try_acquire(STREAM, "b", LONG_TTL)
-        .await
-        .unwrap()
-        .is_none());
+    let a = acquire(&leases, "a", LONG_TTL).await;
+    assert!(refused(&leases, "b", LONG_TTL).await);
     assert!(leases.release(&a).await.unwrap());
-    let b = leases
-        .try_acquire(STREAM, "b", LONG_TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let b = acquire(&leases, "b", LONG_TTL).await;
     assert_eq!(b.epoch, a.epoch + 1, "release keeps the epoch history");
 }
 
@@ -152,17 +174,7 @@ async fn a_deposed_leader_cannot_overwrite_the_new_leaders_checkpoint() {
     let mongo = TestMongo::start().await.unwrap();
     let (leases, checkpoints) = stores(&mongo);
 
-    let old = leases
-        .try_acquire(STREAM, "old", SHORT_TTL)
-        .await
-        .unwrap()
-        .unwrap();
-    checkpoints
-        .save(&position("old-1", 10), old.epoch)
-        .await
-        .unwrap();
-
-    let new = take_over_after_expiry(&leases, "new").await;
+    let (old, new) = deposed_leader(&leases, &checkpoints).await;
     checkpoints
         .save(&position("new-1", 11), new.epoch)
         .await
@@ -179,9 +191,9 @@ async fn a_deposed_leader_cannot_overwrite_the_new_leaders_checkpoint() {
         }
         other => panic!("expected Fenced, got {other:?}"),
     }
-    let stored = checkpoints.load(STREAM).await.unwrap().unwrap();
-    assert_eq!(stored.resume_token, Some(doc! { "_data": "new-1" }));
-    assert_eq!(stored.epoch, new.epoch);
+    let saved = stored(&checkpoints).await;
+    assert_eq!(saved.resume_token, Some(doc! { "_data": "new-1" }));
+    assert_eq!(saved.epoch, new.epoch);
 }
 
 #[tokio::test]
@@ -189,33 +201,16 @@ async fn claim_fences_the_old_leader_before_the_new_leaders_first_save() {
     let mongo = TestMongo::start().await.unwrap();
     let (leases, checkpoints) = stores(&mongo);
 
-    let old = leases
-        .try_acquire(STREAM, "old", SHORT_TTL)
-        .await
-        .unwrap()
-        .unwrap();
-    checkpoints
-        .save(&position("old-1", 10), old.epoch)
-        .await
-        .unwrap();
-    let new = take_over_after_expiry(&leases, "new").await;
+    let (old, new) = deposed_leader(&leases, &checkpoints).await;
     checkpoints.claim(STREAM, new.epoch).await.unwrap();
 
-    let refused = checkpoints.save(&position("old-2", 20), old.epoch).await;
-    assert!(
-        matches!(refused, Err(CheckpointError::Fenced { .. })),
-        "{refused:?}"
-    );
+    assert_fenced(checkpoints.save(&position("old-2", 20), old.epoch).await);
     // The claim kept the position; the new leader resumes from it.
-    let stored = checkpoints.load(STREAM).await.unwrap().unwrap();
-    assert_eq!(stored.resume_token, Some(doc! { "_data": "old-1" }));
-    assert_eq!(stored.epoch, new.epoch);
+    let saved = stored(&checkpoints).await;
+    assert_eq!(saved.resume_token, Some(doc! { "_data": "old-1" }));
+    assert_eq!(saved.epoch, new.epoch);
     // An older epoch cannot claim back.
-    let reclaim = checkpoints.claim(STREAM, old.epoch).await;
-    assert!(
-        matches!(reclaim, Err(CheckpointError::Fenced { .. })),
-        "{reclaim:?}"
-    );
+    assert_fenced(checkpoints.claim(STREAM, old.epoch).await);
 }
 
 #[tokio::test]
@@ -249,12 +244,7 @@ async fn checkpoint_never_moves_backwards_within_an_epoch_unless_reset() {
         other => panic!("expected Backwards, got {other:?}"),
     }
     assert_eq!(
-        checkpoints
-            .load(STREAM)
-            .await
-            .unwrap()
-            .unwrap()
-            .cluster_time,
+        stored(&checkpoints).await.cluster_time,
         Some(Timestamp {
             time: 20,
             increment: 1
@@ -264,21 +254,12 @@ async fn checkpoint_never_moves_backwards_within_an_epoch_unless_reset() {
     // An explicit reset may move it back; so may a newer epoch.
     checkpoints.reset(&position("t10", 10), 1).await.unwrap();
     assert_eq!(
-        checkpoints
-            .load(STREAM)
-            .await
-            .unwrap()
-            .unwrap()
-            .resume_token,
+        stored(&checkpoints).await.resume_token,
         Some(doc! { "_data": "t10" })
     );
     checkpoints.save(&position("t5", 5), 2).await.unwrap();
     // A reset is still fenced.
-    let refused = checkpoints.reset(&position("t1", 1), 1).await;
-    assert!(
-        matches!(refused, Err(CheckpointError::Fenced { .. })),
-        "{refused:?}"
-    );
+    assert_fenced(checkpoints.reset(&position("t1", 1), 1).await);
 }
 
 #[tokio::test]
@@ -301,11 +282,7 @@ async fn concurrent_acquirers_of_a_new_lease_exactly_one_wins() {
 async fn concurrent_takeovers_of_an_expired_lease_exactly_one_wins() {
     let mongo = TestMongo::start().await.unwrap();
     let (leases, _) = stores(&mongo);
-    let old = leases
-        .try_acquire(STREAM, "old", SHORT_TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let old = acquire(&leases, "old", SHORT_TTL).await;
     ordo_testkit::wait_until(Duration::from_secs(5), || async { old.is_expired() }).await;
 
     // Separate clients on separate tasks, so the attempts really race on the server.

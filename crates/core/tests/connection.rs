@@ -1,9 +1,10 @@
 //! The AMQP connections ordo opens, as sockets.
 
+mod common;
+
 use std::net::SocketAddr;
 
-use ordo_core::secret::Secret;
-use ordo_core::servicebus::receiver::AzureSessionSource;
+use common::{message, session_source, TopicSender};
 use ordo_testkit::TestServiceBus;
 use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
 
@@ -17,15 +18,7 @@ use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFla
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_amqp_connection_turns_nagle_off() {
     let sb = TestServiceBus::start().await.unwrap();
-    let _source = AzureSessionSource::connect(
-        &Secret::new(sb.connection_string()),
-        sb.topic(),
-        sb.subscription(),
-        "nodelay-test",
-        0,
-    )
-    .await
-    .unwrap();
+    let _source = session_source(&sb, "nodelay-test").await;
     let broker = broker_addr(sb.connection_string());
 
     // This process's sockets connected to the broker, by duplicating each of its descriptors
@@ -81,32 +74,24 @@ fn broker_addr(connection_string: &str) -> SocketAddr {
 /// vendored fix about one in several hundred lost the race under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_that_arrives_at_once_is_never_lost() {
-    use azservicebus::{ServiceBusClient, ServiceBusClientOptions, ServiceBusMessage};
     use std::time::{Duration, Instant};
 
     let sb = TestServiceBus::start().await.unwrap();
-    let mut client = ServiceBusClient::unsecured()
-        .new_from_connection_string(sb.connection_string(), ServiceBusClientOptions::default())
-        .await
-        .unwrap();
-    let mut sender = client
-        .create_sender(sb.topic(), Default::default())
-        .await
-        .unwrap();
+    let mut topic = TopicSender::open(&sb).await;
     let mut slowest = Duration::ZERO;
     for i in 0..1000 {
-        let mut m = ServiceBusMessage::new(format!("{i}").into_bytes());
-        m.set_message_id(format!("outcome-{i}")).unwrap();
-        m.set_session_id(Some(format!("s{}", i % 10))).unwrap();
-        m.set_partition_key(Some(format!("s{}", i % 10))).unwrap();
+        let m = message(
+            &format!("s{}", i % 10),
+            format!("outcome-{i}"),
+            format!("{i}"),
+        );
         let started = Instant::now();
-        tokio::time::timeout(Duration::from_secs(5), sender.send_message(m))
+        tokio::time::timeout(Duration::from_secs(5), topic.sender.send_message(m))
             .await
             .unwrap_or_else(|_| panic!("send {i} had no outcome within 5 s"))
             .unwrap();
         slowest = slowest.max(started.elapsed());
     }
     eprintln!("1000 sends, slowest {slowest:?}");
-    sender.dispose().await.unwrap();
-    client.dispose().await.unwrap();
+    topic.close().await;
 }

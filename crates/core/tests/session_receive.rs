@@ -1,13 +1,12 @@
 //! A session receive against the emulator, over a real socket: a batch starts as soon as its
 //! first message is there, and holds what follows within the batch window, in order.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use azservicebus::{ServiceBusClient, ServiceBusClientOptions, ServiceBusMessage};
-use ordo_core::secret::Secret;
-use ordo_core::servicebus::receiver::{
-    Accepted, AzureSessionSource, Delivery, SessionReceiver, SessionSource,
-};
+use common::{message, session_source, TopicSender};
+use ordo_core::servicebus::receiver::{Accepted, Delivery, SessionReceiver, SessionSource};
 use ordo_testkit::TestServiceBus;
 
 /// Far longer than any answer takes, and under the client's 20 s per operation: a receive that
@@ -18,35 +17,16 @@ const BOUND: Duration = Duration::from_secs(10);
 /// Sends `count` messages to session `session`, one send each (the test topic is partitioned
 /// with duplicate detection, where a batch of distinct MessageIds is refused).
 async fn send(sb: &TestServiceBus, session: &str, count: usize) {
-    let mut client = ServiceBusClient::unsecured()
-        .new_from_connection_string(sb.connection_string(), ServiceBusClientOptions::default())
-        .await
-        .unwrap();
-    let mut sender = client
-        .create_sender(sb.topic(), Default::default())
-        .await
-        .unwrap();
+    let mut topic = TopicSender::open(sb).await;
     for i in 1..=count {
-        let mut m = ServiceBusMessage::new(format!("{i}").into_bytes());
-        m.set_message_id(format!("{session}:{i}")).unwrap();
-        m.set_session_id(Some(session.to_string())).unwrap();
-        m.set_partition_key(Some(session.to_string())).unwrap();
-        sender.send_message(m).await.unwrap();
+        let m = message(session, format!("{session}:{i}"), format!("{i}"));
+        topic.sender.send_message(m).await.unwrap();
     }
-    sender.dispose().await.unwrap();
-    client.dispose().await.unwrap();
+    topic.close().await;
 }
 
 async fn accept(sb: &TestServiceBus) -> ordo_core::servicebus::receiver::AzureSession {
-    let mut source = AzureSessionSource::connect(
-        &Secret::new(sb.connection_string()),
-        sb.topic(),
-        sb.subscription(),
-        "receive-test",
-        0,
-    )
-    .await
-    .unwrap();
+    let mut source = session_source(sb, "receive-test").await;
     match source.accept_next(BOUND).await.unwrap() {
         Accepted::Session(s) => s,
         Accepted::Idle => panic!("a session with messages is accepted, not Idle"),

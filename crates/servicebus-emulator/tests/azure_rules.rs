@@ -18,8 +18,15 @@ async fn start_rules() -> EmulatorHandle {
     start(EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap()).await
 }
 
-fn active(emulator: &EmulatorHandle, path: &str) -> usize {
-    emulator.stats().entity(path).unwrap().active
+/// Runs `body` against an emulator of [`RULES_CONFIG`] and a client of it that does not retry,
+/// then shuts the emulator down.
+fn with_rules(body: impl AsyncFnOnce(&EmulatorHandle, &mut Client) + Send + 'static) {
+    run_with(move || async move {
+        let emulator = start_rules().await;
+        let mut client = no_retry_client(&emulator).await;
+        body(&emulator, &mut client).await;
+        emulator.shutdown().await;
+    });
 }
 
 /// Sends one transfer (one message, or a batch for several); the error is the client's text.
@@ -41,56 +48,48 @@ async fn send_to(
 
 #[test]
 fn partitioned_topic_with_duplicate_detection_refuses_batches_and_takes_single_sends() {
-    run(async {
-        let emulator = start_rules().await;
-        let mut client = no_retry_client(&emulator).await;
+    with_rules(async |emulator, client| {
         let path = "part-dedup/Subscriptions/s";
         let batch = vec![message("a", "a:1", b"1"), message("a", "a:2", b"2")];
-        let refused = send_to(&mut client, "part-dedup", batch).await.unwrap_err();
+        let refused = send_to(client, "part-dedup", batch).await.unwrap_err();
         assert!(
             refused.contains("Batching brokered messages with distinct SessionId, PartitionKey, or MessageId is not supported for an entity with partitioning and duplicate detection enabled."),
             "{refused}"
         );
         assert_eq!(
-            active(&emulator, path),
+            active(emulator, path),
             0,
             "nothing of a refused batch is kept"
         );
         for m in [message("a", "a:1", b"1"), message("a", "a:2", b"2")] {
-            send_to(&mut client, "part-dedup", vec![m]).await.unwrap();
+            send_to(client, "part-dedup", vec![m]).await.unwrap();
         }
-        assert_eq!(active(&emulator, path), 2);
-        emulator.shutdown().await;
+        assert_eq!(active(emulator, path), 2);
     });
 }
 
 #[test]
 fn partitioned_topic_refuses_a_batch_across_sessions_and_takes_a_one_session_batch() {
-    run(async {
-        let emulator = start_rules().await;
-        let mut client = no_retry_client(&emulator).await;
+    with_rules(async |emulator, client| {
         let across = vec![message("a", "a:1", b"1"), message("b", "b:1", b"1")];
-        let refused = send_to(&mut client, "part", across).await.unwrap_err();
+        let refused = send_to(client, "part", across).await.unwrap_err();
         assert!(
             refused.contains("Batching brokered messages with distinct SessionId or PartitionKey is not supported for an entity with partitioning enabled."),
             "{refused}"
         );
         let one_session = vec![message("a", "a:1", b"1"), message("a", "a:2", b"2")];
-        send_to(&mut client, "part", one_session).await.unwrap();
-        assert_eq!(active(&emulator, "part/Subscriptions/s"), 2);
-        emulator.shutdown().await;
+        send_to(client, "part", one_session).await.unwrap();
+        assert_eq!(active(emulator, "part/Subscriptions/s"), 2);
     });
 }
 
 #[test]
 fn a_message_without_session_id_is_dead_lettered_on_the_session_subscription_only() {
-    run(async {
-        let emulator = start_rules().await;
-        let mut client = no_retry_client(&emulator).await;
+    with_rules(async |emulator, client| {
         let mut m = ServiceBusMessage::new(b"no session".to_vec());
         m.set_message_id("n:1").unwrap();
-        send_to(&mut client, "mixed", vec![m]).await.unwrap();
-        assert_eq!(active(&emulator, "mixed/Subscriptions/plain"), 1);
+        send_to(client, "mixed", vec![m]).await.unwrap();
+        assert_eq!(active(emulator, "mixed/Subscriptions/plain"), 1);
         let dead = emulator.subscription_dead_letters("mixed", "s").unwrap();
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert_eq!(dead[0].reason.as_deref(), Some("Session id is null."));
@@ -100,22 +99,18 @@ fn a_message_without_session_id_is_dead_lettered_on_the_session_subscription_onl
                 "Session enabled entity doesn't allow a message whose session identifier is null."
             )
         );
-        assert_eq!(active(&emulator, "mixed/Subscriptions/s"), 0);
-        emulator.shutdown().await;
+        assert_eq!(active(emulator, "mixed/Subscriptions/s"), 0);
     });
 }
 
 #[test]
 fn scheduled_messages_are_refused_never_delivered_early() {
-    run(async {
-        let emulator = start_rules().await;
-        let mut client = no_retry_client(&emulator).await;
+    with_rules(async |emulator, client| {
         let mut m = message("a", "a:1", b"later");
         m.set_scheduled_enqueue_time(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
-        let refused = send_to(&mut client, "mixed", vec![m]).await.unwrap_err();
+        let refused = send_to(client, "mixed", vec![m]).await.unwrap_err();
         assert!(refused.contains("Scheduled messages"), "{refused}");
-        assert_eq!(active(&emulator, "mixed/Subscriptions/s"), 0);
-        emulator.shutdown().await;
+        assert_eq!(active(emulator, "mixed/Subscriptions/s"), 0);
     });
 }
 
@@ -258,15 +253,13 @@ fn annotation_keys_written_as_strings_are_read() {
 
 #[test]
 fn dead_lettered_messages_never_expire() {
-    run(async {
-        let emulator = start_rules().await;
-        let mut client = no_retry_client(&emulator).await;
+    with_rules(async |emulator, client| {
         let ttl = Duration::from_secs(1);
         let mut m = ServiceBusMessage::new(b"short-lived".to_vec());
         m.set_message_id("t:1").unwrap();
         m.set_time_to_live(ttl).unwrap();
         let sent_at = std::time::Instant::now();
-        send_to(&mut client, "mixed", vec![m]).await.unwrap();
+        send_to(client, "mixed", vec![m]).await.unwrap();
         let mut receiver = within(
             10,
             client.create_receiver_for_subscription("mixed", "plain", Default::default()),
@@ -302,17 +295,14 @@ fn dead_lettered_messages_never_expire() {
         .unwrap();
         assert_eq!(again.len(), 1, "the dead-lettered message is still there");
         assert_eq!(again[0].body().unwrap(), b"short-lived");
-        emulator.shutdown().await;
     });
 }
 
 #[test]
 fn closing_a_session_receiver_gives_its_messages_back_without_raising_the_delivery_count() {
-    run(async {
-        let emulator = start_rules().await;
-        let mut client = no_retry_client(&emulator).await;
+    with_rules(async |emulator, client| {
         let batch = vec![message("c", "c:1", b"1"), message("c", "c:2", b"2")];
-        send_to(&mut client, "mixed", batch).await.unwrap();
+        send_to(client, "mixed", batch).await.unwrap();
         let options = azservicebus::ServiceBusSessionReceiverOptions::default;
         let mut receiver = within(
             10,
@@ -337,15 +327,10 @@ fn closing_a_session_receiver_gives_its_messages_back_without_raising_the_delive
         .await
         .unwrap();
         let again = receive(&mut receiver, 2).await;
-        let seen: Vec<_> = again
-            .iter()
-            .map(|m| (m.body().unwrap().to_vec(), m.delivery_count()))
-            .collect();
         assert_eq!(
-            seen,
+            bodies_and_counts(&again),
             vec![(b"1".to_vec(), Some(1)), (b"2".to_vec(), Some(1))]
         );
-        emulator.shutdown().await;
     });
 }
 
@@ -365,16 +350,37 @@ async fn client_for(connection_string: String) -> Result<Client, String> {
         .map_err(|e| format!("{e:?}"))
 }
 
+/// Whether a client of `connection_string` may open a sender on `mixed`; the error is the
+/// client's text.
+async fn can_send(connection_string: String) -> Result<(), String> {
+    let mut client = client_for(connection_string).await?;
+    within(
+        30,
+        client.create_sender("mixed", ServiceBusSenderOptions::default()),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| format!("{e:?}"))
+}
+
+/// A rule named `sender` with the Send right only.
+fn send_rule(
+    key: &str,
+    secondary_key: Option<&str>,
+) -> ordo_servicebus_emulator::AuthorizationRule {
+    ordo_servicebus_emulator::AuthorizationRule {
+        name: "sender".into(),
+        key: key.into(),
+        secondary_key: secondary_key.map(Into::into),
+        rights: vec![ordo_servicebus_emulator::AccessRight::Send],
+    }
+}
+
 #[test]
 fn tokens_are_verified_and_links_need_the_right_for_their_entity() {
     run(async {
         let mut config = EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap();
-        config.namespace.authorization_rules = vec![ordo_servicebus_emulator::AuthorizationRule {
-            name: "sender".into(),
-            key: "sender-key".into(),
-            secondary_key: None,
-            rights: vec![ordo_servicebus_emulator::AccessRight::Send],
-        }];
+        config.namespace.authorization_rules = vec![send_rule("sender-key", None)];
         let emulator = start(config).await;
         // A wrong key and an unknown key name: put-token answers 401, no link opens.
         for (name, key) in [("sender", "wrong"), ("nobody", "sender-key")] {
@@ -416,28 +422,11 @@ fn tokens_are_verified_and_links_need_the_right_for_their_entity() {
 #[test]
 fn either_key_of_a_rule_authorizes_and_a_regenerated_one_stops() {
     run(async {
-        let rule = |secondary: &str| ordo_servicebus_emulator::AuthorizationRule {
-            name: "sender".into(),
-            key: "primary-key".into(),
-            secondary_key: Some(secondary.into()),
-            rights: vec![ordo_servicebus_emulator::AccessRight::Send],
-        };
+        let rule = |secondary: &str| send_rule("primary-key", Some(secondary));
         let mut config = EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap();
         config.namespace.authorization_rules = vec![rule("secondary-key")];
         let emulator = start(config).await;
-        let sends = |key: &'static str| {
-            let cs = with_key(&emulator, "sender", key);
-            async move {
-                let mut client = client_for(cs).await?;
-                within(
-                    30,
-                    client.create_sender("mixed", ServiceBusSenderOptions::default()),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("{e:?}"))
-            }
-        };
+        let sends = |key: &str| can_send(with_key(&emulator, "sender", key));
         sends("primary-key").await.unwrap();
         sends("secondary-key").await.unwrap();
         emulator.put_key(rule("secondary-key-2"));
@@ -457,12 +446,8 @@ fn either_key_of_a_rule_authorizes_and_a_regenerated_one_stops() {
 fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
     run(async {
         let mut config = EmulatorConfig::from_toml_str(RULES_CONFIG).unwrap();
-        config.namespace.authorization_rules = vec![ordo_servicebus_emulator::AuthorizationRule {
-            name: "sender".into(),
-            key: "primary-key".into(),
-            secondary_key: Some("secondary-key".into()),
-            rights: vec![ordo_servicebus_emulator::AccessRight::Send],
-        }];
+        config.namespace.authorization_rules =
+            vec![send_rule("primary-key", Some("secondary-key"))];
         let root = format!(
             "SharedAccessKeyName={};SharedAccessKey={}",
             config.namespace.key_name, config.namespace.key
@@ -477,16 +462,6 @@ fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
             tokio::task::spawn_blocking(move || {
                 http_request(http, "POST", path, auth.as_deref(), body)
             })
-        };
-        let sends = |cs: String| async move {
-            let mut client = client_for(cs).await?;
-            within(
-                30,
-                client.create_sender("mixed", ServiceBusSenderOptions::default()),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{e:?}"))
         };
         let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
 
@@ -538,7 +513,7 @@ fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
         assert_eq!(listed["keyName"], "sender");
         assert_eq!(listed["primaryKey"], "primary-key");
         assert_eq!(listed["secondaryKey"], "secondary-key");
-        sends(
+        can_send(
             listed["primaryConnectionString"]
                 .as_str()
                 .unwrap()
@@ -569,12 +544,12 @@ fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
             .as_str()
             .unwrap()
             .to_owned();
-        sends(moved.clone()).await.unwrap();
-        let refused = sends(with_key(&emulator, "sender", "secondary-key"))
+        can_send(moved.clone()).await.unwrap();
+        let refused = can_send(with_key(&emulator, "sender", "secondary-key"))
             .await
             .unwrap_err();
         assert!(refused.contains("InvalidSignature"), "{refused}");
-        sends(with_key(&emulator, "sender", "primary-key"))
+        can_send(with_key(&emulator, "sender", "primary-key"))
             .await
             .unwrap();
 
@@ -588,12 +563,12 @@ fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
         .unwrap();
         assert_eq!(status, 200, "{renewed}");
         assert_eq!(json(&renewed)["primaryKey"], "chosen");
-        let refused = sends(with_key(&emulator, "sender", "primary-key"))
+        let refused = can_send(with_key(&emulator, "sender", "primary-key"))
             .await
             .unwrap_err();
         assert!(refused.contains("InvalidSignature"), "{refused}");
-        sends(moved).await.unwrap();
-        sends(with_key(&emulator, "sender", "chosen"))
+        can_send(moved).await.unwrap();
+        can_send(with_key(&emulator, "sender", "chosen"))
             .await
             .unwrap();
         emulator.shutdown().await;

@@ -252,14 +252,7 @@ fn another_issuer_a_forged_signature_and_a_wrong_audience_are_refused() {
             let refused = format!("{refused:?}");
             assert!(refused.contains(text), "{iss} {aud}: {refused}");
         }
-        assert_eq!(
-            emulator
-                .stats()
-                .entity("mixed/Subscriptions/plain")
-                .unwrap()
-                .active,
-            0
-        );
+        assert_eq!(active(&emulator, "mixed/Subscriptions/plain"), 0);
         emulator.shutdown().await;
     });
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use azservicebus::{CreateMessageBatchOptions, ServiceBusSenderOptions};
+use azservicebus::CreateMessageBatchOptions;
 use common::*;
 
 const CONNECTIONS: usize = 4;
@@ -23,12 +23,7 @@ fn concurrent_batch_sends_from_several_connections_are_all_answered() {
         for c in 0..CONNECTIONS {
             let mut client = client(&emulator).await;
             tasks.push(tokio::spawn(async move {
-                let mut sender = within(
-                    10,
-                    client.create_sender(TOPIC, ServiceBusSenderOptions::default()),
-                )
-                .await
-                .unwrap();
+                let mut sender = sender(&mut client).await;
                 for b in 0..BATCHES {
                     let mut batch = sender
                         .create_message_batch(CreateMessageBatchOptions::default())
@@ -92,9 +87,7 @@ fn renew_message_lock_always_completes() {
                 assert!(m.locked_until() >= before);
             }
         }
-        for m in &got {
-            within(10, receiver.complete_message(m)).await.unwrap();
-        }
+        complete_all(&mut receiver, &got).await;
         eventually(10, || {
             let stats = emulator.stats();
             let sub = stats.entity(PATH).unwrap();

@@ -46,9 +46,7 @@ fn peek_returns_messages_in_sequence_order() {
 
         let got = receive(&mut receiver, 2).await;
         assert_eq!(got[0].sequence_number(), peeked[0].sequence_number());
-        for m in &got {
-            within(10, receiver.complete_message(m)).await.unwrap();
-        }
+        complete_all(&mut receiver, &got).await;
         emulator.shutdown().await;
     });
 }
@@ -97,18 +95,12 @@ fn suspend_drops_connections_but_keeps_state() {
             b"v1".to_vec()
         );
         let got = receive(&mut receiver, 2).await;
-        let seen: Vec<_> = got
-            .iter()
-            .map(|m| (m.body().unwrap().to_vec(), m.delivery_count()))
-            .collect();
         assert_eq!(
-            seen,
+            bodies_and_counts(&got),
             vec![(b"one".to_vec(), Some(2)), (b"two".to_vec(), Some(1))]
         );
-        for m in &got {
-            within(10, receiver.complete_message(m)).await.unwrap();
-        }
-        eventually(5, || emulator.stats().entity(PATH).unwrap().active == 0).await;
+        complete_all(&mut receiver, &got).await;
+        eventually(5, || active(&emulator, PATH) == 0).await;
         emulator.shutdown().await;
     });
 }

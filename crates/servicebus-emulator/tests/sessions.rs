@@ -2,9 +2,7 @@
 
 mod common;
 
-use azservicebus::{
-    CreateMessageBatchOptions, ServiceBusSenderOptions, ServiceBusSessionReceiverOptions,
-};
+use azservicebus::CreateMessageBatchOptions;
 use common::*;
 
 #[test]
@@ -15,12 +13,7 @@ fn batch_accept_next_receive_complete_renew_state() {
 async fn batch_accept_next_receive_complete_renew_state_body() {
     let emulator = start_default().await;
     let mut client = client(&emulator).await;
-    let mut sender = within(
-        10,
-        client.create_sender(TOPIC, ServiceBusSenderOptions::default()),
-    )
-    .await
-    .unwrap();
+    let mut sender = sender(&mut client).await;
     let mut batch = sender
         .create_message_batch(CreateMessageBatchOptions::default())
         .unwrap();
@@ -35,16 +28,7 @@ async fn batch_accept_next_receive_complete_renew_state_body() {
     }
     within(10, sender.send_message_batch(batch)).await.unwrap();
 
-    let mut receiver = within(
-        10,
-        client.accept_next_session_for_subscription(
-            TOPIC,
-            SUBSCRIPTION,
-            ServiceBusSessionReceiverOptions::default(),
-        ),
-    )
-    .await
-    .unwrap();
+    let mut receiver = accept(&mut client, None).await.unwrap();
     assert_eq!(receiver.session_id(), "agg-1");
     // The attach carries the expiry as .NET ticks, which azservicebus does not read; it learns
     // it from renew-session-lock.
@@ -66,9 +50,7 @@ async fn batch_accept_next_receive_complete_renew_state_body() {
     assert_eq!(got[0].delivery_count(), Some(1));
     assert_eq!(got[0].session_id(), Some("agg-1"));
 
-    for m in &got {
-        within(10, receiver.complete_message(m)).await.unwrap();
-    }
+    complete_all(&mut receiver, &got).await;
 
     within(10, receiver.renew_session_lock()).await.unwrap();
     assert_eq!(
@@ -84,12 +66,7 @@ async fn batch_accept_next_receive_complete_renew_state_body() {
     );
 
     eventually(5, || {
-        emulator
-            .stats()
-            .entity("ordo-events/Subscriptions/projector")
-            .unwrap()
-            .active
-            == 0
+        active(&emulator, "ordo-events/Subscriptions/projector") == 0
     })
     .await;
     within(10, receiver.dispose()).await.unwrap();
@@ -131,7 +108,7 @@ fn receive_and_delete_session_receiver_gets_every_message() {
             .map(|m| m.message_id().unwrap().into_owned())
             .collect();
         assert_eq!(ids, sent);
-        assert_eq!(emulator.stats().entity(PATH).unwrap().active, 0);
+        assert_eq!(active(&emulator, PATH), 0);
         within(10, receiver.dispose()).await.unwrap();
         emulator.shutdown().await;
     });

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use azservicebus::{receiver::DeadLetterOptions, ServiceBusSenderOptions};
+use azservicebus::receiver::DeadLetterOptions;
 use common::*;
 
 #[test]
@@ -153,7 +153,7 @@ fn duplicates_are_accepted_but_not_enqueued() {
         let got = receive(&mut receiver, 2).await;
         let bodies: Vec<_> = got.iter().map(|m| m.body().unwrap().to_vec()).collect();
         assert_eq!(bodies, vec![b"one".to_vec(), b"two".to_vec()]);
-        assert_eq!(emulator.stats().entity(PATH).unwrap().active, 2);
+        assert_eq!(active(&emulator, PATH), 2);
         emulator.shutdown().await;
     });
 }
@@ -164,12 +164,7 @@ fn oversized_messages_are_refused() {
         let emulator = start_default().await;
         // Clients learn the limit from the attach: azservicebus batches refuse to grow past it.
         let mut client = client(&emulator).await;
-        let sender = within(
-            10,
-            client.create_sender(TOPIC, ServiceBusSenderOptions::default()),
-        )
-        .await
-        .unwrap();
+        let sender = sender(&mut client).await;
         let mut batch = sender
             .create_message_batch(azservicebus::CreateMessageBatchOptions::default())
             .unwrap();
@@ -191,7 +186,7 @@ fn oversized_messages_are_refused() {
             format!("{error:?}").contains("MessageSizeExceeded"),
             "{error:?}"
         );
-        assert_eq!(emulator.stats().entity(PATH).unwrap().active, 0);
+        assert_eq!(active(&emulator, PATH), 0);
         emulator.shutdown().await;
     });
 }

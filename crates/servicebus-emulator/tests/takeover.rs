@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use azservicebus::{ServiceBusSenderOptions, ServiceBusSessionReceiverOptions};
+use azservicebus::ServiceBusSessionReceiverOptions;
 use common::*;
 
 #[test]
@@ -17,16 +17,10 @@ async fn body() {
     let emulator = start_default().await;
     let connection_string = emulator.connection_string();
     let mut client = client(&emulator).await;
-    let mut sender = within(
-        10,
-        client.create_sender(TOPIC, ServiceBusSenderOptions::default()),
-    )
-    .await
-    .unwrap();
     let batch: Vec<_> = (1..=4)
         .map(|i| message("agg-7", &format!("agg-7:{i}"), format!("e{i}").as_bytes()))
         .collect();
-    within(10, sender.send_messages(batch)).await.unwrap();
+    send(&mut client, batch).await;
 
     // The first receiver lives on its own runtime; shutting that runtime down drops its TCP
     // connection without any AMQP goodbye, like a crashed process.
@@ -86,7 +80,7 @@ async fn body() {
     tokio::task::spawn_blocking(move || completed_rx.recv().unwrap())
         .await
         .unwrap();
-    eventually(10, || emulator.stats().entity(path).unwrap().active == 3).await;
+    eventually(10, || active(&emulator, path) == 3).await;
     kill_tx.send(()).unwrap();
     let first = tokio::task::spawn_blocking(move || first.join().unwrap())
         .await
@@ -101,36 +95,11 @@ async fn body() {
     })
     .await;
 
-    let mut receiver = within(
-        10,
-        client.accept_next_session_for_subscription(
-            TOPIC,
-            SUBSCRIPTION,
-            ServiceBusSessionReceiverOptions::default(),
-        ),
-    )
-    .await
-    .unwrap();
+    let mut receiver = accept(&mut client, None).await.unwrap();
     assert_eq!(receiver.session_id(), "agg-7");
-    let mut got = Vec::new();
-    while got.len() < 3 {
-        let batch = within(
-            10,
-            receiver.receive_messages_with_max_wait_time(
-                3 - got.len() as u32,
-                Some(Duration::from_secs(5)),
-            ),
-        )
-        .await
-        .unwrap();
-        got.extend(batch);
-    }
-    let seen: Vec<_> = got
-        .iter()
-        .map(|m| (m.body().unwrap().to_vec(), m.delivery_count()))
-        .collect();
+    let got = receive(&mut receiver, 3).await;
     assert_eq!(
-        seen,
+        bodies_and_counts(&got),
         vec![
             (b"e2".to_vec(), Some(2)),
             (b"e3".to_vec(), Some(1)),
@@ -138,9 +107,7 @@ async fn body() {
         ]
     );
     assert_eq!(got[0].sequence_number(), first[1].0);
-    for m in &got {
-        within(10, receiver.complete_message(m)).await.unwrap();
-    }
-    eventually(5, || emulator.stats().entity(path).unwrap().active == 0).await;
+    complete_all(&mut receiver, &got).await;
+    eventually(5, || active(&emulator, path) == 0).await;
     emulator.shutdown().await;
 }

@@ -309,14 +309,7 @@ fn azservicebus_with_a_fixed_signature_loses_its_receiver_when_the_signature_exp
             "a receiver without a valid token received {after:?}"
         );
         // The message waits for a receiver that holds a valid token.
-        assert_eq!(
-            emulator
-                .stats()
-                .entity("mixed/Subscriptions/plain")
-                .unwrap()
-                .active,
-            1
-        );
+        assert_eq!(active(&emulator, "mixed/Subscriptions/plain"), 1);
         emulator.shutdown().await;
     });
 }

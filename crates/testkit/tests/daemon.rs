@@ -38,6 +38,18 @@ fn fake_daemon(dir: &tempfile::TempDir) -> PathBuf {
     path
 }
 
+/// The fake daemon of `dir`, configured with nothing but its health address.
+fn spawn_with_health_only(dir: &tempfile::TempDir) -> Daemon {
+    let health = free_health_addr();
+    Daemon::spawn(
+        &fake_daemon(dir),
+        &format!("health = \"{health}\"\n"),
+        health,
+        &[],
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn ready_then_graceful_stop_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,14 +86,7 @@ async fn ready_then_graceful_stop_on_sigterm() {
 #[tokio::test]
 async fn kill9_is_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let health = free_health_addr();
-    let mut daemon = Daemon::spawn(
-        &fake_daemon(&dir),
-        &format!("health = \"{health}\"\n"),
-        health,
-        &[],
-    )
-    .unwrap();
+    let mut daemon = spawn_with_health_only(&dir);
     daemon.wait_ready(Duration::from_secs(20)).await.unwrap();
     daemon.kill9().unwrap();
     let status = daemon.wait_exit(Duration::from_secs(10)).await.unwrap();
@@ -109,14 +114,7 @@ async fn wait_ready_fails_fast_with_the_log_when_the_process_exits() {
 #[tokio::test]
 async fn wait_exit_times_out_on_a_running_process() {
     let dir = tempfile::tempdir().unwrap();
-    let health = free_health_addr();
-    let mut daemon = Daemon::spawn(
-        &fake_daemon(&dir),
-        &format!("health = \"{health}\"\n"),
-        health,
-        &[],
-    )
-    .unwrap();
+    let mut daemon = spawn_with_health_only(&dir);
     assert!(daemon.wait_exit(Duration::from_millis(200)).await.is_err());
     assert!(daemon.try_exit_status().unwrap().is_none());
 }

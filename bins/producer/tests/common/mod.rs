@@ -186,6 +186,13 @@ impl Writer {
     }
 }
 
+/// Stops `producer` with SIGTERM; it must exit 0 within 15 s.
+pub async fn stop(producer: &mut Daemon) {
+    producer.sigterm().unwrap();
+    let status = producer.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "exit {status:?}\n{}", producer.logs());
+}
+
 pub fn agg(i: usize) -> String {
     format!("acct-{i:04}")
 }

@@ -39,14 +39,22 @@ pub fn projections_path() -> PathBuf {
     ordo_testkit::paths::workspace_root().join("config/projections.toml")
 }
 
+/// The test configuration's projections.
 pub fn projections() -> Vec<Arc<dyn Projection>> {
-    let text = std::fs::read_to_string(projections_path()).unwrap();
-    ProjectionsFile::load_str(&text)
+    compile(&std::fs::read_to_string(projections_path()).unwrap())
+}
+
+/// The projections of a projections file's `text`.
+pub fn compile(text: &str) -> Vec<Arc<dyn Projection>> {
+    ProjectionsFile::load_str(text)
         .unwrap()
         .into_iter()
         .map(|p| Arc::new(p) as Arc<dyn Projection>)
         .collect()
 }
+
+/// Read models by collection, then by id, without `lastUpdatedAt`.
+pub type Expected = BTreeMap<String, BTreeMap<String, Document>>;
 
 pub struct Env {
     pub mongo: TestMongo,
@@ -277,7 +285,13 @@ impl Env {
     }
 
     /// What every read model must be: the fold of the events collection.
-    pub async fn expected(&self) -> BTreeMap<String, BTreeMap<String, Document>> {
+    pub async fn expected(&self) -> Expected {
+        self.fold(&projections(), &[]).await
+    }
+
+    /// The fold of the events collection under `projections`, without the aggregates in `skip`
+    /// (whose events need not be valid).
+    pub async fn fold(&self, projections: &[Arc<dyn Projection>], skip: &[&str]) -> Expected {
         let all: Vec<Document> = self
             .events()
             .find(doc! {})
@@ -289,6 +303,9 @@ impl Env {
             .unwrap();
         let mut by_agg: BTreeMap<String, Vec<Document>> = BTreeMap::new();
         for d in &all {
+            if skip.contains(&d.get_str("aggregateId").unwrap()) {
+                continue;
+            }
             let env = Envelope::from_event(d, &EventFields::default(), "db", "events").unwrap();
             by_agg
                 .entry(env.aggregate_id.clone())
@@ -296,7 +313,7 @@ impl Env {
                 .push(env.to_event_document().unwrap());
         }
         let mut out = BTreeMap::new();
-        for p in projections() {
+        for p in projections {
             let mut models = BTreeMap::new();
             for (id, evs) in &by_agg {
                 let m = fold_history(p.as_ref(), id, evs).unwrap();
@@ -312,7 +329,7 @@ impl Env {
     }
 
     /// True when every collection equals its expected fold.
-    pub async fn converged(&self, expected: &BTreeMap<String, BTreeMap<String, Document>>) -> bool {
+    pub async fn converged(&self, expected: &Expected) -> bool {
         for (coll, models) in expected {
             if &self.read_models(coll).await != models {
                 return false;
@@ -322,7 +339,7 @@ impl Env {
     }
 
     /// A short diff for failure messages.
-    pub async fn diff(&self, expected: &BTreeMap<String, BTreeMap<String, Document>>) -> String {
+    pub async fn diff(&self, expected: &Expected) -> String {
         let mut out = String::new();
         for (coll, models) in expected {
             let actual = self.read_models(coll).await;
@@ -355,6 +372,13 @@ impl Env {
             .map(|e| e.active + e.locked)
             .unwrap_or(0)
     }
+}
+
+/// Stops `projector` with SIGTERM; it must exit 0 within 15 s.
+pub async fn stop(projector: &mut Daemon) {
+    projector.sigterm().unwrap();
+    let status = projector.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "{status:?}\n{}", projector.logs());
 }
 
 pub fn bin() -> PathBuf {
@@ -454,17 +478,21 @@ pub fn workload(prefix: &str, n: usize, per: i64) -> Vec<Document> {
 
 /// Read models of a projection's collection, by id, exactly as stored.
 pub async fn raw_models(env: &Env, collection: &str) -> BTreeMap<String, Document> {
-    let docs: Vec<Document> = env
-        .mongo
-        .database()
-        .collection::<Document>(collection)
+    let models = env.mongo.database().collection::<Document>(collection);
+    all_documents(&models)
+        .await
+        .into_iter()
+        .map(|d| (d.get_str("_id").unwrap().to_string(), d))
+        .collect()
+}
+
+/// Every document of `collection`.
+pub async fn all_documents(collection: &mongodb::Collection<Document>) -> Vec<Document> {
+    collection
         .find(doc! {})
         .await
         .unwrap()
         .try_collect()
         .await
-        .unwrap();
-    docs.into_iter()
-        .map(|d| (d.get_str("_id").unwrap().to_string(), d))
-        .collect()
+        .unwrap()
 }

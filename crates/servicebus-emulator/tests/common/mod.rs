@@ -114,6 +114,16 @@ pub fn run<F>(body: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    run_with(move || body);
+}
+
+/// Like [`run`], with the body made on the runtime's own thread by `make`, so that it need not
+/// be `Send`.
+pub fn run_with<M, F>(make: M)
+where
+    M: FnOnce() -> F + Send + 'static,
+    F: Future<Output = ()>,
+{
     const STACK: usize = 32 * 1024 * 1024;
     std::thread::Builder::new()
         .stack_size(STACK)
@@ -124,7 +134,7 @@ where
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(Box::pin(body))
+                .block_on(Box::pin(make()))
         })
         .unwrap()
         .join()
@@ -143,13 +153,24 @@ pub fn short_config(lock: Duration, max_delivery_count: u32) -> EmulatorConfig {
 
 pub const PATH: &str = "ordo-events/Subscriptions/projector";
 
-pub async fn send(client: &mut Client, messages: Vec<azservicebus::ServiceBusMessage>) {
-    let mut sender = within(
+/// How many messages wait on entity `path` (not locked, not deferred).
+pub fn active(emulator: &EmulatorHandle, path: &str) -> usize {
+    emulator.stats().entity(path).unwrap().active
+}
+
+/// A sender on the ordo topic.
+pub async fn sender(client: &mut Client) -> azservicebus::ServiceBusSender {
+    within(
         10,
         client.create_sender(TOPIC, azservicebus::ServiceBusSenderOptions::default()),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// Sends `messages` in one transfer on a sender of its own.
+pub async fn send(client: &mut Client, messages: Vec<azservicebus::ServiceBusMessage>) {
+    let mut sender = sender(client).await;
     within(10, sender.send_messages(messages)).await.unwrap();
     within(10, sender.dispose()).await.unwrap();
 }
@@ -197,6 +218,25 @@ pub async fn receive(
         got.extend(batch);
     }
     got
+}
+
+/// Completes every message of `got`.
+pub async fn complete_all(
+    receiver: &mut azservicebus::ServiceBusSessionReceiver,
+    got: &[azservicebus::ServiceBusReceivedMessage],
+) {
+    for m in got {
+        within(10, receiver.complete_message(m)).await.unwrap();
+    }
+}
+
+/// Each message's body and delivery count, in order.
+pub fn bodies_and_counts(
+    got: &[azservicebus::ServiceBusReceivedMessage],
+) -> Vec<(Vec<u8>, Option<u32>)> {
+    got.iter()
+        .map(|m| (m.body().unwrap().to_vec(), m.delivery_count()))
+        .collect()
 }
 
 /// A raw fe2o3-amqp connection: an AMQP stack without the checks the Service Bus SDKs make

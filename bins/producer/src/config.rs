@@ -10,8 +10,8 @@ use ordo_core::config::{
 };
 
 /// AMQP connections the senders share by default: 3 instead of one per sender (8), with the
-/// projectors' connections shared too, kept the churn rate and about 90 % of the hot-aggregate
-/// rate in `ordo-bench` (docs/configuration.md).
+/// projectors' connections shared too, kept the churn and hot-aggregate rates in `ordo-bench`
+/// (docs/configuration.md).
 const DEFAULT_CONNECTIONS: usize = 3;
 
 /// The whole configuration file of `ordo-producer`.

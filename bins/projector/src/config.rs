@@ -11,9 +11,9 @@ use ordo_core::config::{
 };
 
 /// AMQP connections the session workers share by default. Measured with `ordo-bench`
-/// (docs/configuration.md), against one connection per worker: the same churn rate and about
-/// 90 % of the hot-aggregate rate, with 4 connections per projector (its probe included)
-/// instead of 33.
+/// (docs/configuration.md), against one connection per worker: the same churn and
+/// hot-aggregate rates and half the p99 at steady load, with 4 connections per projector (its
+/// probe included) instead of 33.
 const DEFAULT_CONNECTIONS: usize = 3;
 
 /// The whole configuration file of `ordo-projector`.

@@ -171,20 +171,11 @@ impl CheckpointStore {
     pub async fn claim(&self, stream: &str, fence_epoch: i64) -> Result<(), CheckpointError> {
         let filter = doc! { "_id": stream, "epoch": { "$lte": fence_epoch } };
         let update = doc! { "$set": { "epoch": fence_epoch, "updatedAt": DateTime::now() } };
-        for _ in 0..3 {
-            match self
-                .coll
-                .update_one(filter.clone(), update.clone())
-                .upsert(true)
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(e) if is_duplicate_key(&e) => {
-                    // Either fenced, or a concurrent first insert beat ours: look and retry.
-                    self.refused(stream, fence_epoch, None).await?;
-                }
-                Err(e) => return Err(e.into()),
-            }
+        if self
+            .upsert(filter, update, stream, fence_epoch, None)
+            .await?
+        {
+            return Ok(());
         }
         Err(self
             .refused(stream, fence_epoch, None)
@@ -227,6 +218,31 @@ impl CheckpointStore {
                 "updatedAt": DateTime::now(),
             }
         };
+        let attempted = if ordered { cp.cluster_time } else { None };
+        if self
+            .upsert(filter, update, stream, epoch, attempted)
+            .await?
+        {
+            return Ok(());
+        }
+        Err(CheckpointError::Malformed {
+            stream: stream.to_owned(),
+            reason: "save kept colliding with concurrent writers".to_owned(),
+        })
+    }
+
+    /// Upserts `update` where `filter` matches, at most three times. A miss collides on `_id`
+    /// (duplicate key): [`Self::refused`] then says `Fenced` or `Backwards`, or nothing when a
+    /// concurrent first insert beat ours, and the upsert is tried again. `Ok(false)` when every
+    /// try collided that way.
+    async fn upsert(
+        &self,
+        filter: Document,
+        update: Document,
+        stream: &str,
+        epoch: i64,
+        attempted: Option<Timestamp>,
+    ) -> Result<bool, CheckpointError> {
         for _ in 0..3 {
             match self
                 .coll
@@ -234,18 +250,12 @@ impl CheckpointStore {
                 .upsert(true)
                 .await
             {
-                Ok(_) => return Ok(()),
-                Err(e) if is_duplicate_key(&e) => {
-                    let attempted = if ordered { cp.cluster_time } else { None };
-                    self.refused(stream, epoch, attempted).await?;
-                }
+                Ok(_) => return Ok(true),
+                Err(e) if is_duplicate_key(&e) => self.refused(stream, epoch, attempted).await?,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(CheckpointError::Malformed {
-            stream: stream.to_owned(),
-            reason: "save kept colliding with concurrent writers".to_owned(),
-        })
+        Ok(false)
     }
 
     /// Explains a refused conditional write from the stored document: `Err(Fenced)` or

@@ -4,6 +4,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use crate::{
@@ -43,6 +44,36 @@ pub(crate) struct Ingested {
 }
 
 impl Ingress {
+    /// An ingress point with the settings topics and queues share, feeding `targets`, with no
+    /// message seen yet; `requires_session` is [`Admission::requires_session`].
+    fn new(
+        name: &str,
+        max_message_size_bytes: u64,
+        partition_count: u32,
+        duplicate_detection_window: Option<Duration>,
+        default_message_ttl: Duration,
+        requires_session: bool,
+        targets: Vec<(Arc<Entity>, i64)>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            max_message_size: max_message_size_bytes,
+            admission: Admission {
+                partitioned: partition_count > 1,
+                duplicate_detection: duplicate_detection_window.is_some(),
+                requires_session,
+            },
+            dedup_window_ms: duplicate_detection_window.map(|d| d.as_millis() as i64),
+            ttl_ms: default_message_ttl.as_millis() as i64,
+            state: Mutex::new(IngressState {
+                next_seq: 1,
+                seen: HashMap::new(),
+                seen_order: VecDeque::new(),
+            }),
+            targets,
+        }
+    }
+
     /// Accepts the messages of one transfer atomically: either all are checked and enqueued (or
     /// dropped as duplicates), or the transfer is refused.
     pub(crate) fn ingest(&self, messages: Vec<AmqpMessage>) -> Result<Ingested, Refusal> {
@@ -130,7 +161,6 @@ impl Namespace {
     pub(crate) fn new(config: &EmulatorConfig) -> Self {
         let mut ingress = HashMap::new();
         let mut stores = HashMap::new();
-        let start_seq = 1;
         for topic in &config.topics {
             let mut targets = Vec::new();
             for sub in &topic.subscriptions {
@@ -153,25 +183,15 @@ impl Namespace {
             }
             ingress.insert(
                 topic.name.to_ascii_lowercase(),
-                Arc::new(Ingress {
-                    name: topic.name.clone(),
-                    max_message_size: topic.max_message_size_bytes,
-                    admission: Admission {
-                        partitioned: topic.partition_count > 1,
-                        duplicate_detection: topic.duplicate_detection_window.is_some(),
-                        requires_session: false,
-                    },
-                    dedup_window_ms: topic
-                        .duplicate_detection_window
-                        .map(|d| d.as_millis() as i64),
-                    ttl_ms: topic.default_message_ttl.as_millis() as i64,
-                    state: Mutex::new(IngressState {
-                        next_seq: start_seq,
-                        seen: HashMap::new(),
-                        seen_order: VecDeque::new(),
-                    }),
+                Arc::new(Ingress::new(
+                    &topic.name,
+                    topic.max_message_size_bytes,
+                    topic.partition_count,
+                    topic.duplicate_detection_window,
+                    topic.default_message_ttl,
+                    false,
                     targets,
-                }),
+                )),
             );
         }
         for queue in &config.queues {
@@ -187,25 +207,15 @@ impl Namespace {
             stores.insert(queue.name.to_ascii_lowercase(), entity.clone());
             ingress.insert(
                 queue.name.to_ascii_lowercase(),
-                Arc::new(Ingress {
-                    name: queue.name.clone(),
-                    max_message_size: queue.max_message_size_bytes,
-                    admission: Admission {
-                        partitioned: queue.partition_count > 1,
-                        duplicate_detection: queue.duplicate_detection_window.is_some(),
-                        requires_session: queue.requires_session,
-                    },
-                    dedup_window_ms: queue
-                        .duplicate_detection_window
-                        .map(|d| d.as_millis() as i64),
-                    ttl_ms: queue.default_message_ttl.as_millis() as i64,
-                    state: Mutex::new(IngressState {
-                        next_seq: start_seq,
-                        seen: HashMap::new(),
-                        seen_order: VecDeque::new(),
-                    }),
-                    targets: vec![(entity, i64::MAX)],
-                }),
+                Arc::new(Ingress::new(
+                    &queue.name,
+                    queue.max_message_size_bytes,
+                    queue.partition_count,
+                    queue.duplicate_detection_window,
+                    queue.default_message_ttl,
+                    queue.requires_session,
+                    vec![(entity, i64::MAX)],
+                )),
             );
         }
         Self { ingress, stores }

@@ -115,22 +115,18 @@ impl Entity {
         link_name: Option<&str>,
         now: i64,
     ) -> Result<i64, LockError> {
-        let mut guard = self.lock();
-        let lock_ms = self.settings.lock_ms;
-        let queue = guard
-            .main
-            .sessions
-            .get_mut(session)
-            .ok_or(LockError::SessionLockLost)?;
-        let lock = held_lock(queue, connection, link_name, now)?;
-        lock.until_ms = now + lock_ms;
-        let until = lock.until_ms;
-        for stored in queue.messages.values_mut() {
-            if let Some(l) = &mut stored.lock {
-                l.until_ms = until;
+        let until = now + self.settings.lock_ms;
+        self.with_held_session(session, connection, link_name, now, |queue| {
+            if let Some(lock) = &mut queue.lock {
+                lock.until_ms = until;
             }
-        }
-        Ok(until)
+            for stored in queue.messages.values_mut() {
+                if let Some(l) = &mut stored.lock {
+                    l.until_ms = until;
+                }
+            }
+            until
+        })
     }
 
     /// Session state; `None` when never set (the wire answer is then an empty binary).
@@ -141,14 +137,9 @@ impl Entity {
         link_name: Option<&str>,
         now: i64,
     ) -> Result<Option<Vec<u8>>, LockError> {
-        let mut guard = self.lock();
-        let queue = guard
-            .main
-            .sessions
-            .get_mut(session)
-            .ok_or(LockError::SessionLockLost)?;
-        held_lock(queue, connection, link_name, now)?;
-        Ok(queue.state.clone())
+        self.with_held_session(session, connection, link_name, now, |queue| {
+            queue.state.clone()
+        })
     }
 
     /// Replaces the session state; `None` clears it.
@@ -160,6 +151,21 @@ impl Entity {
         link_name: Option<&str>,
         now: i64,
     ) -> Result<(), LockError> {
+        self.with_held_session(session, connection, link_name, now, |queue| {
+            queue.state = state;
+        })
+    }
+
+    /// Runs `f` on a session's queue while the requesting connection (and link, when named)
+    /// holds the session lock; [`LockError::SessionLockLost`] otherwise.
+    fn with_held_session<T>(
+        &self,
+        session: &str,
+        connection: u64,
+        link_name: Option<&str>,
+        now: i64,
+        f: impl FnOnce(&mut SessionQueue) -> T,
+    ) -> Result<T, LockError> {
         let mut guard = self.lock();
         let queue = guard
             .main
@@ -167,8 +173,7 @@ impl Entity {
             .get_mut(session)
             .ok_or(LockError::SessionLockLost)?;
         held_lock(queue, connection, link_name, now)?;
-        queue.state = state;
-        Ok(())
+        Ok(f(queue))
     }
 }
 

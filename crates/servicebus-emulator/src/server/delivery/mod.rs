@@ -45,35 +45,32 @@ pub(crate) async fn accept(
     let link = ctx.shared.next_id();
     let request = session_request(&attach);
     let sessionful = entity.settings.requires_session && part == Part::Main;
-    match (sessionful, request) {
+    let refusal = match (sessionful, request) {
         (false, SessionRequest::None) => {
-            start(
+            return start(
                 attach, session, ctx, entity, part, link, delete, None, guard,
             )
             .await;
         }
-        (false, _) => {
-            let error = wire::error(
-                "amqp:not-allowed",
-                format!(
-                    "The entity '{}' does not require sessions; a session receiver cannot be created.",
-                    entity.path
-                ),
-            );
-            refuse(attach, session, ctx, error).await;
+        (false, _) => format!(
+            "The entity '{}' does not require sessions; a session receiver cannot be created.",
+            entity.path
+        ),
+        (true, SessionRequest::None) => format!(
+            "It is not possible for an entity that requires sessions to create a non-sessionful message receiver. Entity: '{}'",
+            entity.path
+        ),
+        (true, _) => {
+            return session::acquire(attach, session, ctx, entity, link, ready, guard).await;
         }
-        (true, SessionRequest::None) => {
-            let error = wire::error(
-                "amqp:not-allowed",
-                format!(
-                    "It is not possible for an entity that requires sessions to create a non-sessionful message receiver. Entity: '{}'",
-                    entity.path
-                ),
-            );
-            refuse(attach, session, ctx, error).await;
-        }
-        (true, _) => session::acquire(attach, session, ctx, entity, link, ready, guard).await,
-    }
+    };
+    refuse(
+        attach,
+        session,
+        ctx,
+        wire::error("amqp:not-allowed", refusal),
+    )
+    .await;
 }
 
 #[allow(clippy::too_many_arguments)]

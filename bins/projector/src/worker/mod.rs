@@ -34,7 +34,7 @@ mod message;
 mod session;
 
 use gate::{BrokerGate, PROBE_ACCEPT_WAIT};
-use message::{aggregate_of, block_record, decode, selects};
+use message::{aggregate_of, block_record, decode};
 use session::{After, Held};
 
 use std::collections::BTreeMap;
@@ -55,7 +55,7 @@ use ordo_core::servicebus::receiver::{
     Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
 };
 use ordo_projection::event_version;
-use ordo_projection::{fold_events, Gap, Projection, ReadModel};
+use ordo_projection::{fold_events, selects, Gap, Projection, ReadModel};
 
 use crate::config::ProjectorSection;
 use crate::settle::{self, Action, Decision, Fault, Item, Outcome, Stop};

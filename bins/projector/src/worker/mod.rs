@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use ordo_core::envelope::{session_id, Envelope, HASHED_ID_PREFIX};
 use ordo_core::metrics as m;
-use ordo_core::retry::Backoff;
+use ordo_core::retry::{Backoff, Retry};
 use ordo_core::servicebus::receiver::{
     Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
 };

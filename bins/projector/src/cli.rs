@@ -93,84 +93,127 @@ pub fn main_with(custom: Vec<Arc<dyn Projection>>) -> ExitCode {
         return check_config(&cfg, custom);
     }
     let runtime = ordo_core::cli::runtime().expect("tokio runtime");
-    let result = runtime.block_on(async move {
-        match cli.command {
-            None => ordo_projector::run_with(cfg, custom).await,
-            Some(Command::Status { json }) => ordo_projector::status(&cfg, json).await,
-            Some(cmd) => {
-                ordo_core::telemetry::init_logging(&cfg.telemetry);
-                let projections = ordo_projector::load_projections_with(&cfg, custom)?;
-                let client = ordo_core::mongo::connect(&cfg.mongodb, ADMIN_APP_NAME)
-                    .await
-                    .context("connecting to mongodb")?;
-                let store = ordo_projector::Store::new(
-                    client.database(cfg.mongodb.database()),
-                    &cfg.mongodb.events_collection,
-                    &cfg.projector.blocked_collection,
-                    cfg.mongodb.fields.clone(),
-                );
-                let done = match cmd {
-                    Command::Repair {
-                        aggregate: Some(aggregate),
-                        projection,
-                        ..
-                    } => {
-                        ordo_projector::repair::repair(
-                            &store,
-                            &projections,
-                            &aggregate,
-                            projection.as_deref(),
-                        )
-                        .await
-                    }
-                    Command::Repair {
-                        aggregate: None,
-                        projection,
-                        ..
-                    } => ordo_projector::repair::repair_blocked(
-                        &store,
-                        &projections,
-                        projection.as_deref(),
-                    )
-                    .await
-                    .and_then(|report| {
-                        print!("{report}");
-                        match report.failed.len() {
-                            0 => Ok(()),
-                            n => Err(anyhow::anyhow!("{n} aggregates are still blocked")),
-                        }
-                    }),
-                    Command::Status { .. } => unreachable!("handled above"),
-                    Command::Rebuild {
-                        projection,
-                        allow_blocked,
-                    } => ordo_projector::rebuild::rebuild(
-                        &store,
-                        &projections,
-                        &projection,
-                        &cfg.projector.blocked_collection,
-                        allow_blocked,
-                    )
-                    .await
-                    .map(|rebuilt| print!("{rebuilt}")),
-                    Command::Reconcile { full } => {
-                        ordo_projector::reconcile::reconcile(&store, &projections, full)
-                            .await
-                            .map(|report| print!("{report}"))
-                            .map_err(anyhow::Error::from)
-                    }
-                };
-                ordo_core::mongo::close(client).await;
-                done
-            }
-        }
-    });
-    match result {
+    match runtime.block_on(run_command(cli.command, cfg, custom)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ordo-projector: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs the daemon (no subcommand) or one subcommand to its end.
+async fn run_command(
+    command: Option<Command>,
+    cfg: ordo_projector::ProjectorConfig,
+    custom: Vec<Arc<dyn Projection>>,
+) -> anyhow::Result<()> {
+    match command {
+        None => ordo_projector::run_with(cfg, custom).await,
+        Some(Command::Status { json }) => ordo_projector::status(&cfg, json).await,
+        Some(Command::Repair {
+            aggregate: Some(aggregate),
+            projection,
+            ..
+        }) => {
+            let admin = Admin::open(&cfg, custom).await?;
+            let (store, projections) = (&admin.store, &admin.projections);
+            let done = ordo_projector::repair::repair(
+                store,
+                projections,
+                &aggregate,
+                projection.as_deref(),
+            )
+            .await;
+            admin.finish(done).await
+        }
+        Some(Command::Repair {
+            aggregate: None,
+            projection,
+            ..
+        }) => {
+            let admin = Admin::open(&cfg, custom).await?;
+            let (store, projections) = (&admin.store, &admin.projections);
+            let done =
+                ordo_projector::repair::repair_blocked(store, projections, projection.as_deref())
+                    .await
+                    .and_then(print_still_blocked);
+            admin.finish(done).await
+        }
+        Some(Command::Rebuild {
+            projection,
+            allow_blocked,
+        }) => {
+            let admin = Admin::open(&cfg, custom).await?;
+            let (store, projections) = (&admin.store, &admin.projections);
+            let blocked = &cfg.projector.blocked_collection;
+            let done = ordo_projector::rebuild::rebuild(
+                store,
+                projections,
+                &projection,
+                blocked,
+                allow_blocked,
+            )
+            .await
+            .map(|rebuilt| print!("{rebuilt}"));
+            admin.finish(done).await
+        }
+        Some(Command::Reconcile { full }) => {
+            let admin = Admin::open(&cfg, custom).await?;
+            let done = ordo_projector::reconcile::reconcile(&admin.store, &admin.projections, full)
+                .await
+                .map(|report| print!("{report}"))
+                .map_err(anyhow::Error::from);
+            admin.finish(done).await
+        }
+    }
+}
+
+/// Prints what `repair --all-blocked` did; an error when some aggregates are still blocked.
+fn print_still_blocked(report: ordo_projector::repair::BlockedRepair) -> anyhow::Result<()> {
+    print!("{report}");
+    match report.failed.len() {
+        0 => Ok(()),
+        n => Err(anyhow::anyhow!("{n} aggregates are still blocked")),
+    }
+}
+
+/// What a one-shot subcommand (`repair`, `rebuild`, `reconcile`) works with: the projections,
+/// and a store on a client of its own, named [`ADMIN_APP_NAME`].
+struct Admin {
+    client: mongodb::Client,
+    store: ordo_projector::Store,
+    projections: Vec<Arc<dyn Projection>>,
+}
+
+impl Admin {
+    /// Starts logging, loads the projections and connects.
+    async fn open(
+        cfg: &ordo_projector::ProjectorConfig,
+        custom: Vec<Arc<dyn Projection>>,
+    ) -> anyhow::Result<Self> {
+        ordo_core::telemetry::init_logging(&cfg.telemetry);
+        let projections = ordo_projector::load_projections_with(cfg, custom)?;
+        let client = ordo_core::mongo::connect(&cfg.mongodb, ADMIN_APP_NAME)
+            .await
+            .context("connecting to mongodb")?;
+        let store = ordo_projector::Store::new(
+            client.database(cfg.mongodb.database()),
+            &cfg.mongodb.events_collection,
+            &cfg.projector.blocked_collection,
+            cfg.mongodb.fields.clone(),
+        );
+        Ok(Self {
+            client,
+            store,
+            projections,
+        })
+    }
+
+    /// Closes the client and returns what the subcommand came to.
+    async fn finish(self, done: anyhow::Result<()>) -> anyhow::Result<()> {
+        ordo_core::mongo::close(self.client).await;
+        done
     }
 }
 

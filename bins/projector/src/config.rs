@@ -132,8 +132,17 @@ impl Default for ProjectorSection {
 
 impl Validate for ProjectorSection {
     fn validate(&mut self) -> Result<(), ConfigError> {
-        let ms = Duration::from_millis;
-        let s = Duration::from_secs;
+        self.check_sizes()?;
+        self.check_session_timings()?;
+        self.check_retries()?;
+        self.check_extras()?;
+        self.check_consistency()
+    }
+}
+
+impl ProjectorSection {
+    /// Workers, connections and batch size.
+    fn check_sizes(&self) -> Result<(), ConfigError> {
         check_range(
             "projector.max_concurrent_sessions",
             self.max_concurrent_sessions,
@@ -143,7 +152,13 @@ impl Validate for ProjectorSection {
         if let Some(n) = self.connections {
             check_range("projector.connections", n, 1, 1024)?;
         }
-        check_range("projector.batch_size", self.batch_size, 1, 5000)?;
+        check_range("projector.batch_size", self.batch_size, 1, 5000)
+    }
+
+    /// How long a worker waits on the broker, holds an idle session, renews its lock and waits
+    /// for a gap to heal.
+    fn check_session_timings(&self) -> Result<(), ConfigError> {
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
         // A receive that waits longer than the client gives an operation fails as timed out.
         let receive_max = ordo_core::servicebus::OPERATION_TIMEOUT - s(5);
         check_duration(
@@ -174,7 +189,12 @@ impl Validate for ProjectorSection {
             ms(100),
             s(120),
         )?;
-        check_duration("projector.gap_timeout", self.gap_timeout, ms(0), s(3600))?;
+        check_duration("projector.gap_timeout", self.gap_timeout, ms(0), s(3600))
+    }
+
+    /// The retry budget and backoff.
+    fn check_retries(&self) -> Result<(), ConfigError> {
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
         check_range(
             "projector.transient_retry_limit",
             self.transient_retry_limit,
@@ -187,7 +207,12 @@ impl Validate for ProjectorSection {
             self.retry_max,
             self.retry_initial,
             s(600),
-        )?;
+        )
+    }
+
+    /// The apply delay (tests and drills) and periodic reconciliation.
+    fn check_extras(&self) -> Result<(), ConfigError> {
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
         check_duration("projector.apply_delay", self.apply_delay, ms(0), s(600))?;
         if let Some(every) = self.reconcile_interval {
             check_duration(
@@ -197,6 +222,11 @@ impl Validate for ProjectorSection {
                 s(7 * 86_400),
             )?;
         }
+        Ok(())
+    }
+
+    /// What holds between keys, and the blocked collection's name.
+    fn check_consistency(&self) -> Result<(), ConfigError> {
         if self.receive_wait >= self.lock_renewal_interval * 3 {
             return Err(ConfigError::invalid(
                 "projector.receive_wait",

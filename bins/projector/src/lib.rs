@@ -12,6 +12,8 @@
 //! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
 //! - [`repair`]: the `repair` subcommand.
 //! - [`rebuild`]: the `rebuild` subcommand.
+//! - this file: [`run`] (the daemon's tasks started, its heartbeat and blocked-aggregates
+//!   gauge, the events-index report, the drain), [`status`], [`load_projections`], [`open_store`].
 
 pub mod cli;
 pub mod config;
@@ -119,12 +121,25 @@ pub async fn run_with(
         cfg.projector.clone(),
     ));
     engine.readiness.publish_to(health.clone());
-    let workers = cfg.projector.max_concurrent_sessions;
     tracing::info!(
-        workers,
+        workers = cfg.projector.max_concurrent_sessions,
         projections = engine.projections.len(),
         "projector starting"
     );
+    spawn_service_bus_workers(&engine, &shutdown, &cfg);
+    spawn_probes(&engine, &shutdown, &cfg).await?;
+    spawn_upkeep(&engine, &shutdown, &cfg, &store);
+    let instance = heartbeat(&engine, &shutdown);
+    health.set_started();
+    shutdown.token.cancelled().await;
+    health.set_stopping();
+    stop(&engine, &shutdown, cfg.shutdown.grace_period, &instance).await;
+    Ok(())
+}
+
+/// Starts the session workers ([`spawn_workers`]) on the Service Bus subscription, sharing
+/// `[projector] connections` connections (one per worker when unset).
+fn spawn_service_bus_workers(engine: &Arc<Engine>, shutdown: &Shutdown, cfg: &ProjectorConfig) {
     let sb = &cfg.servicebus;
     let connections = SessionConnections::new(
         sb.connection_string(),
@@ -136,24 +151,39 @@ pub async fn run_with(
             .connections
             .unwrap_or(cfg.projector.max_concurrent_sessions),
     );
-    spawn_workers(&engine, &shutdown, move |i| {
+    spawn_workers(engine, shutdown, move |i| {
         let connections = connections.clone();
         async move { connections.source(i).await }
     });
+}
+
+/// Starts the readiness probes: MongoDB on a client of its own, and Service Bus.
+async fn spawn_probes(
+    engine: &Arc<Engine>,
+    shutdown: &Shutdown,
+    cfg: &ProjectorConfig,
+) -> anyhow::Result<()> {
     let probe = ordo_core::mongo::connect_probe(&cfg.mongodb, "ordo-projector")
         .await
         .context("connecting to mongodb")?
         .database(cfg.mongodb.database());
-    spawn_supervised(&engine, &shutdown, "readiness_probe", {
+    spawn_supervised(engine, shutdown, "readiness_probe", {
         let (engine, cancel) = (engine.clone(), shutdown.token.clone());
         move || probes::mongodb(engine.clone(), probe.clone(), cancel.clone())
     });
-    spawn_supervised(&engine, &shutdown, "broker_probe", {
+    spawn_supervised(engine, shutdown, "broker_probe", {
         let (engine, cancel) = (engine.clone(), shutdown.token.clone());
         let sb = cfg.servicebus.clone();
         move || probes::service_bus(engine.clone(), sb.clone(), cancel.clone())
     });
-    spawn_supervised(&engine, &shutdown, "blocked_gauge", {
+    Ok(())
+}
+
+/// Starts what keeps the read models and the reports in order beside the workers: the
+/// blocked-aggregates gauge, periodic reconciliation when `reconcile_interval` is set, and the
+/// one report on the events index.
+fn spawn_upkeep(engine: &Arc<Engine>, shutdown: &Shutdown, cfg: &ProjectorConfig, store: &Store) {
+    spawn_supervised(engine, shutdown, "blocked_gauge", {
         let (store, cancel) = (store.clone(), shutdown.token.clone());
         move || blocked_gauge(store.clone(), cancel.clone())
     });
@@ -162,7 +192,7 @@ pub async fn run_with(
             interval_ms = every.as_millis() as u64,
             "periodic reconciliation on"
         );
-        spawn_supervised(&engine, &shutdown, "reconcile", {
+        spawn_supervised(engine, shutdown, "reconcile", {
             let (store, cancel) = (store.clone(), shutdown.token.clone());
             let projections = engine.projections.clone();
             move || reconcile::periodic(store.clone(), projections.clone(), every, cancel.clone())
@@ -171,12 +201,13 @@ pub async fn run_with(
     shutdown
         .tracker
         .spawn(report_event_index(store.clone(), cfg.mongodb.clone()));
-    let instance = heartbeat(&engine, &shutdown);
-    health.set_started();
-    shutdown.token.cancelled().await;
-    health.set_stopping();
+}
+
+/// After the signal, with readiness already off: releases the sessions within `grace`, removes
+/// this process's heartbeat and closes the database client.
+async fn stop(engine: &Engine, shutdown: &Shutdown, grace: Duration, instance: &str) {
     tracing::info!("shutting down: releasing sessions");
-    match shutdown.drain(cfg.shutdown.grace_period).await {
+    match shutdown.drain(grace).await {
         Drained::Clean => tracing::info!("stopped"),
         Drained::TimedOut => {
             tracing::warn!("stopped with work still in flight; the broker redelivers it")
@@ -184,11 +215,10 @@ pub async fn run_with(
     }
     ordo_core::shutdown::last_step(
         "heartbeat removal",
-        status::retire(engine.store.database(), &instance),
+        status::retire(engine.store.database(), instance),
     )
     .await;
     ordo_core::mongo::close(engine.store.database().client().clone()).await;
-    Ok(())
 }
 
 /// Starts `max_concurrent_sessions` supervised session workers; `connect(i)` opens worker

@@ -14,8 +14,9 @@
 //! - [`telemetry`]: logs, the Prometheus recorder, `/healthz` `/readyz` `/metrics`.
 //! - [`metrics`]: every metric name, in one place.
 //! - [`status`]: what `ordo-projector status` shows an operator.
+//! - [`readiness`]: what `/readyz` answers: each dependency's fault, held while it lasts.
 //! - [`shutdown`]: the root cancellation token, task tracker and signal handling.
-//! - [`retry`]: the capped, jittered backoff every fault path uses.
+//! - [`retry`]: the capped, jittered backoff and the step every retry loop takes after a failure.
 
 pub mod checkpoint;
 pub mod cli;

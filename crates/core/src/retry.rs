@@ -1,14 +1,17 @@
-//! Capped exponential backoff with jitter: the delays every retry loop of ordo waits.
+//! Retrying: the capped, jittered backoff and [`Retry`], the step every retry loop of ordo
+//! takes after a failure.
 //!
-//! Each loop (publishing, the change stream, checkpoints, the lease, session work)
-//! classifies its own errors, holds its own readiness fault while it retries, counts each retry
-//! in `ordo_retries_total{operation, reason}`, and retries until it works or the daemon stops;
-//! nothing is retried a bounded number of times and then dropped. What they share is this
-//! sequence of delays.
+//! Each loop (publishing, the change stream, checkpoints, the lease, session work) classifies
+//! its own errors and holds its own readiness fault (`crate::readiness`) while it retries. The
+//! step after a failure is the same everywhere and is [`Retry::pause`] (or [`Retry::next`] for a
+//! loop that also wakes on something else): count the retry in
+//! `ordo_retries_total{operation, reason}`, log it, wait the next delay or stop when the daemon
+//! does. Nothing is retried a bounded number of times and then dropped.
 
-use std::time::Duration;
+use std::{fmt::Display, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
 
 /// Backoff bounds.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +46,71 @@ impl Backoff {
     }
 }
 
+/// One retry loop: the operation it retries (the `operation` label) and where it is in its
+/// backoff.
+pub struct Retry {
+    op: &'static str,
+    backoff: Backoff,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+impl std::fmt::Debug for Retry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retry")
+            .field("op", &self.op)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Retry {
+    /// A loop retrying `op` with delays from `backoff` (each daemon's `retry_initial` and
+    /// `retry_max`).
+    pub fn new(op: &'static str, backoff: Backoff) -> Self {
+        Self {
+            op,
+            backoff,
+            delays: Box::new(backoff.delays()),
+        }
+    }
+
+    /// Counts a retry of the operation for `reason` (a short label: `database`, `busy`, ...),
+    /// logs `error` at warn, and returns how long to wait before the next attempt.
+    pub fn next(&mut self, reason: &'static str, error: &dyn Display) -> Duration {
+        let delay = self.delays.next().unwrap_or(self.backoff.max);
+        ::metrics::counter!(crate::metrics::RETRIES, "operation" => self.op, "reason" => reason)
+            .increment(1);
+        tracing::warn!(
+            op = self.op,
+            reason,
+            delay_ms = delay.as_millis() as u64,
+            error = %error,
+            "retrying"
+        );
+        delay
+    }
+
+    /// [`next`](Self::next), then waits the delay out; false when `cancel` fires first, and the
+    /// loop should end.
+    pub async fn pause(
+        &mut self,
+        reason: &'static str,
+        error: &dyn Display,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let delay = self.next(reason, error);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = cancel.cancelled() => false,
+        }
+    }
+
+    /// Starts the backoff over, after an attempt that worked.
+    pub fn reset(&mut self) {
+        self.delays = Box::new(self.backoff.delays());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +128,50 @@ mod tests {
             d[19] >= Duration::from_millis(100),
             "reaches the cap region: {d:?}"
         );
+    }
+
+    fn tiny() -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(4),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pause_ends_early_and_says_stop_when_cancelled() {
+        let mut retry = Retry::new("test", Backoff {
+            initial: Duration::from_secs(3600),
+            max: Duration::from_secs(3600),
+        });
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let paused = tokio::time::timeout(Duration::from_secs(5), retry.pause("x", &"boom", &cancel))
+            .await
+            .expect("a cancelled pause returns at once");
+        assert!(!paused);
+    }
+
+    #[tokio::test]
+    async fn a_pause_waits_its_delay_and_says_go_on() {
+        let mut retry = Retry::new("test", tiny());
+        let cancel = CancellationToken::new();
+        assert!(retry.pause("x", &"boom", &cancel).await);
+    }
+
+    #[test]
+    fn delays_grow_until_reset_starts_them_over() {
+        let mut retry = Retry::new("test", Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(100),
+        });
+        let first = retry.next("x", &"boom");
+        for _ in 0..8 {
+            retry.next("x", &"boom");
+        }
+        let later = retry.next("x", &"boom");
+        assert!(later > first * 4, "{first:?} then {later:?}");
+        retry.reset();
+        let again = retry.next("x", &"boom");
+        assert!(again < later / 4, "{again:?} after reset, {later:?} before");
     }
 }

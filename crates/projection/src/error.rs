@@ -30,10 +30,3 @@ pub struct ApplyError {
     /// What went wrong, naming the path or field.
     pub message: String,
 }
-
-impl ApplyError {
-    /// Always false; the classification exists so the worker asks every error the same way.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
-}

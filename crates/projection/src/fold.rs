@@ -5,7 +5,7 @@
 //! it read. Every message goes through [`classify`] first: the read model carries the version
 //! it has applied (`lastEventId`), so redeliveries and duplicates are recognised by version
 //! alone and applying any interleaving of duplicates gives the same document as applying each
-//! event once (see the property test below).
+//! event once (see the property test in `tests.rs`).
 
 use mongodb::bson::{Bson, DateTime, Document};
 
@@ -186,7 +186,7 @@ impl ReadModel {
     /// projection never selects costs no write; when a later event is selected, its version
     /// shows a gap and the missing events are read (and applied) from the events collection.
     pub fn ignores(&self, projection: &dyn Projection, event: &Document) -> bool {
-        self.version == 0 && self.doc.is_none() && !selected(projection, event)
+        self.version == 0 && self.doc.is_none() && !selects(projection, event)
     }
 
     /// Applies the event whose version must be `version + 1` (the caller ran [`classify`]).
@@ -198,7 +198,7 @@ impl ReadModel {
     ) -> Result<(), ApplyError> {
         let v = event_version(event);
         debug_assert_eq!(v, self.version + 1, "classify before apply");
-        if selected(projection, event) {
+        if selects(projection, event) {
             projection.apply(&mut self.doc, event)?;
         }
         self.version = v;
@@ -215,7 +215,9 @@ impl ReadModel {
     }
 }
 
-fn selected(projection: &dyn Projection, event: &Document) -> bool {
+/// Whether `projection` selects `event` (a document shaped like the source event), asked by its
+/// `aggregateType` and `eventType`: the one reading of an event for [`Projection::selects`].
+pub fn selects(projection: &dyn Projection, event: &Document) -> bool {
     projection.selects(
         event.get_str("aggregateType").ok(),
         event.get_str("eventType").unwrap_or_default(),

@@ -14,8 +14,8 @@ pub mod value;
 
 pub use error::{ApplyError, RuleError};
 pub use fold::{
-    classify, event_version, fold_events, fold_history, version_of, Gap, HistoryError, Projection,
-    ReadModel, Step, DELETED_FIELD,
+    classify, event_version, fold_events, fold_history, selects, version_of, Gap, HistoryError,
+    Projection, ReadModel, Step, DELETED_FIELD,
 };
 pub use rules::{DeclarativeProjection, ProjectionDef, ProjectionsFile};
 

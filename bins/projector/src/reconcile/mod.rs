@@ -128,6 +128,20 @@ pub enum ReconcileError {
     Mongo(#[from] mongodb::error::Error),
 }
 
+impl ReconcileError {
+    /// The `reason` label of `ordo_retries_total{operation="reconcile"}`: the driver's
+    /// ([`ordo_core::mongo::error_reason`]), or what is wrong with a source event.
+    fn reason(&self) -> &'static str {
+        match self {
+            ReconcileError::Mongo(e) | ReconcileError::Store(StoreError::Mongo(e)) => {
+                ordo_core::mongo::error_reason(e)
+            }
+            ReconcileError::Store(StoreError::BadEvent { .. }) => "invalid_source_event",
+            ReconcileError::Store(StoreError::DuplicateVersion { .. }) => "duplicate_version",
+        }
+    }
+}
+
 /// Runs reconciliation over `projections` and moves the watermark. `full` forces a full pass.
 pub async fn reconcile(
     store: &Store,
@@ -251,6 +265,10 @@ async fn run(
 
 /// Runs [`reconcile`] every `interval` until `cancel`; a failed run is logged and retried at
 /// the next tick (the watermark only moves after a run that finished).
+///
+/// A failed run is counted in `ordo_retries_total{operation="reconcile", reason}` by hand, not
+/// through [`ordo_core::retry::Retry`]: the next try comes at the next tick, not after a
+/// backoff delay, and `Retry` would log a delay nothing waits.
 pub async fn periodic(
     store: Store,
     projections: Vec<Arc<dyn Projection>>,
@@ -292,8 +310,10 @@ pub async fn periodic(
                 }
             }
             Err(e) => {
-                metrics::counter!(m::RETRIES, "operation" => "reconcile").increment(1);
-                tracing::warn!(error = %e, "reconcile run failed; the next run tries again");
+                let reason = e.reason();
+                metrics::counter!(m::RETRIES, "operation" => "reconcile", "reason" => reason)
+                    .increment(1);
+                tracing::warn!(reason, error = %e, "reconcile run failed; the next run tries again");
             }
         }
     }

@@ -88,6 +88,11 @@ impl Store {
     /// Waits until `from..=to` of `id` are all in the events collection, reading again for at
     /// most `timeout`. `None` when they did not all appear. A database error ends the wait:
     /// the caller retries the whole batch, so an outage never passes for a missing event.
+    ///
+    /// The reads again are a poll for events still in flight (a producer's insert not yet
+    /// visible at majority), not a fault path: nothing failed, so nothing is counted in
+    /// `ordo_retries_total` and no `ordo_core::retry::Retry` is used. The short 20 ms to 500 ms
+    /// steps keep a gap that fills at once cheap, and `gap_timeout` bounds the wait.
     pub async fn heal(
         &self,
         id: &str,

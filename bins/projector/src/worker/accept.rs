@@ -44,81 +44,109 @@ impl Engine {
         Fut: std::future::Future<Output = Result<S, ReceiveError>>,
     {
         let _alive = Counted::new(&self.activity.workers, None);
-        let mut alarm = self.readiness.alarm(dependency::SERVICEBUS);
-        let mut source: Option<S> = None;
-        let mut delays = self.backoff().delays();
-        let mut verdicts = ProbeVerdicts {
-            failed: self.probe_failures.subscribe(),
-            recovered: self.probe_recoveries.subscribe(),
+        let mut worker = Worker {
+            source: None,
+            verdicts: ProbeVerdicts {
+                failed: self.probe_failures.subscribe(),
+                recovered: self.probe_recoveries.subscribe(),
+            },
+            alarm: self.readiness.alarm(dependency::SERVICEBUS),
         };
-        'work: while !cancel.is_cancelled() {
+        let mut delays = self.backoff().delays();
+        while !cancel.is_cancelled() {
             // Held from a connect through the backoff after its failure (see `BrokerGate`).
             let mut probe = None;
-            let (op, error) = 'attempt: {
-                let src = match source.as_mut() {
-                    // A probe failure since this connection was opened ends its accept: one
-                    // signalled between two accepts (or while a session was worked) is not
-                    // lost.
-                    Some(s) => s,
-                    None => match self
-                        .open(&connect, &mut probe, &mut verdicts, &mut alarm, &cancel)
-                        .await
-                    {
-                        Opened::Connected(s) => source.insert(s),
-                        Opened::Failed(e) => break 'attempt ("connect", e),
-                        Opened::Again => continue 'work,
-                        Opened::Stopped => break 'work,
-                    },
-                };
-                let probing = probe.is_some();
-                let accepting = self.accept_once(src, probing, &mut verdicts.failed, &cancel);
-                let Some(accepted) = accepting.await else {
-                    break 'work;
-                };
-                let answer = match accepted {
-                    Err(e) => {
-                        source = None;
-                        break 'attempt ("accept", e);
-                    }
-                    Ok(Accepted::Unclear) => {
-                        let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                        if !self.wait_after_unclear(delay, &cancel).await {
-                            break 'work;
-                        }
-                        continue 'work;
-                    }
-                    Ok(answer) => answer,
-                };
-                // Any other answer proves the connection, the credentials and the subscription.
-                self.answered(&mut alarm);
-                delays = self.backoff().delays();
-                match answer {
-                    Accepted::Session(session) => {
-                        drop(probe.take());
-                        self.work_session(session, &cancel).await;
-                    }
-                    Accepted::GaveUp => {
-                        // The broker left the attach unanswered past its own timeout: the
-                        // connection is retired, and the next accept opens a new one.
-                        tracing::debug!(
-                            worker = index,
-                            "accept unanswered by the broker; reconnecting"
-                        );
-                        source = None;
-                    }
-                    Accepted::Idle | Accepted::Unclear => {}
-                }
-                continue 'work;
-            };
-            alarm.raise();
-            if !self
-                .back_off(index, op, &error, &mut verdicts.recovered, &cancel)
+            match self
+                .attempt(index, &mut worker, &connect, &mut probe, &cancel)
                 .await
             {
-                break;
+                Attempt::Answered => delays = self.backoff().delays(),
+                Attempt::Again => {}
+                Attempt::Unclear => {
+                    let delay = delays.next().unwrap_or(self.cfg.retry_max);
+                    if !self.wait_after_unclear(delay, &cancel).await {
+                        break;
+                    }
+                }
+                Attempt::Failed(op, error) => {
+                    worker.alarm.raise();
+                    let recovered = &mut worker.verdicts.recovered;
+                    if !self.back_off(index, op, &error, recovered, &cancel).await {
+                        break;
+                    }
+                }
+                Attempt::Stopped => break,
             }
         }
         tracing::debug!(worker = index, "worker stopped");
+    }
+
+    /// One try of a worker: connect when it has no connection, accept once, and work the
+    /// session the broker gives, if any. `probe` receives the [`BrokerGate`]'s pass, if the
+    /// connect needed one.
+    async fn attempt<S, F, Fut>(
+        &self,
+        index: usize,
+        worker: &mut Worker<S>,
+        connect: &F,
+        probe: &mut Option<tokio::sync::OwnedMutexGuard<()>>,
+        cancel: &CancellationToken,
+    ) -> Attempt
+    where
+        S: SessionSource,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<S, ReceiveError>>,
+    {
+        let src = match worker.source.as_mut() {
+            // A probe failure since this connection was opened ends its accept: one signalled
+            // between two accepts (or while a session was worked) is not lost.
+            Some(s) => s,
+            None => match self
+                .open(
+                    connect,
+                    probe,
+                    &mut worker.verdicts,
+                    &mut worker.alarm,
+                    cancel,
+                )
+                .await
+            {
+                Opened::Connected(s) => worker.source.insert(s),
+                Opened::Failed(e) => return Attempt::Failed("connect", e),
+                Opened::Again => return Attempt::Again,
+                Opened::Stopped => return Attempt::Stopped,
+            },
+        };
+        let probing = probe.is_some();
+        let accepting = self.accept_once(src, probing, &mut worker.verdicts.failed, cancel);
+        let answer = match accepting.await {
+            None => return Attempt::Stopped,
+            Some(Err(e)) => {
+                worker.source = None;
+                return Attempt::Failed("accept", e);
+            }
+            Some(Ok(Accepted::Unclear)) => return Attempt::Unclear,
+            Some(Ok(answer)) => answer,
+        };
+        // Any other answer proves the connection, the credentials and the subscription.
+        self.answered(&mut worker.alarm);
+        match answer {
+            Accepted::Session(session) => {
+                drop(probe.take());
+                self.work_session(session, cancel).await;
+            }
+            Accepted::GaveUp => {
+                // The broker left the attach unanswered past its own timeout: the
+                // connection is retired, and the next accept opens a new one.
+                tracing::debug!(
+                    worker = index,
+                    "accept unanswered by the broker; reconnecting"
+                );
+                worker.source = None;
+            }
+            Accepted::Idle | Accepted::Unclear => {}
+        }
+        Attempt::Answered
     }
 
     /// Counts an unclear refusal of an accept and waits `delay`; false when cancelled. Such an
@@ -198,6 +226,12 @@ impl Engine {
 
     /// After a failed connect or accept: counts the retry and waits out the backoff (shorter
     /// when the broker probe answers again); false when cancelled.
+    ///
+    /// This step is its own rather than [`ordo_core::retry::Retry`], which would change what it
+    /// does: the delay is the process's, indexed by the failures of every worker since the
+    /// broker last answered ([`BrokerGate`]), not the next one of this worker's own sequence;
+    /// the wait also ends when the broker probe answers again; and the `reason` label is the
+    /// broker's AMQP condition, known only at run time, where `Retry` takes a `&'static str`.
     async fn back_off(
         &self,
         index: usize,
@@ -231,6 +265,31 @@ impl Engine {
         self.gate.up();
         alarm.lower();
     }
+}
+
+/// What one worker keeps from one attempt to the next.
+struct Worker<S> {
+    /// The connection sessions are accepted on; none after it failed.
+    source: Option<S>,
+    /// The broker probe's verdicts this worker has not acted on yet.
+    verdicts: ProbeVerdicts,
+    /// Readiness, held down while this worker's connect or accept fails.
+    alarm: Alarm,
+}
+
+/// How one attempt of a worker ended, and so what the worker does next.
+enum Attempt {
+    /// The broker answered (with a session, now worked and released, or none): try again at
+    /// once, and start the backoff over.
+    Answered,
+    /// The broker refused an accept without a clear reason: count it and wait a little.
+    Unclear,
+    /// The connect or the accept failed (`"connect"` or `"accept"`): back off.
+    Failed(&'static str, ReceiveError),
+    /// The broker came back while connecting: start over on a fresh connection.
+    Again,
+    /// Shutdown.
+    Stopped,
 }
 
 /// What a worker hears from the broker probe: its failures and its recoveries, counted.

@@ -1,6 +1,8 @@
 //! Applying events: fold them into the aggregate's read models (healing gaps from the events
 //! collection) and write each changed model once, guarded by the version it was read at.
 
+use ordo_projection::ApplyError;
+
 use super::*;
 
 impl Engine {
@@ -16,10 +18,30 @@ impl Engine {
         if !self.cfg.apply_delay.is_zero() {
             tokio::time::sleep(self.cfg.apply_delay).await;
         }
-        // A batch from v1 starts its aggregate (a new order, a new user): its models are not
-        // read first but created by the write, an insert whose guard catches a model that
-        // exists after all (a redelivery, a rebuild), which is read then. One database round
-        // trip less for every new aggregate.
+        let mut plan = self.plan_batch(held, aggregate_id, events).await?;
+        // Phase 2: fold up to the limit and write, reloading on a failed guard.
+        for (pi, p) in self.projections.iter().enumerate() {
+            self.fold_and_write(held, pi, p.as_ref(), aggregate_id, events, &mut plan)
+                .await?;
+        }
+        Ok(Applied {
+            durable: plan.limit,
+            base: plan.base,
+            stop: plan.stop,
+        })
+    }
+
+    /// Phase 1: [`plan`](Self::plan), assuming the models of a new aggregate empty. A batch
+    /// from v1 starts its aggregate (a new order, a new user): its models are not read first
+    /// but created by the write, an insert whose guard catches a model that exists after all (a
+    /// redelivery, a rebuild), which is read then. One database round trip less for every new
+    /// aggregate.
+    async fn plan_batch(
+        &self,
+        held: &mut Held,
+        aggregate_id: &str,
+        events: &[&Event],
+    ) -> Result<Plan, WorkError> {
         let new_aggregate = events.first().is_some_and(|e| e.version == 1);
         let mut plan = self.plan(held, aggregate_id, events, new_aggregate).await?;
         if plan.stop.is_some() && !plan.assumed.is_empty() {
@@ -29,79 +51,70 @@ impl Engine {
             }
             plan = self.plan(held, aggregate_id, events, false).await?;
         }
-        let Plan {
-            mut limit,
-            mut base,
-            mut stop,
-            mut healed,
-            ..
-        } = plan;
-        // Phase 2: fold up to the limit and write, reloading on a failed guard. A model
-        // reloaded after a conflict can be older than the one phase 1 folded (a rebuild, an
-        // operator's reset) and stop elsewhere: that stop lowers the limit too.
-        for (pi, p) in self.projections.iter().enumerate() {
-            let mut conflicts = 0;
-            loop {
-                let Some((stored, loaded)) = held.models[pi].clone() else {
-                    break;
-                };
-                let mut model = stored.clone();
-                if let Some(s) = self
-                    .fold(p.as_ref(), &mut model, events, limit, &mut healed)
-                    .await?
-                {
-                    lower(&mut limit, &mut stop, s);
+        Ok(plan)
+    }
+
+    /// Phase 2 for projection `pi`: folds its model up to the plan's limit and writes it,
+    /// guarded by the version it was read at; a failed guard reloads the model and folds
+    /// again. A model reloaded after a conflict can be older than the one phase 1 folded (a
+    /// rebuild, an operator's reset) and stop elsewhere: that stop lowers the limit too, as a
+    /// write the server refuses does.
+    async fn fold_and_write(
+        &self,
+        held: &mut Held,
+        pi: usize,
+        p: &dyn Projection,
+        aggregate_id: &str,
+        events: &[&Event],
+        plan: &mut Plan,
+    ) -> Result<(), WorkError> {
+        let mut conflicts = 0;
+        loop {
+            let Some((stored, loaded)) = held.models[pi].clone() else {
+                return Ok(());
+            };
+            let mut model = stored;
+            if let Some(s) = self
+                .fold(p, &mut model, events, plan.limit, &mut plan.healed)
+                .await?
+            {
+                lower(&mut plan.limit, &mut plan.stop, s);
+            }
+            if !model.needs_write(loaded) {
+                held.models[pi] = Some((model, loaded));
+                return Ok(());
+            }
+            match self.store.write(p, &model, loaded).await {
+                Ok(Written::Ok) => {
+                    let v = model.version;
+                    held.models[pi] = Some((model, v));
+                    return Ok(());
                 }
-                if !model.needs_write(loaded) {
-                    held.models[pi] = Some((model, loaded));
-                    break;
+                Ok(Written::Conflict) => {
+                    metrics::counter!(m::GUARD_CONFLICTS).increment(1);
+                    conflicts += 1;
+                    if conflicts > self.cfg.transient_retry_limit.max(3) {
+                        return Err(WorkError::ConflictStorm(conflicts));
+                    }
+                    let fresh = self.store.load(p, aggregate_id).await?;
+                    let v = fresh.version;
+                    plan.base = plan.base.max(v);
+                    held.models[pi] = Some((fresh, v));
                 }
-                match self.store.write(p.as_ref(), &model, loaded).await {
-                    Ok(Written::Ok) => {
-                        let v = model.version;
-                        held.models[pi] = Some((model, v));
-                        break;
-                    }
-                    Ok(Written::Conflict) => {
-                        metrics::counter!(m::GUARD_CONFLICTS).increment(1);
-                        conflicts += 1;
-                        if conflicts > self.cfg.transient_retry_limit.max(3) {
-                            return Err(WorkError::ConflictStorm(conflicts));
-                        }
-                        let fresh = self.store.load(p.as_ref(), aggregate_id).await?;
-                        let v = fresh.version;
-                        base = base.max(v);
-                        held.models[pi] = Some((fresh, v));
-                    }
-                    Err(e) if e.is_refusal() => {
-                        tracing::error!(aggregate = %aggregate_id, projection = p.name(), error = %e, "the server refused the read model");
-                        lower(
-                            &mut limit,
-                            &mut stop,
-                            Stop {
-                                version: loaded + 1,
-                                fault: Fault {
-                                    reason: REASON_REFUSED,
-                                    description: format!(
-                                        "{} of {aggregate_id} up to v{}: {e}",
-                                        p.collection(),
-                                        model.version
-                                    ),
-                                    projection: p.name().to_string(),
-                                },
-                            },
-                        );
-                        break;
-                    }
-                    Err(e) => return Err(e.into()),
+                Err(e) if e.is_refusal() => {
+                    tracing::error!(aggregate = %aggregate_id, projection = p.name(), error = %e, "the server refused the read model");
+                    let description = format!(
+                        "{} of {aggregate_id} up to v{}: {e}",
+                        p.collection(),
+                        model.version
+                    );
+                    let refused = stop_at(p, loaded + 1, REASON_REFUSED, description);
+                    lower(&mut plan.limit, &mut plan.stop, refused);
+                    return Ok(());
                 }
+                Err(e) => return Err(e.into()),
             }
         }
-        Ok(Applied {
-            durable: limit,
-            base,
-            stop,
-        })
     }
 
     /// Loads the models the batch needs (`assume_new`: takes them as empty instead, and lists
@@ -172,78 +185,101 @@ impl Engine {
             .filter(|e| e.version <= limit)
             .map(|e| &e.doc)
             .collect();
-        let stop = |version: i64, reason: &'static str, description: String| {
-            Some(Stop {
-                version,
-                fault: Fault {
-                    reason,
-                    description,
-                    projection: p.name().to_string(),
-                },
-            })
-        };
         loop {
-            let err = match fold_events(p, model, docs.iter().copied()) {
-                Ok(Some(Gap { from, to })) => {
-                    if (from..=to).any(|v| !healed.contains_key(&v)) {
-                        match self
-                            .store
-                            .heal(&model.id, from, to, self.cfg.gap_timeout)
-                            .await
-                        {
-                            Ok(Some(found)) => {
-                                metrics::counter!(m::GAPS_HEALED).increment(found.len() as u64);
-                                tracing::info!(aggregate = %model.id, from, to, "gap healed from the events collection");
-                                for e in found {
-                                    healed.insert(event_version(&e), e);
-                                }
-                            }
-                            Ok(None) => {
-                                return Ok(stop(
-                                    from,
-                                    REASON_GAP,
-                                    format!(
-                                        "events v{from}..v{to} of {} not found in the events collection within {:?}",
-                                        model.id, self.cfg.gap_timeout
-                                    ),
-                                ))
-                            }
-                            Err(e @ StoreError::BadEvent { .. }) => {
-                                return Ok(stop(from, REASON_SOURCE, e.to_string()))
-                            }
-                            Err(e @ StoreError::DuplicateVersion { .. }) => {
-                                return Ok(stop(from, REASON_DUPLICATE, e.to_string()))
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    let mut failed = None;
-                    for v in from..=to {
-                        // Healing returned every version of the range, each once.
-                        let Some(e) = healed.get(&v) else {
-                            return Ok(stop(
-                                v,
-                                REASON_GAP,
-                                format!("event v{v} of {} was not read while healing", model.id),
-                            ));
-                        };
-                        if let Err(e) = model.apply(p, e) {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                    match failed {
-                        None => continue,
-                        Some(e) => e,
+            match fold_events(p, model, docs.iter().copied()) {
+                Ok(None) => return Ok(None),
+                Ok(Some(gap)) => {
+                    if let Some(s) = self.fill_gap(p, model, gap, healed).await? {
+                        return Ok(Some(s));
                     }
                 }
-                Ok(_) => return Ok(None),
-                Err(e) => e,
-            };
-            tracing::error!(aggregate = %model.id, projection = p.name(), event_id = err.event_id, error = %err, "projection error");
-            return Ok(stop(err.event_id, REASON_PROJECTION, err.to_string()));
+                Err(e) => return Ok(Some(projection_error(p, &model.id, e))),
+            }
         }
     }
+
+    /// Applies the missing versions of `gap` to `model`, read from the events collection first
+    /// unless an earlier fold of this batch read them. Where folding must stop instead, if it
+    /// must: the gap not healed, an invalid or duplicated source event, a projection error.
+    async fn fill_gap(
+        &self,
+        p: &dyn Projection,
+        model: &mut ReadModel,
+        Gap { from, to }: Gap,
+        healed: &mut BTreeMap<i64, Document>,
+    ) -> Result<Option<Stop>, StoreError> {
+        if (from..=to).any(|v| !healed.contains_key(&v)) {
+            if let Some(s) = self.heal_gap(p, &model.id, from, to, healed).await? {
+                return Ok(Some(s));
+            }
+        }
+        for v in from..=to {
+            // Healing returned every version of the range, each once.
+            let Some(e) = healed.get(&v) else {
+                let description = format!("event v{v} of {} was not read while healing", model.id);
+                return Ok(Some(stop_at(p, v, REASON_GAP, description)));
+            };
+            if let Err(e) = model.apply(p, e) {
+                return Ok(Some(projection_error(p, &model.id, e)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads versions `from..=to` of `id` into `healed`, waiting up to `gap_timeout` for them
+    /// ([`Store::heal`]). The stop when they cannot be had: not all there in time, or a source
+    /// event that breaks the contract; a database fault is an error.
+    async fn heal_gap(
+        &self,
+        p: &dyn Projection,
+        id: &str,
+        from: i64,
+        to: i64,
+        healed: &mut BTreeMap<i64, Document>,
+    ) -> Result<Option<Stop>, StoreError> {
+        match self.store.heal(id, from, to, self.cfg.gap_timeout).await {
+            Ok(Some(found)) => {
+                metrics::counter!(m::GAPS_HEALED).increment(found.len() as u64);
+                tracing::info!(aggregate = %id, from, to, "gap healed from the events collection");
+                for e in found {
+                    healed.insert(event_version(&e), e);
+                }
+                Ok(None)
+            }
+            Ok(None) => {
+                let description = format!(
+                    "events v{from}..v{to} of {id} not found in the events collection within {:?}",
+                    self.cfg.gap_timeout
+                );
+                Ok(Some(stop_at(p, from, REASON_GAP, description)))
+            }
+            Err(e @ StoreError::BadEvent { .. }) => {
+                Ok(Some(stop_at(p, from, REASON_SOURCE, e.to_string())))
+            }
+            Err(e @ StoreError::DuplicateVersion { .. }) => {
+                Ok(Some(stop_at(p, from, REASON_DUPLICATE, e.to_string())))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The stop at `version` of projection `p`, for `reason`.
+fn stop_at(p: &dyn Projection, version: i64, reason: &'static str, description: String) -> Stop {
+    Stop {
+        version,
+        fault: Fault {
+            reason,
+            description,
+            projection: p.name().to_string(),
+        },
+    }
+}
+
+/// A projection cannot apply an event of `aggregate_id`: logged, and a poison stop.
+fn projection_error(p: &dyn Projection, aggregate_id: &str, err: ApplyError) -> Stop {
+    tracing::error!(aggregate = %aggregate_id, projection = p.name(), event_id = err.event_id, error = %err, "projection error");
+    stop_at(p, err.event_id, REASON_PROJECTION, err.to_string())
 }
 
 /// What [`Engine::plan`] found before anything is written.

@@ -126,6 +126,10 @@ impl Engine {
         Some(kept)
     }
 
+    /// Works one received batch: dead-letters what is foreign to the session, decides what to do
+    /// with the rest (retrying in place a fault that is not the events'), blocks the aggregate
+    /// at a poison, settles every message, and clears a session state that says "blocked" once
+    /// the aggregate is not.
     pub(super) async fn batch<R: SessionReceiver>(
         &self,
         session: &mut R,
@@ -143,86 +147,95 @@ impl Engine {
             return After::Continue;
         }
         let aggregate_id = aggregate_of(session.session_id(), &msgs, &decoded);
-        let items: Vec<Item> = decoded
-            .iter()
-            .map(|d| match d {
-                Ok(e) => Item::Event(e.version),
-                Err(f) => Item::Undecodable(f.clone()),
-            })
-            .collect();
-        let cut = decoded
-            .iter()
-            .position(Result::is_err)
-            .unwrap_or(decoded.len());
-        let events: Vec<&Event> = decoded[..cut]
-            .iter()
-            .filter_map(|d| d.as_ref().ok())
-            .collect();
-
-        // Work out the outcome, retrying in place any fault that is not the events' own.
-        let mut alarm = self.readiness.alarm(dependency::MONGODB);
-        let mut attempt: u32 = 0;
-        let mut delays = self.backoff().delays();
-        let (actions, block) = loop {
-            let work = self.outcome(held, &aggregate_id, &events);
-            let (stored, outcome, error) = match self.renewing(session, last_renew, work).await {
-                None => return After::Drop,
-                Some(Ok((stored, outcome))) => (stored, outcome, None),
-                Some(Err(e)) => (0, Outcome::Faulted, Some(e)),
-            };
-            let (reason, error) =
-                error.map_or(("none", String::new()), |e| (e.reason(), e.to_string()));
-            match settle::decide(&items, stored, &outcome) {
-                Decision::Settle { actions, block } => break (actions, block),
-                Decision::Retry => {
-                    attempt += 1;
-                    // A fault that outlasts the retry budget is an outage, not a blip: the
-                    // process reports it (503) until the batch goes through.
-                    if attempt > self.cfg.transient_retry_limit {
-                        alarm.raise();
-                    }
-                    metrics::counter!(m::RETRIES, "operation" => "apply", "reason" => reason)
-                        .increment(1);
-                    let delay = delays.next().unwrap_or(self.cfg.retry_max);
-                    tracing::warn!(aggregate = %aggregate_id, attempt, delay_ms = delay.as_millis() as u64, %error, "fault applying a batch; retrying in place");
-                    held.models = vec![None; self.projections.len()];
-                    held.checked_blocked = false;
-                    if !self.pause(session, last_renew, delay, cancel).await {
-                        // Lock lost, or shutdown: nothing settled, the broker redelivers.
-                        return After::Drop;
-                    }
-                }
-            }
+        let decided = self.decide(session, held, &aggregate_id, &decoded, last_renew, cancel);
+        let Some((actions, block)) = decided.await else {
+            // Lock lost, or shutdown: nothing settled, the broker redelivers.
+            return After::Drop;
         };
-        drop(alarm);
-
         if let Some(stop) = &block {
-            let poison = actions
-                .iter()
-                .position(
-                    |a| matches!(a, Action::DeadLetter { reason, .. } if *reason != REASON_BLOCKED),
-                )
-                .and_then(|i| msgs[i].message_id())
-                .unwrap_or_default();
-            let record = block_record(&aggregate_id, stop, poison);
+            let record = block_record(&aggregate_id, stop, poison_message_id(&msgs, &actions));
             if !self.block(session, held, &record, last_renew, cancel).await {
                 return After::Drop;
             }
         }
+        if !self
+            .settle_messages(session, &aggregate_id, &msgs, &decoded, &actions)
+            .await
+        {
+            return After::Drop;
+        }
+        if held.blocked.is_none() && held.state_says_blocked {
+            if session.set_state(Vec::new()).await.is_err() {
+                return After::Drop;
+            }
+            held.state_says_blocked = false;
+        }
+        let elapsed = started.elapsed();
+        metrics::histogram!(m::APPLY_LATENCY).record(elapsed.as_secs_f64());
+        tracing::debug!(aggregate = %aggregate_id, messages = msgs.len(), elapsed_us = elapsed.as_micros() as u64, "batch settled");
+        After::Continue
+    }
+
+    /// What to do with each message of the batch ([`settle::decide`]) and where to block, if
+    /// anywhere. A fault that is not the events' own is retried in place, holding the session
+    /// and renewing its lock, for as long as it lasts; `None` when the lock was lost or the
+    /// process is shutting down.
+    async fn decide<R: SessionReceiver>(
+        &self,
+        session: &mut R,
+        held: &mut Held,
+        aggregate_id: &str,
+        decoded: &[Result<Event, Fault>],
+        last_renew: &mut Instant,
+        cancel: &CancellationToken,
+    ) -> Option<(Vec<Action>, Option<Stop>)> {
+        let items = items_of(decoded);
+        let events = decodable_prefix(decoded);
+        let mut alarm = self.readiness.alarm(dependency::MONGODB);
+        let mut attempt: u32 = 0;
+        let mut retry = Retry::new("apply", self.backoff());
+        loop {
+            let work = self.outcome(held, aggregate_id, &events);
+            let (stored, outcome, error) = match self.renewing(session, last_renew, work).await? {
+                Ok((stored, outcome)) => (stored, outcome, None),
+                Err(e) => (0, Outcome::Faulted, Some(e)),
+            };
+            if let Decision::Settle { actions, block } = settle::decide(&items, stored, &outcome) {
+                return Some((actions, block));
+            }
+            attempt += 1;
+            // A fault that outlasts the retry budget is an outage, not a blip: the process
+            // reports it (503) until the batch goes through.
+            if attempt > self.cfg.transient_retry_limit {
+                alarm.raise();
+            }
+            let reason = error.as_ref().map_or("none", WorkError::reason);
+            let error = error.map(|e| e.to_string()).unwrap_or_default();
+            let delay = tracing::warn_span!("batch", aggregate = %aggregate_id, attempt)
+                .in_scope(|| retry.next(reason, &error));
+            held.models = vec![None; self.projections.len()];
+            held.checked_blocked = false;
+            if !self.pause(session, last_renew, delay, cancel).await {
+                return None;
+            }
+        }
+    }
+
+    /// Completes, dead-letters or abandons each message as `actions` say, counting what was
+    /// applied, duplicated or dead-lettered. `false` when a settle failed (the lock may be gone).
+    async fn settle_messages<R: SessionReceiver>(
+        &self,
+        session: &mut R,
+        aggregate_id: &str,
+        msgs: &[R::Message],
+        decoded: &[Result<Event, Fault>],
+        actions: &[Action],
+    ) -> bool {
         let now_ms = mongodb::bson::DateTime::now().timestamp_millis();
-        for ((msg, d), action) in msgs.iter().zip(&decoded).zip(&actions) {
+        for ((msg, d), action) in msgs.iter().zip(decoded).zip(actions) {
             let r = match action {
                 Action::Complete { applied } => {
-                    if *applied {
-                        metrics::counter!(m::EVENTS_APPLIED).increment(1);
-                        self.activity.applied.fetch_add(1, Relaxed);
-                        if let Some(ts) = d.as_ref().ok().and_then(|e| e.timestamp_ms) {
-                            metrics::histogram!(m::END_TO_END_LAG)
-                                .record((now_ms - ts).max(0) as f64 / 1000.0);
-                        }
-                    } else {
-                        metrics::counter!(m::DUPLICATES).increment(1);
-                    }
+                    count_completed(*applied, d.as_ref().ok(), now_ms, &self.activity);
                     session.complete(msg).await
                 }
                 Action::DeadLetter {
@@ -245,19 +258,10 @@ impl Engine {
             };
             if let Err(e) = r {
                 self.lock_trouble(session.session_id(), &e);
-                return After::Drop;
+                return false;
             }
         }
-        if held.blocked.is_none() && held.state_says_blocked {
-            if session.set_state(Vec::new()).await.is_err() {
-                return After::Drop;
-            }
-            held.state_says_blocked = false;
-        }
-        let elapsed = started.elapsed();
-        metrics::histogram!(m::APPLY_LATENCY).record(elapsed.as_secs_f64());
-        tracing::debug!(aggregate = %aggregate_id, messages = msgs.len(), elapsed_us = elapsed.as_micros() as u64, "batch settled");
-        After::Continue
+        true
     }
 
     /// Sleeps `delay` while renewing the session lock; `false` when the lock was lost or the
@@ -289,7 +293,7 @@ impl Engine {
         last_renew: &mut Instant,
         cancel: &CancellationToken,
     ) -> bool {
-        let mut delays = self.backoff().delays();
+        let mut retry = Retry::new("block", self.backoff());
         loop {
             match self
                 .renewing(session, last_renew, self.store.block(record))
@@ -298,15 +302,13 @@ impl Engine {
                 None => return false,
                 Some(Ok(())) => break,
                 Some(Err(e)) => {
-                    let delay = delays.next().unwrap_or(self.cfg.retry_max);
                     let reason = if e.is_retryable() {
                         "transient"
                     } else {
                         "database"
                     };
-                    metrics::counter!(m::RETRIES, "operation" => "block", "reason" => reason)
-                        .increment(1);
-                    tracing::warn!(aggregate = %record.aggregate_id, error = %e, "cannot record the blocked aggregate yet; retrying");
+                    let delay = tracing::warn_span!("block", aggregate = %record.aggregate_id)
+                        .in_scope(|| retry.next(reason, &e));
                     if !self.pause(session, last_renew, delay, cancel).await {
                         return false;
                     }
@@ -327,5 +329,52 @@ impl Engine {
         }
         held.state_says_blocked = true;
         true
+    }
+}
+
+/// What the settlement rule sees of each message: its version, or why it cannot be read.
+fn items_of(decoded: &[Result<Event, Fault>]) -> Vec<Item> {
+    decoded
+        .iter()
+        .map(|d| match d {
+            Ok(e) => Item::Event(e.version),
+            Err(f) => Item::Undecodable(f.clone()),
+        })
+        .collect()
+}
+
+/// The events before the first message that cannot be read: only they may be applied.
+fn decodable_prefix(decoded: &[Result<Event, Fault>]) -> Vec<&Event> {
+    let cut = decoded
+        .iter()
+        .position(Result::is_err)
+        .unwrap_or(decoded.len());
+    decoded[..cut]
+        .iter()
+        .filter_map(|d| d.as_ref().ok())
+        .collect()
+}
+
+/// The message id of the poison a block stops at: the first message dead-lettered for a
+/// reason of its own (not [`REASON_BLOCKED`]); empty when there is none.
+fn poison_message_id<M: Delivery>(msgs: &[M], actions: &[Action]) -> String {
+    actions
+        .iter()
+        .position(|a| matches!(a, Action::DeadLetter { reason, .. } if *reason != REASON_BLOCKED))
+        .and_then(|i| msgs[i].message_id())
+        .unwrap_or_default()
+}
+
+/// Counts a completed message: applied (with its end-to-end lag when the event carries a
+/// time), or a duplicate.
+fn count_completed(applied: bool, event: Option<&Event>, now_ms: i64, activity: &Activity) {
+    if !applied {
+        metrics::counter!(m::DUPLICATES).increment(1);
+        return;
+    }
+    metrics::counter!(m::EVENTS_APPLIED).increment(1);
+    activity.applied.fetch_add(1, Relaxed);
+    if let Some(ts) = event.and_then(|e| e.timestamp_ms) {
+        metrics::histogram!(m::END_TO_END_LAG).record((now_ms - ts).max(0) as f64 / 1000.0);
     }
 }

@@ -2,13 +2,6 @@
 
 use super::*;
 
-pub(super) fn selects(p: &dyn Projection, e: &Document) -> bool {
-    p.selects(
-        e.get_str("aggregateType").ok(),
-        e.get_str("eventType").unwrap_or_default(),
-    )
-}
-
 pub(super) fn decode<M: Delivery>(msg: &M) -> Result<Event, Fault> {
     let fault = |reason: &'static str, description: String| Fault {
         reason,

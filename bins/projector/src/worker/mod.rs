@@ -34,7 +34,7 @@ mod message;
 mod session;
 
 use gate::{BrokerGate, PROBE_ACCEPT_WAIT};
-use message::{aggregate_of, block_record, decode, selects};
+use message::{aggregate_of, block_record, decode};
 use session::{After, Held};
 
 use std::collections::BTreeMap;
@@ -50,12 +50,12 @@ use tokio_util::sync::CancellationToken;
 
 use ordo_core::envelope::{session_id, Envelope, HASHED_ID_PREFIX};
 use ordo_core::metrics as m;
-use ordo_core::retry::Backoff;
+use ordo_core::retry::{Backoff, Retry};
 use ordo_core::servicebus::receiver::{
     Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
 };
 use ordo_projection::event_version;
-use ordo_projection::{fold_events, Gap, Projection, ReadModel};
+use ordo_projection::{fold_events, selects, Gap, Projection, ReadModel};
 
 use crate::config::ProjectorSection;
 use crate::settle::{self, Action, Decision, Fault, Item, Outcome, Stop};

@@ -16,14 +16,45 @@
 //! reading on, so a stuck front stops the reader instead of growing without bound. Position
 //! markers (idle stream) that arrive behind a stuck front replace the previous marker instead
 //! of queueing: only the newest matters once everything before it is acknowledged.
+//!
+//! The tracker is generic over its position; the producer's is [`Position`], a change-stream
+//! position, and [`Acks`] is the tracker the reader, the workers and the checkpointer share.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use mongodb::bson::{DateTime, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
 use tokio::sync::Notify;
 
 /// Sequence number of a read item, in read order.
 pub type Seq = u64;
+
+/// A stream position the checkpoint can point at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    /// Resume token, for `startAfter`; turned into a document only when a checkpoint is saved.
+    pub token: ResumeToken,
+    /// Cluster time of the event, when the position is an event.
+    pub cluster_time: Option<Timestamp>,
+    /// Wall time of the event (or of the read, for idle and scan markers).
+    pub wall_time: DateTime,
+}
+
+#[cfg(test)]
+impl Position {
+    pub(crate) fn test(i: u64) -> Self {
+        Position {
+            token: mongodb::bson::from_document(mongodb::bson::doc! { "_data": i.to_string() })
+                .expect("a resume token"),
+            cluster_time: None,
+            wall_time: DateTime::from_millis(i as i64),
+        }
+    }
+}
+
+/// Shared acknowledgement state: the tracker and the count of events published.
+pub type Acks = Arc<Mutex<AckTracker<Position>>>;
 
 /// Tracks acknowledgements of a contiguous run of sequence numbers.
 #[derive(Debug)]

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use mongodb::bson::DateTime;
 use ordo_core::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use ordo_core::metrics as names;
+use ordo_core::retry::{Backoff, Retry};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Acks;
+use crate::acks::Acks;
 use crate::source;
 use ordo_core::readiness::{dependency, Fault, Readiness};
 
@@ -104,6 +105,9 @@ impl Checkpointer {
                     }
                     Err(e) if e.is_retryable() => {
                         self.readiness.hold(&mut db_fault, dependency::MONGODB);
+                        // Counted here rather than by a `Retry`: the next attempt comes when
+                        // the next save is due (the interval above), not after a backoff, so
+                        // readiness returns as soon as the database does. `save` logs it.
                         ::metrics::counter!(names::RETRIES, "operation" => "save_checkpoint", "reason" => reason(&e)).increment(1);
                     }
                     Err(CheckpointError::Backwards { .. }) => {}
@@ -158,12 +162,14 @@ impl Checkpointer {
         }
     }
 
-    /// Saves until the newest acknowledged position is stored or refused for good.
-    pub async fn save_until_done(&mut self) {
+    /// Saves until the newest acknowledged position is stored or refused for good, retrying
+    /// with `backoff`; the caller bounds it.
+    pub async fn save_until_done(&mut self, backoff: Backoff) {
+        let mut retry = Retry::new("save_checkpoint", backoff);
         loop {
             match self.save().await {
                 Ok(_) => return,
-                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) if e.is_retryable() => tokio::time::sleep(retry.next(reason(&e), &e)).await,
                 Err(_) => return,
             }
         }
@@ -178,7 +184,8 @@ impl Checkpointer {
     }
 }
 
-fn reason(e: &CheckpointError) -> &'static str {
+/// The `reason` of a checkpoint operation's retry.
+pub(crate) fn reason(e: &CheckpointError) -> &'static str {
     match e {
         CheckpointError::Mongo(e) => ordo_core::mongo::error_reason(e),
         _ => "refused",
@@ -227,8 +234,7 @@ impl Stuck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acks::AckTracker;
-    use crate::Position;
+    use crate::acks::{AckTracker, Position};
     use ordo_testkit::{wait_until, TestMongo};
 
     /// An idle save that fails is retried at `checkpoint_interval`, not after the idle

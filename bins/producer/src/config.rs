@@ -8,6 +8,7 @@ use ordo_core::config::{
     check_duration, check_range, ConfigError, MongoConfig, ServiceBusConfig, ShutdownConfig,
     TelemetryConfig, Validate,
 };
+use ordo_core::retry::Backoff;
 
 /// AMQP connections the senders share by default: 3 instead of one per sender (8), with the
 /// projectors' connections shared too, kept the churn and hot-aggregate rates in `ordo-bench`
@@ -177,6 +178,14 @@ impl ProducerSection {
     pub fn start_at(&self) -> StartAt {
         parse_start_at(&self.start_at).expect("validated: producer.start_at")
     }
+
+    /// The backoff every retry loop of the producer waits by: `retry_initial` to `retry_max`.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.retry_initial,
+            max: self.retry_max,
+        }
+    }
 }
 
 fn parse_start_at(s: &str) -> Result<StartAt, String> {
@@ -210,133 +219,170 @@ impl Validate for ProducerConfig {
         self.servicebus.validate()?;
         self.telemetry.validate()?;
         self.shutdown.validate()?;
+        // One key at a time, in the order of the file's sections: the first bad key is named.
         let p = &self.producer;
-        if p.stream.as_deref() == Some("") {
-            return Err(ConfigError::invalid("producer.stream", "must not be empty"));
-        }
-        parse_start_at(&p.start_at).map_err(|e| ConfigError::invalid("producer.start_at", e))?;
-        check_range("producer.senders", p.senders, 1, 64)?;
-        if let Some(n) = p.connections {
-            check_range("producer.connections", n, 1, 64)?;
-        }
-        check_range(
-            "producer.max_in_flight_messages",
-            p.max_in_flight_messages,
-            1,
-            1_000_000,
-        )?;
-        check_range("producer.max_batch_messages", p.max_batch_messages, 1, 4500)?;
-        check_range(
-            "producer.max_message_bytes",
-            p.max_message_bytes,
-            1024,
-            100 * 1024 * 1024,
-        )?;
-        if p.max_in_flight_bytes < p.max_message_bytes {
-            return Err(ConfigError::invalid(
-                "producer.max_in_flight_bytes",
-                format!(
-                    "{} is smaller than producer.max_message_bytes ({})",
-                    p.max_in_flight_bytes, p.max_message_bytes
-                ),
-            ));
-        }
-        check_duration(
-            "producer.checkpoint_interval",
-            p.checkpoint_interval,
-            Duration::from_millis(10),
-            Duration::from_secs(3600),
-        )?;
-        // Below `checkpoint_interval` it is that interval; above 4 minutes an idle producer's
-        // checkpoint would age past the OrdoCheckpointStale alert (300 s).
-        check_duration(
-            "producer.idle_checkpoint_interval",
-            p.idle_checkpoint_interval,
-            Duration::from_millis(10),
-            Duration::from_secs(240),
-        )?;
-        check_range(
-            "producer.checkpoint_every_events",
-            p.checkpoint_every_events,
-            1,
-            10_000_000,
-        )?;
-        check_duration(
-            "producer.max_await_time",
-            p.max_await_time,
-            Duration::from_millis(10),
-            Duration::from_secs(60),
-        )?;
-        check_range("producer.read_batch_size", p.read_batch_size, 1, 100_000)?;
-        check_duration(
-            "producer.history_safety_margin",
-            p.history_safety_margin,
-            Duration::ZERO,
-            Duration::from_secs(30 * 24 * 3600),
-        )?;
-        if p.replay_time_field.is_empty() {
-            return Err(ConfigError::invalid(
-                "producer.replay_time_field",
-                "must not be empty",
-            ));
-        }
-        if p.scan_sort.is_empty() {
-            return Err(ConfigError::invalid(
-                "producer.scan_sort",
-                "must not be empty",
-            ));
-        }
-        for (k, v) in &p.scan_sort {
-            if !matches!(v, toml::Value::Integer(1) | toml::Value::Integer(-1)) {
-                return Err(ConfigError::invalid(
-                    format!("producer.scan_sort.{k}"),
-                    format!("{v} must be 1 or -1"),
-                ));
-            }
-        }
-        check_range(
-            "producer.max_unacknowledged",
-            p.max_unacknowledged,
-            p.max_in_flight_messages,
-            100_000_000,
-        )?;
-        check_duration(
-            "producer.checkpoint_stuck_after",
-            p.checkpoint_stuck_after,
-            Duration::from_secs(1),
-            Duration::from_secs(24 * 3600),
-        )?;
-        check_duration(
-            "producer.probe_interval",
-            p.probe_interval,
-            Duration::from_millis(100),
-            Duration::from_secs(300),
-        )?;
-        check_duration(
-            "producer.lease_ttl",
-            p.lease_ttl,
-            Duration::from_secs(1),
-            Duration::from_secs(600),
-        )?;
-        check_duration(
-            "producer.send_timeout",
-            p.send_timeout,
-            Duration::from_millis(100),
-            Duration::from_secs(600),
-        )?;
-        check_duration(
-            "producer.retry_initial",
-            p.retry_initial,
-            Duration::from_millis(1),
-            Duration::from_secs(60),
-        )?;
-        check_duration(
-            "producer.retry_max",
-            p.retry_max,
-            p.retry_initial,
-            Duration::from_secs(600),
-        )
+        check_start(p)?;
+        check_sending(p)?;
+        check_checkpoints(p)?;
+        check_reading(p)?;
+        check_fault_timing(p)?;
+        check_retry(p)
     }
+}
+
+/// `stream` and `start_at`.
+fn check_start(p: &ProducerSection) -> Result<(), ConfigError> {
+    if p.stream.as_deref() == Some("") {
+        return Err(ConfigError::invalid("producer.stream", "must not be empty"));
+    }
+    parse_start_at(&p.start_at).map_err(|e| ConfigError::invalid("producer.start_at", e))?;
+    Ok(())
+}
+
+/// Senders, connections and the in-flight and message size bounds.
+fn check_sending(p: &ProducerSection) -> Result<(), ConfigError> {
+    check_range("producer.senders", p.senders, 1, 64)?;
+    if let Some(n) = p.connections {
+        check_range("producer.connections", n, 1, 64)?;
+    }
+    check_range(
+        "producer.max_in_flight_messages",
+        p.max_in_flight_messages,
+        1,
+        1_000_000,
+    )?;
+    check_range("producer.max_batch_messages", p.max_batch_messages, 1, 4500)?;
+    check_range(
+        "producer.max_message_bytes",
+        p.max_message_bytes,
+        1024,
+        100 * 1024 * 1024,
+    )?;
+    if p.max_in_flight_bytes < p.max_message_bytes {
+        return Err(ConfigError::invalid(
+            "producer.max_in_flight_bytes",
+            format!(
+                "{} is smaller than producer.max_message_bytes ({})",
+                p.max_in_flight_bytes, p.max_message_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// How often the checkpoint is saved.
+fn check_checkpoints(p: &ProducerSection) -> Result<(), ConfigError> {
+    check_duration(
+        "producer.checkpoint_interval",
+        p.checkpoint_interval,
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    )?;
+    // Below `checkpoint_interval` it is that interval; above 4 minutes an idle producer's
+    // checkpoint would age past the OrdoCheckpointStale alert (300 s).
+    check_duration(
+        "producer.idle_checkpoint_interval",
+        p.idle_checkpoint_interval,
+        Duration::from_millis(10),
+        Duration::from_secs(240),
+    )?;
+    check_range(
+        "producer.checkpoint_every_events",
+        p.checkpoint_every_events,
+        1,
+        10_000_000,
+    )?;
+    Ok(())
+}
+
+/// The change stream and scans, the deprecated recovery keys, and how far the reader may run
+/// ahead of the acknowledged prefix.
+fn check_reading(p: &ProducerSection) -> Result<(), ConfigError> {
+    check_duration(
+        "producer.max_await_time",
+        p.max_await_time,
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+    )?;
+    check_range("producer.read_batch_size", p.read_batch_size, 1, 100_000)?;
+    check_duration(
+        "producer.history_safety_margin",
+        p.history_safety_margin,
+        Duration::ZERO,
+        Duration::from_secs(30 * 24 * 3600),
+    )?;
+    if p.replay_time_field.is_empty() {
+        return Err(ConfigError::invalid(
+            "producer.replay_time_field",
+            "must not be empty",
+        ));
+    }
+    if p.scan_sort.is_empty() {
+        return Err(ConfigError::invalid(
+            "producer.scan_sort",
+            "must not be empty",
+        ));
+    }
+    for (k, v) in &p.scan_sort {
+        if !matches!(v, toml::Value::Integer(1) | toml::Value::Integer(-1)) {
+            return Err(ConfigError::invalid(
+                format!("producer.scan_sort.{k}"),
+                format!("{v} must be 1 or -1"),
+            ));
+        }
+    }
+    check_range(
+        "producer.max_unacknowledged",
+        p.max_unacknowledged,
+        p.max_in_flight_messages,
+        100_000_000,
+    )?;
+    Ok(())
+}
+
+/// How soon a fault is noticed: a stuck prefix, the broker probe, the lease, a send.
+fn check_fault_timing(p: &ProducerSection) -> Result<(), ConfigError> {
+    check_duration(
+        "producer.checkpoint_stuck_after",
+        p.checkpoint_stuck_after,
+        Duration::from_secs(1),
+        Duration::from_secs(24 * 3600),
+    )?;
+    check_duration(
+        "producer.probe_interval",
+        p.probe_interval,
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    )?;
+    check_duration(
+        "producer.lease_ttl",
+        p.lease_ttl,
+        Duration::from_secs(1),
+        Duration::from_secs(600),
+    )?;
+    check_duration(
+        "producer.send_timeout",
+        p.send_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    )?;
+    Ok(())
+}
+
+/// The retry backoff's bounds.
+fn check_retry(p: &ProducerSection) -> Result<(), ConfigError> {
+    check_duration(
+        "producer.retry_initial",
+        p.retry_initial,
+        Duration::from_millis(1),
+        Duration::from_secs(60),
+    )?;
+    check_duration(
+        "producer.retry_max",
+        p.retry_max,
+        p.retry_initial,
+        Duration::from_secs(600),
+    )
 }
 
 #[cfg(test)]

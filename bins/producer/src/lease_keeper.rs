@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ordo_core::lease::{Lease, LeaseError, LeaseStore};
-use ordo_core::metrics as names;
-use ordo_core::retry::Backoff;
+use ordo_core::retry::{Backoff, Retry};
 use tokio_util::sync::CancellationToken;
 
 use ordo_core::readiness::{dependency, Fault, Readiness};
@@ -45,12 +44,12 @@ impl LeaseKeeper {
     /// that error.
     pub async fn run(mut self, stop: CancellationToken) -> Result<LeaseEnd, LeaseError> {
         let every = self.lease.ttl / 3;
+        let mut retry = Retry::new("renew_lease", self.backoff);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.cancelled() => return Ok(LeaseEnd::Stopped(self.lease)),
             }
-            let mut delays = self.backoff.delays();
             let mut fault = None;
             loop {
                 // Bounded by what is left of the lease (at least a little, to get an answer
@@ -63,6 +62,7 @@ impl LeaseKeeper {
                 let error = match renewed {
                     Ok(Ok(l)) => {
                         self.lease = l;
+                        retry.reset();
                         break;
                     }
                     Ok(Err(LeaseError::Lost { .. })) => {
@@ -84,12 +84,9 @@ impl LeaseKeeper {
                         .unwrap_or_else(|| self.readiness.fault(dependency::MONGODB));
                     return Ok(LeaseEnd::Expired(held));
                 }
-                let d = delays
-                    .next()
-                    .unwrap_or(self.backoff.max)
+                let d = retry
+                    .next("renew_failed", &error)
                     .min(self.lease.remaining());
-                ::metrics::counter!(names::RETRIES, "operation" => "renew_lease", "reason" => "renew_failed").increment(1);
-                tracing::warn!(error, "lease renewal failed, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
                     _ = stop.cancelled() => return Ok(LeaseEnd::Stopped(self.lease)),

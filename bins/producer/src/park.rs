@@ -16,7 +16,7 @@ use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::{Collection, Database};
 use ordo_core::envelope::{Envelope, WireMessage};
 use ordo_core::metrics as names;
-use ordo_core::retry::Backoff;
+use ordo_core::retry::{Backoff, Retry};
 use tokio_util::sync::CancellationToken;
 
 use ordo_core::readiness::{dependency, Readiness};
@@ -109,7 +109,7 @@ impl Parker {
         };
         let mut update = record(Some(source), None);
         let mut without_source = false;
-        let mut delays = self.backoff.delays();
+        let mut retry = Retry::new("park", self.backoff);
         let mut fault = None;
         loop {
             let r = tokio::select! {
@@ -121,12 +121,9 @@ impl Parker {
                 Err(e) if ordo_core::mongo::is_duplicate_key(&e) => return Ok(true),
                 Err(e) if ordo_core::mongo::is_transient(&e) => {
                     self.readiness.hold(&mut fault, dependency::MONGODB);
-                    let delay = delays.next().unwrap_or(self.backoff.max);
-                    ::metrics::counter!(names::RETRIES, "operation" => "park", "reason" => ordo_core::mongo::error_reason(&e)).increment(1);
-                    tracing::warn!(operation = "park", delay_ms = delay.as_millis() as u64, error = %e, "database operation failed, retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.cancel.cancelled() => return Ok(false),
+                    let reason = ordo_core::mongo::error_reason(&e);
+                    if !retry.pause(reason, &e, &self.cancel).await {
+                        return Ok(false);
                     }
                 }
                 Err(e) if !without_source => {

@@ -91,11 +91,11 @@ impl Retry {
     }
 
     /// [`next`](Self::next), then waits the delay out; false when `cancel` fires first, and the
-    /// loop should end.
+    /// loop should end. `error` is `Sync` so the pause can be held across the wait in a task.
     pub async fn pause(
         &mut self,
         reason: &'static str,
-        error: &dyn Display,
+        error: &(dyn Display + Sync),
         cancel: &CancellationToken,
     ) -> bool {
         let delay = self.next(reason, error);
@@ -139,15 +139,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_pause_ends_early_and_says_stop_when_cancelled() {
-        let mut retry = Retry::new("test", Backoff {
-            initial: Duration::from_secs(3600),
-            max: Duration::from_secs(3600),
-        });
+        let mut retry = Retry::new(
+            "test",
+            Backoff {
+                initial: Duration::from_secs(3600),
+                max: Duration::from_secs(3600),
+            },
+        );
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let paused = tokio::time::timeout(Duration::from_secs(5), retry.pause("x", &"boom", &cancel))
-            .await
-            .expect("a cancelled pause returns at once");
+        let paused =
+            tokio::time::timeout(Duration::from_secs(5), retry.pause("x", &"boom", &cancel))
+                .await
+                .expect("a cancelled pause returns at once");
         assert!(!paused);
     }
 
@@ -160,10 +164,13 @@ mod tests {
 
     #[test]
     fn delays_grow_until_reset_starts_them_over() {
-        let mut retry = Retry::new("test", Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(100),
-        });
+        let mut retry = Retry::new(
+            "test",
+            Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(100),
+            },
+        );
         let first = retry.next("x", &"boom");
         for _ in 0..8 {
             retry.next("x", &"boom");

@@ -1,18 +1,28 @@
-//! Graceful shutdown, the same shape in both daemons: one root [`CancellationToken`], work
-//! that stops in a bounded time, and one grace period (`[shutdown] grace_period`).
+//! Graceful shutdown, the same shape in both daemons: one root [`CancellationToken`], every
+//! long-running task on [`Shutdown::tracker`], and one bounded drain at the end
+//! ([`Shutdown::drain`]) within the grace period (`[shutdown] grace_period`).
 //!
 //! On SIGTERM or SIGINT the token is cancelled. Readiness flips first (the telemetry server
-//! watches the same token), then every loop stops taking work:
-//! - the projector's tasks are in [`Shutdown::tracker`]; its workers finish or release the
-//!   session they hold, and [`Shutdown::drain`] waits for them at most the grace period;
-//! - the producer's active term stops in order within the same grace period (its `term.rs`):
-//!   the reader stops, the publishing workers drain (0.6 of it), the checkpointer and lease
-//!   keeper stop (0.1 each), the checkpoint is saved over what was acknowledged (0.2).
+//! watches the same token), then every loop stops taking work and the daemon drains:
+//! - the projector's workers finish or release the session they hold; they are independent of
+//!   one another, so waiting for all of them at once is enough: the drain waits at most the
+//!   grace period;
+//! - the producer's tasks (the readiness probes, the events index check, the lease loop and
+//!   its active term's reader, publishing workers, checkpointer and lease keeper) are on the
+//!   tracker too, but its term stops its own tasks in order within the grace period
+//!   (`bins/producer/src/term.rs`): the reader stops, the publishing workers drain (0.6 of
+//!   it), the checkpointer and lease keeper stop (0.1 each), the checkpoint is saved over what
+//!   was acknowledged (0.2), then the lease is released. The tracker cannot replace that
+//!   order, as it only waits for all tasks at once: the final checkpoint may cover only what
+//!   the drained workers got acknowledged, and the lease must be held while it is saved. So
+//!   the term keeps its tasks' handles, and the drain waits for the term with the rest, bounded
+//!   by the grace period plus two [`LAST_STEP`]s (the lease release, and a margin), so the
+//!   bound never cuts the term's order short. A producer that stops with an error cancels the
+//!   token itself, so its other tasks end with it.
 //!
-//! Two drains, on purpose: the projector's workers are independent of one another, so waiting
-//! for all of them at once is enough; the producer's steps depend on each other (the final
-//! checkpoint may cover only what the drained workers got acknowledged, and the lease must be
-//! held while it is saved), so they stop one after another, each with its share of the period.
+//! Sub-tasks a tracked task owns (the producer's change-stream reading task, its publishing
+//! workers in their supervisor's `JoinSet`) are not on the tracker: they end, or are aborted,
+//! with their owner.
 //!
 //! What is left after the grace period (the lease release, the projector's heartbeat removal,
 //! the database client's close) is bounded by 2 s each: a hung database never holds a

@@ -31,8 +31,7 @@ use ordo_core::envelope::WireMessage;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::acks::{AckTracker, Seq};
-use crate::Position;
+use crate::acks::Seq;
 
 mod claim;
 mod publish;
@@ -67,9 +66,6 @@ struct State {
     /// No more submissions: workers exit once the queues are empty.
     closed: bool,
 }
-
-/// Shared acknowledgement state: the tracker and the count of events published.
-pub type Acks = Arc<Mutex<AckTracker<Position>>>;
 
 /// The queues between the reader and the workers.
 #[derive(Debug)]

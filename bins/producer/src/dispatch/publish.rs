@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ordo_core::readiness::{dependency, Readiness};
-use ordo_core::retry::Backoff;
+use ordo_core::retry::{Backoff, Retry};
 use ordo_core::servicebus::sender::{PublishError, Publisher, PublisherFactory};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::claim::Claim;
-use super::{Acks, Dispatcher};
+use super::Dispatcher;
+use crate::acks::Acks;
 use crate::park::{ParkError, ParkMessage};
 
 /// What a worker needs besides its publisher.
@@ -99,7 +101,7 @@ pub async fn worker<F: PublisherFactory>(
         };
         metrics::histogram!(ordo_core::metrics::PUBLISH_BATCH_MESSAGES).record(items.len() as f64);
         let mut claim = Claim::new(ctx.dispatcher.clone(), session, items);
-        let mut delays = ctx.backoff.delays();
+        let mut retry = Retry::new("publish", ctx.backoff);
         let mut fault = None;
         while !claim.messages.is_empty() {
             let attempt = async {
@@ -131,12 +133,14 @@ pub async fn worker<F: PublisherFactory>(
                 Err(e) => {
                     publisher = None;
                     ctx.readiness.hold(&mut fault, dependency::SERVICEBUS);
-                    let delay = delays.next().unwrap_or(ctx.backoff.max);
-                    metrics::counter!(ordo_core::metrics::RETRIES, "operation" => "publish", "reason" => e.reason()).increment(1);
-                    tracing::warn!(session = %claim.session(), messages = claim.messages.len(), delay_ms = delay.as_millis() as u64, error = %e, "publish failed, retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = ctx.abandon.cancelled() => return Ok(()),
+                    // The retry's log line carries the session and batch size in its span.
+                    let span = tracing::warn_span!("publish", session = %claim.session(), messages = claim.messages.len());
+                    let go_on = retry
+                        .pause(e.reason(), &e, &ctx.abandon)
+                        .instrument(span)
+                        .await;
+                    if !go_on {
+                        return Ok(());
                     }
                 }
             }

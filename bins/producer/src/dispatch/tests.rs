@@ -12,6 +12,7 @@ use ordo_core::readiness::Readiness;
 use ordo_core::retry::Backoff;
 use ordo_core::servicebus::sender::{PublishError, Publisher, PublisherFactory};
 
+use crate::acks::{Acks, Position};
 use crate::park::{ParkError, ParkMessage};
 
 /// Records what was sent; fails the first `fail_first` publishes; refuses the messages in

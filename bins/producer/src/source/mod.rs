@@ -40,21 +40,20 @@
 //! read in eventId order and one session is published in read order.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use mongodb::bson::{self, doc, Bson, Document};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::{Collection, Database};
 use ordo_core::envelope::Envelope;
 use ordo_core::metrics as names;
-use ordo_core::retry::Backoff;
+use ordo_core::retry::{Backoff, Retry};
 use ordo_core::servicebus::sender;
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::{Acks, Position};
 use crate::config::{OnInvalid, ProducerConfig, StartAt};
-use crate::dispatch::{Acks, Dispatcher};
+use crate::dispatch::Dispatcher;
 use crate::park::{ParkError, Parker};
-use crate::Position;
 use ordo_core::readiness::{dependency, Fault, Readiness};
 
 mod scan;
@@ -138,10 +137,7 @@ impl Source {
         readiness: Arc<Readiness>,
         cancel: CancellationToken,
     ) -> Self {
-        let backoff = Backoff {
-            initial: cfg.producer.retry_initial,
-            max: cfg.producer.retry_max,
-        };
+        let backoff = cfg.producer.backoff();
         Self {
             events: db.collection(&cfg.mongodb.events_collection),
             parker,
@@ -185,19 +181,11 @@ impl Source {
         self.readiness.hold(slot, dependency::MONGODB);
     }
 
-    async fn pause(
-        &self,
-        delays: &mut impl Iterator<Item = Duration>,
-        op: &'static str,
-        e: &mongodb::error::Error,
-    ) -> bool {
-        let delay = delays.next().unwrap_or(self.backoff.max);
-        ::metrics::counter!(names::RETRIES, "operation" => op, "reason" => ordo_core::mongo::error_reason(e)).increment(1);
-        tracing::warn!(op, delay_ms = delay.as_millis() as u64, error = %e, "database operation failed, retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => true,
-            _ = self.cancel.cancelled() => false,
-        }
+    /// The retry step after a database error of the reader; false once reading stops.
+    async fn pause(&self, retry: &mut Retry, e: &mongodb::error::Error) -> bool {
+        retry
+            .pause(ordo_core::mongo::error_reason(e), e, &self.cancel)
+            .await
     }
 
     /// Registers a position that needs no send (idle stream, end of a scan). It needs no room

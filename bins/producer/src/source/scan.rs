@@ -5,15 +5,16 @@ use futures::TryStreamExt;
 use mongodb::bson::{DateTime, Document};
 use mongodb::change_stream::event::ResumeToken;
 use ordo_core::metrics as names;
+use ordo_core::retry::Retry;
 
 use super::{token_doc, Source, Start, Step};
-use crate::Position;
+use crate::acks::Position;
 
 impl Source {
     /// The position a fresh stream would start at: taken before a scan, and saved as the
     /// first checkpoint of a stream that starts `now`.
     pub async fn current_position(&self) -> Option<ResumeToken> {
-        let mut delays = self.backoff.delays();
+        let mut retry = Retry::new("open_stream", self.backoff);
         let mut failed = None;
         loop {
             let opened = tokio::select! {
@@ -28,13 +29,13 @@ impl Source {
                     // streams; treat it as a fault rather than guessing a position.
                     let e = mongodb::error::Error::custom("change stream returned no resume token");
                     self.fault(&mut failed);
-                    if !self.pause(&mut delays, "open_stream", &e).await {
+                    if !self.pause(&mut retry, &e).await {
                         return None;
                     }
                 }
                 Err(e) => {
                     self.fault(&mut failed);
-                    if !self.pause(&mut delays, "open_stream", &e).await {
+                    if !self.pause(&mut retry, &e).await {
                         return None;
                     }
                 }
@@ -50,7 +51,7 @@ impl Source {
         };
         let wall = DateTime::now();
         let filter = Document::new();
-        let mut delays = self.backoff.delays();
+        let mut retry = Retry::new("scan", self.backoff);
         let mut failed = None;
         let mut published: u64 = 0;
         'attempt: loop {
@@ -62,7 +63,7 @@ impl Source {
                 Ok(c) => c,
                 Err(e) => {
                     self.fault(&mut failed);
-                    if !self.pause(&mut delays, "scan", &e).await {
+                    if !self.pause(&mut retry, &e).await {
                         return Ok(None);
                     }
                     continue 'attempt;
@@ -85,7 +86,7 @@ impl Source {
                     Err(e) => {
                         // Start over: what was queued stays queued, repeats are deduplicated.
                         self.fault(&mut failed);
-                        if !self.pause(&mut delays, "scan", &e).await {
+                        if !self.pause(&mut retry, &e).await {
                             return Ok(None);
                         }
                         continue 'attempt;

@@ -5,12 +5,14 @@ use mongodb::bson::{self, doc, DateTime, Document, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use ordo_core::metrics as names;
+use ordo_core::retry::Retry;
 use serde::Deserialize;
+use tokio::sync::mpsc::Sender;
 
 use super::{token_doc, Read, Source, SourceError, Start, HISTORY_LOST_CODES};
+use crate::acks::Position;
 use crate::config::StartAt;
 use crate::task::AbortOnDrop;
-use crate::Position;
 use ordo_core::readiness::Fault;
 
 /// BSONObjectTooLarge: a change event over the 16 MB limit.
@@ -93,23 +95,17 @@ impl Source {
     /// What a failed open or read of the stream leads to: `Some` ends the tail (lost history,
     /// or cancelled during the pause), `None` reopens it (with the shrinking stage after an
     /// event over the limit, at once; after any other fault, past a backoff pause).
-    async fn failed(
-        &self,
-        e: &mongodb::error::Error,
-        shrink: &mut bool,
-        fault: &mut Option<Fault>,
-        delays: &mut impl Iterator<Item = std::time::Duration>,
-    ) -> Option<Read> {
+    async fn failed(&self, e: &mongodb::error::Error, at: &mut Tailing) -> Option<Read> {
         if is_history_lost(e) {
             return Some(self.recovery(code_name(e), &e.to_string()));
         }
-        if !*shrink && is_event_too_large(e) {
+        if !at.shrink && is_event_too_large(e) {
             self.met_event_too_large(e);
-            *shrink = true;
+            at.shrink = true;
             return None;
         }
-        self.fault(fault);
-        if !self.pause(delays, "change_stream", e).await {
+        self.fault(&mut at.fault);
+        if !self.pause(&mut at.retry, e).await {
             return Some(Read::Stop);
         }
         None
@@ -166,110 +162,163 @@ impl Source {
     /// Reads the stream from `start` into `tx` until cancelled, lost history, an invalidate, or
     /// the receiving side is gone. Transient faults reopen the stream after the last position
     /// handed on.
-    async fn tail(&self, start: Start, tx: tokio::sync::mpsc::Sender<Streamed>) -> Read {
-        let mut delays = self.backoff.delays();
-        let mut failed = None;
-        // Where to reopen after a transient fault: the last position read, else the start.
-        let mut reopen = start;
-        let mut last_token: Option<ResumeToken> = None;
-        // Read oversized documents by their `_id`: set after the first event over the limit.
-        let mut shrink = false;
-        'open: loop {
-            if let Some(token) = last_token.as_ref() {
-                reopen = Start::After(token_doc(token));
+    async fn tail(&self, start: Start, tx: Sender<Streamed>) -> Read {
+        let mut at = Tailing {
+            reopen: start,
+            last_token: None,
+            shrink: false,
+            retry: Retry::new("change_stream", self.backoff),
+            fault: None,
+        };
+        loop {
+            if let Some(token) = at.last_token.as_ref() {
+                at.reopen = Start::After(token_doc(token));
             }
             let opened = tokio::select! {
-                r = self.open(&reopen, shrink) => r,
+                r = self.open(&at.reopen, at.shrink) => r,
                 _ = self.cancel.cancelled() => return Read::Stop,
             };
-            let mut stream = match opened {
+            let stream = match opened {
                 Ok(s) => s,
-                Err(e) => match self.failed(&e, &mut shrink, &mut failed, &mut delays).await {
+                Err(e) => match self.failed(&e, &mut at).await {
                     Some(read) => return read,
-                    None => continue 'open,
+                    None => continue,
                 },
             };
             tracing::info!(stream = %self.stream, "change stream open");
-            loop {
-                let next = tokio::select! {
-                    r = stream.next_if_any() => r,
-                    _ = self.cancel.cancelled() => return Read::Stop,
-                };
-                let item = match next {
-                    Ok(Some(event)) => {
-                        failed = None;
-                        delays = self.backoff.delays();
-                        if let Some(ct) = event.cluster_time {
-                            let lag = DateTime::now().timestamp_millis() as f64 / 1000.0
-                                - f64::from(ct.time);
-                            ::metrics::gauge!(names::CHANGE_STREAM_LAG).set(lag.max(0.0));
-                        }
-                        match event.operation_type.as_str() {
-                            "insert" => {
-                                // An insert always carries its document; if a server ever omits
-                                // it, the key alone is parked (as invalid) rather than dropped.
-                                let doc = event
-                                    .full_document
-                                    .or(event.document_key)
-                                    .unwrap_or_default();
-                                let position = Position {
-                                    token: event.id.clone(),
-                                    cluster_time: event.cluster_time,
-                                    wall_time: event.wall_time.unwrap_or_else(DateTime::now),
-                                };
-                                last_token = Some(event.id);
-                                Streamed::Insert {
-                                    doc,
-                                    position,
-                                    oversize: event.oversize,
-                                }
-                            }
-                            "invalidate" => {
-                                return self.recovery("invalidate", "the change stream was invalidated (collection dropped or renamed)");
-                            }
-                            // Updates, deletes, drops: not events of an append-only log.
-                            _ => {
-                                last_token = Some(event.id);
-                                continue;
-                            }
-                        }
-                    }
-                    Ok(None) => {
-                        failed = None;
-                        // Idle: the post-batch resume token moved past everything scanned, so
-                        // the stream is caught up; a lag kept from the last event would lie.
-                        ::metrics::gauge!(names::CHANGE_STREAM_LAG).set(0.0);
-                        if !stream.is_alive() {
-                            continue 'open;
-                        }
-                        match stream.resume_token() {
-                            Some(token) if last_token.as_ref() != Some(&token) => {
-                                let position = Position {
-                                    token: token.clone(),
-                                    cluster_time: None,
-                                    wall_time: DateTime::now(),
-                                };
-                                last_token = Some(token);
-                                Streamed::Idle(position)
-                            }
-                            _ => continue,
-                        }
-                    }
-                    Err(e) => match self.failed(&e, &mut shrink, &mut failed, &mut delays).await {
-                        Some(read) => return read,
-                        None => continue 'open,
-                    },
-                };
-                let sent = tokio::select! {
-                    r = tx.send(item) => r,
-                    _ = self.cancel.cancelled() => return Read::Stop,
-                };
-                if sent.is_err() {
-                    // The handling side stopped (halt or cancellation): it decides what follows.
-                    return Read::Stop;
-                }
+            if let Some(read) = self.read_open(stream, &mut at, &tx).await {
+                return read;
             }
         }
+    }
+
+    /// Reads an open stream and hands what it reads to `tx`, in stream order; `None` when the
+    /// stream is to be opened again, after the last position read.
+    async fn read_open(
+        &self,
+        mut stream: ChangeStream<Change>,
+        at: &mut Tailing,
+        tx: &Sender<Streamed>,
+    ) -> Option<Read> {
+        loop {
+            let next = tokio::select! {
+                r = stream.next_if_any() => r,
+                _ = self.cancel.cancelled() => return Some(Read::Stop),
+            };
+            let next = match next {
+                Ok(Some(event)) => self.changed(event, at),
+                Ok(None) => caught_up(&stream, at),
+                Err(e) => match self.failed(&e, at).await {
+                    Some(read) => Next::End(read),
+                    None => Next::Reopen,
+                },
+            };
+            let item = match next {
+                Next::Hand(item) => item,
+                Next::Skip => continue,
+                Next::Reopen => return None,
+                Next::End(read) => return Some(read),
+            };
+            let sent = tokio::select! {
+                r = tx.send(item) => r,
+                _ = self.cancel.cancelled() => return Some(Read::Stop),
+            };
+            if sent.is_err() {
+                // The handling side stopped (halt or cancellation): it decides what follows.
+                return Some(Read::Stop);
+            }
+        }
+    }
+
+    /// One change event read: an insert is handed on, an invalidate ends the tail, anything
+    /// else only moves the position.
+    fn changed(&self, event: Change, at: &mut Tailing) -> Next {
+        at.fault = None;
+        at.retry.reset();
+        if let Some(ct) = event.cluster_time {
+            let lag = DateTime::now().timestamp_millis() as f64 / 1000.0 - f64::from(ct.time);
+            ::metrics::gauge!(names::CHANGE_STREAM_LAG).set(lag.max(0.0));
+        }
+        match event.operation_type.as_str() {
+            "insert" => {
+                // An insert always carries its document; if a server ever omits it, the key
+                // alone is parked (as invalid) rather than dropped.
+                let doc = event
+                    .full_document
+                    .or(event.document_key)
+                    .unwrap_or_default();
+                let position = Position {
+                    token: event.id.clone(),
+                    cluster_time: event.cluster_time,
+                    wall_time: event.wall_time.unwrap_or_else(DateTime::now),
+                };
+                at.last_token = Some(event.id);
+                Next::Hand(Streamed::Insert {
+                    doc,
+                    position,
+                    oversize: event.oversize,
+                })
+            }
+            "invalidate" => Next::End(self.recovery(
+                "invalidate",
+                "the change stream was invalidated (collection dropped or renamed)",
+            )),
+            // Updates, deletes, drops: not events of an append-only log.
+            _ => {
+                at.last_token = Some(event.id);
+                Next::Skip
+            }
+        }
+    }
+}
+
+/// Where a tail is, across the reopenings of its stream.
+struct Tailing {
+    /// Where to reopen after a transient fault: the last position read, else the start.
+    reopen: Start,
+    /// The last position read.
+    last_token: Option<ResumeToken>,
+    /// Read oversized documents by their `_id`: set after the first event over the limit.
+    shrink: bool,
+    /// The backoff of the stream's faults, started over by each event read.
+    retry: Retry,
+    /// Held while opening or reading the stream fails.
+    fault: Option<Fault>,
+}
+
+/// What one read of the stream leads to.
+enum Next {
+    /// Hand this on.
+    Hand(Streamed),
+    /// Nothing to hand on: read on.
+    Skip,
+    /// Open the stream again.
+    Reopen,
+    /// The tail ends.
+    End(Read),
+}
+
+/// An empty batch: the stream is caught up. Its post-batch resume token is handed on when it
+/// moved, so an idle stream's checkpoint still advances.
+fn caught_up(stream: &ChangeStream<Change>, at: &mut Tailing) -> Next {
+    at.fault = None;
+    // The post-batch resume token moved past everything scanned, so the stream is caught up;
+    // a lag kept from the last event would lie.
+    ::metrics::gauge!(names::CHANGE_STREAM_LAG).set(0.0);
+    if !stream.is_alive() {
+        return Next::Reopen;
+    }
+    match stream.resume_token() {
+        Some(token) if at.last_token.as_ref() != Some(&token) => {
+            let position = Position {
+                token: token.clone(),
+                cluster_time: None,
+                wall_time: DateTime::now(),
+            };
+            at.last_token = Some(token);
+            Next::Hand(Streamed::Idle(position))
+        }
+        _ => Next::Skip,
     }
 }
 

@@ -220,12 +220,24 @@ mod tests {
         let inner_at = inner_location();
         let inner = waiting(inner_at);
         let both = report(Duration::ZERO);
-        assert!(both.contains(&format!("a wait started at {outer_at}")), "{both}");
-        assert!(both.contains(&format!("a wait started at {inner_at}")), "{both}");
+        assert!(
+            both.contains(&format!("a wait started at {outer_at}")),
+            "{both}"
+        );
+        assert!(
+            both.contains(&format!("a wait started at {inner_at}")),
+            "{both}"
+        );
         drop(inner);
         let after = report(Duration::ZERO);
-        assert!(after.contains(&format!("a wait started at {outer_at}")), "{after}");
-        assert!(!after.contains(&format!("a wait started at {inner_at}")), "{after}");
+        assert!(
+            after.contains(&format!("a wait started at {outer_at}")),
+            "{after}"
+        );
+        assert!(
+            !after.contains(&format!("a wait started at {inner_at}")),
+            "{after}"
+        );
         drop(outer);
         assert!(!report(Duration::ZERO).contains(&format!("{outer_at}")));
     }

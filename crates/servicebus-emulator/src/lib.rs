@@ -21,6 +21,7 @@
 //! - `store`: per-entity message stores, one file per behaviour (see its module docs).
 //! - `clock`: the wall clock locks and TTLs are measured with.
 //! - `server`: the AMQP listener, links, CBS and `$management` (see its module docs).
+//! - `tls`: the AMQPS acceptor from `[namespace] tls_cert/tls_key`.
 //! - `wire`: Service Bus annotation names/types, error conditions, batch format.
 //! - [`stats`]: inspection snapshots; `http` serves them as JSON.
 //! - [`error`]: library errors.

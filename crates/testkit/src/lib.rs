@@ -13,6 +13,16 @@
 //! [`Unavailable`] against real services; tests skip those steps with a printed reason.
 //!
 //! Tests synchronise with [`wait_until`] / [`wait_for`], never with fixed sleeps.
+//!
+//! Module map:
+//! - [`mongo`], [`secantus`]: MongoDB per fixture (SecantusDB, or a real deployment).
+//! - [`servicebus`]: Service Bus per fixture (the embedded emulator, or a real namespace).
+//! - [`entra`], [`tls`]: a test token issuer and a test certificate authority.
+//! - [`config`]: daemon configuration files, built as TOML tables.
+//! - [`daemon`]: the daemons as real processes.
+//! - [`wait`]: polling with a deadline; `watchdog` says where a hung test hangs.
+//! - [`prom`]: reading `/metrics`. [`bench`]: what the benchmarks share.
+//! - [`net`], [`paths`], `lock`: free ports, where things live, a cross-process file lock.
 
 pub mod bench;
 pub mod config;

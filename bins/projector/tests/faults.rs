@@ -159,12 +159,14 @@ async fn database_fail_points_are_retried_not_dead_lettered() {
     env.insert_events(&events).await;
     // On inserts only: the first write of each new read model is one, and nothing else of the
     // projector inserts here (its heartbeat is an update, which on a loaded machine could
-    // otherwise use up the failures before any worker wrote). The driver retries error 91
-    // once by itself, so three failures give the worker at least one error of its own.
+    // otherwise use up the failures before any worker wrote). WriteConflict (112) is not a
+    // retryable write for the driver, so each of the three failures reaches a worker as an
+    // error of its own, whichever of the concurrent inserts meets it. (A retryable code such as
+    // 91 would let three concurrent inserts each absorb one failure in the driver's own retry.)
     env.mongo
         .configure_fail_point(
             "failCommand",
-            doc! { "mode": { "times": 3 }, "data": { "failCommands": ["insert"], "errorCode": 91 } },
+            doc! { "mode": { "times": 3 }, "data": { "failCommands": ["insert"], "errorCode": 112 } },
         )
         .await
         .unwrap();
@@ -173,12 +175,12 @@ async fn database_fail_points_are_retried_not_dead_lettered() {
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
     // The fail point fired: the projector's workers (the only inserters) used up its three
-    // failures, met at least one as an error, and retried it.
+    // failures, met each as an error, and retried it.
     let retries = p
         .metric_where(ordo_core::metrics::RETRIES, ("operation", "apply"))
         .await;
     assert!(
-        retries >= 1.0,
+        retries >= 3.0,
         "{retries} apply retries counted\n{}",
         p.logs()
     );

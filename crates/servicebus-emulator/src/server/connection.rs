@@ -7,8 +7,12 @@ use std::{
     sync::{atomic::Ordering, Arc},
 };
 
-use fe2o3_amqp::acceptor::{
-    ConnectionAcceptor, ListenerConnectionHandle, ListenerSessionHandle, SessionAcceptor,
+use fe2o3_amqp::{
+    acceptor::{
+        ConnectionAcceptor, ListenerConnectionHandle, ListenerSessionHandle, SessionAcceptor,
+    },
+    connection::ConnectionStopReason,
+    session::BeginError,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -40,6 +44,7 @@ pub(crate) async fn serve(
                     container: Arc::from(format!("conn-{peer}")),
                     auth: Arc::default(),
                     cancel: cancel.child_token(),
+                    closed_by_client: Arc::default(),
                     tracker: tracker.clone(),
                 };
                 tracker.spawn(connection(stream, tls.clone(), ctx));
@@ -132,6 +137,9 @@ async fn connection(stream: TcpStream, tls: Option<TlsAcceptor>, ctx: ConnCtx) {
                     ctx.tracker.spawn(session_loop(session, ctx.clone()));
                 }
                 Err(e) => {
+                    if matches!(e, BeginError::ConnectionStopped(ConnectionStopReason::RemoteClosed)) {
+                        ctx.closed_by_client.store(true, Ordering::Release);
+                    }
                     debug!(connection = ctx.id, error = %e, "connection ended");
                     break;
                 }

@@ -95,6 +95,10 @@ pub(crate) struct ConnCtx {
     /// Cancelled when the connection ends (or the broker suspends): link tasks stop and release
     /// their locks.
     pub cancel: CancellationToken,
+    /// Set before `cancel` fires when the client closed the connection itself (an AMQP close,
+    /// not a lost socket): its links were closed by the client even where their detach had not
+    /// reached them yet.
+    pub closed_by_client: Arc<std::sync::atomic::AtomicBool>,
     pub tracker: TaskTracker,
 }
 

@@ -1,9 +1,15 @@
 //! A running receiver link. While it runs, every message it took is tracked: sent-but-unsettled
 //! ones are released with delivery count + 1 when the connection or session lock goes away (or
-//! a plain receiver's link ends), and untouched when the client closes a session receiver; one
+//! a plain receiver's link ends), and untouched when the client closes a session receiver (its
+//! link, or the whole connection with an AMQP close); one
 //! taken but not yet sent (waiting for credit) goes back untouched.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use fe2o3_amqp::link::{DetachError, LinkStateError, SendError, Sender};
 use fe2o3_amqp_types::{
@@ -48,7 +54,10 @@ impl Run {
             self.part,
             outstanding.clone(),
         ));
-        let end = self.deliver(&mut sender, &outstanding, fut_tx).await;
+        let end = match self.deliver(&mut sender, &outstanding, fut_tx).await {
+            End::ConnectionGone => self.closed_or_lost().await,
+            end => end,
+        };
         match &end {
             End::SessionLockLost => {
                 let error = wire::error(
@@ -223,6 +232,19 @@ impl Run {
         match tokio::time::timeout(DETACH_GRACE, sender.on_detach()).await {
             Ok(e) => End::of_detach(&e),
             Err(_) => End::ConnectionGone,
+        }
+    }
+
+    /// How a link whose connection ended without its detach ended: closed by the client when
+    /// the client closed the connection itself (an AMQP close: the links were closed, their
+    /// detaches may just not have reached them), lost when the socket went away.
+    async fn closed_or_lost(&self) -> End {
+        // The connection's task records how it ended before it cancels its links.
+        let _ = tokio::time::timeout(DETACH_GRACE, self.ctx.cancel.cancelled()).await;
+        if self.ctx.closed_by_client.load(Ordering::Acquire) {
+            End::ClosedByClient
+        } else {
+            End::ConnectionGone
         }
     }
 

@@ -1,0 +1,79 @@
+//! A client that closes its connection (an AMQP close) has closed its session receivers, even
+//! where it sent no detach first, or its detach is still on the way: their unsettled messages
+//! come back with the delivery count unchanged, as when the receiver itself closes
+//! (`azure_rules.rs`). Only a connection that drops without a close loses its links (count + 1,
+//! `takeover.rs`).
+
+mod common;
+
+use common::*;
+use fe2o3_amqp_client::{
+    sasl_profile::SaslProfile,
+    types::{messaging::Body, primitives::Value},
+    Connection, Receiver, Session,
+};
+use ordo_servicebus_emulator::EmulatorConfig;
+
+#[test]
+fn closing_the_connection_closes_its_session_receivers() {
+    run(body());
+}
+
+async fn body() {
+    let emulator = start_default().await;
+    let mut client = client(&emulator).await;
+    let batch = vec![message("c", "c:1", b"1"), message("c", "c:2", b"2")];
+    send(&mut client, batch).await;
+
+    // A plain AMQP client: PLAIN login with the namespace key, a receiver on session "c".
+    let namespace = EmulatorConfig::default_ordo().namespace;
+    let mut connection = within(
+        10,
+        Connection::builder()
+            .container_id("closes-without-detach")
+            .sasl_profile(SaslProfile::Plain {
+                username: namespace.key_name.clone(),
+                password: namespace.key.clone(),
+            })
+            .open(format!("amqp://{}", emulator.address()).as_str()),
+    )
+    .await
+    .unwrap();
+    let mut session = within(10, Session::begin(&mut connection)).await.unwrap();
+    let mut receiver = within(
+        10,
+        Receiver::builder()
+            .name("session-c")
+            .source(
+                fe2o3_amqp_client::types::messaging::Source::builder()
+                    .address(format!("{TOPIC}/Subscriptions/{SUBSCRIPTION}"))
+                    .add_to_filter_using_legacy_format(
+                        "com.microsoft:session-filter",
+                        Value::String("c".to_owned()),
+                    )
+                    .build(),
+            )
+            .attach(&mut session),
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        within(10, receiver.recv::<Body<Value>>()).await.unwrap();
+    }
+    // Neither detach nor end: the close of the connection is the only goodbye.
+    within(10, connection.close()).await.unwrap();
+    let path = format!("{TOPIC}/Subscriptions/{SUBSCRIPTION}");
+    eventually(10, || {
+        let stats = emulator.stats();
+        let e = stats.entity(&path).unwrap();
+        e.locked == 0 && e.sessions.iter().all(|s| s.holder.is_none())
+    })
+    .await;
+    drop((receiver, session));
+
+    let mut again = accept(&mut client, Some("c")).await.unwrap();
+    let got = receive(&mut again, 2).await;
+    let counts: Vec<_> = got.iter().map(|m| m.delivery_count()).collect();
+    // azservicebus reports the header's count + 1: Some(1) is a first delivery.
+    assert_eq!(counts, vec![Some(1), Some(1)], "redelivered untouched");
+}

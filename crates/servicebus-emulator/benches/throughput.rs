@@ -5,7 +5,6 @@
 //! session receivers get and complete them.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -45,19 +44,9 @@ fn main() {
 }
 
 async fn start() -> EmulatorHandle {
-    for n in 200..=250u8 {
-        match Emulator::start(
-            EmulatorConfig::default_ordo(),
-            IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)),
-        )
+    Emulator::start_on_free_loopback(EmulatorConfig::default_ordo())
         .await
-        {
-            Ok(handle) => return handle,
-            Err(e) if e.is_addr_in_use() => continue,
-            Err(e) => panic!("{e}"),
-        }
-    }
-    panic!("no free loopback address");
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn client(cs: &str) -> ServiceBusClient<azservicebus::core::BasicRetryPolicy> {

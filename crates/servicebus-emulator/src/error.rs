@@ -37,6 +37,14 @@ pub enum Error {
     /// Another process (or emulator) already listens on the address; pick another 127.0.0.N.
     #[error("address {0} is already in use")]
     AddrInUse(SocketAddr),
+    /// [`crate::Emulator::start_on_free_loopback`] found every address it tried taken.
+    #[error("no free 127.0.0.N:5672 after {attempts} attempts (last tried {last:?})")]
+    NoFreeLoopback {
+        /// How many addresses were tried.
+        attempts: usize,
+        /// The last address tried.
+        last: Option<SocketAddr>,
+    },
     /// Binding or serving failed for another reason.
     #[error("cannot listen on {addr}: {source}")]
     Bind {

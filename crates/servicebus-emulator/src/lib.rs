@@ -88,6 +88,24 @@ impl Emulator {
         Self::start_on(config, SocketAddr::new(bind_ip, AMQP_PORT)).await
     }
 
+    /// Starts an emulator on port 5672 of a free loopback address `127.0.0.N`, picked at random
+    /// and tried again while taken: Service Bus clients reach a namespace on its standard port
+    /// only, so emulators that run side by side (tests, benchmarks) differ by address.
+    pub async fn start_on_free_loopback(config: EmulatorConfig) -> Result<EmulatorHandle, Error> {
+        const ATTEMPTS: usize = 64;
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            match Self::start(config.clone(), random_loopback()).await {
+                Err(Error::AddrInUse(addr)) => last = Some(addr),
+                started => return started,
+            }
+        }
+        Err(Error::NoFreeLoopback {
+            attempts: ATTEMPTS,
+            last,
+        })
+    }
+
     /// Starts an emulator on any address; port 0 picks a free port (only clients that honour
     /// ports, such as fe2o3-amqp directly or .NET, can then reach it). With
     /// `[namespace] tls_cert/tls_key`, AMQPS is served as well: on 5671 of the same IP when
@@ -221,6 +239,25 @@ impl Drop for EmulatorHandle {
 /// one key of a rule.
 pub(crate) fn emulator_connection_string(endpoint: &str, key_name: &str, key: &str) -> String {
     format!("{endpoint};SharedAccessKeyName={key_name};SharedAccessKey={key};UseDevelopmentEmulator=true")
+}
+
+/// A random 127.0.0.N other than 127.0.0.1 (which other local services use); test certificates
+/// name 127.0.0.1 to 127.0.0.254.
+fn random_loopback() -> IpAddr {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    IpAddr::V4(std::net::Ipv4Addr::new(
+        127,
+        0,
+        0,
+        (hasher.finish() % 249) as u8 + 2,
+    ))
 }
 
 impl EmulatorHandle {

@@ -1,10 +1,7 @@
 //! Service Bus for tests: the embedded emulator on its own loopback address, or a real namespace
 //! named by `ORDO_TEST_SERVICEBUS_CONNECTION_STRING`.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use ordo_servicebus_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
@@ -78,7 +75,9 @@ impl TestServiceBus {
         let subscription = topic
             .and_then(|t| t.subscriptions.first())
             .map_or(DEFAULT_SUBSCRIPTION.to_owned(), |s| s.name.clone());
-        let emulator = start_on_free_loopback(config).await?;
+        let emulator = Emulator::start_on_free_loopback(config)
+            .await
+            .context("starting the emulator")?;
         Ok(Self {
             connection_string: emulator.connection_string(),
             emulator: Some(emulator),
@@ -230,23 +229,4 @@ fn env_or(name: &str, default: &str) -> String {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| default.to_owned())
-}
-
-async fn start_on_free_loopback(config: EmulatorConfig) -> anyhow::Result<EmulatorHandle> {
-    const ATTEMPTS: usize = 64;
-    let mut last = None;
-    for _ in 0..ATTEMPTS {
-        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, rand::random_range(2..=250)));
-        match Emulator::start(config.clone(), ip).await {
-            Ok(handle) => return Ok(handle),
-            Err(ordo_servicebus_emulator::Error::AddrInUse(addr)) => {
-                tracing::debug!(%addr, "emulator address taken, trying another");
-                last = Some(addr);
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("starting the emulator on {ip}")))
-            }
-        }
-    }
-    anyhow::bail!("no free 127.0.0.N:5672 after {ATTEMPTS} attempts (last tried {last:?})")
 }

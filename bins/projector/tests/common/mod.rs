@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,15 +84,9 @@ pub async fn start_with(lock: Duration, tune: impl FnOnce(&mut EmulatorConfig)) 
         ..cfg.topics[0].clone()
     }];
     tune(&mut cfg);
-    let emulator = loop {
-        let n: u8 = rand::random_range(2..=250);
-        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, rand::random_range(1..=250), n));
-        match Emulator::start(cfg.clone(), ip).await {
-            Ok(h) => break h,
-            Err(e) if e.is_addr_in_use() => continue,
-            Err(e) => panic!("emulator: {e}"),
-        }
-    };
+    let emulator = Emulator::start_on_free_loopback(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("emulator: {e}"));
     let conn = emulator.connection_string();
     Env {
         mongo,

@@ -4,7 +4,6 @@
 
 use std::{
     future::Future,
-    hash::{BuildHasher, Hasher},
     net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
@@ -17,28 +16,11 @@ pub type Client = ServiceBusClient<azservicebus::core::BasicRetryPolicy>;
 pub const TOPIC: &str = "ordo-events";
 pub const SUBSCRIPTION: &str = "projector";
 
-fn random_octet() -> u8 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
-    2 + (hasher.finish() % 249) as u8
-}
-
-/// Starts an emulator on a random 127.0.0.N:5672, retrying while addresses are taken.
+/// Starts an emulator on a free loopback address.
 pub async fn start(config: EmulatorConfig) -> EmulatorHandle {
-    for _ in 0..200 {
-        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, random_octet()));
-        match Emulator::start(config.clone(), ip).await {
-            Ok(handle) => return handle,
-            Err(e) if e.is_addr_in_use() => continue,
-            Err(e) => panic!("cannot start emulator: {e}"),
-        }
-    }
-    panic!("no free loopback address found");
+    Emulator::start_on_free_loopback(config)
+        .await
+        .unwrap_or_else(|e| panic!("cannot start emulator: {e}"))
 }
 
 pub async fn start_default() -> EmulatorHandle {

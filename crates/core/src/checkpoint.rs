@@ -14,8 +14,8 @@
 //!   backwards: such a save is refused with [`CheckpointError::Backwards`] (it would mean acks
 //!   were accounted out of order, and resuming from it would re-publish). A save without a
 //!   cluster time, or over a stored checkpoint without one, is not ordered and is accepted. A new
-//!   epoch may start anywhere (the new leader decides where to resume), and
-//!   [`CheckpointStore::reset`] moves a checkpoint anywhere on purpose (recovery, operators).
+//!   epoch may start anywhere (the new leader decides where to resume). To rewind a stream on
+//!   purpose, an operator deletes its checkpoint document (docs/operations.md).
 //! - `events` is informational (a running count of published events) and not checked.
 
 use mongodb::bson::{doc, Bson, DateTime, Document, Timestamp};
@@ -152,17 +152,7 @@ impl CheckpointStore {
         checkpoint: &Checkpoint,
         fence_epoch: i64,
     ) -> Result<(), CheckpointError> {
-        self.write(checkpoint, fence_epoch, true).await
-    }
-
-    /// Like [`CheckpointStore::save`] but allowed to move the checkpoint backwards (still fenced):
-    /// for recovery and operator resets.
-    pub async fn reset(
-        &self,
-        checkpoint: &Checkpoint,
-        fence_epoch: i64,
-    ) -> Result<(), CheckpointError> {
-        self.write(checkpoint, fence_epoch, false).await
+        self.write(checkpoint, fence_epoch).await
     }
 
     /// Raises the stored epoch to `fence_epoch` without touching the position, fencing every
@@ -187,18 +177,13 @@ impl CheckpointStore {
             }))
     }
 
-    async fn write(
-        &self,
-        cp: &Checkpoint,
-        epoch: i64,
-        ordered: bool,
-    ) -> Result<(), CheckpointError> {
+    async fn write(&self, cp: &Checkpoint, epoch: i64) -> Result<(), CheckpointError> {
         let stream = cp.stream.as_str();
-        // Plain `{_id, epoch: {$lte}}` when no ordering applies; otherwise the same epoch must
-        // not be ahead of us. A miss makes the upsert collide on `_id` (duplicate key), and
-        // `refused` tells which rule refused it.
-        let filter = match (ordered, cp.cluster_time) {
-            (true, Some(ct)) => doc! {
+        // Plain `{_id, epoch: {$lte}}` for a checkpoint without a cluster time; otherwise the
+        // same epoch must not be ahead of us. A miss makes the upsert collide on `_id` (duplicate
+        // key), and `refused` tells which rule refused it.
+        let filter = match cp.cluster_time {
+            Some(ct) => doc! {
                 "_id": stream,
                 "$or": [
                     { "epoch": { "$lt": epoch } },
@@ -206,7 +191,7 @@ impl CheckpointStore {
                     { "epoch": epoch, "clusterTime": null },
                 ],
             },
-            _ => doc! { "_id": stream, "epoch": { "$lte": epoch } },
+            None => doc! { "_id": stream, "epoch": { "$lte": epoch } },
         };
         let update = doc! {
             "$set": {
@@ -218,9 +203,8 @@ impl CheckpointStore {
                 "updatedAt": DateTime::now(),
             }
         };
-        let attempted = if ordered { cp.cluster_time } else { None };
         if self
-            .upsert(filter, update, stream, epoch, attempted)
+            .upsert(filter, update, stream, epoch, cp.cluster_time)
             .await?
         {
             return Ok(());

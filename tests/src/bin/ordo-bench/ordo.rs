@@ -160,6 +160,6 @@ async fn lag_histogram(stack: &Stack) -> Value {
         }
     }
     let joined = texts.join("\n");
-    let q = |x| ordo_e2e::prom::histogram_quantile(&joined, metrics::END_TO_END_LAG, x);
+    let q = |x| ordo_testkit::prom::histogram_quantile(&joined, metrics::END_TO_END_LAG, x);
     json!({"p50_at_most": q(0.5), "p95_at_most": q(0.95), "p99_at_most": q(0.99)})
 }

@@ -1,5 +1,5 @@
-//! Operator commands against a running deployment (producer and projector as real processes,
-//! events inserted as the application would).
+//! `ordo-projector repair` against a running deployment (producer and projector as real
+//! processes, events inserted as the application would).
 
 use std::time::{Duration, Instant};
 

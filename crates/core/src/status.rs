@@ -146,6 +146,32 @@ pub async fn gather_with_fields(
         .await?
         .to_string();
     let now = DateTime::now().timestamp_millis();
+    let streams = streams(db, events_collection, now).await?;
+    let projectors = live_projectors(db, now).await?;
+    let (blocked_aggregates, blocked_sample) = blocked(db, blocked_collection).await?;
+    let parked_events = db
+        .collection::<Document>("ordo_parked")
+        .count_documents(doc! {})
+        .await?;
+    Ok(StatusReport {
+        streams,
+        sessions_held: projectors.iter().map(|p| p.sessions_held).sum(),
+        projectors,
+        blocked_aggregates,
+        blocked_sample,
+        parked_events,
+        dead_letter_depth: None,
+        dead_letter_error: None,
+        event_index: Some(event_index),
+    })
+}
+
+/// Each stream's checkpoint, with its lease and how far it is behind the newest event.
+async fn streams(
+    db: &Database,
+    events_collection: &str,
+    now: i64,
+) -> mongodb::error::Result<Vec<StreamStatus>> {
     let newest_event_ms = db
         .collection::<Document>(events_collection)
         .find_one(doc! {})
@@ -199,7 +225,20 @@ pub async fn gather_with_fields(
             stream,
         });
     }
+    Ok(streams)
+}
+
+/// Projector processes whose heartbeat is fresh.
+async fn live_projectors(
+    db: &Database,
+    now: i64,
+) -> mongodb::error::Result<Vec<ProjectorHeartbeat>> {
     let fresh = DateTime::from_millis(now - 3 * HEARTBEAT_INTERVAL.as_millis() as i64);
+    let millis = |d: &Document, key: &str| {
+        d.get_datetime(key)
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(0)
+    };
     let mut projectors = Vec::new();
     let mut cur = db
         .collection::<Document>(PROJECTORS_COLLECTION)
@@ -211,19 +250,21 @@ pub async fn gather_with_fields(
             host: d.get_str("host").unwrap_or_default().to_string(),
             sessions_held: d.get_i64("sessionsHeld").unwrap_or(0).max(0) as u64,
             applied: d.get_i64("applied").unwrap_or(0).max(0) as u64,
-            started_at_ms: d
-                .get_datetime("startedAt")
-                .map(|t| t.timestamp_millis())
-                .unwrap_or(0),
-            updated_at_ms: d
-                .get_datetime("updatedAt")
-                .map(|t| t.timestamp_millis())
-                .unwrap_or(0),
+            started_at_ms: millis(&d, "startedAt"),
+            updated_at_ms: millis(&d, "updatedAt"),
         });
     }
+    Ok(projectors)
+}
+
+/// How many aggregates are blocked, and up to ten of them with their reasons.
+async fn blocked(
+    db: &Database,
+    blocked_collection: &str,
+) -> mongodb::error::Result<(u64, Vec<(String, String)>)> {
     let blocked = db.collection::<Document>(blocked_collection);
-    let blocked_aggregates = blocked.count_documents(doc! {}).await?;
-    let blocked_sample = blocked
+    let count = blocked.count_documents(doc! {}).await?;
+    let sample = blocked
         .find(doc! {})
         .limit(10)
         .await?
@@ -237,21 +278,7 @@ pub async fn gather_with_fields(
             )
         })
         .collect();
-    let parked_events = db
-        .collection::<Document>("ordo_parked")
-        .count_documents(doc! {})
-        .await?;
-    Ok(StatusReport {
-        streams,
-        sessions_held: projectors.iter().map(|p| p.sessions_held).sum(),
-        projectors,
-        blocked_aggregates,
-        blocked_sample,
-        parked_events,
-        dead_letter_depth: None,
-        dead_letter_error: None,
-        event_index: Some(event_index),
-    })
+    Ok((count, sample))
 }
 
 fn secs(v: Option<f64>) -> String {

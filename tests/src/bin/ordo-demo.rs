@@ -131,6 +131,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.rate,
         args.seed
     );
+    let mut stack = start().await?;
+    let started = Instant::now();
+    write_events(&mut stack, workload, args.rate, started).await?;
+    let write_secs = started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    loop {
+        stack.check_alive()?;
+        let (done, aggregates) = progress(&stack, total, total, started).await?;
+        if done == aggregates {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "read models did not catch up within {}s ({done}/{aggregates})",
+                args.timeout_secs
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    println!();
+    println!("events written      {total} in {write_secs:.1}s");
+    let total_secs = started.elapsed().as_secs_f64();
+    println!(
+        "all applied after   {total_secs:.1}s  ({:.0} events/s end to end)",
+        total as f64 / total_secs
+    );
+    report(&stack).await
+}
+
+/// The stand-ins, one producer and two projectors.
+async fn start() -> anyhow::Result<Stack> {
     let mut stack = Stack::start(Duration::from_secs(10)).await?;
     println!(
         "stand-ins: MongoDB {} (database {}), Service Bus {}",
@@ -159,16 +190,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("start ordo-projector #2")?;
     println!("started: 1 producer, 2 projectors");
+    Ok(stack)
+}
 
+/// Inserts the workload's events at `rate` per second, killing projector #2 with SIGKILL
+/// halfway and starting it again.
+async fn write_events(
+    stack: &mut Stack,
+    workload: Workload,
+    rate: usize,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let total = workload.total_events();
     let events = stack.db().collection::<Document>("events");
     let mut generator = Generator::new(workload, "");
-    let started = Instant::now();
-    let tick = Duration::from_millis(100);
-    let per_tick = (args.rate / 10).max(1);
+    let per_tick = (rate / 10).max(1);
     let mut written = 0;
     let mut killed = false;
     let mut last_report = Instant::now();
-    let mut interval = tokio::time::interval(tick);
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
     while written < total {
         interval.tick().await;
         let batch = generator.next_batch(per_tick);
@@ -193,37 +233,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
-            progress(&stack, written, total, started).await?;
+            progress(stack, written, total, started).await?;
         }
     }
-    let write_secs = started.elapsed().as_secs_f64();
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    loop {
-        stack.check_alive()?;
-        let (done, aggregates) = progress(&stack, written, total, started).await?;
-        if done == aggregates {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "read models did not catch up within {}s ({done}/{aggregates})",
-                args.timeout_secs
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let total_secs = started.elapsed().as_secs_f64();
+    Ok(())
+}
 
+/// Latencies, duplicates and the verdict: every read model equals the fold of its events.
+async fn report(stack: &Stack) -> anyhow::Result<()> {
     let verdict = stack.verify().await?;
     let mut latencies = stack.final_latencies().await?;
     let mut p = |q| percentile(&mut latencies, q).unwrap_or(f64::NAN);
     let blocked = stack.blocked().await?;
-    println!();
-    println!("events written      {total} in {write_secs:.1}s");
-    println!(
-        "all applied after   {total_secs:.1}s  ({:.0} events/s end to end)",
-        total as f64 / total_secs
-    );
     println!(
         "end-to-end latency  p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  (insert -> read model, last event of each aggregate)",
         p(0.5) * 1000.0,

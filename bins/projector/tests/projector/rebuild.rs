@@ -1,0 +1,373 @@
+//! Rebuilds: a new set of read models built beside the live one and swapped in.
+
+use super::*;
+
+/// `rebuild` under live traffic, with new rules (UserRegistered also sets `tier`), while a
+/// projector still running the old rules holds every session, with its cached models, across
+/// the swap:
+/// - the application's unique index survives the swap;
+/// - an invalid event does not abort the rebuild: its aggregate is rebuilt up to the event
+///   before and blocked;
+/// - a shadow left by a crashed rebuild is dropped, and none is left behind;
+/// - events applied to the old collection during the replay are caught up;
+/// - the held sessions' cached models fail their guard on the rebuild epoch instead of
+///   overwriting rebuilt documents of the same version (the quiet aggregates get no event
+///   during the rebuild, so their cache holds exactly the rebuilt version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across_the_swap() {
+    let env = start(Duration::from_secs(5)).await;
+    let db = env.mongo.database();
+    let events = workload("r", 16, 10);
+    env.insert_events(&events).await;
+    env.publish(&events).await;
+    let mut proj = env
+        .spawn_projector("max_concurrent_sessions = 16\nsession_idle_timeout = \"300s\"")
+        .await;
+    converge(&env, &env.expected().await, CONVERGE).await;
+    let p = &proj;
+    wait_until(Duration::from_secs(30), || async move {
+        p.metric(m::SESSIONS_HELD).await == 16.0
+    })
+    .await;
+
+    db.collection::<Document>("users")
+        .create_index(
+            IndexModel::builder()
+                .keys(doc! { "email": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("email_unique".to_string())
+                        .unique(true)
+                        .sparse(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    db.create_collection("users_rebuild_1").await.unwrap();
+    let old_rules = std::fs::read_to_string(projections_path()).unwrap();
+    let new_rules = old_rules.replace(
+        "status = \"active\", ",
+        "status = \"active\", tier = \"gold\", ",
+    );
+    assert_ne!(new_rules, old_rules);
+    let rules_path = projections_file(&new_rules);
+    // Never published (the producer parks an event whose payload is not a document).
+    env.insert_events(&[event(
+        "bad-0",
+        "User",
+        1,
+        "UserRegistered",
+        doc! { "email": "bad-0@x", "name": "bad" },
+    )])
+    .await;
+    env.events()
+        .insert_one(doc! {
+            "aggregateId": "bad-0", "aggregateType": "User", "eventId": 2_i64,
+            "eventType": "UserEmailUpdated", "payload": "not a document",
+            "timestamp": DateTime::now(),
+        })
+        .await
+        .unwrap();
+    let conflicts_before = proj.metric(m::GUARD_CONFLICTS).await;
+
+    // Live traffic on half of the users during the rebuild; the other half stays quiet.
+    let busy = ["r-0", "r-4", "r-8", "r-12"];
+    let quiet = ["r-2", "r-6", "r-10", "r-14"];
+    let done = AtomicBool::new(false);
+    let traffic = async {
+        let mut v = 11;
+        let mut sent = 0;
+        while !done.load(Ordering::Relaxed) || sent == 0 {
+            let batch: Vec<Document> = busy
+                .iter()
+                .map(|id| {
+                    event(
+                        id,
+                        "User",
+                        v,
+                        "UserEmailUpdated",
+                        doc! { "email": format!("{id}+{v}@x") },
+                    )
+                })
+                .collect();
+            env.insert_events(&batch).await;
+            env.publish(&batch).await;
+            sent += batch.len();
+            v += 1;
+        }
+        sent
+    };
+    let rebuild = async {
+        let r = run_admin(
+            &env,
+            &format!("projections_file = {:?}", rules_path.display().to_string()),
+            &["rebuild", "--projection", "users", "--allow-blocked"],
+        )
+        .await;
+        done.store(true, Ordering::Relaxed);
+        r
+    };
+    let (sent, (ok, out)) = tokio::join!(traffic, rebuild);
+    assert!(ok, "{out}");
+    assert!(sent > 0);
+    assert!(out.contains("rebuilt users"), "{out}");
+    assert!(
+        out.contains("dropped stale shadow users_rebuild_1"),
+        "{out}"
+    );
+    assert!(out.contains("blocked: bad-0 at v2"), "{out}");
+
+    // One more event for every user: the quiet ones reach a worker whose cache predates the
+    // swap and holds the rebuilt version.
+    let last: Vec<Document> = busy
+        .iter()
+        .chain(quiet.iter())
+        .map(|id| {
+            event(
+                id,
+                "User",
+                100,
+                "UserEmailUpdated",
+                doc! { "email": format!("{id}+last@x") },
+            )
+        })
+        .collect();
+    // Versions must stay contiguous: fill each aggregate up to v99 in the events collection
+    // only (the projector heals them from there).
+    let mut fill = Vec::new();
+    for id in busy.iter().chain(quiet.iter()) {
+        let top = env
+            .events()
+            .find_one(doc! { "aggregateId": id })
+            .sort(doc! { "eventId": -1 })
+            .await
+            .unwrap()
+            .unwrap();
+        let top = ordo_projection::event_version(&top);
+        for v in top + 1..100 {
+            fill.push(event(
+                id,
+                "User",
+                v,
+                "UserEmailUpdated",
+                doc! { "email": format!("{id}+{v}@x") },
+            ));
+        }
+    }
+    env.insert_events(&fill).await;
+    env.insert_events(&last).await;
+    env.publish(&last).await;
+
+    let projections = compile(&new_rules);
+    let expected = env.fold(&projections, &["bad-0"]).await;
+    let want = &expected["users"];
+    let envr = &env;
+    let reached = tokio::time::timeout(CONVERGE, async move {
+        loop {
+            if &models(envr, "users", &["bad-0"]).await == want && envr.pending() == 0 {
+                break;
+            }
+            tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
+        }
+    })
+    .await;
+    if reached.is_err() {
+        let got = models(&env, "users", &["bad-0"]).await;
+        let wrong: Vec<_> = want
+            .iter()
+            .filter(|(id, d)| got.get(*id) != Some(*d))
+            .map(|(id, d)| format!("{id}: want {d}, got {:?}", got.get(id)))
+            .collect();
+        panic!("users differ from the fold under the new rules: {wrong:#?}");
+    }
+    for id in quiet {
+        assert_eq!(
+            want[id].get_str("tier").ok(),
+            Some("gold"),
+            "the fold under the new rules sets tier"
+        );
+    }
+    assert!(
+        proj.metric(m::GUARD_CONFLICTS).await - conflicts_before >= quiet.len() as f64,
+        "the cached models never met the rebuild epoch in their guard"
+    );
+    assert_eq!(proj.metric(m::SESSIONS_HELD).await, 16.0);
+    assert_eq!(proj.metric(m::LOCKS_LOST).await, 0.0);
+
+    let users = db.collection::<Document>("users");
+    let bad = users
+        .find_one(doc! { "_id": "bad-0" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bad.get_i64("lastEventId").unwrap(), 1);
+    let record = db
+        .collection::<Document>("ordo_blocked")
+        .find_one(doc! { "_id": "bad-0" })
+        .await
+        .unwrap()
+        .expect("bad-0 blocked");
+    assert_eq!(record.get_i64("blockedAtEventId").unwrap(), 2);
+    assert!(
+        record.get_str("description").unwrap().contains("payload"),
+        "{record}"
+    );
+    let indexes = users.list_index_names().await.unwrap();
+    assert!(indexes.contains(&"email_unique".to_string()), "{indexes:?}");
+    let names = db.list_collection_names().await.unwrap();
+    assert!(
+        !names.iter().any(|n| n.contains("_rebuild_")),
+        "shadow collection left behind: {names:?}"
+    );
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    stop(&mut proj).await;
+}
+
+/// A projection whose collection is the events collection, or one of ordo's own, is refused by
+/// the daemon at start and by `rebuild`, and the events collection is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_on_the_events_collection_or_an_ordo_collection_is_refused() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("x", 4, 3);
+    env.insert_events(&events).await;
+    let rules = std::fs::read_to_string(projections_path()).unwrap();
+    for (coll, why) in [
+        ("events", "is the events collection"),
+        // Already refused by the rules' own check, which names the reserved prefix.
+        ("ordo_checkpoints", "ordo_"),
+    ] {
+        let bad = rules.replace(
+            "collection = \"users\"",
+            &format!("collection = \"{coll}\""),
+        );
+        assert_ne!(bad, rules);
+        let path = projections_file(&bad);
+        let extra = format!("projections_file = {:?}", path.display().to_string());
+        let (ok, out) = run_admin(&env, &extra, &["rebuild", "--projection", "users"]).await;
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(&format!("\"{coll}\"")) && out.contains(why),
+            "{out}"
+        );
+        let health = ordo_testkit::free_health_addr();
+        let mut daemon =
+            Daemon::spawn(&bin(), &env.projector_toml(health, &extra), health, &[]).unwrap();
+        let status = daemon.wait_exit(Duration::from_secs(30)).await.unwrap();
+        assert!(!status.success());
+        assert!(daemon.logs().contains(why), "{}", daemon.logs());
+    }
+    assert_eq!(
+        env.events().count_documents(doc! {}).await.unwrap(),
+        events.len() as u64
+    );
+}
+
+/// A rebuild that fails half-way (the shadow's insert refused by a fail point scoped to the
+/// subcommand's connections) drops its shadow, exits non-zero and leaves the read models as
+/// they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rebuild_drops_its_shadow_and_leaves_the_read_models_alone() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("f", 6, 4);
+    env.insert_events(&events).await;
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    let expected = env.expected().await;
+    assert!(env.converged(&expected).await);
+    let before = raw_models(&env, "users").await;
+
+    env.mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! {"mode": {"times": 1}, "data": {
+                "failCommands": ["insert"], "appName": "ordo-projector-admin",
+                "errorCode": 2, "errorLabels": [],
+            }},
+        )
+        .await
+        .unwrap();
+    let (ok, out) = run_admin(&env, "", &["rebuild", "--projection", "users"]).await;
+    env.mongo.disable_fail_point("failCommand").await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("failCommand"),
+        "the fail point did not fire: {out}"
+    );
+    assert!(
+        out.contains("rebuild of users failed; shadow users_rebuild_"),
+        "{out}"
+    );
+    let names = env.mongo.database().list_collection_names().await.unwrap();
+    assert!(
+        !names.iter().any(|n| n.contains("_rebuild_")),
+        "shadow collection left behind: {names:?}"
+    );
+    assert_eq!(raw_models(&env, "users").await, before);
+}
+
+/// New rules that fail on old events (a `set` from a payload field those events lack): the
+/// rebuild swaps nothing in and blocks nothing, naming the aggregates; the live read models
+/// stay. With `--allow-blocked` it swaps in what folded and blocks the rest; a later rebuild
+/// with working rules replaces those blocks. Before, the first run swapped in an empty
+/// collection, exited 0, and its blocks outlived a good rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_whose_rules_fail_on_old_events_swaps_nothing_unless_allowed() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("r", 4, 3);
+    env.insert_events(&events).await;
+    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    assert!(ok, "{out}");
+    let live = raw_models(&env, "users").await;
+    assert_eq!(live.len(), 2);
+    let rules = std::fs::read_to_string(projections_path()).unwrap();
+    let failing = rules.replacen("\"$payload.email\"", "\"$payload.currency\"", 1);
+    assert_ne!(failing, rules);
+    let extra = format!(
+        "projections_file = {:?}",
+        projections_file(&failing).display().to_string()
+    );
+    let blocked = env.mongo.database().collection::<Document>("ordo_blocked");
+
+    let (ok, out) = run_admin(&env, &extra, &["rebuild", "--projection", "users"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("2 aggregates could not be folded") && out.contains("r-0 at v1"),
+        "{out}"
+    );
+    assert_eq!(
+        raw_models(&env, "users").await,
+        live,
+        "the live models stay"
+    );
+    assert_eq!(blocked.count_documents(doc! {}).await.unwrap(), 0);
+    let names = env.mongo.database().list_collection_names().await.unwrap();
+    assert!(!names.iter().any(|n| n.contains("_rebuild_")), "{names:?}");
+
+    let (ok, out) = run_admin(
+        &env,
+        &extra,
+        &["rebuild", "--projection", "users", "--allow-blocked"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(raw_models(&env, "users").await.is_empty());
+    assert_eq!(
+        blocked
+            .count_documents(doc! {"reason": "RebuildStopped"})
+            .await
+            .unwrap(),
+        2
+    );
+
+    let (ok, out) = run_admin(&env, "", &["rebuild", "--projection", "users"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(blocked.count_documents(doc! {}).await.unwrap(), 0, "{out}");
+    let rebuilt = raw_models(&env, "users").await;
+    assert_eq!(
+        rebuilt.keys().collect::<Vec<_>>(),
+        live.keys().collect::<Vec<_>>()
+    );
+    assert!(rebuilt.values().all(|d| d.get_i64("lastEventId") == Ok(3)));
+}

@@ -1,0 +1,233 @@
+//! Accepting sessions: broker probes end hung accepts, idle sessions make way for waiting ones.
+
+use super::*;
+
+/// A source whose accepts are answered by nobody: what azservicebus gives when the connection
+/// drops during the accept's own handshake (measured against the emulator: the accept waits
+/// out its whole timeout and reports nothing).
+struct DeadConnection;
+
+impl SessionSource for DeadConnection {
+    type Session = FakeSession;
+
+    async fn accept_next(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Accepted<FakeSession>, ReceiveError> {
+        tokio::time::sleep(timeout).await;
+        Ok(Accepted::GaveUp)
+    }
+}
+
+/// One worker whose `connect` is given its connect's number (from 1); the counter says how
+/// many connects were begun.
+fn counted_worker<S, Fut>(
+    engine: &Arc<Engine>,
+    connect: impl Fn(usize) -> Fut + Send + Sync + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicUsize>,
+    CancellationToken,
+)
+where
+    S: SessionSource + Send + 'static,
+    S::Session: Send,
+    Fut: std::future::Future<Output = Result<S, ReceiveError>> + Send + 'static,
+{
+    let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cancel = CancellationToken::new();
+    let worker = tokio::spawn(engine.clone().run_worker(
+        0,
+        {
+            let connects = connects.clone();
+            move || connect(connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1)
+        },
+        cancel.clone(),
+    ));
+    (worker, connects, cancel)
+}
+
+/// A failed broker probe ends an accept that waits on a dead connection: the worker holds
+/// readiness down and connects again at once, instead of waiting out `accept_timeout` (a
+/// minute, as operators set it) looking healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_broker_probe_ends_an_accept_waiting_on_a_dead_connection() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |cfg| cfg.accept_timeout = Duration::from_secs(60)).await;
+    let (worker, connects, cancel) = counted_worker(&engine, |_| async { Ok(DeadConnection) });
+    let counted = || connects.load(std::sync::atomic::Ordering::SeqCst);
+    // The first accept probes the broker briefly, gives up, and reports it reachable; the
+    // second is the long one.
+    wait_until(Duration::from_secs(10), || async { counted() == 2 }).await;
+    assert!(
+        engine.readiness.is_ready(),
+        "the broker answered the first probe"
+    );
+    engine.broker_probe_failed();
+    wait_until(Duration::from_secs(2), || async { counted() == 3 }).await;
+    assert!(
+        !engine.readiness.is_ready(),
+        "a worker whose accept was given up for a failed probe holds readiness down"
+    );
+    cancel.cancel();
+    worker.await.unwrap();
+}
+
+/// An idle broker: every accept is answered "no session" after a moment.
+struct IdleBroker;
+
+impl SessionSource for IdleBroker {
+    type Session = FakeSession;
+
+    async fn accept_next(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Accepted<FakeSession>, ReceiveError> {
+        tokio::time::sleep(timeout.min(Duration::from_millis(20))).await;
+        Ok(Accepted::Idle)
+    }
+}
+
+/// A connect begun while the broker was down can hang once it is back (a TCP handshake the
+/// kernel completed for a stopped broker): the probe's recovery starts it over, so readiness
+/// returns with the broker instead of waiting on that connect (seen once at 12.7 s, past the
+/// 10 s promise). Without it the worker below waits on its second connect for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_recovery_ends_a_connect_hung_through_the_outage() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |_| {}).await;
+    let (worker, connects, cancel) = counted_worker(&engine, |n| async move {
+        if n == 2 {
+            std::future::pending::<()>().await;
+        }
+        Ok(IdleBroker)
+    });
+    let counted = || connects.load(std::sync::atomic::Ordering::SeqCst);
+    let e = &engine;
+    wait_until(
+        Duration::from_secs(10),
+        || async move { e.readiness.is_ready() },
+    )
+    .await;
+    // The outage: the probe fails, the worker gives up its accept and connects again; that
+    // connect hangs.
+    engine.broker_probe_failed();
+    wait_until(Duration::from_secs(5), || async { counted() == 2 }).await;
+    assert!(!engine.readiness.is_ready());
+    engine.broker_probe_recovered();
+    wait_until(
+        Duration::from_secs(5),
+        || async move { e.readiness.is_ready() },
+    )
+    .await;
+    assert_eq!(counted(), 3, "the hung connect was started over");
+    cancel.cancel();
+    worker.await.unwrap();
+}
+
+/// A probe failure signalled while the worker is not waiting in an accept (here: while it
+/// works a session) still sends it to a new connection before its next accept. It used to be
+/// lost when it came between two accepts, and the worker went on with a suspect connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_failure_between_two_accepts_is_not_lost() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |c| c.session_idle_timeout = Duration::from_secs(2)).await;
+    let first = [event("p-1", "Order", 1, "OrderPlaced", doc! {})];
+    let (session, ops) = FakeSession::new("p-1", first.iter().map(msg).collect());
+    let source = SharedSource(Arc::new(Mutex::new(VecDeque::from([session]))));
+    let (worker, connects, cancel) = counted_worker(&engine, move |_| {
+        let source = source.clone();
+        async move { Ok(source) }
+    });
+    // The event is completed; the session is held until it has been idle for 2 s.
+    wait_until(Duration::from_secs(10), || async {
+        count(&ops_of(&ops), |o| matches!(o, Op::Complete(_))) == 1
+    })
+    .await;
+    engine.broker_probe_failed();
+    assert!(
+        !ops_of(&ops).contains(&Op::Close),
+        "the failure came while the session was worked"
+    );
+    wait_until(Duration::from_secs(10), || async {
+        connects.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+    assert!(ops_of(&ops).contains(&Op::Close));
+    cancel.cancel();
+    worker.await.unwrap();
+}
+
+/// Two workers, `session_idle_timeout` 30 s and `busy_session_idle_timeout` 20 ms, working
+/// one session per event of `events`; returns each session's operations.
+async fn two_busy_workers(
+    mongo: &TestMongo,
+    events: &[Document],
+) -> (Vec<Arc<Mutex<Vec<Op>>>>, ordo_core::shutdown::Shutdown) {
+    let engine = engine(mongo, |c| {
+        c.max_concurrent_sessions = 2;
+        c.session_idle_timeout = Duration::from_secs(30);
+        c.busy_session_idle_timeout = Some(Duration::from_millis(20));
+    })
+    .await;
+    let mut sessions = VecDeque::new();
+    let mut all_ops = Vec::new();
+    for e in events {
+        let (s, ops) = FakeSession::new(e.get_str("aggregateId").unwrap(), vec![msg(e)]);
+        sessions.push_back(s);
+        all_ops.push(ops);
+    }
+    let source = SharedSource(Arc::new(Mutex::new(sessions)));
+    let shutdown = ordo_core::shutdown::Shutdown::new();
+    ordo_projector::spawn_workers(&engine, &shutdown, move |_| {
+        let source = source.clone();
+        async move { Ok::<_, ReceiveError>(source) }
+    });
+    (all_ops, shutdown)
+}
+
+async fn applied_within(all_ops: &[Arc<Mutex<Vec<Op>>>], within: Duration) {
+    wait_until(within, || async move {
+        all_ops
+            .iter()
+            .all(|ops| count(&ops_of(ops), |o| matches!(o, Op::Complete(_))) == 1)
+    })
+    .await;
+}
+
+async fn stop(shutdown: ordo_core::shutdown::Shutdown) {
+    shutdown.token.cancel();
+    assert_eq!(
+        shutdown.drain(Duration::from_secs(10)).await,
+        ordo_core::shutdown::Drained::Clean
+    );
+}
+
+/// While every worker holds a session, other aggregates may be waiting at the broker: an idle
+/// session is released after `busy_session_idle_timeout`, not `session_idle_timeout`. With two
+/// workers and six one-event aggregates, all six are applied long before one session's idle
+/// timeout (30 s) is over; held for it, the first two would keep both workers for 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_make_way_while_every_worker_is_busy() {
+    let mongo = TestMongo::start().await.unwrap();
+    let (all_ops, shutdown) = two_busy_workers(&mongo, &workload("c", 6, 1)).await;
+    applied_within(&all_ops, Duration::from_secs(10)).await;
+    stop(shutdown).await;
+}
+
+/// With a worker free, nothing waits for the worker an idle session keeps: the session is held
+/// for the whole `session_idle_timeout`, so its aggregate's next event needs no new accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_kept_while_a_worker_is_free() {
+    let mongo = TestMongo::start().await.unwrap();
+    let (all_ops, shutdown) = two_busy_workers(&mongo, &workload("k", 1, 1)).await;
+    applied_within(&all_ops, Duration::from_secs(10)).await;
+    // Fifty busy idle timeouts later, it is still held.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !ops_of(&all_ops[0]).contains(&Op::Close),
+        "{:?}",
+        ops_of(&all_ops[0])
+    );
+    stop(shutdown).await;
+}

@@ -1,3 +1,7 @@
+// The release build computes the layout of the readiness probe's future, generic over the
+// publisher factory, deeper than the default limit of 128 queries.
+#![recursion_limit = "256"]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -163,7 +163,9 @@ impl Checkpointer {
     }
 
     /// Saves until the newest acknowledged position is stored or refused for good, retrying
-    /// with `backoff`; the caller bounds it.
+    /// with `backoff`; the caller bounds it. Its waits are not cancellable on purpose: it runs
+    /// on the way out, after the shutdown token fired, and the caller's deadline is what ends
+    /// it.
     pub async fn save_until_done(&mut self, backoff: Backoff) {
         let mut retry = Retry::new("save_checkpoint", backoff);
         loop {

@@ -5,7 +5,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use ordo_core::config::{
-    check_duration, check_range, ConfigError, MongoConfig, ServiceBusConfig, ShutdownConfig,
+    check_duration, check_not_empty, check_range, ConfigError, MongoConfig, ServiceBusConfig,
+    ShutdownConfig,
     TelemetryConfig, Validate,
 };
 use ordo_core::retry::Backoff;
@@ -64,7 +65,7 @@ pub struct ProducerSection {
     pub senders: usize,
     /// AMQP connections the publishers share (the readiness probe opens its sender on them too);
     /// 3 by default. Set it to `senders` for one connection per sender.
-    pub connections: Option<usize>,
+    pub connections: usize,
     /// Most messages read but not yet acknowledged by the broker.
     pub max_in_flight_messages: usize,
     /// Most message bytes read but not yet acknowledged by the broker.
@@ -136,7 +137,7 @@ impl Default for ProducerSection {
             stream: None,
             start_at: "now".into(),
             senders: 8,
-            connections: Some(DEFAULT_CONNECTIONS),
+            connections: DEFAULT_CONNECTIONS,
             max_in_flight_messages: 5000,
             max_in_flight_bytes: 32 * 1024 * 1024,
             max_batch_messages: 100,
@@ -232,9 +233,7 @@ impl Validate for ProducerConfig {
 
 /// `stream` and `start_at`.
 fn check_start(p: &ProducerSection) -> Result<(), ConfigError> {
-    if p.stream.as_deref() == Some("") {
-        return Err(ConfigError::invalid("producer.stream", "must not be empty"));
-    }
+    check_not_empty("producer.stream", p.stream.as_deref() == Some(""))?;
     parse_start_at(&p.start_at).map_err(|e| ConfigError::invalid("producer.start_at", e))?;
     Ok(())
 }
@@ -242,9 +241,7 @@ fn check_start(p: &ProducerSection) -> Result<(), ConfigError> {
 /// Senders, connections and the in-flight and message size bounds.
 fn check_sending(p: &ProducerSection) -> Result<(), ConfigError> {
     check_range("producer.senders", p.senders, 1, 64)?;
-    if let Some(n) = p.connections {
-        check_range("producer.connections", n, 1, 64)?;
-    }
+    check_range("producer.connections", p.connections, 1, 64)?;
     check_range(
         "producer.max_in_flight_messages",
         p.max_in_flight_messages,
@@ -311,18 +308,8 @@ fn check_reading(p: &ProducerSection) -> Result<(), ConfigError> {
         Duration::ZERO,
         Duration::from_secs(30 * 24 * 3600),
     )?;
-    if p.replay_time_field.is_empty() {
-        return Err(ConfigError::invalid(
-            "producer.replay_time_field",
-            "must not be empty",
-        ));
-    }
-    if p.scan_sort.is_empty() {
-        return Err(ConfigError::invalid(
-            "producer.scan_sort",
-            "must not be empty",
-        ));
-    }
+    check_not_empty("producer.replay_time_field", p.replay_time_field.is_empty())?;
+    check_not_empty("producer.scan_sort", p.scan_sort.is_empty())?;
     for (k, v) in &p.scan_sort {
         if !matches!(v, toml::Value::Integer(1) | toml::Value::Integer(-1)) {
             return Err(ConfigError::invalid(

@@ -144,7 +144,7 @@ fn publisher_factory(cfg: &ProducerConfig) -> ModalPublisherFactory {
             send_timeout: cfg.producer.send_timeout,
             connect_timeout: cfg.producer.send_timeout,
             connections: SenderConnections::shared(
-                cfg.producer.connections.unwrap_or(cfg.producer.senders),
+                cfg.producer.connections,
             ),
         },
         cfg.producer.send_mode,

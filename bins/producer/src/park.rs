@@ -21,8 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use ordo_core::readiness::{dependency, Readiness};
 
-/// Where parked events are recorded.
-pub const PARKED_COLLECTION: &str = "ordo_parked";
+pub use ordo_core::status::PARKED_COLLECTION;
 
 /// Parking could not record an event for good.
 #[derive(Debug, thiserror::Error)]

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use ordo_core::retry::Backoff;
 use ordo_core::config::{
-    check_duration, check_range, ConfigError, MongoConfig, ServiceBusConfig, ShutdownConfig,
+    check_duration, check_not_empty, check_range, ConfigError, MongoConfig, ServiceBusConfig,
+    ShutdownConfig,
     TelemetryConfig, Validate,
 };
 
@@ -45,7 +47,7 @@ pub struct ProjectorSection {
     /// time runs on a connection; held sessions are worked concurrently on it. Set it to
     /// `max_concurrent_sessions` for one connection per worker (docs/configuration.md has both
     /// measured).
-    pub connections: Option<usize>,
+    pub connections: usize,
     /// Most messages folded into one read-model write.
     pub batch_size: u32,
     /// Longest wait for the first message of a batch; keep it well under the lock duration.
@@ -110,7 +112,7 @@ impl Default for ProjectorSection {
         Self {
             projections_file: PathBuf::from("config/projections.toml"),
             max_concurrent_sessions: 32,
-            connections: Some(DEFAULT_CONNECTIONS),
+            connections: DEFAULT_CONNECTIONS,
             batch_size: 100,
             receive_wait: Duration::from_millis(200),
             accept_timeout: Duration::from_secs(5),
@@ -141,6 +143,14 @@ impl Validate for ProjectorSection {
 }
 
 impl ProjectorSection {
+    /// The backoff of every retry loop: `retry_initial`, doubling up to `retry_max`.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.retry_initial,
+            max: self.retry_max,
+        }
+    }
+
     /// Workers, connections and batch size.
     fn check_sizes(&self) -> Result<(), ConfigError> {
         check_range(
@@ -149,9 +159,7 @@ impl ProjectorSection {
             1,
             1024,
         )?;
-        if let Some(n) = self.connections {
-            check_range("projector.connections", n, 1, 1024)?;
-        }
+        check_range("projector.connections", self.connections, 1, 1024)?;
         check_range("projector.batch_size", self.batch_size, 1, 5000)
     }
 
@@ -233,13 +241,10 @@ impl ProjectorSection {
                 "must be shorter than the lock renewal period, or the lock can expire during a receive",
             ));
         }
-        if self.blocked_collection.is_empty() {
-            return Err(ConfigError::invalid(
-                "projector.blocked_collection",
-                "must not be empty",
-            ));
-        }
-        Ok(())
+        check_not_empty(
+            "projector.blocked_collection",
+            self.blocked_collection.is_empty(),
+        )
     }
 }
 

@@ -7,7 +7,8 @@
 //! - [`worker`]: the session loop (accept, receive, fold, guarded write, settle, renew).
 //! - [`settle`]: the settlement rule, pure: complete, dead-letter, block or retry.
 //! - `probes`: MongoDB and Service Bus checked for `/readyz` apart from the workers' accepts.
-//! - [`supervise`]: every long-running task is respawned after a panic.
+//! - [`supervise`]: the workers and the periodic tasks are respawned after a panic or an early
+//!   return.
 //! - [`store`]: read models with version guards, the events collection, `ordo_blocked`.
 //! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
 //! - [`repair`]: the `repair` subcommand.
@@ -138,7 +139,7 @@ pub async fn run_with(
 }
 
 /// Starts the session workers ([`spawn_workers`]) on the Service Bus subscription, sharing
-/// `[projector] connections` connections (one per worker when unset).
+/// `[projector] connections` connections.
 fn spawn_service_bus_workers(engine: &Arc<Engine>, shutdown: &Shutdown, cfg: &ProjectorConfig) {
     let sb = &cfg.servicebus;
     let connections = SessionConnections::new(
@@ -147,9 +148,7 @@ fn spawn_service_bus_workers(engine: &Arc<Engine>, shutdown: &Shutdown, cfg: &Pr
         &sb.subscription,
         &format!("ordo-projector-{}", std::process::id()),
         cfg.projector.prefetch,
-        cfg.projector
-            .connections
-            .unwrap_or(cfg.projector.max_concurrent_sessions),
+        cfg.projector.connections,
     );
     spawn_workers(engine, shutdown, move |i| {
         let connections = connections.clone();
@@ -341,7 +340,7 @@ async fn report_event_index(store: Store, mongo: ordo_core::config::MongoConfig)
 /// `ordo-projector status`: the deployment as MongoDB and Service Bus see it.
 pub async fn status(cfg: &ProjectorConfig, json: bool) -> anyhow::Result<()> {
     let store = open_store(cfg).await?;
-    let gathered = status::gather_with_fields(
+    let gathered = status::gather(
         store.database(),
         &cfg.mongodb.events_collection,
         &cfg.mongodb.fields,

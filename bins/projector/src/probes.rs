@@ -44,8 +44,8 @@ pub(crate) async fn service_bus(
     // While failing, the broker is tried again sooner (retry_initial, doubling up to
     // retry_max), so readiness returns soon after the broker does.
     let retry = Backoff {
-        initial: engine.cfg.retry_initial,
         max: every.min(engine.cfg.retry_max),
+        ..engine.cfg.backoff()
     };
     let mut delays = retry.delays();
     while !cancel.is_cancelled() {

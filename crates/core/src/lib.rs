@@ -10,10 +10,12 @@
 //! - [`lease`]: leader election for one active producer per stream (`ordo_leases`).
 //! - [`indexes`]: the unique (aggregateId, eventId) index on the events collection.
 //! - [`servicebus`]: the only module that knows azservicebus; ordo's own traits over it.
-//! - [`mongo`]: connecting to MongoDB with ordo's defaults.
+//! - [`mongo`]: connecting to MongoDB with ordo's defaults, its readiness probe, and the error
+//!   classes retries are labelled with.
 //! - [`telemetry`]: logs, the Prometheus recorder, `/healthz` `/readyz` `/metrics`.
 //! - [`metrics`]: every metric name, in one place.
-//! - [`status`]: what `ordo-projector status` shows an operator.
+//! - [`status`]: what `ordo-projector status` shows an operator, the projector heartbeat it
+//!   reads, and the host name both daemons identify themselves with.
 //! - [`readiness`]: what `/readyz` answers: each dependency's fault, held while it lasts.
 //! - [`shutdown`]: the root cancellation token, task tracker and signal handling.
 //! - [`retry`]: the capped, jittered backoff and the step every retry loop takes after a failure.

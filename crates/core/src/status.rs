@@ -16,6 +16,10 @@ use serde::Serialize;
 /// Collection of projector heartbeats.
 pub const PROJECTORS_COLLECTION: &str = "ordo_projectors";
 
+/// Where the producer records the events it parked (its `park` module writes, the report
+/// counts).
+pub const PARKED_COLLECTION: &str = "ordo_parked";
+
 /// How often projectors refresh their heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -120,23 +124,8 @@ fn age_s(now: i64, then: i64) -> f64 {
     (now - then) as f64 / 1000.0
 }
 
-/// Reads the MongoDB half of the report, with the default event field names.
-pub async fn gather(
-    db: &Database,
-    events_collection: &str,
-    blocked_collection: &str,
-) -> mongodb::error::Result<StatusReport> {
-    gather_with_fields(
-        db,
-        events_collection,
-        &crate::envelope::EventFields::default(),
-        blocked_collection,
-    )
-    .await
-}
-
 /// Reads the MongoDB half of the report; `fields` name the index's keys.
-pub async fn gather_with_fields(
+pub async fn gather(
     db: &Database,
     events_collection: &str,
     fields: &crate::envelope::EventFields,
@@ -150,7 +139,7 @@ pub async fn gather_with_fields(
     let projectors = live_projectors(db, now).await?;
     let (blocked_aggregates, blocked_sample) = blocked(db, blocked_collection).await?;
     let parked_events = db
-        .collection::<Document>("ordo_parked")
+        .collection::<Document>(PARKED_COLLECTION)
         .count_documents(doc! {})
         .await?;
     Ok(StatusReport {

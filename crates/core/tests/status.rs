@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use mongodb::bson::{doc, oid::ObjectId, DateTime, Document, Timestamp};
 use ordo_core::checkpoint::{self, Checkpoint, CheckpointStore};
+use ordo_core::envelope::EventFields;
 use ordo_core::lease::{self, LeaseStore};
 use ordo_core::status::{self, ProjectorHeartbeat};
 use ordo_testkit::TestMongo;
@@ -79,7 +80,7 @@ async fn report_reads_checkpoints_leases_heartbeats_blocked_and_parked() {
         .await
         .unwrap();
 
-    let report = status::gather(&db, "events", "ordo_blocked").await.unwrap();
+    let report = status::gather(&db, "events", &EventFields::default(), "ordo_blocked").await.unwrap();
     assert_eq!(report.streams.len(), 1);
     let s = &report.streams[0];
     assert_eq!(s.stream, "app.events");

@@ -154,8 +154,8 @@ impl ReadModel {
         }
     }
 
-    /// The document to store: the fields plus `_id`, `lastEventId`, `lastUpdatedAt`, or a
-    /// tombstone when deleted.
+    /// The document to store: the fields (or a tombstone when deleted) plus `_id`,
+    /// `lastEventId`, `lastUpdatedAt`, and `_epoch` for a document a rebuild wrote.
     pub fn to_document(&self, now: DateTime) -> Document {
         let mut out = Document::new();
         out.insert("_id", self.id.clone());

@@ -8,6 +8,8 @@
 
 use mongodb::bson::{Bson, Document};
 
+use crate::fold::{DELETED_FIELD, EPOCH_FIELD, UPDATED_AT_FIELD, VERSION_FIELD};
+
 /// The event fields a `$`-path may start with (see `Envelope::to_event_document`).
 pub const EVENT_ROOTS: &[&str] = &[
     "payload",
@@ -137,7 +139,13 @@ impl ValueExpr {
 }
 
 /// Fields the engine owns; rules may not write them.
-pub const RESERVED_FIELDS: &[&str] = &["_id", "lastEventId", "lastUpdatedAt", "_deleted"];
+pub const RESERVED_FIELDS: &[&str] = &[
+    "_id",
+    VERSION_FIELD,
+    UPDATED_AT_FIELD,
+    DELETED_FIELD,
+    EPOCH_FIELD,
+];
 
 /// A dotted path to a field of the read-model document, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +263,10 @@ mod tests {
             );
         }
         assert!(FieldPath::parse("lastEventId").is_err());
+        // The rebuild epoch is the engine's too: a rule that wrote it would pass the guard of
+        // a rebuilt document for one a worker read before the swap.
+        let epoch = FieldPath::parse("_epoch.n").unwrap_err();
+        assert!(epoch.contains("`_epoch` is maintained by ordo itself"), "{epoch}");
         assert!(FieldPath::parse("a..b").is_err());
         assert!(FieldPath::parse("$set").is_err());
     }

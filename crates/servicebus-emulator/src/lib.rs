@@ -15,7 +15,8 @@
 //!
 //! Module map:
 //! - [`config`]: the TOML namespace description ([`EmulatorConfig`]).
-//! - `auth`: SAS tokens, authorization rules and what a connection may do.
+//! - `auth`: SAS tokens, Microsoft Entra ID tokens (JWT), authorization rules and what a
+//!   connection may do.
 //! - `namespace`: entities, address resolution, duplicate detection, fan-out.
 //! - `rules`: what a transfer must satisfy to be accepted (Azure's refusals, with sources).
 //! - `store`: per-entity message stores, one file per behaviour (see its module docs).
@@ -23,8 +24,10 @@
 //! - `server`: the AMQP listener, links, CBS and `$management` (see its module docs).
 //! - `tls`: the AMQPS acceptor from `[namespace] tls_cert/tls_key`.
 //! - `wire`: Service Bus annotation names/types, error conditions, batch format.
-//! - [`stats`]: inspection snapshots; `http` serves them as JSON.
+//! - [`stats`]: inspection snapshots; `http` serves them as JSON and lists and regenerates keys.
 //! - [`error`]: library errors.
+//! - this file: [`Emulator`] (start, bind), [`EmulatorHandle`] (the running emulator: addresses,
+//!   connection strings, suspend and resume, inspection) and the sweeper's timer.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ordo_servicebus_emulator::Error> {

@@ -45,7 +45,6 @@ use mongodb::bson::{self, doc, Bson, Document};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::{Collection, Database};
 use ordo_core::envelope::Envelope;
-use ordo_core::metrics as names;
 use ordo_core::retry::{Backoff, Retry};
 use ordo_core::servicebus::sender;
 use tokio_util::sync::CancellationToken;
@@ -265,8 +264,8 @@ impl Source {
     ) -> Result<bool, SourceError> {
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
         if self.cfg.producer.on_invalid == OnInvalid::Halt {
+            // Nothing is parked: the error and the exit status say which event stopped it.
             let shown = id.into_relaxed_extjson().to_string();
-            ::metrics::counter!(names::EVENTS_PARKED, "reason" => reason).increment(1);
             tracing::error!(stream = %self.stream, id = %shown, reason, error = %error, "invalid event: halting");
             return Err(SourceError::Halt {
                 id: shown,

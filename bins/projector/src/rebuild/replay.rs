@@ -43,7 +43,7 @@ impl Folding {
             return;
         }
         let source = raw.get("_id").cloned().unwrap_or(Bson::Null);
-        let event = match store.event_of(&self.id, raw) {
+        let event = match store.to_event(&self.id, raw) {
             Ok(e) => e,
             Err(e) => {
                 let v = raw_version(store, raw).unwrap_or(self.seen + 1);

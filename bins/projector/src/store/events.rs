@@ -28,7 +28,8 @@ impl Store {
         )
     }
 
-    pub(super) fn to_event(&self, id: &str, d: &Document) -> Result<Document, StoreError> {
+    /// A raw source document as the event a projection folds, or why it is invalid.
+    pub fn to_event(&self, id: &str, d: &Document) -> Result<Document, StoreError> {
         let bad = |reason: String| StoreError::BadEvent {
             aggregate_id: id.to_string(),
             source_id: id_text(d),
@@ -127,8 +128,4 @@ impl Store {
             .await?)
     }
 
-    /// A raw source document as the event a projection folds, or why it is invalid.
-    pub fn event_of(&self, id: &str, raw: &Document) -> Result<Document, StoreError> {
-        self.to_event(id, raw)
-    }
 }

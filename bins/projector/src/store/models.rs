@@ -36,8 +36,13 @@ impl Store {
     /// A read-model collection read from the primary whatever the URI says: a load from a
     /// lagging secondary would only fail its version guard, again and again.
     pub(super) fn models(&self, p: &dyn Projection) -> Collection<Document> {
+        self.models_in(p.collection())
+    }
+
+    /// [`Store::models`] by collection name.
+    fn models_in(&self, collection: &str) -> Collection<Document> {
         self.db.collection_with_options(
-            p.collection(),
+            collection,
             CollectionOptions::builder()
                 .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
                 .build(),
@@ -105,7 +110,7 @@ impl Store {
         collection: &str,
         model: &ReadModel,
     ) -> Result<(), StoreError> {
-        let coll: Collection<Document> = self.db.collection(collection);
+        let coll = self.models_in(collection);
         for _ in 0..FOLDED_WRITE_ATTEMPTS {
             let current = coll
                 .find_one(doc! { "_id": &model.id })

@@ -205,10 +205,7 @@ impl Engine {
     }
 
     fn backoff(&self) -> Backoff {
-        Backoff {
-            initial: self.cfg.retry_initial,
-            max: self.cfg.retry_max,
-        }
+        self.cfg.backoff()
     }
 
     /// The delays between restarts of a failed task: the retry backoff, at least 100 ms, so a

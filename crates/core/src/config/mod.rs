@@ -348,6 +348,14 @@ pub fn check_duration(
     Ok(())
 }
 
+/// Checks that a name or list is not empty (`key` names it in the error).
+pub fn check_not_empty(key: &str, empty: bool) -> Result<(), ConfigError> {
+    if empty {
+        return Err(ConfigError::invalid(key, "must not be empty"));
+    }
+    Ok(())
+}
+
 /// Checks that a count is within bounds.
 pub fn check_range<N: PartialOrd + std::fmt::Display>(
     key: &str,

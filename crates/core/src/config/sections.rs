@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_duration, resolve_secret, ConfigError, Validate};
+use super::{check_duration, check_not_empty, resolve_secret, ConfigError, Validate};
 use crate::envelope::EventFields;
 use crate::secret::Secret;
 
@@ -110,24 +110,17 @@ impl Validate for MongoConfig {
             }
             Some(_) => {}
         }
-        if self.events_collection.is_empty() {
-            return Err(ConfigError::invalid(
-                "mongodb.events_collection",
-                "must not be empty",
-            ));
-        }
+        check_not_empty(
+            "mongodb.events_collection",
+            self.events_collection.is_empty(),
+        )?;
         for (key, value) in [
             ("aggregate_id", &self.fields.aggregate_id),
             ("event_id", &self.fields.event_id),
             ("event_type", &self.fields.event_type),
             ("payload", &self.fields.payload),
         ] {
-            if value.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("mongodb.fields.{key}"),
-                    "must not be empty",
-                ));
-            }
+            check_not_empty(&format!("mongodb.fields.{key}"), value.is_empty())?;
         }
         Ok(())
     }
@@ -238,18 +231,8 @@ impl Validate for ServiceBusConfig {
         )?;
         crate::servicebus::Endpoint::parse(self.connection_string())
             .map_err(|e| ConfigError::invalid("servicebus.connection_string", e.to_string()))?;
-        if self.topic.is_empty() {
-            return Err(ConfigError::invalid(
-                "servicebus.topic",
-                "must not be empty",
-            ));
-        }
-        if self.subscription.is_empty() {
-            return Err(ConfigError::invalid(
-                "servicebus.subscription",
-                "must not be empty",
-            ));
-        }
+        check_not_empty("servicebus.topic", self.topic.is_empty())?;
+        check_not_empty("servicebus.subscription", self.subscription.is_empty())?;
         // The client's TLS roots are process-wide, so the CA is trusted here, where every daemon
         // passes once at start, rather than at each connect.
         if let Some(path) = &self.ca_file {

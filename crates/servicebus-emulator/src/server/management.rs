@@ -2,7 +2,8 @@
 //!
 //! Requests carry `operation` and `associated-link-name` application properties and an AMQP map
 //! body; answers carry `statusCode` (see `request::Reply`). The field names and types are the
-//! ones azservicebus and Microsoft's SDKs send (shared/reference/servicebus-wire.md).
+//! ones azservicebus (`vendor/azservicebus/src/amqp/management_constants.rs`) and Microsoft's
+//! SDKs send.
 
 use fe2o3_amqp_types::{
     messaging::{AmqpValue, Body, MessageAnnotations},

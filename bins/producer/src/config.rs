@@ -6,8 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use ordo_core::config::{
     check_duration, check_not_empty, check_range, ConfigError, MongoConfig, ServiceBusConfig,
-    ShutdownConfig,
-    TelemetryConfig, Validate,
+    ShutdownConfig, TelemetryConfig, Validate,
 };
 use ordo_core::retry::Backoff;
 

@@ -143,9 +143,7 @@ fn publisher_factory(cfg: &ProducerConfig) -> ModalPublisherFactory {
             max_batch_bytes: None,
             send_timeout: cfg.producer.send_timeout,
             connect_timeout: cfg.producer.send_timeout,
-            connections: SenderConnections::shared(
-                cfg.producer.connections,
-            ),
+            connections: SenderConnections::shared(cfg.producer.connections),
         },
         cfg.producer.send_mode,
     )

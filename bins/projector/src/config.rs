@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use ordo_core::retry::Backoff;
 use ordo_core::config::{
     check_duration, check_not_empty, check_range, ConfigError, MongoConfig, ServiceBusConfig,
-    ShutdownConfig,
-    TelemetryConfig, Validate,
+    ShutdownConfig, TelemetryConfig, Validate,
 };
+use ordo_core::retry::Backoff;
 
 /// AMQP connections the session workers share by default. Measured with `ordo-bench`
 /// (docs/configuration.md), against one connection per worker: the same churn and

@@ -80,7 +80,9 @@ async fn report_reads_checkpoints_leases_heartbeats_blocked_and_parked() {
         .await
         .unwrap();
 
-    let report = status::gather(&db, "events", &EventFields::default(), "ordo_blocked").await.unwrap();
+    let report = status::gather(&db, "events", &EventFields::default(), "ordo_blocked")
+        .await
+        .unwrap();
     assert_eq!(report.streams.len(), 1);
     let s = &report.streams[0];
     assert_eq!(s.stream, "app.events");

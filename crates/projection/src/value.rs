@@ -266,7 +266,10 @@ mod tests {
         // The rebuild epoch is the engine's too: a rule that wrote it would pass the guard of
         // a rebuilt document for one a worker read before the swap.
         let epoch = FieldPath::parse("_epoch.n").unwrap_err();
-        assert!(epoch.contains("`_epoch` is maintained by ordo itself"), "{epoch}");
+        assert!(
+            epoch.contains("`_epoch` is maintained by ordo itself"),
+            "{epoch}"
+        );
         assert!(FieldPath::parse("a..b").is_err());
         assert!(FieldPath::parse("$set").is_err());
     }

@@ -127,5 +127,4 @@ impl Store {
             .allow_disk_use(true)
             .await?)
     }
-
 }

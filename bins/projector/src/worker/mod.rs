@@ -63,24 +63,10 @@ use crate::store::{BlockRecord, StoreError, Written};
 use crate::Store;
 use ordo_core::readiness::{self, dependency, Alarm, Readiness};
 
-pub use crate::settle::REASON_BLOCKED;
-/// Dead-letter reason for a body that is not an envelope.
-pub const REASON_DECODE: &str = "UndecodableMessage";
-/// Dead-letter reason for an envelope version this build does not read.
-pub const REASON_VERSION: &str = "UnsupportedEnvelopeVersion";
-/// Dead-letter reason for an event a projection cannot apply.
-pub const REASON_PROJECTION: &str = "ProjectionError";
-/// Dead-letter reason for missing events that did not appear within `gap_timeout`.
-pub const REASON_GAP: &str = "GapNotHealed";
-/// Dead-letter reason for a source event, reached by healing, that breaks the contract.
-pub const REASON_SOURCE: &str = "InvalidSourceEvent";
-/// Dead-letter reason for two source documents with the same (aggregateId, eventId).
-pub const REASON_DUPLICATE: &str = "DuplicateVersion";
-/// Dead-letter reason for an event whose aggregate's session id is not the session it came in:
-/// one session must carry one aggregate, and folding it would write it into the wrong model.
-pub const REASON_FOREIGN: &str = "ForeignAggregate";
-/// Dead-letter reason for a read model the server refuses to store (validator, 16 MB).
-pub const REASON_REFUSED: &str = "ReadModelRefused";
+pub use crate::settle::{
+    REASON_BLOCKED, REASON_DECODE, REASON_DUPLICATE, REASON_FOREIGN, REASON_GAP, REASON_PROJECTION,
+    REASON_REFUSED, REASON_SOURCE, REASON_VERSION,
+};
 
 /// Everything a worker shares with the others.
 #[derive(Debug)]

@@ -87,7 +87,7 @@ struct AccessKeys {
 impl Http {
     fn access_keys(&self, keys: RuleKeys) -> AccessKeys {
         let connection_string =
-            |key: &str| crate::emulator_connection_string(&self.endpoint, &keys.name, key);
+            |key: &str| crate::handle::emulator_connection_string(&self.endpoint, &keys.name, key);
         AccessKeys {
             primary_connection_string: connection_string(&keys.primary),
             secondary_connection_string: keys.secondary.as_deref().map(connection_string),

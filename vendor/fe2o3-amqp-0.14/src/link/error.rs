@@ -746,6 +746,8 @@ impl std::error::Error for ReceiverResumeError {}
 pub(crate) enum LinkRelayError {
     /// Link is not attached
     #[error("Link is not attached")]
+    // ordo patch (vendor/README.md): only transactions still raise it.
+    #[cfg_attr(not(feature = "transaction"), allow(dead_code))]
     UnattachedHandle,
 
     /// Found a transfer frame to sender

@@ -775,13 +775,22 @@ impl LinkRelay<OutputHandle> {
                 let delivery_tag = transfer.delivery_tag.clone();
                 let transfer_more = transfer.more;
 
-                tx.send(LinkFrame::Transfer {
-                    input_handle: InputHandle::from(transfer.handle.clone()),
-                    performative: transfer,
-                    payload,
-                })
-                .await
-                .map_err(|_| LinkRelayError::UnattachedHandle)?;
+                // ordo patch (vendor/README.md): a transfer that reaches a receiver whose
+                // handle is still mapped (the peer has not answered its detach yet) but which
+                // has already let go of its incoming frames is discarded. The peer still holds
+                // the delivery unsettled and gives it back when it takes the detach; failing
+                // here ended the whole session, and every other link on it.
+                if tx
+                    .send(LinkFrame::Transfer {
+                        input_handle: InputHandle::from(transfer.handle.clone()),
+                        performative: transfer,
+                        payload,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Ok(None);
+                }
 
                 if !settled {
                     if let ReceiverSettleMode::Second = receiver_settle_mode {

@@ -745,10 +745,13 @@ impl endpoint::Session for Session {
             .link_by_input_handle
             .remove(&InputHandle::from(detach.handle.clone()))
         {
-            Some(mut link) => link
-                .on_incoming_detach(detach)
-                .await
-                .map_err(|_| SessionInnerError::UnattachedHandle),
+            // ordo patch (vendor/README.md): the peer's detach of a link whose local end is
+            // already gone (dropped while its own detach was on the way) completes that
+            // detach; failing here ended the whole session, and every other link on it.
+            Some(mut link) => {
+                let _ = link.on_incoming_detach(detach).await;
+                Ok(())
+            }
             None => Err(SessionInnerError::UnattachedHandle),
         }
     }

@@ -23,20 +23,63 @@ fn max_of(series: &[&Series]) -> f64 {
         .max(1e-9)
 }
 
+/// The plot area of a chart: its size, margins and the scales of its axes.
+#[derive(Clone, Copy)]
+struct Frame {
+    w: f64,
+    h: f64,
+    ml: f64,
+    mt: f64,
+    pw: f64,
+    ph: f64,
+    t_max: f64,
+    l_max: f64,
+    /// `None` without series on the right axis.
+    r_max: Option<f64>,
+}
+
 /// Renders `series` as an SVG document of 960x420 px with a title and axis labels.
 pub fn render(title: &str, left_label: &str, right_label: &str, series: &[Series]) -> String {
     let (w, h, ml, mr, mt, mb) = (960.0, 420.0, 70.0, 70.0, 40.0, 50.0);
-    let pw = w - ml - mr;
-    let ph = h - mt - mb;
-    let t_max = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0))
-        .fold(0.0_f64, f64::max)
-        .max(1.0);
     let left: Vec<&Series> = series.iter().filter(|s| !s.right_axis).collect();
     let right: Vec<&Series> = series.iter().filter(|s| s.right_axis).collect();
-    let (l_max, r_max) = (max_of(&left) * 1.1, max_of(&right) * 1.1);
+    let frame = Frame {
+        w,
+        h,
+        ml,
+        mt,
+        pw: w - ml - mr,
+        ph: h - mt - mb,
+        t_max: series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .fold(0.0_f64, f64::max)
+            .max(1.0),
+        l_max: max_of(&left) * 1.1,
+        r_max: (!right.is_empty()).then(|| max_of(&right) * 1.1),
+    };
     let mut svg = svg_open(w, h, title);
+    axes(&mut svg, &frame, left_label, right_label);
+    for (k, s) in series.iter().enumerate() {
+        line(&mut svg, &frame, k, s);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The frame, grid, tick labels and axis titles of a line chart.
+fn axes(svg: &mut String, f: &Frame, left_label: &str, right_label: &str) {
+    let Frame {
+        w,
+        h,
+        ml,
+        mt,
+        pw,
+        ph,
+        t_max,
+        l_max,
+        r_max,
+    } = *f;
     let _ = writeln!(
         svg,
         r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
@@ -52,11 +95,9 @@ pub fn render(title: &str, left_label: &str, right_label: &str, series: &[Series
             fmt_num(l_max * f64::from(i) / 4.0),
             ml + pw + 6.0,
             y + 4.0,
-            if right.is_empty() {
-                String::new()
-            } else {
-                fmt_num(r_max * f64::from(i) / 4.0)
-            }
+            r_max
+                .map(|r| fmt_num(r * f64::from(i) / 4.0))
+                .unwrap_or_default()
         );
         let x = ml + pw * f64::from(i) / 4.0;
         let _ = writeln!(
@@ -80,44 +121,48 @@ pub fn render(title: &str, left_label: &str, right_label: &str, series: &[Series
         ml + pw / 2.0,
         h - 10.0
     );
-    for (k, s) in series.iter().enumerate() {
-        let max = if s.right_axis { r_max } else { l_max };
-        let pts: Vec<String> = s
-            .points
-            .iter()
-            .map(|(t, v)| {
-                format!(
-                    "{:.1},{:.1}",
-                    ml + pw * t / t_max,
-                    mt + ph - ph * (v / max).min(1.0)
-                )
-            })
-            .collect();
-        let dash = if s.right_axis {
-            r#" stroke-dasharray="5,3""#
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            svg,
-            r#"<polyline fill="none" stroke="{}" stroke-width="2"{dash} points="{}"/>"#,
-            s.color,
-            pts.join(" ")
-        );
-        let ly = mt + 14.0 + 16.0 * k as f64;
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}">{}</text>"#,
-            ml + 10.0,
-            ml + 30.0,
-            s.color,
-            ml + 36.0,
-            ly + 4.0,
-            escape(&s.label)
-        );
-    }
-    svg.push_str("</svg>\n");
-    svg
+}
+
+/// Series `s`, the `k`-th, as a polyline with its legend entry (dashed on the right axis).
+fn line(svg: &mut String, f: &Frame, k: usize, s: &Series) {
+    let max = if s.right_axis {
+        f.r_max.unwrap_or(1.0)
+    } else {
+        f.l_max
+    };
+    let pts: Vec<String> = s
+        .points
+        .iter()
+        .map(|(t, v)| {
+            format!(
+                "{:.1},{:.1}",
+                f.ml + f.pw * t / f.t_max,
+                f.mt + f.ph - f.ph * (v / max).min(1.0)
+            )
+        })
+        .collect();
+    let dash = if s.right_axis {
+        r#" stroke-dasharray="5,3""#
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        svg,
+        r#"<polyline fill="none" stroke="{}" stroke-width="2"{dash} points="{}"/>"#,
+        s.color,
+        pts.join(" ")
+    );
+    let ly = f.mt + 14.0 + 16.0 * k as f64;
+    let _ = writeln!(
+        svg,
+        r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}">{}</text>"#,
+        f.ml + 10.0,
+        f.ml + 30.0,
+        s.color,
+        f.ml + 36.0,
+        ly + 4.0,
+        escape(&s.label)
+    );
 }
 
 /// One panel of a grouped bar chart: per group, one value per series (None: not measured).
@@ -151,89 +196,114 @@ pub fn render_bars(title: &str, series: &[&str], groups: &[String], panels: &[Ba
         );
     }
     for (pi, panel) in panels.iter().enumerate() {
-        let y0 = top + pi as f64 * (panel_h + gap) + 20.0;
-        let ph = panel_h - 20.0;
-        let vals: Vec<f64> = panel
-            .values
-            .iter()
-            .flatten()
-            .flatten()
-            .copied()
-            .filter(|v| *v > 0.0 && v.is_finite())
-            .collect();
-        let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = vals.iter().copied().fold(0.0_f64, f64::max);
-        let (lo, hi) = if vals.is_empty() {
-            (0.0, 1.0)
-        } else {
-            (
-                lo.log10().floor(),
-                hi.log10().ceil().max(lo.log10().floor() + 1.0),
-            )
+        let area = Area {
+            x0: ml,
+            y0: top + pi as f64 * (panel_h + gap) + 20.0,
+            w: pw,
+            h: panel_h - 20.0,
         };
-        let y_of = |v: f64| y0 + ph - ph * ((v.log10() - lo) / (hi - lo)).clamp(0.0, 1.0);
+        bar_panel(&mut svg, area, panel, series.len(), groups);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Where a bar panel is drawn.
+#[derive(Clone, Copy)]
+struct Area {
+    x0: f64,
+    y0: f64,
+    w: f64,
+    h: f64,
+}
+
+/// The decades (powers of ten) a log scale for `panel`'s measured values spans.
+fn decades(panel: &BarPanel) -> (f64, f64) {
+    let vals: Vec<f64> = panel
+        .values
+        .iter()
+        .flatten()
+        .flatten()
+        .copied()
+        .filter(|v| *v > 0.0 && v.is_finite())
+        .collect();
+    if vals.is_empty() {
+        return (0.0, 1.0);
+    }
+    let lo = vals
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .log10()
+        .floor();
+    let hi = vals.iter().copied().fold(0.0_f64, f64::max).log10().ceil();
+    (lo, hi.max(lo + 1.0))
+}
+
+/// One panel: its title, frame and log grid, then per group its label and bars.
+fn bar_panel(svg: &mut String, a: Area, panel: &BarPanel, series: usize, groups: &[String]) {
+    let Area { x0, y0, w, h } = a;
+    let (lo, hi) = decades(panel);
+    let y_of = |v: f64| y0 + h - h * ((v.log10() - lo) / (hi - lo)).clamp(0.0, 1.0);
+    let _ = writeln!(
+        svg,
+        r##"<text x="{x0}" y="{:.1}" font-size="13">{}</text><rect x="{x0}" y="{y0:.1}" width="{w}" height="{h}" fill="none" stroke="#999"/>"##,
+        y0 - 6.0,
+        escape(&panel.title)
+    );
+    let mut d = lo;
+    while d <= hi {
+        let v = 10f64.powf(d);
+        let y = y_of(v);
         let _ = writeln!(
             svg,
-            r##"<text x="{ml}" y="{:.1}" font-size="13">{}</text><rect x="{ml}" y="{y0:.1}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##,
-            y0 - 6.0,
-            escape(&panel.title)
+            r##"<line x1="{x0}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            x0 + w,
+            x0 - 6.0,
+            y + 4.0,
+            fmt_num(v)
         );
-        let mut d = lo;
-        while d <= hi {
-            let v = 10f64.powf(d);
-            let y = y_of(v);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{ml}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-                ml + pw,
-                ml - 6.0,
-                y + 4.0,
-                fmt_num(v)
-            );
-            d += 1.0;
-        }
-        let gw = pw / groups.len().max(1) as f64;
-        let bw = (gw * 0.8 / series.len().max(1) as f64).min(60.0);
-        for (gi, label) in groups.iter().enumerate() {
-            let gx = ml + gw * gi as f64 + (gw - bw * series.len() as f64) / 2.0;
-            let _ = writeln!(
-                svg,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-                ml + gw * (gi as f64 + 0.5),
-                y0 + ph + 16.0,
-                escape(label)
-            );
-            for (si, v) in panel.values.get(gi).into_iter().flatten().enumerate() {
-                let x = gx + bw * si as f64;
-                match v {
-                    Some(v) if *v > 0.0 && v.is_finite() => {
-                        let y = y_of(*v);
-                        let _ = writeln!(
-                            svg,
-                            r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}{}</text>"#,
-                            bw - 2.0,
-                            (y0 + ph - y).max(0.0),
-                            BAR_COLORS[si % BAR_COLORS.len()],
-                            x + bw / 2.0,
-                            y - 3.0,
-                            fmt_num(*v),
-                            escape(&panel.unit)
-                        );
-                    }
-                    _ => {
-                        let _ = writeln!(
-                            svg,
-                            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">n/a</text>"#,
-                            x + bw / 2.0,
-                            y0 + ph - 3.0
-                        );
-                    }
+        d += 1.0;
+    }
+    let gw = w / groups.len().max(1) as f64;
+    let bw = (gw * 0.8 / series.max(1) as f64).min(60.0);
+    for (gi, label) in groups.iter().enumerate() {
+        let gx = x0 + gw * gi as f64 + (gw - bw * series as f64) / 2.0;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x0 + gw * (gi as f64 + 0.5),
+            y0 + h + 16.0,
+            escape(label)
+        );
+        for (si, v) in panel.values.get(gi).into_iter().flatten().enumerate() {
+            let x = gx + bw * si as f64;
+            match v {
+                Some(v) if *v > 0.0 && v.is_finite() => {
+                    let y = y_of(*v);
+                    let _ = writeln!(
+                        svg,
+                        r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}{}</text>"#,
+                        bw - 2.0,
+                        (y0 + h - y).max(0.0),
+                        BAR_COLORS[si % BAR_COLORS.len()],
+                        x + bw / 2.0,
+                        y - 3.0,
+                        fmt_num(*v),
+                        escape(&panel.unit)
+                    );
+                }
+                _ => {
+                    let _ = writeln!(
+                        svg,
+                        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">n/a</text>"#,
+                        x + bw / 2.0,
+                        y0 + h - 3.0
+                    );
                 }
             }
         }
     }
-    svg.push_str("</svg>\n");
-    svg
 }
 
 fn fmt_num(v: f64) -> String {

@@ -69,12 +69,11 @@ pub struct ProjectorSection {
     /// the whole write rate, and p50 1.0 s).
     #[serde(with = "humantime_serde")]
     pub session_idle_timeout: Duration,
-    /// The idle timeout while every worker of the process holds a session (off when absent):
-    /// other aggregates may be waiting at the broker, and an idle session keeps one of them
-    /// from a worker. At most `session_idle_timeout` (a larger value counts as it). For small
-    /// pools with a long `session_idle_timeout`; with one worker it applies to every session.
+    /// The idle timeout while other aggregates wait at the broker (the process's last accepts
+    /// were each handed a session): an idle session keeps one of them from a worker. At most
+    /// `session_idle_timeout` (set it to that to hold every session as long).
     #[serde(with = "humantime_serde")]
-    pub busy_session_idle_timeout: Option<Duration>,
+    pub busy_session_idle_timeout: Duration,
     /// Session lock renewal period; well under the subscription's lock duration (a third).
     #[serde(with = "humantime_serde")]
     pub lock_renewal_interval: Duration,
@@ -117,7 +116,7 @@ impl Default for ProjectorSection {
             accept_timeout: Duration::from_secs(5),
             probe_interval: Duration::from_secs(5),
             session_idle_timeout: Duration::from_millis(100),
-            busy_session_idle_timeout: None,
+            busy_session_idle_timeout: Duration::from_millis(20),
             lock_renewal_interval: Duration::from_secs(10),
             gap_timeout: Duration::from_secs(10),
             transient_retry_limit: 10,
@@ -187,9 +186,12 @@ impl ProjectorSection {
             ms(10),
             s(3600),
         )?;
-        if let Some(busy) = self.busy_session_idle_timeout {
-            check_duration("projector.busy_session_idle_timeout", busy, ms(10), s(3600))?;
-        }
+        check_duration(
+            "projector.busy_session_idle_timeout",
+            self.busy_session_idle_timeout,
+            ms(10),
+            s(3600),
+        )?;
         check_duration(
             "projector.lock_renewal_interval",
             self.lock_renewal_interval,

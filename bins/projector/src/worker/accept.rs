@@ -132,6 +132,7 @@ impl Engine {
         self.answered(&mut worker.alarm);
         match answer {
             Accepted::Session(session) => {
+                self.activity.sessions_in_a_row.fetch_add(1, Relaxed);
                 drop(probe.take());
                 self.work_session(session, cancel).await;
             }
@@ -144,7 +145,8 @@ impl Engine {
                 );
                 worker.source = None;
             }
-            Accepted::Idle | Accepted::Unclear => {}
+            Accepted::Idle => self.activity.sessions_in_a_row.store(0, Relaxed),
+            Accepted::Unclear => {}
         }
         Attempt::Answered
     }

@@ -108,6 +108,9 @@ pub struct Activity {
     pub workers: AtomicU64,
     /// Tasks restarted by their supervisor since start.
     pub restarts: AtomicU64,
+    /// Accepts of this process answered with a session since one was last answered "no
+    /// session available": from two on, the broker had sessions waiting for a worker.
+    pub sessions_in_a_row: AtomicU64,
 }
 
 /// Counts a session (or a worker) for as long as it lives, panics included.

@@ -89,18 +89,16 @@ impl Engine {
     }
 
     /// How long a held session may stay idle now: `session_idle_timeout`, or the shorter
-    /// `busy_session_idle_timeout` (when set) while every worker holds a session, when other aggregates
-    /// may be waiting at the broker for a worker this idle one keeps.
+    /// `busy_session_idle_timeout` while other aggregates wait at the broker for the
+    /// worker this idle session keeps: the process's last two accepts or more were each handed
+    /// a session, none answered "no session available" in between. Workers in an accept are
+    /// not free ones: under a backlog of small aggregates they are how the backlog is worked.
     fn idle_limit(&self) -> Duration {
         let idle = self.cfg.session_idle_timeout;
-        match self.cfg.busy_session_idle_timeout {
-            Some(busy)
-                if self.activity.sessions_held.load(Relaxed)
-                    >= self.activity.workers.load(Relaxed) =>
-            {
-                busy.min(idle)
-            }
-            _ => idle,
+        if self.activity.sessions_in_a_row.load(Relaxed) >= 2 {
+            self.cfg.busy_session_idle_timeout.min(idle)
+        } else {
+            idle
         }
     }
 

@@ -38,7 +38,9 @@ pub enum Error {
     #[error("address {0} is already in use")]
     AddrInUse(SocketAddr),
     /// [`crate::Emulator::start_on_free_loopback`] found every address it tried taken.
-    #[error("no free 127.0.0.N:5672 after {attempts} attempts (last tried {last:?})")]
+    #[error(
+        "no free loopback address on port 5672 after {attempts} attempts (last tried {last:?})"
+    )]
     NoFreeLoopback {
         /// How many addresses were tried.
         attempts: usize,

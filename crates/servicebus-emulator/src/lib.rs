@@ -95,14 +95,16 @@ impl Emulator {
         Self::start_on(config, SocketAddr::new(bind_ip, AMQP_PORT)).await
     }
 
-    /// Starts an emulator on port 5672 of a free loopback address `127.0.0.N`, picked at random
+    /// Starts an emulator on port 5672 of a free loopback address (`127.A.B.C`, or `127.0.0.N`
+    /// with TLS, which test certificates name), picked at random
     /// and tried again while taken: Service Bus clients reach a namespace on its standard port
     /// only, so emulators that run side by side (tests, benchmarks) differ by address.
     pub async fn start_on_free_loopback(config: EmulatorConfig) -> Result<EmulatorHandle, Error> {
         const ATTEMPTS: usize = 64;
         let mut last = None;
         for _ in 0..ATTEMPTS {
-            match Self::start(config.clone(), random_loopback()).await {
+            let tls = config.namespace.tls_cert.is_some();
+            match Self::start(config.clone(), random_loopback(tls)).await {
                 Err(Error::AddrInUse(addr)) => last = Some(addr),
                 started => return started,
             }
@@ -192,9 +194,11 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     })
 }
 
-/// A random 127.0.0.N other than 127.0.0.1 (which other local services use); test certificates
-/// name 127.0.0.1 to 127.0.0.254.
-fn random_loopback() -> IpAddr {
+/// A random loopback address other than 127.0.0.1 (which other local services use): 127.A.B.C,
+/// so that emulators started side by side rarely meet (a suspended one gives its address up
+/// until it resumes), or 127.0.0.N for `tls`, since test certificates name 127.0.0.1 to
+/// 127.0.0.254.
+fn random_loopback(tls: bool) -> IpAddr {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(
@@ -203,10 +207,11 @@ fn random_loopback() -> IpAddr {
             .unwrap_or_default()
             .as_nanos(),
     );
-    IpAddr::V4(std::net::Ipv4Addr::new(
-        127,
-        0,
-        0,
-        (hasher.finish() % 249) as u8 + 2,
-    ))
+    let [a, b, c, ..] = hasher.finish().to_le_bytes();
+    let host = c % 249 + 2;
+    if tls {
+        IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, host))
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::new(127, a % 250 + 1, b, host))
+    }
 }

@@ -21,7 +21,9 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
     env.insert_events(&events).await;
     env.publish(&events).await;
     let mut proj = env
-        .spawn_projector("max_concurrent_sessions = 16\nsession_idle_timeout = \"300s\"")
+        .spawn_projector(
+            "max_concurrent_sessions = 16\nsession_idle_timeout = \"300s\"\nbusy_session_idle_timeout = \"300s\"",
+        )
         .await;
     converge(&env, &env.expected().await, CONVERGE).await;
     let p = &proj;

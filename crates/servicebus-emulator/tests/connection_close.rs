@@ -8,11 +8,9 @@ mod common;
 
 use common::*;
 use fe2o3_amqp_client::{
-    sasl_profile::SaslProfile,
     types::{messaging::Body, primitives::Value},
-    Connection, Receiver, Session,
+    Session,
 };
-use ordo_servicebus_emulator::EmulatorConfig;
 
 #[test]
 fn closing_the_connection_closes_its_session_receivers() {
@@ -26,37 +24,9 @@ async fn body() {
     send(&mut client, batch).await;
 
     // A plain AMQP client: PLAIN login with the namespace key, a receiver on session "c".
-    let namespace = EmulatorConfig::default_ordo().namespace;
-    let mut connection = within(
-        10,
-        Connection::builder()
-            .container_id("closes-without-detach")
-            .sasl_profile(SaslProfile::Plain {
-                username: namespace.key_name.clone(),
-                password: namespace.key.clone(),
-            })
-            .open(format!("amqp://{}", emulator.address()).as_str()),
-    )
-    .await
-    .unwrap();
+    let mut connection = client_connection(&emulator, "closes-without-detach").await;
     let mut session = within(10, Session::begin(&mut connection)).await.unwrap();
-    let mut receiver = within(
-        10,
-        Receiver::builder()
-            .name("session-c")
-            .source(
-                fe2o3_amqp_client::types::messaging::Source::builder()
-                    .address(format!("{TOPIC}/Subscriptions/{SUBSCRIPTION}"))
-                    .add_to_filter_using_legacy_format(
-                        "com.microsoft:session-filter",
-                        Value::String("c".to_owned()),
-                    )
-                    .build(),
-            )
-            .attach(&mut session),
-    )
-    .await
-    .unwrap();
+    let mut receiver = client_session_receiver(&mut session, "c").await;
     for _ in 0..2 {
         within(10, receiver.recv::<Body<Value>>()).await.unwrap();
     }

@@ -11,40 +11,13 @@ use std::time::Duration;
 
 use common::*;
 use fe2o3_amqp_client::{
-    sasl_profile::SaslProfile,
-    session::SessionHandle,
-    types::{
-        messaging::{Body, Source},
-        primitives::Value,
-    },
-    Connection, Receiver, Session,
+    types::{messaging::Body, primitives::Value},
+    Session,
 };
-use ordo_servicebus_emulator::EmulatorConfig;
 
 #[test]
 fn a_transfer_to_a_dropped_receiver_leaves_its_session_working() {
     run(body());
-}
-
-/// A session receiver for Service Bus session `id` on the AMQP session `session`.
-async fn session_receiver(session: &mut SessionHandle<()>, id: &str) -> Receiver {
-    within(
-        10,
-        Receiver::builder()
-            .name(format!("receiver-{id}"))
-            .source(
-                Source::builder()
-                    .address(format!("{TOPIC}/Subscriptions/{SUBSCRIPTION}"))
-                    .add_to_filter_using_legacy_format(
-                        "com.microsoft:session-filter",
-                        Value::String(id.to_owned()),
-                    )
-                    .build(),
-            )
-            .attach(session),
-    )
-    .await
-    .unwrap()
 }
 
 async fn body() {
@@ -53,23 +26,11 @@ async fn body() {
     let emulator = start(config).await;
     let mut client = client(&emulator).await;
 
-    let namespace = EmulatorConfig::default_ordo().namespace;
-    let mut connection = within(
-        10,
-        Connection::builder()
-            .container_id("late-transfer")
-            .sasl_profile(SaslProfile::Plain {
-                username: namespace.key_name.clone(),
-                password: namespace.key.clone(),
-            })
-            .open(format!("amqp://{}", emulator.address()).as_str()),
-    )
-    .await
-    .unwrap();
+    let mut connection = client_connection(&emulator, "late-transfer").await;
     let mut session = within(10, Session::begin(&mut connection)).await.unwrap();
     // Two links on one AMQP session, as session workers sharing a connection have them.
-    let mut witness = session_receiver(&mut session, "w").await;
-    let doomed = session_receiver(&mut session, "x").await;
+    let mut witness = client_session_receiver(&mut session, "w").await;
+    let doomed = client_session_receiver(&mut session, "x").await;
 
     send(&mut client, vec![message("x", "x:1", b"x1")]).await;
     // The broker has sent it (the message is locked to the link); the transfer reaches the

@@ -368,3 +368,50 @@ pub fn http_request(
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, "GET", path, None, "")
 }
+
+/// A connection of the AMQP client under azservicebus (fe2o3-amqp 0.14, with ordo's patch) used
+/// directly, without the SDK on top,
+/// logged in with PLAIN and the namespace key.
+pub async fn client_connection(
+    emulator: &EmulatorHandle,
+    container: &str,
+) -> fe2o3_amqp_client::connection::ConnectionHandle<()> {
+    let namespace = EmulatorConfig::default_ordo().namespace;
+    within(
+        10,
+        fe2o3_amqp_client::Connection::builder()
+            .container_id(container)
+            .sasl_profile(fe2o3_amqp_client::sasl_profile::SaslProfile::Plain {
+                username: namespace.key_name.clone(),
+                password: namespace.key.clone(),
+            })
+            .open(format!("amqp://{}", emulator.address()).as_str()),
+    )
+    .await
+    .unwrap()
+}
+
+/// A receiver of Service Bus session `id` on `session` of a [`client_connection`].
+pub async fn client_session_receiver(
+    session: &mut fe2o3_amqp_client::session::SessionHandle<()>,
+    id: &str,
+) -> fe2o3_amqp_client::Receiver {
+    use fe2o3_amqp_client::types::{messaging::Source, primitives::Value};
+    within(
+        10,
+        fe2o3_amqp_client::Receiver::builder()
+            .name(format!("receiver-{id}"))
+            .source(
+                Source::builder()
+                    .address(format!("{TOPIC}/Subscriptions/{SUBSCRIPTION}"))
+                    .add_to_filter_using_legacy_format(
+                        "com.microsoft:session-filter",
+                        Value::String(id.to_owned()),
+                    )
+                    .build(),
+            )
+            .attach(session),
+    )
+    .await
+    .unwrap()
+}

@@ -96,14 +96,14 @@ impl Emulator {
     }
 
     /// Starts an emulator on port 5672 of a free loopback address (`127.A.B.C`, or `127.0.0.N`
-    /// with TLS, which test certificates name), picked at random
-    /// and tried again while taken: Service Bus clients reach a namespace on its standard port
-    /// only, so emulators that run side by side (tests, benchmarks) differ by address.
+    /// with TLS, which test certificates name), picked at random and tried again while taken:
+    /// Service Bus clients reach a namespace on its standard port only, so emulators that run
+    /// side by side (tests, benchmarks) differ by address.
     pub async fn start_on_free_loopback(config: EmulatorConfig) -> Result<EmulatorHandle, Error> {
         const ATTEMPTS: usize = 64;
+        let tls = config.namespace.tls_cert.is_some();
         let mut last = None;
         for _ in 0..ATTEMPTS {
-            let tls = config.namespace.tls_cert.is_some();
             match Self::start(config.clone(), random_loopback(tls)).await {
                 Err(Error::AddrInUse(addr)) => last = Some(addr),
                 started => return started,

@@ -35,7 +35,7 @@ pub(crate) enum FirstPosition {
 
 impl Producer {
     /// Loads the stream's checkpoint, retrying while the database fails; `None` when
-    /// `cancel` fires first.
+    /// `cancel` fires first, also while a read hangs on the database.
     pub(crate) async fn load_start(
         &self,
         cancel: &CancellationToken,
@@ -43,7 +43,11 @@ impl Producer {
         let mut retry = Retry::new("load_checkpoint", self.backoff);
         let mut fault = None;
         loop {
-            match self.checkpoints.load(&self.stream).await {
+            let loaded = tokio::select! {
+                loaded = self.checkpoints.load(&self.stream) => loaded,
+                _ = cancel.cancelled() => return Ok(None),
+            };
+            match loaded {
                 Ok(Some(cp)) => {
                     let start = match cp.resume_token {
                         Some(token) => {
@@ -78,7 +82,9 @@ impl Producer {
         }
     }
 
-    /// Saves the position a fresh stream starts at as the checkpoint, before reading.
+    /// Saves the position a fresh stream starts at as the checkpoint, before reading. A save
+    /// cancelled by shutdown (also one hanging on the database) leaves the stream without a
+    /// checkpoint, so the next term applies the start mode again: nothing was published yet.
     pub(crate) async fn save_first_position(
         &self,
         source: &Source,
@@ -94,7 +100,11 @@ impl Producer {
         let mut retry = Retry::new("save_checkpoint", self.backoff);
         let mut fault = None;
         loop {
-            match self.checkpoints.save(&cp, epoch).await {
+            let saved = tokio::select! {
+                saved = self.checkpoints.save(&cp, epoch) => saved,
+                _ = cancel.cancelled() => return Ok(FirstPosition::Cancelled),
+            };
+            match saved {
                 Ok(()) => {
                     tracing::info!(stream = %self.stream, "first position saved before reading");
                     return Ok(FirstPosition::Saved(Start::After(source::token_doc(

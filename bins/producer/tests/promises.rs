@@ -621,6 +621,60 @@ async fn sigterm_while_the_database_hangs_exits_within_the_grace_period() {
     );
 }
 
+/// SIGTERM while the new term's checkpoint read hangs (the database holds the producer's one
+/// `find` for a minute): the read is given up, the lease released and the process exits within
+/// its grace period. A ready producer may still be loading its checkpoint (a standby is ready
+/// too), so this is where SIGTERM lands when the database hangs right after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_checkpoint_read_hangs_exits_within_the_grace_period() {
+    let world = World::start().await;
+    // The only `find` the producer sends is the checkpoint read at the start of a term.
+    world
+        .mongo
+        .configure_fail_point(
+            "failCommand",
+            doc! { "mode": { "times": 1 }, "data": {
+                "failCommands": ["find"], "appName": "ordo-producer",
+                "blockConnection": true, "blockTimeMS": 60_000,
+            } },
+        )
+        .await
+        .unwrap();
+    let mut producer = world.spawn("");
+    let p = &producer;
+    wait_until(Duration::from_secs(30), || async move {
+        p.logs().contains("active: publishing")
+    })
+    .await;
+    producer.sigterm().unwrap();
+    // The tests set `[shutdown] grace_period = "10s"`.
+    let exited = producer.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        exited.is_ok(),
+        "still running 10 s after SIGTERM\n{}",
+        producer.logs()
+    );
+    let logs = producer.logs();
+    assert!(!logs.contains("no checkpoint: applying"), "{logs}");
+    assert!(logs.contains("lease released"), "{logs}");
+    // The fault fired: the one blocked `find` was the producer's, so one of the same
+    // application's now answers at once.
+    let mut options = mongodb::options::ClientOptions::parse(world.mongo.uri())
+        .await
+        .unwrap();
+    options.app_name = Some("ordo-producer".into());
+    let client = mongodb::Client::with_options(options).unwrap();
+    let checkpoints = client
+        .database(world.mongo.db_name())
+        .collection::<Document>("ordo_checkpoints");
+    let answered =
+        tokio::time::timeout(Duration::from_secs(5), checkpoints.find_one(doc! {})).await;
+    assert!(
+        answered.is_ok(),
+        "the fail point was not spent by the producer"
+    );
+}
+
 /// A hung database (SIGSTOP: connections stay open, every command waits) turns `/readyz` off
 /// within seconds, not when the producer's own operations give up: a tailing getMore has no
 /// deadline, and a lease renewal waits out its timeout. Without the MongoDB ping, readiness

@@ -231,13 +231,18 @@ impl Engine {
         decoded: &[Result<Event, Fault>],
         actions: &[Action],
     ) -> bool {
+        // The batch is written: its events count as applied (or as duplicates) whatever
+        // becomes of the completes below. Counted at each complete, the events after a refused
+        // one were never counted, and their redelivery counts as duplicates.
         let now_ms = mongodb::bson::DateTime::now().timestamp_millis();
-        for ((msg, d), action) in msgs.iter().zip(decoded).zip(actions) {
+        for (d, action) in decoded.iter().zip(actions) {
+            if let Action::Complete { applied } = action {
+                count_written(*applied, d.as_ref().ok(), now_ms, &self.activity);
+            }
+        }
+        for (msg, action) in msgs.iter().zip(actions) {
             let r = match action {
-                Action::Complete { applied } => {
-                    count_completed(*applied, d.as_ref().ok(), now_ms, &self.activity);
-                    session.complete(msg).await
-                }
+                Action::Complete { .. } => session.complete(msg).await,
                 Action::DeadLetter {
                     reason,
                     description,
@@ -365,9 +370,9 @@ fn poison_message_id<M: Delivery>(msgs: &[M], actions: &[Action]) -> String {
         .unwrap_or_default()
 }
 
-/// Counts a completed message: applied (with its end-to-end lag when the event carries a
-/// time), or a duplicate.
-fn count_completed(applied: bool, event: Option<&Event>, now_ms: i64, activity: &Activity) {
+/// Counts a message the batch's write covered: applied (with its end-to-end lag when the
+/// event carries a time), or a duplicate.
+fn count_written(applied: bool, event: Option<&Event>, now_ms: i64, activity: &Activity) {
     if !applied {
         metrics::counter!(m::DUPLICATES).increment(1);
         return;

@@ -1152,6 +1152,20 @@ impl endpoint::Session for Session {
         payload: Payload,
         is_first: bool,
     ) -> Result<Option<SessionOutgoingItem>, Self::Error> {
+        // ordo patch (vendor/README.md): the peer detached this link and the session already
+        // answered its detach (`on_incoming_detach`) while the link's last transfer was on its
+        // way here. Written now, it would follow the detach, for a handle the peer no longer
+        // knows (a session error there); it is dropped, and its message is the link owner's to
+        // give back, as for any delivery unsettled when a link ends.
+        if !self.link_by_input_handle.contains_key(&input_handle)
+            || !self
+                .link_name_by_output_handle
+                .contains(transfer.handle.0 as usize)
+        {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(handle = ?transfer.handle, "transfer of a detached link dropped");
+            return Ok(None);
+        }
         // Check if remote-incoming-window is exhausted
         if self.remote_incoming_window == 0 {
             // exhausted
@@ -1215,6 +1229,12 @@ impl endpoint::Session for Session {
 
     /// The single outbound path for detach frames (see the trait doc).
     fn on_outgoing_detach(&mut self, detach: Detach, expects_echo: bool) -> Option<SessionFrame> {
+        // ordo patch (vendor/README.md): transfers of this link still waiting for the peer's
+        // incoming window would be written after its detach, for a handle the peer no longer
+        // knows (a session error there). They are dropped: never delivered, their messages are
+        // the link owner's to give back, as for any delivery unsettled when a link ends.
+        self.remote_incoming_window_exhausted_buffer
+            .retain(|(_, transfer, _, _)| transfer.handle != detach.handle);
         let deallocated = self.deallocate_link(detach.handle.clone().into());
         if expects_echo {
             // Only a detach the link sent itself will be answered by the

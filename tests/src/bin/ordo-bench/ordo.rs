@@ -92,6 +92,34 @@ pub(crate) async fn run_ordo(
     })
 }
 
+/// Where an incomplete row's events are: how many aggregates' read models caught up, the
+/// emulator's sessions that still hold messages, with their lock holders, and each entity's
+/// dead letters.
+async fn report_stuck(stack: &mut Stack) {
+    match stack.caught_up().await {
+        Ok((done, aggregates)) => {
+            eprintln!("bench: {done}/{aggregates} aggregates' read models caught up")
+        }
+        Err(e) => eprintln!("bench: read models not checked: {e:#}"),
+    }
+    let Ok(emulator) = stack.bus.emulator() else {
+        return;
+    };
+    for entity in emulator.stats().entities {
+        let waiting: Vec<_> = entity.sessions.iter().filter(|s| s.active > 0).collect();
+        if waiting.is_empty() && entity.dead_lettered == 0 {
+            continue;
+        }
+        eprintln!(
+            "bench: {}: {} active, {} locked, {} dead-lettered",
+            entity.path, entity.active, entity.locked, entity.dead_lettered
+        );
+        for s in waiting.iter().take(20) {
+            eprintln!("bench:   session {s:?}");
+        }
+    }
+}
+
 /// How far the projectors got.
 struct Applied {
     /// Events applied (the projectors' counter).
@@ -128,6 +156,7 @@ async fn wait_applied(
                 "bench: stopped waiting {}s after the last write: {applied}/{written} applied",
                 args.max_row_secs
             );
+            report_stuck(stack).await;
             return Ok(Applied {
                 applied,
                 complete: false,

@@ -2,7 +2,15 @@
 //! broker fails, hold readiness down, pass the [`BrokerGate`] one worker at a time, and retry
 //! with backoff. The broker probe's verdicts end accepts and connects that may hang.
 
-use super::*;
+use super::gate::PROBE_ACCEPT_WAIT;
+use super::{Counted, Engine};
+use ordo_core::metrics as m;
+use ordo_core::readiness::{dependency, Alarm};
+use ordo_core::servicebus::receiver::{Accepted, ReceiveError, SessionSource};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 impl Engine {
     /// The broker probe answers again after failing. Once an accept has been answered since

@@ -3,7 +3,16 @@
 
 use ordo_projection::ApplyError;
 
-use super::*;
+use super::session::Held;
+use super::{Applied, Engine, Event, WorkError};
+use crate::settle::{
+    Fault, Stop, REASON_DUPLICATE, REASON_GAP, REASON_PROJECTION, REASON_REFUSED, REASON_SOURCE,
+};
+use crate::store::{StoreError, Written};
+use mongodb::bson::Document;
+use ordo_core::metrics as m;
+use ordo_projection::{event_version, fold_events, selects, Gap, Projection, ReadModel};
+use std::collections::BTreeMap;
 
 impl Engine {
     /// Folds `events` into every relevant projection and writes each changed model once.

@@ -1,7 +1,21 @@
 //! One batch of a held session: receive → decide → settle, with the lock renewed while it
 //! runs; pausing for a fault that is not the events', and blocking the aggregate for one that is.
 
-use super::*;
+use super::message::{aggregate_of, block_record, decode};
+use super::session::{After, Held};
+use super::{Activity, Engine, Event, WorkError};
+use crate::settle::{
+    self, Action, Decision, Fault, Item, Outcome, Stop, REASON_BLOCKED, REASON_FOREIGN,
+};
+use crate::store::BlockRecord;
+use ordo_core::envelope::session_id;
+use ordo_core::metrics as m;
+use ordo_core::readiness::dependency;
+use ordo_core::retry::Retry;
+use ordo_core::servicebus::receiver::{Delivery, SessionReceiver};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 impl Engine {
     /// Runs `fut` while renewing the session lock every renewal interval. `None` when a renewal

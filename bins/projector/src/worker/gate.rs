@@ -1,6 +1,9 @@
 //! The broker gate: while Service Bus is down, one session worker at a time probes it.
 
-use super::*;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// While Service Bus is down, one worker at a time tries it, and sleeps its backoff before it
 /// lets the next one try; the others wait. Without it every session worker reconnected on its

@@ -1,6 +1,10 @@
 //! What a message says: its event, its aggregate, and the block record a poison one leaves.
 
-use super::*;
+use super::Event;
+use crate::settle::{Fault, Stop, REASON_DECODE, REASON_VERSION};
+use crate::store::BlockRecord;
+use ordo_core::envelope::{Envelope, HASHED_ID_PREFIX};
+use ordo_core::servicebus::receiver::Delivery;
 
 pub(super) fn decode<M: Delivery>(msg: &M) -> Result<Event, Fault> {
     let fault = |reason: &'static str, description: String| Fault {

@@ -33,35 +33,22 @@ mod gate;
 mod message;
 mod session;
 
-use gate::{BrokerGate, PROBE_ACCEPT_WAIT};
-use message::{aggregate_of, block_record, decode};
-use session::{After, Held};
+use gate::BrokerGate;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{
-    AtomicBool, AtomicU64,
-    Ordering::{Relaxed, SeqCst},
-};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mongodb::bson::Document;
-use tokio_util::sync::CancellationToken;
 
-use ordo_core::envelope::{session_id, Envelope, HASHED_ID_PREFIX};
-use ordo_core::metrics as m;
-use ordo_core::retry::{Backoff, Retry};
-use ordo_core::servicebus::receiver::{
-    Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
-};
-use ordo_projection::event_version;
-use ordo_projection::{fold_events, selects, Gap, Projection, ReadModel};
+use ordo_core::readiness::{self, dependency, Readiness};
+use ordo_core::retry::Backoff;
+use ordo_projection::Projection;
 
 use crate::config::ProjectorSection;
-use crate::settle::{self, Action, Decision, Fault, Item, Outcome, Stop};
-use crate::store::{BlockRecord, StoreError, Written};
+use crate::settle::Stop;
+use crate::store::StoreError;
 use crate::Store;
-use ordo_core::readiness::{self, dependency, Alarm, Readiness};
 
 pub use crate::settle::{
     REASON_BLOCKED, REASON_DECODE, REASON_DUPLICATE, REASON_FOREIGN, REASON_GAP, REASON_PROJECTION,

@@ -1,7 +1,13 @@
 //! One held session: read its state, receive batches and apply them until it is idle, its lock
 //! is lost, or shutdown, renewing the lock between steps.
 
-use super::*;
+use super::{Counted, Engine};
+use ordo_core::metrics as m;
+use ordo_core::servicebus::receiver::{ReceiveError, SessionReceiver};
+use ordo_projection::ReadModel;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// State of a held session.
 pub(super) struct Held {

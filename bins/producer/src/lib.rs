@@ -90,9 +90,12 @@ pub enum ProducerError {
     /// A task of the term failed or panicked.
     #[error(transparent)]
     Task(#[from] TaskFailed),
-    /// A checkpoint or lease document is malformed, or a save was refused for good.
-    #[error("state: {0}")]
-    State(String),
+    /// A lease document is malformed, or a lease operation failed for good.
+    #[error(transparent)]
+    Lease(#[from] ordo_core::lease::LeaseError),
+    /// A checkpoint document is malformed, or a save was refused for good.
+    #[error(transparent)]
+    Checkpoint(#[from] ordo_core::checkpoint::CheckpointError),
 }
 
 /// Runs the producer until SIGTERM/SIGINT.

@@ -118,7 +118,7 @@ impl Producer {
                 self.readiness.hold(&mut s.fault, dependency::MONGODB);
                 Ok(Polled::Wait(s.acquiring.next(lease_reason(&e), &e)))
             }
-            Attempt::Failed(e) => Err(ProducerError::State(e.to_string())),
+            Attempt::Failed(e) => Err(e.into()),
         }
     }
 
@@ -157,7 +157,7 @@ impl Producer {
                 self.readiness.hold(&mut s.fault, dependency::MONGODB);
                 Ok(Polled::Wait(s.claiming.next(checkpointer::reason(&e), &e)))
             }
-            Err(e) => Err(ProducerError::State(e.to_string())),
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -77,7 +77,7 @@ impl Producer {
                         return Ok(None);
                     }
                 }
-                Err(e) => return Err(ProducerError::State(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -118,7 +118,7 @@ impl Producer {
                         return Ok(FirstPosition::Cancelled);
                     }
                 }
-                Err(e) => return Err(ProducerError::State(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         }
     }

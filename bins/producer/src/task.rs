@@ -107,13 +107,13 @@ impl TermTasks {
                 Ok(Ok(LeaseEnd::Lost)) => Ended::Lost(None),
                 Ok(Ok(LeaseEnd::Expired(fault))) => Ended::Lost(Some(fault)),
                 Ok(Ok(LeaseEnd::Stopped(_))) => Ended::Failed(early(TaskKind::LeaseKeeper)),
-                Ok(Err(e)) => Ended::Failed(ProducerError::State(e.to_string())),
+                Ok(Err(e)) => Ended::Failed(e.into()),
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::LeaseKeeper, e).into()),
             }),
             r = &mut self.checkpointer => (TaskKind::Checkpointer, match r {
                 Ok(Ok(CheckpointerEnd::Fenced(_))) => Ended::Lost(None),
                 Ok(Ok(CheckpointerEnd::Stopped(_))) => Ended::Failed(early(TaskKind::Checkpointer)),
-                Ok(Err(e)) => Ended::Failed(ProducerError::State(format!("checkpoint: {e}"))),
+                Ok(Err(e)) => Ended::Failed(e.into()),
                 Err(e) => Ended::Failed(TaskFailed::joined(TaskKind::Checkpointer, e).into()),
             }),
             r = &mut self.publishers => (TaskKind::Publishers, match r {
@@ -168,13 +168,13 @@ pub(crate) fn early(kind: TaskKind) -> ProducerError {
 }
 
 /// A task's outcome at the end of a term: its value, or the term's error.
-pub(crate) fn joined<T, E: fmt::Display>(
+pub(crate) fn joined<T, E: Into<ProducerError>>(
     kind: TaskKind,
     r: Result<Result<T, E>, JoinError>,
 ) -> Result<T, ProducerError> {
     match r {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(ProducerError::State(e.to_string())),
+        Ok(Err(e)) => Err(e.into()),
         Err(e) => Err(TaskFailed::joined(kind, e).into()),
     }
 }
@@ -182,7 +182,7 @@ pub(crate) fn joined<T, E: fmt::Display>(
 /// Like [`joined`] for a task asked to stop, waiting at most `within`: a task in the middle of
 /// a database operation (a checkpoint save has no deadline of its own) can wait on a hung
 /// server for good. `Ok(None)` when it did not stop in time; it is aborted then.
-pub(crate) async fn stopped_within<T, E: fmt::Display>(
+pub(crate) async fn stopped_within<T, E: Into<ProducerError>>(
     kind: TaskKind,
     mut handle: JoinHandle<Result<T, E>>,
     within: std::time::Duration,

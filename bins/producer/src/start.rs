@@ -43,9 +43,9 @@ impl Producer {
         let mut retry = Retry::new("load_checkpoint", self.backoff);
         let mut fault = None;
         loop {
-            let loaded = tokio::select! {
-                loaded = self.checkpoints.load(&self.stream) => loaded,
-                _ = cancel.cancelled() => return Ok(None),
+            let load = self.checkpoints.load(&self.stream);
+            let Some(loaded) = cancel.run_until_cancelled(load).await else {
+                return Ok(None);
             };
             match loaded {
                 Ok(Some(cp)) => {
@@ -100,9 +100,9 @@ impl Producer {
         let mut retry = Retry::new("save_checkpoint", self.backoff);
         let mut fault = None;
         loop {
-            let saved = tokio::select! {
-                saved = self.checkpoints.save(&cp, epoch) => saved,
-                _ = cancel.cancelled() => return Ok(FirstPosition::Cancelled),
+            let save = self.checkpoints.save(&cp, epoch);
+            let Some(saved) = cancel.run_until_cancelled(save).await else {
+                return Ok(FirstPosition::Cancelled);
             };
             match saved {
                 Ok(()) => {

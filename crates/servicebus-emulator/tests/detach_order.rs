@@ -39,25 +39,11 @@ async fn body() {
 
     // Small frames: a delivery takes a few hundred transfer frames, so the detach lands while
     // the broker's link is still handing them over.
-    let namespace = ordo_servicebus_emulator::EmulatorConfig::default_ordo().namespace;
-    let url = format!(
-        "amqp://{}:{}",
-        emulator.address().ip(),
-        emulator.address().port()
-    );
     let mut connection = within(
         10,
-        fe2o3_amqp::Connection::builder()
-            .container_id("detach-order")
-            .max_frame_size(512)
-            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
-                username: namespace.key_name,
-                password: namespace.key,
-            })
-            .open(url.as_str()),
+        raw_connection_with(&emulator, "detach-order", Some(512)),
     )
-    .await
-    .unwrap();
+    .await;
     let mut session = within(10, Session::begin(&mut connection)).await.unwrap();
     let mut witness = receiver(&mut session, "w", CreditMode::default()).await;
 

@@ -226,14 +226,28 @@ pub fn bodies_and_counts(
 pub async fn raw_connection(
     emulator: &EmulatorHandle,
 ) -> fe2o3_amqp::connection::ConnectionHandle<()> {
+    raw_connection_with(emulator, "raw", None).await
+}
+
+/// [`raw_connection`] as container `container`, asking for frames of at most
+/// `max_frame_size` bytes when given.
+pub async fn raw_connection_with(
+    emulator: &EmulatorHandle,
+    container: &str,
+    max_frame_size: Option<u32>,
+) -> fe2o3_amqp::connection::ConnectionHandle<()> {
     let url = format!(
         "amqp://{}:{}",
         emulator.address().ip(),
         emulator.address().port()
     );
     let namespace = EmulatorConfig::default_ordo().namespace;
-    fe2o3_amqp::Connection::builder()
-        .container_id("raw")
+    let builder = fe2o3_amqp::Connection::builder().container_id(container);
+    let builder = match max_frame_size {
+        Some(n) => builder.max_frame_size(n),
+        None => builder,
+    };
+    builder
         .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
             username: namespace.key_name,
             password: namespace.key,

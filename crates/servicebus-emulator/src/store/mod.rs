@@ -24,7 +24,7 @@ mod settle;
 mod sweep;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -124,6 +124,12 @@ struct SessionLock {
 #[derive(Debug, Default)]
 pub(crate) struct Store {
     sessions: HashMap<Arc<str>, SessionQueue>,
+    /// Unlocked sessions with a message to hand out, by that message's sequence number: what
+    /// an accept of the next session picks from, without a scan of every session. At most one
+    /// entry per session ([`SessionQueue::indexed`]); kept by `session.rs`.
+    available: BTreeSet<(i64, Arc<str>)>,
+    /// Session locks by expiry, one entry per locked session; kept by `session.rs`.
+    lock_expiry: BTreeSet<(i64, Arc<str>)>,
     tokens: HashMap<u128, (Arc<str>, i64)>,
     deferred: BTreeMap<i64, Stored>,
     /// Lock tokens of deferred messages received by sequence number, to their sequence number.
@@ -309,7 +315,12 @@ impl Entity {
                 let store = &mut state.main;
                 store.next_ttl_check_ms = store.next_ttl_check_ms.min(stored.expires_ms);
                 store.len += 1;
-                store.sessions.entry(key).or_default().insert(stored);
+                let queue = store.sessions.entry(key.clone()).or_default();
+                let seq = stored.seq;
+                queue.insert(stored);
+                if queue.lock.is_none() && queue.first_available() == Some(seq) {
+                    store.offer(&key);
+                }
             }
         }
         if dlq_grew {

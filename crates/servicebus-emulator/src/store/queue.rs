@@ -17,6 +17,8 @@ pub(super) struct SessionQueue {
     pub(super) released: BTreeSet<i64>,
     pub(super) state: Option<Vec<u8>>,
     pub(super) lock: Option<SessionLock>,
+    /// The sequence number this session is filed under in `Store::available`, if it is.
+    pub(super) indexed: Option<i64>,
 }
 
 impl SessionQueue {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{
     settle::settle_in, AcquireError, Entity, EntitySettings, EntityState, Holder, LockError,
-    Release, SessionLock, SessionQueue,
+    Release, SessionLock, SessionQueue, Store,
 };
 
 impl Entity {
@@ -58,37 +58,33 @@ impl Entity {
         (Ok(self.grant(state, key, holder, now)), released)
     }
 
-    /// The unlocked session with the oldest available message; expired locks met on the way
-    /// are released first.
+    /// The unlocked session with the oldest available message; expired locks are released
+    /// first, so their sessions compete too.
     fn acquire_next(
         &self,
         state: &mut EntityState,
         holder: &Holder,
         now: i64,
     ) -> (Result<(Arc<str>, i64), AcquireError>, bool) {
-        let mut expired = Vec::new();
-        let mut best: Option<(i64, Arc<str>)> = None;
-        for (key, queue) in &state.main.sessions {
-            if let Some(lock) = &queue.lock {
-                if lock.until_ms > now {
-                    continue;
-                }
-                expired.push(key.clone());
-            }
-            if let Some(seq) = queue.first_available() {
-                if best.as_ref().is_none_or(|(b, _)| seq < *b) {
-                    best = Some((seq, key.clone()));
-                }
-            }
-        }
-        let released = !expired.is_empty();
-        for key in expired {
-            release_session_messages(state, &key, &self.settings, Release::Lost);
-        }
-        match best {
-            Some((_, key)) => (Ok(self.grant(state, key, holder, now)), released),
+        let released = self.release_expired_locks(state, now);
+        match state.main.next_available() {
+            Some(key) => (Ok(self.grant(state, key, holder, now)), released),
             None => (Err(AcquireError::NoneAvailable), released),
         }
+    }
+
+    /// Releases every session lock that expired by `now` (as lost: delivery count + 1);
+    /// whether there was one.
+    pub(super) fn release_expired_locks(&self, state: &mut EntityState, now: i64) -> bool {
+        let mut released = false;
+        while let Some((until, key)) = state.main.lock_expiry.first().cloned() {
+            if until > now {
+                break;
+            }
+            release_session_messages(state, &key, &self.settings, Release::Lost);
+            released = true;
+        }
+        released
     }
 
     fn grant(
@@ -99,11 +95,14 @@ impl Entity {
         now: i64,
     ) -> (Arc<str>, i64) {
         let until = now + self.settings.lock_ms;
-        let queue = state.main.sessions.entry(key.clone()).or_default();
+        let store = &mut state.main;
+        store.withdraw(&key);
+        let queue = store.sessions.entry(key.clone()).or_default();
         queue.lock = Some(SessionLock {
             holder: holder.clone(),
             until_ms: until,
         });
+        store.lock_expiry.insert((until, key.clone()));
         (key, until)
     }
 
@@ -116,17 +115,23 @@ impl Entity {
         now: i64,
     ) -> Result<i64, LockError> {
         let until = now + self.settings.lock_ms;
-        self.with_held_session(session, connection, link_name, now, |queue| {
-            if let Some(lock) = &mut queue.lock {
-                lock.until_ms = until;
+        let mut guard = self.lock();
+        let store = &mut guard.main;
+        let key = match store.sessions.get_key_value(session) {
+            Some((key, _)) => key.clone(),
+            None => return Err(LockError::SessionLockLost),
+        };
+        let queue = store.sessions.get_mut(&key).expect("present");
+        let lock = held_lock(queue, connection, link_name, now)?;
+        let before = std::mem::replace(&mut lock.until_ms, until);
+        for stored in queue.messages.values_mut() {
+            if let Some(l) = &mut stored.lock {
+                l.until_ms = until;
             }
-            for stored in queue.messages.values_mut() {
-                if let Some(l) = &mut stored.lock {
-                    l.until_ms = until;
-                }
-            }
-            until
-        })
+        }
+        store.lock_expiry.remove(&(before, key.clone()));
+        store.lock_expiry.insert((until, key));
+        Ok(until)
     }
 
     /// Session state; `None` when never set (the wire answer is then an empty binary).
@@ -208,7 +213,9 @@ pub(super) fn release_session_messages(
     let Some(queue) = state.main.sessions.get_mut(key) else {
         return;
     };
-    queue.lock = None;
+    if let Some(lock) = queue.lock.take() {
+        state.main.lock_expiry.remove(&(lock.until_ms, key.clone()));
+    }
     let tokens: Vec<u128> = queue
         .messages
         .values()
@@ -222,5 +229,290 @@ pub(super) fn release_session_messages(
             release.settle(),
             settings,
         );
+    }
+    state.main.offer(key);
+}
+
+/// The index behind "accept the next session": `available` holds every unlocked session with a
+/// message to hand out, under that message's sequence number, and `lock_expiry` every session
+/// lock under its expiry. A session enters `available` when a message arrives while it is
+/// unlocked and has nothing else to hand out (`Entity::enqueue`) and when its lock goes; it
+/// leaves when it is granted. An entry can go stale only when unlocked messages leave (time
+/// to live), which [`Store::next_available`] checks.
+impl Store {
+    /// Files `key` under its first available message if it is unlocked and has one.
+    pub(super) fn offer(&mut self, key: &Arc<str>) {
+        self.withdraw(key);
+        let Some(queue) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if queue.lock.is_some() {
+            return;
+        }
+        if let Some(seq) = queue.first_available() {
+            queue.indexed = Some(seq);
+            self.available.insert((seq, key.clone()));
+        }
+    }
+
+    /// Takes `key` out of `available`.
+    fn withdraw(&mut self, key: &Arc<str>) {
+        if let Some(seq) = self.sessions.get_mut(key).and_then(|q| q.indexed.take()) {
+            self.available.remove(&(seq, key.clone()));
+        }
+    }
+
+    /// The unlocked session with the oldest available message, taken out of `available`.
+    fn next_available(&mut self) -> Option<Arc<str>> {
+        while let Some((seq, key)) = self.available.pop_first() {
+            let Some(queue) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            queue.indexed = None;
+            if queue.lock.is_some() {
+                continue;
+            }
+            match queue.first_available() {
+                Some(first) if first == seq => return Some(key),
+                Some(_) => self.offer(&key),
+                None => {}
+            }
+        }
+        None
+    }
+
+    /// Forgets the sessions with nothing left: no message, no state, no lock.
+    pub(super) fn drop_idle_sessions(&mut self) {
+        let Store {
+            sessions,
+            available,
+            ..
+        } = self;
+        sessions.retain(|key, queue| {
+            if !queue.is_idle() {
+                return true;
+            }
+            if let Some(seq) = queue.indexed {
+                available.remove(&(seq, key.clone()));
+            }
+            false
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::super::{
+        Entity, EntitySettings, Holder, LinkId, Next, Part, Release, Settle, Stored,
+    };
+
+    const SESSIONS: u8 = 6;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Enqueue { session: u8, short_ttl: bool },
+        AcquireNext,
+        AcquireNamed(u8),
+        Take(usize),
+        Complete(usize),
+        Close { link: usize, lost: bool },
+        Renew(usize),
+        Advance(i64),
+        Sweep,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..SESSIONS, any::<bool>())
+                .prop_map(|(session, short_ttl)| Op::Enqueue { session, short_ttl }),
+            3 => Just(Op::AcquireNext),
+            1 => (0..SESSIONS).prop_map(Op::AcquireNamed),
+            3 => any::<usize>().prop_map(Op::Take),
+            2 => any::<usize>().prop_map(Op::Complete),
+            2 => (any::<usize>(), any::<bool>()).prop_map(|(link, lost)| Op::Close { link, lost }),
+            1 => any::<usize>().prop_map(Op::Renew),
+            2 => (1i64..80).prop_map(Op::Advance),
+            1 => Just(Op::Sweep),
+        ]
+    }
+
+    /// A receiver holding (or having held) a session: its link and the tokens it received.
+    struct Held {
+        holder: Holder,
+        session: Arc<str>,
+        tokens: Vec<u128>,
+    }
+
+    fn holder(link: LinkId) -> Holder {
+        Holder {
+            link,
+            connection: link,
+            link_name: Arc::from(format!("link-{link}")),
+            container: Arc::from("test"),
+        }
+    }
+
+    fn message(seq: i64, session: &str, expires_ms: i64) -> Stored {
+        let message = fe2o3_amqp_types::messaging::Message::builder()
+            .body(fe2o3_amqp_types::messaging::Body::Value(
+                fe2o3_amqp_types::messaging::AmqpValue(fe2o3_amqp_types::primitives::Value::Null),
+            ))
+            .build();
+        Stored::new(seq, Arc::new(message), 0, expires_ms, Arc::from(session))
+    }
+
+    /// What accepting the next session must grant, found by looking at every session: the one
+    /// whose oldest message available to a new holder is the oldest, counting the messages of
+    /// an expired lock as available (they go back first; no dead-lettering with this many
+    /// deliveries allowed).
+    fn expected_next(entity: &Entity, now: i64) -> Option<Arc<str>> {
+        let guard = entity.lock();
+        guard
+            .main
+            .sessions
+            .iter()
+            .filter_map(|(key, queue)| {
+                let first = match &queue.lock {
+                    Some(lock) if lock.until_ms > now => None,
+                    Some(_) => queue.messages.keys().next().copied(),
+                    None => queue.first_available(),
+                };
+                first.map(|seq| (seq, key.clone()))
+            })
+            .min()
+            .map(|(_, key)| key)
+    }
+
+    /// The index agrees with the sessions: every unlocked session with a message to hand out is
+    /// filed once, under its first available message (or a stale, earlier one after a time to
+    /// live ran out); every session lock is filed under its expiry.
+    fn check_index(entity: &Entity) -> Result<(), TestCaseError> {
+        let guard = entity.lock();
+        let store = &guard.main;
+        let filed = store
+            .sessions
+            .values()
+            .filter(|q| q.indexed.is_some())
+            .count();
+        prop_assert_eq!(store.available.len(), filed);
+        let locked = store.sessions.values().filter(|q| q.lock.is_some()).count();
+        prop_assert_eq!(store.lock_expiry.len(), locked);
+        for (key, queue) in &store.sessions {
+            if let Some(lock) = &queue.lock {
+                prop_assert!(store.lock_expiry.contains(&(lock.until_ms, key.clone())));
+            } else if let Some(first) = queue.first_available() {
+                let Some(seq) = queue.indexed else {
+                    return Err(TestCaseError::fail(format!(
+                        "{key} is available but not filed"
+                    )));
+                };
+                prop_assert!(
+                    seq <= first,
+                    "{key} filed under {seq}, after its first {first}"
+                );
+                prop_assert!(store.available.contains(&(seq, key.clone())));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// Whatever the interleaving of arrivals, accepts, receives, settlements, closes,
+        /// renewals, expiries and sweeps, accepting the next session grants what a scan of
+        /// every session would (the one with the oldest available message), and the index
+        /// behind it stays consistent.
+        #[test]
+        fn the_next_session_is_the_one_a_full_scan_finds(
+            ops in prop::collection::vec(op(), 1..250),
+        ) {
+            let entity = Entity::new(
+                "topic/Subscriptions/s".to_owned(),
+                EntitySettings {
+                    requires_session: true,
+                    lock_ms: 50,
+                    max_delivery_count: 1_000,
+                    dead_letter_on_expiry: false,
+                },
+            );
+            let (mut now, mut next_seq, mut next_link) = (1_000i64, 1i64, 1u64);
+            let mut held: Vec<Held> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Enqueue { session, short_ttl } => {
+                        let expires = if short_ttl { now + 30 } else { i64::MAX };
+                        entity.enqueue([message(next_seq, &format!("s{session}"), expires)]);
+                        next_seq += 1;
+                    }
+                    Op::AcquireNext => {
+                        let expected = expected_next(&entity, now);
+                        let h = holder(next_link);
+                        next_link += 1;
+                        let got = entity.acquire_session(None, &h, now).ok().map(|(k, _)| k);
+                        prop_assert_eq!(&got, &expected);
+                        if let Some(session) = got {
+                            held.push(Held { holder: h, session, tokens: Vec::new() });
+                        }
+                    }
+                    Op::AcquireNamed(session) => {
+                        let h = holder(next_link);
+                        next_link += 1;
+                        if let Ok((session, _)) =
+                            entity.acquire_session(Some(&format!("s{session}")), &h, now)
+                        {
+                            held.push(Held { holder: h, session, tokens: Vec::new() });
+                        }
+                    }
+                    Op::Take(i) if !held.is_empty() => {
+                        let n = held.len();
+                        let r = &mut held[i % n];
+                        let next = entity.next_delivery(
+                            Part::Main,
+                            Some(&r.session),
+                            r.holder.link,
+                            false,
+                            now,
+                        );
+                        if let Next::Deliver(d) = next {
+                            r.tokens.push(d.token);
+                        }
+                    }
+                    Op::Complete(i) if !held.is_empty() => {
+                        let n = held.len();
+                        if let Some(token) = held[i % n].tokens.pop() {
+                            entity.settle(Part::Main, token, Settle::Complete, now);
+                        }
+                    }
+                    Op::Close { link, lost } if !held.is_empty() => {
+                        let n = held.len();
+                        let r = held.swap_remove(link % n);
+                        let release = if lost { Release::Lost } else { Release::Closed };
+                        entity.release_link(
+                            Part::Main,
+                            r.tokens,
+                            Some(&r.session),
+                            r.holder.link,
+                            release,
+                        );
+                    }
+                    Op::Renew(i) if !held.is_empty() => {
+                        let r = &held[i % held.len()];
+                        let _ = entity.renew_session_lock(
+                            &r.session,
+                            r.holder.connection,
+                            Some(&r.holder.link_name),
+                            now,
+                        );
+                    }
+                    Op::Advance(ms) => now += ms,
+                    Op::Sweep => entity.sweep(now),
+                    _ => {}
+                }
+                check_index(&entity)?;
+            }
+        }
     }
 }

@@ -1,11 +1,9 @@
 //! Sweeping: expired session locks, message locks and time-to-live, checked periodically so
 //! they take effect without traffic on the entity.
 
-use std::sync::Arc;
-
 use super::{
-    dead_letter::expire, deferred::settle_deferred, session::release_session_messages,
-    settle::lose_lock, Entity, EntityState, Part, Release, Settle,
+    dead_letter::expire, deferred::settle_deferred, settle::lose_lock, Entity, EntityState, Part,
+    Settle,
 };
 
 /// Which stores gained available messages during a sweep, so their links are woken.
@@ -26,7 +24,7 @@ impl Entity {
             self.expire_deferred_locks(state, now, &mut grew);
             self.expire_message_locks(state, now, &mut grew);
             self.expire_messages(state, now, &mut grew);
-            state.main.sessions.retain(|_, q| !q.is_idle());
+            state.main.drop_idle_sessions();
             grew
         };
         if grew.main {
@@ -38,15 +36,7 @@ impl Entity {
     }
 
     fn expire_session_locks(&self, state: &mut EntityState, now: i64, grew: &mut Grew) {
-        let expired: Vec<Arc<str>> = state
-            .main
-            .sessions
-            .iter()
-            .filter(|(_, q)| q.lock.as_ref().is_some_and(|l| l.until_ms <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in expired {
-            release_session_messages(state, &key, &self.settings, Release::Lost);
+        if self.release_expired_locks(state, now) {
             grew.main = true;
             grew.dlq = true;
         }

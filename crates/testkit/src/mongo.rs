@@ -73,6 +73,11 @@ impl TestMongo {
         &self.uri
     }
 
+    /// The SecantusDB process this fixture started, while it runs (`None` on `MONGODB_URI`).
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().and_then(SecantusDb::pid)
+    }
+
     /// A client connected to the server.
     pub fn client(&self) -> &Client {
         &self.client

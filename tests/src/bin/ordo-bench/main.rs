@@ -131,6 +131,9 @@ pub(crate) struct Args {
     /// otherwise the Python server (slower; said in the output).
     #[arg(long, env = "ORDO_BENCH_SECANTUS_BIN")]
     secantus_bin: Option<PathBuf>,
+    /// The SecantusDB process started for the run (for its CPU use), when it was.
+    #[arg(skip)]
+    secantus_pid: Option<u32>,
     /// Where the JSON summary and the SVG chart go.
     #[arg(long, default_value = "target/ordo-bench")]
     out: PathBuf,
@@ -143,9 +146,10 @@ pub(crate) const CEILING_TOPIC: &str = "ordo-bench-ceiling";
 pub(crate) const TAP_SUBSCRIPTION: &str = "bench-tap";
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     // Before the runtime starts: this sets the variable the test kit reads.
     let server = ordo_testkit::bench::RustSecantus::start_if_available(args.secantus_bin.clone());
+    args.secantus_pid = server.as_ref().map(ordo_testkit::bench::RustSecantus::pid);
     let mongo_kind = if server.is_some() {
         "secantusd-rs"
     } else if std::env::var_os("ORDO_TEST_MONGODB_URI").is_some() {

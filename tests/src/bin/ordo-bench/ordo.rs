@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::ceilings::MongoCeilings;
 use crate::latency::{latency_json, InsertTimes, ReadModelWatch};
 use crate::load::{write_load, Load};
-use crate::processes::{processes_json, ConnectionSampler};
+use crate::processes::{processes_json, ConnectionSampler, MachineCpu};
 use crate::{Args, RowResult};
 
 pub(crate) async fn run_ordo(
@@ -40,11 +40,13 @@ pub(crate) async fn run_ordo(
     let times: InsertTimes = Arc::default();
     let watch = ReadModelWatch::start(stack, times.clone()).await?;
     let events = stack.db().collection::<Document>("events");
+    let machine = MachineCpu::start(stack.mongo.server_pid().or(args.secantus_pid));
     let started = Instant::now();
     let write = write_load(&events, load, usize::MAX, false, &times);
     let (written, write_done) = write.await?;
     let Applied { applied, complete } = wait_applied(stack, args, written, write_done).await?;
     let secs = started.elapsed().as_secs_f64();
+    let machine = machine.finish(secs);
     let connections = sampler.finish().await;
     let published = stack.metric(metrics::EVENTS_PUBLISHED).await;
     let duplicates = stack.metric(metrics::DUPLICATES).await;
@@ -81,6 +83,7 @@ pub(crate) async fn run_ordo(
         "latency_measured_as": "insert → the read model write (its lastUpdatedAt), for every event, from a change stream on the read-model collections",
         "end_to_end_lag_histogram_seconds": histogram,
         "processes": processes,
+        "machine": machine,
         "producer_cpu_ms_per_1000_events": producer_cpu.map(|c| c * 1e6),
         "producer_cpu_vs_bare_reader": producer_cpu.map(|c| c / ceilings.reader_cpu_per_event),
         "verified": verified,

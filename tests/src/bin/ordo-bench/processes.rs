@@ -81,6 +81,63 @@ impl ConnectionSampler {
     }
 }
 
+/// Busy and total jiffies of all CPUs since boot, from the first line of `/proc/stat`.
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = fields.iter().take(8).sum();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// How busy the whole machine was during a row, and what the stand-ins cost: this process
+/// (the embedded emulator, the load writer and the latency watch) and SecantusDB. On a small
+/// machine shared by everything, a row whose `busy_fraction` is near 1 is bound by the cores,
+/// not by a daemon.
+pub(crate) struct MachineCpu {
+    jiffies: Option<(u64, u64)>,
+    own: Option<f64>,
+    secantus: Option<(u32, f64)>,
+}
+
+impl MachineCpu {
+    pub(crate) fn start(secantus_pid: Option<u32>) -> Self {
+        let cpu = ordo_testkit::bench::cpu_seconds;
+        Self {
+            jiffies: machine_jiffies(),
+            own: cpu(std::process::id()),
+            secantus: secantus_pid.and_then(|pid| Some((pid, cpu(pid)?))),
+        }
+    }
+
+    pub(crate) fn finish(&self, seconds: f64) -> Value {
+        let cpu = ordo_testkit::bench::cpu_seconds;
+        let busy = match (self.jiffies, machine_jiffies()) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                Some((b1 - b0) as f64 / (t1 - t0) as f64)
+            }
+            _ => None,
+        };
+        let own = self.own.zip(cpu(std::process::id())).map(|(a, b)| b - a);
+        let secantus = self.secantus.and_then(|(pid, a)| Some(cpu(pid)? - a));
+        json!({
+            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "busy_fraction": busy,
+            "emulator_and_load_cpu_seconds": own,
+            "emulator_and_load_cores": own.map(|c| c / seconds),
+            "secantusdb_cpu_seconds": secantus,
+            "secantusdb_cores": secantus.map(|c| c / seconds),
+        })
+    }
+}
+
 /// One process's CPU and peak RSS, per 1,000 of the `events` its row handled.
 fn process_json(pid: u32, events: usize, connections: Option<usize>) -> Value {
     let cpu = ordo_testkit::bench::cpu_seconds(pid);
@@ -115,6 +172,19 @@ pub(crate) fn processes_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spinning_thread_shows_as_busy_jiffies() {
+        let (b0, t0) = machine_jiffies().expect("/proc/stat");
+        let until = std::time::Instant::now() + Duration::from_millis(300);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        let (b1, t1) = machine_jiffies().expect("/proc/stat");
+        // 300 ms of one core is about 30 jiffies at 100 Hz; other processes only add to it.
+        assert!(b1 - b0 >= 20, "busy {b0} -> {b1}");
+        assert!(b1 - b0 <= t1 - t0, "busy {} of {}", b1 - b0, t1 - t0);
+    }
 
     #[test]
     fn counts_only_this_process_established_connections_to_the_broker() {

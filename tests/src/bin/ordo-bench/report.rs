@@ -37,12 +37,12 @@ pub(crate) fn print_row(row: &Value) {
 
 pub(crate) fn print_table(rows: &[Value]) {
     println!(
-        "{:<14} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
-        "row", "ordo/s", "seed/s", "×seed", "sess/s", "p50 ms", "p95 ms", "p99 ms", "seed p99", "prodCPU", "projCPU", "RSS", "conns", "×guard", "prod×rd"
+        "{:<14} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>5}",
+        "row", "ordo/s", "seed/s", "×seed", "sess/s", "p50 ms", "p95 ms", "p99 ms", "seed p99", "prodCPU", "projCPU", "RSS", "conns", "×guard", "prod×rd", "busy"
     );
     for r in rows {
         println!(
-            "{:<14} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6}",
+            "{:<14} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>5}",
             r["row"].as_str().unwrap_or(""),
             fmt_opt(get_f(r, &["ordo", "events_per_s"]), 1.0, 0),
             fmt_opt(get_f(r, &["seed", "events_per_s"]), 1.0, 1),
@@ -58,9 +58,10 @@ pub(crate) fn print_table(rows: &[Value]) {
             fmt_opt(max_over_processes(r, "ordo", "amqp_connections", "ordo"), 1.0, 0),
             fmt_opt(get_f(r, &["ratios", "vs_guarded_update_ceiling"]), 1.0, 2),
             fmt_opt(get_f(r, &["ordo", "producer_cpu_vs_bare_reader"]), 1.0, 1),
+            fmt_opt(get_f(r, &["ordo", "machine", "busy_fraction"]), 100.0, 0),
         );
     }
-    println!("(ordo/s, seed/s: events applied per second; ×seed: ordo/seed; p50-p99: insert → read model, ordo; prodCPU/projCPU: CPU ms per 1,000 events, producer / busiest projector; RSS: largest peak MiB of an ordo process; conns: most AMQP connections of an ordo process; ×guard: ordo/guarded-update ceiling; prod×rd: producer CPU per event / bare change-stream reader's)");
+    println!("(ordo/s, seed/s: events applied per second; ×seed: ordo/seed; p50-p99: insert → read model, ordo; prodCPU/projCPU: CPU ms per 1,000 events, producer / busiest projector; RSS: largest peak MiB of an ordo process; conns: most AMQP connections of an ordo process; ×guard: ordo/guarded-update ceiling; prod×rd: producer CPU per event / bare change-stream reader's; busy: % of all cores busy during the ordo row, stand-ins included)");
 }
 
 /// The goals, checked against the rows of this run.

@@ -10,9 +10,9 @@ use ordo_core::config::{
 };
 use ordo_core::retry::Backoff;
 
-/// AMQP connections the senders share by default: 3 instead of one per sender (8), with the
-/// projectors' connections shared too, kept the churn and hot-aggregate rates in `ordo-bench`
-/// (docs/configuration.md).
+/// AMQP connections the senders share by default: 3 instead of one per sender (8 senders then),
+/// with the projectors' connections shared too, kept the churn and hot-aggregate rates in
+/// `ordo-bench` (docs/configuration.md).
 const DEFAULT_CONNECTIONS: usize = 3;
 
 /// The whole configuration file of `ordo-producer`.
@@ -135,7 +135,7 @@ impl Default for ProducerSection {
         Self {
             stream: None,
             start_at: "now".into(),
-            senders: 8,
+            senders: 64,
             connections: DEFAULT_CONNECTIONS,
             max_in_flight_messages: 5000,
             max_in_flight_bytes: 32 * 1024 * 1024,
@@ -239,7 +239,7 @@ fn check_start(p: &ProducerSection) -> Result<(), ConfigError> {
 
 /// Senders, connections and the in-flight and message size bounds.
 fn check_sending(p: &ProducerSection) -> Result<(), ConfigError> {
-    check_range("producer.senders", p.senders, 1, 64)?;
+    check_range("producer.senders", p.senders, 1, 256)?;
     check_range("producer.connections", p.connections, 1, 64)?;
     check_range(
         "producer.max_in_flight_messages",

@@ -125,7 +125,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 10_000)]
     ceiling_events: usize,
     /// Concurrent senders for the raw send ceiling (the producer's `senders` default).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 64)]
     senders: usize,
     /// The Rust SecantusDB server; default `.ordo/tools/bin/secantusd-rs` when present,
     /// otherwise the Python server (slower; said in the output).

@@ -137,7 +137,7 @@ impl Default for ProducerSection {
             start_at: "now".into(),
             senders: 64,
             connections: DEFAULT_CONNECTIONS,
-            max_in_flight_messages: 5000,
+            max_in_flight_messages: 2000,
             max_in_flight_bytes: 32 * 1024 * 1024,
             max_batch_messages: 100,
             max_message_bytes: 256 * 1024,

@@ -7,7 +7,7 @@
 //! the term with an error: saving nothing while publishing on would grow the replay of every
 //! restart without a sign.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mongodb::bson::DateTime;
@@ -32,7 +32,7 @@ pub struct Checkpointer {
     /// The prefix.
     pub acks: Acks,
     /// Wall time of the last saved checkpoint.
-    pub saved_wall: Arc<Mutex<Option<DateTime>>>,
+    pub saved_wall: Option<DateTime>,
     /// Events published before this term (from the loaded checkpoint); the saved count is this
     /// plus the events the tracker counted up to the saved position.
     pub published_before: u64,
@@ -132,7 +132,7 @@ impl Checkpointer {
         cp.events = self.published_before + events;
         match self.store.save(&cp, self.epoch).await {
             Ok(()) => {
-                *self.saved_wall.lock().expect("saved wall lock") = Some(position.wall_time);
+                self.saved_wall = Some(position.wall_time);
                 ::metrics::counter!(names::CHECKPOINTS_SAVED).increment(1);
                 tracing::debug!(stream = %self.stream, wall_time = %position.wall_time, "checkpoint saved");
                 Ok(Some(events))
@@ -178,7 +178,7 @@ impl Checkpointer {
     }
 
     fn age(&self) {
-        if let Some(wall) = *self.saved_wall.lock().expect("saved wall lock") {
+        if let Some(wall) = self.saved_wall {
             let age =
                 (DateTime::now().timestamp_millis() - wall.timestamp_millis()) as f64 / 1000.0;
             ::metrics::gauge!(names::CHECKPOINT_AGE).set(age.max(0.0));
@@ -256,7 +256,7 @@ mod tests {
                 stream: "s".into(),
                 epoch: 1,
                 acks: acks.clone(),
-                saved_wall: Arc::default(),
+                saved_wall: None,
                 published_before: 0,
                 every: 1000,
                 interval: Duration::from_millis(100),

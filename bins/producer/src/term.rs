@@ -51,7 +51,7 @@ struct Parts {
     parker: Parker,
     source: Source,
     /// Wall time of the last saved checkpoint.
-    saved_wall: Arc<Mutex<Option<DateTime>>>,
+    saved_wall: Option<DateTime>,
     /// Events published before this term.
     published_before: u64,
 }
@@ -130,7 +130,7 @@ impl Producer {
             dispatcher,
             parker,
             source,
-            saved_wall: Arc::new(Mutex::new(loaded.saved_wall)),
+            saved_wall: loaded.saved_wall,
             published_before: loaded.published_before,
         }
     }

@@ -13,12 +13,15 @@
 //! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
 //! - [`repair`]: the `repair` subcommand.
 //! - [`rebuild`]: the `rebuild` subcommand.
+//! - [`projections`]: loading the projections and the checks on them (names and collections
+//!   unique, none on the events collection or ordo's own).
 //! - this file: [`run`] (the daemon's tasks started, its heartbeat and blocked-aggregates
-//!   gauge, the events-index report, the drain), [`status`], [`load_projections`], [`open_store`].
+//!   gauge, the events-index report, the drain), [`status`], [`open_store`].
 
 pub mod cli;
 pub mod config;
 mod probes;
+pub mod projections;
 pub mod rebuild;
 pub mod reconcile;
 pub mod repair;
@@ -38,45 +41,12 @@ use ordo_core::servicebus::receiver::{ReceiveError, SessionConnections, SessionS
 use ordo_core::shutdown::{Drained, Shutdown};
 use ordo_core::status;
 use ordo_core::telemetry;
-use ordo_projection::{Projection, ProjectionsFile};
+use ordo_projection::Projection;
 
 pub use config::ProjectorConfig;
+pub use projections::{load_projections, load_projections_with};
 pub use store::Store;
 pub use worker::Engine;
-
-/// Loads and checks the declarative projections named by the configuration.
-pub fn load_projections(cfg: &ProjectorConfig) -> anyhow::Result<Vec<Arc<dyn Projection>>> {
-    load_projections_with(cfg, Vec::new())
-}
-
-/// The declarative projections of `projections_file` followed by `custom` ones written in
-/// Rust, checked as one set: at least one projection, names and collections unique, none on
-/// the events collection or ordo's own. With custom projections the file may define none.
-pub fn load_projections_with(
-    cfg: &ProjectorConfig,
-    custom: Vec<Arc<dyn Projection>>,
-) -> anyhow::Result<Vec<Arc<dyn Projection>>> {
-    let path = &cfg.projector.projections_file;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("projector.projections_file: cannot read {}", path.display()))?;
-    let compiled = ProjectionsFile::load_str(&text)
-        .with_context(|| format!("projections file {}", path.display()))?;
-    if compiled.is_empty() && custom.is_empty() {
-        anyhow::bail!("projections file {}: defines no projection", path.display());
-    }
-    let projections: Vec<Arc<dyn Projection>> = compiled
-        .into_iter()
-        .map(|p| Arc::new(p) as Arc<dyn Projection>)
-        .chain(custom)
-        .collect();
-    rebuild::check_projections(
-        &projections,
-        &cfg.mongodb.events_collection,
-        &cfg.projector.blocked_collection,
-    )
-    .with_context(|| format!("projections file {}", path.display()))?;
-    Ok(projections)
-}
 
 /// Connects to MongoDB and builds the store.
 pub async fn open_store(cfg: &ProjectorConfig) -> anyhow::Result<Store> {

@@ -36,71 +36,14 @@ use mongodb::Database;
 
 use ordo_projection::Projection;
 
+use crate::projections::forbidden_target;
 use crate::reconcile;
 use crate::repair::pick;
 use crate::store::{BlockRecord, REBUILD_STOPPED};
 use crate::Store;
 
-/// Prefix of ordo's own collections, which no projection may own.
-pub const ORDO_PREFIX: &str = "ordo_";
-
 /// Marks a shadow collection: `<collection>_rebuild_<epoch>`.
-const SHADOW_MARK: &str = "_rebuild_";
-
-/// Why a projection may not own `collection`, if it may not: the events collection (a rebuild
-/// would drop the source of truth), ordo's own collections, and shadow names.
-pub fn forbidden_target(
-    collection: &str,
-    events_collection: &str,
-    blocked_collection: &str,
-) -> Option<String> {
-    if collection == events_collection {
-        Some("is the events collection (mongodb.events_collection)".into())
-    } else if collection.starts_with(ORDO_PREFIX) || collection == blocked_collection {
-        Some("is one of ordo's own collections".into())
-    } else if collection.contains(SHADOW_MARK) {
-        Some(format!(
-            "contains {SHADOW_MARK:?}, which marks rebuild shadows"
-        ))
-    } else if collection.starts_with("system.") {
-        Some("is a system collection".into())
-    } else {
-        None
-    }
-}
-
-/// Checks every projection's collection at config load.
-pub fn check_projections(
-    projections: &[Arc<dyn Projection>],
-    events_collection: &str,
-    blocked_collection: &str,
-) -> anyhow::Result<()> {
-    let mut names = std::collections::BTreeSet::new();
-    let mut collections = std::collections::BTreeSet::new();
-    for p in projections {
-        if !names.insert(p.name()) {
-            anyhow::bail!(
-                "two projections are named {:?}; names must be unique",
-                p.name()
-            );
-        }
-        if !collections.insert(p.collection()) {
-            anyhow::bail!(
-                "projection {:?}: collection {:?} belongs to another projection; a projection must own a collection of its own",
-                p.name(),
-                p.collection()
-            );
-        }
-        if let Some(why) = forbidden_target(p.collection(), events_collection, blocked_collection) {
-            anyhow::bail!(
-                "projection {:?}: collection {:?} {why}; a projection must own a collection of its own",
-                p.name(),
-                p.collection()
-            );
-        }
-    }
-    Ok(())
-}
+pub(crate) const SHADOW_MARK: &str = "_rebuild_";
 
 /// What a rebuild did.
 #[derive(Debug, Clone)]

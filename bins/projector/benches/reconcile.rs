@@ -72,6 +72,33 @@ async fn bench(rust_server: bool) {
     );
     let db = mongo.database();
     let coll = db.collection::<mongodb::bson::Document>("events");
+    seed_events(&coll, aggregates).await;
+    let store = Store::new(db, "events", "ordo_blocked", EventFields::default());
+    let projections = projections();
+
+    let heal_all = reconcile(&store, &projections, true).await.expect("run 1");
+    line("full pass, every read model missing", events, &heal_all);
+    let clean = reconcile(&store, &projections, true).await.expect("run 2");
+    line("full pass, every read model current", events, &clean);
+
+    let touched = aggregates / 100;
+    let more = late_events(touched);
+    coll.insert_many(more).await.expect("insert more");
+    let incremental = reconcile(&store, &projections, false).await.expect("run 3");
+    line(
+        &format!("incremental, {touched} new events"),
+        events,
+        &incremental,
+    );
+    assert_eq!(heal_all.healed as usize, aggregates);
+    assert_eq!(clean.healed, 0);
+    assert_eq!(incremental.checked as usize, touched);
+    assert_eq!(incremental.healed as usize, touched);
+}
+
+/// The events collection with its unique index and `aggregates` aggregates of
+/// `PER_AGGREGATE` events each.
+async fn seed_events(coll: &mongodb::Collection<mongodb::bson::Document>, aggregates: usize) {
     coll.create_index(
         mongodb::IndexModel::builder()
             .keys(doc! { "aggregateId": 1, "eventId": 1 })
@@ -95,16 +122,11 @@ async fn bench(rust_server: bool) {
         all.len(),
         all.len() as f64 / took
     );
-    let store = Store::new(db, "events", "ordo_blocked", EventFields::default());
-    let projections = projections();
+}
 
-    let heal_all = reconcile(&store, &projections, true).await.expect("run 1");
-    line("full pass, every read model missing", events, &heal_all);
-    let clean = reconcile(&store, &projections, true).await.expect("run 2");
-    line("full pass, every read model current", events, &clean);
-
-    let touched = aggregates / 100;
-    let more: Vec<_> = (0..touched)
+/// One new event for every hundredth aggregate, for the incremental pass to find.
+fn late_events(touched: usize) -> Vec<mongodb::bson::Document> {
+    (0..touched)
         .map(|i| {
             let id = format!("b-{}", i * 100);
             if i * 100 % 2 == 0 {
@@ -125,16 +147,5 @@ async fn bench(rust_server: bool) {
                 )
             }
         })
-        .collect();
-    coll.insert_many(more).await.expect("insert more");
-    let incremental = reconcile(&store, &projections, false).await.expect("run 3");
-    line(
-        &format!("incremental, {touched} new events"),
-        events,
-        &incremental,
-    );
-    assert_eq!(heal_all.healed as usize, aggregates);
-    assert_eq!(clean.healed, 0);
-    assert_eq!(incremental.checked as usize, touched);
-    assert_eq!(incremental.healed as usize, touched);
+        .collect()
 }

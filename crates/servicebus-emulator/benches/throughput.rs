@@ -57,15 +57,42 @@ async fn client(cs: &str) -> ServiceBusClient<azservicebus::core::BasicRetryPoli
 }
 
 async fn bench() {
-    let emulator = start().await;
+    let emulator = Arc::new(start().await);
     let cs = emulator.connection_string();
     let total = SESSIONS * PER_SESSION;
-    let body = vec![b'x'; BODY_BYTES];
 
-    // Send: each sender task owns a client and a slice of the sessions.
+    let send_secs = send_all(&cs).await;
+    println!(
+        "send: {total} messages of {BODY_BYTES} B in {send_secs:.2}s = {:.0} msg/s ({SENDERS} senders, batches of up to {PER_SESSION} per session)",
+        total as f64 / send_secs
+    );
+
+    let received = Arc::new(AtomicUsize::new(0));
+    let watchdog = tokio::spawn(exit_when_stalled(received.clone(), emulator.clone()));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..RECEIVERS)
+        .map(|_| tokio::spawn(receive_until(cs.clone(), received.clone(), total)))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let recv_secs = started.elapsed().as_secs_f64();
+    watchdog.abort();
+    let _ = watchdog.await;
+    println!(
+        "receive+complete: {total} messages in {recv_secs:.2}s = {:.0} msg/s ({RECEIVERS} session receivers)",
+        total as f64 / recv_secs
+    );
+    Arc::try_unwrap(emulator).unwrap().shutdown().await;
+}
+
+/// Sends every session's messages, one batch per session, each sender task owning a client and
+/// a slice of the sessions; the seconds it took.
+async fn send_all(cs: &str) -> f64 {
+    let body = vec![b'x'; BODY_BYTES];
     let mut senders = Vec::new();
     for s in 0..SENDERS {
-        let mut c = client(&cs).await;
+        let mut c = client(cs).await;
         let sender = c
             .create_sender(TOPIC, ServiceBusSenderOptions::default())
             .await
@@ -97,88 +124,60 @@ async fn bench() {
     for t in tasks {
         t.await.unwrap();
     }
-    let send_secs = started.elapsed().as_secs_f64();
-    println!(
-        "send: {total} messages of {BODY_BYTES} B in {send_secs:.2}s = {:.0} msg/s ({SENDERS} senders, batches of up to {PER_SESSION} per session)",
-        total as f64 / send_secs
-    );
+    started.elapsed().as_secs_f64()
+}
 
-    // Receive: session receivers accept sessions until everything is completed.
-    let received = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..RECEIVERS {
-        let cs = cs.clone();
-        let received = received.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut c = client(&cs).await;
-            while received.load(Ordering::Relaxed) < total {
-                let accepted = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    c.accept_next_session_for_subscription(
-                        TOPIC,
-                        SUBSCRIPTION,
-                        ServiceBusSessionReceiverOptions {
-                            prefetch_count: PER_SESSION as u32,
-                            ..Default::default()
-                        },
-                    ),
-                )
-                .await;
-                let Ok(Ok(mut receiver)) = accepted else {
-                    continue;
-                };
-                loop {
-                    let batch = receiver
-                        .receive_messages_with_max_wait_time(
-                            PER_SESSION as u32,
-                            Some(Duration::from_millis(100)),
-                        )
-                        .await
-                        .unwrap();
-                    if batch.is_empty() {
-                        break;
-                    }
-                    for m in &batch {
-                        receiver.complete_message(m).await.unwrap();
-                    }
-                    received.fetch_add(batch.len(), Ordering::Relaxed);
-                }
-                let _ = receiver.dispose().await;
-            }
-        }));
-    }
-    // Report (instead of hanging) when receiving stalls.
-    let watchdog = {
-        let received = received.clone();
-        let stats = std::sync::Arc::new(emulator);
-        let s2 = stats.clone();
-        (
-            tokio::spawn(async move {
-                let mut last = 0;
-                loop {
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    let now = received.load(Ordering::Relaxed);
-                    if now == last {
-                        eprintln!("stalled at {now}: {:?}", s2.stats().entities);
-                        std::process::exit(1);
-                    }
-                    last = now;
-                }
-            }),
-            stats,
+/// One session receiver: accepts sessions and completes their messages until `received`
+/// reaches `total`.
+async fn receive_until(cs: String, received: Arc<AtomicUsize>, total: usize) {
+    let mut c = client(&cs).await;
+    while received.load(Ordering::Relaxed) < total {
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(2),
+            c.accept_next_session_for_subscription(
+                TOPIC,
+                SUBSCRIPTION,
+                ServiceBusSessionReceiverOptions {
+                    prefetch_count: PER_SESSION as u32,
+                    ..Default::default()
+                },
+            ),
         )
-    };
-    for t in tasks {
-        t.await.unwrap();
+        .await;
+        let Ok(Ok(mut receiver)) = accepted else {
+            continue;
+        };
+        loop {
+            let batch = receiver
+                .receive_messages_with_max_wait_time(
+                    PER_SESSION as u32,
+                    Some(Duration::from_millis(100)),
+                )
+                .await
+                .unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for m in &batch {
+                receiver.complete_message(m).await.unwrap();
+            }
+            received.fetch_add(batch.len(), Ordering::Relaxed);
+        }
+        let _ = receiver.dispose().await;
     }
-    watchdog.0.abort();
-    let _ = watchdog.0.await;
-    let emulator = std::sync::Arc::try_unwrap(watchdog.1).unwrap();
-    let recv_secs = started.elapsed().as_secs_f64();
-    println!(
-        "receive+complete: {total} messages in {recv_secs:.2}s = {:.0} msg/s ({RECEIVERS} session receivers)",
-        total as f64 / recv_secs
-    );
-    emulator.shutdown().await;
+}
+
+/// Reports the emulator's entities and exits (instead of hanging) when nothing is received
+/// for 10 s.
+async fn exit_when_stalled(received: Arc<AtomicUsize>, emulator: Arc<EmulatorHandle>) {
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let now = received.load(Ordering::Relaxed);
+        if now == last {
+            eprintln!("stalled at {now}: {:?}", emulator.stats().entities);
+            std::process::exit(1);
+        }
+        last = now;
+    }
 }

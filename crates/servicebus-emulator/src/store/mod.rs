@@ -316,9 +316,8 @@ impl Entity {
                 store.next_ttl_check_ms = store.next_ttl_check_ms.min(stored.expires_ms);
                 store.len += 1;
                 let queue = store.sessions.entry(key.clone()).or_default();
-                let seq = stored.seq;
                 queue.insert(stored);
-                if queue.lock.is_none() && queue.first_available() == Some(seq) {
+                if queue.indexed.is_none() {
                     store.offer(&key);
                 }
             }

@@ -115,23 +115,19 @@ impl Entity {
         now: i64,
     ) -> Result<i64, LockError> {
         let until = now + self.settings.lock_ms;
-        let mut guard = self.lock();
-        let store = &mut guard.main;
-        let key = match store.sessions.get_key_value(session) {
-            Some((key, _)) => key.clone(),
-            None => return Err(LockError::SessionLockLost),
-        };
-        let queue = store.sessions.get_mut(&key).expect("present");
-        let lock = held_lock(queue, connection, link_name, now)?;
-        let before = std::mem::replace(&mut lock.until_ms, until);
-        for stored in queue.messages.values_mut() {
-            if let Some(l) = &mut stored.lock {
-                l.until_ms = until;
+        self.with_held_key(session, connection, link_name, now, |store, key| {
+            let queue = store.sessions.get_mut(key).expect("held");
+            let lock = queue.lock.as_mut().expect("held");
+            let before = std::mem::replace(&mut lock.until_ms, until);
+            for stored in queue.messages.values_mut() {
+                if let Some(l) = &mut stored.lock {
+                    l.until_ms = until;
+                }
             }
-        }
-        store.lock_expiry.remove(&(before, key.clone()));
-        store.lock_expiry.insert((until, key));
-        Ok(until)
+            store.lock_expiry.remove(&(before, key.clone()));
+            store.lock_expiry.insert((until, key.clone()));
+            until
+        })
     }
 
     /// Session state; `None` when never set (the wire answer is then an empty binary).
@@ -171,14 +167,30 @@ impl Entity {
         now: i64,
         f: impl FnOnce(&mut SessionQueue) -> T,
     ) -> Result<T, LockError> {
+        self.with_held_key(session, connection, link_name, now, |store, key| {
+            f(store.sessions.get_mut(key).expect("held"))
+        })
+    }
+
+    /// [`Self::with_held_session`] for what needs the whole store (the lock index) and the
+    /// session's key.
+    fn with_held_key<T>(
+        &self,
+        session: &str,
+        connection: u64,
+        link_name: Option<&str>,
+        now: i64,
+        f: impl FnOnce(&mut Store, &Arc<str>) -> T,
+    ) -> Result<T, LockError> {
         let mut guard = self.lock();
-        let queue = guard
-            .main
-            .sessions
-            .get_mut(session)
-            .ok_or(LockError::SessionLockLost)?;
+        let store = &mut guard.main;
+        let key = match store.sessions.get_key_value(session) {
+            Some((key, _)) => key.clone(),
+            None => return Err(LockError::SessionLockLost),
+        };
+        let queue = store.sessions.get_mut(&key).expect("present");
         held_lock(queue, connection, link_name, now)?;
-        Ok(f(queue))
+        Ok(f(store, &key))
     }
 }
 
@@ -236,7 +248,7 @@ pub(super) fn release_session_messages(
 /// The index behind "accept the next session": `available` holds every unlocked session with a
 /// message to hand out, under that message's sequence number, and `lock_expiry` every session
 /// lock under its expiry. A session enters `available` when a message arrives while it is
-/// unlocked and has nothing else to hand out (`Entity::enqueue`) and when its lock goes; it
+/// unlocked and not filed yet (`Entity::enqueue`) and when its lock goes; it
 /// leaves when it is granted. An entry can go stale only when unlocked messages leave (time
 /// to live), which [`Store::next_available`] checks.
 impl Store {

@@ -33,6 +33,8 @@ pub struct EntityStats {
     pub deferred: usize,
     /// Messages in the dead-letter queue.
     pub dead_lettered: usize,
+    /// Accept-next-session receivers waiting at the entity for a session to become available.
+    pub waiting_accepts: usize,
     /// Sessions that have messages, state or a lock holder, sorted by id.
     pub sessions: Vec<SessionStats>,
 }

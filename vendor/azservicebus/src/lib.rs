@@ -227,7 +227,7 @@ pub mod prelude {
     //! Re-exports
 
     cfg_either_rustls_or_native_tls! {
-        pub use crate::client::service_bus_client::{ServiceBusClient, ServiceBusClientOptions};
+        pub use crate::client::service_bus_client::{ServiceBusClient, ServiceBusClientOptions, ServiceBusSessionAcceptor};
         pub use crate::rule_manager::service_bus_rule_manager::ServiceBusRuleManager;
         pub use crate::sender::service_bus_sender::{ServiceBusSender, ServiceBusSenderOptions};
         pub use crate::receiver::service_bus_receiver::{ServiceBusReceiver, ServiceBusReceiverOptions};

@@ -31,6 +31,9 @@ impl Entity {
             locked,
             deferred: guard.main.deferred.len(),
             dead_lettered: guard.dlq.len,
+            waiting_accepts: self
+                .waiting_accepts
+                .load(std::sync::atomic::Ordering::Relaxed),
             sessions,
         }
     }

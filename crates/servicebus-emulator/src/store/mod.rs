@@ -233,6 +233,8 @@ pub(crate) struct Entity {
     pub notify: Notify,
     /// Woken when the dead-letter queue gains available messages.
     pub dlq_notify: Notify,
+    /// Accept-next-session receivers parked here, waiting for a session to become available.
+    pub waiting_accepts: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -274,6 +276,7 @@ impl Entity {
             state: Mutex::new(EntityState::default()),
             notify: Notify::new(),
             dlq_notify: Notify::new(),
+            waiting_accepts: Default::default(),
         }
     }
 

@@ -29,6 +29,28 @@ pub(crate) enum Command {
     RemoveAuthorizationRefresher(LinkIdentifier),
 }
 
+impl Command {
+    /// ordo patch (vendor/README.md): the command `AmqpCbsLinkHandle::request_refreshable_authorization`
+    /// sends, for a caller that holds only the command sender.
+    pub(crate) fn new_authorization_refresher(
+        link_identifier: LinkIdentifier,
+        endpoint: String,
+        resource: String,
+        required_claims: Vec<String>,
+        result_sender: oneshot::Sender<Result<(), CbsAuthError>>,
+    ) -> Self {
+        Command::NewAuthorizationRefresher {
+            auth: AuthorizationRefresher {
+                link_identifier,
+                endpoint,
+                resource,
+                required_claims,
+            },
+            result_sender,
+        }
+    }
+}
+
 pub(crate) enum Refresher {
     /// This is a placeholder that is only used to avoid spinning the runtime when the
     /// delay queue is exhausted.

@@ -81,6 +81,113 @@ impl<RP> AmqpClient<RP> {
     }
 }
 
+impl<RP> AmqpClient<RP> {
+    /// ordo patch (vendor/README.md): a handle that accepts sessions on this client's
+    /// connection through `&self`.
+    pub(crate) fn session_acceptor(&self) -> AmqpSessionAcceptor<RP> {
+        AmqpSessionAcceptor {
+            service_endpoint: self.service_endpoint.clone(),
+            connection_scope: self.connection_scope.clone(),
+            retry_policy: PhantomData,
+        }
+    }
+}
+
+/// ordo patch (vendor/README.md): opens session receivers on a client's connection, each on an
+/// AMQP session of its own, holding the connection scope only to begin that session. Accepts
+/// on one connection then run side by side instead of one at a time: an accept-next-session
+/// can wait at the broker for up to its timeout, and every accept costs round trips (two CBS
+/// requests, three attaches) that used to hold the whole connection.
+#[derive(Debug)]
+pub struct AmqpSessionAcceptor<RP> {
+    service_endpoint: Arc<Url>,
+    connection_scope: Arc<Mutex<AmqpConnectionScope>>,
+    retry_policy: PhantomData<RP>,
+}
+
+impl<RP> Clone for AmqpSessionAcceptor<RP> {
+    fn clone(&self) -> Self {
+        Self {
+            service_endpoint: self.service_endpoint.clone(),
+            connection_scope: self.connection_scope.clone(),
+            retry_policy: PhantomData,
+        }
+    }
+}
+
+impl<RP> AmqpSessionAcceptor<RP>
+where
+    RP: ServiceBusRetryPolicyExt + Send + Sync + 'static,
+{
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn create_session_receiver(
+        &self,
+        entity_path: String,
+        identifier: String,
+        retry_options: ServiceBusRetryOptions,
+        receive_mode: ServiceBusReceiveMode,
+        session_id: Option<String>,
+        prefetch_count: u32,
+        accept_timeout: Option<std::time::Duration>,
+    ) -> Result<AmqpSessionReceiver, OpenReceiverError> {
+        let (mut link_session, context) = self
+            .connection_scope
+            .lock()
+            .await
+            .begin_link_session()
+            .await?;
+        let (link_identifier, receiver, cbs_command_sender) = context
+            .open_receiver_link(
+                &mut link_session,
+                &self.service_endpoint,
+                &entity_path,
+                &identifier,
+                &receive_mode,
+                ReceiverType::Session {
+                    session_id,
+                    accept_timeout,
+                },
+                prefetch_count,
+            )
+            .await?;
+        let management_link = match context
+            .open_management_link(&mut link_session, &self.service_endpoint, &entity_path)
+            .await
+        {
+            Ok(link) => link,
+            Err(err) => {
+                // The receiver's token refresher would outlive the link on a live connection.
+                let _ = cbs_command_sender
+                    .send(super::amqp_cbs_link::Command::RemoveAuthorizationRefresher(
+                        link_identifier,
+                    ))
+                    .await;
+                return Err(err.into());
+            }
+        };
+        let retry_policy = RP::from(retry_options);
+        let inner = AmqpReceiver {
+            id: link_identifier,
+            service_endpoint: self.service_endpoint.clone(),
+            entity_path,
+            identifier_str: identifier,
+            retry_policy: Box::new(retry_policy) as Box<dyn ServiceBusRetryPolicy>,
+            receiver,
+            receive_mode,
+            _is_processor: false,
+            prefetch_count,
+            management_link,
+            request_response_locked_messages: Default::default(),
+            last_peeked_sequence_number: DEFAULT_LAST_PEEKED_SEQUENCE_NUMBER,
+            cbs_command_sender,
+            connection_scope: self.connection_scope.clone(),
+            link_session: Some(link_session),
+        };
+
+        Ok(AmqpSessionReceiver { inner })
+    }
+}
+
 impl<RP> Sealed for AmqpClient<RP> {}
 
 impl<RP> TransportClient for AmqpClient<RP>
@@ -218,6 +325,7 @@ where
             last_peeked_sequence_number: DEFAULT_LAST_PEEKED_SEQUENCE_NUMBER,
             cbs_command_sender,
             connection_scope: self.connection_scope.clone(),
+            link_session: None,
         })
     }
 
@@ -231,42 +339,17 @@ where
         prefetch_count: u32,
         accept_timeout: Option<std::time::Duration>, // ordo patch (vendor/README.md)
     ) -> Result<Self::SessionReceiver, Self::CreateReceiverError> {
-        let mut connection_scope = self.connection_scope.lock().await;
-        let (link_identifier, receiver, cbs_command_sender) = connection_scope
-            .open_receiver_link(
-                &self.service_endpoint,
-                &entity_path,
-                &identifier,
-                &receive_mode,
-                ReceiverType::Session {
-                    session_id,
-                    accept_timeout,
-                },
+        self.session_acceptor()
+            .create_session_receiver(
+                entity_path,
+                identifier,
+                retry_options,
+                receive_mode,
+                session_id,
                 prefetch_count,
+                accept_timeout,
             )
-            .await?;
-        let management_link = connection_scope
-            .open_management_link(&self.service_endpoint, &entity_path, &identifier)
-            .await?;
-        let retry_policy = RP::from(retry_options);
-        let inner = AmqpReceiver {
-            id: link_identifier,
-            service_endpoint: self.service_endpoint.clone(),
-            entity_path,
-            identifier_str: identifier,
-            retry_policy: Box::new(retry_policy) as Box<dyn ServiceBusRetryPolicy>,
-            receiver,
-            receive_mode,
-            _is_processor: false,
-            prefetch_count,
-            management_link,
-            request_response_locked_messages: Default::default(),
-            last_peeked_sequence_number: DEFAULT_LAST_PEEKED_SEQUENCE_NUMBER,
-            cbs_command_sender,
-            connection_scope: self.connection_scope.clone(),
-        };
-
-        Ok(AmqpSessionReceiver { inner })
+            .await
     }
 
     async fn create_rule_manager(

@@ -253,6 +253,35 @@ impl AmqpConnectionScope {
         Ok(())
     }
 
+    /// ordo patch (vendor/README.md): what opening a link needs from the scope, so that a
+    /// session receiver's round trips run without holding it.
+    fn link_context(&self) -> LinkContext {
+        LinkContext {
+            scope_id: self.id.clone(),
+            connection_identifier: self.connection.identifier,
+            cbs_command_sender: self.cbs_link.command_sender().clone(),
+        }
+    }
+
+    /// ordo patch (vendor/README.md): begins an AMQP session of its own for a session
+    /// receiver's links, as Microsoft's SDKs begin one per link. Only this round trip needs
+    /// the scope; the CBS requests and the attaches that follow run on the returned context
+    /// and session, so the accepts of one connection no longer wait for each other.
+    pub(crate) async fn begin_link_session(
+        &mut self,
+    ) -> Result<(AmqpSession, LinkContext), OpenReceiverError> {
+        if self.is_disposed {
+            return Err(OpenReceiverError::ConnectionScopeDisposed);
+        }
+        let handle = Self::begin_session(&mut self.connection.handle)
+            .await
+            .map_err(|err| match err {
+                AmqpConnectionScopeError::Begin(err) => OpenReceiverError::Begin(err),
+                _ => OpenReceiverError::ConnectionScopeDisposed,
+            })?;
+        Ok((AmqpSession::new(handle), self.link_context()))
+    }
+
     pub(crate) async fn open_management_link(
         &mut self,
         service_endpoint: &Url,
@@ -262,41 +291,10 @@ impl AmqpConnectionScope {
         if self.is_disposed {
             return Err(OpenMgmtLinkError::ConnectionScopeDisposed);
         }
-
-        // TODO: customize mgmt-link properties?
-        let entity_path = format!("{}/{}", entity_path, MANAGEMENT_ADDRESS);
-
-        let required_claims = vec![
-            service_bus_claim::MANAGE.to_string(),
-            service_bus_claim::LISTEN.to_string(),
-            service_bus_claim::SEND.to_string(),
-        ];
-        let endpoint = entity_name_formatter::format_endpoint(service_endpoint, &entity_path);
-        let resource = endpoint.clone();
-        let link_identifier = LINK_IDENTIFIER.fetch_add(1, Ordering::Relaxed);
-        self.request_refreshable_authorization_using_cbs(
-            link_identifier,
-            endpoint,
-            resource,
-            required_claims,
-        )
-        .await?;
-
-        let link_name = format!(
-            "{};{}:{}:{}",
-            self.id, self.connection.identifier, self.session.identifier, link_identifier
-        );
-        let mgmt_link = MgmtClient::builder()
-            .client_node_addr(link_name)
-            .management_node_address(entity_path)
-            .attach(&mut self.session.handle)
-            .await?;
-        let mgmt_link = AmqpManagementLink::new(
-            link_identifier,
-            mgmt_link,
-            self.cbs_link.command_sender().clone(),
-        );
-        Ok(mgmt_link)
+        let context = self.link_context();
+        context
+            .open_management_link(&mut self.session, service_endpoint, entity_path)
+            .await
     }
 
     pub(crate) async fn open_sender_link(
@@ -349,6 +347,8 @@ impl AmqpConnectionScope {
     ///
     /// `session_id` takes a String because it will be encoded as a `Value::String` in the
     /// filter set.
+
+    /// Open a receiver link to the service bus.
     pub(crate) async fn open_receiver_link(
         &mut self,
         service_endpoint: &Url,
@@ -368,7 +368,117 @@ impl AmqpConnectionScope {
         if self.is_disposed {
             return Err(OpenReceiverError::ConnectionScopeDisposed);
         }
+        let context = self.link_context();
+        context
+            .open_receiver_link(
+                &mut self.session,
+                service_endpoint,
+                entity_path,
+                identifier,
+                receive_mode,
+                receiver_type,
+                prefetch_count,
+            )
+            .await
+    }
+}
 
+/// ordo patch (vendor/README.md): the parts of a connection scope that opening a link uses,
+/// cloned out of it, so links can be opened on an AMQP session of their own while the scope is
+/// free for others.
+#[derive(Clone)]
+pub(crate) struct LinkContext {
+    scope_id: String,
+    connection_identifier: u32,
+    cbs_command_sender: mpsc::Sender<amqp_cbs_link::Command>,
+}
+
+impl LinkContext {
+    async fn authorize(
+        &self,
+        link_identifier: u32,
+        endpoint: String,
+        resource: String,
+        required_claims: Vec<String>,
+    ) -> Result<(), CbsAuthError> {
+        use fe2o3_amqp::link::LinkStateError;
+        use fe2o3_amqp_management::error::Error as ManagementError;
+
+        let stopped = || ManagementError::Send(LinkStateError::IllegalSessionState.into());
+        let (result_sender, result) = tokio::sync::oneshot::channel();
+        let command = amqp_cbs_link::Command::new_authorization_refresher(
+            link_identifier,
+            endpoint,
+            resource,
+            required_claims,
+            result_sender,
+        );
+        self.cbs_command_sender
+            .send(command)
+            .await
+            .map_err(|_| stopped())?;
+        result.await.map_err(|_| stopped())?
+    }
+
+    pub(crate) async fn open_management_link(
+        &self,
+        session: &mut AmqpSession,
+        service_endpoint: &Url,
+        entity_path: &str,
+    ) -> Result<AmqpManagementLink, OpenMgmtLinkError> {
+        // TODO: customize mgmt-link properties?
+        let entity_path = format!("{}/{}", entity_path, MANAGEMENT_ADDRESS);
+
+        let required_claims = vec![
+            service_bus_claim::MANAGE.to_string(),
+            service_bus_claim::LISTEN.to_string(),
+            service_bus_claim::SEND.to_string(),
+        ];
+        let endpoint = entity_name_formatter::format_endpoint(service_endpoint, &entity_path);
+        let resource = endpoint.clone();
+        let link_identifier = LINK_IDENTIFIER.fetch_add(1, Ordering::Relaxed);
+        self.authorize(link_identifier, endpoint, resource, required_claims)
+            .await?;
+
+        let link_name = format!(
+            "{};{}:{}:{}",
+            self.scope_id, self.connection_identifier, session.identifier, link_identifier
+        );
+        let mgmt_link = MgmtClient::builder()
+            .client_node_addr(link_name)
+            .management_node_address(entity_path)
+            .attach(&mut session.handle)
+            .await?;
+        let mgmt_link = AmqpManagementLink::new(
+            link_identifier,
+            mgmt_link,
+            self.cbs_command_sender.clone(),
+        );
+        Ok(mgmt_link)
+    }
+
+    /// Open a receiver link to the service bus.
+    ///
+    /// `session_id` takes a String because it will be encoded as a `Value::String` in the
+    /// filter set.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn open_receiver_link(
+        &self,
+        session: &mut AmqpSession,
+        service_endpoint: &Url,
+        entity_path: &str,
+        identifier: &str,
+        receive_mode: &ServiceBusReceiveMode,
+        receiver_type: ReceiverType,
+        prefetch_count: u32,
+    ) -> Result<
+        (
+            u32,
+            fe2o3_amqp::Receiver,
+            mpsc::Sender<amqp_cbs_link::Command>,
+        ),
+        OpenReceiverError,
+    > {
         let endpoint = entity_name_formatter::format_endpoint(service_endpoint, entity_path);
         let resource = endpoint.clone();
         let required_claims = vec![service_bus_claim::SEND.to_string()];
@@ -402,13 +512,8 @@ impl AmqpConnectionScope {
         };
 
         let link_identifier = LINK_IDENTIFIER.fetch_add(1, Ordering::Relaxed);
-        self.request_refreshable_authorization_using_cbs(
-            link_identifier,
-            endpoint,
-            resource,
-            required_claims,
-        )
-        .await?;
+        self.authorize(link_identifier, endpoint, resource, required_claims)
+            .await?;
 
         // linkSettings.LinkName = $"{connection.Settings.ContainerId};{connection.Identifier}:{session.Identifier}:{link.Identifier}:{linkSettings.Source.ToString()}";
         // connection container id is the scope identifier
@@ -416,7 +521,7 @@ impl AmqpConnectionScope {
         let (snd_settle_mode, rcv_settle_mode) = service_bus_receive_mode_to_amqp(receive_mode);
         let link_name = format!(
             "{};{}:{}:{}:{:?}",
-            self.id, self.connection.identifier, self.session.identifier, link_identifier, source
+            self.scope_id, self.connection_identifier, session.identifier, link_identifier, source
         );
 
         let mut builder = fe2o3_amqp::Receiver::builder()
@@ -439,15 +544,14 @@ impl AmqpConnectionScope {
             builder = builder.credit_mode(CreditMode::Manual);
         }
 
-        let receiver = match builder.attach(&mut self.session.handle).await {
+        let receiver = match builder.attach(&mut session.handle).await {
             Ok(receiver) => receiver,
             Err(err) => {
                 // ordo patch (vendor/README.md): a refused link (an accept-next-session that
                 // found no free session) leaves no token refresher behind on a connection
                 // that lives on.
                 let _ = self
-                    .cbs_link
-                    .command_sender()
+                    .cbs_command_sender
                     .send(amqp_cbs_link::Command::RemoveAuthorizationRefresher(
                         link_identifier,
                     ))
@@ -458,7 +562,7 @@ impl AmqpConnectionScope {
         Ok((
             link_identifier,
             receiver,
-            self.cbs_link.command_sender().clone(),
+            self.cbs_command_sender.clone(),
         ))
     }
 }

@@ -32,6 +32,7 @@ use super::{
     amqp_client_constants::DEAD_LETTER_NAME,
     amqp_connection_scope::AmqpConnectionScope,
     amqp_management_link::AmqpManagementLink,
+    amqp_session::AmqpSession,
     amqp_message_constants::{DEAD_LETTER_ERROR_DESCRIPTION_HEADER, DEAD_LETTER_REASON_HEADER},
     amqp_message_converter::LOCK_TOKEN_DELIVERY_ANNOTATION,
     amqp_request_message::{
@@ -135,6 +136,10 @@ pub struct AmqpReceiver {
 
     /// This is ONLY used for recovery
     pub(crate) connection_scope: Arc<Mutex<AmqpConnectionScope>>,
+
+    /// ordo patch (vendor/README.md): the AMQP session of its own that a session receiver's
+    /// links are attached on (`None`: the links are on the connection scope's session).
+    pub(crate) link_session: Option<AmqpSession>,
 }
 
 impl RecoverableTransport for AmqpReceiver {
@@ -145,6 +150,9 @@ impl RecoverableTransport for AmqpReceiver {
         connection_scope
             .recover()
             .await?;
+        // ordo patch (vendor/README.md): the links are resumed on the scope's session below;
+        // their own session, if any, went with the connection.
+        self.link_session = None;
 
         // Auth with CBS
         let endpoint = format!("{}/{}", self.service_endpoint, self.entity_path);
@@ -477,6 +485,12 @@ impl TransportReceiver for AmqpReceiver {
         self.receiver.drain().await?; // This is only mentioned in an issue but not implemented in the dotnet sdk yet
         self.receiver.close().await?;
         self.management_link.close().await?;
+        // ordo patch (vendor/README.md): end the receiver's own AMQP session.
+        if let Some(mut session) = self.link_session.take() {
+            if let Err(err) = session.handle.end().await {
+                log::debug!("Error ending the receiver's session: {:?}", err);
+            }
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 use super::SESSION_IDENTIFIER;
 
+#[derive(Debug)]
 pub(crate) struct AmqpSession {
     pub(crate) identifier: u32,
     pub(crate) handle: fe2o3_amqp::session::SessionHandle<()>,

@@ -395,12 +395,17 @@ pub(crate) enum OpenReceiverError {
     /// Error with CBS auth the receiver link
     #[error(transparent)]
     CbsAuth(#[from] CbsAuthError),
+
+    /// ordo patch (vendor/README.md): error beginning the receiver's own AMQP session
+    #[error(transparent)]
+    Begin(#[from] BeginError),
 }
 
 impl From<OpenReceiverError> for azure_core::Error {
     fn from(value: OpenReceiverError) -> Self {
         match value {
             OpenReceiverError::ConnectionScopeDisposed => ClientDisposedError.into(),
+            OpenReceiverError::Begin(error) => error.into_azure_core_error(),
             OpenReceiverError::ManagementLinkAttach(error) => error.into_azure_core_error(),
             OpenReceiverError::ReceiverAttach(error) => error.into_azure_core_error(),
             OpenReceiverError::CbsAuth(error) => error.into(),

@@ -49,6 +49,10 @@ pub(crate) enum AcceptNextSessionError {
     /// Session ID from the service is not set
     #[error("Session ID from the serivce is not set")]
     SessionIdNotSet,
+
+    /// ordo patch (vendor/README.md): error beginning the receiver's own AMQP session
+    #[error(transparent)]
+    Begin(#[from] fe2o3_amqp::session::BeginError),
 }
 
 impl From<AcceptNextSessionError> for azure_core::Error {
@@ -59,6 +63,7 @@ impl From<AcceptNextSessionError> for azure_core::Error {
             AcceptNextSessionError::ReceiverAttach(error) => error.into_azure_core_error(),
             AcceptNextSessionError::CbsAuth(error) => error.into(),
             AcceptNextSessionError::SessionIdNotSet => SessionIdNotSet.into(),
+            AcceptNextSessionError::Begin(error) => error.into_azure_core_error(),
         }
     }
 }
@@ -70,6 +75,7 @@ impl From<OpenReceiverError> for AcceptNextSessionError {
             OpenReceiverError::ManagementLinkAttach(error) => Self::ManagementLinkAttach(error),
             OpenReceiverError::ReceiverAttach(error) => Self::ReceiverAttach(error),
             OpenReceiverError::CbsAuth(error) => Self::CbsAuth(error),
+            OpenReceiverError::Begin(error) => Self::Begin(error),
         }
     }
 }

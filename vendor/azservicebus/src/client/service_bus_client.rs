@@ -790,23 +790,76 @@ where
         entity_path: String,
         options: ServiceBusSessionReceiverOptions,
     ) -> Result<ServiceBusSessionReceiver, AcceptNextSessionError> {
+        self.session_acceptor()
+            .accept_next_session(entity_path, options)
+            .await
+    }
+
+    /// ordo patch (vendor/README.md): a handle that accepts sessions on this client's
+    /// connection through `&self`, so several accepts share the connection at once (each
+    /// receiver on an AMQP session of its own).
+    pub fn session_acceptor(&self) -> ServiceBusSessionAcceptor<RP> {
+        ServiceBusSessionAcceptor {
+            inner: self.connection.inner_client.session_acceptor(),
+            retry_options: self.connection.retry_options().clone(),
+        }
+    }
+}
+
+/// ordo patch (vendor/README.md): accepts the next session of an entity on the connection of
+/// the [`ServiceBusClient`] it came from; cloned freely, used concurrently. The connection
+/// lives while the client or any receiver it opened does.
+#[derive(Debug)]
+pub struct ServiceBusSessionAcceptor<RP> {
+    inner: crate::amqp::amqp_client::AmqpSessionAcceptor<RP>,
+    retry_options: ServiceBusRetryOptions,
+}
+
+impl<RP> Clone for ServiceBusSessionAcceptor<RP> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            retry_options: self.retry_options.clone(),
+        }
+    }
+}
+
+impl<RP> ServiceBusSessionAcceptor<RP>
+where
+    RP: ServiceBusRetryPolicyExt + 'static,
+{
+    /// As [`ServiceBusClient::accept_next_session_for_subscription`], through `&self`.
+    pub async fn accept_next_session_for_subscription(
+        &self,
+        topic_name: impl AsRef<str>,
+        subscription_name: impl AsRef<str>,
+        options: ServiceBusSessionReceiverOptions,
+    ) -> Result<ServiceBusSessionReceiver, azure_core::Error> {
+        let entity_path = entity_name_formatter::format_subscription_path(
+            topic_name.as_ref(),
+            subscription_name.as_ref(),
+        );
+        self.accept_next_session(entity_path, options).await.map_err(Into::into)
+    }
+
+    async fn accept_next_session(
+        &self,
+        entity_path: String,
+        options: ServiceBusSessionReceiverOptions,
+    ) -> Result<ServiceBusSessionReceiver, AcceptNextSessionError> {
         let identifier = options
             .identifier
             .unwrap_or_else(|| diagnostics::utilities::generate_identifier(&entity_path));
-        let retry_options = self.connection.retry_options().clone();
-        let receive_mode = options.receive_mode;
-        let prefetch_count = options.prefetch_count;
-
         let inner = self
-            .connection
-            .create_transport_session_receiver(
+            .inner
+            .create_session_receiver(
                 entity_path,
                 identifier,
-                retry_options,
-                receive_mode,
-                prefetch_count,
+                self.retry_options.clone(),
+                options.receive_mode,
                 None,
-                options.accept_timeout, // ordo patch (vendor/README.md)
+                options.prefetch_count,
+                options.accept_timeout,
             )
             .await?;
 

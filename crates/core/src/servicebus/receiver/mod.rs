@@ -5,12 +5,14 @@
 //! and azservicebus can be replaced by the official crate without touching it.
 //!
 //! azservicebus facts that shape this module:
-//! - `accept_next_session_*` takes the client by `&mut`: the workers of a process share a few
-//!   connections ([`SessionConnections`]) and take turns accepting on each. The accept tells
-//!   the broker how long it may wait (`com.microsoft:timeout`, added by the vendored
-//!   azservicebus) and is wrapped in a slightly longer timeout of the client's own. An accept
-//!   cancelled halfway through its attach can leave the client's AMQP session unusable, so a
-//!   timed-out accept is reported as [`Accepted::GaveUp`] and retires its connection;
+//! - the workers of a process share a few connections ([`SessionConnections`]) and accept on
+//!   them side by side: the vendored azservicebus's `ServiceBusSessionAcceptor` accepts
+//!   through `&self`, each receiver on an AMQP session of its own (the client's own
+//!   `accept_next_session_*` takes it by `&mut`, one accept at a time per connection). The
+//!   accept tells the broker how long it may wait (`com.microsoft:timeout`, also added by the
+//!   vendored azservicebus) and is wrapped in a slightly longer timeout of the client's own; an
+//!   accept the broker left unanswered is reported as [`Accepted::GaveUp`] and retires its
+//!   connection;
 //! - the broker says "no session available" by refusing the link with the condition
 //!   `com.microsoft:timeout`; every other refusal (`amqp:not-found` for a missing entity,
 //!   `amqp:not-allowed` for one without sessions, `amqp:unauthorized-access`), a failed CBS

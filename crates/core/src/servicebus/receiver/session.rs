@@ -4,9 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use azservicebus::core::BasicRetryPolicy;
 use azservicebus::receiver::DeadLetterOptions;
 use azservicebus::{
-    ServiceBusReceivedMessage, ServiceBusSessionReceiver, ServiceBusSessionReceiverOptions,
+    ServiceBusReceivedMessage, ServiceBusSessionAcceptor, ServiceBusSessionReceiver,
+    ServiceBusSessionReceiverOptions,
 };
 
 use crate::envelope::property;
@@ -30,14 +32,15 @@ pub const ACCEPT_GRACE: Duration = Duration::from_secs(2);
 /// AMQP connections whatever the number of workers (a namespace's connections are a quota, and
 /// each costs a TLS handshake and a token), worker `i` accepting on connection `i % n`.
 ///
-/// azservicebus takes the client by `&mut` for an accept, so one accept at a time runs on a
-/// connection and the others queue for it; a held session's receiver does not need the
-/// client, so sessions on one connection are worked concurrently. The accept tells the broker
-/// its timeout (`com.microsoft:timeout`), so on an idle subscription the broker answers "no
-/// session available" and the connection stays usable. Only an accept the broker left
-/// unanswered, or one cancelled halfway through its attach, retires its connection: the next
-/// accept on it opens a new one, and the old one closes when its last held session is
-/// released.
+/// The accepts of the workers on one connection run side by side: each session receiver is
+/// attached on an AMQP session of its own (the vendored azservicebus's
+/// `ServiceBusSessionAcceptor`, as Microsoft's SDKs open a session per link), and only
+/// beginning that session takes the connection. The accept tells the broker its timeout
+/// (`com.microsoft:timeout`), so on an idle subscription the broker answers "no session
+/// available" and the connection stays usable. An accept the broker left unanswered, or one
+/// that failed with a fault, retires its connection: the next accept on it opens a new one, and
+/// the old one closes when its last held session is released. An accept cancelled halfway
+/// ends only its own AMQP session.
 #[derive(Debug)]
 pub struct SessionConnections {
     conn: Secret,
@@ -45,7 +48,15 @@ pub struct SessionConnections {
     subscription: String,
     identifier: String,
     prefetch: u32,
-    slots: Vec<tokio::sync::Mutex<Option<Client>>>,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Open>>>>,
+}
+
+/// One open connection of a [`SessionConnections`]: the client that opened it and the handle
+/// that accepts on it.
+#[derive(Debug)]
+struct Open {
+    _client: Client,
+    acceptor: ServiceBusSessionAcceptor<BasicRetryPolicy>,
 }
 
 impl SessionConnections {
@@ -79,10 +90,7 @@ impl SessionConnections {
         worker: usize,
     ) -> Result<AzureSessionSource, ReceiveError> {
         let slot = worker % self.slots.len();
-        let mut held = self.slots[slot].lock().await;
-        if held.is_none() {
-            *held = Some(self.connect(slot).await?);
-        }
+        self.open(slot).await?;
         Ok(AzureSessionSource {
             connections: self.clone(),
             slot,
@@ -90,15 +98,35 @@ impl SessionConnections {
         })
     }
 
-    async fn connect(&self, slot: usize) -> Result<Client, ReceiveError> {
+    /// Connection `slot`, opened if it is not open.
+    async fn open(&self, slot: usize) -> Result<Arc<Open>, ReceiveError> {
+        let mut held = self.slots[slot].lock().await;
+        if let Some(open) = held.as_ref() {
+            return Ok(open.clone());
+        }
         let identifier = format!("{}-c{slot}", self.identifier);
-        crate::servicebus::connect(&self.conn, &identifier)
+        let client = crate::servicebus::connect(&self.conn, &identifier)
             .await
             .map_err(|e| {
                 ReceiveError::of_accept::<()>(e)
                     .err()
                     .unwrap_or_else(|| ReceiveError::Broker("connect".into()))
-            })
+            })?;
+        let open = Arc::new(Open {
+            acceptor: client.session_acceptor(),
+            _client: client,
+        });
+        *held = Some(open.clone());
+        Ok(open)
+    }
+
+    /// Retires connection `slot` if it is still `open` (another worker's accept may have
+    /// retired it and opened a new one already).
+    async fn retire(&self, slot: usize, open: &Arc<Open>) {
+        let mut held = self.slots[slot].lock().await;
+        if held.as_ref().is_some_and(|o| Arc::ptr_eq(o, open)) {
+            *held = None;
+        }
     }
 }
 
@@ -126,43 +154,17 @@ impl AzureSessionSource {
     }
 }
 
-/// A connection's client, held for one accept. Unless the accept ends with an answer from the
-/// broker, dropping it retires the connection: an attach cancelled or left unanswered halfway
-/// can leave the client's AMQP session unusable.
-struct Attempt<'a> {
-    held: tokio::sync::MutexGuard<'a, Option<Client>>,
-    answered: bool,
-}
-
-impl Drop for Attempt<'_> {
-    fn drop(&mut self) {
-        if !self.answered {
-            *self.held = None;
-        }
-    }
-}
-
 impl SessionSource for AzureSessionSource {
     type Session = AzureSession;
 
-    /// Waits for this worker's turn on its connection (the accepts of other workers on it),
-    /// then accepts, asking the broker to answer within `timeout`.
+    /// Accepts on this worker's connection (opening it if it is not open), asking the broker
+    /// to answer within `timeout`.
     async fn accept_next(
         &mut self,
         timeout: Duration,
     ) -> Result<Accepted<AzureSession>, ReceiveError> {
         let c = &self.connections;
-        let mut held = c.slots[self.slot].lock().await;
-        if held.is_none() {
-            *held = Some(c.connect(self.slot).await?);
-        }
-        let mut attempt = Attempt {
-            held,
-            answered: false,
-        };
-        let Some(client) = attempt.held.as_mut() else {
-            return Err(ReceiveError::Broker("no connection".into()));
-        };
+        let open = c.open(self.slot).await?;
         let options = ServiceBusSessionReceiverOptions {
             prefetch_count: c.prefetch,
             identifier: Some(self.identifier.clone()),
@@ -170,9 +172,13 @@ impl SessionSource for AzureSessionSource {
             ..Default::default()
         };
         let accept =
-            client.accept_next_session_for_subscription(&c.topic, &c.subscription, options);
+            open.acceptor
+                .accept_next_session_for_subscription(&c.topic, &c.subscription, options);
         let answer = match tokio::time::timeout(timeout + ACCEPT_GRACE, accept).await {
-            Err(_) => return Ok(Accepted::GaveUp),
+            Err(_) => {
+                c.retire(self.slot, &open).await;
+                return Ok(Accepted::GaveUp);
+            }
             Ok(Ok(receiver)) => Ok(Accepted::Session(AzureSession {
                 session_id: receiver.session_id().to_string(),
                 receiver,
@@ -180,7 +186,9 @@ impl SessionSource for AzureSessionSource {
             Ok(Err(e)) => ReceiveError::of_accept(e),
         };
         // A fault (a dropped connection, a refused token) retires the connection too.
-        attempt.answered = answer.is_ok();
+        if answer.is_err() {
+            c.retire(self.slot, &open).await;
+        }
         answer
     }
 }

@@ -3,7 +3,10 @@
 //! `com.microsoft:timeout` after the server timeout, as Service Bus does). The grant is echoed in
 //! the source filter and the lock expiry in the `com.microsoft:locked-until-utc` link property.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use fe2o3_amqp::acceptor::ListenerSessionHandle;
 use fe2o3_amqp_types::{
@@ -173,6 +176,7 @@ async fn wait_for_session(
         guard,
     } = wait;
     let deadline = tokio::time::Instant::now() + timeout;
+    let parked = Parked::new(&entity);
     let grant = loop {
         let notified = entity.notify.notified();
         tokio::pin!(notified);
@@ -186,6 +190,7 @@ async fn wait_for_session(
             _ = cancel.cancelled() => return,
         }
     };
+    drop(parked);
     let message = Ready {
         attach,
         entity,
@@ -196,6 +201,22 @@ async fn wait_for_session(
     };
     if let Err(mpsc::error::SendError(message)) = ready.send(message).await {
         message.abandon();
+    }
+}
+
+/// Counts a parked accept in [`Entity::waiting_accepts`] while it lives.
+struct Parked<'a>(&'a Entity);
+
+impl<'a> Parked<'a> {
+    fn new(entity: &'a Entity) -> Self {
+        entity.waiting_accepts.fetch_add(1, Ordering::Relaxed);
+        Self(entity)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.waiting_accepts.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

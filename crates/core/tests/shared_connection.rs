@@ -1,0 +1,101 @@
+//! Workers sharing a connection accept side by side: an accept waiting at the broker for a
+//! session does not hold up the others on its connection, and the connection stays usable.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{message, TopicSender};
+use ordo_core::secret::Secret;
+use ordo_core::servicebus::receiver::{
+    Accepted, AzureSession, SessionConnections, SessionReceiver, SessionSource,
+};
+use ordo_testkit::{wait_until, TestServiceBus};
+
+/// How long the first accept may wait at the broker: longer than the whole test.
+const PARKED: Duration = Duration::from_secs(60);
+/// How long the second accept asks the broker to wait.
+const SHORT: Duration = Duration::from_secs(1);
+
+fn session_or_panic(accepted: Accepted<AzureSession>, what: &str) -> AzureSession {
+    match accepted {
+        Accepted::Session(s) => s,
+        other => panic!("{what}: a session, not {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_waiting_at_the_broker_does_not_hold_up_the_others_on_its_connection() {
+    let sb = TestServiceBus::start().await.unwrap();
+    if sb.is_external() {
+        eprintln!("skipped: the parked accept is seen through the emulator's statistics");
+        return;
+    }
+    let emulator = sb.emulator().unwrap();
+    let path = format!("{}/Subscriptions/{}", sb.topic(), sb.subscription());
+    let waiting = || {
+        let stats = emulator.stats();
+        let n = stats.entity(&path).map_or(0, |e| e.waiting_accepts);
+        async move { n }
+    };
+    // Two workers, one connection.
+    let connections = SessionConnections::new(
+        &Secret::new(sb.connection_string()),
+        sb.topic(),
+        sb.subscription(),
+        "shared-connection-test",
+        0,
+        1,
+    );
+    let mut first = connections.source(0).await.unwrap();
+    let mut second = connections.source(1).await.unwrap();
+
+    // The subscription is empty: the first accept parks at the broker.
+    let parked = tokio::spawn(async move { first.accept_next(PARKED).await });
+    wait_until(Duration::from_secs(10), || async { waiting().await == 1 }).await;
+
+    // The second accept on the same connection is answered at its own timeout. Were it queued
+    // behind the parked one, the client would give up on it at `SHORT` + its grace.
+    let started = Instant::now();
+    let answer = second.accept_next(SHORT).await.unwrap();
+    assert!(
+        matches!(answer, Accepted::Idle),
+        "the broker's own answer, \"no session available\", after {:?}; got {answer:?}",
+        started.elapsed()
+    );
+    assert_eq!(waiting().await, 1, "the first accept is still parked");
+    assert!(!parked.is_finished());
+
+    // The connection serves both: a message for the parked accept, then one for a new accept.
+    let mut topic = TopicSender::open(&sb).await;
+    topic
+        .sender
+        .send_message(message("a", "a:1".into(), "1".into()))
+        .await
+        .unwrap();
+    let mut a = session_or_panic(parked.await.unwrap().unwrap(), "the parked accept");
+    assert_eq!(a.session_id(), "a");
+    topic
+        .sender
+        .send_message(message("b", "b:1".into(), "1".into()))
+        .await
+        .unwrap();
+    let mut b = session_or_panic(
+        second.accept_next(Duration::from_secs(10)).await.unwrap(),
+        "the second accept",
+    );
+    assert_eq!(b.session_id(), "b");
+    for session in [&mut a, &mut b] {
+        let got = session.receive(1, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(got.len(), 1, "session {}", session.session_id());
+        session.complete(&got[0]).await.unwrap();
+    }
+    assert_eq!(
+        emulator.stats().connections,
+        2,
+        "the shared connection and the sender's: nothing was retired"
+    );
+    a.close().await;
+    b.close().await;
+    topic.close().await;
+}

@@ -494,6 +494,10 @@ where
     #[cfg_attr(feature = "tracing", tracing::instrument(name = "Connection::event_loop", skip(self), fields(container_id = %self.connection.local_open().container_id)))]
     async fn event_loop(mut self, tx: oneshot::Sender<Result<(), Error>>) {
         let mut outcome = Ok(());
+        // ordo patch (vendor/README.md): once every session and the handle are gone the
+        // outgoing channel answers `None` at once; polling it again would spin the task at
+        // full CPU until the peer's close arrives.
+        let mut sessions_gone = false;
         loop {
             let result = tokio::select! {
                 _ = self.heartbeat.next() => self.on_heartbeat().await,
@@ -574,13 +578,14 @@ where
                         }
                     }
                 },
-                frame = self.outgoing_session_frames.recv() => {
+                frame = self.outgoing_session_frames.recv(), if !sessions_gone => {
                     match frame {
                         Some(frame) => self.on_outgoing_session_frames(frame).await,
                         None => {
                             // Upon closing, the outgoing_session_frames channel will be closed
                             // first while the connection may still be waiting for remote
                             // close frame.
+                            sessions_gone = true;
                             Ok(Running::Continue)
                         }
                     }

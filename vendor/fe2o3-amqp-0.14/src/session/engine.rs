@@ -487,6 +487,10 @@ where
     #[cfg_attr(feature = "tracing", tracing::instrument(name = "Session::event_loop", skip(self), fields(outgoing_channel = %self.session.outgoing_channel().0)))]
     async fn event_loop(mut self, tx: oneshot::Sender<Result<(), Error>>) {
         let mut outcome = Ok(());
+        // ordo patch (vendor/README.md): once every link and the handle are gone the outgoing
+        // channel answers `None` at once; polling it again would spin the task at full CPU
+        // until the peer's end arrives.
+        let mut links_gone = false;
         loop {
             let result = tokio::select! {
                 incoming = self.incoming.recv() => {
@@ -544,7 +548,7 @@ where
                         }
                     }
                 },
-                frame = self.outgoing_link_frames.recv() => {
+                frame = self.outgoing_link_frames.recv(), if !links_gone => {
                     match frame {
                         Some(frame) => self.on_outgoing_link_frames(frame).await,
                         None => {
@@ -552,6 +556,7 @@ where
                             //
                             // Upon ending, all link-to-session channels will be closed
                             // first while the session is still waitint for remote end frame.
+                            links_gone = true;
                             Ok(Running::Continue)
                         }
                     }

@@ -20,6 +20,7 @@
 //! - [`entra`], [`tls`]: a test token issuer and a test certificate authority.
 //! - [`config`]: daemon configuration files, built as TOML tables.
 //! - [`daemon`]: the daemons as real processes.
+//! - [`oracle`]: the read models a set of events must lead to.
 //! - [`wait`]: polling with a deadline; `watchdog` says where a hung test hangs.
 //! - [`prom`]: reading `/metrics`. [`bench`]: what the benchmarks share.
 //! - [`net`], [`paths`], `lock`: free ports, where things live, a cross-process file lock.
@@ -31,6 +32,7 @@ pub mod entra;
 mod lock;
 pub mod mongo;
 pub mod net;
+pub mod oracle;
 pub mod paths;
 pub mod prom;
 pub mod secantus;

@@ -8,7 +8,8 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use ordo_core::envelope::{Envelope, EventFields};
 use ordo_projection::event_version;
-use ordo_projection::{fold_history, HistoryError, Projection, ReadModel};
+use ordo_projection::{Projection, ReadModel};
+use ordo_testkit::oracle;
 
 use super::Stack;
 
@@ -73,32 +74,37 @@ impl Stack {
     pub async fn verify(&self) -> anyhow::Result<Verdict> {
         let db = self.db();
         let fields = EventFields::default();
-        let mut by_aggregate: BTreeMap<String, Vec<Document>> = BTreeMap::new();
+        let mut events = Vec::new();
         let mut cur = db
             .collection::<Document>("events")
             .find(doc! {})
             .sort(doc! {"aggregateId": 1, "eventId": 1})
             .await?;
-        let mut verdict = Verdict::default();
         while let Some(raw) = cur.try_next().await? {
             let env = Envelope::from_event(&raw, &fields, self.mongo.db_name(), "events")?;
-            by_aggregate
-                .entry(env.aggregate_id.clone())
-                .or_default()
-                .push(env.to_event_document()?);
-            verdict.events += 1;
+            events.push(env.to_event_document()?);
         }
         let projections = self.projections()?;
+        let folded = oracle::fold(projections.iter().map(|p| p as &dyn Projection), events)?;
+        let mut verdict = Verdict {
+            events: folded.events,
+            ..Verdict::default()
+        };
         for p in &projections {
             let coll = db.collection::<Document>(p.collection());
-            for (id, events) in &by_aggregate {
-                let expected = match fold_history(p, id, events.iter()) {
-                    Ok(model) => model,
-                    Err(HistoryError::Gap(gap)) => {
-                        verdict.mismatches.push(format!("{id}: {gap}"));
-                        continue;
-                    }
-                    Err(HistoryError::Apply(e)) => return Err(e.into()),
+            let want = &folded.expected[p.collection()];
+            for id in &folded.aggregates {
+                if let Some(hole) = folded
+                    .holes
+                    .iter()
+                    .find(|h| h.collection == p.collection() && &h.id == id)
+                {
+                    verdict.mismatches.push(hole.to_string());
+                    continue;
+                }
+                let expected = match want.get(id) {
+                    Some(d) => ReadModel::from_document(id.clone(), d.clone()),
+                    None => ReadModel::empty(id.clone()),
                 };
                 let stored = coll.find_one(doc! {"_id": id}).await?;
                 let actual = stored.map(|d| ReadModel::from_document(id.clone(), d));

@@ -17,10 +17,11 @@ use mongodb::bson::{doc, Bson, DateTime, Document};
 use ordo_core::envelope::{Envelope, EventFields, PropertyValue, WireMessage};
 use ordo_core::secret::Secret;
 use ordo_core::servicebus::sender::{Publisher, PublisherFactory, ServiceBusPublisherFactory};
-use ordo_projection::{fold_history, Projection, ProjectionsFile};
+use ordo_projection::{Projection, ProjectionsFile};
 use ordo_servicebus_emulator::config::{EmulatorConfig, SubscriptionConfig, TopicConfig};
 use ordo_servicebus_emulator::{Emulator, EmulatorHandle};
-use ordo_testkit::{free_health_addr, ConfigFile, Daemon, TestMongo};
+pub use ordo_testkit::oracle::Expected;
+use ordo_testkit::{free_health_addr, oracle, ConfigFile, Daemon, TestMongo};
 
 pub const TOPIC: &str = "ordo-events";
 pub const SUB: &str = "projector";
@@ -51,9 +52,6 @@ pub fn compile(text: &str) -> Vec<Arc<dyn Projection>> {
         .map(|p| Arc::new(p) as Arc<dyn Projection>)
         .collect()
 }
-
-/// Read models by collection, then by id, without `lastUpdatedAt`.
-pub type Expected = BTreeMap<String, BTreeMap<String, Document>>;
 
 pub struct Env {
     pub mongo: TestMongo,
@@ -270,11 +268,11 @@ impl Env {
 
     /// Read models of a projection's collection, by id, without `lastUpdatedAt`.
     pub async fn read_models(&self, collection: &str) -> BTreeMap<String, Document> {
-        let mut models = raw_models(self, collection).await;
-        for d in models.values_mut() {
-            d.remove("lastUpdatedAt");
-        }
+        let models = raw_models(self, collection).await;
         models
+            .into_iter()
+            .map(|(id, d)| (id, oracle::as_expected(d)))
+            .collect()
     }
 
     /// What every read model must be: the fold of the events collection.
@@ -294,31 +292,11 @@ impl Env {
             .try_collect()
             .await
             .unwrap();
-        let mut by_agg: BTreeMap<String, Vec<Document>> = BTreeMap::new();
-        for d in &all {
-            if skip.contains(&d.get_str("aggregateId").unwrap()) {
-                continue;
-            }
-            let env = Envelope::from_event(d, &EventFields::default(), "db", "events").unwrap();
-            by_agg
-                .entry(env.aggregate_id.clone())
-                .or_default()
-                .push(env.to_event_document().unwrap());
-        }
-        let mut out = BTreeMap::new();
-        for p in projections {
-            let mut models = BTreeMap::new();
-            for (id, evs) in &by_agg {
-                let m = fold_history(p.as_ref(), id, evs).unwrap();
-                if m.version > 0 {
-                    let mut d = m.to_document(DateTime::now());
-                    d.remove("lastUpdatedAt");
-                    models.insert(id.clone(), d);
-                }
-            }
-            out.insert(p.collection().to_string(), models);
-        }
-        out
+        let events = all
+            .iter()
+            .filter(|d| !skip.contains(&d.get_str("aggregateId").unwrap()))
+            .map(as_projected);
+        expected_of(projections, events)
     }
 
     /// True when every collection equals its expected fold.
@@ -372,6 +350,25 @@ pub async fn stop(projector: &mut Daemon) {
     projector.sigterm().unwrap();
     let status = projector.wait_exit(Duration::from_secs(15)).await.unwrap();
     assert!(status.success(), "{status:?}\n{}", projector.logs());
+}
+
+/// A stored event as the projector sees it: through the wire envelope.
+pub fn as_projected(event: &Document) -> Document {
+    Envelope::from_event(event, &EventFields::default(), "db", "events")
+        .unwrap()
+        .to_event_document()
+        .unwrap()
+}
+
+/// The read models `events` (as the projector sees them) lead to under `projections`; every
+/// history must be whole.
+pub fn expected_of(
+    projections: &[Arc<dyn Projection>],
+    events: impl IntoIterator<Item = Document>,
+) -> Expected {
+    let folded = oracle::fold(projections.iter().map(|p| p.as_ref()), events).unwrap();
+    assert!(folded.holes.is_empty(), "{:?}", folded.holes);
+    folded.expected
 }
 
 pub fn bin() -> PathBuf {

@@ -16,16 +16,15 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{event, projections, workload};
+use common::{as_projected, event, expected_of, projections, workload};
 use mongodb::bson::{doc, Document};
 use ordo_core::envelope::{Envelope, EventFields};
 use ordo_core::servicebus::receiver::{
     Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
 };
-use ordo_projection::fold_history;
 use ordo_projector::config::ProjectorSection;
 use ordo_projector::{Engine, Store};
-use ordo_testkit::{wait_until, TestMongo};
+use ordo_testkit::{oracle, wait_until, TestMongo};
 use tokio_util::sync::CancellationToken;
 
 /// What the worker did to the fake broker, in order.
@@ -284,9 +283,7 @@ async fn stored(mongo: &TestMongo, coll: &str, id: &str) -> Option<Document> {
 
 /// The order model stored under `id`, without its write time.
 async fn stored_order(mongo: &TestMongo, id: &str) -> Option<Document> {
-    let mut doc = stored(mongo, "orders", id).await?;
-    doc.remove("lastUpdatedAt");
-    Some(doc)
+    stored(mongo, "orders", id).await.map(oracle::as_expected)
 }
 
 /// Works `session` on its own (no worker loop, never cancelled) and returns its calls.
@@ -326,26 +323,14 @@ async fn fail_writes(mongo: &TestMongo, times: i32) {
         .unwrap();
 }
 
+/// The order model `events` (one order's) lead to, without its write time.
 fn expected_order(events: &[Document]) -> Document {
-    let p = projections()
+    let orders: Vec<_> = projections()
         .into_iter()
-        .find(|p| p.name() == "orders")
-        .unwrap();
-    let docs: Vec<Document> = events
-        .iter()
-        .map(|e| {
-            Envelope::from_event(e, &EventFields::default(), "db", "events")
-                .unwrap()
-                .to_event_document()
-                .unwrap()
-        })
+        .filter(|p| p.name() == "orders")
         .collect();
     let id = events[0].get_str("aggregateId").unwrap();
-    let mut d = fold_history(p.as_ref(), id, &docs)
-        .unwrap()
-        .to_document(mongodb::bson::DateTime::now());
-    d.remove("lastUpdatedAt");
-    d
+    expected_of(&orders, events.iter().map(as_projected))["orders"][id].clone()
 }
 
 /// Runs one worker over a source that hands out `session` once, until it is worked.

@@ -52,8 +52,9 @@ async fn read_models_survive_chaos_under_load() {
     let mut rng = StdRng::seed_from_u64(seed);
 
     let mut stack = Stack::start(Duration::from_secs(5)).await.unwrap();
-    stack.producer_extra = "lease_ttl = \"3s\"\ncheckpoint_interval = \"200ms\"\n".into();
-    stack.projector_extra = "max_concurrent_sessions = 16\n".into();
+    stack.producer_settings.lease_ttl = Duration::from_secs(3);
+    stack.producer_settings.checkpoint_interval = Duration::from_millis(200);
+    stack.projector_settings.max_concurrent_sessions = 16;
     stack.spawn_producer().await.unwrap();
     for slot in 0..2 {
         stack.spawn_projector(slot).await.unwrap();

@@ -35,6 +35,7 @@ use ordo_core::servicebus::sender::{
     ModalPublisherFactory, Publisher, PublisherFactory, ServiceBusPublisherFactory,
 };
 use ordo_producer::config::ProducerSection;
+use ordo_testkit::config::overlaid;
 use ordo_testkit::{SecantusOptions, Topology};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -305,8 +306,13 @@ async fn wait_published(world: &World, producer: &ordo_testkit::Daemon, base: f6
 }
 
 /// The producer publishing N events inserted while it runs.
-async fn producer_run(world: &World, n: usize, aggregates: usize, extra: &str) -> Run {
-    let mut producer = world.spawn(&format!("start_at = \"now\"\n{extra}"));
+async fn producer_run(
+    world: &World,
+    n: usize,
+    aggregates: usize,
+    producer: ProducerSection,
+) -> Run {
+    let mut producer = world.spawn(producer);
     producer
         .wait_ready(Duration::from_secs(60))
         .await
@@ -387,13 +393,14 @@ async fn bench(server: &str) {
         println!("ceiling  sends ({senders} senders)           : {sends:>9.0} events/s");
         cpu.report("sends", n);
         let ceiling = stream.min(sends);
-        let run = producer_run(
-            &world,
-            n,
-            aggregates,
-            &format!("senders = {senders}\n{extra}"),
-        )
-        .await;
+        let producer = ProducerSection {
+            start_at: "now".into(),
+            senders,
+            ..tuning()
+        };
+        let producer = overlaid(&producer, &extra)
+            .unwrap_or_else(|e| panic!("ORDO_BENCH_PRODUCER_CONFIG: {e}"));
+        let run = producer_run(&world, n, aggregates, producer).await;
         println!(
             "producer published                  : {:>9.0} events/s, {:.3} CPU s per 1,000 events",
             run.rate, run.cpu_per_1000

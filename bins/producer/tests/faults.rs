@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use mongodb::bson::{doc, Document};
 use ordo_core::metrics as names;
+use ordo_producer::config::OnInvalid;
 use ordo_testkit::{wait_until, SecantusOptions};
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -22,8 +23,11 @@ async fn lost_history_is_republished_from_the_collection() {
     let events = world.events();
     let mut writer = Writer::new(20, 11);
     let collector = Collector::start(&world.bus);
-    let config = r#"history_safety_margin = "2s""#;
-    let mut producer = world.spawn(config);
+    let producer_section = ProducerSection {
+        history_safety_margin: Duration::from_secs(2),
+        ..tuning()
+    };
+    let mut producer = world.spawn(producer_section.clone());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 60, 20).await;
     wait_distinct(&collector, 60, DEADLINE).await;
@@ -40,7 +44,7 @@ async fn lost_history_is_republished_from_the_collection() {
         Err(unavailable) => return unavailable.skip(),
     }
 
-    let mut producer = world.spawn(config);
+    let mut producer = world.spawn(producer_section);
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     wait_distinct(&collector, 310, DEADLINE).await;
     let lost = producer.metric(names::HISTORY_LOST).await;
@@ -66,7 +70,7 @@ async fn updates_deletes_are_skipped_and_a_dropped_collection_is_followed_again(
     let events = world.events();
     let mut writer = Writer::new(5, 13);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 20, 20).await;
     wait_distinct(&collector, 20, DEADLINE).await;
@@ -114,7 +118,10 @@ async fn broker_outage_turns_readiness_off_and_loses_nothing() {
     let events = world.events();
     let mut writer = Writer::new(30, 12);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn(r#"send_timeout = "2s""#);
+    let mut producer = world.spawn(ProducerSection {
+        send_timeout: Duration::from_secs(2),
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 200, 50).await;
     wait_distinct(&collector, 100, DEADLINE).await;
@@ -163,7 +170,7 @@ async fn failing_getmore_resumes_the_stream() {
     let events = world.events();
     let mut writer = Writer::new(20, 13);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 50, 25).await;
     wait_distinct(&collector, 50, DEADLINE).await;
@@ -210,7 +217,7 @@ async fn database_restart_resumes_the_stream() {
     let events = world.events();
     let mut writer = Writer::new(20, 14);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 100, 25).await;
     wait_distinct(&collector, 100, DEADLINE).await;
@@ -281,9 +288,12 @@ async fn standby_takes_over_after_kill_nine() {
     let events = world.events();
     let mut writer = Writer::new(30, 15);
     let collector = Collector::start(&world.bus);
-    let config = r#"lease_ttl = "2s""#;
-    let mut a = world.spawn(config);
-    let mut b = world.spawn(config);
+    let short_lease = ProducerSection {
+        lease_ttl: Duration::from_secs(2),
+        ..tuning()
+    };
+    let mut a = world.spawn(short_lease.clone());
+    let mut b = world.spawn(short_lease);
     a.wait_ready(Duration::from_secs(30)).await.unwrap();
     b.wait_ready(Duration::from_secs(30)).await.unwrap();
     let (ra, rb) = (&a, &b);
@@ -341,7 +351,10 @@ async fn invalid_events_are_parked_and_the_rest_published() {
     let events = world.events();
     let mut writer = Writer::new(10, 16);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("max_message_bytes = 2048");
+    let mut producer = world.spawn(ProducerSection {
+        max_message_bytes: 2048,
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 40, 20).await;
     events.insert_many(invalid_events()).await.unwrap();
@@ -379,7 +392,10 @@ async fn halt_on_invalid_exits_without_passing_the_event() {
     let events = world.events();
     let mut writer = Writer::new(10, 17);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn(r#"on_invalid = "halt""#);
+    let mut producer = world.spawn(ProducerSection {
+        on_invalid: OnInvalid::Halt,
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 30, 10).await;
     wait_distinct(&collector, 30, DEADLINE).await;
@@ -395,7 +411,7 @@ async fn halt_on_invalid_exits_without_passing_the_event() {
     let parked = world.mongo.database().collection::<Document>("ordo_parked");
     assert_eq!(parked.count_documents(doc! {}).await.unwrap(), 0);
 
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     let p = &parked;
     wait_until(Duration::from_secs(20), || async move {

@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mongodb::bson::doc;
-use ordo_core::config::{load_str, Env};
+use ordo_core::config::{MongoConfig, ServiceBusConfig, Validate};
 use ordo_core::envelope::WireMessage;
+use ordo_core::secret::Secret;
 use ordo_core::servicebus::sender::{PublishError, Publisher, PublisherFactory};
 use ordo_core::shutdown::Shutdown;
 use ordo_core::telemetry::Health;
+use ordo_producer::config::ProducerSection;
 use ordo_producer::{Producer, ProducerConfig};
 use ordo_testkit::{wait_until, TestMongo};
 use tokio::sync::watch;
@@ -46,32 +48,41 @@ impl PublisherFactory for FakeFactory {
     }
 }
 
+/// The producer's configuration, typed: short intervals, and a small window of in-flight and
+/// unacknowledged items so one stuck send fills it.
 fn config(mongo: &TestMongo) -> ProducerConfig {
-    let text = format!(
-        r#"
-[mongodb]
-uri = {uri:?}
-database = {db:?}
-[servicebus]
-connection_string = "Endpoint=sb://127.0.0.9;SharedAccessKeyName=k;SharedAccessKey=s;UseDevelopmentEmulator=true"
-topic = "t"
-[producer]
-start_at = "beginning"
-lease_ttl = "3s"
-checkpoint_interval = "200ms"
-idle_checkpoint_interval = "200ms"
-max_await_time = "200ms"
-retry_initial = "50ms"
-retry_max = "200ms"
-max_in_flight_messages = 5
-max_unacknowledged = 10
-checkpoint_stuck_after = "2s"
-probe_interval = "1s"
-"#,
-        uri = mongo.uri(),
-        db = mongo.db_name(),
-    );
-    load_str(&text, "test.toml", &Env::from_pairs([])).expect("config")
+    let ms = Duration::from_millis;
+    let mut cfg = ProducerConfig {
+        mongodb: MongoConfig {
+            uri: Some(Secret::new(mongo.uri())),
+            database: Some(mongo.db_name().to_string()),
+            ..MongoConfig::default()
+        },
+        servicebus: ServiceBusConfig {
+            connection_string: Some(Secret::new(
+                "Endpoint=sb://127.0.0.9;SharedAccessKeyName=k;SharedAccessKey=s;UseDevelopmentEmulator=true",
+            )),
+            topic: "t".into(),
+            ..ServiceBusConfig::default()
+        },
+        producer: ProducerSection {
+            start_at: "beginning".into(),
+            lease_ttl: Duration::from_secs(3),
+            checkpoint_interval: ms(200),
+            idle_checkpoint_interval: ms(200),
+            max_await_time: ms(200),
+            retry_initial: ms(50),
+            retry_max: ms(200),
+            max_in_flight_messages: 5,
+            max_unacknowledged: 10,
+            checkpoint_stuck_after: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(1),
+            ..ProducerSection::default()
+        },
+        ..ProducerConfig::default()
+    };
+    cfg.validate().expect("config");
+    cfg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use common::*;
 use mongodb::bson::{doc, Document};
 use ordo_core::envelope::{Envelope, EventFields};
 use ordo_core::metrics as names;
-use ordo_core::servicebus::sender;
+use ordo_core::servicebus::sender::{self, SendMode};
 use ordo_testkit::{wait_until, SecantusOptions};
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -66,7 +66,7 @@ async fn wide_ids_and_bodies_at_the_limit_never_stall_publishing() {
     let world = World::start().await;
     let events = world.events();
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
 
     let wide = "账".repeat(106);
@@ -128,14 +128,15 @@ async fn wide_ids_and_bodies_at_the_limit_never_stall_publishing() {
 /// forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_broker_refuses_as_too_large_is_parked_in_every_send_mode() {
-    for mode in ["single", "batch"] {
+    for mode in [SendMode::Single, SendMode::Batch] {
         let world = World::start().await;
         let events = world.events();
         let collector = Collector::start(&world.bus);
-        let mut producer = world.spawn(&format!(
-            "send_mode = {mode:?}\nmax_message_bytes = {}",
-            4 * LIMIT
-        ));
+        let mut producer = world.spawn(ProducerSection {
+            send_mode: mode,
+            max_message_bytes: 4 * LIMIT,
+            ..tuning()
+        });
         producer.wait_ready(Duration::from_secs(30)).await.unwrap();
         let docs = vec![
             event("huge-1", "huge", 1, LIMIT + 1024),
@@ -148,19 +149,19 @@ async fn a_message_the_broker_refuses_as_too_large_is_parked_in_every_send_mode(
         assert_eq!(
             record.get_str("sourceId").unwrap(),
             "huge-1",
-            "{mode}: {record:?}"
+            "{mode:?}: {record:?}"
         );
         let error = record.get_str("error").unwrap();
         assert!(
             error.contains("max-message-size of 262144 bytes"),
-            "{mode}: the reason names the topic's limit: {error}"
+            "{mode:?}: the reason names the topic's limit: {error}"
         );
         // Parked events are acknowledged but not counted as published.
         wait_checkpoint(&world, |cp| published(cp) >= 2).await;
         stop(&mut producer).await;
         let received = collector.stop().await;
-        assert_eq!(received.per_aggregate["huge"], [2], "{mode}");
-        assert_eq!(received.per_aggregate["other"], [1], "{mode}");
+        assert_eq!(received.per_aggregate["huge"], [2], "{mode:?}");
+        assert_eq!(received.per_aggregate["other"], [1], "{mode:?}");
     }
 }
 
@@ -173,11 +174,12 @@ async fn a_restart_before_the_first_publish_loses_nothing() {
     let world = World::start().await;
     let events = world.events();
     world.bus.suspend().await.unwrap();
-    let mut producer = world.spawn(
-        r#"start_at = "now"
-checkpoint_interval = "1h"
-checkpoint_every_events = 10000000"#,
-    );
+    let mut producer = world.spawn(ProducerSection {
+        start_at: "now".into(),
+        checkpoint_interval: Duration::from_secs(3600),
+        checkpoint_every_events: 10_000_000,
+        ..tuning()
+    });
     let p = &producer;
     wait_until(Duration::from_secs(30), || async move {
         p.logs().contains("change stream open")
@@ -194,7 +196,10 @@ checkpoint_every_events = 10000000"#,
 
     world.bus.resume().await.unwrap().unwrap();
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn(r#"start_at = "now""#);
+    let mut producer = world.spawn(ProducerSection {
+        start_at: "now".into(),
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     wait_distinct(&collector, 30, DEADLINE).await;
     stop(&mut producer).await;
@@ -210,7 +215,7 @@ async fn lost_history_with_string_ids_republishes_every_event() {
     let mut writer = Writer::new(20, 22);
     writer.string_ids = true;
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 60, 20).await;
     wait_distinct(&collector, 60, DEADLINE).await;
@@ -223,7 +228,7 @@ async fn lost_history_with_string_ids_republishes_every_event() {
         Ok(pruned) => pruned.unwrap(),
         Err(unavailable) => return unavailable.skip(),
     }
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     wait_distinct(&collector, 310, DEADLINE).await;
     assert!(producer.metric(names::HISTORY_LOST).await >= 1.0);
@@ -238,7 +243,10 @@ async fn lost_history_with_string_ids_republishes_every_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_broker_and_the_database_while_idle() {
     let world = World::start().await;
-    let mut producer = world.spawn(r#"probe_interval = "1s""#);
+    let mut producer = world.spawn(ProducerSection {
+        probe_interval: Duration::from_secs(1),
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     let p = &producer;
     let ten = Duration::from_secs(10);
@@ -269,10 +277,14 @@ async fn readiness_follows_the_broker_and_the_database_while_idle() {
 async fn a_missing_topic_keeps_readiness_off() {
     let world = World::start().await;
     let health = ordo_testkit::free_health_addr();
-    let config = world.config(
-        health,
-        "probe_interval = \"1s\"\n[servicebus]\ntopic = \"no-such-topic\"",
-    );
+    let producer = ProducerSection {
+        probe_interval: Duration::from_secs(1),
+        ..tuning()
+    };
+    let config = world
+        .config_file(health, &producer)
+        .set("servicebus", "topic", "no-such-topic")
+        .render();
     let producer = ordo_testkit::Daemon::spawn(
         &ordo_testkit::bin_path("ordo-producer"),
         &config,
@@ -301,7 +313,7 @@ async fn a_failing_checkpointer_stops_the_process_non_zero() {
     let events = world.events();
     let mut writer = Writer::new(5, 23);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 10, 10).await;
     wait_distinct(&collector, 10, DEADLINE).await;
@@ -332,7 +344,7 @@ async fn a_failing_checkpointer_stops_the_process_non_zero() {
 async fn the_event_index_is_created_or_reported() {
     let world = World::start().await;
     let events = world.events();
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     let e = &events;
     wait_until(Duration::from_secs(20), || async move {
@@ -372,7 +384,10 @@ async fn the_event_index_is_created_or_reported() {
 
     let other = World::start().await;
     let health = ordo_testkit::free_health_addr();
-    let config = other.config(health, "[mongodb]\ncreate_indexes = false");
+    let config = other
+        .config_file(health, &tuning())
+        .set("mongodb", "create_indexes", false)
+        .render();
     let mut producer = ordo_testkit::Daemon::spawn(
         &ordo_testkit::bin_path("ordo-producer"),
         &config,
@@ -404,7 +419,10 @@ async fn the_event_index_is_created_or_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_lease_renewal_stops_publishing_when_the_lease_runs_out() {
     let world = World::start().await;
-    let mut producer = world.spawn(r#"lease_ttl = "3s""#);
+    let mut producer = world.spawn(ProducerSection {
+        lease_ttl: Duration::from_secs(3),
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     let p = &producer;
     wait_until(Duration::from_secs(10), || async move {
@@ -450,7 +468,10 @@ async fn single_sends_keep_every_event_in_order() {
     let events = world.events();
     let mut writer = Writer::new(10, 24);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn(r#"send_mode = "single""#);
+    let mut producer = world.spawn(ProducerSection {
+        send_mode: SendMode::Single,
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 200, 50).await;
     wait_distinct(&collector, 200, DEADLINE).await;
@@ -466,7 +487,10 @@ async fn batch_mode_on_a_topic_that_refuses_batches_says_what_to_change() {
     let world = World::start().await;
     let events = world.events();
     let mut writer = Writer::new(2, 31);
-    let mut producer = world.spawn(r#"send_mode = "batch""#);
+    let mut producer = world.spawn(ProducerSection {
+        send_mode: SendMode::Batch,
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     // Several events per aggregate in one insert, so batches of more than one form.
     writer.write(&events, 40, 40).await;
@@ -514,7 +538,7 @@ async fn a_wrong_key_keeps_the_producer_unready_and_loses_nothing() {
     assert_eq!(refused.metric(names::EVENTS_PUBLISHED).await, 0.0);
     stop(&mut refused).await;
 
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     wait_distinct(&collector, 60, DEADLINE).await;
     stop(&mut producer).await;
@@ -534,7 +558,7 @@ async fn a_change_event_over_the_16_mb_limit_is_parked_not_read_forever() {
     let world = World::start().await;
     let events = world.events();
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     events
         .insert_one(event("huge-1", "huge", 1, 10))
@@ -566,7 +590,7 @@ async fn a_change_event_over_the_16_mb_limit_is_parked_not_read_forever() {
         )
         .await
         .unwrap();
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     wait_distinct(&collector, 2, DEADLINE).await;
     assert!(
         producer
@@ -604,7 +628,10 @@ async fn sigterm_while_the_database_hangs_exits_within_the_grace_period() {
     let mut world = World::start().await;
     let events = world.events();
     let mut writer = Writer::new(5, 37);
-    let mut producer = world.spawn("lease_ttl = \"15s\"");
+    let mut producer = world.spawn(ProducerSection {
+        lease_ttl: Duration::from_secs(15),
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 10, 10).await;
     if let Err(unavailable) = world.mongo.hang_server(true) {
@@ -640,7 +667,7 @@ async fn sigterm_while_the_checkpoint_read_hangs_exits_within_the_grace_period()
         )
         .await
         .unwrap();
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     let p = &producer;
     wait_until(Duration::from_secs(30), || async move {
         p.logs().contains("active: publishing")
@@ -687,9 +714,13 @@ async fn a_hung_database_turns_readiness_off_within_seconds() {
     let mut writer = Writer::new(5, 31);
     let collector = Collector::start(&world.bus);
     // The production lease and waits: the tests' short lease would notice the hang by itself.
-    let mut producer = world.spawn(
-        "lease_ttl = \"15s\"\nmax_await_time = \"1s\"\ncheckpoint_interval = \"1s\"\nidle_checkpoint_interval = \"30s\"",
-    );
+    let mut producer = world.spawn(ProducerSection {
+        lease_ttl: Duration::from_secs(15),
+        max_await_time: Duration::from_secs(1),
+        checkpoint_interval: Duration::from_secs(1),
+        idle_checkpoint_interval: Duration::from_secs(30),
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 10, 10).await;
     if let Err(unavailable) = world.mongo.hang_server(true) {
@@ -734,7 +765,7 @@ async fn a_standby_the_broker_refuses_is_unready_and_leaves_the_lease_alone() {
     let events = world.events();
     let mut writer = Writer::new(4, 47);
     let collector = Collector::start(&world.bus);
-    let mut good = world.spawn("");
+    let mut good = world.spawn(tuning());
     good.wait_ready(Duration::from_secs(30)).await.unwrap();
     let mut refused = world.spawn_with_wrong_key();
     let r = &refused;
@@ -743,7 +774,7 @@ async fn a_standby_the_broker_refuses_is_unready_and_leaves_the_lease_alone() {
     })
     .await;
     stop(&mut good).await;
-    let mut next = world.spawn("");
+    let mut next = world.spawn(tuning());
     next.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 20, 10).await;
     wait_distinct(&collector, 20, DEADLINE).await;

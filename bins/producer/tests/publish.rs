@@ -21,7 +21,7 @@ async fn every_event_arrives_in_order_per_aggregate() {
     let events = world.events();
     writer.write(&events, total / 2, 500).await;
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, total - total / 2, 500).await;
     wait_distinct(&collector, total, DEADLINE).await;
@@ -44,7 +44,11 @@ async fn eight_senders_share_two_connections() {
     let (total, aggregates) = scale();
     let mut writer = Writer::new(aggregates, 7);
     writer.write(&world.events(), total, 500).await;
-    let mut producer = world.spawn("senders = 8\nconnections = 2");
+    let mut producer = world.spawn(ProducerSection {
+        senders: 8,
+        connections: 2,
+        ..tuning()
+    });
     let deadline = std::time::Instant::now() + DEADLINE;
     let mut most = 0;
     while world.checkpoint().await.map_or(0, |cp| published(&cp)) < total as i64 {
@@ -73,7 +77,7 @@ async fn kill_nine_five_times_under_load_loses_nothing() {
     let collector = Collector::start(&world.bus);
     let mut rng = StdRng::seed_from_u64(42);
     let chunk = total / 6;
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     for round in 0..5 {
         writer.write(&events, chunk, 100).await;
@@ -86,7 +90,7 @@ async fn kill_nine_five_times_under_load_loses_nothing() {
             "round {round}: killed after {target} of {} written",
             writer.written
         );
-        producer = world.spawn("");
+        producer = world.spawn(tuning());
         producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     }
     let rest = total - writer.written;
@@ -107,8 +111,11 @@ async fn an_idle_stream_saves_its_checkpoint_rarely() {
     let events = world.events();
     let mut writer = Writer::new(5, 7);
     let collector = Collector::start(&world.bus);
-    let mut producer =
-        world.spawn("checkpoint_interval = \"100ms\"\nidle_checkpoint_interval = \"30s\"");
+    let mut producer = world.spawn(ProducerSection {
+        checkpoint_interval: Duration::from_millis(100),
+        idle_checkpoint_interval: Duration::from_secs(30),
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 20, 20).await;
     wait_distinct(&collector, 20, DEADLINE).await;
@@ -151,7 +158,7 @@ async fn idle_checkpoint_advances_and_sigterm_saves_it() {
     let events = world.events();
     let mut writer = Writer::new(10, 3);
     let collector = Collector::start(&world.bus);
-    let mut producer = world.spawn("");
+    let mut producer = world.spawn(tuning());
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     writer.write(&events, 50, 50).await;
     wait_distinct(&collector, 50, DEADLINE).await;

@@ -20,10 +20,25 @@ use ordo_testkit::{free_health_addr, Daemon};
 
 const PER_AGGREGATE: i64 = 20;
 
-/// The batched projector's settings that differ from the test defaults.
-const BATCHED: &str = "max_concurrent_sessions = 16\nbatch_size = 100\nsession_idle_timeout = \"100ms\"\nreceive_wait = \"50ms\"";
+/// The batched projector: the test defaults with these settings.
+fn batched() -> ProjectorSection {
+    ProjectorSection {
+        max_concurrent_sessions: 16,
+        batch_size: 100,
+        session_idle_timeout: Duration::from_millis(100),
+        receive_wait: Duration::from_millis(50),
+        ..tuning()
+    }
+}
+
 /// The same projector, one event at a time.
-const ONE_AT_A_TIME: &str = "max_concurrent_sessions = 1\nbatch_size = 1\nsession_idle_timeout = \"100ms\"\nreceive_wait = \"50ms\"";
+fn one_at_a_time() -> ProjectorSection {
+    ProjectorSection {
+        max_concurrent_sessions: 1,
+        batch_size: 1,
+        ..batched()
+    }
+}
 
 fn main() {
     // Before any thread starts: the test kit reads the variable this sets.
@@ -73,7 +88,12 @@ fn batch_latencies(logs: &str) -> Vec<f64> {
     out
 }
 
-async fn measure(mode: &'static str, prefix: &str, extra: &str, n: usize) -> Measured {
+async fn measure(
+    mode: &'static str,
+    prefix: &str,
+    projector: ProjectorSection,
+    n: usize,
+) -> Measured {
     let env = start(Duration::from_secs(30)).await;
     let events = workload(prefix, n, PER_AGGREGATE);
     env.insert_events(&events).await;
@@ -89,9 +109,9 @@ async fn measure(mode: &'static str, prefix: &str, extra: &str, n: usize) -> Mea
     let health = free_health_addr();
     // JSON logs, so the per-batch `batch settled` events can be read back.
     let config = env
-        .projector_toml(health, extra)
-        .replace("log_format = \"pretty\"", "log_format = \"json\"");
-    assert!(config.contains("log_format = \"json\""));
+        .projector_config(health, &projector)
+        .set("telemetry", "log_format", "json")
+        .render();
     let mut proj = Daemon::spawn(&bin(), &config, health, &[]).expect("spawn projector");
     proj.wait_ready(Duration::from_secs(30)).await.unwrap();
     let total = events.len() as f64;
@@ -138,8 +158,8 @@ async fn bench(rust_server: bool) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     println!("ordo-projector apply bench: {n} aggregates x {PER_AGGREGATE} events, database: {db}");
-    let batched = measure("batched", "b", BATCHED, n).await;
-    let single = measure("one-at-a-time", "s", ONE_AT_A_TIME, n).await;
+    let batched = measure("batched", "b", batched(), n).await;
+    let single = measure("one-at-a-time", "s", one_at_a_time(), n).await;
     println!(
         "{:<14} {:>7} {:>10} {:>9} {:>9} {:>8} {:>14}",
         "mode", "events", "events/s", "p50 ms", "p99 ms", "batches", "cpu s/1000 ev"

@@ -34,7 +34,7 @@ async fn poison_blocks_the_aggregate_until_repair() {
         .filter(|e| e.get_str("aggregateId").unwrap() == "p-1")
         .cloned()
         .collect();
-    let mut proj = env.spawn_projector("").await;
+    let mut proj = env.spawn_projector(tuning()).await;
     env.publish(&order[..2]).await;
     env.publish_raw("p-1", "p-1:3", b"{not json").await;
     env.publish(&order[3..]).await;
@@ -70,7 +70,7 @@ async fn poison_blocks_the_aggregate_until_repair() {
     let health = ordo_testkit::free_health_addr();
     let mut repair = Daemon::spawn_with_args(
         &bin(),
-        &env.projector_toml(health, ""),
+        &env.projector_toml(health, &tuning()),
         health,
         &[],
         &["repair", "--aggregate", "p-1"],
@@ -109,7 +109,7 @@ async fn a_withheld_message_is_healed_from_the_events_collection() {
     for e in &published {
         env.publish(std::slice::from_ref(e)).await;
     }
-    let _p = env.spawn_projector("").await;
+    let _p = env.spawn_projector(tuning()).await;
     converge(&env).await;
     assert!(env.dead_letters().is_empty());
 }
@@ -170,7 +170,7 @@ async fn database_fail_points_are_retried_not_dead_lettered() {
         )
         .await
         .unwrap();
-    let p = env.spawn_projector("").await;
+    let p = env.spawn_projector(tuning()).await;
     env.publish(&events).await;
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
@@ -199,8 +199,18 @@ async fn a_projection_slower_than_the_lock_keeps_its_session() {
     let env = start(Duration::from_secs(5)).await;
     let events = workload("s", 2, 3);
     env.insert_events(&events).await;
-    let _a = env.spawn_projector("apply_delay = \"7s\"").await;
-    let _b = env.spawn_projector("apply_delay = \"7s\"").await;
+    let _a = env
+        .spawn_projector(ProjectorSection {
+            apply_delay: Duration::from_secs(7),
+            ..tuning()
+        })
+        .await;
+    let _b = env
+        .spawn_projector(ProjectorSection {
+            apply_delay: Duration::from_secs(7),
+            ..tuning()
+        })
+        .await;
     env.publish(&events).await;
     converge(&env).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
@@ -227,7 +237,7 @@ async fn readiness_follows_the_broker() {
     let env = start(Duration::from_secs(5)).await;
     let events = workload("rb", 2, 3);
     env.insert_events(&events).await;
-    let p = env.spawn_projector("").await;
+    let p = env.spawn_projector(tuning()).await;
     let retries_before = p.metric(ordo_core::metrics::RETRIES).await;
     env.emulator.suspend().await;
     let down = readiness_becomes(&p, false).await;
@@ -249,9 +259,13 @@ async fn an_outage_is_probed_by_one_worker_at_a_time() {
     let events = workload("storm", 2, 3);
     env.insert_events(&events).await;
     let p = env
-        .spawn_projector(
-            "max_concurrent_sessions = 32\nconnections = 3\nretry_initial = \"100ms\"\nretry_max = \"2s\"",
-        )
+        .spawn_projector(ProjectorSection {
+            max_concurrent_sessions: 32,
+            connections: 3,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(2),
+            ..tuning()
+        })
         .await;
     env.emulator.suspend().await;
     readiness_becomes(&p, false).await;
@@ -303,7 +317,15 @@ async fn readiness_does_not_wait_for_a_long_accept_on_an_idle_broker() {
     })
     .await;
     let started = std::time::Instant::now();
-    let p = env.spawn_unready(|c| c.set("projector", "accept_timeout", "70s"));
+    let p = env.spawn_unready(|c| {
+        c.section(
+            "projector",
+            &ProjectorSection {
+                accept_timeout: Duration::from_secs(70),
+                ..tuning()
+            },
+        )
+    });
     let ready_after = readiness_becomes(&p, true).await;
     assert!(
         started.elapsed() < Duration::from_secs(30),
@@ -329,7 +351,7 @@ async fn readiness_follows_mongodb() {
         eprintln!("skipped: cannot stop an external mongodb");
         return;
     }
-    let p = env.spawn_projector("").await;
+    let p = env.spawn_projector(tuning()).await;
     env.mongo.kill_server().unwrap();
     let down = readiness_becomes(&p, false).await;
     wait_until(FOLLOW, || async {
@@ -351,7 +373,7 @@ async fn a_hung_database_turns_readiness_off_and_does_not_hold_a_shutdown() {
     let (before, during) = (workload("h", 3, 4), workload("k", 3, 4));
     env.insert_events(&before).await;
     env.insert_events(&during).await;
-    let mut p = env.spawn_projector("").await;
+    let mut p = env.spawn_projector(tuning()).await;
     env.publish(&before).await;
     // Applied and completed before the hang.
     wait_until(Duration::from_secs(60), || async { env.pending() == 0 }).await;
@@ -372,7 +394,7 @@ async fn a_hung_database_turns_readiness_off_and_does_not_hold_a_shutdown() {
         p.logs()
     );
     assert!(down < Duration::from_secs(6), "503 only after {down:?}");
-    let _next = env.spawn_projector("").await;
+    let _next = env.spawn_projector(tuning()).await;
     converge(&env).await;
 }
 
@@ -432,12 +454,12 @@ async fn an_accept_cut_by_the_client_timeout_leaves_the_worker_usable() {
         cfg.namespace.ignore_client_accept_timeout = true;
     })
     .await;
-    let defaults = ordo_projector::config::ProjectorSection::default();
     let p = env
-        .spawn_projector(&format!(
-            "accept_timeout = \"{}s\"\nmax_concurrent_sessions = 2",
-            defaults.accept_timeout.as_secs()
-        ))
+        .spawn_projector(ProjectorSection {
+            accept_timeout: ProjectorSection::default().accept_timeout,
+            max_concurrent_sessions: 2,
+            ..tuning()
+        })
         .await;
     wait_until(Duration::from_secs(30), || async {
         p.logs()
@@ -486,7 +508,11 @@ async fn a_long_database_fault_never_reaches_the_max_delivery_count() {
         .await
         .unwrap();
     let p = env
-        .spawn_projector("transient_retry_limit = 2\nmax_concurrent_sessions = 2")
+        .spawn_projector(ProjectorSection {
+            transient_retry_limit: 2,
+            max_concurrent_sessions: 2,
+            ..tuning()
+        })
         .await;
     env.publish(&events).await;
     converge(&env).await;

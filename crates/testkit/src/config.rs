@@ -1,9 +1,25 @@
-//! Daemon configuration files for tests, built as TOML tables rather than by formatting
-//! strings: values are quoted and escaped by the serializer (a Windows path, a URI with
-//! quotes), and a test's own keys replace the fixture's defaults instead of repeating them.
+//! Daemon configuration files for tests, built as TOML tables and written by the serializer,
+//! never by formatting strings: values are quoted and escaped by the serializer (a Windows
+//! path, a URI with quotes), and a test's own settings replace the fixture's instead of
+//! repeating them.
+//!
+//! A daemon's own section is its typed config (`ProducerSection`, `ProjectorSection`),
+//! serialized whole by [`ConfigFile::section`]: a test changes a field, and the compiler checks
+//! its name and type. The shared sections (`[mongodb]`, `[servicebus]`, `[telemetry]`,
+//! `[shutdown]`) are set key by key with typed values ([`ConfigFile::new`],
+//! [`ConfigFile::set`]) instead of being serialized from ordo-core's `MongoConfig`,
+//! `ServiceBusConfig`, ..., for two reasons:
+//! - This crate cannot name those types. ordo-core and both daemons' crates dev-depend on it,
+//!   so a dependency on any of them here is a cycle, which builds a second copy of that crate
+//!   for its own tests, with types that are not the ones under test.
+//! - The MongoDB URI and the Service Bus connection string are `Secret`s, which serialize as
+//!   `***` by design (`--check-config` prints the config), so a file serialized from the typed
+//!   shared sections could not connect to anything.
 
 use std::net::SocketAddr;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use toml::{Table, Value};
 
 /// A daemon's configuration file, section by section.
@@ -34,25 +50,19 @@ impl ConfigFile {
 
     /// Sets `key` of `[section]`.
     pub fn set(mut self, section: &str, key: &str, value: impl Into<Value>) -> Self {
-        self.section(section).insert(key.to_string(), value.into());
+        self.section_mut(section)
+            .insert(key.to_string(), value.into());
         self
     }
 
-    /// Sets each `(key, value)` of `[section]`, the values written as TOML (`"200ms"`, `4`).
-    pub fn defaults(mut self, section: &str, values: &[(&str, &str)]) -> Self {
-        let text: String = values.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
-        self = self.overlay(section, &text);
-        self
-    }
-
-    /// Lays a test's own TOML over the file: its keys before any table header go to
-    /// `[section]`, the rest to the tables it names; every key it sets replaces the file's.
-    /// Panics on TOML that does not parse, naming it.
-    pub fn overlay(mut self, section: &str, extra: &str) -> Self {
-        let parsed: Table = format!("[{section}]\n{extra}")
-            .parse()
-            .unwrap_or_else(|e| panic!("test configuration does not parse: {e}\n{extra}"));
-        merge(&mut self.0, parsed);
+    /// Sets `[name]` to the typed section `value` (a daemon's `ProducerSection` or
+    /// `ProjectorSection`), every field written; keys set earlier that it has are replaced.
+    pub fn section(mut self, name: &str, value: &impl Serialize) -> Self {
+        match Value::try_from(value) {
+            Ok(Value::Table(t)) => merge(self.section_mut(name), t),
+            Ok(other) => panic!("[{name}] does not serialize to a table: {other}"),
+            Err(e) => panic!("[{name}] does not serialize: {e}"),
+        }
         self
     }
 
@@ -61,7 +71,7 @@ impl ConfigFile {
         toml::to_string(&self.0).expect("a table serializes")
     }
 
-    fn section(&mut self, name: &str) -> &mut Table {
+    fn section_mut(&mut self, name: &str) -> &mut Table {
         match self
             .0
             .entry(name)
@@ -71,6 +81,18 @@ impl ConfigFile {
             other => panic!("[{name}] is not a table: {other}"),
         }
     }
+}
+
+/// `typed` with the keys of `toml` laid over it: `key = value` lines an operator gives a bench
+/// (an environment variable) for a daemon's section. An unknown key or a value of the wrong
+/// type is an error, as it is in the daemon.
+pub fn overlaid<T: Serialize + DeserializeOwned>(typed: &T, toml: &str) -> Result<T, String> {
+    let mut table = Table::try_from(typed).map_err(|e| e.to_string())?;
+    let extra: Table = toml.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    merge(&mut table, extra);
+    Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| e.to_string())
 }
 
 fn merge(into: &mut Table, from: Table) {
@@ -88,6 +110,14 @@ fn merge(into: &mut Table, from: Table) {
 mod tests {
     use super::*;
 
+    /// Stands in for a daemon's typed section.
+    #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Section {
+        lease_ttl: String,
+        senders: i64,
+    }
+
     #[test]
     fn a_tests_keys_replace_the_defaults_and_values_are_escaped() {
         let health: SocketAddr = "127.0.0.1:9000".parse().unwrap();
@@ -99,11 +129,15 @@ mod tests {
             health,
             "info",
         )
-        .defaults("producer", &[("lease_ttl", "\"3s\""), ("senders", "2")])
-        .overlay(
+        .section(
             "producer",
-            "lease_ttl = \"15s\"\n[mongodb]\ncreate_indexes = false",
+            &Section {
+                lease_ttl: "3s".into(),
+                senders: 2,
+            },
         )
+        .set("producer", "lease_ttl", "15s")
+        .set("mongodb", "create_indexes", false)
         .render();
         let back: Table = text.parse().unwrap();
         assert_eq!(back["producer"]["lease_ttl"].as_str(), Some("15s"));
@@ -118,5 +152,22 @@ mod tests {
             Some("Endpoint=sb://e/;Key=a\\b")
         );
         assert_eq!(back["telemetry"]["listen"].as_str(), Some("127.0.0.1:9000"));
+    }
+
+    #[test]
+    fn an_operators_lines_replace_the_typed_fields_and_unknown_keys_are_refused() {
+        let base = Section {
+            lease_ttl: "3s".into(),
+            senders: 2,
+        };
+        assert_eq!(
+            overlaid(&base, "senders = 8").unwrap(),
+            Section {
+                lease_ttl: "3s".into(),
+                senders: 8
+            }
+        );
+        assert!(overlaid(&base, "sendres = 8").is_err());
+        assert!(overlaid(&base, "senders = \"8\"").is_err());
     }
 }

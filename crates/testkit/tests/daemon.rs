@@ -38,12 +38,21 @@ fn fake_daemon(dir: &tempfile::TempDir) -> PathBuf {
     path
 }
 
+/// The fake daemon's configuration file: `keys`, written by the TOML serializer.
+fn fake_config(keys: &[(&str, toml::Value)]) -> String {
+    let table: toml::Table = keys
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    toml::to_string(&table).unwrap()
+}
+
 /// The fake daemon of `dir`, configured with nothing but its health address.
 fn spawn_with_health_only(dir: &tempfile::TempDir) -> Daemon {
     let health = free_health_addr();
     Daemon::spawn(
         &fake_daemon(dir),
-        &format!("health = \"{health}\"\n"),
+        &fake_config(&[("health", health.to_string().into())]),
         health,
         &[],
     )
@@ -54,7 +63,11 @@ fn spawn_with_health_only(dir: &tempfile::TempDir) -> Daemon {
 async fn ready_then_graceful_stop_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let health = free_health_addr();
-    let config = format!("name = \"alpha\"\nhealth = \"{health}\"\nready_after_s = 0.3\n");
+    let config = fake_config(&[
+        ("name", "alpha".into()),
+        ("health", health.to_string().into()),
+        ("ready_after_s", 0.3.into()),
+    ]);
     let mut daemon = Daemon::spawn(
         &fake_daemon(&dir),
         &config,
@@ -99,7 +112,13 @@ async fn wait_ready_fails_fast_with_the_log_when_the_process_exits() {
     let dir = tempfile::tempdir().unwrap();
     let health = free_health_addr();
     // No `health` key: the fake daemon dies with a KeyError.
-    let mut daemon = Daemon::spawn(&fake_daemon(&dir), "name = \"x\"\n", health, &[]).unwrap();
+    let mut daemon = Daemon::spawn(
+        &fake_daemon(&dir),
+        &fake_config(&[("name", "x".into())]),
+        health,
+        &[],
+    )
+    .unwrap();
     let err = daemon
         .wait_ready(Duration::from_secs(20))
         .await

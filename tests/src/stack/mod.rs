@@ -10,12 +10,13 @@ mod verify;
 mod workload;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use mongodb::Database;
+use ordo_producer::config::ProducerSection;
 use ordo_projection::{DeclarativeProjection, ProjectionsFile};
+use ordo_projector::config::ProjectorSection;
 use ordo_servicebus_emulator::EmulatorConfig;
 
 use ordo_testkit::{
@@ -37,14 +38,11 @@ pub struct Stack {
     pub producer: Option<Daemon>,
     /// The projectors; `None` where one was killed and not restarted.
     pub projectors: Vec<Option<Daemon>>,
-    /// The projections both the projectors and the verification use.
-    pub projections_file: PathBuf,
-    /// Producer `start_at`.
-    pub start_at: String,
-    /// Extra `[projector]` lines (tuning for tests).
-    pub projector_extra: String,
-    /// Extra `[producer]` lines.
-    pub producer_extra: String,
+    /// The producer's `[producer]`: the defaults, from the beginning of the collection.
+    pub producer_settings: ProducerSection,
+    /// The projectors' `[projector]`: the defaults, the workspace's projections (which the
+    /// verification uses too) and a lock renewal within the stand-in's short session lock.
+    pub projector_settings: ProjectorSection,
     /// The producer's connection string when it is not the bus's (a key with fewer rights).
     pub producer_connection_string: Option<String>,
     /// The projectors' connection string when it is not the bus's.
@@ -97,10 +95,17 @@ impl Stack {
             bus,
             producer: None,
             projectors: Vec::new(),
-            projections_file: workspace_root().join("config/projections.toml"),
-            start_at: "beginning".into(),
-            projector_extra: String::new(),
-            producer_extra: String::new(),
+            producer_settings: ProducerSection {
+                start_at: "beginning".into(),
+                ..ProducerSection::default()
+            },
+            projector_settings: ProjectorSection {
+                projections_file: workspace_root().join("config/projections.toml"),
+                // Well inside the stand-in's short session lock (`emulator_config`): with the
+                // default 10 s every session held past the lock was lost, whatever it did.
+                lock_renewal_interval: Duration::from_secs(1),
+                ..ProjectorSection::default()
+            },
             producer_connection_string: None,
             projector_connection_string: None,
             producer_env: Vec::new(),
@@ -143,23 +148,14 @@ impl Stack {
     /// The producer's configuration file.
     pub fn producer_config(&self, health: SocketAddr) -> String {
         self.common(health, self.mongo.uri(), &self.producer_connection_string)
-            .set("producer", "start_at", self.start_at.as_str())
-            .overlay("producer", &self.producer_extra)
+            .section("producer", &self.producer_settings)
             .render()
     }
 
     /// A projector's configuration file, its MongoDB reached through `uri`.
     fn projector_config_with(&self, health: SocketAddr, uri: &str) -> String {
         self.common(health, uri, &self.projector_connection_string)
-            .set(
-                "projector",
-                "projections_file",
-                self.projections_file.display().to_string(),
-            )
-            // Well inside the stand-in's short session lock (`emulator_config`): with the
-            // default 10 s every session held past the lock was lost, whatever it did.
-            .set("projector", "lock_renewal_interval", "1s")
-            .overlay("projector", &self.projector_extra)
+            .section("projector", &self.projector_settings)
             .render()
     }
 
@@ -244,7 +240,7 @@ impl Stack {
 
     /// The compiled projections.
     pub fn projections(&self) -> anyhow::Result<Vec<DeclarativeProjection>> {
-        let text = std::fs::read_to_string(&self.projections_file)?;
+        let text = std::fs::read_to_string(&self.projector_settings.projections_file)?;
         Ok(ProjectionsFile::load_str(&text)?)
     }
 }

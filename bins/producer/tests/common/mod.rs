@@ -12,6 +12,7 @@ use azservicebus::{ServiceBusReceiveMode, ServiceBusSessionReceiverOptions};
 use mongodb::bson::{doc, Document};
 use ordo_core::envelope::Envelope;
 use ordo_core::secret::Secret;
+pub use ordo_producer::config::ProducerSection;
 use ordo_testkit::servicebus::TestServiceBus;
 use ordo_testkit::{
     bin_path, free_health_addr, ConfigFile, Daemon, SecantusOptions, TestMongo, Topology,
@@ -24,6 +25,23 @@ pub fn scale() -> (usize, usize) {
     match std::env::var("ORDO_TEST_SCALE").as_deref() {
         Ok("full") => (10_000, 500),
         _ => (2_000, 100),
+    }
+}
+
+/// The tests' `[producer]`: from the beginning of the collection, with a short lease and
+/// short checkpoint, read and retry intervals, so a fault shows within seconds. A test changes
+/// fields of it (`ProducerSection { lease_ttl: .., ..tuning() }`).
+pub fn tuning() -> ProducerSection {
+    let ms = Duration::from_millis;
+    ProducerSection {
+        start_at: "beginning".into(),
+        lease_ttl: Duration::from_secs(3),
+        checkpoint_interval: ms(200),
+        idle_checkpoint_interval: ms(200),
+        max_await_time: ms(200),
+        retry_max: Duration::from_secs(1),
+        send_timeout: Duration::from_secs(5),
+        ..ProducerSection::default()
     }
 }
 
@@ -58,14 +76,13 @@ impl World {
         self.mongo.database().collection("events")
     }
 
-    /// The producer's configuration for this world; `extra` is appended to `[producer]` and
-    /// replaces the test defaults of the keys it sets.
-    pub fn config(&self, health: SocketAddr, extra: &str) -> String {
-        self.config_file(health).overlay("producer", extra).render()
+    /// The producer's configuration file for this world, with `producer` as its `[producer]`.
+    pub fn config(&self, health: SocketAddr, producer: &ProducerSection) -> String {
+        self.config_file(health, producer).render()
     }
 
-    /// The test producer's configuration, with the tests' defaults.
-    pub fn config_file(&self, health: SocketAddr) -> ConfigFile {
+    /// The producer's configuration for this world, with `producer` as its `[producer]`.
+    pub fn config_file(&self, health: SocketAddr, producer: &ProducerSection) -> ConfigFile {
         ConfigFile::new(
             self.mongo.uri(),
             self.mongo.db_name(),
@@ -74,25 +91,15 @@ impl World {
             health,
             "info,ordo_producer=debug",
         )
-        .defaults(
-            "producer",
-            &[
-                ("start_at", "\"beginning\""),
-                ("lease_ttl", "\"3s\""),
-                ("checkpoint_interval", "\"200ms\""),
-                ("idle_checkpoint_interval", "\"200ms\""),
-                ("max_await_time", "\"200ms\""),
-                ("retry_max", "\"1s\""),
-                ("send_timeout", "\"5s\""),
-            ],
-        )
+        .section("producer", producer)
     }
 
-    pub fn spawn(&self, extra: &str) -> Daemon {
+    /// Starts a producer with `producer` as its `[producer]`.
+    pub fn spawn(&self, producer: ProducerSection) -> Daemon {
         let health = free_health_addr();
         Daemon::spawn(
             &bin_path("ordo-producer"),
-            &self.config(health, extra),
+            &self.config(health, &producer),
             health,
             &[],
         )
@@ -103,9 +110,12 @@ impl World {
     /// probing the broker every second.
     pub fn spawn_with_wrong_key(&self) -> Daemon {
         let health = free_health_addr();
+        let producer = ProducerSection {
+            probe_interval: Duration::from_secs(1),
+            ..tuning()
+        };
         let config = self
-            .config_file(health)
-            .set("producer", "probe_interval", "1s")
+            .config_file(health, &producer)
             .set(
                 "servicebus",
                 "connection_string",
@@ -125,7 +135,6 @@ impl World {
     }
 }
 
-/// The tests' `[producer]` settings, less the keys `extra` sets.
 /// Writes events: `aggregates` aggregates, eventIds contiguous per aggregate, interleaved in a
 /// seeded random order, inserted in ordered batches.
 pub struct Writer {

@@ -18,6 +18,7 @@ use ordo_core::envelope::{Envelope, EventFields, PropertyValue, WireMessage};
 use ordo_core::secret::Secret;
 use ordo_core::servicebus::sender::{Publisher, PublisherFactory, ServiceBusPublisherFactory};
 use ordo_projection::{Projection, ProjectionsFile};
+pub use ordo_projector::config::ProjectorSection;
 use ordo_servicebus_emulator::config::{EmulatorConfig, SubscriptionConfig, TopicConfig};
 use ordo_servicebus_emulator::{Emulator, EmulatorHandle};
 pub use ordo_testkit::oracle::Expected;
@@ -51,6 +52,26 @@ pub fn compile(text: &str) -> Vec<Arc<dyn Projection>> {
         .into_iter()
         .map(|p| Arc::new(p) as Arc<dyn Projection>)
         .collect()
+}
+
+/// The tests' `[projector]`: the test projections, a few sessions, and short timeouts and
+/// retries, so a fault shows within seconds. A test changes fields of it
+/// (`ProjectorSection { batch_size: 2, ..tuning() }`).
+pub fn tuning() -> ProjectorSection {
+    let ms = Duration::from_millis;
+    ProjectorSection {
+        projections_file: projections_path(),
+        max_concurrent_sessions: 4,
+        batch_size: 50,
+        receive_wait: ms(200),
+        accept_timeout: Duration::from_secs(3),
+        session_idle_timeout: ms(300),
+        lock_renewal_interval: Duration::from_secs(1),
+        gap_timeout: Duration::from_secs(2),
+        retry_initial: ms(20),
+        retry_max: ms(200),
+        ..ProjectorSection::default()
+    }
 }
 
 pub struct Env {
@@ -94,15 +115,21 @@ pub async fn start_with(lock: Duration, tune: impl FnOnce(&mut EmulatorConfig)) 
 }
 
 impl Env {
-    /// A projector config; `extra` is laid over `[projector]`, replacing the keys it sets.
-    pub fn projector_toml(&self, health: std::net::SocketAddr, extra: &str) -> String {
-        self.projector_config(health)
-            .overlay("projector", extra)
-            .render()
+    /// A projector's configuration file with `projector` as its `[projector]`.
+    pub fn projector_toml(
+        &self,
+        health: std::net::SocketAddr,
+        projector: &ProjectorSection,
+    ) -> String {
+        self.projector_config(health, projector).render()
     }
 
-    /// The test projector's configuration.
-    pub fn projector_config(&self, health: std::net::SocketAddr) -> ConfigFile {
+    /// A projector's configuration with `projector` as its `[projector]`.
+    pub fn projector_config(
+        &self,
+        health: std::net::SocketAddr,
+        projector: &ProjectorSection,
+    ) -> ConfigFile {
         ConfigFile::new(
             self.mongo.uri(),
             self.mongo.db_name(),
@@ -112,38 +139,27 @@ impl Env {
             "info,ordo_projector=debug",
         )
         .set("servicebus", "subscription", SUB)
-        .set(
-            "projector",
-            "projections_file",
-            projections_path().display().to_string(),
-        )
-        .defaults(
-            "projector",
-            &[
-                ("max_concurrent_sessions", "4"),
-                ("batch_size", "50"),
-                ("receive_wait", "\"200ms\""),
-                ("accept_timeout", "\"3s\""),
-                ("session_idle_timeout", "\"300ms\""),
-                ("lock_renewal_interval", "\"1s\""),
-                ("gap_timeout", "\"2s\""),
-                ("retry_initial", "\"20ms\""),
-                ("retry_max", "\"200ms\""),
-            ],
-        )
+        .section("projector", projector)
     }
 
-    /// Starts a projector without waiting for it to be ready; `edit` changes its configuration.
+    /// Starts a projector with the tests' [`tuning`] without waiting for it to be ready; `edit`
+    /// changes its configuration.
     pub fn spawn_unready(&self, edit: impl FnOnce(ConfigFile) -> ConfigFile) -> Daemon {
         let health = free_health_addr();
-        let config = edit(self.projector_config(health)).render();
+        let config = edit(self.projector_config(health, &tuning())).render();
         Daemon::spawn(&bin(), &config, health, &[]).expect("spawn projector")
     }
 
-    pub async fn spawn_projector(&self, extra: &str) -> Daemon {
+    /// Starts a projector with `projector` as its `[projector]` and waits until it is ready.
+    pub async fn spawn_projector(&self, projector: ProjectorSection) -> Daemon {
         let health = free_health_addr();
-        let mut d = Daemon::spawn(&bin(), &self.projector_toml(health, extra), health, &[])
-            .expect("spawn projector");
+        let mut d = Daemon::spawn(
+            &bin(),
+            &self.projector_toml(health, &projector),
+            health,
+            &[],
+        )
+        .expect("spawn projector");
         d.wait_ready(Duration::from_secs(30))
             .await
             .expect("projector ready");

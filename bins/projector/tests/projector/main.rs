@@ -89,7 +89,7 @@ async fn three_projectors_converge_to_the_fold_and_replayed_duplicates_change_no
     publish_and_confirm(&env, &events).await;
     let mut procs = Vec::new();
     for _ in 0..3 {
-        procs.push(env.spawn_projector("").await);
+        procs.push(env.spawn_projector(tuning()).await);
     }
     converge(&env, &expected, CONVERGE).await;
     let applied: f64 = sum(&procs, m::EVENTS_APPLIED).await;
@@ -144,10 +144,14 @@ async fn a_projector_killed_mid_run_loses_nothing() {
     let expected = env.expected().await;
     publish_and_confirm(&env, &events).await;
     // Small batches with a pause each keep the run going long enough to kill it mid-way.
-    let slow = "batch_size = 4\napply_delay = \"150ms\"";
+    let slow = ProjectorSection {
+        batch_size: 4,
+        apply_delay: Duration::from_millis(150),
+        ..tuning()
+    };
     let mut procs = Vec::new();
     for _ in 0..3 {
-        procs.push(env.spawn_projector(slow).await);
+        procs.push(env.spawn_projector(slow.clone()).await);
     }
     let procs_ref = &procs;
     let victim = wait_for(Duration::from_secs(60), || async move {
@@ -192,7 +196,11 @@ async fn sigterm_with_sessions_held_exits_zero_within_the_grace_period() {
     let expected = env.expected().await;
     publish_and_confirm(&env, &events).await;
     let mut proj = env
-        .spawn_projector("batch_size = 2\napply_delay = \"2s\"")
+        .spawn_projector(ProjectorSection {
+            batch_size: 2,
+            apply_delay: Duration::from_secs(2),
+            ..tuning()
+        })
         .await;
     let p = &proj;
     wait_until(Duration::from_secs(30), || async move {
@@ -210,7 +218,7 @@ async fn sigterm_with_sessions_held_exits_zero_within_the_grace_period() {
         "the run had finished before SIGTERM; nothing was tested"
     );
 
-    let mut next = env.spawn_projector("").await;
+    let mut next = env.spawn_projector(tuning()).await;
     converge(&env, &expected, CONVERGE).await;
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
     stop(&mut next).await;
@@ -234,7 +242,12 @@ async fn sixteen_sessions_share_two_connections() {
     })
     .await;
     let mut proj = env
-        .spawn_projector("max_concurrent_sessions = 16\nconnections = 2\napply_delay = \"300ms\"")
+        .spawn_projector(ProjectorSection {
+            max_concurrent_sessions: 16,
+            connections: 2,
+            apply_delay: Duration::from_millis(300),
+            ..tuning()
+        })
         .await;
     let (mut most_connections, mut most_held, mut most_on_one) = (0, 0, 0);
     let deadline = Instant::now() + CONVERGE;
@@ -274,12 +287,12 @@ async fn sixteen_sessions_share_two_connections() {
 }
 
 /// Runs a one-shot subcommand (`reconcile`, `rebuild`, ...) with the test configuration plus
-/// `extra`; returns whether it exited 0 and its output.
-async fn run_admin(env: &Env, extra: &str, args: &[&str]) -> (bool, String) {
+/// `projector` as its `[projector]`; returns whether it exited 0 and its output.
+async fn run_admin(env: &Env, projector: &ProjectorSection, args: &[&str]) -> (bool, String) {
     let health = ordo_testkit::free_health_addr();
     let mut d = Daemon::spawn_with_args(
         &bin(),
-        &env.projector_toml(health, extra),
+        &env.projector_toml(health, projector),
         health,
         &[],
         args,

@@ -21,9 +21,12 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
     env.insert_events(&events).await;
     env.publish(&events).await;
     let mut proj = env
-        .spawn_projector(
-            "max_concurrent_sessions = 16\nsession_idle_timeout = \"300s\"\nbusy_session_idle_timeout = \"300s\"",
-        )
+        .spawn_projector(ProjectorSection {
+            max_concurrent_sessions: 16,
+            session_idle_timeout: Duration::from_secs(300),
+            busy_session_idle_timeout: Duration::from_secs(300),
+            ..tuning()
+        })
         .await;
     converge(&env, &env.expected().await, CONVERGE).await;
     let p = &proj;
@@ -104,7 +107,10 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
     let rebuild = async {
         let r = run_admin(
             &env,
-            &format!("projections_file = {:?}", rules_path.display().to_string()),
+            &ProjectorSection {
+                projections_file: rules_path.clone(),
+                ..tuning()
+            },
             &["rebuild", "--projection", "users", "--allow-blocked"],
         )
         .await;
@@ -246,8 +252,11 @@ async fn a_projection_on_the_events_collection_or_an_ordo_collection_is_refused(
         );
         assert_ne!(bad, rules);
         let path = projections_file(&bad);
-        let extra = format!("projections_file = {:?}", path.display().to_string());
-        let (ok, out) = run_admin(&env, &extra, &["rebuild", "--projection", "users"]).await;
+        let projector = ProjectorSection {
+            projections_file: path,
+            ..tuning()
+        };
+        let (ok, out) = run_admin(&env, &projector, &["rebuild", "--projection", "users"]).await;
         assert!(!ok, "{out}");
         assert!(
             out.contains(&format!("\"{coll}\"")) && out.contains(why),
@@ -255,7 +264,7 @@ async fn a_projection_on_the_events_collection_or_an_ordo_collection_is_refused(
         );
         let health = ordo_testkit::free_health_addr();
         let mut daemon =
-            Daemon::spawn(&bin(), &env.projector_toml(health, &extra), health, &[]).unwrap();
+            Daemon::spawn(&bin(), &env.projector_toml(health, &projector), health, &[]).unwrap();
         let status = daemon.wait_exit(Duration::from_secs(30)).await.unwrap();
         assert!(!status.success());
         assert!(daemon.logs().contains(why), "{}", daemon.logs());
@@ -274,7 +283,7 @@ async fn a_failed_rebuild_drops_its_shadow_and_leaves_the_read_models_alone() {
     let env = start(Duration::from_secs(5)).await;
     let events = workload("f", 6, 4);
     env.insert_events(&events).await;
-    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["reconcile"]).await;
     assert!(ok, "{out}");
     let expected = env.expected().await;
     assert!(env.converged(&expected).await);
@@ -290,7 +299,7 @@ async fn a_failed_rebuild_drops_its_shadow_and_leaves_the_read_models_alone() {
         )
         .await
         .unwrap();
-    let (ok, out) = run_admin(&env, "", &["rebuild", "--projection", "users"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["rebuild", "--projection", "users"]).await;
     env.mongo.disable_fail_point("failCommand").await.unwrap();
     assert!(!ok, "{out}");
     assert!(
@@ -319,20 +328,20 @@ async fn a_rebuild_whose_rules_fail_on_old_events_swaps_nothing_unless_allowed()
     let env = start(Duration::from_secs(5)).await;
     let events = workload("r", 4, 3);
     env.insert_events(&events).await;
-    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["reconcile"]).await;
     assert!(ok, "{out}");
     let live = raw_models(&env, "users").await;
     assert_eq!(live.len(), 2);
     let rules = std::fs::read_to_string(projections_path()).unwrap();
     let failing = rules.replacen("\"$payload.email\"", "\"$payload.currency\"", 1);
     assert_ne!(failing, rules);
-    let extra = format!(
-        "projections_file = {:?}",
-        projections_file(&failing).display().to_string()
-    );
+    let projector = ProjectorSection {
+        projections_file: projections_file(&failing),
+        ..tuning()
+    };
     let blocked = env.mongo.database().collection::<Document>("ordo_blocked");
 
-    let (ok, out) = run_admin(&env, &extra, &["rebuild", "--projection", "users"]).await;
+    let (ok, out) = run_admin(&env, &projector, &["rebuild", "--projection", "users"]).await;
     assert!(!ok, "{out}");
     assert!(
         out.contains("2 aggregates could not be folded") && out.contains("r-0 at v1"),
@@ -349,7 +358,7 @@ async fn a_rebuild_whose_rules_fail_on_old_events_swaps_nothing_unless_allowed()
 
     let (ok, out) = run_admin(
         &env,
-        &extra,
+        &projector,
         &["rebuild", "--projection", "users", "--allow-blocked"],
     )
     .await;
@@ -363,7 +372,7 @@ async fn a_rebuild_whose_rules_fail_on_old_events_swaps_nothing_unless_allowed()
         2
     );
 
-    let (ok, out) = run_admin(&env, "", &["rebuild", "--projection", "users"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["rebuild", "--projection", "users"]).await;
     assert!(ok, "{out}");
     assert_eq!(blocked.count_documents(doc! {}).await.unwrap(), 0, "{out}");
     let rebuilt = raw_models(&env, "users").await;

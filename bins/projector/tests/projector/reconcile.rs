@@ -13,7 +13,7 @@ async fn reconcile_heals_events_that_never_reached_the_broker_and_leaves_blocked
     env.insert_events(&events).await;
     block(&env, "n-3", 1).await;
 
-    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["reconcile"]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("reconcile (full: no watermark yet): 10 aggregates checked, 10 behind, 9 read models healed, 1 blocked (left alone), 0 not healed"),
@@ -45,7 +45,7 @@ async fn reconcile_heals_events_that_never_reached_the_broker_and_leaves_blocked
         ),
     ];
     env.insert_events(&more).await;
-    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["reconcile"]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("reconcile (incremental): 2 aggregates checked, 2 behind, 2 read models healed, 0 blocked (left alone), 0 not healed"),
@@ -74,18 +74,18 @@ async fn reconcile_heals_events_that_never_reached_the_broker_and_leaves_blocked
 async fn a_second_set_of_projections_over_the_same_events_is_reconciled_in_full() {
     let env = start(Duration::from_secs(5)).await;
     env.insert_events(&workload("q", 6, 3)).await;
-    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["reconcile"]).await;
     assert!(ok, "{out}");
     let rules = std::fs::read_to_string(projections_path()).unwrap();
     let second = rules
         .replace("collection = \"users\"", "collection = \"users_b\"")
         .replace("collection = \"orders\"", "collection = \"orders_b\"");
     assert_ne!(second, rules);
-    let extra = format!(
-        "projections_file = {:?}",
-        projections_file(&second).display().to_string()
-    );
-    let (ok, out) = run_admin(&env, &extra, &["reconcile"]).await;
+    let projector = ProjectorSection {
+        projections_file: projections_file(&second),
+        ..tuning()
+    };
+    let (ok, out) = run_admin(&env, &projector, &["reconcile"]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("reconcile (full: no watermark yet): 6 aggregates checked, 6 behind, 6 read models healed"),
@@ -94,7 +94,7 @@ async fn a_second_set_of_projections_over_the_same_events_is_reconciled_in_full(
     assert_eq!(env.read_models("users_b").await.len(), 3);
     assert_eq!(env.read_models("orders_b").await.len(), 3);
     // The first set's watermark is its own: its next run is incremental and finds nothing.
-    let (ok, out) = run_admin(&env, "", &["reconcile"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["reconcile"]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("reconcile (incremental): 0 aggregates checked"),
@@ -117,7 +117,12 @@ async fn the_daemon_reconciles_periodically_and_expires_dead_heartbeats() {
         .insert_one(doc! { "_id": "dead:1:1", "host": "dead", "updatedAt": DateTime::from_millis(long_ago) })
         .await
         .unwrap();
-    let mut proj = env.spawn_projector("reconcile_interval = \"300ms\"").await;
+    let mut proj = env
+        .spawn_projector(ProjectorSection {
+            reconcile_interval: Some(Duration::from_millis(300)),
+            ..tuning()
+        })
+        .await;
 
     let events = workload("p", 6, 4);
     env.insert_events(&events).await;
@@ -183,7 +188,12 @@ async fn a_failed_reconcile_run_is_counted_and_the_next_run_heals() {
         )
         .await
         .unwrap();
-    let mut proj = env.spawn_projector("reconcile_interval = \"300ms\"").await;
+    let mut proj = env
+        .spawn_projector(ProjectorSection {
+            reconcile_interval: Some(Duration::from_millis(300)),
+            ..tuning()
+        })
+        .await;
     converge(&env, &env.expected().await, CONVERGE).await;
     env.mongo.disable_fail_point("failCommand").await.unwrap();
     assert!(proj.metric(m::RETRIES).await >= 1.0);

@@ -26,13 +26,13 @@ async fn repair_all_blocked_repairs_each_blocked_aggregate_and_names_the_rest() 
             .unwrap();
     }
 
-    let (ok, out) = run_admin(&env, "", &["repair"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["repair"]).await;
     assert!(
         !ok && out.contains("--aggregate") && out.contains("--all-blocked"),
         "{out}"
     );
 
-    let (ok, out) = run_admin(&env, "", &["repair", "--all-blocked"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["repair", "--all-blocked"]).await;
     assert!(!ok, "{out}");
     assert!(out.contains("repaired 2 of 3 blocked aggregates"), "{out}");
     assert!(
@@ -70,7 +70,7 @@ async fn repair_and_reconcile_refuse_a_duplicate_version_naming_both_documents()
     let v2_id = v2.get_object_id("_id").unwrap().to_hex();
     let users = env.mongo.database().collection::<Document>("users");
 
-    let (ok, out) = run_admin(&env, "", &["repair", "--aggregate", "w-0"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["repair", "--aggregate", "w-0"]).await;
     assert!(!ok, "{out}");
     assert!(
         out.contains("twin-of-v2") && out.contains(&v2_id) && out.contains("eventId 2"),
@@ -78,7 +78,7 @@ async fn repair_and_reconcile_refuse_a_duplicate_version_naming_both_documents()
     );
     assert_eq!(users.find_one(doc! {"_id": "w-0"}).await.unwrap(), None);
 
-    let (ok, out) = run_admin(&env, "", &["reconcile", "--full"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["reconcile", "--full"]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("not healed: w-0") && out.contains("twin-of-v2"),
@@ -99,7 +99,7 @@ async fn repair_over_a_document_without_a_version_fails_instead_of_looping() {
         .insert_one(doc! { "_id": "v-0", "name": "legacy" })
         .await
         .unwrap();
-    let (ok, out) = run_admin(&env, "", &["repair", "--aggregate", "v-0"]).await;
+    let (ok, out) = run_admin(&env, &tuning(), &["repair", "--aggregate", "v-0"]).await;
     assert!(!ok, "{out}");
     assert!(out.contains("users/v-0"), "{out}");
     assert!(out.contains("no numeric lastEventId"), "{out}");

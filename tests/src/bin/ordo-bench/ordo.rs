@@ -23,7 +23,7 @@ pub(crate) async fn run_ordo(
     load: &Load,
     ceilings: &MongoCeilings,
 ) -> anyhow::Result<RowResult> {
-    stack.start_at = "now".into();
+    stack.producer_settings.start_at = "now".into();
     stack.spawn_producer().await?;
     for slot in 0..args.projectors {
         stack.spawn_projector(slot).await?;

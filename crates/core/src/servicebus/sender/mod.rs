@@ -13,7 +13,8 @@
 //! - a batch of two or more messages travels as one transfer; the broker accepts or refuses it as
 //!   a whole, which is what lets the producer acknowledge a batch's events together;
 //! - after a broker fault the connection may be dead with no notice; a failed publisher is
-//!   dropped (client and sender) and a fresh one opened, rather than trusting the client to heal.
+//!   dropped (client and sender) and a fresh one opened, rather than trusting the client to
+//!   reconnect by itself.
 //!
 //! Layout: this file holds the traits, the message mapping and its size checks; `publisher` the
 //! azservicebus [`ServiceBusPublisher`] and its factory; `modal` the [`SendMode`] wrapper that

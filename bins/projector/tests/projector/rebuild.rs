@@ -16,11 +16,43 @@ use super::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across_the_swap() {
     let env = start(Duration::from_secs(5)).await;
-    let db = env.mongo.database();
+    let mut proj = sixteen_sessions_held(&env).await;
+    let new_rules = prepare_a_rebuild_with_new_rules(&env).await;
+    let conflicts_before = proj.metric(m::GUARD_CONFLICTS).await;
+
+    // Live traffic on half of the users during the rebuild; the other half stays quiet.
+    let busy = ["r-0", "r-4", "r-8", "r-12"];
+    let quiet = ["r-2", "r-6", "r-10", "r-14"];
+    rebuild_under_traffic_on(&env, &new_rules.path, &busy).await;
+    one_more_event_for_every_user(&env, &busy, &quiet).await;
+
+    let want = users_reach_the_fold_under(&env, &new_rules.text).await;
+    for id in quiet {
+        assert_eq!(
+            want[id].get_str("tier").ok(),
+            Some("gold"),
+            "the fold under the new rules sets tier"
+        );
+    }
+    assert!(
+        proj.metric(m::GUARD_CONFLICTS).await - conflicts_before >= quiet.len() as f64,
+        "the cached models never met the rebuild epoch in their guard"
+    );
+    assert_eq!(proj.metric(m::SESSIONS_HELD).await, 16.0);
+    assert_eq!(proj.metric(m::LOCKS_LOST).await, 0.0);
+
+    the_invalid_aggregate_is_blocked_and_the_swap_kept_the_index(&env).await;
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    stop(&mut proj).await;
+}
+
+/// Sixteen users projected by a projector that holds all sixteen sessions (and their cached
+/// models) for as long as the test runs.
+async fn sixteen_sessions_held(env: &Env) -> Daemon {
     let events = workload("r", 16, 10);
     env.insert_events(&events).await;
     env.publish(&events).await;
-    let mut proj = env
+    let proj = env
         .spawn_projector(ProjectorSection {
             max_concurrent_sessions: 16,
             session_idle_timeout: Duration::from_secs(300),
@@ -28,13 +60,26 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
             ..tuning()
         })
         .await;
-    converge(&env, &env.expected().await, CONVERGE).await;
+    converge(env, &env.expected().await, CONVERGE).await;
     let p = &proj;
     wait_until(Duration::from_secs(30), || async move {
         p.metric(m::SESSIONS_HELD).await == 16.0
     })
     .await;
+    proj
+}
 
+/// The new rules of a rebuild, as text and as the file the rebuild reads.
+struct Rules {
+    text: String,
+    path: std::path::PathBuf,
+}
+
+/// What the rebuild meets: the application's unique index on `users`, a shadow left by a
+/// crashed rebuild, new rules (UserRegistered also sets `tier`), and an aggregate whose second
+/// event is invalid.
+async fn prepare_a_rebuild_with_new_rules(env: &Env) -> Rules {
+    let db = env.mongo.database();
     db.collection::<Document>("users")
         .create_index(
             IndexModel::builder()
@@ -75,11 +120,15 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
         })
         .await
         .unwrap();
-    let conflicts_before = proj.metric(m::GUARD_CONFLICTS).await;
+    Rules {
+        text: new_rules,
+        path: rules_path,
+    }
+}
 
-    // Live traffic on half of the users during the rebuild; the other half stays quiet.
-    let busy = ["r-0", "r-4", "r-8", "r-12"];
-    let quiet = ["r-2", "r-6", "r-10", "r-14"];
+/// Runs `rebuild` with the rules at `rules_path` while events of the `busy` users keep
+/// arriving, and checks what it reports: rebuilt, the stale shadow dropped, bad-0 blocked.
+async fn rebuild_under_traffic_on(env: &Env, rules_path: &std::path::Path, busy: &[&str]) {
     let done = AtomicBool::new(false);
     let traffic = async {
         let mut v = 11;
@@ -106,9 +155,9 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
     };
     let rebuild = async {
         let r = run_admin(
-            &env,
+            env,
             &ProjectorSection {
-                projections_file: rules_path.clone(),
+                projections_file: rules_path.to_path_buf(),
                 ..tuning()
             },
             &["rebuild", "--projection", "users", "--allow-blocked"],
@@ -126,9 +175,11 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
         "{out}"
     );
     assert!(out.contains("blocked: bad-0 at v2"), "{out}");
+}
 
-    // One more event for every user: the quiet ones reach a worker whose cache predates the
-    // swap and holds the rebuilt version.
+/// One more event for every user: the quiet ones reach a worker whose cache predates the swap
+/// and holds the rebuilt version.
+async fn one_more_event_for_every_user(env: &Env, busy: &[&str], quiet: &[&str]) {
     let last: Vec<Document> = busy
         .iter()
         .chain(quiet.iter())
@@ -167,14 +218,18 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
     env.insert_events(&fill).await;
     env.insert_events(&last).await;
     env.publish(&last).await;
+}
 
-    let projections = compile(&new_rules);
-    let expected = env.fold(&projections, &["bad-0"]).await;
-    let want = &expected["users"];
-    let envr = &env;
-    let reached = tokio::time::timeout(CONVERGE, async move {
+/// Waits until `users` (but bad-0) equals the fold of the events collection under `rules`, and
+/// nothing is left on the subscription; panics with the users that differ otherwise. Returns
+/// the fold.
+async fn users_reach_the_fold_under(env: &Env, rules: &str) -> BTreeMap<String, Document> {
+    let projections = compile(rules);
+    let mut expected = env.fold(&projections, &["bad-0"]).await;
+    let want = expected.remove("users").unwrap();
+    let reached = tokio::time::timeout(CONVERGE, async {
         loop {
-            if &models(envr, "users", &["bad-0"]).await == want && envr.pending() == 0 {
+            if models(env, "users", &["bad-0"]).await == want && env.pending() == 0 {
                 break;
             }
             tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
@@ -182,7 +237,7 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
     })
     .await;
     if reached.is_err() {
-        let got = models(&env, "users", &["bad-0"]).await;
+        let got = models(env, "users", &["bad-0"]).await;
         let wrong: Vec<_> = want
             .iter()
             .filter(|(id, d)| got.get(*id) != Some(*d))
@@ -190,20 +245,13 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
             .collect();
         panic!("users differ from the fold under the new rules: {wrong:#?}");
     }
-    for id in quiet {
-        assert_eq!(
-            want[id].get_str("tier").ok(),
-            Some("gold"),
-            "the fold under the new rules sets tier"
-        );
-    }
-    assert!(
-        proj.metric(m::GUARD_CONFLICTS).await - conflicts_before >= quiet.len() as f64,
-        "the cached models never met the rebuild epoch in their guard"
-    );
-    assert_eq!(proj.metric(m::SESSIONS_HELD).await, 16.0);
-    assert_eq!(proj.metric(m::LOCKS_LOST).await, 0.0);
+    want
+}
 
+/// After the swap: bad-0 rebuilt up to the event before its invalid one and blocked at it, the
+/// application's unique index kept, and no shadow collection left.
+async fn the_invalid_aggregate_is_blocked_and_the_swap_kept_the_index(env: &Env) {
+    let db = env.mongo.database();
     let users = db.collection::<Document>("users");
     let bad = users
         .find_one(doc! { "_id": "bad-0" })
@@ -229,8 +277,6 @@ async fn rebuild_under_live_traffic_keeps_indexes_and_beats_sessions_held_across
         !names.iter().any(|n| n.contains("_rebuild_")),
         "shadow collection left behind: {names:?}"
     );
-    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
-    stop(&mut proj).await;
 }
 
 /// A projection whose collection is the events collection, or one of ordo's own, is refused by

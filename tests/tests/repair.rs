@@ -65,60 +65,98 @@ async fn repair_under_live_traffic_applies_events_that_arrive_while_it_runs() {
         eprintln!("skipped: needs the emulator's dead-letter view");
         return;
     };
-    let db = stack.db();
-    let events = db.collection::<Document>("events");
-    let users = db.collection::<Document>("users");
+    let events = stack.db().collection::<Document>("events");
     let id = "m1-user";
     events
         .insert_many((1..=3).map(|v| user_event(id, v)))
         .await
         .unwrap();
-    let usersr = &users;
-    wait_until(Duration::from_secs(60), || async move {
-        usersr
-            .find_one(doc! { "_id": id, "lastEventId": 3_i64 })
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    user_reaches(&stack, doc! { "_id": id, "lastEventId": 3_i64 }).await;
 
-    // The session released: a worker reads an aggregate's block once per session it holds,
-    // so a block written behind a held session's back (as here, by the test) is seen by the
-    // next one only.
-    let st = &stack;
-    wait_until(Duration::from_secs(30), || async move {
-        st.metric(ordo_core::metrics::SESSIONS_HELD).await == 0.0
+    blocked_at_v4_once_its_session_is_released(&stack, id).await;
+    let dead_letters = BlockedDeadLetters {
+        emulator,
+        topic: stack.bus.topic().to_string(),
+        subscription: stack.bus.subscription().to_string(),
+        id,
+    };
+    events.insert_one(user_event(id, 4)).await.unwrap();
+    wait_until(Duration::from_secs(60), || dead_letters.at_least(1)).await;
+
+    repair_while_v5_arrives_and_is_dead_lettered(&stack, &dead_letters).await;
+
+    // No later event arrives: v5 must be in the read model through the repair itself.
+    user_reaches(
+        &stack,
+        doc! { "_id": id, "lastEventId": 5_i64, "email": format!("{id}+5@x") },
+    )
+    .await;
+    assert_eq!(stack.blocked().await.unwrap(), 0);
+    let verdict = stack.verify().await.unwrap();
+    assert!(verdict.ok(), "{:?}", verdict.mismatches);
+}
+
+/// Waits until a user read model matches `filter`.
+async fn user_reaches(stack: &Stack, filter: Document) {
+    let users = stack.db().collection::<Document>("users");
+    let (users, filter) = (&users, &filter);
+    wait_until(Duration::from_secs(60), || async move {
+        users.find_one(filter.clone()).await.unwrap().is_some()
     })
     .await;
-    // Blocked at v4, as after a poison event the operator has since fixed.
-    db.collection::<Document>("ordo_blocked")
+}
+
+/// Blocks `id` at v4, as after a poison event the operator has since fixed, once no session
+/// is held: a worker reads an aggregate's block once per session it holds, so a block written
+/// behind a held session's back (as here, by the test) is seen by the next one only.
+async fn blocked_at_v4_once_its_session_is_released(stack: &Stack, id: &str) {
+    wait_until(Duration::from_secs(30), || async move {
+        stack.metric(ordo_core::metrics::SESSIONS_HELD).await == 0.0
+    })
+    .await;
+    stack
+        .db()
+        .collection::<Document>("ordo_blocked")
         .insert_one(doc! {
             "_id": id, "projection": "users", "blockedAtEventId": 4_i64,
             "reason": "ProjectionError", "description": "fixed since", "messageId": format!("{id}:4"),
         })
         .await
         .unwrap();
-    let topic = stack.bus.topic().to_string();
-    let sub = stack.bus.subscription().to_string();
-    let blocked_dead_letters = |n: usize| {
-        let (topic, sub) = (&topic, &sub);
-        async move {
-            emulator
-                .subscription_dead_letters(topic, sub)
-                .unwrap()
-                .iter()
-                .filter(|d| {
-                    d.session_id.as_deref() == Some(id)
-                        && d.reason.as_deref() == Some("AggregateBlocked")
-                })
-                .count()
-                >= n
-        }
-    };
-    events.insert_one(user_event(id, 4)).await.unwrap();
-    wait_until(Duration::from_secs(60), || blocked_dead_letters(1)).await;
+}
 
+/// The messages of one aggregate the projector dead-lettered as `AggregateBlocked`.
+struct BlockedDeadLetters<'a> {
+    emulator: &'a ordo_servicebus_emulator::EmulatorHandle,
+    topic: String,
+    subscription: String,
+    id: &'a str,
+}
+
+impl BlockedDeadLetters<'_> {
+    async fn at_least(&self, n: usize) -> bool {
+        self.emulator
+            .subscription_dead_letters(&self.topic, &self.subscription)
+            .unwrap()
+            .iter()
+            .filter(|d| {
+                d.session_id.as_deref() == Some(self.id)
+                    && d.reason.as_deref() == Some("AggregateBlocked")
+            })
+            .count()
+            >= n
+    }
+}
+
+/// Runs `repair --aggregate` with its delete from `ordo_blocked` held for 4 s by a fail point
+/// scoped to its connections, and inserts v5 while the delete is held: the aggregate is still
+/// blocked, so the projector dead-letters v5. The repair must succeed all the same.
+async fn repair_while_v5_arrives_and_is_dead_lettered(
+    stack: &Stack,
+    dead_letters: &BlockedDeadLetters<'_>,
+) {
+    let id = dead_letters.id;
+    let events = stack.db().collection::<Document>("events");
     let app = "ordo-repair-test";
     stack
         .mongo
@@ -136,10 +174,10 @@ async fn repair_under_live_traffic_applies_events_that_arrive_while_it_runs() {
     let repair = stack.projector_command(app, &args);
     let during = async {
         // The repair's delete from ordo_blocked is in progress, held by the fail point.
-        wait_until(Duration::from_secs(30), || deleting(&stack, app)).await;
+        wait_until(Duration::from_secs(30), || deleting(stack, app)).await;
         events.insert_one(user_event(id, 5)).await.unwrap();
         // Still blocked: the projector dead-letters v5.
-        wait_until(Duration::from_secs(30), || blocked_dead_letters(2)).await;
+        wait_until(Duration::from_secs(30), || dead_letters.at_least(2)).await;
     };
     let ((ok, out), ()) = tokio::join!(async { repair.await.unwrap() }, during);
     assert!(ok, "{out}");
@@ -148,17 +186,4 @@ async fn repair_under_live_traffic_applies_events_that_arrive_while_it_runs() {
         "the fail point did not hold the repair's delete"
     );
     stack.mongo.disable_fail_point("failCommand").await.unwrap();
-
-    // No later event arrives: v5 must be in the read model through the repair itself.
-    wait_until(Duration::from_secs(60), || async move {
-        usersr
-            .find_one(doc! { "_id": id, "lastEventId": 5_i64, "email": format!("{id}+5@x") })
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-    assert_eq!(stack.blocked().await.unwrap(), 0);
-    let verdict = stack.verify().await.unwrap();
-    assert!(verdict.ok(), "{:?}", verdict.mismatches);
 }

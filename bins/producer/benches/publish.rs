@@ -173,9 +173,9 @@ async fn change_stream_ceiling(world: &World, n: usize, aggregates: usize) -> f6
     n as f64 / done.duration_since(started).as_secs_f64()
 }
 
-/// Raw batched sends: `senders` publishers draining per-session batches, as the producer's
-/// workers do, with nothing else in the way.
-async fn send_ceiling(world: &World, n: usize, aggregates: usize, senders: usize) -> f64 {
+/// `n` events of `aggregates` aggregates as the producer's batches: one session's messages,
+/// up to its default `max_batch_messages` each.
+fn session_batches(n: usize, aggregates: usize) -> Vec<Vec<WireMessage>> {
     let max_batch = ProducerSection::default().max_batch_messages;
     let mut by_session: BTreeMap<String, Vec<WireMessage>> = BTreeMap::new();
     for mut d in events(n, aggregates, "sendceiling-") {
@@ -185,14 +185,20 @@ async fn send_ceiling(world: &World, n: usize, aggregates: usize, senders: usize
             .to_message();
         by_session.entry(m.session_id.clone()).or_default().push(m);
     }
-    let batches: Vec<Vec<WireMessage>> = by_session
+    by_session
         .into_values()
         .flat_map(|msgs| {
             msgs.chunks(max_batch)
                 .map(<[WireMessage]>::to_vec)
                 .collect::<Vec<_>>()
         })
-        .collect();
+        .collect()
+}
+
+/// Raw batched sends: `senders` publishers draining per-session batches, as the producer's
+/// workers do, with nothing else in the way.
+async fn send_ceiling(world: &World, n: usize, aggregates: usize, senders: usize) -> f64 {
+    let batches = session_batches(n, aggregates);
     // The producer's own send path: on a partitioned topic with duplicate detection the broker
     // refuses batches and `auto` falls back to single sends, as the producer does.
     let factory = Arc::new(ModalPublisherFactory::new(

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use azservicebus::{ServiceBusReceiveMode, ServiceBusSessionReceiverOptions};
+use azservicebus::{
+    ServiceBusReceiveMode, ServiceBusSessionReceiver, ServiceBusSessionReceiverOptions,
+};
 use mongodb::bson::{doc, Document};
 use ordo_core::envelope::Envelope;
 use ordo_core::secret::Secret;
@@ -265,85 +267,16 @@ impl Collector {
         let sub = bus.subscription().to_string();
         // Several receivers, as several projector workers would: sessions are drained in
         // parallel and each session is still read by one receiver at a time.
-        let tasks = (0..4).map(|_| {
-            let received = received.clone();
-            let cs = cs.clone();
-            let topic = topic.clone();
-            let sub = sub.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                while !stop.is_cancelled() {
-                    let Ok(Ok(mut client)) = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        ordo_core::servicebus::test_client(&cs, "test-collector"),
-                    )
-                    .await
-                    else {
-                        // The broker is down (an outage test): try again shortly.
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                            _ = stop.cancelled() => return,
-                        }
-                    };
-                    loop {
-                        let options = ServiceBusSessionReceiverOptions {
-                            prefetch_count: 0,
-                            receive_mode: ServiceBusReceiveMode::PeekLock,
-                            identifier: None,
-                            ..Default::default()
-                        };
-                        let accepted = tokio::select! {
-                            r = tokio::time::timeout(
-                                Duration::from_secs(2),
-                                client.accept_next_session_for_subscription(&topic, &sub, options),
-                            ) => r,
-                            _ = stop.cancelled() => return,
-                        };
-                        let mut receiver = match accepted {
-                            Ok(Ok(r)) => r,
-                            // A cancelled accept can leave the client's AMQP session
-                            // unusable: start over on a fresh connection.
-                            Ok(Err(_)) | Err(_) => break,
-                        };
-                        loop {
-                            let got = match receiver
-                                .receive_messages_with_max_wait_time(
-                                    500,
-                                    Some(Duration::from_millis(150)),
-                                )
-                                .await
-                            {
-                                Ok(g) => g,
-                                Err(_) => break,
-                            };
-                            if got.is_empty() {
-                                break;
-                            }
-                            {
-                                let mut r = received.lock().unwrap();
-                                for m in &got {
-                                    r.raw += 1;
-                                    let id =
-                                        m.message_id().map(|s| s.to_string()).unwrap_or_default();
-                                    let env =
-                                        Envelope::decode(m.body().unwrap()).expect("envelope");
-                                    if r.message_ids.insert(id) {
-                                        r.per_aggregate
-                                            .entry(env.aggregate_id)
-                                            .or_default()
-                                            .push(env.event_id);
-                                    }
-                                }
-                            }
-                            for m in &got {
-                                let _ = receiver.complete_message(m).await;
-                            }
-                        }
-                        let _ = receiver.dispose().await;
-                    }
-                }
+        let tasks = (0..4)
+            .map(|_| {
+                tokio::spawn(collect(
+                    received.clone(),
+                    cs.clone(),
+                    (topic.clone(), sub.clone()),
+                    stop.clone(),
+                ))
             })
-        }).collect();
+            .collect();
         Self {
             received,
             stop,
@@ -403,5 +336,86 @@ pub fn published(cp: &Document) -> i64 {
         Some(mongodb::bson::Bson::Int64(n)) => *n,
         Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
         _ => 0,
+    }
+}
+
+/// One receiver of the collector: accepts the subscription's sessions one after another and
+/// drains each, on a fresh connection after any fault, until `stop`.
+async fn collect(
+    received: Arc<Mutex<Received>>,
+    cs: Secret,
+    (topic, sub): (String, String),
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let Ok(Ok(mut client)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            ordo_core::servicebus::test_client(&cs, "test-collector"),
+        )
+        .await
+        else {
+            // The broker is down (an outage test): try again shortly.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                _ = stop.cancelled() => return,
+            }
+        };
+        loop {
+            let options = ServiceBusSessionReceiverOptions {
+                prefetch_count: 0,
+                receive_mode: ServiceBusReceiveMode::PeekLock,
+                identifier: None,
+                ..Default::default()
+            };
+            let accepted = tokio::select! {
+                r = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.accept_next_session_for_subscription(&topic, &sub, options),
+                ) => r,
+                _ = stop.cancelled() => return,
+            };
+            let mut receiver = match accepted {
+                Ok(Ok(r)) => r,
+                // A cancelled accept can leave the client's AMQP session
+                // unusable: start over on a fresh connection.
+                Ok(Err(_)) | Err(_) => break,
+            };
+            drain(&mut receiver, &received).await;
+            let _ = receiver.dispose().await;
+        }
+    }
+}
+
+/// Receives and completes a session's messages until it has none for 150 ms (or a receive
+/// fails), recording each.
+async fn drain(receiver: &mut ServiceBusSessionReceiver, received: &Mutex<Received>) {
+    loop {
+        let got = match receiver
+            .receive_messages_with_max_wait_time(500, Some(Duration::from_millis(150)))
+            .await
+        {
+            Ok(g) => g,
+            Err(_) => break,
+        };
+        if got.is_empty() {
+            break;
+        }
+        {
+            let mut r = received.lock().unwrap();
+            for m in &got {
+                r.raw += 1;
+                let id = m.message_id().map(|s| s.to_string()).unwrap_or_default();
+                let env = Envelope::decode(m.body().unwrap()).expect("envelope");
+                if r.message_ids.insert(id) {
+                    r.per_aggregate
+                        .entry(env.aggregate_id)
+                        .or_default()
+                        .push(env.event_id);
+                }
+            }
+        }
+        for m in &got {
+            let _ = receiver.complete_message(m).await;
+        }
     }
 }

@@ -143,3 +143,74 @@ async fn closing_a_session_receiver_leaves_nothing_spinning_while_its_session_en
         "{used:.2} CPU seconds in {took:?} of closing a receiver"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_put_on_the_connection_serves_the_accepts_that_follow() {
+    let sb = TestServiceBus::start().await.unwrap();
+    if sb.is_external() {
+        eprintln!("skipped: the tokens are counted by the emulator");
+        return;
+    }
+    let emulator = sb.emulator().unwrap();
+    let mut source = common::session_source(&sb, "token-reuse-test").await;
+    let mut topic = TopicSender::open(&sb).await;
+    for id in ["a", "b"] {
+        topic
+            .sender
+            .send_message(message(id, format!("{id}:1"), "1".into()))
+            .await
+            .unwrap();
+    }
+    let wait = Duration::from_secs(10);
+    let first = session_or_panic(source.accept_next(wait).await.unwrap(), "the first accept");
+    let after_first = emulator.tokens_put();
+    first.close().await;
+    let second = session_or_panic(source.accept_next(wait).await.unwrap(), "the second");
+    assert_eq!(
+        emulator.tokens_put(),
+        after_first,
+        "the receiver and $management links of the second accept use the tokens the first put"
+    );
+    second.close().await;
+    topic.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_token_the_broker_let_lapse_is_put_again_not_reported() {
+    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
+    // The broker keeps tokens 1 s whatever their expiry says, so the client's reckoning that
+    // its token is still good is wrong.
+    config.namespace.max_token_lifetime = Some(Duration::from_secs(1));
+    let sb = TestServiceBus::start_with(config).await.unwrap();
+    if sb.is_external() {
+        eprintln!("skipped: the broker's token lifetime is the emulator's");
+        return;
+    }
+    let emulator = sb.emulator().unwrap();
+    let mut source = common::session_source(&sb, "lapsed-token-test").await;
+    let mut topic = TopicSender::open(&sb).await;
+    for id in ["a", "b"] {
+        topic
+            .sender
+            .send_message(message(id, format!("{id}:1"), "1".into()))
+            .await
+            .unwrap();
+    }
+    let wait = Duration::from_secs(10);
+    let first = session_or_panic(source.accept_next(wait).await.unwrap(), "the first accept");
+    // The broker detaches the held receiver once its token lapses: the token is gone.
+    wait_until(Duration::from_secs(20), || async {
+        emulator.token_expiry_detaches() >= 1
+    })
+    .await;
+    let put_before = emulator.tokens_put();
+    let second = source.accept_next(wait).await.unwrap();
+    let second = session_or_panic(second, "an accept after the token lapsed");
+    assert!(
+        emulator.tokens_put() > put_before,
+        "the second accept put a token of its own"
+    );
+    first.close().await;
+    second.close().await;
+    drop(topic);
+}

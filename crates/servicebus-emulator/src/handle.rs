@@ -153,6 +153,11 @@ impl EmulatorHandle {
         self.shared.token_expiry_detaches.load(Ordering::Relaxed)
     }
 
+    /// How many tokens `$cbs` put-token requests have put, on all connections together.
+    pub fn tokens_put(&self) -> u64 {
+        self.shared.tokens_put.load(Ordering::Relaxed)
+    }
+
     /// Adds a key (an authorization rule), or replaces the key of the same name: a key rotation.
     /// Tokens signed with the old key stay valid until they expire, as on Service Bus.
     pub fn put_key(&self, rule: AuthorizationRule) {

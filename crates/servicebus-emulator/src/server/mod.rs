@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     pub connections: AtomicUsize,
     /// Links detached because the token they depended on expired.
     pub token_expiry_detaches: AtomicU64,
+    /// Tokens accepted on `$cbs` put-token requests, all connections together.
+    pub tokens_put: AtomicU64,
 }
 
 impl Shared {
@@ -66,6 +68,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             token_expiry_detaches: AtomicU64::new(0),
+            tokens_put: AtomicU64::new(0),
         }
     }
 

@@ -380,6 +380,9 @@ fn put_token(request: &AmqpMessage, ctx: &ConnCtx) -> Reply {
                 None => grant,
             };
             ctx.auth.put(grant);
+            ctx.shared
+                .tokens_put
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             accepted
         }
         Err(denied) => {

@@ -17,6 +17,9 @@ use super::{cbs_token_provider::CbsTokenProvider, error::CbsAuthError};
 
 const DELAY_QUEUE_PLACEHOLDER_REFRESH_DURATION: StdDuration = StdDuration::from_secs(30 * 60);
 const CBS_LINK_COMMAND_QUEUE_SIZE: usize = 128;
+/// ordo patch (vendor/README.md): a token already put on the connection for an audience and
+/// its claims is reused for another link while it stays valid for at least this long.
+const TOKEN_REUSE_MARGIN: StdDuration = StdDuration::from_secs(10 * 60);
 
 // This is a monotonically incrementing identifier that is assigned when a new link is created.
 type LinkIdentifier = u32;
@@ -26,27 +29,43 @@ pub(crate) enum Command {
         auth: AuthorizationRefresher,
         result_sender: oneshot::Sender<Result<(), CbsAuthError>>,
     },
+    /// ordo patch (vendor/README.md): as `NewAuthorizationRefresher`, reusing a token already
+    /// put for the same audience and claims (see `AmqpCbsLink::authorize`).
+    ReusingAuthorizationRefresher {
+        auth: AuthorizationRefresher,
+        result_sender: oneshot::Sender<Result<(), CbsAuthError>>,
+    },
     RemoveAuthorizationRefresher(LinkIdentifier),
 }
 
 impl Command {
     /// ordo patch (vendor/README.md): the command `AmqpCbsLinkHandle::request_refreshable_authorization`
-    /// sends, for a caller that holds only the command sender.
+    /// sends, for a caller that holds only the command sender; with `reuse`, one that may
+    /// reuse a token already put for the same audience and claims.
     pub(crate) fn new_authorization_refresher(
         link_identifier: LinkIdentifier,
         endpoint: String,
         resource: String,
         required_claims: Vec<String>,
         result_sender: oneshot::Sender<Result<(), CbsAuthError>>,
+        reuse: bool,
     ) -> Self {
-        Command::NewAuthorizationRefresher {
-            auth: AuthorizationRefresher {
-                link_identifier,
-                endpoint,
-                resource,
-                required_claims,
-            },
-            result_sender,
+        let auth = AuthorizationRefresher {
+            link_identifier,
+            endpoint,
+            resource,
+            required_claims,
+        };
+        if reuse {
+            Command::ReusingAuthorizationRefresher {
+                auth,
+                result_sender,
+            }
+        } else {
+            Command::NewAuthorizationRefresher {
+                auth,
+                result_sender,
+            }
         }
     }
 }
@@ -117,6 +136,9 @@ pub(crate) struct AmqpCbsLink {
     pub delay_queue: DelayQueue<Refresher>,
     pub cbs_token_provider: CbsTokenProvider,
     pub cbs_client: CbsClient,
+    /// ordo patch (vendor/README.md): until when the token put on this connection for an
+    /// audience (resource) and its claims is valid.
+    pub authorized: HashMap<(String, Vec<String>), crate::util::time::Instant>,
 }
 
 impl AmqpCbsLink {
@@ -139,6 +161,7 @@ impl AmqpCbsLink {
             delay_queue,
             cbs_token_provider,
             cbs_client,
+            authorized: HashMap::new(),
         }
     }
 
@@ -208,43 +231,73 @@ impl AmqpCbsLink {
         Ok(expires_at_instant)
     }
 
+    /// ordo patch (vendor/README.md): authorizes `auth`'s link. A token put on this connection
+    /// for the same audience and claims covers every link to it until it expires, so while one
+    /// stays valid for [`TOKEN_REUSE_MARGIN`] no new one is put: the put-token round trip went
+    /// with every link, and the links of every accept on a connection waited for each other's
+    /// in this loop. Returns until when the link is authorized, when its refresh is due.
+    async fn authorize(
+        &mut self,
+        auth: &AuthorizationRefresher,
+        reuse: bool,
+    ) -> Result<Option<crate::util::time::Instant>, CbsAuthError> {
+        let key = (auth.resource.clone(), auth.required_claims.clone());
+        let now = crate::util::time::Instant::now();
+        match self.authorized.get(&key) {
+            Some(until) if reuse && *until > now + TOKEN_REUSE_MARGIN => return Ok(Some(*until)),
+            _ => {}
+        }
+        let expires_at = self
+            .request_authorization_using_cbs(&auth.endpoint, &auth.resource, &auth.required_claims)
+            .await?;
+        match expires_at {
+            Some(until) => self.authorized.insert(key, until),
+            None => self.authorized.remove(&key),
+        };
+        Ok(expires_at)
+    }
+
     async fn handle_command(&mut self, command: Command) {
         match command {
             Command::NewAuthorizationRefresher {
                 auth,
                 result_sender,
-            } => {
-                // First request authorization once, and then schedule a refresh.
-                let result = self
-                    .request_authorization_using_cbs(
-                        &auth.endpoint,
-                        &auth.resource,
-                        &auth.required_claims,
-                    )
-                    .await;
-                match result {
-                    Ok(expires_at) => {
-                        if let Some(expires_at) = expires_at {
-                            if expires_at > crate::util::time::Instant::now() {
-                                let link_identifier = auth.link_identifier;
-                                let key = self
-                                    .delay_queue
-                                    .insert_at(Refresher::Authorization(auth), expires_at);
-                                self.active_link_identifiers.insert(link_identifier, key);
-                            }
-                        }
-                        let _ = result_sender.send(Ok(()));
-                    }
-                    Err(err) => {
-                        let _ = result_sender.send(Err(err));
-                    }
-                }
-            }
+            } => self.add_refresher(auth, result_sender, false).await,
+            Command::ReusingAuthorizationRefresher {
+                auth,
+                result_sender,
+            } => self.add_refresher(auth, result_sender, true).await,
             Command::RemoveAuthorizationRefresher(link_identifier) => {
                 let key = self.active_link_identifiers.remove(&link_identifier);
                 if let Some(key) = key {
                     self.delay_queue.remove(&key);
                 }
+            }
+        }
+    }
+
+    async fn add_refresher(
+        &mut self,
+        auth: AuthorizationRefresher,
+        result_sender: oneshot::Sender<Result<(), CbsAuthError>>,
+        reuse: bool,
+    ) {
+        // First request authorization once, and then schedule a refresh.
+        match self.authorize(&auth, reuse).await {
+            Ok(expires_at) => {
+                if let Some(expires_at) = expires_at {
+                    if expires_at > crate::util::time::Instant::now() {
+                        let link_identifier = auth.link_identifier;
+                        let key = self
+                            .delay_queue
+                            .insert_at(Refresher::Authorization(auth), expires_at);
+                        self.active_link_identifiers.insert(link_identifier, key);
+                    }
+                }
+                let _ = result_sender.send(Ok(()));
+            }
+            Err(err) => {
+                let _ = result_sender.send(Err(err));
             }
         }
     }
@@ -259,13 +312,8 @@ impl AmqpCbsLink {
             }
             Refresher::Authorization(auth) => {
                 let link_identifier = auth.link_identifier;
-                let result = self
-                    .request_authorization_using_cbs(
-                        &auth.endpoint,
-                        &auth.resource,
-                        &auth.required_claims,
-                    )
-                    .await;
+                // Another link's refresh may have renewed the token a moment ago.
+                let result = self.authorize(&auth, true).await;
                 match result {
                     Ok(expires_at) => {
                         if let Some(expires_at) = expires_at {

@@ -20,6 +20,8 @@ use crate::{
 
 use super::{
     amqp_connection_scope::{AmqpConnectionScope, ReceiverType},
+    amqp_management_link::AmqpManagementLink,
+    amqp_session::AmqpSession,
     amqp_receiver::AmqpReceiver,
     amqp_rule_manager::AmqpRuleManager,
     amqp_sender::AmqpSender,
@@ -130,41 +132,21 @@ where
         prefetch_count: u32,
         accept_timeout: Option<std::time::Duration>,
     ) -> Result<AmqpSessionReceiver, OpenReceiverError> {
-        let (mut link_session, context) = self
-            .connection_scope
-            .lock()
-            .await
-            .begin_link_session()
-            .await?;
-        let (link_identifier, receiver, cbs_command_sender) = context
-            .open_receiver_link(
-                &mut link_session,
-                &self.service_endpoint,
-                &entity_path,
-                &identifier,
-                &receive_mode,
-                ReceiverType::Session {
-                    session_id,
-                    accept_timeout,
-                },
-                prefetch_count,
-            )
-            .await?;
-        let management_link = match context
-            .open_management_link(&mut link_session, &self.service_endpoint, &entity_path)
-            .await
-        {
-            Ok(link) => link,
-            Err(err) => {
-                // The receiver's token refresher would outlive the link on a live connection.
-                let _ = cbs_command_sender
-                    .send(super::amqp_cbs_link::Command::RemoveAuthorizationRefresher(
-                        link_identifier,
-                    ))
-                    .await;
-                return Err(err.into());
-            }
+        let receiver_type = || ReceiverType::Session {
+            session_id: session_id.clone(),
+            accept_timeout,
         };
+        let open = |reuse| {
+            self.open_links(&entity_path, &identifier, &receive_mode, receiver_type(), prefetch_count, reuse)
+        };
+        // A token reused from the connection may have lapsed at the broker before the client
+        // expected (a broker that shortens tokens): such a refusal is retried once with tokens
+        // of the link's own.
+        let (link_session, link_identifier, receiver, cbs_command_sender, management_link) =
+            match open(true).await {
+                Err(err) if is_unauthorized(&err) => open(false).await?,
+                other => other?,
+            };
         let retry_policy = RP::from(retry_options);
         let inner = AmqpReceiver {
             id: link_identifier,
@@ -186,6 +168,83 @@ where
 
         Ok(AmqpSessionReceiver { inner })
     }
+
+    /// Begins the receiver's AMQP session and opens its receiver and `$management` links on it.
+    #[allow(clippy::type_complexity)]
+    async fn open_links(
+        &self,
+        entity_path: &str,
+        identifier: &str,
+        receive_mode: &ServiceBusReceiveMode,
+        receiver_type: ReceiverType,
+        prefetch_count: u32,
+        reuse_tokens: bool,
+    ) -> Result<
+        (
+            AmqpSession,
+            u32,
+            fe2o3_amqp::Receiver,
+            tokio::sync::mpsc::Sender<super::amqp_cbs_link::Command>,
+            AmqpManagementLink,
+        ),
+        OpenReceiverError,
+    > {
+        let (mut link_session, context) = self
+            .connection_scope
+            .lock()
+            .await
+            .begin_link_session()
+            .await?;
+        let context = context.reusing_tokens(reuse_tokens);
+        let (link_identifier, receiver, cbs_command_sender) = context
+            .open_receiver_link(
+                &mut link_session,
+                &self.service_endpoint,
+                entity_path,
+                identifier,
+                receive_mode,
+                receiver_type,
+                prefetch_count,
+            )
+            .await?;
+        match context
+            .open_management_link(&mut link_session, &self.service_endpoint, entity_path)
+            .await
+        {
+            Ok(link) => Ok((link_session, link_identifier, receiver, cbs_command_sender, link)),
+            Err(err) => {
+                // The receiver's token refresher would outlive the link on a live connection.
+                let _ = cbs_command_sender
+                    .send(super::amqp_cbs_link::Command::RemoveAuthorizationRefresher(
+                        link_identifier,
+                    ))
+                    .await;
+                Err(err.into())
+            }
+        }
+    }
+}
+
+/// ordo patch (vendor/README.md): whether the broker refused a link for want of authorization.
+fn is_unauthorized(err: &OpenReceiverError) -> bool {
+    use fe2o3_amqp::link::{ReceiverAttachError, SenderAttachError};
+    use fe2o3_amqp_management::error::AttachError;
+    use fe2o3_amqp_types::definitions::{AmqpError, ErrorCondition};
+
+    let error = match err {
+        OpenReceiverError::ReceiverAttach(ReceiverAttachError::RemoteClosedWithError(e))
+        | OpenReceiverError::ManagementLinkAttach(AttachError::Receiver(
+            ReceiverAttachError::RemoteClosedWithError(e),
+        ))
+        | OpenReceiverError::ManagementLinkAttach(AttachError::Sender(
+            SenderAttachError::RemoteClosedWithError(e),
+        )) => e,
+        _ => return false,
+    };
+    matches!(
+        error.condition,
+        ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess)
+    )
 }
 
 impl<RP> Sealed for AmqpClient<RP> {}

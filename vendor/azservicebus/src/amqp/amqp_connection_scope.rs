@@ -260,6 +260,7 @@ impl AmqpConnectionScope {
             scope_id: self.id.clone(),
             connection_identifier: self.connection.identifier,
             cbs_command_sender: self.cbs_link.command_sender().clone(),
+            reuse_tokens: false,
         }
     }
 
@@ -391,9 +392,19 @@ pub(crate) struct LinkContext {
     scope_id: String,
     connection_identifier: u32,
     cbs_command_sender: mpsc::Sender<amqp_cbs_link::Command>,
+    /// Whether a link may use a token already put for its audience (see
+    /// `AmqpCbsLink::authorize`) instead of putting one of its own.
+    reuse_tokens: bool,
 }
 
 impl LinkContext {
+    /// This context, with links reusing tokens already put on the connection (`true`) or
+    /// each putting its own.
+    pub(crate) fn reusing_tokens(mut self, reuse: bool) -> Self {
+        self.reuse_tokens = reuse;
+        self
+    }
+
     async fn authorize(
         &self,
         link_identifier: u32,
@@ -412,6 +423,7 @@ impl LinkContext {
             resource,
             required_claims,
             result_sender,
+            self.reuse_tokens,
         );
         self.cbs_command_sender
             .send(command)

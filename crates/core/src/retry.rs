@@ -1,12 +1,31 @@
-//! Retrying: the capped, jittered backoff and [`Retry`], the step every retry loop of ordo
-//! takes after a failure.
+//! Retrying: the capped, jittered backoff and [`Retry`], the step most retry loops of ordo
+//! take after a failure.
 //!
-//! Each loop (publishing, the change stream, checkpoints, the lease, session work) classifies
-//! its own errors and holds its own readiness fault (`crate::readiness`) while it retries. The
-//! step after a failure is the same everywhere and is [`Retry::pause`] (or [`Retry::next`] for a
-//! loop that also wakes on something else): count the retry in
-//! `ordo_retries_total{operation, reason}`, log it, wait the next delay or stop when the daemon
-//! does. Nothing is retried a bounded number of times and then dropped.
+//! Each loop classifies its own errors and holds its own readiness fault (`crate::readiness`)
+//! while it retries. In publishing and parking, the change stream and the scan, loading,
+//! claiming and the final save of checkpoints, the lease, the event index check and the
+//! projector's batches, the step after a failure is
+//! [`Retry::pause`] (or [`Retry::next`] for a loop that also wakes on something else): count the
+//! retry in `ordo_retries_total{operation, reason}`, log it, wait the next delay or stop when
+//! the daemon does. Nothing is retried a bounded number of times and then dropped.
+//!
+//! These loops count or wait their own way instead, each for the reason its own doc gives:
+//! - the projector's accept `back_off` (`worker/accept.rs`): its delay is indexed by the
+//!   failures of every worker since the broker last answered, not by this worker's own
+//!   sequence; its wait also ends when the broker probe answers again; and its `reason` is the
+//!   broker's AMQP condition, known only at run time, where `Retry` takes a `&'static str`.
+//!   An unclear refusal of an accept, which is no fault, is counted and waited out there too,
+//!   on the worker's own delays.
+//! - the projector's broker probe (`probes.rs`): the same run-time `reason`, and it logs an
+//!   outage once, when it begins, not at every check.
+//! - the producer's broker probe (`probe.rs`): it runs at a fixed interval whether a check
+//!   failed or not, so there is no backoff to step; it counts and logs a failure itself.
+//! - the producer's periodic checkpoint save (`checkpointer.rs`) and the projector's periodic
+//!   reconciliation (`reconcile`): the next try is the next tick, not a backoff delay, so they
+//!   count and log a failure themselves.
+//! - the change stream meeting an event over 16 MB: counted, and the stream reopens at once.
+//! - the projector's wait for events still in flight (`store/events.rs`, `heal`): a bounded
+//!   poll, not a retry; nothing failed, so nothing is counted.
 
 use std::{fmt::Display, time::Duration};
 

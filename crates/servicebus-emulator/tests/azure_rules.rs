@@ -458,56 +458,80 @@ fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
             .serve_http(std::net::SocketAddr::new(ip, 0))
             .await
             .unwrap();
-        let post = |path: &'static str, auth: Option<String>, body: &'static str| {
-            tokio::task::spawn_blocking(move || {
-                http_request(http, "POST", path, auth.as_deref(), body)
-            })
-        };
-        let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
+        let keys = KeysApi { http, root };
+        keys.refuses_what_azure_refuses().await;
+        keys.lists_the_keys().await;
+        // 1. Regenerate the key nobody uses; the connection string returned works as it is.
+        let moved = keys.regenerates_the_unused_key(&emulator).await;
+        // 2. Then the old one, to a chosen value.
+        keys.regenerates_the_old_key(&emulator, moved).await;
+        emulator.shutdown().await;
+    });
+}
 
-        // Refused: no key, a wrong key, a key without Manage, an unknown rule, a bad body.
-        let list = "/keys/sender/listKeys";
-        let (status, why) = post(list, None, "").await.unwrap();
+const LIST: &str = "/keys/sender/listKeys";
+const REGENERATE: &str = "/keys/sender/regenerateKeys";
+
+/// The emulator's HTTP keys endpoint and a connection string's key of the root (Manage) rule.
+struct KeysApi {
+    http: std::net::SocketAddr,
+    root: String,
+}
+
+impl KeysApi {
+    /// POSTs `body` to `path` with `auth` as the Authorization header: the status and body.
+    async fn post(
+        &self,
+        path: &'static str,
+        auth: Option<String>,
+        body: &'static str,
+    ) -> (u16, String) {
+        let http = self.http;
+        tokio::task::spawn_blocking(move || http_request(http, "POST", path, auth.as_deref(), body))
+            .await
+            .unwrap()
+    }
+
+    /// POSTs as the root rule.
+    async fn post_as_root(&self, path: &'static str, body: &'static str) -> (u16, String) {
+        self.post(path, Some(self.root.clone()), body).await
+    }
+
+    /// Refused: no key, a wrong key, a key without Manage, an unknown rule, a bad body.
+    async fn refuses_what_azure_refuses(&self) {
+        let (status, why) = self.post(LIST, None, "").await;
         assert_eq!(
             (status, why.contains("Authorization header is missing")),
             (401, true),
             "{why}"
         );
         let wrong = Some("SharedAccessKeyName=sender;SharedAccessKey=nope".to_owned());
-        assert_eq!(post(list, wrong, "").await.unwrap().0, 401);
+        assert_eq!(self.post(LIST, wrong, "").await.0, 401);
         let sender = Some("SharedAccessKeyName=sender;SharedAccessKey=primary-key".to_owned());
-        let (status, why) = post(list, sender, "").await.unwrap();
+        let (status, why) = self.post(LIST, sender, "").await;
         assert_eq!(
             (status, why.contains("no Manage right")),
             (403, true),
             "{why}"
         );
-        let (status, why) = post("/keys/nobody/listKeys", Some(root.clone()), "")
-            .await
-            .unwrap();
+        let (status, why) = self.post_as_root("/keys/nobody/listKeys", "").await;
         assert_eq!(
             (status, why.as_str()),
             (404, "authorization rule not found: nobody")
         );
-        let regenerate = "/keys/sender/regenerateKeys";
-        let (status, why) = post(
-            regenerate,
-            Some(root.clone()),
-            r#"{"keyType":"TertiaryKey"}"#,
-        )
-        .await
-        .unwrap();
+        let (status, why) = self
+            .post_as_root(REGENERATE, r#"{"keyType":"TertiaryKey"}"#)
+            .await;
         assert_eq!((status, why.contains("TertiaryKey")), (400, true), "{why}");
-        let (status, why) = post(
-            regenerate,
-            Some(root.clone()),
-            r#"{"keyType":"PrimaryKey","key":"a;b"}"#,
-        )
-        .await
-        .unwrap();
+        let (status, why) = self
+            .post_as_root(REGENERATE, r#"{"keyType":"PrimaryKey","key":"a;b"}"#)
+            .await;
         assert_eq!((status, why.contains("\"a;b\"")), (400, true), "{why}");
+    }
 
-        let (status, listed) = post(list, Some(root.clone()), "").await.unwrap();
+    /// A Manage key sees both keys, and the connection string listed works.
+    async fn lists_the_keys(&self) {
+        let (status, listed) = self.post_as_root(LIST, "").await;
         assert_eq!(status, 200, "{listed}");
         let listed = json(&listed);
         assert_eq!(listed["keyName"], "sender");
@@ -521,15 +545,14 @@ fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
         )
         .await
         .unwrap();
+    }
 
-        // 1. Regenerate the key nobody uses; the connection string returned works as it is.
-        let (status, renewed) = post(
-            regenerate,
-            Some(root.clone()),
-            r#"{"keyType":"SecondaryKey"}"#,
-        )
-        .await
-        .unwrap();
+    /// Regenerates the secondary key: the connection string returned (given back) works, the
+    /// old secondary key stops signing, the primary key goes on.
+    async fn regenerates_the_unused_key(&self, emulator: &EmulatorHandle) -> String {
+        let (status, renewed) = self
+            .post_as_root(REGENERATE, r#"{"keyType":"SecondaryKey"}"#)
+            .await;
         assert_eq!(status, 200, "{renewed}");
         let renewed = json(&renewed);
         let new_secondary = renewed["secondaryKey"].as_str().unwrap().to_owned();
@@ -545,34 +568,37 @@ fn keys_are_listed_and_regenerated_over_http_for_a_manage_key_only() {
             .unwrap()
             .to_owned();
         can_send(moved.clone()).await.unwrap();
-        let refused = can_send(with_key(&emulator, "sender", "secondary-key"))
+        let refused = can_send(with_key(emulator, "sender", "secondary-key"))
             .await
             .unwrap_err();
         assert!(refused.contains("InvalidSignature"), "{refused}");
-        can_send(with_key(&emulator, "sender", "primary-key"))
+        can_send(with_key(emulator, "sender", "primary-key"))
             .await
             .unwrap();
+        moved
+    }
 
-        // 2. Then the old one, to a chosen value.
-        let (status, renewed) = post(
-            regenerate,
-            Some(root.clone()),
-            r#"{"keyType":"PrimaryKey","key":"chosen"}"#,
-        )
-        .await
-        .unwrap();
+    /// Regenerates the primary key to a chosen value: the old primary key stops signing, the
+    /// client that `moved` to the secondary goes on, and the chosen key signs.
+    async fn regenerates_the_old_key(&self, emulator: &EmulatorHandle, moved: String) {
+        let (status, renewed) = self
+            .post_as_root(REGENERATE, r#"{"keyType":"PrimaryKey","key":"chosen"}"#)
+            .await;
         assert_eq!(status, 200, "{renewed}");
         assert_eq!(json(&renewed)["primaryKey"], "chosen");
-        let refused = can_send(with_key(&emulator, "sender", "primary-key"))
+        let refused = can_send(with_key(emulator, "sender", "primary-key"))
             .await
             .unwrap_err();
         assert!(refused.contains("InvalidSignature"), "{refused}");
         can_send(moved).await.unwrap();
-        can_send(with_key(&emulator, "sender", "chosen"))
+        can_send(with_key(emulator, "sender", "chosen"))
             .await
             .unwrap();
-        emulator.shutdown().await;
-    });
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap()
 }
 
 /// A link is known by its name and its role (AMQP 1.0 §2.6.1): a sender and a receiver of one

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use ordo_testkit::ConfigFile;
+
 const PROJECTIONS: &str = r#"
 [[projections]]
 name = "users"
@@ -11,18 +13,26 @@ collection = "users"
 set = { email = "$payload.email" }
 "#;
 
+/// A configuration that names `projections` as its projections file, written by the
+/// serializer, which quotes and escapes the path.
 fn config(projections: &Path) -> String {
-    format!(
-        r#"
-[mongodb]
-uri = "mongodb://127.0.0.1:1/app?directConnection=true"
-[servicebus]
-connection_string = "Endpoint=sb://127.0.0.9;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
-[projector]
-projections_file = {:?}
-"#,
-        projections.display().to_string()
-    )
+    ConfigFile::default()
+        .set(
+            "mongodb",
+            "uri",
+            "mongodb://127.0.0.1:1/app?directConnection=true",
+        )
+        .set(
+            "servicebus",
+            "connection_string",
+            "Endpoint=sb://127.0.0.9;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
+        )
+        .set(
+            "projector",
+            "projections_file",
+            projections.display().to_string(),
+        )
+        .render()
 }
 
 /// Runs `--check-config` with `projections` written to a file the config names (or no file at

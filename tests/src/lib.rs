@@ -2,7 +2,6 @@
 //!
 //! Used by the end-to-end tests in `tests/tests`, the demo (`ordo-demo`, the README's first
 //! command) and the end-to-end benchmark (`ordo-bench`).
-
 //!
 //! Module map: [`sample`] (the sample events), [`stack`] (stand-ins and daemons started
 //! together, and the verdict on their read models), [`stats`] and [`chart`] (percentiles and

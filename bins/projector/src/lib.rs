@@ -9,14 +9,17 @@
 //! - `probes`: MongoDB and Service Bus checked for `/readyz` apart from the workers' accepts.
 //! - [`supervise`]: the workers and the periodic tasks are respawned after a panic or an early
 //!   return.
-//! - [`store`]: read models with version guards, the events collection, `ordo_blocked`.
+//! - [`store`]: read models with version guards, the events collection, `ordo_blocked`, and
+//!   `latest`, what reconciliation reads over the whole events collection.
 //! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
 //! - [`repair`]: the `repair` subcommand.
 //! - [`rebuild`]: the `rebuild` subcommand.
 //! - [`projections`]: loading the projections and the checks on them (names and collections
 //!   unique, none on the events collection or ordo's own).
 //! - this file: [`run`] (the daemon's tasks started, its heartbeat and blocked-aggregates
-//!   gauge, the events-index report, the drain), [`status`], [`open_store`].
+//!   gauge, the events-index report, the drain), [`run_with`] (the same with custom
+//!   projections written in Rust; [`cli`] runs it), [`spawn_workers`] (the
+//!   supervised session workers over any session source), [`status`], [`open_store`].
 
 pub mod cli;
 pub mod config;

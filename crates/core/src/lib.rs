@@ -3,7 +3,8 @@
 //!
 //! Module map:
 //! - [`envelope`]: the message contract between producer and projector (body, ids, properties).
-//! - [`cli`]: what both binaries do before `run`: parse flags, load or check the config.
+//! - [`cli`]: what both binaries do before `run`: parse flags, load or check the config, build
+//!   the runtime.
 //! - [`config`]: TOML + `ORDO__SECTION__KEY` loading, the sections both daemons share, validation.
 //! - [`secret`]: connection strings that never reach a log line.
 //! - [`checkpoint`]: the producer's resume-token store (`ordo_checkpoints`), fenced by a lease.
@@ -17,8 +18,10 @@
 //! - [`status`]: what `ordo-projector status` shows an operator, the projector heartbeat it
 //!   reads, and the host name both daemons identify themselves with.
 //! - [`readiness`]: what `/readyz` answers: each dependency's fault, held while it lasts.
-//! - [`shutdown`]: the root cancellation token, task tracker and signal handling.
-//! - [`retry`]: the capped, jittered backoff and the step every retry loop takes after a failure.
+//! - [`shutdown`]: the root cancellation token, task tracker and signal handling, the drain
+//!   bounded by the grace period (`Shutdown::drain`), and `last_step`, a bounded step at exit.
+//! - [`retry`]: the capped, jittered backoff and the step most retry loops take after a
+//!   failure (the module names those that step their own way).
 
 pub mod checkpoint;
 pub mod cli;

@@ -24,6 +24,7 @@
 //! - [`wait`]: polling with a deadline; `watchdog` says where a hung test hangs.
 //! - [`prom`]: reading `/metrics`. [`bench`]: what the benchmarks share.
 //! - [`net`], [`paths`], `lock`: free ports, where things live, a cross-process file lock.
+//! - this file: [`Unavailable`], a fault-injection step a real service cannot take.
 
 pub mod bench;
 pub mod config;

@@ -34,9 +34,10 @@ pub const REASON_FOREIGN: &str = "ForeignAggregate";
 /// Dead-letter reason for a read model the server refuses to store (validator, 16 MB).
 pub const REASON_REFUSED: &str = "ReadModelRefused";
 
-/// What went wrong, as the dead-letter reason and `ordo_blocked` record it.
+/// Why a message is poison (the events' own fault, never the database's or the broker's), as
+/// the dead-letter reason and `ordo_blocked` record it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fault {
+pub struct Poison {
     /// Short reason (the dead-letter reason).
     pub reason: &'static str,
     /// What went wrong, with the field, value or document that did it.
@@ -51,7 +52,7 @@ pub struct Stop {
     /// The first version not applied.
     pub version: i64,
     /// Why.
-    pub fault: Fault,
+    pub poison: Poison,
 }
 
 /// A message of the batch, as the rule sees it.
@@ -60,7 +61,7 @@ pub enum Item {
     /// A decoded event of this version.
     Event(i64),
     /// A body that cannot be read: poison by itself.
-    Undecodable(Fault),
+    Undecodable(Poison),
 }
 
 /// How the apply of a batch ended.
@@ -79,8 +80,9 @@ pub enum Outcome {
         /// The first version not applied.
         at: i64,
     },
-    /// A fault that is not the events' own: nothing is known about the batch.
-    Faulted,
+    /// A fault that is not the events' own (database down, a fail point, a timeout) cut the
+    /// apply short: nothing is known about the batch.
+    Interrupted,
 }
 
 /// What to do with one message.
@@ -120,7 +122,7 @@ pub enum Decision {
 /// The rule. `stored` is the highest version the read models held before the batch.
 pub fn decide(batch: &[Item], stored: i64, outcome: &Outcome) -> Decision {
     let (durable, mut stop, already_blocked) = match outcome {
-        Outcome::Faulted => return Decision::Retry,
+        Outcome::Interrupted => return Decision::Retry,
         Outcome::Applied { durable, stop } => (*durable, stop.clone(), false),
         Outcome::Blocked { at } => (at - 1, None, true),
     };
@@ -137,10 +139,10 @@ pub fn decide(batch: &[Item], stored: i64, outcome: &Outcome) -> Decision {
                 Some(s) => poison(&mut block, s),
                 None => Action::Abandon,
             },
-            Item::Undecodable(fault) => {
+            Item::Undecodable(why) => {
                 let s = stop.take().unwrap_or_else(|| Stop {
                     version: durable + 1,
-                    fault: fault.clone(),
+                    poison: why.clone(),
                 });
                 poison(&mut block, s)
             }
@@ -152,8 +154,8 @@ pub fn decide(batch: &[Item], stored: i64, outcome: &Outcome) -> Decision {
 
 fn poison(block: &mut Option<Stop>, s: Stop) -> Action {
     let action = Action::DeadLetter {
-        reason: s.fault.reason,
-        description: s.fault.description.clone(),
+        reason: s.poison.reason,
+        description: s.poison.description.clone(),
     };
     *block = Some(s);
     action
@@ -173,8 +175,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn fault(reason: &'static str) -> Fault {
-        Fault {
+    fn poison(reason: &'static str) -> Poison {
+        Poison {
             reason,
             description: reason.to_lowercase(),
             projection: "*".into(),
@@ -184,7 +186,7 @@ mod tests {
     fn item() -> impl Strategy<Value = Item> {
         prop_oneof![
             8 => (1i64..12).prop_map(Item::Event),
-            1 => Just(Item::Undecodable(fault("UndecodableMessage"))),
+            1 => Just(Item::Undecodable(poison("UndecodableMessage"))),
         ]
     }
 
@@ -209,7 +211,7 @@ mod tests {
                 durable: s - 1,
                 stop: Some(Stop {
                     version: s,
-                    fault: fault("ProjectionError"),
+                    poison: poison("ProjectionError"),
                 }),
             },
             None => Outcome::Applied {
@@ -222,7 +224,7 @@ mod tests {
     fn settle(batch: &[Item], stored: i64, outcome: &Outcome) -> (Vec<Action>, Option<Stop>) {
         match decide(batch, stored, outcome) {
             Decision::Settle { actions, block } => (actions, block),
-            Decision::Retry => panic!("{outcome:?} is not a fault"),
+            Decision::Retry => panic!("{outcome:?} is not Interrupted"),
         }
     }
 
@@ -330,7 +332,7 @@ mod tests {
     #[test]
     fn a_fault_that_is_not_the_events_retries_the_batch() {
         let batch = [Item::Event(1), Item::Event(2)];
-        assert_eq!(decide(&batch, 0, &Outcome::Faulted), Decision::Retry);
+        assert_eq!(decide(&batch, 0, &Outcome::Interrupted), Decision::Retry);
     }
 
     #[test]
@@ -338,7 +340,7 @@ mod tests {
         let batch = [Item::Event(3), Item::Event(4), Item::Event(5)];
         let stop = Stop {
             version: 4,
-            fault: fault("GapNotHealed"),
+            poison: poison("GapNotHealed"),
         };
         let outcome = Outcome::Applied {
             durable: 3,

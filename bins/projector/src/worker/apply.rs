@@ -6,7 +6,7 @@ use ordo_projection::ApplyError;
 use super::session::Held;
 use super::{Applied, Engine, Event, WorkError};
 use crate::settle::{
-    Fault, Stop, REASON_DUPLICATE, REASON_GAP, REASON_PROJECTION, REASON_REFUSED, REASON_SOURCE,
+    Poison, Stop, REASON_DUPLICATE, REASON_GAP, REASON_PROJECTION, REASON_REFUSED, REASON_SOURCE,
 };
 use crate::store::{StoreError, Written};
 use mongodb::bson::Document;
@@ -277,7 +277,7 @@ impl Engine {
 fn stop_at(p: &dyn Projection, version: i64, reason: &'static str, description: String) -> Stop {
     Stop {
         version,
-        fault: Fault {
+        poison: Poison {
             reason,
             description,
             projection: p.name().to_string(),

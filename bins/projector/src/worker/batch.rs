@@ -1,11 +1,11 @@
 //! One batch of a held session: receive → decide → settle, with the lock renewed while it
-//! runs; pausing for a fault that is not the events', and blocking the aggregate for one that is.
+//! runs; pausing for a fault that is not the events', and blocking the aggregate at a poison.
 
 use super::message::{aggregate_of, block_record, decode};
 use super::session::{After, Held};
 use super::{Activity, Engine, Event, WorkError};
 use crate::settle::{
-    self, Action, Decision, Fault, Item, Outcome, Stop, REASON_BLOCKED, REASON_FOREIGN,
+    self, Action, Decision, Item, Outcome, Poison, Stop, REASON_BLOCKED, REASON_FOREIGN,
 };
 use crate::store::BlockRecord;
 use ordo_core::envelope::session_id;
@@ -89,8 +89,8 @@ impl Engine {
         &self,
         session: &mut R,
         msgs: Vec<R::Message>,
-        decoded: Vec<Result<Event, Fault>>,
-    ) -> Option<(Vec<R::Message>, Vec<Result<Event, Fault>>)> {
+        decoded: Vec<Result<Event, Poison>>,
+    ) -> Option<(Vec<R::Message>, Vec<Result<Event, Poison>>)> {
         let sid = session.session_id().to_string();
         // Compared without case: Service Bus is reported to treat session ids so, and may hand
         // one back in another case than it was sent (azure-sdk-for-java#48759).
@@ -153,7 +153,7 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> After {
         let started = Instant::now();
-        let decoded: Vec<Result<Event, Fault>> = msgs.iter().map(decode).collect();
+        let decoded: Vec<Result<Event, Poison>> = msgs.iter().map(decode).collect();
         let Some((msgs, decoded)) = self.settle_foreign(session, msgs, decoded).await else {
             return After::Drop;
         };
@@ -199,7 +199,7 @@ impl Engine {
         session: &mut R,
         held: &mut Held,
         aggregate_id: &str,
-        decoded: &[Result<Event, Fault>],
+        decoded: &[Result<Event, Poison>],
         last_renew: &mut Instant,
         cancel: &CancellationToken,
     ) -> Option<(Vec<Action>, Option<Stop>)> {
@@ -212,7 +212,7 @@ impl Engine {
             let work = self.outcome(held, aggregate_id, &events);
             let (stored, outcome, error) = match self.renewing(session, last_renew, work).await? {
                 Ok((stored, outcome)) => (stored, outcome, None),
-                Err(e) => (0, Outcome::Faulted, Some(e)),
+                Err(e) => (0, Outcome::Interrupted, Some(e)),
             };
             if let Decision::Settle { actions, block } = settle::decide(&items, stored, &outcome) {
                 return Some((actions, block));
@@ -242,7 +242,7 @@ impl Engine {
         session: &mut R,
         aggregate_id: &str,
         msgs: &[R::Message],
-        decoded: &[Result<Event, Fault>],
+        decoded: &[Result<Event, Poison>],
         actions: &[Action],
     ) -> bool {
         // The batch is written: its events count as applied (or as duplicates) whatever
@@ -352,7 +352,7 @@ impl Engine {
 }
 
 /// What the settlement rule sees of each message: its version, or why it cannot be read.
-fn items_of(decoded: &[Result<Event, Fault>]) -> Vec<Item> {
+fn items_of(decoded: &[Result<Event, Poison>]) -> Vec<Item> {
     decoded
         .iter()
         .map(|d| match d {
@@ -363,7 +363,7 @@ fn items_of(decoded: &[Result<Event, Fault>]) -> Vec<Item> {
 }
 
 /// The events before the first message that cannot be read: only they may be applied.
-fn decodable_prefix(decoded: &[Result<Event, Fault>]) -> Vec<&Event> {
+fn decodable_prefix(decoded: &[Result<Event, Poison>]) -> Vec<&Event> {
     let cut = decoded
         .iter()
         .position(Result::is_err)

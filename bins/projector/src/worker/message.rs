@@ -1,27 +1,27 @@
 //! What a message says: its event, its aggregate, and the block record a poison one leaves.
 
 use super::Event;
-use crate::settle::{Fault, Stop, REASON_DECODE, REASON_VERSION};
+use crate::settle::{Poison, Stop, REASON_DECODE, REASON_VERSION};
 use crate::store::BlockRecord;
 use ordo_core::envelope::{Envelope, HASHED_ID_PREFIX};
 use ordo_core::servicebus::receiver::Delivery;
 
-pub(super) fn decode<M: Delivery>(msg: &M) -> Result<Event, Fault> {
-    let fault = |reason: &'static str, description: String| Fault {
+pub(super) fn decode<M: Delivery>(msg: &M) -> Result<Event, Poison> {
+    let poison = |reason: &'static str, description: String| Poison {
         reason,
         description,
         projection: "*".into(),
     };
     Envelope::check_version(msg.envelope_version())
-        .map_err(|e| fault(REASON_VERSION, e.to_string()))?;
-    let body = msg.body().map_err(|e| fault(REASON_DECODE, e))?;
+        .map_err(|e| poison(REASON_VERSION, e.to_string()))?;
+    let body = msg.body().map_err(|e| poison(REASON_DECODE, e))?;
     let env = Envelope::decode(body).map_err(|e| match e {
-        ordo_core::envelope::DecodeError::Version(_) => fault(REASON_VERSION, e.to_string()),
-        _ => fault(REASON_DECODE, e.to_string()),
+        ordo_core::envelope::DecodeError::Version(_) => poison(REASON_VERSION, e.to_string()),
+        _ => poison(REASON_DECODE, e.to_string()),
     })?;
     let doc = env
         .to_event_document()
-        .map_err(|e| fault(REASON_DECODE, e.to_string()))?;
+        .map_err(|e| poison(REASON_DECODE, e.to_string()))?;
     Ok(Event {
         version: env.event_id,
         aggregate_id: env.aggregate_id.clone(),
@@ -36,7 +36,7 @@ pub(super) fn decode<M: Delivery>(msg: &M) -> Result<Event, Fault> {
 pub(super) fn aggregate_of<M: Delivery>(
     session_id: &str,
     msgs: &[M],
-    decoded: &[Result<Event, Fault>],
+    decoded: &[Result<Event, Poison>],
 ) -> String {
     decoded
         .iter()
@@ -52,7 +52,7 @@ pub(super) fn block_record(
     stop: &Stop,
     poison_message_id: String,
 ) -> BlockRecord {
-    let mut description = stop.fault.description.clone();
+    let mut description = stop.poison.description.clone();
     if aggregate_id.starts_with(HASHED_ID_PREFIX) {
         description.push_str(
             " (no message of the batch could be read: recorded under the session id, the digest of the aggregate id)",
@@ -60,9 +60,9 @@ pub(super) fn block_record(
     }
     BlockRecord {
         aggregate_id: aggregate_id.to_string(),
-        projection: stop.fault.projection.clone(),
+        projection: stop.poison.projection.clone(),
         blocked_at_event_id: stop.version,
-        reason: stop.fault.reason.to_string(),
+        reason: stop.poison.reason.to_string(),
         description,
         message_id: poison_message_id,
     }

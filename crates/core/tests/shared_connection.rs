@@ -17,6 +17,16 @@ const PARKED: Duration = Duration::from_secs(60);
 /// How long the second accept asks the broker to wait.
 const SHORT: Duration = Duration::from_secs(1);
 
+/// A sender on the test topic that has sent one message to each of `sessions`.
+async fn sent_one_each(sb: &TestServiceBus, sessions: &[&str]) -> TopicSender {
+    let mut topic = TopicSender::open(sb).await;
+    for id in sessions {
+        let m = message(id, format!("{id}:1"), "1".into());
+        topic.sender.send_message(m).await.unwrap();
+    }
+    topic
+}
+
 fn session_or_panic(accepted: Accepted<AzureSession>, what: &str) -> AzureSession {
     match accepted {
         Accepted::Session(s) => s,
@@ -116,13 +126,7 @@ async fn closing_a_session_receiver_leaves_nothing_spinning_while_its_session_en
     let mut source = common::session_source(&sb, "ending-session-test").await;
     // The sender is dropped, not closed: at this round trip the client's close gives up
     // waiting for the broker's (`Expecting remote close`).
-    let mut topic = TopicSender::open(&sb).await;
-    topic
-        .sender
-        .send_message(message("a", "a:1".into(), "1".into()))
-        .await
-        .unwrap();
-    drop(topic);
+    drop(sent_one_each(&sb, &["a"]).await);
     let accepted = source.accept_next(Duration::from_secs(10)).await.unwrap();
     let mut a = session_or_panic(accepted, "the accept");
     let got = a.receive(1, Duration::from_secs(10)).await.unwrap();
@@ -153,14 +157,7 @@ async fn a_token_put_on_the_connection_serves_the_accepts_that_follow() {
     }
     let emulator = sb.emulator().unwrap();
     let mut source = common::session_source(&sb, "token-reuse-test").await;
-    let mut topic = TopicSender::open(&sb).await;
-    for id in ["a", "b"] {
-        topic
-            .sender
-            .send_message(message(id, format!("{id}:1"), "1".into()))
-            .await
-            .unwrap();
-    }
+    let topic = sent_one_each(&sb, &["a", "b"]).await;
     let wait = Duration::from_secs(10);
     let first = session_or_panic(source.accept_next(wait).await.unwrap(), "the first accept");
     let after_first = emulator.tokens_put();
@@ -188,14 +185,7 @@ async fn a_reused_token_the_broker_let_lapse_is_put_again_not_reported() {
     }
     let emulator = sb.emulator().unwrap();
     let mut source = common::session_source(&sb, "lapsed-token-test").await;
-    let mut topic = TopicSender::open(&sb).await;
-    for id in ["a", "b"] {
-        topic
-            .sender
-            .send_message(message(id, format!("{id}:1"), "1".into()))
-            .await
-            .unwrap();
-    }
+    let topic = sent_one_each(&sb, &["a", "b"]).await;
     let wait = Duration::from_secs(10);
     let first = session_or_panic(source.accept_next(wait).await.unwrap(), "the first accept");
     // The broker detaches the held receiver once its token lapses: the token is gone.

@@ -6,12 +6,14 @@
 # Builds ordo in release mode, installs the seed design's Node packages (npm ci), and runs
 # ordo-bench, which prints a table and writes target/ordo-bench/{summary.json,chart.svg}.
 #
-#   scripts/bench.sh                         # everything (about 20 minutes on 2 cores)
+#   scripts/bench.sh                         # everything (about 12 minutes on 2 cores)
 #   scripts/bench.sh --shapes hot,churn      # some shapes
 #   scripts/bench.sh --round-trip-ms 0       # without the added round trip
 #   scripts/bench.sh --no-seed               # ordo alone
 #   scripts/bench.sh --rust-secantus ...     # MongoDB stand-in: the Rust SecantusDB (built once,
-#                                            # about 10 minutes) instead of the Python one
+#                                            # about 10 minutes, needs cmake, which the script
+#                                            # installs with apt-get) instead of the Python one;
+#                                            # the benchmark itself then takes about 5 minutes
 # Other arguments go to ordo-bench (see target/release/ordo-bench --help).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -147,6 +147,11 @@ pub(crate) const TAP_SUBSCRIPTION: &str = "bench-tap";
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    // The test kit's watchdog reports a test process still running after 240 s as hung; a
+    // benchmark runs longer by design, so it only reports after a day unless told otherwise.
+    if std::env::var_os("ORDO_TEST_WATCHDOG_SECS").is_none() {
+        std::env::set_var("ORDO_TEST_WATCHDOG_SECS", "86400");
+    }
     // Before the runtime starts: this sets the variable the test kit reads.
     let server = ordo_testkit::bench::RustSecantus::start_if_available(args.secantus_bin.clone());
     args.secantus_pid = server.as_ref().map(ordo_testkit::bench::RustSecantus::pid);

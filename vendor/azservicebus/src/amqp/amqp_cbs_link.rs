@@ -28,46 +28,11 @@ pub(crate) enum Command {
     NewAuthorizationRefresher {
         auth: AuthorizationRefresher,
         result_sender: oneshot::Sender<Result<(), CbsAuthError>>,
-    },
-    /// ordo patch (vendor/README.md): as `NewAuthorizationRefresher`, reusing a token already
-    /// put for the same audience and claims (see `AmqpCbsLink::authorize`).
-    ReusingAuthorizationRefresher {
-        auth: AuthorizationRefresher,
-        result_sender: oneshot::Sender<Result<(), CbsAuthError>>,
+        /// ordo patch (vendor/README.md): whether a token already put for the same audience
+        /// and claims may serve (see `AmqpCbsLink::authorize`).
+        reuse: bool,
     },
     RemoveAuthorizationRefresher(LinkIdentifier),
-}
-
-impl Command {
-    /// ordo patch (vendor/README.md): the command `AmqpCbsLinkHandle::request_refreshable_authorization`
-    /// sends, for a caller that holds only the command sender; with `reuse`, one that may
-    /// reuse a token already put for the same audience and claims.
-    pub(crate) fn new_authorization_refresher(
-        link_identifier: LinkIdentifier,
-        endpoint: String,
-        resource: String,
-        required_claims: Vec<String>,
-        result_sender: oneshot::Sender<Result<(), CbsAuthError>>,
-        reuse: bool,
-    ) -> Self {
-        let auth = AuthorizationRefresher {
-            link_identifier,
-            endpoint,
-            resource,
-            required_claims,
-        };
-        if reuse {
-            Command::ReusingAuthorizationRefresher {
-                auth,
-                result_sender,
-            }
-        } else {
-            Command::NewAuthorizationRefresher {
-                auth,
-                result_sender,
-            }
-        }
-    }
 }
 
 pub(crate) enum Refresher {
@@ -95,31 +60,6 @@ impl AmqpCbsLinkHandle {
         &self.command_sender
     }
 
-    pub(crate) async fn request_refreshable_authorization(
-        &mut self,
-        link_identifier: u32,
-        endpoint: String,
-        resource: String,
-        required_claims: Vec<String>,
-    ) -> Result<Result<(), CbsAuthError>, AmqpCbsEventLoopStopped> {
-        let auth = AuthorizationRefresher {
-            link_identifier,
-            endpoint,
-            resource,
-            required_claims,
-        };
-        let (result_sender, result) = oneshot::channel();
-        let command = Command::NewAuthorizationRefresher {
-            auth,
-            result_sender,
-        };
-        self.command_sender
-            .send(command)
-            .await
-            .map_err(|_| AmqpCbsEventLoopStopped {})?;
-        result.await.map_err(|_| AmqpCbsEventLoopStopped {})
-    }
-
     pub(crate) fn stop(&self) {
         self.stop_sender.cancel();
     }
@@ -127,6 +67,37 @@ impl AmqpCbsLinkHandle {
     pub(crate) fn join_handle_mut(&mut self) -> &mut JoinHandle<Result<(), DetachError>> {
         &mut self.join_handle
     }
+}
+
+/// Authorizes link `link_identifier` through the CBS task behind `command_sender` and keeps its
+/// token refreshed; with `reuse`, a token already put for the same audience and claims may
+/// serve (ordo patch, vendor/README.md: a free function, so a caller holding only the command
+/// sender can use it).
+pub(crate) async fn request_refreshable_authorization(
+    command_sender: &mpsc::Sender<Command>,
+    link_identifier: u32,
+    endpoint: String,
+    resource: String,
+    required_claims: Vec<String>,
+    reuse: bool,
+) -> Result<Result<(), CbsAuthError>, AmqpCbsEventLoopStopped> {
+    let auth = AuthorizationRefresher {
+        link_identifier,
+        endpoint,
+        resource,
+        required_claims,
+    };
+    let (result_sender, result) = oneshot::channel();
+    let command = Command::NewAuthorizationRefresher {
+        auth,
+        result_sender,
+        reuse,
+    };
+    command_sender
+        .send(command)
+        .await
+        .map_err(|_| AmqpCbsEventLoopStopped {})?;
+    result.await.map_err(|_| AmqpCbsEventLoopStopped {})
 }
 
 pub(crate) struct AmqpCbsLink {
@@ -262,11 +233,8 @@ impl AmqpCbsLink {
             Command::NewAuthorizationRefresher {
                 auth,
                 result_sender,
-            } => self.add_refresher(auth, result_sender, false).await,
-            Command::ReusingAuthorizationRefresher {
-                auth,
-                result_sender,
-            } => self.add_refresher(auth, result_sender, true).await,
+                reuse,
+            } => self.add_refresher(auth, result_sender, reuse).await,
             Command::RemoveAuthorizationRefresher(link_identifier) => {
                 let key = self.active_link_identifiers.remove(&link_identifier);
                 if let Some(key) = key {
@@ -283,21 +251,26 @@ impl AmqpCbsLink {
         reuse: bool,
     ) {
         // First request authorization once, and then schedule a refresh.
-        match self.authorize(&auth, reuse).await {
-            Ok(expires_at) => {
-                if let Some(expires_at) = expires_at {
-                    if expires_at > crate::util::time::Instant::now() {
-                        let link_identifier = auth.link_identifier;
-                        let key = self
-                            .delay_queue
-                            .insert_at(Refresher::Authorization(auth), expires_at);
-                        self.active_link_identifiers.insert(link_identifier, key);
-                    }
-                }
-                let _ = result_sender.send(Ok(()));
-            }
-            Err(err) => {
-                let _ = result_sender.send(Err(err));
+        let result = self.authorize(&auth, reuse).await;
+        if let Ok(expires_at) = result {
+            self.schedule_refresh(auth, expires_at);
+        }
+        let _ = result_sender.send(result.map(|_| ()));
+    }
+
+    /// ordo patch (vendor/README.md): refreshes `auth` at `expires_at`, if that is to come.
+    fn schedule_refresh(
+        &mut self,
+        auth: AuthorizationRefresher,
+        expires_at: Option<crate::util::time::Instant>,
+    ) {
+        if let Some(expires_at) = expires_at {
+            if expires_at > crate::util::time::Instant::now() {
+                let link_identifier = auth.link_identifier;
+                let key = self
+                    .delay_queue
+                    .insert_at(Refresher::Authorization(auth), expires_at);
+                self.active_link_identifiers.insert(link_identifier, key);
             }
         }
     }
@@ -311,20 +284,9 @@ impl AmqpCbsLink {
                 );
             }
             Refresher::Authorization(auth) => {
-                let link_identifier = auth.link_identifier;
                 // Another link's refresh may have renewed the token a moment ago.
-                let result = self.authorize(&auth, true).await;
-                match result {
-                    Ok(expires_at) => {
-                        if let Some(expires_at) = expires_at {
-                            if expires_at > crate::util::time::Instant::now() {
-                                let key = self
-                                    .delay_queue
-                                    .insert_at(Refresher::Authorization(auth), expires_at);
-                                self.active_link_identifiers.insert(link_identifier, key);
-                            }
-                        }
-                    }
+                match self.authorize(&auth, true).await {
+                    Ok(expires_at) => self.schedule_refresh(auth, expires_at),
                     Err(err) => {
                         // TODO: log error
                         log::error!("CBS authorization refresh failed: {}", err);

@@ -242,15 +242,10 @@ impl AmqpConnectionScope {
         resource: String,
         required_claims: Vec<String>,
     ) -> Result<(), CbsAuthError> {
-        use fe2o3_amqp::link::LinkStateError;
-        use fe2o3_amqp_management::error::Error as ManagementError;
-
-        self.cbs_link
-            .request_refreshable_authorization(link_identifier, endpoint, resource, required_claims)
+        // ordo patch (vendor/README.md): one way to ask the CBS task, the links' own
+        self.link_context()
+            .authorize(link_identifier, endpoint, resource, required_claims)
             .await
-            // TODO: The CBS event loop should never spontaneously stop
-            .map_err(|_| ManagementError::Send(LinkStateError::IllegalSessionState.into()))??;
-        Ok(())
     }
 
     /// ordo patch (vendor/README.md): what opening a link needs from the scope, so that a
@@ -415,21 +410,17 @@ impl LinkContext {
         use fe2o3_amqp::link::LinkStateError;
         use fe2o3_amqp_management::error::Error as ManagementError;
 
-        let stopped = || ManagementError::Send(LinkStateError::IllegalSessionState.into());
-        let (result_sender, result) = tokio::sync::oneshot::channel();
-        let command = amqp_cbs_link::Command::new_authorization_refresher(
+        amqp_cbs_link::request_refreshable_authorization(
+            &self.cbs_command_sender,
             link_identifier,
             endpoint,
             resource,
             required_claims,
-            result_sender,
             self.reuse_tokens,
-        );
-        self.cbs_command_sender
-            .send(command)
-            .await
-            .map_err(|_| stopped())?;
-        result.await.map_err(|_| stopped())?
+        )
+        .await
+        // TODO: The CBS event loop should never spontaneously stop
+        .map_err(|_| ManagementError::Send(LinkStateError::IllegalSessionState.into()))?
     }
 
     pub(crate) async fn open_management_link(

@@ -1,5 +1,6 @@
 //! A session receive against the emulator, over a real socket: a batch starts as soon as its
-//! first message is there, and holds what follows within the batch window, in order.
+//! first message is there, holds what the session has in one round trip, ends when those
+//! messages stop coming rather than at the batch window, and keeps order.
 
 mod common;
 
@@ -96,4 +97,64 @@ async fn a_batch_holds_at_most_its_size_and_every_message_arrives_once_in_order(
     let want: Vec<String> = (1..=25).map(|i| i.to_string()).collect();
     assert_eq!(got, want, "every message once, in order");
     session.close().await;
+}
+
+/// The broker's round trip in the next test, and the gap and window it receives with: the gap
+/// far shorter than a round trip, the window far longer than the test.
+const ROUND_TRIP: Duration = Duration::from_millis(200);
+const GAP: Duration = Duration::from_millis(60);
+const WINDOW: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_messages_come_in_one_round_trip_and_the_batch_ends_when_they_stop() {
+    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
+    config.namespace.round_trip = ROUND_TRIP;
+    let sb = TestServiceBus::start_with(config).await.unwrap();
+    if sb.is_external() {
+        eprintln!("skipped: the round trip is the emulator's");
+        return;
+    }
+    let mut topic = TopicSender::open(&sb).await;
+    for i in 1..=6 {
+        let m = message("burst", format!("burst:{i}"), format!("{i}"));
+        topic.sender.send_message(m).await.unwrap();
+    }
+    // Dropped, not closed: at this round trip the sender's close may give up waiting for the
+    // broker's.
+    drop(topic);
+    let mut session = accept(&sb).await;
+
+    let started = Instant::now();
+    let batch = session.receive_burst(100, WAIT, GAP, WINDOW).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        bodies(&batch),
+        ["1", "2", "3", "4", "5", "6"],
+        "the session's six messages in one batch, in order"
+    );
+    // One round trip for the credit and the burst, one gap to see it end: credit for one
+    // message first and the rest after takes two round trips, and waiting for the batch to fill
+    // takes the whole window.
+    assert!(
+        took < 2 * ROUND_TRIP,
+        "the batch is handed out one round trip ({ROUND_TRIP:?}) and one gap ({GAP:?}) after the receive, not {took:?}"
+    );
+    for m in &batch {
+        session.complete(m).await.unwrap();
+    }
+
+    // Nothing more: the receive waits out `wait` (here short), and a message sent after the
+    // drained credit is received by the next receive.
+    let empty = session
+        .receive_burst(100, Duration::from_millis(300), GAP, WINDOW)
+        .await
+        .unwrap();
+    assert!(empty.is_empty(), "no seventh message yet");
+    let mut topic = TopicSender::open(&sb).await;
+    let m = message("burst", "burst:7".into(), "7".into());
+    topic.sender.send_message(m).await.unwrap();
+    drop(topic);
+    let next = session.receive_burst(100, WAIT, GAP, WINDOW).await.unwrap();
+    assert_eq!(bodies(&next), ["7"], "the late message, once");
+    session.complete(&next[0]).await.unwrap();
 }

@@ -6,7 +6,7 @@ use super::gate::PROBE_ACCEPT_WAIT;
 use super::{Counted, Engine};
 use ordo_core::metrics as m;
 use ordo_core::readiness::{dependency, Alarm};
-use ordo_core::servicebus::receiver::{Accepted, ReceiveError, SessionSource};
+use ordo_core::servicebus::receiver::{Accepted, ReceiveError, SessionReceiver, SessionSource};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,12 +48,14 @@ impl Engine {
         cancel: CancellationToken,
     ) where
         S: SessionSource,
+        S::Session: 'static,
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<S, ReceiveError>>,
     {
         let _alive = Counted::new(&self.activity.workers, None);
         let mut worker = Worker {
             source: None,
+            releasing: Releasing::default(),
             verdicts: ProbeVerdicts {
                 failed: self.probe_failures.subscribe(),
                 recovered: self.probe_recoveries.subscribe(),
@@ -86,6 +88,7 @@ impl Engine {
                 Attempt::Stopped => break,
             }
         }
+        worker.releasing.finish().await;
         tracing::debug!(worker = index, "worker stopped");
     }
 
@@ -102,6 +105,7 @@ impl Engine {
     ) -> Attempt
     where
         S: SessionSource,
+        S::Session: 'static,
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<S, ReceiveError>>,
     {
@@ -139,10 +143,11 @@ impl Engine {
         // Any other answer proves the connection, the credentials and the subscription.
         self.answered(&mut worker.alarm);
         match answer {
-            Accepted::Session(session) => {
+            Accepted::Session(mut session) => {
                 self.activity.sessions_in_a_row.fetch_add(1, Relaxed);
                 drop(probe.take());
-                self.work_session(session, cancel).await;
+                self.hold_session(&mut session, cancel).await;
+                worker.releasing.release(session).await;
             }
             Accepted::GaveUp => {
                 // The broker left the attach unanswered past its own timeout: the
@@ -278,13 +283,67 @@ impl Engine {
 }
 
 /// What one worker keeps from one attempt to the next.
-struct Worker<S> {
+struct Worker<S: SessionSource> {
     /// The connection sessions are accepted on; none after it failed.
     source: Option<S>,
+    /// Sessions this worker is done with, being released.
+    releasing: Releasing<S::Session>,
     /// The broker probe's verdicts this worker has not acted on yet.
     verdicts: ProbeVerdicts,
     /// Readiness, held down while this worker's connect or accept fails.
     alarm: Alarm,
+}
+
+/// How many sessions one worker may have closing at once before it waits for the oldest.
+const RELEASES_IN_FLIGHT: usize = 4;
+
+/// How long a release may take before it is given up: the broker ends the session lock when
+/// its connection goes, or when the lock expires.
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// A worker's sessions being released. Closing a session receiver takes round trips (detach
+/// its link and its `$management` link, end its AMQP session), and the broker hands the session
+/// to another worker only once it is closed; nothing of this worker depends on it, so the
+/// worker accepts its next session meanwhile. At most [`RELEASES_IN_FLIGHT`] at once, and all
+/// of them are waited for before the worker returns, so a shutdown releases its sessions.
+struct Releasing<R> {
+    closing: tokio::task::JoinSet<()>,
+    _session: std::marker::PhantomData<fn(R)>,
+}
+
+impl<R> Default for Releasing<R> {
+    fn default() -> Self {
+        Self {
+            closing: tokio::task::JoinSet::new(),
+            _session: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<R: SessionReceiver + 'static> Releasing<R> {
+    /// Closes `session` in the background, first waiting for the oldest release if
+    /// [`RELEASES_IN_FLIGHT`] are under way.
+    async fn release(&mut self, session: R) {
+        while self.closing.try_join_next().is_some() {}
+        if self.closing.len() >= RELEASES_IN_FLIGHT {
+            self.closing.join_next().await;
+        }
+        let sid = session.session_id().to_string();
+        self.closing.spawn(async move {
+            if tokio::time::timeout(RELEASE_WAIT, session.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!(session = %sid, "releasing the session took over {RELEASE_WAIT:?}; given up");
+            }
+            tracing::debug!(session = %sid, "session released");
+        });
+    }
+
+    /// Waits for every release under way.
+    async fn finish(&mut self) {
+        while self.closing.join_next().await.is_some() {}
+    }
 }
 
 /// How one attempt of a worker ended, and so what the worker does next.

@@ -25,10 +25,21 @@ pub(super) enum After {
 }
 
 impl Engine {
-    /// Works one session until it is idle, its lock is lost, or shutdown.
+    /// Works one session until it is idle, its lock is lost, or shutdown, and releases it.
     pub async fn work_session<R: SessionReceiver>(
         &self,
         mut session: R,
+        cancel: &CancellationToken,
+    ) {
+        self.hold_session(&mut session, cancel).await;
+        session.close().await;
+    }
+
+    /// Works one session until it is idle, its lock is lost, or shutdown; the caller releases
+    /// it (a worker does so in the background, [`super::accept`]).
+    pub(super) async fn hold_session<R: SessionReceiver>(
+        &self,
+        session: &mut R,
         cancel: &CancellationToken,
     ) {
         let held_now = Counted::new(&self.activity.sessions_held, Some(m::SESSIONS_HELD));
@@ -44,7 +55,6 @@ impl Engine {
             Ok(state) => held.state_says_blocked = !state.is_empty(),
             Err(e) => {
                 self.lock_trouble(&sid, &e);
-                session.close().await;
                 return;
             }
         }
@@ -82,16 +92,15 @@ impl Engine {
                 continue;
             }
             match self
-                .batch(&mut session, &mut held, msgs, &mut last_renew, cancel)
+                .batch(session, &mut held, msgs, &mut last_renew, cancel)
                 .await
             {
                 After::Continue => idle_since = Instant::now(),
                 After::Drop => break,
             }
         }
-        session.close().await;
         drop(held_now);
-        tracing::debug!(session = %sid, "session released");
+        tracing::debug!(session = %sid, "session done");
     }
 
     /// How long a held session may stay idle now: `session_idle_timeout`, or the shorter

@@ -275,3 +275,58 @@ async fn an_idle_session_is_kept_while_a_worker_is_free() {
     );
     stop(shutdown).await;
 }
+
+/// A session is released in the background: while the broker takes its time to end one
+/// session, the worker accepts and works the next; and the worker returns only once every
+/// release is done, so a shutdown leaves no session locked at the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_works_its_next_session_while_the_last_is_released() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |cfg| {
+        cfg.session_idle_timeout = Duration::from_millis(20);
+    })
+    .await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (mut slow, slow_ops) = FakeSession::new(
+        "slow-release",
+        order_events("slow-release", 1).iter().map(msg).collect(),
+    );
+    slow.close_gate = Some(gate.clone());
+    let (next, next_ops) =
+        FakeSession::new("next", order_events("next", 1).iter().map(msg).collect());
+    let cancel = CancellationToken::new();
+    let source = Mutex::new(Some(FakeSource {
+        sessions: VecDeque::from([slow, next]),
+        cancel: cancel.clone(),
+    }));
+    let connect = move || {
+        let s = source.lock().unwrap().take();
+        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
+    };
+    let worker = tokio::spawn(engine.clone().run_worker(0, connect, cancel));
+
+    wait_until(Duration::from_secs(10), || async {
+        ops_of(&next_ops).contains(&Op::Close)
+    })
+    .await;
+    let slow_now = ops_of(&slow_ops);
+    assert!(
+        slow_now.iter().any(|o| matches!(o, Op::Complete(_))) && !slow_now.contains(&Op::Close),
+        "the first session is worked and still being released: {slow_now:?}"
+    );
+    assert!(
+        ops_of(&next_ops)
+            .iter()
+            .any(|o| matches!(o, Op::Complete(_))),
+        "the next session was worked meanwhile"
+    );
+    // The source is exhausted and the worker cancelled, but its release is still under way.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!worker.is_finished(), "the worker waits for its releases");
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("the worker returns once its release is done")
+        .unwrap();
+    assert!(ops_of(&slow_ops).contains(&Op::Close));
+}

@@ -92,6 +92,8 @@ struct FakeSession {
     /// Before handing out batch `.0` (counted from 0), replaces a document: another writer.
     rewrite: Option<(usize, mongodb::Collection<Document>, Document)>,
     batches: usize,
+    /// When set, `close` waits for a permit: a broker slow to end the session.
+    close_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl FakeSession {
@@ -107,6 +109,7 @@ impl FakeSession {
                 lost: false,
                 rewrite: None,
                 batches: 0,
+                close_gate: None,
             },
             ops,
         )
@@ -212,6 +215,9 @@ impl SessionReceiver for FakeSession {
     }
 
     async fn close(self) {
+        if let Some(gate) = &self.close_gate {
+            gate.acquire().await.unwrap().forget();
+        }
         self.record(Op::Close);
     }
 }

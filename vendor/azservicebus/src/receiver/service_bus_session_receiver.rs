@@ -159,6 +159,23 @@ impl ServiceBusSessionReceiver {
             .map_err(Into::into)
     }
 
+    /// ordo patch (vendor/README.md): receives up to `max_messages`, waiting up to
+    /// `max_wait_time` for the first and then taking the rest while each arrives within `gap`
+    /// of the one before, for at most `window` after the first.
+    pub async fn receive_batch(
+        &mut self,
+        max_messages: u32,
+        max_wait_time: std::time::Duration,
+        gap: std::time::Duration,
+        window: std::time::Duration,
+    ) -> Result<Vec<ServiceBusReceivedMessage>, azure_core::Error> {
+        self.inner
+            .inner
+            .receive_batch(max_messages, max_wait_time, gap, window)
+            .await
+            .map_err(Into::into)
+    }
+
     /// Completes a [`ServiceBusReceivedMessage`]. This will delete the message from the service.
     pub async fn complete_message(
         &mut self,

@@ -36,7 +36,8 @@ mod session;
 pub use error::{ReceiveError, CONDITION_TIMEOUT};
 pub use probe::SubscriptionProbe;
 pub use session::{
-    AzureMessage, AzureSession, AzureSessionSource, SessionConnections, ACCEPT_GRACE, BATCH_WINDOW,
+    AzureMessage, AzureSession, AzureSessionSource, SessionConnections, ACCEPT_GRACE, BATCH_GAP,
+    BATCH_WINDOW,
 };
 
 /// A received message, as the worker sees it.
@@ -92,7 +93,7 @@ pub trait SessionReceiver: Send {
     fn session_id(&self) -> &str;
 
     /// Up to `max` messages: waits at most `wait` for the first, then returns what arrives
-    /// shortly after it ([`BATCH_WINDOW`]), not waiting for `max`.
+    /// right behind it ([`BATCH_GAP`], at most [`BATCH_WINDOW`]), not waiting for `max`.
     fn receive(
         &mut self,
         max: u32,

@@ -17,11 +17,20 @@ use crate::servicebus::Client;
 
 use super::{Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource};
 
-/// How long a receive waits for more messages once the first has arrived: a batch is what
-/// arrives in this window, up to its size. Microsoft's SDKs use the same 20 ms
-/// (azure-sdk-for-net#44004, `AmqpReceiver`; azure-sdk-for-python#12217), so a batch starts as
-/// soon as a message is there, and messages are not held locked in the client while it waits.
+/// How long a receive takes more messages after the first: a batch is what arrives in this
+/// window, up to its size. Microsoft's SDKs use the same 20 ms (azure-sdk-for-net#44004,
+/// `AmqpReceiver`; azure-sdk-for-python#12217), so a batch starts as soon as a message is there,
+/// and messages are not held locked in the client while it waits.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// Within [`BATCH_WINDOW`], how long a receive waits for the next message before the batch is
+/// complete. A receive gives the broker credit for the whole batch at once, so what the session
+/// holds arrives in one burst, back to back; the batch ends when the burst does, rather than
+/// after the whole window, which every batch smaller than `batch_size` used to wait out (most of
+/// a session's time when aggregates have a few events each). A message later than this starts
+/// the next batch; nothing is lost (the credit left is drained, and what was already on its way
+/// is kept for the next receive).
+pub const BATCH_GAP: Duration = Duration::from_millis(5);
 
 /// How much longer than the broker's own accept timeout the client waits before it gives up
 /// on an accept: the broker answers "no session available" at its timeout, so only a broker
@@ -200,6 +209,26 @@ pub struct AzureSession {
     receiver: ServiceBusSessionReceiver,
 }
 
+impl AzureSession {
+    /// Up to `max` messages: waits up to `wait` for the first, then takes the rest while each
+    /// arrives within `gap` of the one before, at most `window` after the first. The broker is
+    /// given credit for all `max` at once, so what the session holds comes in one round trip.
+    /// [`SessionReceiver::receive`] is this with [`BATCH_GAP`] and [`BATCH_WINDOW`].
+    pub async fn receive_burst(
+        &mut self,
+        max: u32,
+        wait: Duration,
+        gap: Duration,
+        window: Duration,
+    ) -> Result<Vec<AzureMessage>, ReceiveError> {
+        // Boxed: the client's receive future is large (its retry loop holds every step).
+        let batch = Box::pin(self.receiver.receive_batch(max, wait, gap, window))
+            .await
+            .map_err(ReceiveError::classify)?;
+        Ok(batch.into_iter().map(AzureMessage).collect())
+    }
+}
+
 /// A message received through azservicebus.
 #[derive(Debug)]
 pub struct AzureMessage(ServiceBusReceivedMessage);
@@ -242,36 +271,16 @@ impl SessionReceiver for AzureSession {
         &self.session_id
     }
 
-    /// Waits up to `wait` for the first message, then up to [`BATCH_WINDOW`] for the rest of the
-    /// batch, as Microsoft's SDKs do. azservicebus alone waits for all `max` messages or the
-    /// whole `wait`, so a session holding two messages would sit out `wait` before either was
-    /// applied.
+    /// Waits up to `wait` for the first message, then takes the rest of the batch while they
+    /// keep arriving ([`BATCH_GAP`], [`BATCH_WINDOW`]), as Microsoft's SDKs batch. azservicebus
+    /// alone waits for all `max` messages or the whole `wait`, so a session holding two
+    /// messages would sit out `wait` before either was applied.
     async fn receive(
         &mut self,
         max: u32,
         wait: Duration,
     ) -> Result<Vec<AzureMessage>, ReceiveError> {
-        let mut batch = self
-            .receiver
-            .receive_messages_with_max_wait_time(1, wait)
-            .await
-            .map_err(ReceiveError::classify)?;
-        if batch.is_empty() || max <= 1 {
-            return Ok(batch.into_iter().map(AzureMessage).collect());
-        }
-        match self
-            .receiver
-            .receive_messages_with_max_wait_time(max - 1, BATCH_WINDOW)
-            .await
-        {
-            Ok(rest) => batch.extend(rest),
-            // The first message is in hand: hand it out, and let the next receive meet the
-            // error again (a lost lock, a dropped link) where the caller handles it.
-            Err(e) => {
-                tracing::debug!(session = %self.session_id, error = %e, "receiving the rest of a batch failed")
-            }
-        }
-        Ok(batch.into_iter().map(AzureMessage).collect())
+        self.receive_burst(max, wait, BATCH_GAP, BATCH_WINDOW).await
     }
 
     async fn complete(&mut self, m: &AzureMessage) -> Result<(), ReceiveError> {

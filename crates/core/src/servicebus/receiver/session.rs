@@ -30,7 +30,7 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// a session's time when aggregates have a few events each). A message later than this starts
 /// the next batch; nothing is lost (the credit left is drained, and what was already on its way
 /// is kept for the next receive).
-pub const BATCH_GAP: Duration = Duration::from_millis(5);
+pub const BATCH_GAP: Duration = Duration::from_millis(2);
 
 /// How much longer than the broker's own accept timeout the client waits before it gives up
 /// on an accept: the broker answers "no session available" at its timeout, so only a broker

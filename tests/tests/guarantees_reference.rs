@@ -134,7 +134,7 @@ const README_PROMISES: &[&str] = &[
     "fenced by the lease epoch",
     "instead of skipping",
     "blocks its aggregate until `ordo-projector repair",
-    "healing and blocking for both kinds",
+    "gap filling and blocking for both kinds",
     "with exit status 2",
     "from the moment SIGTERM arrives",
 ];

@@ -3,7 +3,7 @@
 //! `cargo bench -p ordo-projector --bench reconcile`. `ORDO_BENCH_EVENTS` events (default
 //! 100,000) in aggregates of 10 events (half User, half Order) are inserted with no broker at
 //! all, then three runs are timed:
-//! 1. a full pass that finds every read model missing and heals all of them (the worst case:
+//! 1. a full pass that finds every read model missing and catches all of them up (the worst case:
 //!    every event lost upstream);
 //! 2. a full pass with every read model current (what a full pass costs when nothing is
 //!    wrong);
@@ -41,11 +41,11 @@ fn main() {
 fn line(what: &str, events: usize, r: &Report) {
     let s = r.elapsed.as_secs_f64();
     println!(
-        "{what:<44} {:>8.2} s  {:>9.0} events/s  checked {:>7}  healed {:>7}  ({:.0} s for 1M events at this rate)",
+        "{what:<44} {:>8.2} s  {:>9.0} events/s  checked {:>7}  caught up {:>7}  ({:.0} s for 1M events at this rate)",
         s,
         events as f64 / s,
         r.checked,
-        r.healed,
+        r.caught_up,
         s * 1_000_000.0 / events as f64
     );
 }
@@ -76,8 +76,8 @@ async fn bench(rust_server: bool) {
     let store = Store::new(db, "events", "ordo_blocked", EventFields::default());
     let projections = projections();
 
-    let heal_all = reconcile(&store, &projections, true).await.expect("run 1");
-    line("full pass, every read model missing", events, &heal_all);
+    let catch_up_all = reconcile(&store, &projections, true).await.expect("run 1");
+    line("full pass, every read model missing", events, &catch_up_all);
     let clean = reconcile(&store, &projections, true).await.expect("run 2");
     line("full pass, every read model current", events, &clean);
 
@@ -90,10 +90,10 @@ async fn bench(rust_server: bool) {
         events,
         &incremental,
     );
-    assert_eq!(heal_all.healed as usize, aggregates);
-    assert_eq!(clean.healed, 0);
+    assert_eq!(catch_up_all.caught_up as usize, aggregates);
+    assert_eq!(clean.caught_up, 0);
     assert_eq!(incremental.checked as usize, touched);
-    assert_eq!(incremental.healed as usize, touched);
+    assert_eq!(incremental.caught_up as usize, touched);
 }
 
 /// The events collection with its unique index and `aggregates` aggregates of

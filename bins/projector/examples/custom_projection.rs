@@ -7,7 +7,7 @@
 //! cargo run -p ordo-projector --example custom_projection -- --config config/projector.toml
 //! ```
 //!
-//! The version guard, gap healing, dead-lettering and blocking are the engine's: a projection
+//! The version guard, gap filling, dead-lettering and blocking are the engine's: a projection
 //! only says which events it selects and how one event changes one document. An `Err` from
 //! `apply` is a poison event: dead-lettered, its aggregate blocked until `repair`.
 

@@ -64,7 +64,7 @@ enum Command {
         #[arg(long)]
         allow_blocked: bool,
     },
-    /// Heal every aggregate whose read model is behind the events collection (blocked ones are
+    /// Catch up every aggregate whose read model is behind the events collection (blocked ones are
     /// reported, not touched). Incremental after the first run.
     Reconcile {
         /// Check every aggregate, not only those with events since the last run.

@@ -99,8 +99,8 @@ pub struct ProjectorSection {
     /// tests and drills; 0 in production.
     #[serde(with = "humantime_serde")]
     pub apply_delay: Duration,
-    /// Reconciliation period in the daemon (off when absent): heals aggregates whose read
-    /// model is behind the events collection, whatever lost their events upstream.
+    /// Reconciliation period in the daemon (off when absent): catches up aggregates whose
+    /// read model is behind the events collection, whatever lost their events upstream.
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Option<Duration>,
 }
@@ -162,7 +162,7 @@ impl ProjectorSection {
     }
 
     /// How long a worker waits on the broker, holds an idle session, renews its lock and waits
-    /// for a gap to heal.
+    /// for the missing events of a gap to appear.
     fn check_session_timings(&self) -> Result<(), ConfigError> {
         let (ms, s) = (Duration::from_millis, Duration::from_secs);
         // A receive that waits longer than the client gives an operation fails as timed out.

@@ -11,7 +11,8 @@
 //!   return.
 //! - [`store`]: read models with version guards, the events collection, `ordo_blocked`, and
 //!   `latest`, what reconciliation reads over the whole events collection.
-//! - [`reconcile`]: heals read models behind the events collection (subcommand and periodic).
+//! - [`reconcile`]: catches up read models behind the events collection (subcommand and
+//!   periodic).
 //! - [`repair`]: the `repair` subcommand.
 //! - [`rebuild`]: the `rebuild` subcommand.
 //! - [`projections`]: loading the projections and the checks on them (names and collections

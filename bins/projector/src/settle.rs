@@ -22,9 +22,11 @@ pub const REASON_DECODE: &str = "UndecodableMessage";
 pub const REASON_VERSION: &str = "UnsupportedEnvelopeVersion";
 /// Dead-letter reason for an event a projection cannot apply.
 pub const REASON_PROJECTION: &str = "ProjectionError";
-/// Dead-letter reason for missing events that did not appear within `gap_timeout`.
+/// Dead-letter reason for missing events that did not appear within `gap_timeout`, so the gap
+/// could not be filled. The value keeps the word "healed" it was published with, so alerts
+/// and scripts on the dead-letter reason keep working.
 pub const REASON_GAP: &str = "GapNotHealed";
-/// Dead-letter reason for a source event, reached by healing, that breaks the contract.
+/// Dead-letter reason for a source event, read to fill a gap, that breaks the contract.
 pub const REASON_SOURCE: &str = "InvalidSourceEvent";
 /// Dead-letter reason for two source documents with the same (aggregateId, eventId).
 pub const REASON_DUPLICATE: &str = "DuplicateVersion";
@@ -191,7 +193,7 @@ mod tests {
     }
 
     /// An outcome the apply can produce for `batch`: it folds the decodable prefix from
-    /// `stored` and stops at a poison (a projection error or an unhealed gap) or not at all.
+    /// `stored` and stops at a poison (a projection error or a gap not filled) or not at all.
     fn consistent(batch: &[Item], stored: i64, stop_at: Option<i64>) -> Outcome {
         let cut = batch
             .iter()

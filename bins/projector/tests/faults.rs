@@ -95,9 +95,9 @@ async fn poison_blocks_the_aggregate_until_repair() {
     stop(&mut proj).await;
 }
 
-/// A message withheld from the topic is healed from the events collection.
+/// A message withheld from the topic is filled in from the events collection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_withheld_message_is_healed_from_the_events_collection() {
+async fn a_withheld_message_is_filled_in_from_the_events_collection() {
     let env = start(Duration::from_secs(5)).await;
     let events = workload("g", 4, 8);
     env.insert_events(&events).await;
@@ -117,7 +117,7 @@ async fn a_withheld_message_is_healed_from_the_events_collection() {
 /// `readPreference=secondary` in the URI does not send ordo's reads to a replica, whose lag
 /// would read as a gap (blocked after `gap_timeout`) or as a stale read model: the stand-in is
 /// a one-member replica set with no secondary, so every read that followed the URI would find
-/// no server. A withheld event is healed all the same, and the projector says the setting is
+/// no server. A withheld event is filled in all the same, and the projector says the setting is
 /// ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secondary_read_preference_in_the_uri_is_not_followed() {

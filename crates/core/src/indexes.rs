@@ -1,7 +1,7 @@
 //! The unique index on (aggregateId, eventId) of the events collection.
 //!
 //! Without it the source can hold two documents with the same aggregate version, which the
-//! projector cannot apply both of, and every gap heal is a collection scan. Both daemons check
+//! projector cannot apply both of, and every gap fill is a collection scan. Both daemons check
 //! it at start; the producer creates it when `[mongodb] create_indexes` allows, and `status`
 //! shows it. Field names come from `[mongodb.fields]`.
 

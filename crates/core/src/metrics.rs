@@ -50,8 +50,9 @@ pub const APPLY_LATENCY: &str = "ordo_apply_latency_seconds";
 pub const END_TO_END_LAG: &str = "ordo_end_to_end_lag_seconds";
 /// Messages whose version was already applied (projector).
 pub const DUPLICATES: &str = "ordo_duplicates_total";
-/// Events read from the events collection to heal a gap (projector).
-pub const GAPS_HEALED: &str = "ordo_gap_events_healed_total";
+/// Events read from the events collection to fill a gap (projector). The name keeps the
+/// word "healed" it was published with, so dashboards and alerts on it keep working.
+pub const GAP_EVENTS_FILLED: &str = "ordo_gap_events_healed_total";
 /// Messages dead-lettered; label `reason` (projector).
 pub const DEAD_LETTERED: &str = "ordo_dead_lettered_total";
 /// Aggregates blocked by this process since start (projector).
@@ -70,8 +71,9 @@ pub const GUARD_CONFLICTS: &str = "ordo_guard_conflicts_total";
 pub const RECONCILE_RUNS: &str = "ordo_reconcile_runs_total";
 /// Aggregates whose read models reconciliation compared with the events collection (projector).
 pub const RECONCILE_CHECKED: &str = "ordo_reconcile_aggregates_checked_total";
-/// Read models reconciliation brought up to the events collection (projector).
-pub const RECONCILE_HEALED: &str = "ordo_reconcile_read_models_healed_total";
+/// Read models reconciliation caught up with the events collection (projector). The name
+/// keeps the word "healed" it was published with, so dashboards and alerts on it keep working.
+pub const RECONCILE_CAUGHT_UP: &str = "ordo_reconcile_read_models_healed_total";
 /// Duration of one reconciliation run (projector).
 pub const RECONCILE_DURATION: &str = "ordo_reconcile_duration_seconds";
 
@@ -98,7 +100,7 @@ pub const ALL: &[&str] = &[
     APPLY_LATENCY,
     END_TO_END_LAG,
     DUPLICATES,
-    GAPS_HEALED,
+    GAP_EVENTS_FILLED,
     DEAD_LETTERED,
     AGGREGATES_BLOCKED,
     BLOCKED_AGGREGATES,
@@ -108,6 +110,6 @@ pub const ALL: &[&str] = &[
     GUARD_CONFLICTS,
     RECONCILE_RUNS,
     RECONCILE_CHECKED,
-    RECONCILE_HEALED,
+    RECONCILE_CAUGHT_UP,
     RECONCILE_DURATION,
 ];

@@ -24,8 +24,8 @@
 //!   reconciliation (`reconcile`): the next try is the next tick, not a backoff delay, so they
 //!   count and log a failure themselves.
 //! - the change stream meeting an event over 16 MB: counted, and the stream reopens at once.
-//! - the projector's wait for events still in flight (`store/events.rs`, `heal`): a bounded
-//!   poll, not a retry; nothing failed, so nothing is counted.
+//! - the projector's wait for events still in flight (`store/events.rs`,
+//!   `wait_for_events`): a bounded poll, not a retry; nothing failed, so nothing is counted.
 
 use std::{fmt::Display, time::Duration};
 

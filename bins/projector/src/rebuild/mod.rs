@@ -16,8 +16,8 @@
 //!   reason `RebuildStopped`, for `repair`; blocks of an earlier rebuild of the projection are
 //!   replaced by this run's.
 //! - Writes workers made to the old collection during the replay go away with it; a full
-//!   reconciliation pass over this projection after the swap heals every aggregate whose events
-//!   collection holds a newer version than its rebuilt document.
+//!   reconciliation pass over this projection after the swap catches up every aggregate whose
+//!   events collection holds a newer version than its rebuilt document.
 //! - A shadow left by a failed rebuild is dropped when the failure is seen, and any leftover
 //!   `<collection>_rebuild_*` is dropped when the next rebuild of the projection starts. One
 //!   rebuild per projection at a time.
@@ -58,7 +58,7 @@ pub struct Rebuilt {
     pub indexes: usize,
     /// Aggregates blocked because an event could not be folded: (aggregate, version, reason).
     pub blocked: Vec<(String, i64, String)>,
-    /// Read models the catch-up after the swap healed.
+    /// Read models the catch-up after the swap wrote.
     pub caught_up: u64,
     /// Stale shadows dropped at start.
     pub stale_dropped: Vec<String>,
@@ -135,7 +135,7 @@ pub async fn rebuild(
     let catch_up = reconcile::full_pass(store, std::slice::from_ref(&p)).await?;
     tracing::info!(
         projection = name,
-        caught_up = catch_up.healed,
+        caught_up = catch_up.caught_up,
         "catch-up after the swap done"
     );
     Ok(Rebuilt {
@@ -144,7 +144,7 @@ pub async fn rebuild(
         documents,
         indexes,
         blocked,
-        caught_up: catch_up.healed,
+        caught_up: catch_up.caught_up,
         stale_dropped,
     })
 }

@@ -1,6 +1,6 @@
 //! Reconciliation: the backstop behind the broker. Finds every aggregate whose read model (per
 //! projection) is behind the highest `eventId` of that aggregate in the events collection and
-//! heals it from there, whatever lost the events on the way: history lost by the producer,
+//! catches it up from there, whatever lost the events on the way: history lost by the producer,
 //! messages the broker dead-lettered by itself (MaxDeliveryCountExceeded, TTL), a restart
 //! before the first checkpoint, events inserted while no producer ran.
 //!
@@ -8,7 +8,7 @@
 //! - The events collection is the truth: an aggregate's read model is current when its
 //!   `lastEventId` equals the highest `eventId` of the aggregate, for every projection that
 //!   selects one of its (aggregateType, eventType) pairs.
-//! - Healing uses the worker's guarded write (`{_id, lastEventId, _epoch}`): a guard that fails
+//! - Catching up uses the worker's guarded write (`{_id, lastEventId, _epoch}`): a guard that fails
 //!   means someone else (a live worker, a repair) moved the document; the run reads it again and
 //!   decides again, and after a few such conflicts leaves the aggregate to the worker. It never
 //!   writes an older version over a newer one.
@@ -20,14 +20,15 @@
 //!   strings, UUIDs or composite ids. The first run, or a run whose token fell out of the
 //!   oplog (ChangeStreamHistoryLost), does a full pass instead, after taking a new token, so
 //!   nothing inserted during the pass is missed by the next run.
-//! - An aggregate that could not be healed (a hole in its history, an invalid event, a
+//! - An aggregate that could not be caught up (a hole in its history, an invalid event, a
 //!   projection error, a conflict storm, a transient fault) is kept in the watermark document
 //!   and checked again by the next run.
 //!
 //! Files: this one (a run, start to end, and the periodic task), `watermark.rs` (where the
-//! next run resumes, and what it retries), `heal.rs` (comparing aggregates and healing them).
+//! next run resumes, and what it retries), `catch_up.rs` (comparing aggregates and catching up
+//! the read models behind).
 
-mod heal;
+mod catch_up;
 mod watermark;
 
 use std::collections::{BTreeSet, HashSet};
@@ -42,7 +43,7 @@ use ordo_projection::Projection;
 
 use crate::store::StoreError;
 use crate::Store;
-use heal::Pass;
+use catch_up::Pass;
 pub use watermark::{watermark_key, WATERMARK_COLLECTION};
 
 /// Aggregates checked per round trip (one `$in` query per projection).
@@ -56,7 +57,7 @@ const MAX_CHANGES_PER_RUN: usize = 2_000_000;
 pub enum Mode {
     /// Every aggregate of the events collection.
     Full,
-    /// Only aggregates with events since the last run (and those left unhealed by it).
+    /// Only aggregates with events since the last run (and those it could not catch up).
     Incremental,
 }
 
@@ -80,12 +81,12 @@ pub struct Report {
     pub checked: u64,
     /// Aggregates with at least one read model behind.
     pub behind: u64,
-    /// Read models written (one per aggregate and projection).
-    pub healed: u64,
+    /// Read models caught up: written (one per aggregate and projection).
+    pub caught_up: u64,
     /// Behind but blocked in `ordo_blocked`: reported, not touched.
     pub blocked: Vec<String>,
-    /// Behind and not healed, with the reason; checked again by the next run.
-    pub unhealed: Vec<(String, String)>,
+    /// Behind and not caught up, with the reason; checked again by the next run.
+    pub not_caught_up: Vec<(String, String)>,
     /// How long the run took.
     pub elapsed: Duration,
 }
@@ -94,7 +95,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "reconcile ({}{}): {} aggregates checked, {} behind, {} read models healed, {} blocked (left alone), {} not healed, in {:.3}s",
+            "reconcile ({}{}): {} aggregates checked, {} behind, {} read models caught up, {} blocked (left alone), {} not caught up, in {:.3}s",
             self.mode.label(),
             self.full_because
                 .as_deref()
@@ -102,16 +103,16 @@ impl fmt::Display for Report {
                 .unwrap_or_default(),
             self.checked,
             self.behind,
-            self.healed,
+            self.caught_up,
             self.blocked.len(),
-            self.unhealed.len(),
+            self.not_caught_up.len(),
             self.elapsed.as_secs_f64()
         )?;
         for id in &self.blocked {
             writeln!(f, "  blocked: {id}")?;
         }
-        for (id, why) in &self.unhealed {
-            writeln!(f, "  not healed: {id}: {why}")?;
+        for (id, why) in &self.not_caught_up {
+            writeln!(f, "  not caught up: {id}: {why}")?;
         }
         Ok(())
     }
@@ -219,9 +220,9 @@ async fn run(
             full_because,
             checked: 0,
             behind: 0,
-            healed: 0,
+            caught_up: 0,
             blocked: Vec::new(),
-            unhealed: Vec::new(),
+            not_caught_up: Vec::new(),
             elapsed: Duration::ZERO,
         },
     };
@@ -255,7 +256,7 @@ async fn run(
     report.elapsed = started.elapsed();
     metrics::counter!(m::RECONCILE_RUNS, "mode" => report.mode.label()).increment(1);
     metrics::counter!(m::RECONCILE_CHECKED).increment(report.checked);
-    metrics::counter!(m::RECONCILE_HEALED).increment(report.healed);
+    metrics::counter!(m::RECONCILE_CAUGHT_UP).increment(report.caught_up);
     metrics::histogram!(m::RECONCILE_DURATION).record(report.elapsed.as_secs_f64());
     if persist {
         watermark::save(store, &key, &report, &next_token).await?;
@@ -286,15 +287,17 @@ pub async fn periodic(
         };
         match run {
             Ok(report) => {
-                let level_warn = !report.blocked.is_empty() || !report.unhealed.is_empty();
+                let level_warn = !report.blocked.is_empty() || !report.not_caught_up.is_empty();
+                // The fields keep the names `healed` and `unhealed` they were published with,
+                // so log queries and alerts on them keep working.
                 if level_warn {
                     tracing::warn!(
                         mode = report.mode.label(),
                         checked = report.checked,
                         behind = report.behind,
-                        healed = report.healed,
+                        healed = report.caught_up,
                         blocked = report.blocked.len(),
-                        unhealed = report.unhealed.len(),
+                        unhealed = report.not_caught_up.len(),
                         elapsed_ms = report.elapsed.as_millis() as u64,
                         "reconcile run done"
                     );
@@ -303,7 +306,7 @@ pub async fn periodic(
                         mode = report.mode.label(),
                         checked = report.checked,
                         behind = report.behind,
-                        healed = report.healed,
+                        healed = report.caught_up,
                         elapsed_ms = report.elapsed.as_millis() as u64,
                         "reconcile run done"
                     );

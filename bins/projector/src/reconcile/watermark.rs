@@ -1,6 +1,6 @@
 //! The reconciliation watermark (`ordo_reconcile`): per events collection and set of
 //! projections, the change-stream token the next incremental run resumes from, and the
-//! aggregates this run could not heal, which the next run checks again.
+//! aggregates this run could not catch up, which the next run checks again.
 
 use std::sync::Arc;
 
@@ -36,7 +36,7 @@ const MAX_RETRY_KEPT: usize = 10_000;
 pub(super) struct Saved {
     /// Absent before the first run, or after a run that kept too many to carry.
     pub(super) token: Option<ResumeToken>,
-    /// Aggregates the previous run could not heal.
+    /// Aggregates the previous run could not catch up.
     pub(super) retry: Vec<String>,
 }
 
@@ -65,15 +65,15 @@ pub(super) async fn load(store: &Store, key: &str) -> Result<Saved, ReconcileErr
     Ok(Saved { token, retry })
 }
 
-/// Moves the watermark under `key` to `next_token`, keeping the aggregates `report` left
-/// unhealed for the next run.
+/// Moves the watermark under `key` to `next_token`, keeping the aggregates `report` could
+/// not catch up for the next run.
 pub(super) async fn save(
     store: &Store,
     key: &str,
     report: &Report,
     next_token: &ResumeToken,
 ) -> Result<(), ReconcileError> {
-    let keep: Vec<&String> = report.unhealed.iter().map(|(id, _)| id).collect();
+    let keep: Vec<&String> = report.not_caught_up.iter().map(|(id, _)| id).collect();
     let mut set = doc! { "updatedAt": mongodb::bson::DateTime::now() };
     if keep.len() > MAX_RETRY_KEPT {
         // Too many to carry: the next run starts over with a full pass.

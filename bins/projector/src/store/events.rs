@@ -1,4 +1,4 @@
-//! An aggregate's events, read from the events collection for gap healing, repair and
+//! An aggregate's events, read from the events collection for gap filling, repair and
 //! rebuild. Every such read goes to the primary at majority read concern, so a replica's lag
 //! cannot turn a gap into a block and an event later rolled back is never folded in.
 
@@ -42,7 +42,7 @@ impl Store {
     }
 
     /// Events `from..=to` of `id`, sorted; fewer when some are not (yet) there. Every reader
-    /// of an aggregate's events goes through here (healing, repair, reconcile), so each reads
+    /// of an aggregate's events goes through here (gap filling, repair, reconcile), so each reads
     /// the primary at majority and none folds a duplicate version silently: two documents with
     /// the same version are a [`StoreError::DuplicateVersion`] naming both.
     pub async fn events_between(
@@ -94,7 +94,7 @@ impl Store {
     /// visible at majority), not a fault path: nothing failed, so nothing is counted in
     /// `ordo_retries_total` and no `ordo_core::retry::Retry` is used. The short 20 ms to 500 ms
     /// steps keep a gap that fills at once cheap, and `gap_timeout` bounds the wait.
-    pub async fn heal(
+    pub async fn wait_for_events(
         &self,
         id: &str,
         from: i64,

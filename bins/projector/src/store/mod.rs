@@ -1,7 +1,8 @@
 //! MongoDB as the projector sees it, one file per behaviour:
 //! - this file: the [`Store`] handle and how its errors are classified;
 //! - `models`: read models, loaded from the primary and written under a version guard;
-//! - `events`: an aggregate's events for gap healing, repair and rebuild (primary, majority,
+//! - `events`: an aggregate's events for gap filling (waiting for the missing ones to
+//!   appear), repair and rebuild (primary, majority,
 //!   duplicate versions refused);
 //! - `blocked`: `ordo_blocked`, the aggregates waiting for repair;
 //! - `latest`: what reconciliation reads over the whole events collection.

@@ -1,4 +1,4 @@
-//! Applying events: fold them into the aggregate's read models (healing gaps from the events
+//! Applying events: fold them into the aggregate's read models (filling gaps from the events
 //! collection) and write each changed model once, guarded by the version it was read at.
 
 use ordo_projection::ApplyError;
@@ -84,7 +84,7 @@ impl Engine {
             };
             let mut model = stored;
             if let Some(s) = self
-                .fold(p, &mut model, events, plan.limit, &mut plan.healed)
+                .fold(p, &mut model, events, plan.limit, &mut plan.gap_events)
                 .await?
             {
                 lower(&mut plan.limit, &mut plan.stop, s);
@@ -127,7 +127,7 @@ impl Engine {
     }
 
     /// Loads the models the batch needs (`assume_new`: takes them as empty instead, and lists
-    /// them in [`Plan::assumed`]) and finds where folding must stop (poison, unhealed gap),
+    /// them in [`Plan::assumed`]) and finds where folding must stop (poison, a gap that cannot be filled),
     /// without writing.
     async fn plan(
         &self,
@@ -140,7 +140,7 @@ impl Engine {
             limit: 0,
             base: 0,
             stop: None,
-            healed: BTreeMap::new(),
+            gap_events: BTreeMap::new(),
             assumed: Vec::new(),
         };
         // With no event to apply (the batch starts with a message that cannot be read), every
@@ -170,7 +170,13 @@ impl Engine {
             };
             let mut model = model.clone();
             if let Some(s) = self
-                .fold(p.as_ref(), &mut model, events, plan.limit, &mut plan.healed)
+                .fold(
+                    p.as_ref(),
+                    &mut model,
+                    events,
+                    plan.limit,
+                    &mut plan.gap_events,
+                )
                 .await?
             {
                 lower(&mut plan.limit, &mut plan.stop, s);
@@ -179,7 +185,7 @@ impl Engine {
         Ok(plan)
     }
 
-    /// Folds the events up to `limit` into `model`, healing gaps from the events collection.
+    /// Folds the events up to `limit` into `model`, filling gaps from the events collection.
     /// Returns where folding must stop, if it must.
     pub(super) async fn fold(
         &self,
@@ -187,7 +193,7 @@ impl Engine {
         model: &mut ReadModel,
         events: &[&Event],
         limit: i64,
-        healed: &mut BTreeMap<i64, Document>,
+        gap_events: &mut BTreeMap<i64, Document>,
     ) -> Result<Option<Stop>, StoreError> {
         let docs: Vec<&Document> = events
             .iter()
@@ -198,7 +204,7 @@ impl Engine {
             match fold_events(p, model, docs.iter().copied()) {
                 Ok(None) => return Ok(None),
                 Ok(Some(gap)) => {
-                    if let Some(s) = self.fill_gap(p, model, gap, healed).await? {
+                    if let Some(s) = self.fill_gap(p, model, gap, gap_events).await? {
                         return Ok(Some(s));
                     }
                 }
@@ -209,23 +215,26 @@ impl Engine {
 
     /// Applies the missing versions of `gap` to `model`, read from the events collection first
     /// unless an earlier fold of this batch read them. Where folding must stop instead, if it
-    /// must: the gap not healed, an invalid or duplicated source event, a projection error.
+    /// must: the gap not filled, an invalid or duplicated source event, a projection error.
     async fn fill_gap(
         &self,
         p: &dyn Projection,
         model: &mut ReadModel,
         Gap { from, to }: Gap,
-        healed: &mut BTreeMap<i64, Document>,
+        gap_events: &mut BTreeMap<i64, Document>,
     ) -> Result<Option<Stop>, StoreError> {
-        if (from..=to).any(|v| !healed.contains_key(&v)) {
-            if let Some(s) = self.heal_gap(p, &model.id, from, to, healed).await? {
+        if (from..=to).any(|v| !gap_events.contains_key(&v)) {
+            if let Some(s) = self.read_gap(p, &model.id, from, to, gap_events).await? {
                 return Ok(Some(s));
             }
         }
         for v in from..=to {
-            // Healing returned every version of the range, each once.
-            let Some(e) = healed.get(&v) else {
-                let description = format!("event v{v} of {} was not read while healing", model.id);
+            // The read returned every version of the range, each once.
+            let Some(e) = gap_events.get(&v) else {
+                let description = format!(
+                    "event v{v} of {} was not read while filling the gap",
+                    model.id
+                );
                 return Ok(Some(stop_at(p, v, REASON_GAP, description)));
             };
             if let Err(e) = model.apply(p, e) {
@@ -235,23 +244,27 @@ impl Engine {
         Ok(None)
     }
 
-    /// Reads versions `from..=to` of `id` into `healed`, waiting up to `gap_timeout` for them
-    /// ([`Store::heal`]). The stop when they cannot be had: not all there in time, or a source
-    /// event that breaks the contract; a database fault is an error.
-    async fn heal_gap(
+    /// Reads versions `from..=to` of `id` into `gap_events`, waiting up to `gap_timeout` for
+    /// them ([`Store::wait_for_events`]). The stop when they cannot be had: not all there in
+    /// time, or a source event that breaks the contract; a database fault is an error.
+    async fn read_gap(
         &self,
         p: &dyn Projection,
         id: &str,
         from: i64,
         to: i64,
-        healed: &mut BTreeMap<i64, Document>,
+        gap_events: &mut BTreeMap<i64, Document>,
     ) -> Result<Option<Stop>, StoreError> {
-        match self.store.heal(id, from, to, self.cfg.gap_timeout).await {
+        match self
+            .store
+            .wait_for_events(id, from, to, self.cfg.gap_timeout)
+            .await
+        {
             Ok(Some(found)) => {
-                metrics::counter!(m::GAPS_HEALED).increment(found.len() as u64);
-                tracing::info!(aggregate = %id, from, to, "gap healed from the events collection");
+                metrics::counter!(m::GAP_EVENTS_FILLED).increment(found.len() as u64);
+                tracing::info!(aggregate = %id, from, to, "gap filled from the events collection");
                 for e in found {
-                    healed.insert(event_version(&e), e);
+                    gap_events.insert(event_version(&e), e);
                 }
                 Ok(None)
             }
@@ -300,7 +313,7 @@ struct Plan {
     /// Where folding must stop, if it must.
     stop: Option<Stop>,
     /// Events read from the events collection to fill gaps.
-    healed: BTreeMap<i64, Document>,
+    gap_events: BTreeMap<i64, Document>,
     /// Projections whose model was taken as empty without reading it.
     assumed: Vec<usize>,
 }

@@ -1,7 +1,7 @@
 //! The session worker: accept a session, receive batches, fold, write once, settle.
 //!
 //! Per batch: decode every message; fold the decodable prefix into the aggregate's in-memory
-//! read models (healing gaps from the events collection); write each changed model once,
+//! read models (filling gaps from the events collection); write each changed model once,
 //! guarded by the version it was read at; then settle as [`crate::settle::decide`] says. The
 //! session lock is renewed between steps and, while a batch is applied or retried, by a timer
 //! racing the work (receiver methods take `&mut self`, so renewal cannot run on its own task).
@@ -10,8 +10,8 @@
 //! written into duplicates.
 //!
 //! Faults are sorted by whose they are. One that belongs to the events (an undecodable body,
-//! an unsupported envelope version, a projection error, a gap not healed within
-//! `gap_timeout`, an invalid or duplicated source event reached by healing, a read model the
+//! an unsupported envelope version, a projection error, a gap not filled within
+//! `gap_timeout`, an invalid or duplicated source event read to fill a gap, a read model the
 //! server refuses to store) is poison: dead-lettered with a reason, the aggregate blocked in
 //! `ordo_blocked` and the session state, and later messages dead-lettered as
 //! `AggregateBlocked` so the subscription never stalls behind them; `ordo-projector repair`
@@ -23,7 +23,7 @@
 //! Files: this one (the engine and what its parts share), `accept.rs` (a worker's accept loop
 //! and its retries), `session.rs` (one held session, its lock renewed between batches),
 //! `batch.rs` (one batch: decide, settle, pause on a fault, block on poison), `apply.rs` (fold,
-//! heal gaps, guarded write), `gate.rs` (one prober while the broker is down), `message.rs`
+//! fill gaps, guarded write), `gate.rs` (one prober while the broker is down), `message.rs`
 //! (what a message says).
 
 mod accept;

@@ -194,7 +194,7 @@ async fn one_more_event_for_every_user(env: &Env, busy: &[&str], quiet: &[&str])
         })
         .collect();
     // Versions must stay contiguous: fill each aggregate up to v99 in the events collection
-    // only (the projector heals them from there).
+    // only (the projector catches them up from there).
     let mut fill = Vec::new();
     for id in busy.iter().chain(quiet.iter()) {
         let top = env

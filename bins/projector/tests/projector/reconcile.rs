@@ -1,13 +1,14 @@
-//! Reconciliation: events that never reached the broker are healed from the events collection.
+//! Reconciliation: read models behind events that never reached the broker are caught up from
+//! the events collection.
 
 use super::*;
 
 /// Events inserted while no producer runs never reach the broker; `ordo-projector reconcile`
-/// heals every read model from the events collection, reports the blocked aggregate and leaves
+/// catches up every read model from the events collection, reports the blocked aggregate and leaves
 /// it alone. A second run is incremental: it checks only the aggregates with new events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconcile_heals_events_that_never_reached_the_broker_and_leaves_blocked_aggregates_alone()
-{
+async fn reconcile_catches_up_events_that_never_reached_the_broker_and_leaves_blocked_aggregates_alone(
+) {
     let env = start(Duration::from_secs(5)).await;
     let events = workload("n", 10, 5);
     env.insert_events(&events).await;
@@ -16,7 +17,7 @@ async fn reconcile_heals_events_that_never_reached_the_broker_and_leaves_blocked
     let (ok, out) = run_admin(&env, &tuning(), &["reconcile"]).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains("reconcile (full: no watermark yet): 10 aggregates checked, 10 behind, 9 read models healed, 1 blocked (left alone), 0 not healed"),
+        out.contains("reconcile (full: no watermark yet): 10 aggregates checked, 10 behind, 9 read models caught up, 1 blocked (left alone), 0 not caught up"),
         "{out}"
     );
     assert!(out.contains("blocked: n-3"), "{out}");
@@ -48,7 +49,7 @@ async fn reconcile_heals_events_that_never_reached_the_broker_and_leaves_blocked
     let (ok, out) = run_admin(&env, &tuning(), &["reconcile"]).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains("reconcile (incremental): 2 aggregates checked, 2 behind, 2 read models healed, 0 blocked (left alone), 0 not healed"),
+        out.contains("reconcile (incremental): 2 aggregates checked, 2 behind, 2 read models caught up, 0 blocked (left alone), 0 not caught up"),
         "{out}"
     );
     let mut expected = env.expected().await;
@@ -88,7 +89,7 @@ async fn a_second_set_of_projections_over_the_same_events_is_reconciled_in_full(
     let (ok, out) = run_admin(&env, &projector, &["reconcile"]).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains("reconcile (full: no watermark yet): 6 aggregates checked, 6 behind, 6 read models healed"),
+        out.contains("reconcile (full: no watermark yet): 6 aggregates checked, 6 behind, 6 read models caught up"),
         "{out}"
     );
     assert_eq!(env.read_models("users_b").await.len(), 3);
@@ -102,7 +103,7 @@ async fn a_second_set_of_projections_over_the_same_events_is_reconciled_in_full(
     );
 }
 
-/// With `reconcile_interval`, the daemon heals events that never reached the broker by itself,
+/// With `reconcile_interval`, the daemon catches up events that never reached the broker by itself,
 /// run after run (the second run is incremental), and its heartbeat expires the heartbeat of
 /// a projector that died without retiring it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +130,7 @@ async fn the_daemon_reconciles_periodically_and_expires_dead_heartbeats() {
     converge(&env, &env.expected().await, CONVERGE).await;
     let p = &proj;
     wait_until(Duration::from_secs(30), || async move {
-        p.metric(m::RECONCILE_HEALED).await >= 6.0
+        p.metric(m::RECONCILE_CAUGHT_UP).await >= 6.0
     })
     .await;
 
@@ -152,7 +153,7 @@ async fn the_daemon_reconciles_periodically_and_expires_dead_heartbeats() {
     ];
     env.insert_events(&more).await;
     converge(&env, &env.expected().await, CONVERGE).await;
-    assert!(proj.metric(m::RECONCILE_HEALED).await >= 7.0);
+    assert!(proj.metric(m::RECONCILE_CAUGHT_UP).await >= 7.0);
     assert!(proj.metric(m::RECONCILE_RUNS).await > runs_before);
     assert!(proj.logs().contains("\"incremental\""), "{}", proj.logs());
 
@@ -170,9 +171,9 @@ async fn the_daemon_reconciles_periodically_and_expires_dead_heartbeats() {
 }
 
 /// A periodic reconciliation run that fails (its aggregate commands refused by a fail point
-/// scoped to the daemon's connections) is counted as a retry and logged; a later run heals.
+/// scoped to the daemon's connections) is counted as a retry and logged; a later run catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_reconcile_run_is_counted_and_the_next_run_heals() {
+async fn a_failed_reconcile_run_is_counted_and_the_next_run_catches_up() {
     let env = start(Duration::from_secs(5)).await;
     let events = workload("q", 4, 3);
     env.insert_events(&events).await;

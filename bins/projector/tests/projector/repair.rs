@@ -51,7 +51,7 @@ async fn repair_all_blocked_repairs_each_blocked_aggregate_and_names_the_rest() 
 }
 
 /// Two source documents with the same version (no unique index): `repair` and `reconcile`
-/// read an aggregate's events the way healing does, so neither folds one of them silently;
+/// read an aggregate's events the way gap filling does, so neither folds one of them silently;
 /// both name the two documents and write nothing for that aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repair_and_reconcile_refuse_a_duplicate_version_naming_both_documents() {
@@ -81,7 +81,7 @@ async fn repair_and_reconcile_refuse_a_duplicate_version_naming_both_documents()
     let (ok, out) = run_admin(&env, &tuning(), &["reconcile", "--full"]).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains("not healed: w-0") && out.contains("twin-of-v2"),
+        out.contains("not caught up: w-0") && out.contains("twin-of-v2"),
         "{out}"
     );
     assert_eq!(users.find_one(doc! {"_id": "w-0"}).await.unwrap(), None);

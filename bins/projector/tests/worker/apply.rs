@@ -101,7 +101,7 @@ async fn a_read_model_without_a_version_is_replaced_by_the_fold() {
 }
 
 /// An event type no rule handles still records the aggregate's version, so later events need
-/// no healing read.
+/// no read to fill a gap.
 #[tokio::test]
 async fn an_event_type_without_rules_records_progress() {
     let mongo = TestMongo::start().await.unwrap();
@@ -145,15 +145,15 @@ async fn a_block_is_recorded_under_the_real_aggregate_id() {
 }
 
 /// A model reloaded after a failed guard can be older than the one the batch was checked
-/// against (an operator reset it); the fold of the reloaded model stops at a gap that does not
-/// heal, and that stop is honoured: nothing past it is completed.
+/// against (an operator reset it); the fold of the reloaded model stops at a gap that cannot be
+/// filled, and that stop is honoured: nothing past it is completed.
 #[tokio::test]
 async fn a_stop_found_after_a_conflict_reload_is_honoured() {
     let mongo = TestMongo::start().await.unwrap();
     // Two batches: v1..v3, then v4..v5.
     let engine = engine(&mongo, |c| c.batch_size = 3).await;
     let order: Vec<Document> = workload("r", 2, 5)[5..].to_vec();
-    // Only v1 is in the events collection: v2 and v3 arrive by message and cannot be healed.
+    // Only v1 is in the events collection: v2 and v3 arrive by message and cannot be filled in.
     mongo
         .database()
         .collection::<Document>("events")

@@ -1,12 +1,13 @@
-//! Blocking an aggregate: events reached by healing, the source's own duplicates, refused and oversized read models.
+//! Blocking an aggregate: events read to fill a gap, the source's own duplicates, refused and
+//! oversized read models.
 
 use super::*;
 
 /// An event the producer parked for an invalid field (here a payload that is not a document)
-/// is reached by gap healing: the aggregate is blocked at it with a reason naming the source
+/// is read to fill a gap: the aggregate is blocked at it with a reason naming the source
 /// document, the message that led there is dead-lettered once, nothing is abandoned.
 #[tokio::test]
-async fn an_invalid_event_reached_by_healing_blocks_the_aggregate_once() {
+async fn an_invalid_event_read_to_fill_a_gap_blocks_the_aggregate_once() {
     let mongo = TestMongo::start().await.unwrap();
     let engine = engine(&mongo, |_| {}).await;
     let order: Vec<Document> = workload("h", 2, 3)[3..].to_vec();
@@ -14,7 +15,7 @@ async fn an_invalid_event_reached_by_healing_blocks_the_aggregate_once() {
     bad.insert("_id", "bad-event-2");
     bad.insert("payload", "not a document");
     let blocked =
-        blocked_by_healing(&mongo, &engine, &order, vec![bad], "InvalidSourceEvent").await;
+        blocked_by_gap_filling(&mongo, &engine, &order, vec![bad], "InvalidSourceEvent").await;
     assert_eq!(blocked.get_i64("blockedAtEventId").unwrap(), 2);
     assert_eq!(blocked.get_str("reason").unwrap(), "InvalidSourceEvent");
     let description = blocked.get_str("description").unwrap();
@@ -31,10 +32,10 @@ async fn an_invalid_event_reached_by_healing_blocks_the_aggregate_once() {
 }
 
 /// Works a session of only the first and the last of `order`'s events, over an events
-/// collection that holds those two and `between`, so healing reads `between` for the gap.
+/// collection that holds those two and `between`, so filling the gap reads `between`.
 /// Checks that the aggregate is blocked at v2 for `reason` before anything is settled, the first
 /// event completed and the last dead-lettered once, and returns the block's record.
-async fn blocked_by_healing(
+async fn blocked_by_gap_filling(
     mongo: &TestMongo,
     engine: &Engine,
     order: &[Document],
@@ -66,7 +67,7 @@ async fn blocked_by_healing(
     stored(mongo, "ordo_blocked", id).await.unwrap()
 }
 
-/// Two source documents with the same (aggregateId, eventId), reached by healing: no panic;
+/// Two source documents with the same (aggregateId, eventId), read to fill a gap: no panic;
 /// the aggregate is blocked with a reason naming both documents.
 #[tokio::test]
 async fn duplicate_versions_in_the_source_block_without_a_panic() {
@@ -77,8 +78,8 @@ async fn duplicate_versions_in_the_source_block_without_a_panic() {
     first.insert("_id", "dup-a");
     let mut second = order[1].clone();
     second.insert("_id", "dup-b");
-    // v2 twice and no v3: a heal of v2..v3 finds two documents, as many as it asked for.
-    let blocked = blocked_by_healing(
+    // v2 twice and no v3: filling v2..v3 finds two documents, as many as it asked for.
+    let blocked = blocked_by_gap_filling(
         &mongo,
         &engine,
         &order,

@@ -1,5 +1,5 @@
-//! One pass over aggregates: compare each with every projection's stored version, and heal
-//! the read models behind with the worker's guarded write, leaving blocked aggregates to
+//! One pass over aggregates: compare each with every projection's stored version, and catch
+//! up the read models behind with the worker's guarded write, leaving blocked aggregates to
 //! `repair` and an aggregate whose document keeps moving to the worker.
 
 use std::collections::{BTreeMap, HashSet};
@@ -19,14 +19,14 @@ const CONFLICTS_BEFORE_GIVING_UP: u32 = 3;
 pub(super) struct Pass<'a> {
     pub(super) store: &'a Store,
     pub(super) projections: &'a [Arc<dyn Projection>],
-    /// Blocked when the run started; one blocked since is seen by [`Pass::heal`].
+    /// Blocked when the run started; one blocked since is seen by [`Pass::catch_up`].
     pub(super) blocked_now: HashSet<String>,
     pub(super) report: Report,
 }
 
 impl Pass<'_> {
-    /// Compares one chunk of aggregates with every projection's stored versions and heals the
-    /// ones behind.
+    /// Compares one chunk of aggregates with every projection's stored versions and catches
+    /// up the ones behind.
     pub(super) async fn check(&mut self, chunk: Vec<Latest>) -> Result<(), ReconcileError> {
         if chunk.is_empty() {
             return Ok(());
@@ -53,16 +53,16 @@ impl Pass<'_> {
                 self.report.blocked.push(l.id);
                 continue;
             }
-            if let Err(why) = self.heal(&l, &pis).await {
-                tracing::warn!(aggregate = %l.id, reason = %why, "reconcile could not heal the aggregate; the next run checks it again");
-                self.report.unhealed.push((l.id, why));
+            if let Err(why) = self.catch_up(&l, &pis).await {
+                tracing::warn!(aggregate = %l.id, reason = %why, "reconcile could not catch the aggregate up; the next run checks it again");
+                self.report.not_caught_up.push((l.id, why));
             }
         }
         Ok(())
     }
 
     /// Brings the read models `pis` of one aggregate up to the events collection.
-    async fn heal(&mut self, l: &Latest, pis: &[usize]) -> Result<(), String> {
+    async fn catch_up(&mut self, l: &Latest, pis: &[usize]) -> Result<(), String> {
         let err = |e: StoreError| e.to_string();
         // Blocked since the run started: leave it to repair.
         if self.store.blocked_at(&l.id).await.map_err(err)?.is_some() {
@@ -102,8 +102,8 @@ impl Pass<'_> {
                 if model.needs_write(loaded) {
                     match self.store.write(p, &model, loaded).await.map_err(err)? {
                         Written::Ok => {
-                            self.report.healed += 1;
-                            tracing::info!(aggregate = %l.id, projection = p.name(), from = loaded, to = model.version, "reconcile healed a read model");
+                            self.report.caught_up += 1;
+                            tracing::info!(aggregate = %l.id, projection = p.name(), from = loaded, to = model.version, "reconcile caught a read model up");
                         }
                         Written::Conflict => {
                             metrics::counter!(m::GUARD_CONFLICTS).increment(1);

@@ -44,8 +44,8 @@ pub fn pick<'a>(
 fn folded(p: &dyn Projection, id: &str, history: &[Document]) -> anyhow::Result<ReadModel> {
     match fold_history(p, id, history) {
         Ok(model) => Ok(model),
-        Err(HistoryError::Gap(gap)) => {
-            anyhow::bail!("aggregate {id}: {gap}; cannot re-project")
+        Err(e @ (HistoryError::Gap(_) | HistoryError::Duplicate(_))) => {
+            anyhow::bail!("aggregate {id}: {e}; cannot re-project")
         }
         Err(HistoryError::Apply(e)) => Err(anyhow::anyhow!(e)).context(format!(
             "aggregate {id} still fails; fix the projection or the event, then repair again"

@@ -28,6 +28,16 @@ pub const UPDATED_AT_FIELD: &str = "lastUpdatedAt";
 /// tells them apart.
 pub const EPOCH_FIELD: &str = "_epoch";
 
+/// Fields the engine owns: a stored document's fields apart from the projection's. Rules may
+/// not write them, and [`ReadModel::from_document`] takes them out.
+pub const RESERVED_FIELDS: &[&str] = &[
+    "_id",
+    VERSION_FIELD,
+    UPDATED_AT_FIELD,
+    DELETED_FIELD,
+    EPOCH_FIELD,
+];
+
 /// Custom projection logic; declarative rules implement it too, so both fold the same way.
 pub trait Projection: Send + Sync + std::fmt::Debug {
     /// Unique name, used by `rebuild --projection` and in `ordo_blocked`.
@@ -100,6 +110,10 @@ pub enum HistoryError {
     /// The projection cannot apply one of its events.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// Two events hold this version. Which one is the event is not the fold's to guess, so
+    /// it folds neither (the events collection's reader names both documents).
+    #[error("two events hold v{0}")]
+    Duplicate(i64),
 }
 
 /// One aggregate's read model in memory.
@@ -131,20 +145,11 @@ impl ReadModel {
     /// Reads a stored document (or a tombstone).
     pub fn from_document(id: impl Into<String>, mut stored: Document) -> Self {
         let version = version_of(stored.get(VERSION_FIELD));
-        let epoch = match stored.get(EPOCH_FIELD) {
-            Some(Bson::Int64(v)) => Some(*v),
-            Some(Bson::Int32(v)) => Some(i64::from(*v)),
-            _ => None,
-        };
+        // The epoch is stored as a version is: an integer a rebuild wrote.
+        let epoch = stored_version(stored.get(EPOCH_FIELD));
         let deleted = stored.get_bool(DELETED_FIELD).unwrap_or(false);
-        for f in [
-            "_id",
-            VERSION_FIELD,
-            UPDATED_AT_FIELD,
-            DELETED_FIELD,
-            EPOCH_FIELD,
-        ] {
-            stored.remove(f);
+        for f in RESERVED_FIELDS {
+            stored.remove(*f);
         }
         Self {
             id: id.into(),
@@ -224,16 +229,22 @@ pub fn selects(projection: &dyn Projection, event: &Document) -> bool {
     )
 }
 
-/// A version as BSON stores it: an integer of either width, or a double from a client that
-/// writes every number as one (JavaScript); 0 when absent or of another type, which never
-/// applies. The one reading of a version, for events (`eventId`) and read models (`lastEventId`).
-pub fn version_of(value: Option<&Bson>) -> i64 {
-    match value {
-        Some(Bson::Int64(v)) => *v,
-        Some(Bson::Int32(v)) => i64::from(*v),
-        Some(Bson::Double(d)) => *d as i64,
-        _ => 0,
+/// A version as BSON stores it: an integer of either width, or a finite double from a client
+/// that writes every number as one (JavaScript), its fraction dropped; `None` when absent or
+/// of another type. The one reading of a version, for events (`eventId`), read models
+/// (`lastEventId`) and the rebuild epoch (`_epoch`).
+pub fn stored_version(value: Option<&Bson>) -> Option<i64> {
+    match value? {
+        Bson::Int64(v) => Some(*v),
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Double(d) if d.is_finite() => Some(*d as i64),
+        _ => None,
     }
+}
+
+/// [`stored_version`], 0 when there is none, which never applies.
+pub fn version_of(value: Option<&Bson>) -> i64 {
+    stored_version(value).unwrap_or(0)
 }
 
 /// The `eventId` of an event document (see [`version_of`]).
@@ -263,29 +274,69 @@ pub fn fold_events<'a>(
 }
 
 /// Folds an aggregate's complete history (versions 1..=n from the events collection) from
-/// scratch, as `repair` and `rebuild` do.
+/// scratch, as `repair` does; see [`HistoryFold`] for the rule.
 pub fn fold_history<'a>(
     projection: &dyn Projection,
     id: &str,
     events: impl IntoIterator<Item = &'a Document>,
 ) -> Result<ReadModel, HistoryError> {
-    let mut model = ReadModel::empty(id);
     let mut sorted: Vec<&Document> = events.into_iter().collect();
     sorted.sort_by_key(|e| event_version(e));
-    let mut seen = 0;
+    let mut fold = HistoryFold::new(ReadModel::empty(id));
     for e in sorted {
-        let v = event_version(e);
-        match classify(seen, v) {
-            Step::Duplicate => continue,
+        fold.push(projection, e)?;
+    }
+    Ok(fold.into_model())
+}
+
+/// A complete history folded one event at a time, in version order from v1: [`fold_history`]
+/// over a whole history, `rebuild` over the events collection as its cursor reads it. Unlike
+/// messages ([`fold_events`]), a history holds every version exactly once, so a version
+/// already seen is [`HistoryError::Duplicate`], not a redelivery, and a missing one is
+/// [`HistoryError::Gap`]. After an error the model stays as it was before that event.
+#[derive(Debug, Clone)]
+pub struct HistoryFold {
+    model: ReadModel,
+    /// The last version folded or ignored ([`ReadModel::ignores`]).
+    seen: i64,
+}
+
+impl HistoryFold {
+    /// Starts a fold from `model`, which holds no version (a rebuild sets its epoch first).
+    pub fn new(model: ReadModel) -> Self {
+        debug_assert_eq!(model.version, 0, "a history folds from scratch");
+        Self { model, seen: 0 }
+    }
+
+    /// Folds the next event of the history.
+    pub fn push(
+        &mut self,
+        projection: &dyn Projection,
+        event: &Document,
+    ) -> Result<(), HistoryError> {
+        let v = event_version(event);
+        match classify(self.seen, v) {
+            Step::Duplicate => return Err(HistoryError::Duplicate(v)),
             Step::Gap(gap) => return Err(HistoryError::Gap(gap)),
             Step::Apply => {}
         }
-        seen = v;
-        if model.ignores(projection, e) {
-            continue;
+        if !self.model.ignores(projection, event) {
+            let mut next = self.model.clone();
+            next.version = v - 1;
+            next.apply(projection, event)?;
+            self.model = next;
         }
-        model.version = v - 1;
-        model.apply(projection, e)?;
+        self.seen = v;
+        Ok(())
     }
-    Ok(model)
+
+    /// The last version folded or ignored; 0 before the first event.
+    pub fn seen(&self) -> i64 {
+        self.seen
+    }
+
+    /// The read model so far.
+    pub fn into_model(self) -> ReadModel {
+        self.model
+    }
 }

@@ -131,6 +131,41 @@ fn a_gap_stops_the_fold_before_the_hole() {
     ));
 }
 
+/// A history holds every version once: a version seen twice stops the fold there (a message
+/// seen twice is a redelivery, skipped by `fold_events`; two events in the history with one
+/// version are a contract violation, and which one is the event is not the fold's to guess).
+#[test]
+fn a_duplicate_version_stops_a_history_fold() {
+    let p = example("orders");
+    let h = order_history();
+    let twice = [h[0].clone(), h[1].clone(), h[1].clone(), h[2].clone()];
+    assert_eq!(
+        fold_history(&p, "o-1", &twice),
+        Err(HistoryError::Duplicate(2))
+    );
+    let mut fold = HistoryFold::new(ReadModel::empty("o-1"));
+    fold.push(&p, &twice[0]).unwrap();
+    fold.push(&p, &twice[1]).unwrap();
+    assert_eq!(fold.push(&p, &twice[2]), Err(HistoryError::Duplicate(2)));
+    assert_eq!(fold.seen(), 2);
+    assert_eq!(
+        fold.into_model(),
+        fold_history(&p, "o-1", &h[..2]).unwrap(),
+        "the model holds what was folded before the duplicate"
+    );
+}
+
+#[test]
+fn a_version_is_an_integer_of_either_width_or_a_finite_double() {
+    assert_eq!(stored_version(Some(&Bson::Int64(7))), Some(7));
+    assert_eq!(stored_version(Some(&Bson::Int32(7))), Some(7));
+    assert_eq!(stored_version(Some(&Bson::Double(7.0))), Some(7));
+    assert_eq!(stored_version(Some(&Bson::Double(f64::INFINITY))), None);
+    assert_eq!(stored_version(Some(&Bson::String("7".into()))), None);
+    assert_eq!(stored_version(None), None);
+    assert_eq!(version_of(None), 0);
+}
+
 #[test]
 fn apply_errors_are_poison_and_leave_the_model_unchanged() {
     let p = example("orders");

@@ -8,7 +8,7 @@
 
 use mongodb::bson::{Bson, Document};
 
-use crate::fold::{DELETED_FIELD, EPOCH_FIELD, UPDATED_AT_FIELD, VERSION_FIELD};
+pub use crate::fold::RESERVED_FIELDS;
 
 /// The event fields a `$`-path may start with (see `Envelope::to_event_document`).
 pub const EVENT_ROOTS: &[&str] = &[
@@ -137,15 +137,6 @@ impl ValueExpr {
         })
     }
 }
-
-/// Fields the engine owns; rules may not write them.
-pub const RESERVED_FIELDS: &[&str] = &[
-    "_id",
-    VERSION_FIELD,
-    UPDATED_AT_FIELD,
-    DELETED_FIELD,
-    EPOCH_FIELD,
-];
 
 /// A dotted path to a field of the read-model document, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]

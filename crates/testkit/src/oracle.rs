@@ -13,26 +13,28 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mongodb::bson::{DateTime, Document};
 use ordo_projection::fold::UPDATED_AT_FIELD;
-use ordo_projection::{fold_history, ApplyError, Gap, HistoryError, Projection};
+use ordo_projection::{fold_history, ApplyError, HistoryError, Projection};
 
 /// Read models by collection, then by aggregate id, as stored but without `lastUpdatedAt` (the
 /// time of the write, which no fold can know).
 pub type Expected = BTreeMap<String, BTreeMap<String, Document>>;
 
-/// An aggregate whose history has a hole, so no read model can be expected of it.
+/// An aggregate whose history has a hole or a version twice, so no read model can be expected
+/// of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hole {
     /// The collection of the projection that folded it.
     pub collection: String,
     /// The aggregate.
     pub id: String,
-    /// The missing versions.
-    pub gap: Gap,
+    /// The missing versions ([`HistoryError::Gap`]) or the version held twice
+    /// ([`HistoryError::Duplicate`]).
+    pub why: HistoryError,
 }
 
 impl std::fmt::Display for Hole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.id, self.gap)
+        write!(f, "{}: {}", self.id, self.why)
     }
 }
 
@@ -44,7 +46,7 @@ pub struct Folded {
     pub expected: Expected,
     /// Every aggregate the events name.
     pub aggregates: BTreeSet<String>,
-    /// The histories with a hole, left out of `expected`.
+    /// The histories with a hole or a version twice, left out of `expected`.
     pub holes: Vec<Hole>,
     /// How many events were folded.
     pub events: usize,
@@ -73,12 +75,12 @@ pub fn fold<'p>(
                     models.insert(id.clone(), as_expected(m.to_document(DateTime::now())));
                 }
                 Ok(_) => {}
-                Err(HistoryError::Gap(gap)) => folded.holes.push(Hole {
+                Err(HistoryError::Apply(e)) => return Err(e),
+                Err(why) => folded.holes.push(Hole {
                     collection: collection.clone(),
                     id: id.clone(),
-                    gap,
+                    why,
                 }),
-                Err(HistoryError::Apply(e)) => return Err(e),
             }
         }
         folded.expected.insert(collection, models);

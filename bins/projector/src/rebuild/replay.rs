@@ -1,13 +1,17 @@
 //! The replay: the events collection, in aggregate order, folded into fresh read models
 //! carrying the rebuild's epoch and written into the shadow. An aggregate whose events cannot
 //! be folded stops at the event before, and is reported.
+//!
+//! Each aggregate is folded by [`HistoryFold`], the fold `repair` uses too, one event at a
+//! time as the cursor reads them. A duplicate version stops the aggregate, as it does
+//! wherever ordo reads the events collection (`Store::events_between`).
 
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document};
 use mongodb::Database;
 
-use ordo_projection::event_version;
-use ordo_projection::{classify, Gap, Projection, ReadModel, Step};
+use ordo_projection::{event_version, stored_version, HistoryError, HistoryFold};
+use ordo_projection::{Projection, ReadModel};
 
 use crate::Store;
 
@@ -17,10 +21,9 @@ const WRITE_BATCH: usize = 500;
 /// One aggregate's replay so far.
 struct Folding {
     id: String,
-    model: ReadModel,
-    /// The last version seen (folded or skipped by `ignores`).
-    seen: i64,
-    /// The source `_id` of the event at `seen`, to name both documents of a duplicate version.
+    fold: HistoryFold,
+    /// The source `_id` of the event at the fold's last version, to name both documents of a
+    /// duplicate version.
     seen_source: Bson,
     stopped: Option<(i64, String)>,
 }
@@ -31,8 +34,7 @@ impl Folding {
         model.epoch = Some(epoch);
         Self {
             id,
-            model,
-            seen: 0,
+            fold: HistoryFold::new(model),
             seen_source: Bson::Null,
             stopped: None,
         }
@@ -43,55 +45,36 @@ impl Folding {
             return;
         }
         let source = raw.get("_id").cloned().unwrap_or(Bson::Null);
+        let next = self.fold.seen() + 1;
         let event = match store.to_event(&self.id, raw) {
             Ok(e) => e,
             Err(e) => {
-                let v = raw_version(store, raw).unwrap_or(self.seen + 1);
-                self.stopped = Some((
-                    v.max(self.seen + 1),
-                    format!("source document {source}: {e}"),
-                ));
+                let v = stored_version(raw.get(&store.fields().event_id)).unwrap_or(next);
+                self.stopped = Some((v.max(next), format!("source document {source}: {e}")));
                 return;
             }
         };
         let v = event_version(&event);
-        match classify(self.seen, v) {
-            Step::Apply => {}
-            Step::Duplicate => {
-                self.stopped = Some((
-                    v,
-                    format!(
-                        "two source documents hold v{v}: {} and {source}",
-                        self.seen_source
-                    ),
-                ));
+        self.stopped = match self.fold.push(p, &event) {
+            Ok(()) => {
+                self.seen_source = source;
                 return;
             }
-            Step::Gap(gap @ Gap { from, .. }) => {
-                self.stopped = Some((from, gap.to_string()));
-                return;
-            }
-        }
-        self.seen = v;
-        self.seen_source = source;
-        if self.model.ignores(p, &event) {
-            return;
-        }
-        let mut next = self.model.clone();
-        next.version = v - 1;
-        match next.apply(p, &event) {
-            Ok(()) => self.model = next,
-            Err(e) => self.stopped = Some((v, e.to_string())),
-        }
+            Err(HistoryError::Duplicate(v)) => Some((
+                v,
+                format!(
+                    "two source documents hold v{v}: {} and {source}",
+                    self.seen_source
+                ),
+            )),
+            Err(HistoryError::Gap(gap)) => Some((gap.from, gap.to_string())),
+            Err(e @ HistoryError::Apply(_)) => Some((v, e.to_string())),
+        };
     }
-}
 
-fn raw_version(store: &Store, raw: &Document) -> Option<i64> {
-    match raw.get(&store.fields().event_id)? {
-        Bson::Int64(v) => Some(*v),
-        Bson::Int32(v) => Some(i64::from(*v)),
-        Bson::Double(v) if v.is_finite() => Some(v.floor() as i64),
-        _ => None,
+    /// The aggregate's replay: its read model, and where it stopped and why, if it did.
+    fn finish(self) -> (String, ReadModel, Option<(i64, String)>) {
+        (self.id, self.fold.into_model(), self.stopped)
     }
 }
 
@@ -113,11 +96,12 @@ pub(super) async fn replay(
     let mut cursor = store.raw_events().await?;
     let id_field = store.fields().aggregate_id.clone();
     let mut finish = |f: Folding, batch: &mut Vec<Document>| {
-        if let Some((v, why)) = f.stopped {
-            blocked.push((f.id.clone(), v, why));
+        let (id, model, stopped) = f.finish();
+        if model.version > 0 {
+            batch.push(model.to_document(now));
         }
-        if f.model.version > 0 {
-            batch.push(f.model.to_document(now));
+        if let Some((v, why)) = stopped {
+            blocked.push((id, v, why));
         }
     };
     while let Some(raw) = cursor.try_next().await? {

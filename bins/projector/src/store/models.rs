@@ -1,23 +1,20 @@
 //! Read models: loaded from the primary, written under a version (and epoch) guard.
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 use mongodb::options::{CollectionOptions, ReadPreference, ReplaceOptions, SelectionCriteria};
 use mongodb::Collection;
 
 use ordo_core::mongo::is_duplicate_key;
 use ordo_projection::fold::VERSION_FIELD;
-use ordo_projection::{Projection, ReadModel};
+use ordo_projection::{stored_version, Projection, ReadModel};
 
 use super::{Store, StoreError};
 
 /// Whether a stored read model carries a numeric `lastEventId`. One that does not (left by
 /// another writer) is not ordo's: it is replaced by the fold from version 1.
 fn is_versioned(d: &Document) -> bool {
-    matches!(
-        d.get(VERSION_FIELD),
-        Some(Bson::Int64(_) | Bson::Int32(_) | Bson::Double(_))
-    )
+    stored_version(d.get(VERSION_FIELD)).is_some()
 }
 
 /// What a guarded write found.

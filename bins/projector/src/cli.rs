@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ordo_core::cli::{config_path, load_config, Loaded};
 use ordo_projection::Projection;
 
 use crate as ordo_projector;
+use crate::ProjectorError;
 
 /// Accepts Service Bus sessions (one session = one aggregate) and applies each aggregate's
 /// events, in order, to MongoDB read models.
@@ -96,7 +96,7 @@ pub fn main_with(custom: Vec<Arc<dyn Projection>>) -> ExitCode {
     match runtime.block_on(run_command(cli.command, cfg, custom)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ordo-projector: {e:#}");
+            eprintln!("ordo-projector: {e}");
             ExitCode::FAILURE
         }
     }
@@ -107,7 +107,7 @@ async fn run_command(
     command: Option<Command>,
     cfg: ordo_projector::ProjectorConfig,
     custom: Vec<Arc<dyn Projection>>,
-) -> anyhow::Result<()> {
+) -> Result<(), ProjectorError> {
     match command {
         None => ordo_projector::run_with(cfg, custom).await,
         Some(Command::Status { json }) => ordo_projector::status(&cfg, json).await,
@@ -163,18 +163,20 @@ async fn run_command(
             let done = ordo_projector::reconcile::reconcile(&admin.store, &admin.projections, full)
                 .await
                 .map(|report| print!("{report}"))
-                .map_err(anyhow::Error::from);
+                .map_err(ProjectorError::from);
             admin.finish(done).await
         }
     }
 }
 
 /// Prints what `repair --all-blocked` did; an error when some aggregates are still blocked.
-fn print_still_blocked(report: ordo_projector::repair::BlockedRepair) -> anyhow::Result<()> {
+fn print_still_blocked(
+    report: ordo_projector::repair::BlockedRepair,
+) -> Result<(), ProjectorError> {
     print!("{report}");
     match report.failed.len() {
         0 => Ok(()),
-        n => Err(anyhow::anyhow!("{n} aggregates are still blocked")),
+        n => Err(ProjectorError::StillBlocked(n)),
     }
 }
 
@@ -191,12 +193,12 @@ impl Admin {
     async fn open(
         cfg: &ordo_projector::ProjectorConfig,
         custom: Vec<Arc<dyn Projection>>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ProjectorError> {
         ordo_core::telemetry::init_logging(&cfg.telemetry);
         let projections = ordo_projector::load_projections_with(cfg, custom)?;
         let client = ordo_core::mongo::connect(&cfg.mongodb, ADMIN_APP_NAME)
             .await
-            .context("connecting to mongodb")?;
+            .map_err(ProjectorError::Connect)?;
         let store = ordo_projector::Store::new(
             client.database(cfg.mongodb.database()),
             &cfg.mongodb.events_collection,
@@ -211,7 +213,7 @@ impl Admin {
     }
 
     /// Closes the client and returns what the subcommand came to.
-    async fn finish(self, done: anyhow::Result<()>) -> anyhow::Result<()> {
+    async fn finish(self, done: Result<(), ProjectorError>) -> Result<(), ProjectorError> {
         ordo_core::mongo::close(self.client).await;
         done
     }
@@ -236,7 +238,7 @@ fn check_config(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ordo-projector: config error: {e:#}");
+            eprintln!("ordo-projector: config error: {e}");
             ExitCode::from(ordo_core::cli::EXIT_CONFIG)
         }
     }

@@ -17,6 +17,7 @@
 //! - [`rebuild`]: the `rebuild` subcommand.
 //! - [`projections`]: loading the projections and the checks on them (names and collections
 //!   unique, none on the events collection or ordo's own).
+//! - [`error`]: [`ProjectorError`], what the entry points return when they fail.
 //! - this file: [`run`] (the daemon's tasks started, its heartbeat and blocked-aggregates
 //!   gauge, the events-index report, the drain), [`run_with`] (the same with custom
 //!   projections written in Rust; [`cli`] runs it), [`spawn_workers`] (the
@@ -24,6 +25,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod error;
 mod probes;
 pub mod projections;
 pub mod rebuild;
@@ -37,8 +39,6 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-
 use tokio_util::sync::CancellationToken;
 
 use ordo_core::servicebus::receiver::{ReceiveError, SessionConnections, SessionSource};
@@ -48,15 +48,16 @@ use ordo_core::telemetry;
 use ordo_projection::Projection;
 
 pub use config::ProjectorConfig;
+pub use error::{ProjectionConflict, ProjectorError};
 pub use projections::{load_projections, load_projections_with};
 pub use store::Store;
 pub use worker::Engine;
 
 /// Connects to MongoDB and builds the store.
-pub async fn open_store(cfg: &ProjectorConfig) -> anyhow::Result<Store> {
+pub async fn open_store(cfg: &ProjectorConfig) -> Result<Store, ProjectorError> {
     let client = ordo_core::mongo::connect(&cfg.mongodb, "ordo-projector")
         .await
-        .context("connecting to mongodb")?;
+        .map_err(ProjectorError::Connect)?;
     Ok(Store::new(
         client.database(cfg.mongodb.database()),
         &cfg.mongodb.events_collection,
@@ -66,7 +67,7 @@ pub async fn open_store(cfg: &ProjectorConfig) -> anyhow::Result<Store> {
 }
 
 /// Runs the projector until SIGTERM/SIGINT, then drains within the grace period.
-pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
+pub async fn run(cfg: ProjectorConfig) -> Result<(), ProjectorError> {
     run_with(cfg, Vec::new()).await
 }
 
@@ -74,7 +75,7 @@ pub async fn run(cfg: ProjectorConfig) -> anyhow::Result<()> {
 pub async fn run_with(
     cfg: ProjectorConfig,
     custom: Vec<Arc<dyn Projection>>,
-) -> anyhow::Result<()> {
+) -> Result<(), ProjectorError> {
     telemetry::init_logging(&cfg.telemetry);
     let projections = load_projections_with(&cfg, custom)?;
     let recorder = telemetry::install_recorder();
@@ -88,7 +89,10 @@ pub async fn run_with(
         shutdown.token.clone(),
     )
     .await
-    .with_context(|| format!("telemetry.listen: cannot bind {}", cfg.telemetry.listen))?;
+    .map_err(|source| ProjectorError::Telemetry {
+        listen: cfg.telemetry.listen,
+        source,
+    })?;
     let store = open_store(&cfg).await?;
     let engine = Arc::new(Engine::new(
         projections,
@@ -135,10 +139,10 @@ async fn spawn_probes(
     engine: &Arc<Engine>,
     shutdown: &Shutdown,
     cfg: &ProjectorConfig,
-) -> anyhow::Result<()> {
+) -> Result<(), ProjectorError> {
     let probe = ordo_core::mongo::connect_probe(&cfg.mongodb, "ordo-projector")
         .await
-        .context("connecting to mongodb")?
+        .map_err(ProjectorError::Connect)?
         .database(cfg.mongodb.database());
     spawn_supervised(engine, shutdown, "readiness_probe", {
         let (engine, cancel) = (engine.clone(), shutdown.token.clone());
@@ -312,7 +316,7 @@ async fn report_event_index(store: Store, mongo: ordo_core::config::MongoConfig)
 }
 
 /// `ordo-projector status`: the deployment as MongoDB and Service Bus see it.
-pub async fn status(cfg: &ProjectorConfig, json: bool) -> anyhow::Result<()> {
+pub async fn status(cfg: &ProjectorConfig, json: bool) -> Result<(), ProjectorError> {
     let store = open_store(cfg).await?;
     let gathered = status::gather(
         store.database(),
@@ -322,7 +326,7 @@ pub async fn status(cfg: &ProjectorConfig, json: bool) -> anyhow::Result<()> {
     )
     .await;
     ordo_core::mongo::close(store.database().client().clone()).await;
-    let mut report = gathered.context("reading status from mongodb")?;
+    let mut report = gathered.map_err(ProjectorError::Status)?;
     match ordo_core::servicebus::dead_letter_depth(
         cfg.servicebus.connection_string(),
         &cfg.servicebus.topic,

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use ordo_projection::{Projection, ProjectionsFile};
 
+use crate::error::{ProjectionConflict, ProjectorError};
 use crate::rebuild::SHADOW_MARK;
 use crate::ProjectorConfig;
 
 /// Loads and checks the declarative projections named by the configuration.
-pub fn load_projections(cfg: &ProjectorConfig) -> anyhow::Result<Vec<Arc<dyn Projection>>> {
+pub fn load_projections(cfg: &ProjectorConfig) -> Result<Vec<Arc<dyn Projection>>, ProjectorError> {
     load_projections_with(cfg, Vec::new())
 }
 
@@ -20,14 +20,22 @@ pub fn load_projections(cfg: &ProjectorConfig) -> anyhow::Result<Vec<Arc<dyn Pro
 pub fn load_projections_with(
     cfg: &ProjectorConfig,
     custom: Vec<Arc<dyn Projection>>,
-) -> anyhow::Result<Vec<Arc<dyn Projection>>> {
+) -> Result<Vec<Arc<dyn Projection>>, ProjectorError> {
     let path = &cfg.projector.projections_file;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("projector.projections_file: cannot read {}", path.display()))?;
-    let compiled = ProjectionsFile::load_str(&text)
-        .with_context(|| format!("projections file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        ProjectorError::ProjectionsFileUnreadable {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    let compiled = ProjectionsFile::load_str(&text).map_err(|source| {
+        ProjectorError::ProjectionsFileInvalid {
+            path: path.clone(),
+            source,
+        }
+    })?;
     if compiled.is_empty() && custom.is_empty() {
-        anyhow::bail!("projections file {}: defines no projection", path.display());
+        return Err(ProjectorError::NoProjections { path: path.clone() });
     }
     let projections: Vec<Arc<dyn Projection>> = compiled
         .into_iter()
@@ -39,7 +47,10 @@ pub fn load_projections_with(
         &cfg.mongodb.events_collection,
         &cfg.projector.blocked_collection,
     )
-    .with_context(|| format!("projections file {}", path.display()))?;
+    .map_err(|source| ProjectorError::ProjectionConflict {
+        path: path.clone(),
+        source,
+    })?;
     Ok(projections)
 }
 
@@ -73,29 +84,26 @@ pub fn check_projections(
     projections: &[Arc<dyn Projection>],
     events_collection: &str,
     blocked_collection: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), ProjectionConflict> {
     let mut names = std::collections::BTreeSet::new();
     let mut collections = std::collections::BTreeSet::new();
     for p in projections {
+        let (projection, collection) = (p.name().to_string(), p.collection().to_string());
         if !names.insert(p.name()) {
-            anyhow::bail!(
-                "two projections are named {:?}; names must be unique",
-                p.name()
-            );
+            return Err(ProjectionConflict::SameName { name: projection });
         }
         if !collections.insert(p.collection()) {
-            anyhow::bail!(
-                "projection {:?}: collection {:?} belongs to another projection; a projection must own a collection of its own",
-                p.name(),
-                p.collection()
-            );
+            return Err(ProjectionConflict::SameCollection {
+                projection,
+                collection,
+            });
         }
         if let Some(why) = forbidden_target(p.collection(), events_collection, blocked_collection) {
-            anyhow::bail!(
-                "projection {:?}: collection {:?} {why}; a projection must own a collection of its own",
-                p.name(),
-                p.collection()
-            );
+            return Err(ProjectionConflict::ForbiddenCollection {
+                projection,
+                collection,
+                why,
+            });
         }
     }
     Ok(())

@@ -11,46 +11,46 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use mongodb::bson::Document;
 
 use ordo_projection::{fold_history, HistoryError, Projection, ReadModel};
 
-use crate::Store;
+use crate::{ProjectorError, Store};
 
 /// The projections `name` selects (all when `None`), or an error listing the known names.
 pub fn pick<'a>(
     projections: &'a [Arc<dyn Projection>],
     name: Option<&str>,
-) -> anyhow::Result<Vec<&'a Arc<dyn Projection>>> {
+) -> Result<Vec<&'a Arc<dyn Projection>>, ProjectorError> {
     let chosen: Vec<_> = projections
         .iter()
         .filter(|p| name.is_none_or(|n| p.name() == n))
         .collect();
     if chosen.is_empty() {
-        anyhow::bail!(
-            "--projection: no projection named {:?} (known: {})",
-            name.unwrap_or_default(),
-            projections
+        return Err(ProjectorError::UnknownProjection {
+            name: name.unwrap_or_default().to_string(),
+            known: projections
                 .iter()
                 .map(|p| p.name())
                 .collect::<Vec<_>>()
-                .join(", ")
-        );
+                .join(", "),
+        });
     }
     Ok(chosen)
 }
 
-fn folded(p: &dyn Projection, id: &str, history: &[Document]) -> anyhow::Result<ReadModel> {
-    match fold_history(p, id, history) {
-        Ok(model) => Ok(model),
-        Err(e @ (HistoryError::Gap(_) | HistoryError::Duplicate(_))) => {
-            anyhow::bail!("aggregate {id}: {e}; cannot re-project")
-        }
-        Err(HistoryError::Apply(e)) => Err(anyhow::anyhow!(e)).context(format!(
-            "aggregate {id} still fails; fix the projection or the event, then repair again"
-        )),
-    }
+fn folded(p: &dyn Projection, id: &str, history: &[Document]) -> Result<ReadModel, ProjectorError> {
+    let aggregate_id = id.to_string();
+    fold_history(p, id, history).map_err(|e| match e {
+        HistoryError::Apply(source) => ProjectorError::StillFails {
+            aggregate_id,
+            source,
+        },
+        source => ProjectorError::Unfoldable {
+            aggregate_id,
+            source,
+        },
+    })
 }
 
 /// Folds every chosen projection over the current history; fails on a hole or a projection
@@ -59,10 +59,12 @@ async fn fold_all(
     store: &Store,
     chosen: &[&Arc<dyn Projection>],
     aggregate_id: &str,
-) -> anyhow::Result<Vec<(Arc<dyn Projection>, ReadModel)>> {
+) -> Result<Vec<(Arc<dyn Projection>, ReadModel)>, ProjectorError> {
     let history = store.history(aggregate_id).await?;
     if history.is_empty() {
-        anyhow::bail!("--aggregate: {aggregate_id:?} has no events in the events collection");
+        return Err(ProjectorError::NoEvents {
+            aggregate_id: aggregate_id.to_string(),
+        });
     }
     chosen
         .iter()
@@ -78,7 +80,7 @@ pub async fn repair(
     projections: &[Arc<dyn Projection>],
     aggregate_id: &str,
     projection: Option<&str>,
-) -> anyhow::Result<()> {
+) -> Result<(), ProjectorError> {
     repair_chosen(store, &pick(projections, projection)?, aggregate_id).await
 }
 
@@ -87,7 +89,7 @@ async fn repair_chosen(
     store: &Store,
     chosen: &[&Arc<dyn Projection>],
     aggregate_id: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), ProjectorError> {
     // A dry fold first: a repair that cannot succeed must leave the block in place.
     fold_all(store, chosen, aggregate_id).await?;
     let was_blocked = store.unblock(aggregate_id).await?;
@@ -107,9 +109,10 @@ async fn repair_chosen(
         );
     }
     if let Some(at) = store.blocked_at(aggregate_id).await? {
-        anyhow::bail!(
-            "aggregate {aggregate_id} was blocked again at v{at} while it was repaired: a running projector still cannot apply it (see ordo_blocked)"
-        );
+        return Err(ProjectorError::BlockedAgain {
+            aggregate_id: aggregate_id.to_string(),
+            at,
+        });
     }
     tracing::info!(aggregate = aggregate_id, was_blocked, "repair done");
     Ok(())
@@ -150,14 +153,14 @@ pub async fn repair_blocked(
     store: &Store,
     projections: &[Arc<dyn Projection>],
     projection: Option<&str>,
-) -> anyhow::Result<BlockedRepair> {
+) -> Result<BlockedRepair, ProjectorError> {
     let chosen = pick(projections, projection)?;
     let mut report = BlockedRepair::default();
     for id in store.blocked_ids().await? {
         match repair_chosen(store, &chosen, &id).await {
             Ok(()) => report.repaired += 1,
             Err(e) => {
-                let why = format!("{e:#}");
+                let why = e.to_string();
                 tracing::warn!(aggregate = %id, error = %why, "still blocked");
                 report.failed.push((id, why));
             }

@@ -40,7 +40,7 @@ use crate::projections::forbidden_target;
 use crate::reconcile;
 use crate::repair::pick;
 use crate::store::{BlockRecord, REBUILD_STOPPED};
-use crate::Store;
+use crate::{ProjectorError, Store};
 
 /// Marks a shadow collection: `<collection>_rebuild_<epoch>`.
 pub(crate) const SHADOW_MARK: &str = "_rebuild_";
@@ -93,12 +93,15 @@ pub async fn rebuild(
     name: &str,
     blocked_collection: &str,
     allow_blocked: bool,
-) -> anyhow::Result<Rebuilt> {
+) -> Result<Rebuilt, ProjectorError> {
     let p = pick(projections, Some(name))?[0].clone();
     let target = p.collection().to_string();
     if let Some(why) = forbidden_target(&target, store.events_collection_name(), blocked_collection)
     {
-        anyhow::bail!("refusing to rebuild into {target:?}: it {why}");
+        return Err(ProjectorError::RebuildTarget {
+            collection: target,
+            why,
+        });
     }
     let db = store.database().clone();
     let stale_dropped = shadow::drop_shadows(&db, &target).await?;
@@ -121,7 +124,11 @@ pub async fn rebuild(
             if let Err(drop) = db.collection::<Document>(shadow).drop().await {
                 tracing::warn!(shadow = %shadow, error = %drop, "could not drop the failed rebuild's shadow; the next rebuild drops it");
             }
-            return Err(e.context(format!("rebuild of {name} failed; shadow {shadow} dropped")));
+            return Err(ProjectorError::RebuildFailed {
+                projection: name.to_string(),
+                shadow: shadow.to_string(),
+                source: Box::new(e),
+            });
         }
     };
     tracing::info!(
@@ -174,7 +181,7 @@ async fn build_and_swap(
     p: &dyn Projection,
     shadow: &Shadow<'_>,
     allow_blocked: bool,
-) -> anyhow::Result<Built> {
+) -> Result<Built, ProjectorError> {
     let Shadow {
         db,
         name,
@@ -184,18 +191,10 @@ async fn build_and_swap(
     let indexes = shadow::prepare_shadow(db, target, name).await?;
     let (documents, blocked) = replay::replay(store, p, db, name, epoch).await?;
     if !blocked.is_empty() && !allow_blocked {
-        anyhow::bail!(
-            "{} aggregates could not be folded, so the live collection {target} is left as it \
-             is (nothing swapped in, nothing blocked). Fix the projection's rules or the \
-             events, or run again with --allow-blocked to swap in the rest and block these \
-             for `repair --all-blocked`.{}",
-            blocked.len(),
-            blocked
-                .iter()
-                .take(10)
-                .map(|(id, v, why)| format!("\n  {id} at v{v}: {why}"))
-                .collect::<String>()
-        );
+        return Err(ProjectorError::RebuildStopped {
+            collection: target.to_string(),
+            stopped: blocked,
+        });
     }
     shadow::swap_in(db, name, target).await?;
     Ok(Built {
@@ -211,7 +210,7 @@ async fn block_stopped(
     store: &Store,
     p: &dyn Projection,
     blocked: &[(String, i64, String)],
-) -> anyhow::Result<()> {
+) -> Result<(), ProjectorError> {
     let name = p.name();
     let lifted = store.lift_rebuild_blocks(name).await?;
     if lifted > 0 {

@@ -13,7 +13,7 @@ use mongodb::Database;
 use ordo_projection::{event_version, stored_version, HistoryError, HistoryFold};
 use ordo_projection::{Projection, ReadModel};
 
-use crate::Store;
+use crate::{ProjectorError, Store};
 
 /// Documents per `insert_many` into the shadow.
 const WRITE_BATCH: usize = 500;
@@ -86,7 +86,7 @@ pub(super) async fn replay(
     db: &Database,
     shadow: &str,
     epoch: i64,
-) -> anyhow::Result<(u64, Vec<(String, i64, String)>)> {
+) -> Result<(u64, Vec<(String, i64, String)>), ProjectorError> {
     let shadow = db.collection::<Document>(shadow);
     let now = mongodb::bson::DateTime::now();
     let mut batch: Vec<Document> = Vec::new();

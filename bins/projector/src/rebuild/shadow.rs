@@ -1,15 +1,23 @@
 //! The shadow collection a rebuild replays into: leftovers dropped, a new one created with the
 //! target's options and indexes, and the swap that puts it in the target's place.
 
-use anyhow::Context as _;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::Database;
 
 use super::SHADOW_MARK;
+use crate::ProjectorError;
+
+/// A failed `step` on the shadow.
+fn shadow_step(step: String) -> impl FnOnce(mongodb::error::Error) -> ProjectorError {
+    move |source| ProjectorError::Shadow { step, source }
+}
 
 /// Drops every `<target>_rebuild_*` collection (left by a rebuild that died).
-pub(super) async fn drop_shadows(db: &Database, target: &str) -> anyhow::Result<Vec<String>> {
+pub(super) async fn drop_shadows(
+    db: &Database,
+    target: &str,
+) -> Result<Vec<String>, ProjectorError> {
     let prefix = format!("{target}{SHADOW_MARK}");
     let mut dropped = Vec::new();
     for n in db.list_collection_names().await? {
@@ -28,7 +36,7 @@ pub(super) async fn prepare_shadow(
     db: &Database,
     target: &str,
     shadow: &str,
-) -> anyhow::Result<usize> {
+) -> Result<usize, ProjectorError> {
     let info: Vec<Document> = db
         .run_cursor_command(doc! { "listCollections": 1, "filter": { "name": target } })
         .await?
@@ -49,7 +57,7 @@ pub(super) async fn prepare_shadow(
     }
     db.run_command(create)
         .await
-        .with_context(|| format!("creating the shadow {shadow}"))?;
+        .map_err(shadow_step(format!("creating the shadow {shadow}")))?;
     if info.is_empty() {
         return Ok(0);
     }
@@ -71,14 +79,20 @@ pub(super) async fn prepare_shadow(
     if n > 0 {
         db.run_command(doc! { "createIndexes": shadow, "indexes": specs })
             .await
-            .with_context(|| format!("copying the indexes of {target} to {shadow}"))?;
+            .map_err(shadow_step(format!(
+                "copying the indexes of {target} to {shadow}"
+            )))?;
     }
     Ok(n)
 }
 
 /// Puts `shadow` in `target`'s place (`renameCollection` with `dropTarget`), atomically for
 /// readers of `target`.
-pub(super) async fn swap_in(db: &Database, shadow: &str, target: &str) -> anyhow::Result<()> {
+pub(super) async fn swap_in(
+    db: &Database,
+    shadow: &str,
+    target: &str,
+) -> Result<(), ProjectorError> {
     let db_name = db.name().to_string();
     db.client()
         .database("admin")
@@ -88,6 +102,6 @@ pub(super) async fn swap_in(db: &Database, shadow: &str, target: &str) -> anyhow
             "dropTarget": true,
         })
         .await
-        .context("renameCollection")?;
+        .map_err(shadow_step("renameCollection".to_string()))?;
     Ok(())
 }

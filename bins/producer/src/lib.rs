@@ -75,9 +75,10 @@ pub use park::PARKED_COLLECTION;
 /// Why the producer stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ProducerError {
-    /// The health server could not bind.
+    /// The health server could not bind. Not `#[from]`: only that bind maps here, so no
+    /// other I/O error can pass for it.
     #[error("telemetry server: {0}")]
-    Telemetry(#[from] std::io::Error),
+    Telemetry(#[source] std::io::Error),
     /// The database client could not be created (bad URI options).
     #[error("mongodb: {0}")]
     Mongo(#[from] mongodb::error::Error),
@@ -111,7 +112,8 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
         Some(recorder),
         shutdown.token.clone(),
     )
-    .await?;
+    .await
+    .map_err(ProducerError::Telemetry)?;
     cfg.producer.warn_deprecated();
     let client = ordo_core::mongo::connect(&cfg.mongodb, "ordo-producer").await?;
     let db = client.database(cfg.mongodb.database());

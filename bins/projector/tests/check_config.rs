@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use ordo_projector::config::ProjectorSection;
 use ordo_testkit::ConfigFile;
 
 const PROJECTIONS: &str = r#"
@@ -13,26 +14,26 @@ collection = "users"
 set = { email = "$payload.email" }
 "#;
 
-/// A configuration that names `projections` as its projections file, written by the
-/// serializer, which quotes and escapes the path.
+/// A configuration whose typed `[projector]` names `projections` as its projections file,
+/// written by the serializer, which quotes and escapes the path. `--check-config` connects to
+/// nothing, so the addresses need not answer.
 fn config(projections: &Path) -> String {
-    ConfigFile::default()
-        .set(
-            "mongodb",
-            "uri",
-            "mongodb://127.0.0.1:1/app?directConnection=true",
-        )
-        .set(
-            "servicebus",
-            "connection_string",
-            "Endpoint=sb://127.0.0.9;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
-        )
-        .set(
-            "projector",
-            "projections_file",
-            projections.display().to_string(),
-        )
-        .render()
+    ConfigFile::new(
+        "mongodb://127.0.0.1:1/app?directConnection=true",
+        "app",
+        "Endpoint=sb://127.0.0.9;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
+        "events",
+        "127.0.0.1:9464".parse().unwrap(),
+        "info",
+    )
+    .section(
+        "projector",
+        &ProjectorSection {
+            projections_file: projections.to_path_buf(),
+            ..ProjectorSection::default()
+        },
+    )
+    .render()
 }
 
 /// Runs `--check-config` with `projections` written to a file the config names (or no file at

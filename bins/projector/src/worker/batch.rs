@@ -83,7 +83,7 @@ impl Engine {
     /// aggregate by contract, and such an event comes from another publisher, or from an
     /// aggregate whose id differs from this one only in case. It is neither folded into this
     /// aggregate's model nor a reason to block it; its own aggregate gets it from the events
-    /// collection (`reconcile`, `repair`, or gap healing at its next event). Returns the rest,
+    /// collection (`reconcile`, `repair`, or gap filling at its next event). Returns the rest,
     /// `None` when a settle failed (the lock may be gone).
     async fn settle_foreign<R: SessionReceiver>(
         &self,

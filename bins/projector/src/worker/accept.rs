@@ -294,7 +294,7 @@ struct Worker<S: SessionSource> {
     alarm: Alarm,
 }
 
-/// How many sessions one worker may have closing at once before it waits for the oldest.
+/// How many sessions one worker may have closing at once before it waits for one to finish.
 const RELEASES_IN_FLIGHT: usize = 4;
 
 /// How long a release may take before it is given up: the broker ends the session lock when
@@ -321,7 +321,7 @@ impl<R> Default for Releasing<R> {
 }
 
 impl<R: SessionReceiver + 'static> Releasing<R> {
-    /// Closes `session` in the background, first waiting for the oldest release if
+    /// Closes `session` in the background, first waiting for a release to finish if
     /// [`RELEASES_IN_FLIGHT`] are under way.
     async fn release(&mut self, session: R) {
         while self.closing.try_join_next().is_some() {}
@@ -330,13 +330,12 @@ impl<R: SessionReceiver + 'static> Releasing<R> {
         }
         let sid = session.session_id().to_string();
         self.closing.spawn(async move {
-            if tokio::time::timeout(RELEASE_WAIT, session.close())
-                .await
-                .is_err()
-            {
-                tracing::warn!(session = %sid, "releasing the session took over {RELEASE_WAIT:?}; given up");
+            match tokio::time::timeout(RELEASE_WAIT, session.close()).await {
+                Ok(()) => tracing::debug!(session = %sid, "session released"),
+                Err(_) => {
+                    tracing::warn!(session = %sid, "releasing the session took over {RELEASE_WAIT:?}; given up")
+                }
             }
-            tracing::debug!(session = %sid, "session released");
         });
     }
 

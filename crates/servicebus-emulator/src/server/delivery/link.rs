@@ -86,6 +86,10 @@ impl Run {
             .collect();
         // Only a session receiver's own close gives its messages back untouched; a plain
         // receiver's locks would outlive its link on Service Bus and expire (count + 1).
+        // Service Bus raises a session message's delivery count on its next delivery only when
+        // the session lock expired, not when the receiver closed (Azure/azure-sdk-for-js
+        // #1311, the service team's answer; #15116 observes the same), so messages a session
+        // receiver had been sent but not settled when it closed come back at the same count.
         let release = match end {
             End::ClosedByClient if self.session.is_some() => Release::Closed,
             _ => Release::Lost,

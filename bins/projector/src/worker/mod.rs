@@ -93,7 +93,7 @@ pub struct Activity {
     pub applied: AtomicU64,
     /// Session workers running now.
     pub workers: AtomicU64,
-    /// Tasks restarted by their supervisor since start.
+    /// Tasks restarted by their supervisor since start, and session releases that panicked.
     pub restarts: AtomicU64,
     /// Accepts of this process answered with a session since one was last answered "no
     /// session available": from two on, the broker had sessions waiting for a worker.

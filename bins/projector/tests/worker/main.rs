@@ -94,6 +94,8 @@ struct FakeSession {
     batches: usize,
     /// When set, `close` waits for a permit: a broker slow to end the session.
     close_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// When set, `close` panics: a bug while releasing.
+    close_panics: bool,
 }
 
 impl FakeSession {
@@ -110,6 +112,7 @@ impl FakeSession {
                 rewrite: None,
                 batches: 0,
                 close_gate: None,
+                close_panics: false,
             },
             ops,
         )
@@ -218,6 +221,7 @@ impl SessionReceiver for FakeSession {
         if let Some(gate) = &self.close_gate {
             gate.acquire().await.unwrap().forget();
         }
+        assert!(!self.close_panics, "a bug while releasing a session");
         self.record(Op::Close);
     }
 }

@@ -98,3 +98,95 @@ async fn a_panicking_worker_is_replaced_and_the_others_converge() {
         );
     }
 }
+
+/// A worker that panics while one of its sessions is being released leaves that release
+/// running: the broker gets the session back when the close is done, not when the
+/// connection goes or the lock expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_panics_leaves_its_releases_running() {
+    let mongo = TestMongo::start().await.unwrap();
+    let mut all = projections();
+    all.push(Arc::new(Bomb));
+    let engine = engine_of(&mongo, all, |c| {
+        c.session_idle_timeout = Duration::from_millis(20);
+    })
+    .await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (mut slow, slow_ops) = FakeSession::new(
+        "slow-release",
+        order_events("slow-release", 1).iter().map(msg).collect(),
+    );
+    slow.close_gate = Some(gate.clone());
+    let boom = [event("x-1", "Order", 1, "Explode", doc! {})];
+    let (boom_session, _) = FakeSession::new("x-1", boom.iter().map(msg).collect());
+    let cancel = CancellationToken::new();
+    let source = Mutex::new(Some(FakeSource {
+        sessions: VecDeque::from([slow, boom_session]),
+        cancel: cancel.clone(),
+    }));
+    let connect = move || {
+        let s = source.lock().unwrap().take();
+        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
+    };
+    let worker = tokio::spawn(engine.clone().run_worker(0, connect, cancel));
+    let ended = tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("the worker meets the bomb");
+    assert!(ended.unwrap_err().is_panic(), "the worker panicked");
+    assert!(
+        !ops_of(&slow_ops).contains(&Op::Close),
+        "still being released"
+    );
+    gate.add_permits(1);
+    wait_until(Duration::from_secs(10), || async {
+        ops_of(&slow_ops).contains(&Op::Close)
+    })
+    .await;
+}
+
+/// A release that panics (a bug in closing) is counted as a restart, and the worker goes on
+/// with its next session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_panics_is_counted_and_the_worker_goes_on() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |c| {
+        c.session_idle_timeout = Duration::from_millis(20);
+    })
+    .await;
+    let (mut bad, bad_ops) = FakeSession::new(
+        "bad-close",
+        order_events("bad-close", 1).iter().map(msg).collect(),
+    );
+    bad.close_panics = true;
+    let (next, next_ops) =
+        FakeSession::new("next", order_events("next", 1).iter().map(msg).collect());
+    let cancel = CancellationToken::new();
+    let source = Mutex::new(Some(FakeSource {
+        sessions: VecDeque::from([bad, next]),
+        cancel: cancel.clone(),
+    }));
+    let connect = move || {
+        let s = source.lock().unwrap().take();
+        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
+    };
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.clone().run_worker(0, connect, cancel),
+    )
+    .await
+    .expect("the worker returns once its source is exhausted");
+    assert!(ops_of(&bad_ops)
+        .iter()
+        .any(|o| matches!(o, Op::Complete(_))));
+    assert!(!ops_of(&bad_ops).contains(&Op::Close), "its close panicked");
+    assert!(
+        ops_of(&next_ops).contains(&Op::Close),
+        "the next session was worked"
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        engine.activity.restarts.load(Relaxed),
+        1,
+        "the panic is counted"
+    );
+}

@@ -166,7 +166,7 @@ impl ProjectorSection {
     fn check_session_timings(&self) -> Result<(), ConfigError> {
         let (ms, s) = (Duration::from_millis, Duration::from_secs);
         // A receive that waits longer than the client gives an operation fails as timed out.
-        let receive_max = ordo_core::servicebus::OPERATION_TIMEOUT - s(5);
+        let receive_max = ordo_core::servicebus::MAX_RECEIVE_WAIT;
         check_duration(
             "projector.receive_wait",
             self.receive_wait,

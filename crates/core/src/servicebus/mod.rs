@@ -88,6 +88,11 @@ pub async fn test_client(
 /// before it reports "Timeout elapsed".
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The longest a receive waits for its first message plus its batch window: 5 s under
+/// [`OPERATION_TIMEOUT`], so the client never times out a receive whose message is arriving
+/// (it would be taken from the link and then lost to the error).
+pub const MAX_RECEIVE_WAIT: Duration = Duration::from_secs(15);
+
 /// Opens a client: plain AMQP for the emulator, TLS otherwise. `identifier` names the client in
 /// the broker's diagnostics.
 pub(crate) async fn connect(conn: &Secret, identifier: &str) -> Result<Client, azure_core::Error> {

@@ -13,7 +13,7 @@ use azservicebus::{
 
 use crate::envelope::property;
 use crate::secret::Secret;
-use crate::servicebus::Client;
+use crate::servicebus::{Client, MAX_RECEIVE_WAIT};
 
 use super::{Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource};
 
@@ -213,7 +213,8 @@ impl AzureSession {
     /// Up to `max` messages: waits up to `wait` for the first, then takes the rest while each
     /// arrives within `gap` of the one before, at most `window` after the first. The broker is
     /// given credit for all `max` at once, so what the session holds comes in one round trip.
-    /// [`SessionReceiver::receive`] is this with [`BATCH_GAP`] and [`BATCH_WINDOW`].
+    /// [`SessionReceiver::receive`] is this with [`BATCH_GAP`] and [`BATCH_WINDOW`]. `window`
+    /// and then `wait` are cut so that together they stay within [`MAX_RECEIVE_WAIT`].
     pub async fn receive_burst(
         &mut self,
         max: u32,
@@ -221,6 +222,8 @@ impl AzureSession {
         gap: Duration,
         window: Duration,
     ) -> Result<Vec<AzureMessage>, ReceiveError> {
+        let window = window.min(MAX_RECEIVE_WAIT);
+        let wait = wait.min(MAX_RECEIVE_WAIT - window);
         // Boxed: the client's receive future is large (its retry loop holds every step).
         let batch = Box::pin(self.receiver.receive_batch(max, wait, gap, window))
             .await

@@ -158,3 +158,59 @@ async fn a_sessions_messages_come_in_one_round_trip_and_the_batch_ends_when_they
     assert_eq!(bodies(&next), ["7"], "the late message, once");
     session.complete(&next[0]).await.unwrap();
 }
+
+fn session(
+    answer: Accepted<ordo_core::servicebus::receiver::AzureSession>,
+) -> ordo_core::servicebus::receiver::AzureSession {
+    match answer {
+        Accepted::Session(s) => s,
+        _ => panic!("a session with messages is accepted"),
+    }
+}
+
+/// A session that is only received from and settled needs no `$management` link: accepting it
+/// takes the round trips of its AMQP session and its receiver link, not two more for that
+/// link. The link is attached at the first request that needs it (here the session state),
+/// and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_management_link_is_attached_at_its_first_request_only() {
+    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
+    config.namespace.round_trip = ROUND_TRIP;
+    let sb = TestServiceBus::start_with(config).await.unwrap();
+    if sb.is_external() {
+        eprintln!("skipped: the round trip is the emulator's");
+        return;
+    }
+    let mut topic = TopicSender::open(&sb).await;
+    for id in ["lazy-1", "lazy-2"] {
+        let m = message(id, format!("{id}:1"), "1".into());
+        topic.sender.send_message(m).await.unwrap();
+    }
+    drop(topic);
+    let mut source = session_source(&sb, "lazy-test").await;
+    // The first accept also opens the connection and puts its token.
+    let first = session(source.accept_next(BOUND).await.unwrap());
+
+    let started = Instant::now();
+    let mut second = session(source.accept_next(BOUND).await.unwrap());
+    let took = started.elapsed();
+    assert!(
+        took < 3 * ROUND_TRIP,
+        "an accept is its AMQP session's begin and its link's attach, two round trips of \
+         {ROUND_TRIP:?}; attaching the $management link too takes four: {took:?}"
+    );
+    let batch = second.receive(10, WAIT).await.unwrap();
+    assert_eq!(bodies(&batch), ["1"]);
+    second.complete(&batch[0]).await.unwrap();
+
+    assert_eq!(
+        second.state().await.unwrap(),
+        Vec::<u8>::new(),
+        "no state yet"
+    );
+    second.set_state(b"blocked at v2".to_vec()).await.unwrap();
+    assert_eq!(second.state().await.unwrap(), b"blocked at v2".to_vec());
+    second.set_state(Vec::new()).await.unwrap();
+    second.close().await;
+    first.close().await;
+}

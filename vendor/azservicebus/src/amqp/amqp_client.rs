@@ -19,8 +19,7 @@ use crate::{
 };
 
 use super::{
-    amqp_connection_scope::{AmqpConnectionScope, ReceiverType},
-    amqp_management_link::AmqpManagementLink,
+    amqp_connection_scope::{AmqpConnectionScope, LinkContext, ReceiverType},
     amqp_session::AmqpSession,
     amqp_receiver::AmqpReceiver,
     amqp_rule_manager::AmqpRuleManager,
@@ -142,7 +141,7 @@ where
         // A token reused from the connection may have lapsed at the broker before the client
         // expected (a broker that shortens tokens): such a refusal is retried once with tokens
         // of the link's own.
-        let (link_session, link_identifier, receiver, cbs_command_sender, management_link) =
+        let (link_session, link_identifier, receiver, cbs_command_sender, link_context) =
             match open(true).await {
                 Err(err) if is_unauthorized(&err) => open(false).await?,
                 other => other?,
@@ -158,18 +157,20 @@ where
             receive_mode,
             _is_processor: false,
             prefetch_count,
-            management_link,
+            management_link: None,
             request_response_locked_messages: Default::default(),
             last_peeked_sequence_number: DEFAULT_LAST_PEEKED_SEQUENCE_NUMBER,
             cbs_command_sender,
             connection_scope: self.connection_scope.clone(),
             link_session: Some(link_session),
+            link_context: Some(link_context),
         };
 
         Ok(AmqpSessionReceiver { inner })
     }
 
-    /// Begins the receiver's AMQP session and opens its receiver and `$management` links on it.
+    /// Begins the receiver's AMQP session and opens its receiver link on it; the `$management`
+    /// link is attached on the same session at its first request, with the returned context.
     #[allow(clippy::type_complexity)]
     async fn open_links(
         &self,
@@ -185,7 +186,7 @@ where
             u32,
             fe2o3_amqp::Receiver,
             tokio::sync::mpsc::Sender<super::amqp_cbs_link::Command>,
-            AmqpManagementLink,
+            LinkContext,
         ),
         OpenReceiverError,
     > {
@@ -207,21 +208,7 @@ where
                 prefetch_count,
             )
             .await?;
-        match context
-            .open_management_link(&mut link_session, &self.service_endpoint, entity_path)
-            .await
-        {
-            Ok(link) => Ok((link_session, link_identifier, receiver, cbs_command_sender, link)),
-            Err(err) => {
-                // The receiver's token refresher would outlive the link on a live connection.
-                let _ = cbs_command_sender
-                    .send(super::amqp_cbs_link::Command::RemoveAuthorizationRefresher(
-                        link_identifier,
-                    ))
-                    .await;
-                Err(err.into())
-            }
-        }
+        Ok((link_session, link_identifier, receiver, cbs_command_sender, context))
     }
 }
 
@@ -379,12 +366,13 @@ where
             receive_mode,
             _is_processor: false,
             prefetch_count,
-            management_link,
+            management_link: Some(management_link),
             request_response_locked_messages: Default::default(),
             last_peeked_sequence_number: DEFAULT_LAST_PEEKED_SEQUENCE_NUMBER,
             cbs_command_sender,
             connection_scope: self.connection_scope.clone(),
             link_session: None,
+            link_context: None,
         })
     }
 

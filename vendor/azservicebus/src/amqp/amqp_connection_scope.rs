@@ -382,7 +382,7 @@ impl AmqpConnectionScope {
 /// ordo patch (vendor/README.md): the parts of a connection scope that opening a link uses,
 /// cloned out of it, so links can be opened on an AMQP session of their own while the scope is
 /// free for others.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub(crate) struct LinkContext {
     scope_id: String,
     connection_identifier: u32,

@@ -30,7 +30,7 @@ use crate::{
 use super::{
     amqp_cbs_link,
     amqp_client_constants::DEAD_LETTER_NAME,
-    amqp_connection_scope::AmqpConnectionScope,
+    amqp_connection_scope::{AmqpConnectionScope, LinkContext},
     amqp_management_link::AmqpManagementLink,
     amqp_session::AmqpSession,
     amqp_message_constants::{DEAD_LETTER_ERROR_DESCRIPTION_HEADER, DEAD_LETTER_REASON_HEADER},
@@ -44,7 +44,10 @@ use super::{
         peek_message::PeekMessageResponse, peek_session_message::PeekSessionMessageResponse,
         receive_by_sequence_number::ReceiveBySequenceNumberResponse, renew_lock::RenewLockResponse,
     },
-    error::{AmqpDispositionError, AmqpRecvError, AmqpRequestResponseError, RecoverReceiverError},
+    error::{
+        AmqpDispositionError, AmqpRecvError, AmqpRequestResponseError, OpenMgmtLinkError,
+        RecoverReceiverError,
+    },
 };
 
 async fn receive_messages(
@@ -135,7 +138,9 @@ pub struct AmqpReceiver {
     pub(crate) receive_mode: ServiceBusReceiveMode,
     pub(crate) _is_processor: bool, // TODO: implement processor
 
-    pub(crate) management_link: AmqpManagementLink,
+    /// ordo patch (vendor/README.md): `None` until a session receiver's first `$management`
+    /// request attaches it (see [`AmqpReceiver::management_client`]).
+    pub(crate) management_link: Option<AmqpManagementLink>,
     pub(crate) request_response_locked_messages: HashSet<fe2o3_amqp::types::primitives::Uuid>,
     pub(crate) last_peeked_sequence_number: i64,
 
@@ -147,6 +152,10 @@ pub struct AmqpReceiver {
     /// ordo patch (vendor/README.md): the AMQP session of its own that a session receiver's
     /// links are attached on (`None`: the links are on the connection scope's session).
     pub(crate) link_session: Option<AmqpSession>,
+
+    /// ordo patch (vendor/README.md): what a session receiver's `$management` link is attached
+    /// with when it is first needed (`None` for a receiver whose link was attached at once).
+    pub(crate) link_context: Option<LinkContext>,
 }
 
 impl RecoverableTransport for AmqpReceiver {
@@ -212,13 +221,15 @@ impl RecoverableTransport for AmqpReceiver {
                 }
             }
         }
-        self.management_link = connection_scope
-            .open_management_link(
-                &self.service_endpoint,
-                &self.entity_path,
-                &self.identifier_str,
-            )
-            .await?;
+        self.management_link = Some(
+            connection_scope
+                .open_management_link(
+                    &self.service_endpoint,
+                    &self.entity_path,
+                    &self.identifier_str,
+                )
+                .await?,
+        );
         self.cbs_command_sender = connection_scope.cbs_link.command_sender().clone();
         Ok(())
     }
@@ -296,6 +307,32 @@ impl AmqpReceiver {
             self.drain_left_credit().await;
         }
         Ok(())
+    }
+
+    /// ordo patch (vendor/README.md): the `$management` link's client, attached now on the
+    /// receiver's own AMQP session if this is the first request. Most sessions an ordo worker
+    /// holds need none (messages are received and settled on the receiver link), so the two
+    /// attaches, and the two detaches at close, are paid only by those that renew their lock
+    /// or write their session state.
+    pub(crate) async fn management_client(
+        &mut self,
+    ) -> Result<&mut fe2o3_amqp_management::MgmtClient, OpenMgmtLinkError> {
+        if self.management_link.is_none() {
+            let (Some(session), Some(context)) =
+                (self.link_session.as_mut(), self.link_context.as_ref())
+            else {
+                return Err(OpenMgmtLinkError::ConnectionScopeDisposed);
+            };
+            let link = context
+                .open_management_link(session, &self.service_endpoint, &self.entity_path)
+                .await?;
+            self.management_link = Some(link);
+        }
+        Ok(self
+            .management_link
+            .as_mut()
+            .expect("attached above")
+            .client_mut())
     }
 
     /// ordo patch (vendor/README.md): ends a receive that took fewer messages than its credit.
@@ -438,7 +475,7 @@ impl AmqpReceiver {
         let server_timeout = try_timeout.as_millis() as u32;
         request.set_server_timeout(Some(server_timeout));
 
-        let response = self.management_link.client_mut().call(request).await?;
+        let response = self.management_client().await?.call(request).await?;
         Ok(response)
     }
 
@@ -449,7 +486,13 @@ impl AmqpReceiver {
     ) -> Result<(), fe2o3_amqp_management::error::Error> {
         let server_timeout = try_timeout.as_millis() as u32;
         request.set_server_timeout(Some(server_timeout));
-        let _response = self.management_link.client_mut().call(request).await?;
+        let client = self.management_client().await.map_err(|err| {
+            log::debug!("Attaching the $management link failed: {}", err);
+            fe2o3_amqp_management::error::Error::Send(
+                fe2o3_amqp::link::LinkStateError::IllegalSessionState.into(),
+            )
+        })?;
+        let _response = client.call(request).await?;
         Ok(())
     }
 
@@ -461,7 +504,7 @@ impl AmqpReceiver {
         let server_timeout = try_timeout.as_millis() as u32;
         request.set_server_timeout(Some(server_timeout));
 
-        let response = self.management_link.client_mut().call(request).await?;
+        let response = self.management_client().await?.call(request).await?;
         Ok(response)
     }
 
@@ -473,7 +516,7 @@ impl AmqpReceiver {
         let server_timeout = try_timeout.as_millis() as u32;
         request.set_server_timeout(Some(server_timeout));
 
-        let response = self.management_link.client_mut().call(request).await?;
+        let response = self.management_client().await?.call(request).await?;
         Ok(response)
     }
 
@@ -485,7 +528,7 @@ impl AmqpReceiver {
         let server_timeout = try_timeout.as_millis() as u32;
         request.set_server_timeout(Some(server_timeout));
 
-        let response = self.management_link.client_mut().call(request).await?;
+        let response = self.management_client().await?.call(request).await?;
         Ok(response)
     }
 }
@@ -580,7 +623,9 @@ impl TransportReceiver for AmqpReceiver {
             .await;
         self.receiver.drain().await?; // This is only mentioned in an issue but not implemented in the dotnet sdk yet
         self.receiver.close().await?;
-        self.management_link.close().await?;
+        if let Some(link) = self.management_link.take() {
+            link.close().await?;
+        }
         // ordo patch (vendor/README.md): end the receiver's own AMQP session.
         if let Some(mut session) = self.link_session.take() {
             if let Err(err) = session.handle.end().await {

@@ -70,8 +70,8 @@ impl AmqpSessionReceiver {
 
         let response = self
             .inner
-            .management_link
-            .client_mut()
+            .management_client()
+            .await?
             .call(request)
             .await?;
         Ok(response)
@@ -87,8 +87,8 @@ impl AmqpSessionReceiver {
 
         let response = self
             .inner
-            .management_link
-            .client_mut()
+            .management_client()
+            .await?
             .call(request)
             .await?;
         Ok(response)
@@ -104,8 +104,8 @@ impl AmqpSessionReceiver {
 
         let response = self
             .inner
-            .management_link
-            .client_mut()
+            .management_client()
+            .await?
             .call(request)
             .await?;
         Ok(response)

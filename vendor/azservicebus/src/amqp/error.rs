@@ -712,6 +712,11 @@ pub(crate) enum AmqpRequestResponseError {
     /// The operation timed out
     #[error(transparent)]
     Elapsed(#[from] Elapsed),
+
+    /// ordo patch (vendor/README.md): the `$management` link, attached at its first request,
+    /// could not be attached; recovery attaches it again with the receiver's other links.
+    #[error(transparent)]
+    OpenManagementLink(#[from] OpenMgmtLinkError),
 }
 
 impl ServiceBusRetryPolicyError for AmqpRequestResponseError {
@@ -719,6 +724,7 @@ impl ServiceBusRetryPolicyError for AmqpRequestResponseError {
         match self {
             Self::RequestResponse(err) => should_try_recover_from_management_error(err),
             Self::Elapsed(_) => false,
+            Self::OpenManagementLink(_) => true,
         }
     }
 
@@ -836,6 +842,11 @@ impl From<AmqpRequestResponseError> for CreateRuleError {
         match err {
             AmqpRequestResponseError::RequestResponse(err) => Self::RequestResponse(err),
             AmqpRequestResponseError::Elapsed(err) => Self::Elapsed(err),
+            // ordo patch (vendor/README.md): a rule manager's link is attached at its creation,
+            // so this is not met here; it reads as the link being unusable.
+            AmqpRequestResponseError::OpenManagementLink(_) => Self::RequestResponse(
+                ManagementError::Send(fe2o3_amqp::link::LinkStateError::IllegalSessionState.into()),
+            ),
         }
     }
 }

@@ -791,7 +791,7 @@ where
         options: ServiceBusSessionReceiverOptions,
     ) -> Result<ServiceBusSessionReceiver, AcceptNextSessionError> {
         self.session_acceptor()
-            .accept_next_session(entity_path, options)
+            .accept(entity_path, None, options)
             .await
     }
 
@@ -839,12 +839,31 @@ where
             topic_name.as_ref(),
             subscription_name.as_ref(),
         );
-        self.accept_next_session(entity_path, options).await.map_err(Into::into)
+        self.accept(entity_path, None, options).await.map_err(Into::into)
     }
 
-    async fn accept_next_session(
+    /// As [`ServiceBusClient::accept_session_for_subscription`], through `&self`.
+    pub async fn accept_session_for_subscription(
+        &self,
+        topic_name: impl AsRef<str>,
+        subscription_name: impl AsRef<str>,
+        session_id: impl Into<String>,
+        options: ServiceBusSessionReceiverOptions,
+    ) -> Result<ServiceBusSessionReceiver, azure_core::Error> {
+        let entity_path = entity_name_formatter::format_subscription_path(
+            topic_name.as_ref(),
+            subscription_name.as_ref(),
+        );
+        self.accept(entity_path, Some(session_id.into()), options)
+            .await
+            .map_err(Into::into)
+    }
+
+    /// The named session, or the next one with messages when `session_id` is `None`.
+    async fn accept(
         &self,
         entity_path: String,
+        session_id: Option<String>,
         options: ServiceBusSessionReceiverOptions,
     ) -> Result<ServiceBusSessionReceiver, AcceptNextSessionError> {
         let identifier = options
@@ -857,7 +876,7 @@ where
                 identifier,
                 self.retry_options.clone(),
                 options.receive_mode,
-                None,
+                session_id,
                 options.prefetch_count,
                 options.accept_timeout,
             )

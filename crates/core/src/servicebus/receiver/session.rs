@@ -161,6 +161,40 @@ impl AzureSessionSource {
             .source(0)
             .await
     }
+
+    /// Locks the session `session_id` for this receiver, whether or not it has messages (a
+    /// tool's access to one aggregate's session, such as `repair` clearing its state). Refused
+    /// at once ([`ReceiveError::Refused`]) while another receiver holds it.
+    pub async fn accept_session(
+        &mut self,
+        session_id: &str,
+        timeout: Duration,
+    ) -> Result<AzureSession, ReceiveError> {
+        let c = &self.connections;
+        let open = c.open(self.slot).await?;
+        let options = ServiceBusSessionReceiverOptions {
+            prefetch_count: c.prefetch,
+            identifier: Some(self.identifier.clone()),
+            accept_timeout: Some(timeout),
+            ..Default::default()
+        };
+        let accept = open.acceptor.accept_session_for_subscription(
+            &c.topic,
+            &c.subscription,
+            session_id,
+            options,
+        );
+        match tokio::time::timeout(timeout + ACCEPT_GRACE, accept).await {
+            Err(_) => Err(ReceiveError::Broker(format!(
+                "accepting session {session_id} was not answered within {timeout:?}"
+            ))),
+            Ok(Ok(receiver)) => Ok(AzureSession {
+                session_id: receiver.session_id().to_string(),
+                receiver,
+            }),
+            Ok(Err(e)) => Err(ReceiveError::of_fault(e)),
+        }
+    }
 }
 
 impl SessionSource for AzureSessionSource {
@@ -322,22 +356,20 @@ impl SessionReceiver for AzureSession {
     }
 
     async fn renew_lock(&mut self) -> Result<(), ReceiveError> {
-        self.receiver
-            .renew_session_lock()
+        // Boxed, as the receive: the first `$management` request attaches its link too.
+        Box::pin(self.receiver.renew_session_lock())
             .await
             .map_err(ReceiveError::classify)
     }
 
     async fn state(&mut self) -> Result<Vec<u8>, ReceiveError> {
-        self.receiver
-            .session_state()
+        Box::pin(self.receiver.session_state())
             .await
             .map_err(ReceiveError::classify)
     }
 
     async fn set_state(&mut self, state: Vec<u8>) -> Result<(), ReceiveError> {
-        self.receiver
-            .set_session_state(state)
+        Box::pin(self.receiver.set_session_state(state))
             .await
             .map_err(ReceiveError::classify)
     }

@@ -125,6 +125,9 @@ async fn run_command(
                 projection.as_deref(),
             )
             .await;
+            if done.is_ok() {
+                clear_session_states(&cfg, &[aggregate]).await;
+            }
             admin.finish(done).await
         }
         Some(Command::Repair {
@@ -134,10 +137,17 @@ async fn run_command(
         }) => {
             let admin = Admin::open(&cfg, custom).await?;
             let (store, projections) = (&admin.store, &admin.projections);
+            let before = store.blocked_ids().await?;
             let done =
                 ordo_projector::repair::repair_blocked(store, projections, projection.as_deref())
                     .await
                     .and_then(print_still_blocked);
+            let still = store.blocked_ids().await.unwrap_or_default();
+            let lifted: Vec<String> = before
+                .into_iter()
+                .filter(|id| !still.contains(id))
+                .collect();
+            clear_session_states(&cfg, &lifted).await;
             admin.finish(done).await
         }
         Some(Command::Rebuild {
@@ -166,6 +176,18 @@ async fn run_command(
                 .map_err(ProjectorError::from);
             admin.finish(done).await
         }
+    }
+}
+
+/// Clears the session state of the aggregates whose block was lifted; one that cannot be
+/// cleared is reported, and the repair stands (`ordo_blocked` is the record, the state only
+/// mirrors it).
+async fn clear_session_states(cfg: &ordo_projector::ProjectorConfig, lifted: &[String]) {
+    for (id, e) in ordo_projector::blocked_state::clear(cfg, lifted).await {
+        eprintln!(
+            "ordo-projector: {id}: the block is lifted, but its session state could not be \
+             cleared and may still say blocked ({e}); it is only informational"
+        );
     }
 }
 

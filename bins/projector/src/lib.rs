@@ -14,6 +14,7 @@
 //! - [`reconcile`]: catches up read models behind the events collection (subcommand and
 //!   periodic).
 //! - [`repair`]: the `repair` subcommand.
+//! - [`blocked_state`]: the session state a block writes, cleared by `repair`.
 //! - [`rebuild`]: the `rebuild` subcommand.
 //! - [`projections`]: loading the projections and the checks on them (names and collections
 //!   unique, none on the events collection or ordo's own).
@@ -23,6 +24,7 @@
 //!   projections written in Rust; [`cli`] runs it), [`spawn_workers`] (the
 //!   supervised session workers over any session source), [`status`], [`open_store`].
 
+pub mod blocked_state;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -1,5 +1,5 @@
-//! One held session: read its state, receive batches and apply them until it is idle, its lock
-//! is lost, or shutdown, renewing the lock between steps.
+//! One held session: receive batches and apply them until it is idle, its lock is lost, or
+//! shutdown, renewing the lock between steps.
 
 use super::{Counted, Engine};
 use ordo_core::metrics as m;
@@ -15,6 +15,10 @@ pub(super) struct Held {
     pub(super) models: Vec<Option<(ReadModel, i64)>>,
     pub(super) blocked: Option<i64>,
     pub(super) checked_blocked: bool,
+    /// This worker wrote "blocked" into the session state while holding it: cleared here if a
+    /// repair lifts the block before the session is released. A session accepted later is not
+    /// read for it (that costs every session a `$management` link and a round trip): the repair
+    /// clears the state of a session no worker holds (`repair::clear_session_state`).
     pub(super) state_says_blocked: bool,
 }
 
@@ -51,13 +55,6 @@ impl Engine {
             checked_blocked: false,
             state_says_blocked: false,
         };
-        match session.state().await {
-            Ok(state) => held.state_says_blocked = !state.is_empty(),
-            Err(e) => {
-                self.lock_trouble(&sid, &e);
-                return;
-            }
-        }
         let mut last_renew = Instant::now();
         let mut idle_since = Instant::now();
         loop {

@@ -205,3 +205,58 @@ async fn a_reused_token_the_broker_let_lapse_is_put_again_not_reported() {
     first.close().await;
     second.close().await;
 }
+
+/// The broker's round trip in the next test.
+const BEGIN_ROUND_TRIP: Duration = Duration::from_millis(200);
+/// Accepts made at once on one connection in the next test.
+const AT_ONCE: usize = 6;
+
+/// Each accept begins an AMQP session of its own, one round trip; the accepts of a connection
+/// begin theirs side by side, so six at once take the two round trips of one (begin and
+/// attach), not six begins in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accepts_of_a_connection_do_not_wait_for_each_others_begin() {
+    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
+    config.namespace.round_trip = BEGIN_ROUND_TRIP;
+    let sb = TestServiceBus::start_with(config).await.unwrap();
+    if sb.is_external() {
+        eprintln!("skipped: the round trip is the emulator's");
+        return;
+    }
+    let ids: Vec<String> = (0..=AT_ONCE).map(|i| format!("begin-{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    drop(sent_one_each(&sb, &refs).await);
+    let connections = SessionConnections::new(
+        &Secret::new(sb.connection_string()),
+        sb.topic(),
+        sb.subscription(),
+        "begin-test",
+        0,
+        1,
+    );
+    // The first accept opens the connection and puts the token the others reuse.
+    let mut first = connections.source(0).await.unwrap();
+    let opened = session_or_panic(first.accept_next(PARKED).await.unwrap(), "the first");
+
+    let started = Instant::now();
+    let mut accepts = tokio::task::JoinSet::new();
+    for worker in 1..=AT_ONCE {
+        let mut source = connections.source(worker).await.unwrap();
+        accepts.spawn(async move { source.accept_next(PARKED).await });
+    }
+    let mut sessions = Vec::new();
+    while let Some(answer) = accepts.join_next().await {
+        sessions.push(session_or_panic(answer.unwrap().unwrap(), "an accept"));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < 4 * BEGIN_ROUND_TRIP,
+        "{AT_ONCE} accepts at once take a begin and an attach ({:?}), not {AT_ONCE} begins in a \
+         row: {took:?}",
+        2 * BEGIN_ROUND_TRIP
+    );
+    for s in sessions {
+        s.close().await;
+    }
+    opened.close().await;
+}

@@ -190,12 +190,12 @@ where
         ),
         OpenReceiverError,
     > {
-        let (mut link_session, context) = self
-            .connection_scope
-            .lock()
+        let (opener, context) = self.connection_scope.lock().await.link_session_parts()?;
+        let handle = fe2o3_amqp::Session::builder()
+            .begin_with(&opener)
             .await
-            .begin_link_session()
-            .await?;
+            .map_err(OpenReceiverError::Begin)?;
+        let mut link_session = AmqpSession::new(handle);
         let context = context.reusing_tokens(reuse_tokens);
         let (link_identifier, receiver, cbs_command_sender) = context
             .open_receiver_link(

@@ -259,23 +259,21 @@ impl AmqpConnectionScope {
         }
     }
 
-    /// ordo patch (vendor/README.md): begins an AMQP session of its own for a session
-    /// receiver's links, as Microsoft's SDKs begin one per link. Only this round trip needs
-    /// the scope; the CBS requests and the attaches that follow run on the returned context
-    /// and session, so the accepts of one connection no longer wait for each other.
-    pub(crate) async fn begin_link_session(
-        &mut self,
-    ) -> Result<(AmqpSession, LinkContext), OpenReceiverError> {
+    /// ordo patch (vendor/README.md): what beginning an AMQP session of its own for a session
+    /// receiver's links needs, as Microsoft's SDKs begin one per link: the connection's
+    /// session opener and the link context, cloned out of the scope. The begin, the CBS
+    /// requests and the attaches then run without the scope, so the accepts of one connection
+    /// do not wait for each other.
+    pub(crate) fn link_session_parts(
+        &self,
+    ) -> Result<(fe2o3_amqp::connection::SessionOpener, LinkContext), OpenReceiverError> {
         if self.is_disposed {
             return Err(OpenReceiverError::ConnectionScopeDisposed);
         }
-        let handle = Self::begin_session(&mut self.connection.handle)
-            .await
-            .map_err(|err| match err {
-                AmqpConnectionScopeError::Begin(err) => OpenReceiverError::Begin(err),
-                _ => OpenReceiverError::ConnectionScopeDisposed,
-            })?;
-        Ok((AmqpSession::new(handle), self.link_context()))
+        Ok((
+            self.connection.handle.session_opener(),
+            self.link_context(),
+        ))
     }
 
     pub(crate) async fn open_management_link(

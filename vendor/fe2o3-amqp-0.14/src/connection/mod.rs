@@ -73,6 +73,32 @@ pub struct ConnectionHandle<R> {
     pub(crate) session_listener: R,
 }
 
+/// ordo patch (vendor/README.md): what beginning a session needs of a connection, its control
+/// and outgoing channels, cloned out of the [`ConnectionHandle`] (which closes the connection
+/// when dropped), so the sessions of one connection can be begun concurrently
+/// ([`crate::session::Builder::begin_with`]).
+#[derive(Debug, Clone)]
+pub struct SessionOpener {
+    pub(crate) control: Sender<ConnectionControl>,
+    pub(crate) outgoing: Sender<SessionFrame>,
+}
+
+impl SessionOpener {
+    /// Allocates (channel, session id) for a new session, as
+    /// [`ConnectionHandle::allocate_session`] does.
+    pub(crate) async fn allocate_session(
+        &self,
+        tx: Sender<SessionIncomingItem>,
+    ) -> Result<OutgoingChannel, AllocSessionError> {
+        let (responder, resp_rx) = oneshot::channel();
+        self.control
+            .send(ConnectionControl::AllocateSession { tx, responder })
+            .await
+            .map_err(|_| AllocSessionError::IllegalState)?; // Connection must have stopped
+        resp_rx.await.map_err(|_| AllocSessionError::IllegalState)?
+    }
+}
+
 impl<R> std::fmt::Debug for ConnectionHandle<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectionHandle").finish()
@@ -183,6 +209,14 @@ impl<R> ConnectionHandle<R> {
                 self.is_closed = true;
                 Err(Error::IllegalState)
             }
+        }
+    }
+
+    /// ordo patch (vendor/README.md): a [`SessionOpener`] for this connection.
+    pub fn session_opener(&self) -> SessionOpener {
+        SessionOpener {
+            control: self.control.clone(),
+            outgoing: self.outgoing.clone(),
         }
     }
 

@@ -240,6 +240,49 @@ impl Builder {
     // }
 
     cfg_not_wasm32! {
+        /// ordo patch (vendor/README.md): [`Builder::begin`] through a
+        /// [`SessionOpener`](crate::connection::SessionOpener) instead of the connection's
+        /// handle, so the sessions of one connection begin concurrently. Client sessions only
+        /// (no control link acceptor).
+        pub async fn begin_with(
+            self,
+            opener: &crate::connection::SessionOpener,
+        ) -> Result<SessionHandle<()>, BeginError> {
+            let local_state = SessionState::Unmapped;
+            let (session_control_tx, session_control_rx) =
+                mpsc::channel::<SessionControl>(DEFAULT_SESSION_CONTROL_BUFFER_SIZE);
+            let (incoming_tx, incoming_rx) = mpsc::channel(self.buffer_size);
+            let (outgoing_tx, outgoing_rx) = mpsc::channel(self.buffer_size);
+            let outgoing_channel = match opener.allocate_session(incoming_tx).await {
+                Ok(channel) => channel,
+                Err(AllocSessionError::IllegalState) => {
+                    return Err(BeginError::IllegalConnectionState)
+                }
+                Err(AllocSessionError::ChannelMaxReached) => {
+                    return Err(BeginError::LocalChannelMaxReached)
+                }
+            };
+            let session = self.into_session(outgoing_channel, local_state);
+            let engine = SessionEngine::begin_client_session(
+                opener.control.clone(),
+                session,
+                session_control_rx,
+                incoming_rx,
+                opener.outgoing.clone(),
+                outgoing_rx,
+            )
+            .await?;
+            let (engine_handle, outcome) = engine.spawn();
+            Ok(SessionHandle {
+                is_ended: false,
+                control: session_control_tx,
+                engine_handle,
+                outcome,
+                outgoing: outgoing_tx,
+                link_listener: (),
+            })
+        }
+
         /// Begins a new session
         ///
         /// # Example

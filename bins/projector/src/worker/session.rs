@@ -57,6 +57,9 @@ impl Engine {
         };
         let mut last_renew = Instant::now();
         let mut idle_since = Instant::now();
+        // How long the broker takes to hand over messages it holds, one round trip after a
+        // receive asks for them (see `receive_floor`); unknown until the first batch.
+        let mut delivery: Option<Duration> = None;
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -69,12 +72,14 @@ impl Engine {
                 metrics::counter!(m::LOCK_RENEWALS).increment(1);
                 last_renew = Instant::now();
             }
-            let idle_limit = self.idle_limit();
+            let floor = self.receive_floor(delivery);
+            let idle_limit = self.idle_limit().max(floor);
             let wait = self
                 .cfg
                 .receive_wait
-                .min(idle_limit.saturating_sub(idle_since.elapsed()))
+                .min(idle_limit.saturating_sub(idle_since.elapsed()).max(floor))
                 .max(Duration::from_millis(10));
+            let asked = Instant::now();
             let msgs = match session.receive(self.cfg.batch_size, wait).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -83,11 +88,12 @@ impl Engine {
                 }
             };
             if msgs.is_empty() {
-                if idle_since.elapsed() >= self.idle_limit() {
+                if idle_since.elapsed() >= idle_limit {
                     break;
                 }
                 continue;
             }
+            delivery.get_or_insert(asked.elapsed());
             match self
                 .batch(session, &mut held, msgs, &mut last_renew, cancel)
                 .await
@@ -98,6 +104,17 @@ impl Engine {
         }
         drop(held_now);
         tracing::debug!(session = %sid, "session done");
+    }
+
+    /// The shortest a receive waits, and the shortest a session counts as idle: a receive asks
+    /// the broker for messages, which arrive a round trip later, so a wait shorter than that
+    /// round trip sees nothing even when the session holds messages. The session's first
+    /// receive waits `receive_wait` in full (the broker hands out a session that has messages);
+    /// from then on the time its first batch took stands for the round trip. Without it, a
+    /// broker farther away than `busy_session_idle_timeout` (20 ms; other regions are) had
+    /// every session released before its first message arrived, and nothing was applied.
+    fn receive_floor(&self, delivery: Option<Duration>) -> Duration {
+        delivery.map_or(self.cfg.receive_wait, |d| d.min(self.cfg.receive_wait))
     }
 
     /// How long a held session may stay idle now: `session_idle_timeout`, or the shorter

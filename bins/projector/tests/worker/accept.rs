@@ -330,3 +330,24 @@ async fn a_worker_works_its_next_session_while_the_last_is_released() {
         .unwrap();
     assert!(ops_of(&slow_ops).contains(&Op::Close));
 }
+
+/// A broker farther away than the idle timeout: every message arrives a round trip after the
+/// receive that asks for it. The session's first receive waits for them (the broker hands out
+/// sessions that have messages) and later ones wait at least as long as the first batch took,
+/// so the session is worked, not released as idle before its first message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_farther_away_than_the_idle_timeout_still_gets_its_sessions_worked() {
+    let mongo = TestMongo::start().await.unwrap();
+    let engine = engine(&mongo, |cfg| {
+        cfg.receive_wait = ProjectorSection::default().receive_wait;
+        cfg.session_idle_timeout = Duration::from_millis(20);
+        cfg.busy_session_idle_timeout = Duration::from_millis(20);
+        cfg.batch_size = 2;
+    })
+    .await;
+    let order = order_events("far-away", 5);
+    let (mut session, _) = FakeSession::new("far-away", order.iter().map(msg).collect());
+    session.round_trip = Some(Duration::from_millis(60));
+    let ops = work(&engine, session).await;
+    assert_applied(&mongo, &ops, "far-away", &order).await;
+}

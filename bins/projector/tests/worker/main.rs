@@ -96,6 +96,9 @@ struct FakeSession {
     close_gate: Option<Arc<tokio::sync::Semaphore>>,
     /// When set, `close` panics: a bug while releasing.
     close_panics: bool,
+    /// When set, messages arrive this long after a receive asks for them: a broker a round
+    /// trip away.
+    round_trip: Option<Duration>,
 }
 
 impl FakeSession {
@@ -113,6 +116,7 @@ impl FakeSession {
                 batches: 0,
                 close_gate: None,
                 close_panics: false,
+                round_trip: None,
             },
             ops,
         )
@@ -153,6 +157,12 @@ impl SessionReceiver for FakeSession {
             // An idle broker answers after the wait.
             tokio::time::sleep(wait).await;
             return Ok(Vec::new());
+        }
+        if let Some(round_trip) = self.round_trip {
+            tokio::time::sleep(round_trip.min(wait)).await;
+            if wait < round_trip {
+                return Ok(Vec::new());
+            }
         }
         if let Some((at, coll, doc)) = &self.rewrite {
             if *at == self.batches {

@@ -204,7 +204,15 @@ impl PublisherFactory for ServiceBusPublisherFactory {
     /// Opens a publisher and closes its link and connection at once, so probing every few
     /// seconds leaves no connection behind on the broker.
     async fn probe(&self) -> Result<(), PublishError> {
-        let publisher = self.open().await?;
+        // The open runs to its own bound (`connect_timeout`) even when the caller gives the
+        // probe less (the producer's `probe_interval`, 5 s, is shorter than its 10 s send
+        // timeout): an open that times out retires its connection, and one cut short midway
+        // would leave a connection that no longer answers in its slot, for every later probe
+        // and publisher to wait on.
+        let this = self.clone();
+        let publisher = tokio::spawn(async move { this.open().await })
+            .await
+            .map_err(|e| PublishError::Connect(format!("opening a sender failed: {e}")))??;
         let _ = publisher.sender.dispose().await;
         if let Some(client) = publisher.client {
             let _ = client.dispose().await;

@@ -1,7 +1,7 @@
 //! What Service Bus refuses at the door: the checks a transfer (one message or a batch) must
 //! pass before anything of it is enqueued. Pure functions of the messages and the entity's
 //! settings, so each rule is tested on its own (`mod tests`) and through the SDKs
-//! (`tests/azure_rules.rs`).
+//! (`tests/azure_rules/sending.rs`).
 //!
 //! | rule | condition | source |
 //! |---|---|---|

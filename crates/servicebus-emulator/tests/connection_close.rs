@@ -1,7 +1,7 @@
 //! A client that closes its connection (an AMQP close) has closed its session receivers, even
 //! where it sent no detach first, or its detach is still on the way: their unsettled messages
 //! come back with the delivery count unchanged, as when the receiver itself closes
-//! (`azure_rules.rs`). Only a connection that drops without a close loses its links (count + 1,
+//! (`azure_rules/delivery.rs`). Only a connection that drops without a close loses its links (count + 1,
 //! `takeover.rs`).
 
 mod common;

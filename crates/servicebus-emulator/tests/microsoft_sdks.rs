@@ -199,7 +199,7 @@ fn javascript_sdk_azure_service_bus() {
     });
 }
 
-/// The rules of `azure_rules.rs` seen through the Python SDK: refused batches on partitioned
+/// The rules of `azure_rules/` seen through the Python SDK: refused batches on partitioned
 /// topics, refused scheduled messages and long ids, a session-less message dead-lettered on the
 /// session subscription, dead letters outliving their time-to-live, a closed session receiver's
 /// messages redelivered without a higher delivery count.

@@ -1,5 +1,6 @@
 """Checks with Microsoft's Python SDK that the emulator refuses what Service Bus refuses. Run by
-tests/microsoft_sdks.rs against the entities of tests/azure_rules.rs (CONFIG there):
+tests/microsoft_sdks.rs against the entities tests/azure_rules/ uses (RULES_CONFIG in
+tests/common/mod.rs):
 
     python python_rules.py CONNECTION_STRING
 

@@ -1,5 +1,6 @@
 """Checks with Microsoft's Python SDK that a link whose token expires unrenewed is taken away.
-Run by tests/microsoft_sdks.rs against the entities of tests/azure_rules.rs (RULES_CONFIG):
+Run by tests/microsoft_sdks.rs against the entities tests/azure_rules/ uses (RULES_CONFIG in
+tests/common/mod.rs):
 
     python python_tokens.py CONNECTION_STRING
 

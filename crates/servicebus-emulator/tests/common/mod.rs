@@ -29,7 +29,7 @@ pub async fn start_default() -> EmulatorHandle {
 
 /// The ordo namespace without partitioning. These tests send per-session batches of distinct
 /// MessageIds, which Azure refuses on a partitioned topic with duplicate detection (ordo's
-/// default, see `azure_rules.rs`) and accepts on an unpartitioned one.
+/// default, see `azure_rules/sending.rs`) and accepts on an unpartitioned one.
 pub fn batching_ordo() -> EmulatorConfig {
     let mut config = EmulatorConfig::default_ordo();
     config.topics[0].partition_count = 0;

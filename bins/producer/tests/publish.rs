@@ -16,7 +16,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_arrives_in_order_per_aggregate() {
     let world = World::start().await;
-    let (total, aggregates) = scale();
+    let (total, aggregates) = workload();
     let mut writer = Writer::new(aggregates, 1);
     let events = world.events();
     writer.write(&events, total / 2, 500).await;
@@ -41,7 +41,7 @@ async fn eight_senders_share_two_connections() {
         eprintln!("skipped: only the embedded emulator counts connections");
         return;
     };
-    let (total, aggregates) = scale();
+    let (total, aggregates) = workload();
     let mut writer = Writer::new(aggregates, 7);
     writer.write(&world.events(), total, 500).await;
     let mut producer = world.spawn(ProducerSection {
@@ -71,7 +71,7 @@ async fn eight_senders_share_two_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_five_times_under_load_loses_nothing() {
     let world = World::start().await;
-    let (total, aggregates) = scale();
+    let (total, aggregates) = workload();
     let mut writer = Writer::new(aggregates, 2);
     let events = world.events();
     let collector = Collector::start(&world.bus);

@@ -8,6 +8,7 @@
 //!   fixture still gets its own database, so tests stay isolated.
 //! - `ORDO_TEST_SERVICEBUS_CONNECTION_STRING` (+ `ORDO_TEST_SERVICEBUS_TOPIC`,
 //!   `ORDO_TEST_SERVICEBUS_SUBSCRIPTION`): use this namespace instead of the emulator.
+//! - `ORDO_TEST_SCALE=full`: run the workload-sized tests at five times their size ([`scale`]).
 //!
 //! Fault injection that needs the stand-in process (kill, restart, suspend) reports
 //! [`Unavailable`] against real services; tests skip those steps with a printed reason.
@@ -23,6 +24,7 @@
 //! - [`oracle`]: the read models a set of events must lead to.
 //! - [`wait`]: polling with a deadline; `watchdog` says where a hung test hangs.
 //! - [`prom`]: reading `/metrics`. [`bench`]: what the benchmarks share.
+//! - [`scale`]: how large the workload-sized tests run.
 //! - [`net`], [`paths`], `lock`: free ports, where things live, a cross-process file lock.
 //! - this file: [`Unavailable`], a fault-injection step a real service cannot take.
 
@@ -36,6 +38,7 @@ pub mod net;
 pub mod oracle;
 pub mod paths;
 pub mod prom;
+pub mod scale;
 pub mod secantus;
 pub mod servicebus;
 pub mod tls;
@@ -46,6 +49,7 @@ pub use config::ConfigFile;
 pub use daemon::{bin_path, bin_path_in, check_config, Daemon};
 pub use mongo::{SecantusDb, SecantusOptions, TestMongo};
 pub use net::{free_health_addr, free_local_port};
+pub use scale::{scale, Scale};
 pub use servicebus::{TestServiceBus, Topology};
 pub use tls::TestCa;
 pub use wait::{wait_for, wait_until, wait_until_ok};

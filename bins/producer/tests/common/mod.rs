@@ -22,12 +22,11 @@ use ordo_testkit::{
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-/// Events in the default run; `ORDO_TEST_SCALE=full` runs the full size.
-pub fn scale() -> (usize, usize) {
-    match std::env::var("ORDO_TEST_SCALE").as_deref() {
-        Ok("full") => (10_000, 500),
-        _ => (2_000, 100),
-    }
+/// The publish tests' workload, as (events, aggregates): 2,000 events over 100 aggregates,
+/// times [`ordo_testkit::scale`] (10,000 over 500 with `ORDO_TEST_SCALE=full`).
+pub fn workload() -> (usize, usize) {
+    let scale = ordo_testkit::scale();
+    (scale.of(2_000), scale.of(100))
 }
 
 /// The tests' `[producer]`: from the beginning of the collection, with a short lease and

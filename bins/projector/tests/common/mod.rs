@@ -27,15 +27,6 @@ use ordo_testkit::{free_health_addr, oracle, ConfigFile, Daemon, TestMongo};
 pub const TOPIC: &str = "ordo-events";
 pub const SUB: &str = "projector";
 
-/// Scale factor: `ORDO_TEST_SCALE=full` runs the full 500 x 20 workload.
-pub fn aggregates(default: usize) -> usize {
-    match std::env::var("ORDO_TEST_SCALE").as_deref() {
-        Ok("full") => 500,
-        Ok(n) => n.parse().unwrap_or(default),
-        Err(_) => default,
-    }
-}
-
 pub fn projections_path() -> PathBuf {
     ordo_testkit::paths::workspace_root().join("config/projections.toml")
 }

@@ -82,7 +82,7 @@ async fn stop_all(procs: &mut [Daemon]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_projectors_converge_to_the_fold_and_replayed_duplicates_change_nothing() {
     let env = start(Duration::from_secs(5)).await;
-    let n = aggregates(100);
+    let n = ordo_testkit::scale().of(100);
     let events = workload("a", n, 20);
     env.insert_events(&events).await;
     let expected = env.expected().await;

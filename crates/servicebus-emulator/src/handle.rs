@@ -189,7 +189,7 @@ impl EmulatorHandle {
             .map(|e| {
                 e.dead_letters()
                     .iter()
-                    .map(DeadLetteredMessage::of)
+                    .map(crate::wire::dead_lettered_message)
                     .collect()
             })
             .ok_or_else(|| Error::EntityNotFound(entity_path.to_owned()))

@@ -60,7 +60,7 @@ async fn dead_letters(State(http): State<Http>, Query(query): Query<DeadLetterQu
             entity
                 .dead_letters()
                 .iter()
-                .map(crate::stats::DeadLetteredMessage::of)
+                .map(crate::wire::dead_lettered_message)
                 .collect::<Vec<_>>(),
         )
         .into_response(),

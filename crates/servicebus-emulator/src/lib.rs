@@ -23,8 +23,10 @@
 //! - `clock`: the wall clock locks and TTLs are measured with.
 //! - `server`: the AMQP listener, links, CBS and `$management` (see its module docs).
 //! - `tls`: the AMQPS acceptor from `[namespace] tls_cert/tls_key`.
-//! - `wire`: Service Bus annotation names/types, error conditions, batch format.
-//! - [`stats`]: inspection snapshots; `http` serves them as JSON and lists and regenerates keys.
+//! - `wire`: Service Bus annotation names/types, error conditions, batch format, and the
+//!   inspection view of a dead-lettered message.
+//! - [`stats`]: inspection snapshots (plain data: store -> stats, wire -> stats, never the
+//!   other way); `http` serves them as JSON and lists and regenerates keys.
 //! - [`error`]: library errors.
 //! - `handle`: [`EmulatorHandle`], the running emulator: addresses, connection strings, keys,
 //!   inspection, suspend and resume.

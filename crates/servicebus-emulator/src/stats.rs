@@ -1,4 +1,8 @@
 //! Inspection snapshots for tests and operators (also served as JSON over HTTP).
+//!
+//! Plain data: the store fills in the counters ([`EntityStats`], [`SessionStats`]) and `wire`
+//! reads a dead-lettered message into a [`DeadLetteredMessage`], so this module depends on
+//! neither and `store` never reaches `wire` through it.
 
 use serde::Serialize;
 
@@ -85,30 +89,6 @@ fn body_as_text<S: serde::Serializer>(body: &[u8], s: S) -> Result<S::Ok, S::Err
             "base64:{}",
             base64::engine::general_purpose::STANDARD.encode(body)
         )),
-    }
-}
-
-impl DeadLetteredMessage {
-    /// The inspection view of a stored dead-lettered message.
-    pub(crate) fn of(stored: &crate::store::Stored) -> Self {
-        use fe2o3_amqp_types::primitives::SimpleValue;
-
-        use crate::store::{DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON};
-        let message = &stored.message;
-        let app = message.application_properties.as_ref();
-        let text = |name: &str| match app.and_then(|a| a.0.get(name)) {
-            Some(SimpleValue::String(v)) => Some(v.clone()),
-            _ => None,
-        };
-        Self {
-            sequence_number: stored.seq,
-            message_id: crate::wire::message_id_text(message),
-            session_id: message.properties.as_ref().and_then(|p| p.group_id.clone()),
-            reason: text(DEAD_LETTER_REASON),
-            description: text(DEAD_LETTER_DESCRIPTION),
-            delivery_count: stored.delivery_count,
-            body: crate::wire::body_bytes(message),
-        }
     }
 }
 

@@ -15,7 +15,10 @@ use fe2o3_amqp_types::{
 
 use serde_amqp::{described::Described, descriptor::Descriptor};
 
-use crate::store::{AmqpMessage, Delivery, LockError, Stored};
+use crate::stats::DeadLetteredMessage;
+use crate::store::{
+    AmqpMessage, Delivery, LockError, Stored, DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON,
+};
 
 /// Message format of a Service Bus batch: one `Data` section per encoded message.
 pub(crate) const BATCH_FORMAT: u32 = 0x8001_3700;
@@ -106,6 +109,28 @@ pub(crate) fn body_bytes(message: &AmqpMessage) -> Vec<u8> {
     match &message.body {
         Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
         _ => Vec::new(),
+    }
+}
+
+/// The inspection view of a stored dead-lettered message (what
+/// [`crate::EmulatorHandle::dead_letters`] and the HTTP endpoint show).
+pub(crate) fn dead_lettered_message(stored: &Stored) -> DeadLetteredMessage {
+    use fe2o3_amqp_types::primitives::SimpleValue;
+
+    let message = &stored.message;
+    let app = message.application_properties.as_ref();
+    let text = |name: &str| match app.and_then(|a| a.0.get(name)) {
+        Some(SimpleValue::String(v)) => Some(v.clone()),
+        _ => None,
+    };
+    DeadLetteredMessage {
+        sequence_number: stored.seq,
+        message_id: message_id_text(message),
+        session_id: message.properties.as_ref().and_then(|p| p.group_id.clone()),
+        reason: text(DEAD_LETTER_REASON),
+        description: text(DEAD_LETTER_DESCRIPTION),
+        delivery_count: stored.delivery_count,
+        body: body_bytes(message),
     }
 }
 

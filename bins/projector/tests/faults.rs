@@ -239,11 +239,11 @@ async fn readiness_follows_the_broker() {
     env.insert_events(&events).await;
     let p = env.spawn_projector(tuning()).await;
     let retries_before = p.metric(ordo_core::metrics::RETRIES).await;
-    env.emulator.suspend().await;
+    env.emulator().suspend().await;
     let down = readiness_becomes(&p, false).await;
     let retries = p.metric(ordo_core::metrics::RETRIES).await;
     assert!(retries > retries_before, "{}", p.logs());
-    env.emulator.resume().await.unwrap();
+    env.emulator().resume().await.unwrap();
     let up = readiness_becomes(&p, true).await;
     eprintln!("broker outage: 503 after {down:?}, 200 again {up:?} after the broker returned");
     env.publish(&events).await;
@@ -267,7 +267,7 @@ async fn an_outage_is_probed_by_one_worker_at_a_time() {
             ..tuning()
         })
         .await;
-    env.emulator.suspend().await;
+    env.emulator().suspend().await;
     readiness_becomes(&p, false).await;
     // Past the first failures of every worker and the climb of the backoff to its maximum.
     let warm = Duration::from_secs(6);
@@ -289,7 +289,7 @@ async fn an_outage_is_probed_by_one_worker_at_a_time() {
         "{rate:.1} retries/s through an outage\n{}",
         p.logs()
     );
-    env.emulator.resume().await.unwrap();
+    env.emulator().resume().await.unwrap();
     let up = readiness_becomes(&p, true).await;
     eprintln!("ready again {up:?} after the broker returned");
     env.publish(&events).await;
@@ -298,7 +298,7 @@ async fn an_outage_is_probed_by_one_worker_at_a_time() {
     // probe's once the test's own publisher has gone.
     let envr = &env;
     wait_until_ok(Duration::from_secs(30), || async move {
-        match envr.emulator.stats().connections {
+        match envr.emulator().stats().connections {
             n if n <= 4 => Ok(()),
             n => Err(format!("{n} connections after the outage")),
         }
@@ -332,9 +332,9 @@ async fn readiness_does_not_wait_for_a_long_accept_on_an_idle_broker() {
         "ready {:?} after start on an idle broker",
         started.elapsed()
     );
-    env.emulator.suspend().await;
+    env.emulator().suspend().await;
     readiness_becomes(&p, false).await;
-    env.emulator.resume().await.unwrap();
+    env.emulator().resume().await.unwrap();
     let up = readiness_becomes(&p, true).await;
     eprintln!("idle broker, accept_timeout 70 s: ready {ready_after:?} after start, {up:?} after the outage");
     let events = workload("idle", 2, 3);
@@ -439,7 +439,7 @@ async fn a_subscription_without_sessions_keeps_the_projector_unready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_keeps_the_projector_unready() {
     let env = start(Duration::from_secs(5)).await;
-    let wrong = ordo_testkit::servicebus::with_wrong_key(&env.conn);
+    let wrong = ordo_testkit::servicebus::with_wrong_key(env.conn());
     let p = env.spawn_unready(|c| c.set("servicebus", "connection_string", wrong));
     unready_for(&p, "unauthorized").await;
 }
@@ -474,7 +474,7 @@ async fn an_accept_cut_by_the_client_timeout_leaves_the_worker_usable() {
     // Each retired connection is closed: two workers on two connections, and the probe's.
     let envr = &env;
     wait_until_ok(Duration::from_secs(30), || async move {
-        match envr.emulator.stats().connections {
+        match envr.emulator().stats().connections {
             n if n <= 3 => Ok(()),
             n => Err(format!("{n} connections after cut accepts")),
         }

@@ -70,6 +70,15 @@ impl TestServiceBus {
                 });
             }
         }
+        Self::start_emulator(config).await
+    }
+
+    /// The embedded emulator with `config`, whatever the environment names: for tests that
+    /// read the emulator's state or cut it off (stats, dead letters, outages), which a real
+    /// namespace does not offer. [`TestServiceBus::topic`] and
+    /// [`TestServiceBus::subscription`] name its first topic and that topic's first
+    /// subscription.
+    pub async fn start_emulator(config: EmulatorConfig) -> anyhow::Result<Self> {
         let topic = config.topics.first();
         let topic_name = topic.map_or(DEFAULT_TOPIC.to_owned(), |t| t.name.clone());
         let subscription = topic

@@ -1,6 +1,7 @@
-//! Shared fixtures of the projector's integration tests: SecantusDB, an embedded emulator on
-//! its own loopback address, a seeded User/Order workload, publishing by the contract, and the
-//! expected read models folded from the events collection with the same projections.
+//! Shared fixtures of the projector's integration tests: SecantusDB, the testkit's embedded
+//! emulator on its own loopback address, a seeded User/Order workload, publishing by the
+//! contract, and the expected read models folded from the events collection with the same
+//! projections.
 
 #![allow(dead_code)]
 
@@ -20,9 +21,9 @@ use ordo_core::servicebus::sender::{Publisher, PublisherFactory, ServiceBusPubli
 use ordo_projection::{Projection, ProjectionsFile};
 pub use ordo_projector::config::ProjectorSection;
 use ordo_servicebus_emulator::config::{EmulatorConfig, SubscriptionConfig, TopicConfig};
-use ordo_servicebus_emulator::{Emulator, EmulatorHandle};
+use ordo_servicebus_emulator::EmulatorHandle;
 pub use ordo_testkit::oracle::Expected;
-use ordo_testkit::{free_health_addr, oracle, ConfigFile, Daemon, TestMongo};
+use ordo_testkit::{free_health_addr, oracle, ConfigFile, Daemon, TestMongo, TestServiceBus};
 
 pub const TOPIC: &str = "ordo-events";
 pub const SUB: &str = "projector";
@@ -65,10 +66,12 @@ pub fn tuning() -> ProjectorSection {
     }
 }
 
+/// A database and an emulator for one test. Always the embedded emulator, even when
+/// `ORDO_TEST_SERVICEBUS_CONNECTION_STRING` names a namespace: these tests read its state
+/// (pending messages, dead letters, connections) and cut it off.
 pub struct Env {
     pub mongo: TestMongo,
-    pub emulator: EmulatorHandle,
-    pub conn: String,
+    pub bus: TestServiceBus,
 }
 
 /// Starts SecantusDB and an emulator (session-enabled subscription, `lock` lock duration).
@@ -94,18 +97,25 @@ pub async fn start_with(lock: Duration, tune: impl FnOnce(&mut EmulatorConfig)) 
         ..cfg.topics[0].clone()
     }];
     tune(&mut cfg);
-    let emulator = Emulator::start_on_free_loopback(cfg)
+    let bus = TestServiceBus::start_emulator(cfg)
         .await
-        .unwrap_or_else(|e| panic!("emulator: {e}"));
-    let conn = emulator.connection_string();
-    Env {
-        mongo,
-        emulator,
-        conn,
-    }
+        .unwrap_or_else(|e| panic!("emulator: {e:#}"));
+    Env { mongo, bus }
 }
 
 impl Env {
+    /// The emulator, for stats, dead letters and outages.
+    pub fn emulator(&self) -> &EmulatorHandle {
+        self.bus
+            .emulator()
+            .expect("the projector's tests start the embedded emulator")
+    }
+
+    /// The connection string daemons and clients use.
+    pub fn conn(&self) -> &str {
+        self.bus.connection_string()
+    }
+
     /// A projector's configuration file with `projector` as its `[projector]`.
     pub fn projector_toml(
         &self,
@@ -124,7 +134,7 @@ impl Env {
         ConfigFile::new(
             self.mongo.uri(),
             self.mongo.db_name(),
-            &self.conn,
+            self.conn(),
             TOPIC,
             health,
             "info,ordo_projector=debug",
@@ -187,7 +197,7 @@ impl Env {
     /// is short: the emulator answers in milliseconds, and a resend costs nothing.
     pub async fn publish_with(&self, events: &[Document], suffix: &str) {
         let factory = ServiceBusPublisherFactory {
-            connection_string: Secret::new(self.conn.clone()),
+            connection_string: Secret::new(self.conn().to_owned()),
             topic: TOPIC.to_string(),
             identifier: "projector-test".to_string(),
             max_batch_bytes: None,
@@ -247,7 +257,7 @@ impl Env {
 
     /// Number of messages the subscription holds (waiting or locked), from the emulator.
     pub fn active(&self) -> usize {
-        let s = self.emulator.stats();
+        let s = self.emulator().stats();
         s.entity(&format!("{TOPIC}/Subscriptions/{SUB}"))
             .map(|e| e.active)
             .unwrap_or(0)
@@ -256,7 +266,7 @@ impl Env {
     /// Publishes raw bodies (poison) in `session`.
     pub async fn publish_raw(&self, session: &str, message_id: &str, body: &[u8]) {
         let mut client = ServiceBusClient::unsecured()
-            .new_from_connection_string(&self.conn, ServiceBusClientOptions::default())
+            .new_from_connection_string(self.conn(), ServiceBusClientOptions::default())
             .await
             .unwrap();
         let mut sender = client
@@ -341,11 +351,13 @@ impl Env {
     }
 
     pub fn dead_letters(&self) -> Vec<ordo_servicebus_emulator::stats::DeadLetteredMessage> {
-        self.emulator.subscription_dead_letters(TOPIC, SUB).unwrap()
+        self.emulator()
+            .subscription_dead_letters(TOPIC, SUB)
+            .unwrap()
     }
 
     pub fn pending(&self) -> usize {
-        let s = self.emulator.stats();
+        let s = self.emulator().stats();
         s.entity(&format!("{TOPIC}/Subscriptions/{SUB}"))
             .map(|e| e.active + e.locked)
             .unwrap_or(0)

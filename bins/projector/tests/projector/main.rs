@@ -30,7 +30,7 @@ async fn converge(env: &Env, expected: &Expected, within: Duration) {
                 "not converged within {within:?}; pending {}\n{}\n{:?}",
                 env.pending(),
                 env.diff(expected).await,
-                env.emulator.stats()
+                env.emulator().stats()
             );
         }
         tokio::time::sleep(ordo_testkit::wait::POLL_INTERVAL).await;
@@ -238,7 +238,7 @@ async fn sixteen_sessions_share_two_connections() {
     // The test's own publisher has closed its connection: from here on, every connection is
     // the projector's.
     wait_until(Duration::from_secs(10), || async {
-        env.emulator.stats().connections == 0
+        env.emulator().stats().connections == 0
     })
     .await;
     let mut proj = env
@@ -257,7 +257,7 @@ async fn sixteen_sessions_share_two_connections() {
             "not converged\n{}",
             env.diff(&expected).await
         );
-        let stats = env.emulator.stats();
+        let stats = env.emulator().stats();
         most_connections = most_connections.max(stats.connections);
         let mut per_connection: BTreeMap<String, usize> = BTreeMap::new();
         let sub = stats

@@ -4,12 +4,11 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use crate::{
     clock::now_ms,
-    config::EmulatorConfig,
+    config::{EmulatorConfig, IngressConfig, StoreConfig},
     rules::{self, Admission, Refusal},
     stats::NamespaceStats,
     store::{AmqpMessage, Entity, EntitySettings, Part, Stored},
@@ -47,24 +46,21 @@ impl Ingress {
     /// An ingress point with the settings topics and queues share, feeding `targets`, with no
     /// message seen yet; `requires_session` is [`Admission::requires_session`].
     fn new(
-        name: &str,
-        max_message_size_bytes: u64,
-        partition_count: u32,
-        duplicate_detection_window: Option<Duration>,
-        default_message_ttl: Duration,
+        config: IngressConfig<'_>,
         requires_session: bool,
         targets: Vec<(Arc<Entity>, i64)>,
     ) -> Self {
+        let window = config.duplicate_detection_window;
         Self {
-            name: name.to_owned(),
-            max_message_size: max_message_size_bytes,
+            name: config.name.to_owned(),
+            max_message_size: config.max_message_size_bytes,
             admission: Admission {
-                partitioned: partition_count > 1,
-                duplicate_detection: duplicate_detection_window.is_some(),
+                partitioned: config.partition_count > 1,
+                duplicate_detection: window.is_some(),
                 requires_session,
             },
-            dedup_window_ms: duplicate_detection_window.map(|d| d.as_millis() as i64),
-            ttl_ms: default_message_ttl.as_millis() as i64,
+            dedup_window_ms: window.map(|d| d.as_millis() as i64),
+            ttl_ms: config.default_message_ttl.as_millis() as i64,
             state: Mutex::new(IngressState {
                 next_seq: 1,
                 seen: HashMap::new(),
@@ -157,6 +153,16 @@ pub(crate) struct Namespace {
     stores: HashMap<String, Arc<Entity>>,
 }
 
+/// A message store's settings as the store keeps them.
+fn settings(config: StoreConfig) -> EntitySettings {
+    EntitySettings {
+        requires_session: config.requires_session,
+        lock_ms: config.lock_duration.as_millis() as i64,
+        max_delivery_count: config.max_delivery_count,
+        dead_letter_on_expiry: config.dead_lettering_on_message_expiration,
+    }
+}
+
 impl Namespace {
     pub(crate) fn new(config: &EmulatorConfig) -> Self {
         let mut ingress = HashMap::new();
@@ -165,15 +171,7 @@ impl Namespace {
             let mut targets = Vec::new();
             for sub in &topic.subscriptions {
                 let path = format!("{}/Subscriptions/{}", topic.name, sub.name);
-                let entity = Arc::new(Entity::new(
-                    path.clone(),
-                    EntitySettings {
-                        requires_session: sub.requires_session,
-                        lock_ms: sub.lock_duration.as_millis() as i64,
-                        max_delivery_count: sub.max_delivery_count,
-                        dead_letter_on_expiry: sub.dead_lettering_on_message_expiration,
-                    },
-                ));
+                let entity = Arc::new(Entity::new(path.clone(), settings(sub.store())));
                 let cap = sub
                     .default_message_ttl
                     .map(|d| d.as_millis() as i64)
@@ -183,36 +181,16 @@ impl Namespace {
             }
             ingress.insert(
                 topic.name.to_ascii_lowercase(),
-                Arc::new(Ingress::new(
-                    &topic.name,
-                    topic.max_message_size_bytes,
-                    topic.partition_count,
-                    topic.duplicate_detection_window,
-                    topic.default_message_ttl,
-                    false,
-                    targets,
-                )),
+                Arc::new(Ingress::new(topic.ingress(), false, targets)),
             );
         }
         for queue in &config.queues {
-            let entity = Arc::new(Entity::new(
-                queue.name.clone(),
-                EntitySettings {
-                    requires_session: queue.requires_session,
-                    lock_ms: queue.lock_duration.as_millis() as i64,
-                    max_delivery_count: queue.max_delivery_count,
-                    dead_letter_on_expiry: queue.dead_lettering_on_message_expiration,
-                },
-            ));
+            let entity = Arc::new(Entity::new(queue.name.clone(), settings(queue.store())));
             stores.insert(queue.name.to_ascii_lowercase(), entity.clone());
             ingress.insert(
                 queue.name.to_ascii_lowercase(),
                 Arc::new(Ingress::new(
-                    &queue.name,
-                    queue.max_message_size_bytes,
-                    queue.partition_count,
-                    queue.duplicate_detection_window,
-                    queue.default_message_ttl,
+                    queue.ingress(),
                     queue.requires_session,
                     vec![(entity, i64::MAX)],
                 )),

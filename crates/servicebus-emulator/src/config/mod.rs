@@ -215,6 +215,12 @@ impl Default for NamespaceConfig {
 }
 
 /// A topic: an ingress point that fans every message out to its subscriptions.
+///
+/// Its first five fields are repeated in [`QueueConfig`], and the fields a subscription stores
+/// messages with in [`SubscriptionConfig`]: serde's `flatten` does not work together with
+/// `deny_unknown_fields`, and a misspelt key in an entity must stay an error that names it. The
+/// code reads the shared fields through one view each, [`IngressConfig`] and [`StoreConfig`],
+/// so their checks and their use are written once.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
@@ -261,7 +267,8 @@ pub struct SubscriptionConfig {
     pub default_message_ttl: Option<Duration>,
 }
 
-/// A queue: ingress and message store in one.
+/// A queue: ingress and message store in one. Its fields repeat [`TopicConfig`]'s and
+/// [`SubscriptionConfig`]'s rather than flatten them, for the reason [`TopicConfig`] gives.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
@@ -291,6 +298,73 @@ pub struct QueueConfig {
     /// Move expired messages to the dead-letter queue instead of dropping them.
     #[serde(default)]
     pub dead_lettering_on_message_expiration: bool,
+}
+
+/// The settings of an ingress point (a topic or a queue), read from either config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct IngressConfig<'a> {
+    pub name: &'a str,
+    pub partition_count: u32,
+    pub max_message_size_bytes: u64,
+    pub duplicate_detection_window: Option<Duration>,
+    pub default_message_ttl: Duration,
+}
+
+/// The settings of a message store (a subscription or a queue), read from either config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct StoreConfig {
+    pub requires_session: bool,
+    pub lock_duration: Duration,
+    pub max_delivery_count: u32,
+    pub dead_lettering_on_message_expiration: bool,
+}
+
+impl TopicConfig {
+    /// The topic as an ingress point.
+    pub(crate) fn ingress(&self) -> IngressConfig<'_> {
+        IngressConfig {
+            name: &self.name,
+            partition_count: self.partition_count,
+            max_message_size_bytes: self.max_message_size_bytes,
+            duplicate_detection_window: self.duplicate_detection_window,
+            default_message_ttl: self.default_message_ttl,
+        }
+    }
+}
+
+impl SubscriptionConfig {
+    /// The subscription as a message store.
+    pub(crate) fn store(&self) -> StoreConfig {
+        StoreConfig {
+            requires_session: self.requires_session,
+            lock_duration: self.lock_duration,
+            max_delivery_count: self.max_delivery_count,
+            dead_lettering_on_message_expiration: self.dead_lettering_on_message_expiration,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The queue as an ingress point.
+    pub(crate) fn ingress(&self) -> IngressConfig<'_> {
+        IngressConfig {
+            name: &self.name,
+            partition_count: self.partition_count,
+            max_message_size_bytes: self.max_message_size_bytes,
+            duplicate_detection_window: self.duplicate_detection_window,
+            default_message_ttl: self.default_message_ttl,
+        }
+    }
+
+    /// The queue as a message store.
+    pub(crate) fn store(&self) -> StoreConfig {
+        StoreConfig {
+            requires_session: self.requires_session,
+            lock_duration: self.lock_duration,
+            max_delivery_count: self.max_delivery_count,
+            dead_lettering_on_message_expiration: self.dead_lettering_on_message_expiration,
+        }
+    }
 }
 
 fn default_max_message_size() -> u64 {
@@ -357,6 +431,23 @@ mod tests {
         let text = include_str!("../../../../config/servicebus-emulator.toml");
         let config = EmulatorConfig::from_toml_str(text).unwrap();
         assert_eq!(config, EmulatorConfig::default_ordo());
+    }
+
+    /// Why the fields topics, subscriptions and queues share are repeated, not flattened: an
+    /// unknown key in any of them is refused, naming it.
+    #[test]
+    fn a_misspelt_entity_key_is_refused_naming_it() {
+        for (text, key) in [
+            ("[[topics]]\nname = \"t\"\npartition_cont = 2\n", "partition_cont"),
+            (
+                "[[topics]]\nname = \"t\"\n[[topics.subscriptions]]\nname = \"s\"\nlock_duraton = \"30s\"\n",
+                "lock_duraton",
+            ),
+            ("[[queues]]\nname = \"q\"\nmax_delivery_cont = 3\n", "max_delivery_cont"),
+        ] {
+            let err = EmulatorConfig::from_toml_str(text).unwrap_err().to_string();
+            assert!(err.contains("unknown field") && err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use super::{EmulatorConfig, NamespaceConfig, TopicConfig};
+use super::{EmulatorConfig, IngressConfig, NamespaceConfig, StoreConfig, TopicConfig};
 use crate::error::ConfigError;
 
 impl EmulatorConfig {
@@ -13,28 +13,13 @@ impl EmulatorConfig {
         let mut names = HashSet::new();
         for (i, topic) in self.topics.iter().enumerate() {
             let key = |field: &str| format!("topics[{i}].{field}");
-            check_entity(
-                &key,
-                &mut names,
-                &topic.name,
-                topic.max_message_size_bytes,
-                topic.duplicate_detection_window,
-                topic.default_message_ttl,
-            )?;
+            check_ingress(&key, &mut names, topic.ingress())?;
             validate_subscriptions(i, topic)?;
         }
         for (i, queue) in self.queues.iter().enumerate() {
             let key = |field: &str| format!("queues[{i}].{field}");
-            check_entity(
-                &key,
-                &mut names,
-                &queue.name,
-                queue.max_message_size_bytes,
-                queue.duplicate_detection_window,
-                queue.default_message_ttl,
-            )?;
-            check_lock(&key("lock_duration"), queue.lock_duration)?;
-            check_delivery_count(&key("max_delivery_count"), queue.max_delivery_count)?;
+            check_ingress(&key, &mut names, queue.ingress())?;
+            check_store(&key, queue.store())?;
         }
         Ok(())
     }
@@ -77,26 +62,33 @@ fn validate_namespace(namespace: &NamespaceConfig) -> Result<(), ConfigError> {
     }
 }
 
-/// What topics and queues share: a valid name unique in the namespace (case-insensitive), the
-/// message size, the duplicate detection window and the default TTL.
-fn check_entity(
+/// What topics and queues share as ingress points: a valid name unique in the namespace
+/// (case-insensitive), the message size, the duplicate detection window and the default TTL.
+fn check_ingress(
     key: &dyn Fn(&str) -> String,
     names: &mut HashSet<String>,
-    name: &str,
-    max_message_size_bytes: u64,
-    duplicate_detection_window: Option<Duration>,
-    default_message_ttl: Duration,
+    ingress: IngressConfig<'_>,
 ) -> Result<(), ConfigError> {
-    check_name(&key("name"), name)?;
-    if !names.insert(name.to_ascii_lowercase()) {
-        return Err(invalid(key("name"), name, "duplicate entity name"));
+    check_name(&key("name"), ingress.name)?;
+    if !names.insert(ingress.name.to_ascii_lowercase()) {
+        return Err(invalid(key("name"), ingress.name, "duplicate entity name"));
     }
-    check_size(&key("max_message_size_bytes"), max_message_size_bytes)?;
+    check_size(
+        &key("max_message_size_bytes"),
+        ingress.max_message_size_bytes,
+    )?;
     check_window(
         &key("duplicate_detection_window"),
-        duplicate_detection_window,
+        ingress.duplicate_detection_window,
     )?;
-    check_positive(&key("default_message_ttl"), default_message_ttl)
+    check_positive(&key("default_message_ttl"), ingress.default_message_ttl)
+}
+
+/// What subscriptions and queues share as message stores: the lock duration and the delivery
+/// count.
+fn check_store(key: &dyn Fn(&str) -> String, store: StoreConfig) -> Result<(), ConfigError> {
+    check_lock(&key("lock_duration"), store.lock_duration)?;
+    check_delivery_count(&key("max_delivery_count"), store.max_delivery_count)
 }
 
 /// The subscriptions of the `i`th topic: unique names within it, locks, delivery counts, TTLs.
@@ -112,8 +104,7 @@ fn validate_subscriptions(i: usize, topic: &TopicConfig) -> Result<(), ConfigErr
                 "duplicate subscription name",
             ));
         }
-        check_lock(&key("lock_duration"), sub.lock_duration)?;
-        check_delivery_count(&key("max_delivery_count"), sub.max_delivery_count)?;
+        check_store(&key, sub.store())?;
         if let Some(ttl) = sub.default_message_ttl {
             check_positive(&key("default_message_ttl"), ttl)?;
         }

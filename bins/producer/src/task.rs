@@ -211,12 +211,7 @@ pub fn panic_text(e: JoinError) -> String {
     if !e.is_panic() {
         return e.to_string();
     }
-    let payload = e.into_panic();
-    let text = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into());
+    let text = ordo_core::restart::panic_message(e.into_panic().as_ref());
     format!("panicked: {text}")
 }
 

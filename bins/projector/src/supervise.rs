@@ -1,20 +1,20 @@
 //! No task dies alone: every long-running task of the projector (session workers, the readiness
 //! probe, the heartbeat, the blocked-aggregates gauge) runs under [`supervise`], which respawns
-//! it with backoff when it panics or returns before shutdown, and counts each restart in
-//! `ordo_task_restarts_total{task}`. A panic in one session worker therefore never shrinks the
+//! it when it panics or returns before shutdown, by the restart rule both daemons share
+//! ([`ordo_core::restart`]: backoff, started over after a healthy run, counted in
+//! `ordo_task_restarts_total{task}`). A panic in one session worker therefore never shrinks the
 //! pool: its session is released (the broker redelivers), and a fresh worker takes its place.
+//!
+//! Unlike the producer's publishing workers, a task here has no normal end before shutdown, so
+//! an early return is restarted like a panic.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use ordo_core::metrics as m;
+use ordo_core::restart::{panic_message, Restarts};
 use ordo_core::retry::Backoff;
-
-/// A task that ran this long before failing was healthy: its next restart starts the backoff
-/// over instead of waiting the longest delay.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 /// Runs `start()` until `cancel`, respawning it after a panic or an early return. Calls
 /// `on_restart` once per restart (besides the metric), for callers that keep their own count.
@@ -28,7 +28,7 @@ pub async fn supervise<F, Fut>(
     F: FnMut() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut delays = backoff.delays();
+    let mut restarts = Restarts::new(task, backoff);
     loop {
         let started = Instant::now();
         let ended = tokio::spawn(start()).await;
@@ -38,22 +38,13 @@ pub async fn supervise<F, Fut>(
         match ended {
             Ok(()) => tracing::error!(task, "task ended before shutdown; restarting it"),
             Err(e) if e.is_panic() => {
-                let payload = e.into_panic();
-                let message = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(not a string)".into());
+                let message = panic_message(e.into_panic().as_ref());
                 tracing::error!(task, panic = %message, "task panicked; restarting it");
             }
             Err(e) => tracing::error!(task, error = %e, "task was cancelled; restarting it"),
         }
-        metrics::counter!(m::TASK_RESTARTS, "task" => task).increment(1);
+        let delay = restarts.next_delay(started);
         on_restart();
-        if started.elapsed() >= HEALTHY_RUN {
-            delays = backoff.delays();
-        }
-        let delay = delays.next().unwrap_or(backoff.max);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => return,
@@ -66,6 +57,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn a_panicking_task_is_restarted_until_it_runs() {

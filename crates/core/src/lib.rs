@@ -22,6 +22,8 @@
 //!   bounded by the grace period (`Shutdown::drain`), and `last_step`, a bounded step at exit.
 //! - [`retry`]: the capped, jittered backoff and the step most retry loops take after a
 //!   failure (the module names those that step their own way).
+//! - [`restart`]: the rule supervised tasks of both daemons are restarted by (backoff started
+//!   over after a healthy run, `ordo_task_restarts_total{task}`, the panic's message).
 
 pub mod checkpoint;
 pub mod cli;
@@ -32,6 +34,7 @@ pub mod lease;
 pub mod metrics;
 pub mod mongo;
 pub mod readiness;
+pub mod restart;
 pub mod retry;
 pub mod secret;
 pub mod servicebus;

@@ -17,8 +17,8 @@
 //!
 //! Supervision: the workers run under [`supervise`]. A worker that panics gives its claimed
 //! messages back to the front of their session's queue (the claim is a guard, released on
-//! unwind), and is restarted after a backoff, so a panic neither loses events nor shrinks the
-//! pool.
+//! unwind), and is restarted after a backoff by the rule both daemons share
+//! (`ordo_core::restart`), so a panic neither loses events nor shrinks the pool.
 //!
 //! Layout: this file holds the queues ([`Dispatcher`]); `claim` the guard that gives a
 //! worker's messages back when it unwinds; `publish` the workers and their supervisor.

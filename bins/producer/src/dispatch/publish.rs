@@ -2,11 +2,13 @@
 //! publisher), parks what the client refuses and acknowledges the rest; [`supervise`] restarts
 //! one that panics.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use ordo_core::readiness::{dependency, Readiness};
+use ordo_core::restart::Restarts;
 use ordo_core::retry::{Backoff, Retry};
 use ordo_core::servicebus::sender::{PublishError, Publisher, PublisherFactory};
 use tokio_util::sync::CancellationToken;
@@ -46,39 +48,53 @@ pub enum WorkerError {
 }
 
 /// Runs `senders` workers until the dispatcher is closed and drained or `abandon` fires; a
-/// worker that panics is restarted after a backoff (its messages were given back). Returns the
-/// first [`WorkerError`], which ends publishing.
+/// worker that panics is restarted by the shared restart rule ([`ordo_core::restart`]; its
+/// messages were given back). Returns the first [`WorkerError`], which ends publishing.
+///
+/// Unlike the projector's tasks, a worker has a normal end (the dispatcher drained), so only a
+/// panic restarts it, and an error it returns is permanent (a refused message that could not
+/// be parked), so it stops publishing instead of being retried.
 pub async fn supervise<F: PublisherFactory>(
     senders: usize,
     factory: Arc<F>,
     ctx: WorkerContext,
 ) -> Result<(), WorkerError> {
     let mut set = tokio::task::JoinSet::new();
+    // When each running worker started, by task id: a restart after a healthy run starts the
+    // backoff over.
+    let mut started = HashMap::new();
     for _ in 0..senders {
-        set.spawn(worker(factory.clone(), ctx.clone()));
+        let id = set.spawn(worker(factory.clone(), ctx.clone())).id();
+        started.insert(id, Instant::now());
     }
-    let mut delays = ctx.backoff.delays();
-    while let Some(joined) = set.join_next().await {
+    let mut restarts = Restarts::new("publisher", ctx.backoff);
+    while let Some(joined) = set.join_next_with_id().await {
         match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Ok((id, Ok(()))) => {
+                started.remove(&id);
+            }
+            Ok((_, Err(e))) => {
                 tracing::error!(error = %e, "publishing worker failed: stopping");
                 return Err(e);
             }
-            Err(e) if e.is_cancelled() => {}
+            Err(e) if e.is_cancelled() => {
+                started.remove(&e.id());
+            }
             Err(e) => {
-                let delay = delays.next().unwrap_or(ctx.backoff.max);
+                let run_started = started.remove(&e.id()).unwrap_or_else(Instant::now);
+                let delay = restarts.next_delay(run_started);
                 ctx.restarts.fetch_add(1, Ordering::SeqCst);
-                metrics::counter!(ordo_core::metrics::TASK_RESTARTS, "task" => "publisher")
-                    .increment(1);
                 tracing::error!(error = %crate::task::panic_text(e), delay_ms = delay.as_millis() as u64, "publishing worker panicked: its messages are queued again, restarting it");
                 let (factory, ctx) = (factory.clone(), ctx.clone());
-                set.spawn(async move {
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => worker(factory, ctx).await,
-                        _ = ctx.abandon.cancelled() => Ok(()),
-                    }
-                });
+                let id = set
+                    .spawn(async move {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => worker(factory, ctx).await,
+                            _ = ctx.abandon.cancelled() => Ok(()),
+                        }
+                    })
+                    .id();
+                started.insert(id, Instant::now() + delay);
             }
         }
     }

@@ -4,6 +4,7 @@
 mod common;
 
 mod rebuild;
+mod rebuild_duplicate;
 mod reconcile;
 mod repair;
 

@@ -294,16 +294,8 @@ async fn a_worker_works_its_next_session_while_the_last_is_released() {
     slow.close_gate = Some(gate.clone());
     let (next, next_ops) =
         FakeSession::new("next", order_events("next", 1).iter().map(msg).collect());
-    let cancel = CancellationToken::new();
-    let source = Mutex::new(Some(FakeSource {
-        sessions: VecDeque::from([slow, next]),
-        cancel: cancel.clone(),
-    }));
-    let connect = move || {
-        let s = source.lock().unwrap().take();
-        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
-    };
-    let worker = tokio::spawn(engine.clone().run_worker(0, connect, cancel));
+    let sessions = vec![slow, next];
+    let worker = worker_over(&engine, sessions);
 
     wait_until(Duration::from_secs(10), || async {
         ops_of(&next_ops).contains(&Op::Close)

@@ -236,6 +236,21 @@ impl SessionReceiver for FakeSession {
     }
 }
 
+/// Runs one worker over `sessions` on a connection that opens once; the worker is cancelled
+/// once they are all handed out, and returns after releasing them.
+fn worker_over(engine: &Arc<Engine>, sessions: Vec<FakeSession>) -> tokio::task::JoinHandle<()> {
+    let cancel = CancellationToken::new();
+    let source = Mutex::new(Some(FakeSource {
+        sessions: sessions.into(),
+        cancel: cancel.clone(),
+    }));
+    let connect = move || {
+        let s = source.lock().unwrap().take();
+        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
+    };
+    tokio::spawn(engine.clone().run_worker(0, connect, cancel))
+}
+
 /// Hands out its sessions one by one; once they are gone it cancels the worker.
 struct FakeSource {
     sessions: VecDeque<FakeSession>,

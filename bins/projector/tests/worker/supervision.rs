@@ -119,16 +119,8 @@ async fn a_worker_that_panics_leaves_its_releases_running() {
     slow.close_gate = Some(gate.clone());
     let boom = [event("x-1", "Order", 1, "Explode", doc! {})];
     let (boom_session, _) = FakeSession::new("x-1", boom.iter().map(msg).collect());
-    let cancel = CancellationToken::new();
-    let source = Mutex::new(Some(FakeSource {
-        sessions: VecDeque::from([slow, boom_session]),
-        cancel: cancel.clone(),
-    }));
-    let connect = move || {
-        let s = source.lock().unwrap().take();
-        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
-    };
-    let worker = tokio::spawn(engine.clone().run_worker(0, connect, cancel));
+    let sessions = vec![slow, boom_session];
+    let worker = worker_over(&engine, sessions);
     let ended = tokio::time::timeout(Duration::from_secs(10), worker)
         .await
         .expect("the worker meets the bomb");
@@ -160,21 +152,11 @@ async fn a_release_that_panics_is_counted_and_the_worker_goes_on() {
     bad.close_panics = true;
     let (next, next_ops) =
         FakeSession::new("next", order_events("next", 1).iter().map(msg).collect());
-    let cancel = CancellationToken::new();
-    let source = Mutex::new(Some(FakeSource {
-        sessions: VecDeque::from([bad, next]),
-        cancel: cancel.clone(),
-    }));
-    let connect = move || {
-        let s = source.lock().unwrap().take();
-        async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
-    };
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        engine.clone().run_worker(0, connect, cancel),
-    )
-    .await
-    .expect("the worker returns once its source is exhausted");
+    let sessions = vec![bad, next];
+    tokio::time::timeout(Duration::from_secs(10), worker_over(&engine, sessions))
+        .await
+        .expect("the worker returns once its source is exhausted")
+        .unwrap();
     assert!(ops_of(&bad_ops)
         .iter()
         .any(|o| matches!(o, Op::Complete(_))));

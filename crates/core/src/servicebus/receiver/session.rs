@@ -162,6 +162,17 @@ impl AzureSessionSource {
             .await
     }
 
+    /// How this worker's session receivers are opened: its connection's prefetch, its name in
+    /// the broker's diagnostics, and the broker asked to answer an accept within `timeout`.
+    fn receiver_options(&self, timeout: Duration) -> ServiceBusSessionReceiverOptions {
+        ServiceBusSessionReceiverOptions {
+            prefetch_count: self.connections.prefetch,
+            identifier: Some(self.identifier.clone()),
+            accept_timeout: Some(timeout),
+            ..Default::default()
+        }
+    }
+
     /// Locks the session `session_id` for this receiver, whether or not it has messages (a
     /// tool's access to one aggregate's session, such as `repair` clearing its state). Refused
     /// at once ([`ReceiveError::Refused`]) while another receiver holds it.
@@ -172,12 +183,7 @@ impl AzureSessionSource {
     ) -> Result<AzureSession, ReceiveError> {
         let c = &self.connections;
         let open = c.open(self.slot).await?;
-        let options = ServiceBusSessionReceiverOptions {
-            prefetch_count: c.prefetch,
-            identifier: Some(self.identifier.clone()),
-            accept_timeout: Some(timeout),
-            ..Default::default()
-        };
+        let options = self.receiver_options(timeout);
         let accept = open.acceptor.accept_session_for_subscription(
             &c.topic,
             &c.subscription,
@@ -208,12 +214,7 @@ impl SessionSource for AzureSessionSource {
     ) -> Result<Accepted<AzureSession>, ReceiveError> {
         let c = &self.connections;
         let open = c.open(self.slot).await?;
-        let options = ServiceBusSessionReceiverOptions {
-            prefetch_count: c.prefetch,
-            identifier: Some(self.identifier.clone()),
-            accept_timeout: Some(timeout),
-            ..Default::default()
-        };
+        let options = self.receiver_options(timeout);
         let accept =
             open.acceptor
                 .accept_next_session_for_subscription(&c.topic, &c.subscription, options);

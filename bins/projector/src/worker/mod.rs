@@ -21,7 +21,8 @@
 //! delivery count does not move for a fault that is not the message's.
 //!
 //! Files: this one (the engine and what its parts share), `accept.rs` (a worker's accept loop
-//! and its retries), `session.rs` (one held session, its lock renewed between batches),
+//! and its retries), `release.rs` (sessions a worker is done with, closed in the background),
+//! `session.rs` (one held session, its lock renewed between batches),
 //! `batch.rs` (one batch: decide, settle, pause on a fault, block on poison), `apply.rs` (fold,
 //! fill gaps, guarded write), `gate.rs` (one prober while the broker is down), `message.rs`
 //! (what a message says).
@@ -31,6 +32,7 @@ mod apply;
 mod batch;
 mod gate;
 mod message;
+mod release;
 mod session;
 
 use gate::BrokerGate;

@@ -80,13 +80,15 @@ async fn clear_one(
         }
     };
     let cleared = match session.state().await {
-        Ok(state) if state.is_empty() => Ok(()),
-        Ok(_) => session.set_state(Vec::new()).await,
+        Ok(state) if state.is_empty() => Ok(false),
+        Ok(_) => session.set_state(Vec::new()).await.map(|()| true),
         Err(e) => Err(e),
     };
     session.close().await;
-    if cleared.is_ok() {
-        tracing::info!(aggregate = aggregate_id, "session state cleared");
+    match cleared {
+        Ok(true) => tracing::info!(aggregate = aggregate_id, "session state cleared"),
+        Ok(false) => tracing::debug!(aggregate = aggregate_id, "session state already empty"),
+        Err(_) => {}
     }
-    cleared
+    cleared.map(|_| ())
 }

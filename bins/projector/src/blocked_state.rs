@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use ordo_core::envelope::session_id;
+use ordo_core::retry::Backoff;
 use ordo_core::servicebus::receiver::{
     AzureSessionSource, ReceiveError, SessionConnections, SessionReceiver,
 };
@@ -65,7 +66,11 @@ async fn clear_one(
 ) -> Result<(), ReceiveError> {
     let sid = session_id(aggregate_id);
     let deadline = tokio::time::Instant::now() + CLEAR_WAIT;
-    let mut delay = retry.max(Duration::from_millis(50));
+    let mut delays = Backoff {
+        initial: retry.max(Duration::from_millis(50)),
+        max: Duration::from_secs(1),
+    }
+    .delays();
     let mut session = loop {
         match source.accept_session(&sid, CLEAR_WAIT).await {
             Ok(s) => break s,
@@ -73,8 +78,7 @@ async fn clear_one(
                 return Err(e)
             }
             Err(ReceiveError::Refused { .. }) => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
             }
             Err(e) => return Err(e),
         }

@@ -137,17 +137,18 @@ async fn run_command(
         }) => {
             let admin = Admin::open(&cfg, custom).await?;
             let (store, projections) = (&admin.store, &admin.projections);
-            let before = store.blocked_ids().await?;
             let done =
                 ordo_projector::repair::repair_blocked(store, projections, projection.as_deref())
-                    .await
-                    .and_then(print_still_blocked);
-            let still = store.blocked_ids().await.unwrap_or_default();
-            let lifted: Vec<String> = before
-                .into_iter()
-                .filter(|id| !still.contains(id))
-                .collect();
-            clear_session_states(&cfg, &lifted).await;
+                    .await;
+            let done = match done {
+                Ok(report) => {
+                    let lifted = report.repaired.clone();
+                    let done = print_still_blocked(report);
+                    clear_session_states(&cfg, &lifted).await;
+                    done
+                }
+                Err(e) => Err(e),
+            };
             admin.finish(done).await
         }
         Some(Command::Rebuild {

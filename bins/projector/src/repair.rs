@@ -118,10 +118,11 @@ async fn repair_chosen(
     Ok(())
 }
 
-/// What `repair --all-blocked` did: how many it repaired, and each one it could not, with why.
+/// What `repair --all-blocked` did: the aggregates it repaired, and each one it could not, with
+/// why.
 #[derive(Debug, Default)]
 pub struct BlockedRepair {
-    pub repaired: usize,
+    pub repaired: Vec<String>,
     pub failed: Vec<(String, String)>,
 }
 
@@ -133,8 +134,8 @@ impl std::fmt::Display for BlockedRepair {
         writeln!(
             f,
             "repaired {} of {} blocked aggregates",
-            self.repaired,
-            self.repaired + self.failed.len()
+            self.repaired.len(),
+            self.repaired.len() + self.failed.len()
         )?;
         for (id, why) in self.failed.iter().take(NAMED) {
             writeln!(f, "still blocked: {id}: {why}")?;
@@ -158,7 +159,7 @@ pub async fn repair_blocked(
     let mut report = BlockedRepair::default();
     for id in store.blocked_ids().await? {
         match repair_chosen(store, &chosen, &id).await {
-            Ok(()) => report.repaired += 1,
+            Ok(()) => report.repaired.push(id),
             Err(e) => {
                 let why = e.to_string();
                 tracing::warn!(aggregate = %id, error = %why, "still blocked");

@@ -107,13 +107,9 @@ const WINDOW: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sessions_messages_come_in_one_round_trip_and_the_batch_ends_when_they_stop() {
-    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
-    config.namespace.round_trip = ROUND_TRIP;
-    let sb = TestServiceBus::start_with(config).await.unwrap();
-    if sb.is_external() {
-        eprintln!("skipped: the round trip is the emulator's");
+    let Some(sb) = common::bus_with_round_trip(ROUND_TRIP).await else {
         return;
-    }
+    };
     let mut topic = TopicSender::open(&sb).await;
     for i in 1..=6 {
         let m = message("burst", format!("burst:{i}"), format!("{i}"));
@@ -174,13 +170,9 @@ fn session(
 /// and works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sessions_management_link_is_attached_at_its_first_request_only() {
-    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
-    config.namespace.round_trip = ROUND_TRIP;
-    let sb = TestServiceBus::start_with(config).await.unwrap();
-    if sb.is_external() {
-        eprintln!("skipped: the round trip is the emulator's");
+    let Some(sb) = common::bus_with_round_trip(ROUND_TRIP).await else {
         return;
-    }
+    };
     let mut topic = TopicSender::open(&sb).await;
     for id in ["lazy-1", "lazy-2"] {
         let m = message(id, format!("{id}:1"), "1".into());

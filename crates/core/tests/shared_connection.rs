@@ -116,13 +116,9 @@ const SLOW_ROUND_TRIP: Duration = Duration::from_millis(500);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_a_session_receiver_leaves_nothing_spinning_while_its_session_ends() {
-    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
-    config.namespace.round_trip = SLOW_ROUND_TRIP;
-    let sb = TestServiceBus::start_with(config).await.unwrap();
-    if sb.is_external() {
-        eprintln!("skipped: the round trip is the emulator's");
+    let Some(sb) = common::bus_with_round_trip(SLOW_ROUND_TRIP).await else {
         return;
-    }
+    };
     let mut source = common::session_source(&sb, "ending-session-test").await;
     // The sender is dropped, not closed: at this round trip the client's close gives up
     // waiting for the broker's (`Expecting remote close`).
@@ -216,13 +212,9 @@ const AT_ONCE: usize = 6;
 /// attach), not six begins in a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_accepts_of_a_connection_do_not_wait_for_each_others_begin() {
-    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
-    config.namespace.round_trip = BEGIN_ROUND_TRIP;
-    let sb = TestServiceBus::start_with(config).await.unwrap();
-    if sb.is_external() {
-        eprintln!("skipped: the round trip is the emulator's");
+    let Some(sb) = common::bus_with_round_trip(BEGIN_ROUND_TRIP).await else {
         return;
-    }
+    };
     let ids: Vec<String> = (0..=AT_ONCE).map(|i| format!("begin-{i}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     drop(sent_one_each(&sb, &refs).await);

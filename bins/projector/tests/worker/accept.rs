@@ -286,12 +286,7 @@ async fn a_worker_works_its_next_session_while_the_last_is_released() {
         cfg.session_idle_timeout = Duration::from_millis(20);
     })
     .await;
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let (mut slow, slow_ops) = FakeSession::new(
-        "slow-release",
-        order_events("slow-release", 1).iter().map(msg).collect(),
-    );
-    slow.close_gate = Some(gate.clone());
+    let (slow, slow_ops, gate) = slow_to_release("slow-release");
     let (next, next_ops) =
         FakeSession::new("next", order_events("next", 1).iter().map(msg).collect());
     let sessions = vec![slow, next];

@@ -236,6 +236,21 @@ impl SessionReceiver for FakeSession {
     }
 }
 
+/// A one-event session whose close waits for a permit of the returned gate: a broker slow to
+/// end it.
+fn slow_to_release(
+    id: &str,
+) -> (
+    FakeSession,
+    Arc<Mutex<Vec<Op>>>,
+    Arc<tokio::sync::Semaphore>,
+) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (mut session, ops) = FakeSession::new(id, order_events(id, 1).iter().map(msg).collect());
+    session.close_gate = Some(gate.clone());
+    (session, ops, gate)
+}
+
 /// Runs one worker over `sessions` on a connection that opens once; the worker is cancelled
 /// once they are all handed out, and returns after releasing them.
 fn worker_over(engine: &Arc<Engine>, sessions: Vec<FakeSession>) -> tokio::task::JoinHandle<()> {

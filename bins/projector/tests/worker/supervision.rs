@@ -111,12 +111,7 @@ async fn a_worker_that_panics_leaves_its_releases_running() {
         c.session_idle_timeout = Duration::from_millis(20);
     })
     .await;
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let (mut slow, slow_ops) = FakeSession::new(
-        "slow-release",
-        order_events("slow-release", 1).iter().map(msg).collect(),
-    );
-    slow.close_gate = Some(gate.clone());
+    let (slow, slow_ops, gate) = slow_to_release("slow-release");
     let boom = [event("x-1", "Order", 1, "Explode", doc! {})];
     let (boom_session, _) = FakeSession::new("x-1", boom.iter().map(msg).collect());
     let sessions = vec![slow, boom_session];

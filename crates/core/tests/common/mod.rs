@@ -11,6 +11,20 @@ use ordo_core::secret::Secret;
 use ordo_core::servicebus::receiver::AzureSessionSource;
 use ordo_testkit::TestServiceBus;
 
+/// The emulator with each of its answers `round_trip` late, as Service Bus is from a client;
+/// `None` (the caller skips the test, as this says) against an external namespace, whose round
+/// trip is its own.
+pub async fn bus_with_round_trip(round_trip: std::time::Duration) -> Option<TestServiceBus> {
+    let mut config = ordo_servicebus_emulator::EmulatorConfig::default_ordo();
+    config.namespace.round_trip = round_trip;
+    let sb = TestServiceBus::start_with(config).await.unwrap();
+    if sb.is_external() {
+        eprintln!("skipped: the round trip is the emulator's");
+        return None;
+    }
+    Some(sb)
+}
+
 /// A client and a sender on the test topic. The test topic is partitioned with duplicate
 /// detection, where a batch of distinct MessageIds is refused, so tests send one by one.
 pub struct TopicSender {

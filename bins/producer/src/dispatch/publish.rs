@@ -119,7 +119,9 @@ pub async fn worker<F: PublisherFactory>(
         let mut claim = Claim::new(ctx.dispatcher.clone(), session, items);
         let mut retry = Retry::new("publish", ctx.backoff);
         let mut fault = None;
+        let mut stale_link_retried = false;
         while !claim.messages.is_empty() {
+            let reused = publisher.is_some();
             let attempt = async {
                 if publisher.is_none() {
                     publisher = Some(factory.open().await?);
@@ -145,6 +147,20 @@ pub async fn worker<F: PublisherFactory>(
                     if !park_refused(&ctx, &mut claim, &message_id, &reason).await? {
                         return Ok(());
                     }
+                }
+                Err(e)
+                    if reused && !stale_link_retried && !matches!(e, PublishError::Timeout(_)) =>
+                {
+                    // A link kept from an earlier claim may have died with its connection
+                    // while idle (the connection cut or the broker restarted): the first send
+                    // on it fails at once though the broker is back. Once per claim, such a
+                    // failure is sent again at once on a new link, and readiness is left
+                    // alone; a failure on a link just opened, or no answer in
+                    // `send_timeout`, is the broker's.
+                    publisher = None;
+                    stale_link_retried = true;
+                    ::metrics::counter!(ordo_core::metrics::RETRIES, "operation" => "publish", "reason" => "stale_link").increment(1);
+                    tracing::info!(session = %claim.session(), error = %e, "a sender link kept from an earlier send failed: sending again on a new one");
                 }
                 Err(e) => {
                     publisher = None;

@@ -183,3 +183,54 @@ async fn a_standby_the_broker_refuses_is_unready_and_leaves_the_lease_alone() {
     stop(&mut refused).await;
     collector.stop().await.check(&writer.expected()).unwrap();
 }
+
+/// A broker outage while the producer is idle (connections cut: the broker restarted, a load
+/// balancer dropped them) leaves its publishing workers holding sender links on dead
+/// connections. Once the broker is back and `/readyz` says 200, the first sends on those links
+/// fail at once; they are sent again at once on new links, and readiness stays 200. Before,
+/// each such failure held readiness off until its backoff's retry: `/readyz` turned 503 for
+/// about 4 s with the broker healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_on_links_of_a_cut_connection_do_not_turn_readiness_off() {
+    let world = World::start().await;
+    let events = world.events();
+    let mut writer = Writer::new(60, 41);
+    let collector = Collector::start(&world.bus);
+    let mut producer = world.spawn(ProducerSection {
+        probe_interval: Duration::from_secs(1),
+        ..tuning()
+    });
+    producer.wait_ready(Duration::from_secs(30)).await.unwrap();
+    // Events of many aggregates, so that many workers open a link.
+    writer.write(&events, 300, 50).await;
+    wait_distinct(&collector, 300, DEADLINE).await;
+
+    let p = &producer;
+    let ten = Duration::from_secs(10);
+    world.bus.suspend().await.unwrap();
+    wait_until(ten, || async move { !p.is_ready().await }).await;
+    world.bus.resume().await.unwrap().unwrap();
+    wait_until(ten, || async move { p.is_ready().await }).await;
+    let turned_off = |logs: &str| logs.matches("not ready: dependency failing").count();
+    let before = turned_off(&producer.logs());
+
+    writer.write(&events, 300, 50).await;
+    wait_distinct(&collector, 600, DEADLINE).await;
+    assert_eq!(
+        turned_off(&producer.logs()),
+        before,
+        "readiness turned off after the broker was back\n{}",
+        producer.logs()
+    );
+    // The fault fired: sends on links kept from before the outage failed.
+    assert!(
+        producer
+            .metric_where(names::RETRIES, ("reason", "stale_link"))
+            .await
+            >= 1.0,
+        "no send failed on a link of the cut connections\n{}",
+        producer.logs()
+    );
+    stop(&mut producer).await;
+    collector.stop().await.check(&writer.expected()).unwrap();
+}

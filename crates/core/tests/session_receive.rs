@@ -206,3 +206,36 @@ async fn a_sessions_management_link_is_attached_at_its_first_request_only() {
     second.close().await;
     first.close().await;
 }
+
+/// An accepted session knows how long its lock has left, as the broker said in the accept's
+/// answer (`com.microsoft:locked-until-utc`, .NET ticks in a long), and again after a renewal.
+/// The projector renews sooner than `lock_renewal_interval` from it when the lock is short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_session_knows_when_its_lock_expires() {
+    let sb = TestServiceBus::start().await.unwrap();
+    // The emulator's lock duration for ordo's subscription; a namespace has its own.
+    let lock = match sb.emulator() {
+        Ok(_) => Duration::from_secs(30),
+        Err(_) => Duration::from_secs(300),
+    };
+    send(&sb, "locked", 1).await;
+    let mut session = accept(&sb).await;
+    let left = session
+        .lock_left()
+        .expect("the accept's answer says when the lock expires");
+    assert!(
+        left <= lock && left > lock / 2,
+        "lock left {left:?} right after the accept, of {lock:?}"
+    );
+    let _ = session.receive(1, WAIT).await.unwrap();
+    // Time for the expiry to move by more than the clock's rounding.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let before = session.lock_left().unwrap();
+    session.renew_lock().await.unwrap();
+    let after = session.lock_left().unwrap();
+    assert!(
+        after > before + Duration::from_secs(1),
+        "a renewal moves the expiry: {before:?} left before, {after:?} after"
+    );
+    session.close().await;
+}

@@ -2,6 +2,7 @@
 //! runs; pausing for a fault that is not the events', and blocking the aggregate at a poison.
 
 use super::message::{aggregate_of, block_record, decode};
+use super::renewal::Renewal;
 use super::session::{After, Held};
 use super::{Activity, Engine, Event, WorkError};
 use crate::settle::{
@@ -23,19 +24,19 @@ impl Engine {
     pub(super) async fn renewing<R: SessionReceiver, T>(
         &self,
         session: &mut R,
-        last_renew: &mut Instant,
+        renewal: &mut Renewal,
         fut: impl std::future::Future<Output = T>,
     ) -> Option<T> {
         tokio::pin!(fut);
         loop {
-            let next = *last_renew + self.cfg.lock_renewal_interval;
+            let next = renewal.due();
             tokio::select! {
                 r = &mut fut => return Some(r),
                 _ = tokio::time::sleep_until(next.into()) => {
                     match session.renew_lock().await {
                         Ok(()) => {
                             metrics::counter!(m::LOCK_RENEWALS).increment(1);
-                            *last_renew = Instant::now();
+                            renewal.renewed();
                         }
                         Err(e) => {
                             self.lock_trouble(session.session_id(), &e);
@@ -149,7 +150,7 @@ impl Engine {
         session: &mut R,
         held: &mut Held,
         msgs: Vec<R::Message>,
-        last_renew: &mut Instant,
+        renewal: &mut Renewal,
         cancel: &CancellationToken,
     ) -> After {
         let started = Instant::now();
@@ -161,14 +162,14 @@ impl Engine {
             return After::Continue;
         }
         let aggregate_id = aggregate_of(session.session_id(), &msgs, &decoded);
-        let decided = self.decide(session, held, &aggregate_id, &decoded, last_renew, cancel);
+        let decided = self.decide(session, held, &aggregate_id, &decoded, renewal, cancel);
         let Some((actions, block)) = decided.await else {
             // Lock lost, or shutdown: nothing settled, the broker redelivers.
             return After::Drop;
         };
         if let Some(stop) = &block {
             let record = block_record(&aggregate_id, stop, poison_message_id(&msgs, &actions));
-            if !self.block(session, held, &record, last_renew, cancel).await {
+            if !self.block(session, held, &record, renewal, cancel).await {
                 return After::Drop;
             }
         }
@@ -200,7 +201,7 @@ impl Engine {
         held: &mut Held,
         aggregate_id: &str,
         decoded: &[Result<Event, Poison>],
-        last_renew: &mut Instant,
+        renewal: &mut Renewal,
         cancel: &CancellationToken,
     ) -> Option<(Vec<Action>, Option<Stop>)> {
         let items = items_of(decoded);
@@ -210,7 +211,7 @@ impl Engine {
         let mut retry = Retry::new("apply", self.backoff());
         loop {
             let work = self.outcome(held, aggregate_id, &events);
-            let (stored, outcome, error) = match self.renewing(session, last_renew, work).await? {
+            let (stored, outcome, error) = match self.renewing(session, renewal, work).await? {
                 Ok((stored, outcome)) => (stored, outcome, None),
                 Err(e) => (0, Outcome::Interrupted, Some(e)),
             };
@@ -229,7 +230,7 @@ impl Engine {
                 .in_scope(|| retry.next(reason, &error));
             held.models = vec![None; self.projections.len()];
             held.checked_blocked = false;
-            if !self.pause(session, last_renew, delay, cancel).await {
+            if !self.pause(session, renewal, delay, cancel).await {
                 return None;
             }
         }
@@ -288,7 +289,7 @@ impl Engine {
     pub(super) async fn pause<R: SessionReceiver>(
         &self,
         session: &mut R,
-        last_renew: &mut Instant,
+        renewal: &mut Renewal,
         delay: Duration,
         cancel: &CancellationToken,
     ) -> bool {
@@ -298,7 +299,7 @@ impl Engine {
                 _ = cancel.cancelled() => false,
             }
         };
-        self.renewing(session, last_renew, sleep).await == Some(true)
+        self.renewing(session, renewal, sleep).await == Some(true)
     }
 
     /// Records the block before the poison is dead-lettered, so a crash in between leaves the
@@ -309,13 +310,13 @@ impl Engine {
         session: &mut R,
         held: &mut Held,
         record: &BlockRecord,
-        last_renew: &mut Instant,
+        renewal: &mut Renewal,
         cancel: &CancellationToken,
     ) -> bool {
         let mut retry = Retry::new("block", self.backoff());
         loop {
             match self
-                .renewing(session, last_renew, self.store.block(record))
+                .renewing(session, renewal, self.store.block(record))
                 .await
             {
                 None => return false,
@@ -328,7 +329,7 @@ impl Engine {
                     };
                     let delay = tracing::warn_span!("block", aggregate = %record.aggregate_id)
                         .in_scope(|| retry.next(reason, &e));
-                    if !self.pause(session, last_renew, delay, cancel).await {
+                    if !self.pause(session, renewal, delay, cancel).await {
                         return false;
                     }
                 }

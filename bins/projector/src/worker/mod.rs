@@ -22,7 +22,8 @@
 //!
 //! Files: this one (the engine and what its parts share), `accept.rs` (a worker's accept loop
 //! and its retries), `release.rs` (sessions a worker is done with, closed in the background),
-//! `session.rs` (one held session, its lock renewed between batches),
+//! `session.rs` (one held session, its lock renewed between batches), `renewal.rs` (when a
+//! session's lock is renewed),
 //! `batch.rs` (one batch: decide, settle, pause on a fault, block on poison), `apply.rs` (fold,
 //! fill gaps, guarded write), `gate.rs` (one prober while the broker is down), `message.rs`
 //! (what a message says).
@@ -33,6 +34,7 @@ mod batch;
 mod gate;
 mod message;
 mod release;
+mod renewal;
 mod session;
 
 use gate::BrokerGate;
@@ -84,6 +86,9 @@ pub struct Engine {
     /// Bumped by the broker probe when it answers again after failing: connects begun during
     /// the outage may hang on a connection the broker never serves, and are started over.
     probe_recoveries: tokio::sync::watch::Sender<u64>,
+    /// Set once a session was granted a lock too short for `lock_renewal_interval` (warned
+    /// about once per process, [`renewal`]).
+    short_lock_warned: std::sync::atomic::AtomicBool,
 }
 
 /// What this process is doing, for its heartbeat in `ordo_projectors` and for tests.
@@ -179,6 +184,7 @@ impl Engine {
             gate: BrokerGate::default(),
             probe_failures: tokio::sync::watch::Sender::new(0),
             probe_recoveries: tokio::sync::watch::Sender::new(0),
+            short_lock_warned: Default::default(),
         }
     }
 

@@ -55,7 +55,7 @@ impl Engine {
             checked_blocked: false,
             state_says_blocked: false,
         };
-        let mut last_renew = Instant::now();
+        let mut renewal = self.renewal(session);
         let mut idle_since = Instant::now();
         // How long the broker takes to hand over messages it holds, one round trip after a
         // receive asks for them (see `receive_floor`); unknown until the first batch.
@@ -64,13 +64,13 @@ impl Engine {
             if cancel.is_cancelled() {
                 break;
             }
-            if last_renew.elapsed() >= self.cfg.lock_renewal_interval {
+            if Instant::now() >= renewal.due() {
                 if let Err(e) = session.renew_lock().await {
                     self.lock_trouble(&sid, &e);
                     break;
                 }
                 metrics::counter!(m::LOCK_RENEWALS).increment(1);
-                last_renew = Instant::now();
+                renewal.renewed();
             }
             let floor = self.receive_floor(delivery);
             let idle_limit = self.idle_limit().max(floor);
@@ -95,7 +95,7 @@ impl Engine {
             }
             delivery.get_or_insert(asked.elapsed());
             match self
-                .batch(session, &mut held, msgs, &mut last_renew, cancel)
+                .batch(session, &mut held, msgs, &mut renewal, cancel)
                 .await
             {
                 After::Continue => idle_since = Instant::now(),

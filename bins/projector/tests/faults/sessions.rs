@@ -27,6 +27,45 @@ async fn a_projection_slower_than_the_lock_keeps_its_session() {
     assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
 }
 
+/// A subscription whose lock (5 s) is shorter than `lock_renewal_interval` (10 s, the
+/// default for Azure's 60 s lock) assumes: renewing on the interval would lose the lock of
+/// every batch that takes longer than 5 s, and the messages would be delivered again until
+/// dead-lettered. The projector renews every third of the lock the broker granted instead, and
+/// warns, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_shorter_than_the_renewal_interval_is_renewed_in_time_with_a_warning() {
+    let env = start(Duration::from_secs(5)).await;
+    let events = workload("short-lock", 2, 3);
+    env.insert_events(&events).await;
+    let p = env
+        .spawn_projector(ProjectorSection {
+            lock_renewal_interval: Duration::from_secs(10),
+            apply_delay: Duration::from_secs(7),
+            ..tuning()
+        })
+        .await;
+    env.publish(&events).await;
+    converge(&env).await;
+    assert!(env.dead_letters().is_empty(), "{:?}", env.dead_letters());
+    assert!(
+        p.logs()
+            .contains("projector.lock_renewal_interval is more than half the session lock"),
+        "{}",
+        p.logs()
+    );
+    assert_eq!(
+        p.metric(ordo_core::metrics::LOCKS_LOST).await,
+        0.0,
+        "{}",
+        p.logs()
+    );
+    assert!(
+        p.metric(ordo_core::metrics::LOCK_RENEWALS).await >= 1.0,
+        "{}",
+        p.logs()
+    );
+}
+
 /// A broker that leaves an accept unanswered: the emulator holds it for 60 s whatever the
 /// projector asks, and the projector gives up 2 s after its default 5 s. The cut accept
 /// retires its shared connection rather than reusing a client that may be halfway through an

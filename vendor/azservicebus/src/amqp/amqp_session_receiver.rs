@@ -38,11 +38,19 @@ pub(super) fn get_session_locked_until(properties: &Option<Fields>) -> Option<Of
         .as_ref()
         .and_then(|map| map.get(LOCKED_UNTIL_UTC))
         .and_then(|value| match value {
-            Value::Timestamp(timestamp) => Some(timestamp.clone()),
-            _ => None, // TODO: what if it's not a timestamp?
+            Value::Timestamp(timestamp) => Some(OffsetDateTime::from(timestamp.clone())),
+            // Service Bus sends .NET ticks (100 ns since 0001-01-01) as a long: the .NET SDK
+            // reads `TryGetValue<long>` above, azure-sdk-for-js `convertTicksToDate`.
+            Value::Long(ticks) => ticks_to_offset_date_time(*ticks),
+            _ => None,
         })
-        .map(OffsetDateTime::from)
-    // .unwrap_or(DEFAULT_OFFSET_DATE_TIME)
+}
+
+/// .NET ticks (100 ns since 0001-01-01T00:00:00Z) as a time; `None` out of range.
+fn ticks_to_offset_date_time(ticks: i64) -> Option<OffsetDateTime> {
+    const TICKS_AT_UNIX_EPOCH: i64 = 621_355_968_000_000_000;
+    let since_epoch = i128::from(ticks.checked_sub(TICKS_AT_UNIX_EPOCH)?) * 100;
+    OffsetDateTime::from_unix_timestamp_nanos(since_epoch).ok()
 }
 
 /// An AMQP receiver for session enabled entities.

@@ -123,6 +123,13 @@ pub trait SessionReceiver: Send {
     /// Extends the session lock.
     fn renew_lock(&mut self) -> impl Future<Output = Result<(), ReceiveError>> + Send;
 
+    /// How long the session lock the broker granted has left now (its expiry less this
+    /// machine's clock); `None` when the broker did not say. The entity's lock duration, less
+    /// the time since the accept or the last renewal.
+    fn lock_left(&self) -> Option<Duration> {
+        None
+    }
+
     /// The session state (empty when none).
     fn state(&mut self) -> impl Future<Output = Result<Vec<u8>, ReceiveError>> + Send;
 

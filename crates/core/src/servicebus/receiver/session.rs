@@ -363,6 +363,13 @@ impl SessionReceiver for AzureSession {
             .map_err(ReceiveError::classify)
     }
 
+    fn lock_left(&self) -> Option<Duration> {
+        // `com.microsoft:locked-until-utc` of the attach (azservicebus answers the Unix epoch's
+        // minimum when it is missing, and a renewal updates it).
+        let left = self.receiver.session_locked_until() - time::OffsetDateTime::now_utc();
+        Duration::try_from(left).ok().filter(|d| !d.is_zero())
+    }
+
     async fn state(&mut self) -> Result<Vec<u8>, ReceiveError> {
         Box::pin(self.receiver.session_state())
             .await

@@ -41,6 +41,12 @@ use ceilings::{change_stream_ceiling, guarded_update_ceiling, send_ceiling, Mong
 use load::{load_for, Load};
 use report::{print_row, print_table, write_outputs, Bar};
 
+/// The embedded emulator and the load writer encode and decode AMQP frames and BSON documents,
+/// allocating many small buffers each: with glibc malloc they took a larger share of the
+/// benchmark machine's two cores from the daemons under test than a broker elsewhere would.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A workload shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Shape {

@@ -158,6 +158,11 @@ impl EmulatorHandle {
         self.shared.tokens_put.load(Ordering::Relaxed)
     }
 
+    /// How many AMQP sessions clients have begun, on all connections together.
+    pub fn sessions_begun(&self) -> u64 {
+        self.shared.sessions_begun.load(Ordering::Relaxed)
+    }
+
     /// Adds a key (an authorization rule), or replaces the key of the same name: a key rotation.
     /// Tokens signed with the old key stay valid until they expire, as on Service Bus.
     pub fn put_key(&self, rule: AuthorizationRule) {

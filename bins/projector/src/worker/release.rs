@@ -15,7 +15,8 @@ const RELEASES_IN_FLIGHT: usize = 4;
 const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// A worker's sessions being released. Closing a session receiver takes round trips (detach
-/// its link, and its `$management` link if one was attached, end its AMQP session), and the broker hands the session
+/// its link, and its `$management` link if one was attached; its AMQP session is kept for the
+/// next accept on the connection), and the broker hands the session
 /// to another worker only once it is closed; nothing of this worker depends on it, so the
 /// worker accepts its next session meanwhile. At most [`RELEASES_IN_FLIGHT`] at once, and all
 /// of them are waited for before the worker returns, so a shutdown releases its sessions. A

@@ -134,6 +134,7 @@ async fn connection(stream: TcpStream, tls: Option<TlsAcceptor>, ctx: ConnCtx) {
         tokio::select! {
             session = session_acceptor.accept(&mut conn) => match session {
                 Ok(session) => {
+                    ctx.shared.sessions_begun.fetch_add(1, Ordering::Relaxed);
                     ctx.tracker.spawn(session_loop(session, ctx.clone()));
                 }
                 Err(e) => {

@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub token_expiry_detaches: AtomicU64,
     /// Tokens accepted on `$cbs` put-token requests, all connections together.
     pub tokens_put: AtomicU64,
+    /// AMQP sessions begun by clients, all connections together.
+    pub sessions_begun: AtomicU64,
 }
 
 impl Shared {
@@ -69,6 +71,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             token_expiry_detaches: AtomicU64::new(0),
             tokens_put: AtomicU64::new(0),
+            sessions_begun: AtomicU64::new(0),
         }
     }
 

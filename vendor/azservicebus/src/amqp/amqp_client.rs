@@ -191,24 +191,45 @@ where
         OpenReceiverError,
     > {
         let (opener, context) = self.connection_scope.lock().await.link_session_parts()?;
-        let handle = fe2o3_amqp::Session::builder()
-            .begin_with(&opener)
-            .await
-            .map_err(OpenReceiverError::Begin)?;
-        let mut link_session = AmqpSession::new(handle);
         let context = context.reusing_tokens(reuse_tokens);
-        let (link_identifier, receiver, cbs_command_sender) = context
-            .open_receiver_link(
-                &mut link_session,
-                &self.service_endpoint,
-                entity_path,
-                identifier,
-                receive_mode,
-                receiver_type,
-                prefetch_count,
-            )
-            .await?;
-        Ok((link_session, link_identifier, receiver, cbs_command_sender, context))
+        // ordo patch (vendor/README.md): on an AMQP session a closed receiver left, if there
+        // is one; a new one when none is idle, or when the one taken ended under the attach.
+        let mut idle = context.idle_sessions().take();
+        loop {
+            let reused = idle.is_some();
+            let mut link_session = match idle.take() {
+                Some(session) => session,
+                None => AmqpSession::new(
+                    fe2o3_amqp::Session::builder()
+                        .begin_with(&opener)
+                        .await
+                        .map_err(OpenReceiverError::Begin)?,
+                ),
+            };
+            let opened = context
+                .open_receiver_link(
+                    &mut link_session,
+                    &self.service_endpoint,
+                    entity_path,
+                    identifier,
+                    receive_mode,
+                    receiver_type.clone(),
+                    prefetch_count,
+                )
+                .await;
+            match opened {
+                Ok((link_identifier, receiver, cbs_command_sender)) => {
+                    return Ok((link_session, link_identifier, receiver, cbs_command_sender, context))
+                }
+                Err(_) if reused && link_session.handle.is_ended() => continue,
+                Err(err) => {
+                    // A refused link (no session available, most often) leaves its AMQP
+                    // session as it was.
+                    context.idle_sessions().put(link_session);
+                    return Err(err);
+                }
+            }
+        }
     }
 }
 

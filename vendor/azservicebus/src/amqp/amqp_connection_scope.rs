@@ -50,6 +50,7 @@ use super::{
 
 const AUTHORIZATION_REFRESH_BUFFER_SECONDS: u64 = 7 * 60;
 
+#[derive(Clone)]
 pub(crate) enum ReceiverType {
     NonSession,
     // ordo patch (vendor/README.md): `accept_timeout`.
@@ -80,6 +81,10 @@ pub(crate) struct AmqpConnectionScope {
 
     /// CBS client
     pub(crate) cbs_link: AmqpCbsLinkHandle,
+
+    /// ordo patch (vendor/README.md): AMQP sessions whose session receiver closed, kept to
+    /// attach the next session receiver's links on.
+    idle_sessions: IdleSessions,
 
     // Keep a copy for recovering
     credential: Arc<ServiceBusTokenCredential>,
@@ -156,6 +161,7 @@ impl AmqpConnectionScope {
             connection,
             session,
             cbs_link,
+            idle_sessions: IdleSessions::default(),
             credential,
             #[cfg(feature = "transaction")]
             transaction_controller,
@@ -256,6 +262,7 @@ impl AmqpConnectionScope {
             connection_identifier: self.connection.identifier,
             cbs_command_sender: self.cbs_link.command_sender().clone(),
             reuse_tokens: false,
+            idle_sessions: self.idle_sessions.clone(),
         }
     }
 
@@ -388,6 +395,43 @@ pub(crate) struct LinkContext {
     /// Whether a link may use a token already put for its audience (see
     /// `AmqpCbsLink::authorize`) instead of putting one of its own.
     reuse_tokens: bool,
+    /// The scope's idle AMQP sessions.
+    idle_sessions: IdleSessions,
+}
+
+/// ordo patch (vendor/README.md): AMQP sessions of a connection that no link uses any more,
+/// for the next session receiver to attach its links on instead of beginning and ending an
+/// AMQP session of its own (a begin and an end each way, and a session task, per Service Bus
+/// session). A session that ended meanwhile (its connection gone) is not handed out.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdleSessions(Arc<std::sync::Mutex<Vec<AmqpSession>>>);
+
+/// Idle AMQP sessions kept per connection, at most; one more is ended.
+const MAX_IDLE_SESSIONS: usize = 256;
+
+impl IdleSessions {
+    /// An idle session that has not ended, if there is one.
+    pub(crate) fn take(&self) -> Option<AmqpSession> {
+        let mut idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(session) = idle.pop() {
+            if !session.handle.is_ended() {
+                return Some(session);
+            }
+        }
+        None
+    }
+
+    /// Keeps `session` for the next link, or ends it (dropping its handle ends it) when
+    /// it ended already or enough are kept.
+    pub(crate) fn put(&self, session: AmqpSession) {
+        if session.handle.is_ended() {
+            return;
+        }
+        let mut idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_SESSIONS {
+            idle.push(session);
+        }
+    }
 }
 
 impl LinkContext {
@@ -396,6 +440,11 @@ impl LinkContext {
     pub(crate) fn reusing_tokens(mut self, reuse: bool) -> Self {
         self.reuse_tokens = reuse;
         self
+    }
+
+    /// The connection's idle AMQP sessions.
+    pub(crate) fn idle_sessions(&self) -> &IdleSessions {
+        &self.idle_sessions
     }
 
     async fn authorize(

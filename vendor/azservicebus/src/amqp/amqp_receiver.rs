@@ -275,10 +275,7 @@ impl AmqpReceiver {
             .await
             {
                 Ok(message) => buffer.push(message?),
-                Err(_) => {
-                    self.drain_left_credit().await;
-                    return Ok(());
-                }
+                Err(_) => return Ok(()),
             }
         }
         let window_end = crate::util::time::Instant::now() + window;
@@ -302,9 +299,6 @@ impl AmqpReceiver {
                 }
                 Err(_) => break,
             }
-        }
-        if buffer.len() < max_messages as usize {
-            self.drain_left_credit().await;
         }
         Ok(())
     }
@@ -353,8 +347,11 @@ impl AmqpReceiver {
     /// All `max_messages` of credit are given at once, so the messages the entity holds come
     /// in one burst, back to back, one round trip after the request; the batch ends when that
     /// burst does, rather than after a fixed window (which a batch smaller than `max_messages`
-    /// always waited out). A message later than `gap` starts the next batch: the credit left
-    /// is drained, and anything already on its way is kept for the next receive.
+    /// always waited out). A message later than `gap` starts the next batch. The credit left
+    /// is not drained (a frame each way per receive, and a session receiver's messages are
+    /// all its session's, locked with it): what the broker sends meanwhile waits on the link
+    /// for the next receive, or goes back to the entity, delivery count unchanged, when the
+    /// link closes.
     pub(crate) async fn receive_batch(
         &mut self,
         max_messages: u32,
@@ -621,16 +618,19 @@ impl TransportReceiver for AmqpReceiver {
                 self.id,
             ))
             .await;
-        self.receiver.drain().await?; // This is only mentioned in an issue but not implemented in the dotnet sdk yet
+        // ordo patch (vendor/README.md): no drain before a session receiver's detach (the
+        // detach ends the link's credit with it), and its AMQP session is kept for the next
+        // session receiver once its links closed; a failed close drops the session, which
+        // ends it.
+        if self.link_session.is_none() {
+            self.receiver.drain().await?; // This is only mentioned in an issue but not implemented in the dotnet sdk yet
+        }
         self.receiver.close().await?;
         if let Some(link) = self.management_link.take() {
             link.close().await?;
         }
-        // ordo patch (vendor/README.md): end the receiver's own AMQP session.
-        if let Some(mut session) = self.link_session.take() {
-            if let Err(err) = session.handle.end().await {
-                log::debug!("Error ending the receiver's session: {:?}", err);
-            }
+        if let (Some(session), Some(context)) = (self.link_session.take(), self.link_context.as_ref()) {
+            context.idle_sessions().put(session);
         }
         Ok(())
     }

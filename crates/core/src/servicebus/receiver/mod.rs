@@ -7,7 +7,8 @@
 //! azservicebus facts that shape this module:
 //! - the workers of a process share a few connections ([`SessionConnections`]) and accept on
 //!   them side by side: the vendored azservicebus's `ServiceBusSessionAcceptor` accepts
-//!   through `&self`, each receiver on an AMQP session of its own (the client's own
+//!   through `&self`, each receiver on an AMQP session no other link uses (one a closed
+//!   receiver left, or a new one; the client's own
 //!   `accept_next_session_*` takes it by `&mut`, one accept at a time per connection). The
 //!   accept tells the broker how long it may wait (`com.microsoft:timeout`, also added by the
 //!   vendored azservicebus) and is wrapped in a slightly longer timeout of the client's own; an

@@ -42,14 +42,15 @@ pub const ACCEPT_GRACE: Duration = Duration::from_secs(2);
 /// each costs a TLS handshake and a token), worker `i` accepting on connection `i % n`.
 ///
 /// The accepts of the workers on one connection run side by side: each session receiver is
-/// attached on an AMQP session of its own (the vendored azservicebus's
-/// `ServiceBusSessionAcceptor`, as Microsoft's SDKs open a session per link), and only
-/// beginning that session takes the connection. The accept tells the broker its timeout
+/// attached on an AMQP session no other link uses (the vendored azservicebus's
+/// `ServiceBusSessionAcceptor`, as Microsoft's SDKs open a session per link): one a closed
+/// receiver or a refused accept left on the connection, or a new one, and only beginning a new
+/// one takes the connection. The accept tells the broker its timeout
 /// (`com.microsoft:timeout`), so on an idle subscription the broker answers "no session
 /// available" and the connection stays usable. An accept the broker left unanswered, or one
 /// that failed with a fault, retires its connection: the next accept on it opens a new one, and
 /// the old one closes when its last held session is released. An accept cancelled halfway
-/// ends only its own AMQP session.
+/// ends only its own AMQP session, which is never used again.
 #[derive(Debug)]
 pub struct SessionConnections {
     conn: Secret,

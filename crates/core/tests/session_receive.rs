@@ -239,3 +239,33 @@ async fn an_accepted_session_knows_when_its_lock_expires() {
     );
     session.close().await;
 }
+
+/// Clearing a session's state sends a null state, which Service Bus drops: an empty binary
+/// would stay stored as a present, empty state for as long as the entity lives (the emulator
+/// keeps it so, as Service Bus does). `repair` clears the state a block wrote this way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_session_state_is_dropped_not_kept_empty() {
+    let sb = TestServiceBus::start().await.unwrap();
+    if sb.is_external() {
+        eprintln!("skipped: the stored state is read from the emulator");
+        return;
+    }
+    let has_state = |id: &str| {
+        sb.emulator()
+            .unwrap()
+            .stats()
+            .entities
+            .iter()
+            .flat_map(|e| e.sessions.iter())
+            .find(|s| s.id == id)
+            .is_some_and(|s| s.has_state)
+    };
+    send(&sb, "stateful", 1).await;
+    let mut session = accept(&sb).await;
+    session.set_state(b"blocked at v2".to_vec()).await.unwrap();
+    assert!(has_state("stateful"), "the state is stored");
+    session.set_state(Vec::new()).await.unwrap();
+    assert!(!has_state("stateful"), "the emptied state is dropped");
+    assert!(session.state().await.unwrap().is_empty());
+    session.close().await;
+}

@@ -110,6 +110,10 @@ fn get_session_state(req: &Request<'_>) -> Result<Reply, Reply> {
     )])))
 }
 
+/// Sets a session's state. A null state clears it; an empty binary is a state, kept present
+/// and empty, as on Service Bus, which drops a state only when set to null ("session state
+/// remains as long as it is not cleared up (returning null)", Microsoft's message-sessions
+/// documentation, per Azure/azure-service-bus#39; Azure/durabletask#1228).
 fn set_session_state(req: &Request<'_>) -> Result<Reply, Reply> {
     let state = match field(req.map, "session-state") {
         Some(Value::Binary(b)) => Some(b.to_vec()),

@@ -329,9 +329,14 @@ impl TransportSessionReceiver for AmqpSessionReceiver {
         session_id: &str,
         session_state: Vec<u8>,
     ) -> Result<(), Self::RequestResponseError> {
+        // ordo patch (vendor/README.md): an empty state is sent as null. Service Bus drops a
+        // session's state only when it is set to null; an empty binary is kept as a state,
+        // present and empty, for as long as the entity lives (Azure/durabletask#1228,
+        // Azure/azure-service-bus#39).
+        let state = (!session_state.is_empty()).then(|| Binary::from(session_state));
         let mut request = SetSessionStateRequest::new(
             session_id,
-            Binary::from(session_state),
+            state,
             Some(self.inner.receiver.name().to_string()),
         );
         let mut try_timeout = self.inner.retry_policy.calculate_try_timeout(0);

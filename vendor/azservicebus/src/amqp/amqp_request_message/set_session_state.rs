@@ -19,14 +19,18 @@ pub(crate) struct SetSessionStateRequest {
 }
 
 impl SetSessionStateRequest {
+    /// ordo patch (vendor/README.md): `None` sends a null state, which clears it.
     pub fn new(
         session_id: &str,
-        session_state: Binary,
+        session_state: Option<Binary>,
         associated_link_name: Option<String>,
     ) -> Self {
         let mut body = OrderedMap::new();
         body.insert(SESSION_ID.into(), session_id.into());
-        body.insert(SESSION_STATE.into(), session_state.into());
+        body.insert(
+            SESSION_STATE.into(),
+            session_state.map_or(Value::Null, Value::from),
+        );
         Self {
             server_timeout: None,
             associated_link_name,

@@ -17,6 +17,10 @@ use ordo_core::retry::Backoff;
 /// probe included) instead of 33.
 const DEFAULT_CONNECTIONS: usize = 3;
 
+/// The shortest `projector.lock_renewal_interval`, and the shortest period a worker renews at
+/// when the broker grants a lock too short for the interval (`worker/renewal.rs`).
+pub(crate) const MIN_LOCK_RENEWAL_INTERVAL: Duration = Duration::from_millis(100);
+
 /// The whole configuration file of `ordo-projector`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -195,7 +199,7 @@ impl ProjectorSection {
         check_duration(
             "projector.lock_renewal_interval",
             self.lock_renewal_interval,
-            ms(100),
+            MIN_LOCK_RENEWAL_INTERVAL,
             s(120),
         )?;
         check_duration("projector.gap_timeout", self.gap_timeout, ms(0), s(3600))

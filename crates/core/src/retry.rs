@@ -109,6 +109,15 @@ impl Retry {
         delay
     }
 
+    /// Counts a retry of the operation for `reason` that is made at once, without a delay nor
+    /// a step of the backoff (the failure was not the dependency's: a stale link, say), and
+    /// logs `error` at info.
+    pub fn at_once(&self, reason: &'static str, error: &dyn Display) {
+        ::metrics::counter!(crate::metrics::RETRIES, "operation" => self.op, "reason" => reason)
+            .increment(1);
+        tracing::info!(op = self.op, reason, error = %error, "retrying at once");
+    }
+
     /// [`next`](Self::next), then waits the delay out; false when `cancel` fires first, and the
     /// loop should end. `error` is `Sync` so the pause can be held across the wait in a task.
     pub async fn pause(

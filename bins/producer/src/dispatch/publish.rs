@@ -159,8 +159,8 @@ pub async fn worker<F: PublisherFactory>(
                     // `send_timeout`, is the broker's.
                     publisher = None;
                     stale_link_retried = true;
-                    ::metrics::counter!(ordo_core::metrics::RETRIES, "operation" => "publish", "reason" => "stale_link").increment(1);
-                    tracing::info!(session = %claim.session(), error = %e, "a sender link kept from an earlier send failed: sending again on a new one");
+                    let span = tracing::info_span!("publish", session = %claim.session(), messages = claim.messages.len());
+                    span.in_scope(|| retry.at_once("stale_link", &e));
                 }
                 Err(e) => {
                     publisher = None;

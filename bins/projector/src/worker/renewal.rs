@@ -2,12 +2,10 @@
 //! lock when the broker grants one too short for that interval.
 
 use super::Engine;
+use crate::config::MIN_LOCK_RENEWAL_INTERVAL;
 use ordo_core::servicebus::receiver::SessionReceiver;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-
-/// The shortest renewal period, as `projector.lock_renewal_interval` allows.
-const MIN_RENEWAL: Duration = Duration::from_millis(100);
 
 /// A held session's next renewal: `every` after the accept or the last renewal.
 pub(super) struct Renewal {
@@ -38,7 +36,7 @@ impl Engine {
         let configured = self.cfg.lock_renewal_interval;
         let every = match session.lock_left() {
             Some(granted) if configured > granted / 2 => {
-                let every = (granted / 3).max(MIN_RENEWAL);
+                let every = (granted / 3).max(MIN_LOCK_RENEWAL_INTERVAL);
                 if !self.short_lock_warned.swap(true, Relaxed) {
                     tracing::warn!(
                         lock_renewal_interval = ?configured,

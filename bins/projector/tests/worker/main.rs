@@ -7,10 +7,13 @@ mod common;
 mod accept;
 mod apply;
 mod blocking;
+mod fake;
 mod faults;
 mod poison;
 mod settling;
 mod supervision;
+
+use fake::*;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -19,222 +22,11 @@ use std::time::Duration;
 use common::{as_projected, event, expected_of, projections, workload};
 use mongodb::bson::{doc, Document};
 use ordo_core::envelope::{Envelope, EventFields};
-use ordo_core::servicebus::receiver::{
-    Accepted, Delivery, ReceiveError, SessionReceiver, SessionSource,
-};
+use ordo_core::servicebus::receiver::{Accepted, ReceiveError, SessionSource};
 use ordo_projector::config::ProjectorSection;
 use ordo_projector::{Engine, Store};
 use ordo_testkit::{oracle, wait_until, TestMongo};
 use tokio_util::sync::CancellationToken;
-
-/// What the worker did to the fake broker, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Op {
-    Complete(String),
-    Abandon(String),
-    DeadLetter(String, String),
-    Renew,
-    SetState(String),
-    /// A settle or renewal the fake refused with a lock loss.
-    Refused(&'static str),
-    Close,
-    /// Written by the test itself, to order its own steps among the worker's.
-    Marker(&'static str),
-}
-
-#[derive(Debug, Clone)]
-struct Msg {
-    id: String,
-    body: Vec<u8>,
-    /// The `aggregateId` application property.
-    aggregate: Option<String>,
-}
-
-impl Delivery for Msg {
-    fn body(&self) -> Result<&[u8], String> {
-        Ok(&self.body)
-    }
-    fn message_id(&self) -> Option<String> {
-        Some(self.id.clone())
-    }
-    fn envelope_version(&self) -> Option<i64> {
-        Some(1)
-    }
-    fn delivery_count(&self) -> u32 {
-        1
-    }
-    fn aggregate_id(&self) -> Option<String> {
-        self.aggregate.clone()
-    }
-}
-
-fn msg(e: &Document) -> Msg {
-    let wire = Envelope::from_event(e, &EventFields::default(), "db", "events")
-        .unwrap()
-        .to_message();
-    Msg {
-        id: wire.message_id,
-        body: wire.body,
-        aggregate: None,
-    }
-}
-
-/// One session of the fake broker: hands out its queue in batches and records every call.
-struct FakeSession {
-    id: String,
-    queue: VecDeque<Msg>,
-    ops: Arc<Mutex<Vec<Op>>>,
-    /// Renewals fail with a lock loss from this many successful renewals on.
-    renewals_ok: Option<usize>,
-    /// Completes fail with a lock loss from this many successful completes on.
-    completes_ok: Option<usize>,
-    lost: bool,
-    /// Before handing out batch `.0` (counted from 0), replaces a document: another writer.
-    rewrite: Option<(usize, mongodb::Collection<Document>, Document)>,
-    batches: usize,
-    /// When set, `close` waits for a permit: a broker slow to end the session.
-    close_gate: Option<Arc<tokio::sync::Semaphore>>,
-    /// When set, `close` panics: a bug while releasing.
-    close_panics: bool,
-    /// When set, messages arrive this long after a receive asks for them: a broker a round
-    /// trip away.
-    round_trip: Option<Duration>,
-}
-
-impl FakeSession {
-    fn new(id: &str, msgs: Vec<Msg>) -> (Self, Arc<Mutex<Vec<Op>>>) {
-        let ops = Arc::new(Mutex::new(Vec::new()));
-        (
-            Self {
-                id: id.to_string(),
-                queue: msgs.into(),
-                ops: ops.clone(),
-                renewals_ok: None,
-                completes_ok: None,
-                lost: false,
-                rewrite: None,
-                batches: 0,
-                close_gate: None,
-                close_panics: false,
-                round_trip: None,
-            },
-            ops,
-        )
-    }
-
-    /// A session of `events`' messages, whose calls [`work`] returns.
-    fn of(id: &str, events: &[Document]) -> Self {
-        Self::new(id, events.iter().map(msg).collect()).0
-    }
-
-    fn record(&self, op: Op) {
-        self.ops.lock().unwrap().push(op);
-    }
-
-    fn count(&self, f: impl Fn(&Op) -> bool) -> usize {
-        self.ops.lock().unwrap().iter().filter(|o| f(o)).count()
-    }
-
-    fn lose(&mut self, what: &'static str) -> Result<(), ReceiveError> {
-        self.lost = true;
-        self.record(Op::Refused(what));
-        Err(ReceiveError::LockLost(format!("{what}: lock expired")))
-    }
-}
-
-impl SessionReceiver for FakeSession {
-    type Message = Msg;
-
-    fn session_id(&self) -> &str {
-        &self.id
-    }
-
-    async fn receive(&mut self, max: u32, wait: Duration) -> Result<Vec<Msg>, ReceiveError> {
-        if self.lost {
-            return Err(ReceiveError::LockLost("receive after lock loss".into()));
-        }
-        if self.queue.is_empty() {
-            // An idle broker answers after the wait.
-            tokio::time::sleep(wait).await;
-            return Ok(Vec::new());
-        }
-        if let Some(round_trip) = self.round_trip {
-            tokio::time::sleep(round_trip.min(wait)).await;
-            if wait < round_trip {
-                return Ok(Vec::new());
-            }
-        }
-        if let Some((at, coll, doc)) = &self.rewrite {
-            if *at == self.batches {
-                coll.replace_one(doc! { "_id": doc.get("_id").unwrap() }, doc.clone())
-                    .await
-                    .unwrap();
-            }
-        }
-        self.batches += 1;
-        let n = (max as usize).min(self.queue.len());
-        Ok(self.queue.drain(..n).collect())
-    }
-
-    async fn complete(&mut self, m: &Msg) -> Result<(), ReceiveError> {
-        let done = self.count(|o| matches!(o, Op::Complete(_)));
-        if self.lost || self.completes_ok.is_some_and(|k| done >= k) {
-            return self.lose("complete");
-        }
-        self.record(Op::Complete(m.id.clone()));
-        Ok(())
-    }
-
-    async fn abandon(&mut self, m: &Msg) -> Result<(), ReceiveError> {
-        if self.lost {
-            return self.lose("abandon");
-        }
-        self.record(Op::Abandon(m.id.clone()));
-        Ok(())
-    }
-
-    async fn dead_letter(
-        &mut self,
-        m: &Msg,
-        reason: &str,
-        _description: &str,
-    ) -> Result<(), ReceiveError> {
-        if self.lost {
-            return self.lose("dead_letter");
-        }
-        self.record(Op::DeadLetter(m.id.clone(), reason.to_string()));
-        Ok(())
-    }
-
-    async fn renew_lock(&mut self) -> Result<(), ReceiveError> {
-        let done = self.count(|o| matches!(o, Op::Renew));
-        if self.lost || self.renewals_ok.is_some_and(|k| done >= k) {
-            return self.lose("renew");
-        }
-        self.record(Op::Renew);
-        Ok(())
-    }
-
-    async fn state(&mut self) -> Result<Vec<u8>, ReceiveError> {
-        Ok(Vec::new())
-    }
-
-    async fn set_state(&mut self, state: Vec<u8>) -> Result<(), ReceiveError> {
-        if self.lost {
-            return self.lose("set_state");
-        }
-        self.record(Op::SetState(String::from_utf8_lossy(&state).into_owned()));
-        Ok(())
-    }
-
-    async fn close(self) {
-        if let Some(gate) = &self.close_gate {
-            gate.acquire().await.unwrap().forget();
-        }
-        assert!(!self.close_panics, "a bug while releasing a session");
-        self.record(Op::Close);
-    }
-}
 
 /// A one-event session whose close waits for a permit of the returned gate: a broker slow to
 /// end it.
@@ -264,29 +56,6 @@ fn worker_over(engine: &Arc<Engine>, sessions: Vec<FakeSession>) -> tokio::task:
         async move { s.ok_or_else(|| ReceiveError::Broker("connected once".into())) }
     };
     tokio::spawn(engine.clone().run_worker(0, connect, cancel))
-}
-
-/// Hands out its sessions one by one; once they are gone it cancels the worker.
-struct FakeSource {
-    sessions: VecDeque<FakeSession>,
-    cancel: CancellationToken,
-}
-
-impl SessionSource for FakeSource {
-    type Session = FakeSession;
-
-    async fn accept_next(
-        &mut self,
-        _timeout: Duration,
-    ) -> Result<Accepted<FakeSession>, ReceiveError> {
-        match self.sessions.pop_front() {
-            Some(s) => Ok(Accepted::Session(s)),
-            None => {
-                self.cancel.cancel();
-                Ok(Accepted::Idle)
-            }
-        }
-    }
 }
 
 async fn engine(mongo: &TestMongo, tune: impl FnOnce(&mut ProjectorSection)) -> Arc<Engine> {
@@ -412,29 +181,6 @@ fn count(ops: &[Op], f: impl Fn(&Op) -> bool) -> usize {
 
 fn burns_delivery_count(o: &Op) -> bool {
     matches!(o, Op::Abandon(_) | Op::DeadLetter(..) | Op::Refused(_))
-}
-
-/// Sessions shared by every worker of a pool, as a subscription is.
-#[derive(Clone)]
-struct SharedSource(Arc<Mutex<VecDeque<FakeSession>>>);
-
-impl SessionSource for SharedSource {
-    type Session = FakeSession;
-
-    async fn accept_next(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Accepted<FakeSession>, ReceiveError> {
-        let next = self.0.lock().unwrap().pop_front();
-        match next {
-            Some(s) => Ok(Accepted::Session(s)),
-            None => {
-                // The broker holds an accept while no session is available.
-                tokio::time::sleep(timeout.min(Duration::from_millis(20))).await;
-                Ok(Accepted::Idle)
-            }
-        }
-    }
 }
 
 /// Order `id`'s events v1 to v`n`: created, then one item added by each.

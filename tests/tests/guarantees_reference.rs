@@ -177,3 +177,50 @@ fn the_reference_parser_reads_what_the_doc_writes() {
     let readme = "# T\n\nOne\ntwo.\n\n- a\n  b\n- c\n```sh\nx\n```\n";
     assert_eq!(paragraphs(readme), ["One two.", "- a b", "- c"]);
 }
+
+/// The paths of the README's "Where each behaviour lives" table, one `{a,b}` group expanded.
+fn source_map_paths(readme: &str) -> Vec<String> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in readme.lines() {
+        if line.starts_with("Where each behaviour lives") {
+            inside = true;
+            continue;
+        }
+        if inside && !line.starts_with('|') && !out.is_empty() {
+            break;
+        }
+        let Some(files) = line.rsplit('|').nth(1).filter(|_| inside) else {
+            continue;
+        };
+        for code in files.split('`').skip(1).step_by(2) {
+            match code.split_once('{').zip(code.split_once('}')) {
+                Some(((head, _), (inner, tail))) => {
+                    let (_, alternatives) = inner.split_once('{').unwrap_or(("", inner));
+                    out.extend(alternatives.split(',').map(|a| format!("{head}{a}{tail}")));
+                }
+                None => out.push(code.to_owned()),
+            }
+        }
+    }
+    out
+}
+
+/// A newcomer finds each behaviour of the design in the file the README names for it: a file
+/// renamed, moved or split without the map following fails here.
+#[test]
+fn the_readme_source_map_names_files_that_exist() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let paths = source_map_paths(&readme);
+    assert!(paths.len() > 20, "the source map was not found: {paths:?}");
+    let missing: Vec<_> = paths.iter().filter(|p| !root.join(p).exists()).collect();
+    assert!(
+        missing.is_empty(),
+        "README.md names files that do not exist: {missing:?}"
+    );
+    assert_eq!(
+        source_map_paths("Where each behaviour lives:\n\n| a | b |\n|---|---|\n| x | `d/{a,b}.rs`, `e/` |\n\nafter `z.rs`"),
+        ["d/a.rs", "d/b.rs", "e/"]
+    );
+}

@@ -57,6 +57,9 @@ pub struct Generator {
     per_aggregate: i64,
     /// Prefix of every aggregate id, so two runs in one database do not collide.
     prefix: String,
+    /// Bytes of filler in every payload (`payload.padding`, which no projection reads): events
+    /// as large as some teams' are.
+    padding: usize,
 }
 
 impl Generator {
@@ -92,7 +95,14 @@ impl Generator {
             open,
             per_aggregate: w.events_per_aggregate as i64,
             prefix: prefix.to_string(),
+            padding: 0,
         }
+    }
+
+    /// The same generator with `bytes` of filler in every payload.
+    pub fn with_padding(mut self, bytes: usize) -> Self {
+        self.padding = bytes;
+        self
     }
 
     /// The aggregate id prefix.
@@ -173,6 +183,10 @@ impl Generator {
                 }
             }
         };
+        let mut payload = payload;
+        if self.padding > 0 {
+            payload.insert("padding", "x".repeat(self.padding));
+        }
         doc! {
             "aggregateId": s.id.clone(),
             "aggregateType": aggregate_type,
@@ -247,5 +261,29 @@ mod tests {
             first.iter().map(strip).collect::<Vec<_>>(),
             all[..50].iter().map(strip).collect::<Vec<_>>()
         );
+    }
+
+    /// Padding makes every event larger and changes nothing else: the same events, in the
+    /// same order, each payload with `padding` of the asked size.
+    #[test]
+    fn padding_adds_bytes_and_changes_no_event() {
+        let w = Workload {
+            users: 3,
+            orders: 3,
+            events_per_aggregate: 5,
+            seed: 7,
+        };
+        let plain = Generator::new(w, "p-").next_batch(100);
+        let padded = Generator::new(w, "p-").with_padding(4096).next_batch(100);
+        assert_eq!(plain.len(), w.total_events());
+        assert_eq!(plain.len(), padded.len());
+        for (a, b) in plain.iter().zip(&padded) {
+            let mut b = b.clone();
+            let filler = b.get_document_mut("payload").unwrap().remove("padding");
+            assert_eq!(filler.and_then(|f| f.as_str().map(str::len)), Some(4096));
+            for k in ["aggregateId", "eventId", "eventType", "payload"] {
+                assert_eq!(a.get(k), b.get(k), "{k}");
+            }
+        }
     }
 }

@@ -16,6 +16,8 @@ pub(crate) struct Load {
     /// Events/s for the steady shape; None for a burst.
     pub(crate) rate: Option<f64>,
     pub(crate) secs: u64,
+    /// Filler bytes in every event's payload.
+    pub(crate) padding: usize,
 }
 
 pub(crate) fn load_for(args: &Args, shape: Shape, rate: Option<f64>) -> Load {
@@ -24,11 +26,19 @@ pub(crate) fn load_for(args: &Args, shape: Shape, rate: Option<f64>) -> Load {
             workload: split(args.hot_aggregates, args.hot_events_per_aggregate, 1),
             rate: None,
             secs: 0,
+            padding: 0,
         },
         Shape::Churn => Load {
             workload: split(args.churn_aggregates, args.churn_events_per_aggregate, 2),
             rate: None,
             secs: 0,
+            padding: 0,
+        },
+        Shape::Large => Load {
+            workload: split(args.large_aggregates, args.large_events_per_aggregate, 4),
+            rate: None,
+            secs: 0,
+            padding: args.large_payload_bytes,
         },
         Shape::Steady => {
             let r = rate.unwrap_or(1.0).max(1.0);
@@ -39,6 +49,7 @@ pub(crate) fn load_for(args: &Args, shape: Shape, rate: Option<f64>) -> Load {
                 workload: split(args.steady_aggregates, per, 3),
                 rate: Some(r),
                 secs: args.steady_secs,
+                padding: 0,
             }
         }
     }
@@ -53,7 +64,7 @@ pub(crate) async fn write_load(
     translate: bool,
     times: &InsertTimes,
 ) -> anyhow::Result<(usize, Instant)> {
-    let mut g = Generator::new(load.workload, "");
+    let mut g = Generator::new(load.workload, "").with_padding(load.padding);
     let total = load.workload.total_events().min(limit);
     let mut written = 0;
     let started = Instant::now();

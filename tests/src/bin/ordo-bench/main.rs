@@ -11,23 +11,22 @@
 //! Writes `--out`/summary.json (one object per row plus the run's environment and the issue's
 //! goals checked against the numbers) and `--out`/chart.svg, and prints a table.
 //!
-//! Layout (`ordo-bench/`): `ceilings` the stand-ins' raw rates; `load` what a row writes;
+//! Layout (`ordo-bench/`): `args` the arguments and shapes; `ceilings` the stand-ins' raw rates; `load` what a row writes;
 //! `latency` insert → read model of every event; `processes` CPU, RSS and connections per
 //! process; `ordo` and `seed` one row through each design (`node` the seed's processes);
-//! `report` the table, the goals, `summary.json` and `chart.svg`; this file the arguments
-//! and the run.
+//! `report` the table, the goals, `summary.json` and `chart.svg`; this file the run.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use ordo_e2e::sample::Workload;
 use ordo_e2e::stack::{emulator_config, Stack};
 use ordo_servicebus_emulator::{EmulatorConfig, TopicConfig};
 use serde_json::{json, Value};
 
+mod args;
 mod ceilings;
 mod latency;
 mod load;
@@ -37,6 +36,7 @@ mod processes;
 mod report;
 mod seed;
 
+pub(crate) use args::{Args, Shape};
 use ceilings::{change_stream_ceiling, guarded_update_ceiling, send_ceiling, MongoCeilings};
 use load::{load_for, Load};
 use report::{print_row, print_table, write_outputs, Bar};
@@ -46,104 +46,6 @@ use report::{print_row, print_table, write_outputs, Bar};
 /// benchmark machine's two cores from the daemons under test than a broker elsewhere would.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// A workload shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Shape {
-    /// Few aggregates with many events each, written as a burst.
-    Hot,
-    /// Many aggregates with few events each (new orders, changed e-mails), as a burst.
-    Churn,
-    /// Inserts paced by the clock at a fraction of the hot shape's measured capacity.
-    Steady,
-}
-
-impl Shape {
-    fn name(self) -> &'static str {
-        match self {
-            Shape::Hot => "hot",
-            Shape::Churn => "churn",
-            Shape::Steady => "steady",
-        }
-    }
-}
-
-/// Every workload shape through ordo and through the seed design, side by side.
-#[derive(Debug, Parser)]
-#[command(name = "ordo-bench")]
-pub(crate) struct Args {
-    /// Shapes to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["hot", "churn", "steady"])]
-    shapes: Vec<Shape>,
-    /// Broker round trips (milliseconds, emulator `[namespace] round_trip`) to run every shape
-    /// with, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values = ["0", "3"])]
-    round_trip_ms: Vec<u64>,
-    /// Aggregates of the hot shape (half User, half Order).
-    #[arg(long, default_value_t = 500)]
-    hot_aggregates: usize,
-    /// Events per aggregate of the hot shape.
-    #[arg(long, default_value_t = 40)]
-    hot_events_per_aggregate: usize,
-    /// Aggregates of the churn shape.
-    #[arg(long, default_value_t = 10_000)]
-    churn_aggregates: usize,
-    /// Events per aggregate of the churn shape.
-    #[arg(long, default_value_t = 2)]
-    churn_events_per_aggregate: usize,
-    /// How long the steady shape inserts (30 s by default, to keep the whole run near 10
-    /// minutes on 2 cores; the latency percentiles settle within it).
-    #[arg(long, default_value_t = 30)]
-    steady_secs: u64,
-    /// Offered load of the steady shape as a fraction of the hot shape's events/s measured with
-    /// the same round trip.
-    #[arg(long, default_value_t = 0.5)]
-    steady_fraction: f64,
-    /// Offered load of the steady shape in events/s, when the hot shape is not run.
-    #[arg(long)]
-    steady_rate: Option<f64>,
-    /// Aggregates the steady shape's events are spread over.
-    #[arg(long, default_value_t = 500)]
-    steady_aggregates: usize,
-    /// Projector processes (and seed consumers).
-    #[arg(long, default_value_t = 2)]
-    projectors: usize,
-    /// A row that has not caught up this many seconds after its last write stops and reports
-    /// the rate it reached (marked `complete: false`), so a slow shape cannot stall the run.
-    #[arg(long, default_value_t = 60)]
-    max_row_secs: u64,
-    /// Skip the seed design.
-    #[arg(long)]
-    no_seed: bool,
-    /// Events of each shape the seed design is measured on: the same shape with proportionally
-    /// fewer aggregates (the steady shape: its first events at the same pace). At about 9
-    /// events/s the seed cannot do the whole workload in a bounded run.
-    #[arg(long, default_value_t = 400)]
-    seed_events: usize,
-    /// How long the seed design gets per row; events not applied by then count with the time
-    /// they had waited (their latency is at least that).
-    #[arg(long, default_value_t = 25)]
-    seed_secs: u64,
-    /// The seed design's directory (`npm ci` there first).
-    #[arg(long, default_value = "bench/seed-baseline")]
-    seed_dir: PathBuf,
-    /// Events of the stand-ins' ceiling measurements.
-    #[arg(long, default_value_t = 10_000)]
-    ceiling_events: usize,
-    /// Concurrent senders for the raw send ceiling (the producer's `senders` default).
-    #[arg(long, default_value_t = 64)]
-    senders: usize,
-    /// The Rust SecantusDB server; default `.ordo/tools/bin/secantusd-rs` when present,
-    /// otherwise the Python server (slower; said in the output).
-    #[arg(long, env = "ORDO_BENCH_SECANTUS_BIN")]
-    secantus_bin: Option<PathBuf>,
-    /// The SecantusDB process started for the run (for its CPU use), when it was.
-    #[arg(skip)]
-    secantus_pid: Option<u32>,
-    /// Where the JSON summary and the SVG chart go.
-    #[arg(long, default_value = "target/ordo-bench")]
-    out: PathBuf,
-}
 
 pub(crate) const CEILING_TOPIC: &str = "ordo-bench-ceiling";
 /// A subscription of the seed design's topic nobody receives from: its per-session message

@@ -24,6 +24,12 @@ pub(crate) async fn run_ordo(
     ceilings: &MongoCeilings,
 ) -> anyhow::Result<RowResult> {
     stack.producer_settings.start_at = "now".into();
+    if let Some(bytes) = args.max_in_flight_bytes {
+        stack.producer_settings.max_in_flight_bytes = bytes;
+    }
+    if let Some(n) = args.read_batch_size {
+        stack.producer_settings.read_batch_size = n;
+    }
     stack.spawn_producer().await?;
     for slot in 0..args.projectors {
         stack.spawn_projector(slot).await?;

@@ -124,6 +124,7 @@ fn seed_load(args: &Args, load: &Load) -> Load {
         workload: load.workload,
         rate: load.rate,
         secs: load.secs,
+        padding: load.padding,
     };
     if load.rate.is_none() {
         let per = load.workload.events_per_aggregate.max(1);

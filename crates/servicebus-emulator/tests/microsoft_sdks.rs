@@ -13,6 +13,7 @@ mod common;
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
+use common::tls::TestCa;
 use common::*;
 use ordo_servicebus_emulator::{EmulatorConfig, EmulatorHandle};
 

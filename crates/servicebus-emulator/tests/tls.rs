@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use azservicebus::{ServiceBusClient, ServiceBusClientOptions, ServiceBusSenderOptions};
+use common::tls::TestCa;
 use common::*;
 
 fn no_retry() -> ServiceBusClientOptions {

@@ -5,6 +5,7 @@ mod common;
 
 mod rebuild;
 mod rebuild_duplicate;
+mod rebuild_refused;
 mod reconcile;
 mod repair;
 

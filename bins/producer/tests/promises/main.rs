@@ -1,13 +1,14 @@
 //! The producer's promises under input and faults nobody here wrote, one module per behaviour:
 //! ids and messages at the size limits, restarts that lose nothing, readiness that follows each
-//! dependency, the send modes, a task that fails, shutdown while the database hangs, and the
-//! event index.
+//! dependency, the send modes, a task that fails, shutdown while the database hangs, the
+//! event index, and invalid events parked or halted on.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod failing_tasks;
 mod index;
+mod parking;
 mod readiness;
 mod restarts;
 mod send_modes;

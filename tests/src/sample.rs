@@ -134,7 +134,7 @@ impl Generator {
         let s = &mut self.streams[i];
         let v = s.next;
         s.next += 1;
-        let (aggregate_type, event_type, payload) = match s.kind {
+        let (aggregate_type, event_type, mut payload) = match s.kind {
             Kind::User => {
                 if v == 1 {
                     (
@@ -183,7 +183,6 @@ impl Generator {
                 }
             }
         };
-        let mut payload = payload;
         if self.padding > 0 {
             payload.insert("padding", "x".repeat(self.padding));
         }

@@ -180,23 +180,19 @@ fn the_reference_parser_reads_what_the_doc_writes() {
 
 /// The paths of the README's "Where each behaviour lives" table, one `{a,b}` group expanded.
 fn source_map_paths(readme: &str) -> Vec<String> {
-    let mut inside = false;
+    let table = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("Where each behaviour lives"))
+        .skip(1)
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'));
     let mut out = Vec::new();
-    for line in readme.lines() {
-        if line.starts_with("Where each behaviour lives") {
-            inside = true;
-            continue;
-        }
-        if inside && !line.starts_with('|') && !out.is_empty() {
-            break;
-        }
-        let Some(files) = line.rsplit('|').nth(1).filter(|_| inside) else {
-            continue;
-        };
+    for row in table {
+        let files = row.rsplit('|').nth(1).unwrap_or_default();
         for code in files.split('`').skip(1).step_by(2) {
-            match code.split_once('{').zip(code.split_once('}')) {
-                Some(((head, _), (inner, tail))) => {
-                    let (_, alternatives) = inner.split_once('{').unwrap_or(("", inner));
+            match code.split_once('{') {
+                Some((head, rest)) => {
+                    let (alternatives, tail) = rest.split_once('}').unwrap_or((rest, ""));
                     out.extend(alternatives.split(',').map(|a| format!("{head}{a}{tail}")));
                 }
                 None => out.push(code.to_owned()),

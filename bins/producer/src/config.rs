@@ -110,6 +110,11 @@ pub struct ProducerSection {
     /// one of the shared connections, connecting it if it is not open, then closed.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// How often the events collection's unique index is checked again after the first check:
+    /// an index dropped by hand, or a collection restored without it, is noticed (and the index
+    /// created again when `[mongodb] create_indexes` allows) within this time.
+    #[serde(with = "humantime_serde")]
+    pub index_check_interval: Duration,
     /// `auto` (batches; single sends once the topic refuses batching distinct ids, as a
     /// partitioned topic with duplicate detection does), `batch`, or `single`.
     pub send_mode: ordo_core::servicebus::sender::SendMode,
@@ -153,6 +158,7 @@ impl Default for ProducerSection {
             max_unacknowledged: 100_000,
             checkpoint_stuck_after: Duration::from_secs(60),
             probe_interval: Duration::from_secs(5),
+            index_check_interval: Duration::from_secs(60),
             send_mode: Default::default(),
             lease_ttl: Duration::from_secs(15),
             send_timeout: Duration::from_secs(10),
@@ -326,7 +332,8 @@ fn check_reading(p: &ProducerSection) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// How soon a fault is noticed: a stuck prefix, the broker probe, the lease, a send.
+/// How soon a fault is noticed: a stuck prefix, the broker probe, a missing index, the lease, a
+/// send.
 fn check_fault_timing(p: &ProducerSection) -> Result<(), ConfigError> {
     check_duration(
         "producer.checkpoint_stuck_after",
@@ -339,6 +346,12 @@ fn check_fault_timing(p: &ProducerSection) -> Result<(), ConfigError> {
         p.probe_interval,
         Duration::from_millis(100),
         Duration::from_secs(300),
+    )?;
+    check_duration(
+        "producer.index_check_interval",
+        p.index_check_interval,
+        Duration::from_millis(100),
+        Duration::from_secs(24 * 3600),
     )?;
     check_duration(
         "producer.lease_ttl",

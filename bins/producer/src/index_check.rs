@@ -1,5 +1,6 @@
 //! The events collection's unique (aggregateId, eventId) index: checked at start and every
-//! minute, created when allowed, reported in `ordo_events_index_enforced`.
+//! `[producer] index_check_interval` (a minute by default), created when allowed, reported in
+//! `ordo_events_index_enforced`.
 
 use std::time::Duration;
 
@@ -9,13 +10,8 @@ use ordo_core::metrics as names;
 use ordo_core::retry::{Backoff, Retry};
 use tokio_util::sync::CancellationToken;
 
-/// How often the events index is checked again after the first check: a collection dropped
-/// and restored, or an index dropped by hand, is noticed (and the index created again when
-/// allowed) within this time.
-const INDEX_RECHECK: Duration = Duration::from_secs(60);
-
 /// Checks (and, when `[mongodb] create_indexes` allows, creates) the unique (aggregateId,
-/// eventId) index of the events collection, at start and every [`INDEX_RECHECK`], retrying
+/// eventId) index of the events collection, at start and every `recheck`, retrying
 /// with `backoff` while the database is unreachable. Its state is the
 /// `ordo_events_index_enforced` gauge; a change is logged, a missing or non-unique index as a
 /// warning: publishing does not need it, the projector does. Ends when `cancel` fires, also in
@@ -23,6 +19,7 @@ const INDEX_RECHECK: Duration = Duration::from_secs(60);
 pub(crate) async fn check_event_index(
     db: Database,
     mongo: ordo_core::config::MongoConfig,
+    recheck: Duration,
     backoff: Backoff,
     cancel: CancellationToken,
 ) {
@@ -39,7 +36,7 @@ pub(crate) async fn check_event_index(
             Ok(state) => {
                 retry.reset();
                 report(&state, &mongo, &mut last);
-                INDEX_RECHECK
+                recheck
             }
             Err(e) => retry.next(ordo_core::mongo::error_reason(&e), &e),
         };

@@ -16,7 +16,8 @@
 //! - `start`: where a term starts reading (the checkpoint, or the start mode and the first
 //!   position saved before reading).
 //! - `term`: one active term: its tasks, the first to end, the bounded drain and final save.
-//! - `index_check`: the events collection's unique index, checked at start and every minute.
+//! - `index_check`: the events collection's unique index, checked at start and every
+//!   `index_check_interval`.
 //! - `probe`: the broker probe that keeps `/readyz` honest while nothing is sent, also in
 //!   standby.
 //! - this file: the process (its tasks on the shutdown tracker, the bounded drain at the end)
@@ -102,18 +103,11 @@ pub enum ProducerError {
 /// Runs the producer until SIGTERM/SIGINT.
 pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
     telemetry::init_logging(&cfg.telemetry);
-    let recorder = telemetry::install_recorder();
     let shutdown = Shutdown::new();
     shutdown.listen_for_signals();
-    let health = Health::new();
-    telemetry::serve(
-        cfg.telemetry.listen,
-        health.clone(),
-        Some(recorder),
-        shutdown.token.clone(),
-    )
-    .await
-    .map_err(ProducerError::Telemetry)?;
+    let health = telemetry::start(cfg.telemetry.listen, shutdown.token.clone())
+        .await
+        .map_err(ProducerError::Telemetry)?;
     cfg.producer.warn_deprecated();
     let client = ordo_core::mongo::connect(&cfg.mongodb, "ordo-producer").await?;
     let db = client.database(cfg.mongodb.database());
@@ -122,6 +116,7 @@ pub async fn run(cfg: ProducerConfig) -> Result<(), ProducerError> {
     shutdown.tracker.spawn(index_check::check_event_index(
         db.clone(),
         cfg.mongodb.clone(),
+        cfg.producer.index_check_interval,
         cfg.producer.backoff(),
         shutdown.token.clone(),
     ));

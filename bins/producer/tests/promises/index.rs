@@ -3,14 +3,17 @@
 
 use super::*;
 
-/// The producer creates the unique (aggregateId, eventId) index by default, and again within a
-/// minute when it is dropped; `ordo_events_index_enforced` follows. With
+/// The producer creates the unique (aggregateId, eventId) index by default, and again within
+/// `index_check_interval` when it is dropped; `ordo_events_index_enforced` follows. With
 /// `create_indexes = false` it leaves the collection alone, warns and reports 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_index_is_created_or_reported() {
     let world = World::start().await;
     let events = world.events();
-    let mut producer = world.spawn(tuning());
+    let mut producer = world.spawn(ProducerSection {
+        index_check_interval: Duration::from_secs(2),
+        ..tuning()
+    });
     producer.wait_ready(Duration::from_secs(30)).await.unwrap();
     let e = &events;
     wait_until(Duration::from_secs(20), || async move {
@@ -25,14 +28,14 @@ async fn the_event_index_is_created_or_reported() {
         .logs()
         .contains("events index: unique index created"));
     assert_eq!(producer.metric(names::EVENTS_INDEX_ENFORCED).await, 1.0);
-    // Dropped by hand (or a restore without it): the next check, within a minute, creates it
-    // again.
+    // Dropped by hand (or a restore without it): the next check, within
+    // `index_check_interval`, creates it again.
     events
         .drop_index(ordo_core::indexes::EVENT_INDEX_NAME)
         .await
         .unwrap();
     let p = &producer;
-    wait_until(Duration::from_secs(90), || async move {
+    wait_until(Duration::from_secs(30), || async move {
         p.logs()
             .matches("events index: unique index created")
             .count()

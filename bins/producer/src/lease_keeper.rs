@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ordo_core::lease::{Lease, LeaseError, LeaseStore};
+use ordo_core::mongo::{error_reason, is_transient};
 use ordo_core::retry::{Backoff, Retry};
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +60,7 @@ impl LeaseKeeper {
                     r = tokio::time::timeout(bound, self.leases.renew(&self.lease)) => r,
                     _ = stop.cancelled() => return Ok(LeaseEnd::Stopped(self.lease)),
                 };
-                let error = match renewed {
+                let (reason, error) = match renewed {
                     Ok(Ok(l)) => {
                         self.lease = l;
                         retry.reset();
@@ -69,9 +70,14 @@ impl LeaseKeeper {
                         self.abandon();
                         return Ok(LeaseEnd::Lost);
                     }
-                    Ok(Err(e)) if e.is_retryable() => e.to_string(),
+                    Ok(Err(LeaseError::Mongo(e))) if is_transient(&e) => {
+                        (error_reason(&e), e.to_string())
+                    }
                     Ok(Err(e)) => return Err(e),
-                    Err(_) => format!("renewal did not answer within {bound:?}"),
+                    Err(_) => (
+                        "database",
+                        format!("renewal did not answer within {bound:?}"),
+                    ),
                 };
                 // Held before the expiry check: a renewal that hangs until the lease is gone
                 // fails only once, and its fault is what the term hands to the standby loop.
@@ -84,9 +90,7 @@ impl LeaseKeeper {
                         .unwrap_or_else(|| self.readiness.fault(dependency::MONGODB));
                     return Ok(LeaseEnd::Expired(held));
                 }
-                let d = retry
-                    .next("renew_failed", &error)
-                    .min(self.lease.remaining());
+                let d = retry.next(reason, &error).min(self.lease.remaining());
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
                     _ = stop.cancelled() => return Ok(LeaseEnd::Stopped(self.lease)),

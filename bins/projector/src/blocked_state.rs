@@ -16,11 +16,21 @@ use ordo_core::servicebus::receiver::{
     AzureSessionSource, ReceiveError, SessionConnections, SessionReceiver,
 };
 
+use crate::store::BlockRecord;
 use crate::ProjectorConfig;
 
 /// How long `repair` tries to lock one aggregate's session while a worker holds it (a worker
 /// releases a session after `session_idle_timeout` without messages).
 const CLEAR_WAIT: Duration = Duration::from_secs(15);
+
+/// The session state a block writes: "blocked at vN (reason)".
+pub(crate) fn text(record: &BlockRecord) -> Vec<u8> {
+    format!(
+        "blocked at v{} ({})",
+        record.blocked_at_event_id, record.reason
+    )
+    .into_bytes()
+}
 
 /// Clears the session state of each of `aggregate_ids`. Returns the aggregates whose state
 /// could not be cleared, with why; their blocks are lifted all the same (the state is only

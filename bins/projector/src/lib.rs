@@ -80,21 +80,14 @@ pub async fn run_with(
 ) -> Result<(), ProjectorError> {
     telemetry::init_logging(&cfg.telemetry);
     let projections = load_projections_with(&cfg, custom)?;
-    let recorder = telemetry::install_recorder();
-    let health = telemetry::Health::new();
     let shutdown = Shutdown::new();
     shutdown.listen_for_signals();
-    telemetry::serve(
-        cfg.telemetry.listen,
-        health.clone(),
-        Some(recorder),
-        shutdown.token.clone(),
-    )
-    .await
-    .map_err(|source| ProjectorError::Telemetry {
-        listen: cfg.telemetry.listen,
-        source,
-    })?;
+    let health = telemetry::start(cfg.telemetry.listen, shutdown.token.clone())
+        .await
+        .map_err(|source| ProjectorError::Telemetry {
+            listen: cfg.telemetry.listen,
+            source,
+        })?;
     let store = open_store(&cfg).await?;
     let engine = Arc::new(Engine::new(
         projections,
@@ -113,6 +106,8 @@ pub async fn run_with(
     let instance = heartbeat(&engine, &shutdown);
     health.set_started();
     shutdown.token.cancelled().await;
+    // At once, before the drain starts (the health server's own task sets it too, whenever
+    // it next runs).
     health.set_stopping();
     stop(&engine, &shutdown, cfg.shutdown.grace_period, &instance).await;
     Ok(())

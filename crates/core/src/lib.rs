@@ -1,10 +1,12 @@
-//! ordo-core: everything the two daemons share. The projection engine is its own crate,
+//! ordo-core: the daemons' common ground: what both use, and the stores and clients one of them
+//! uses that tests, the emulator's checks and `status` reach too (the producer's checkpoint and
+//! lease, the projector's heartbeat). The projection engine is its own crate,
 //! `ordo-projection`, so custom projections depend on it alone.
 //!
 //! Module map:
 //! - [`envelope`]: the message contract between producer and projector (body, ids, properties).
-//! - [`cli`]: what both binaries do before `run`: parse flags, load or check the config, build
-//!   the runtime.
+//! - [`cli`]: what both binaries do before `run` with the flags each parses: load the config
+//!   (or check it with `--check-config`; exit 2 naming the key on an error), build the runtime.
 //! - [`config`]: TOML + `ORDO__SECTION__KEY` loading, the sections both daemons share, validation.
 //! - [`secret`]: connection strings that never reach a log line.
 //! - [`checkpoint`]: the producer's resume-token store (`ordo_checkpoints`), fenced by a lease.

@@ -1,8 +1,10 @@
 //! Retrying: the capped, jittered backoff and [`Retry`], the step most retry loops of ordo
 //! take after a failure.
 //!
-//! Each loop classifies its own errors and holds its own readiness fault (`crate::readiness`)
-//! while it retries. In publishing and parking, the change stream and the scan, loading,
+//! Each loop classifies its own errors and, where the failure makes its daemon unready, holds
+//! its own readiness fault (`crate::readiness`) while it retries (the producer's event index
+//! check holds none: publishing does not need the index, and a database that is down faults
+//! the change stream). In publishing and parking, the change stream and the scan, loading,
 //! claiming and the final save of checkpoints, the lease, the event index check and the
 //! projector's batches, the step after a failure is
 //! [`Retry::pause`] (or [`Retry::next`] for a loop that also wakes on something else): count the
@@ -26,6 +28,16 @@
 //! - the change stream meeting an event over 16 MB: counted, and the stream reopens at once.
 //! - the projector's wait for events still in flight (`store/events.rs`,
 //!   `wait_for_events`): a bounded poll, not a retry; nothing failed, so nothing is counted.
+//! - `repair`'s wait for a session a worker still holds (`blocked_state.rs`, `clear_one`): a
+//!   one-shot command's bounded wait for a refusal that is no fault; what is still refused
+//!   after it is reported to the operator.
+//!
+//! A version guard that finds its document moved is no fault either: the writer reads the
+//! document again and folds again, a bounded number of times, and hands on what is still
+//! moving (counted in `ordo_guard_conflicts_total`): a worker's batch fails as a transient
+//! error after `transient_retry_limit` conflicts (at least 3) and its messages are received
+//! again (`worker/apply.rs`), reconciliation leaves the model to the worker after 3
+//! (`reconcile/catch_up.rs`), and `repair` reports an error after 10 (`store/models.rs`).
 
 use std::{fmt::Display, time::Duration};
 

@@ -140,6 +140,16 @@ pub fn router(health: Arc<Health>, metrics: Option<PrometheusHandle>) -> Router 
         .with_state(AppState { health, metrics })
 }
 
+/// A daemon's start, after its logging: the Prometheus recorder installed and `/healthz`,
+/// `/readyz`, `/metrics` served on `listen` until `cancel` ([`serve`]). Returns the health
+/// flags the daemon drives.
+pub async fn start(listen: SocketAddr, cancel: CancellationToken) -> std::io::Result<Arc<Health>> {
+    let recorder = install_recorder();
+    let health = Health::new();
+    serve(listen, health.clone(), Some(recorder), cancel).await?;
+    Ok(health)
+}
+
 /// Binds `listen` and serves the health router until `cancel`; readiness flips to false the
 /// moment `cancel` fires. Returns the bound address (useful with port 0).
 pub async fn serve(

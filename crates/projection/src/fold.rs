@@ -144,9 +144,9 @@ impl ReadModel {
 
     /// Reads a stored document (or a tombstone).
     pub fn from_document(id: impl Into<String>, mut stored: Document) -> Self {
-        let version = version_of(stored.get(VERSION_FIELD));
+        let version = version_of(stored.get(VERSION_FIELD)).unwrap_or(0);
         // The epoch is stored as a version is: an integer a rebuild wrote.
-        let epoch = stored_version(stored.get(EPOCH_FIELD));
+        let epoch = version_of(stored.get(EPOCH_FIELD));
         let deleted = stored.get_bool(DELETED_FIELD).unwrap_or(false);
         for f in RESERVED_FIELDS {
             stored.remove(*f);
@@ -232,8 +232,9 @@ pub fn selects(projection: &dyn Projection, event: &Document) -> bool {
 /// A version as BSON stores it: an integer of either width, or a finite double from a client
 /// that writes every number as one (JavaScript), its fraction dropped; `None` when absent or
 /// of another type. The one reading of a version, for events (`eventId`), read models
-/// (`lastEventId`) and the rebuild epoch (`_epoch`).
-pub fn stored_version(value: Option<&Bson>) -> Option<i64> {
+/// (`lastEventId`) and the rebuild epoch (`_epoch`). (An event reaches a fold through the
+/// envelope, which refuses an `eventId` that is not an integer or an integral double.)
+pub fn version_of(value: Option<&Bson>) -> Option<i64> {
     match value? {
         Bson::Int64(v) => Some(*v),
         Bson::Int32(v) => Some(i64::from(*v)),
@@ -242,14 +243,10 @@ pub fn stored_version(value: Option<&Bson>) -> Option<i64> {
     }
 }
 
-/// [`stored_version`], 0 when there is none, which never applies.
-pub fn version_of(value: Option<&Bson>) -> i64 {
-    stored_version(value).unwrap_or(0)
-}
-
-/// The `eventId` of an event document (see [`version_of`]).
+/// The `eventId` of an event document ([`version_of`]), 0 when it has none, which never
+/// applies.
 pub fn event_version(event: &Document) -> i64 {
-    version_of(event.get("eventId"))
+    version_of(event.get("eventId")).unwrap_or(0)
 }
 
 /// Folds `events` (any order, duplicates allowed) into `model` by the version rule, as if

@@ -5,6 +5,7 @@ use mongodb::bson::{doc, Bson, Document};
 use proptest::prelude::*;
 
 use super::*;
+use crate::fold::{classify, Step, DELETED_FIELD};
 
 const EXAMPLE: &str = include_str!("../../../config/projections.toml");
 
@@ -157,13 +158,14 @@ fn a_duplicate_version_stops_a_history_fold() {
 
 #[test]
 fn a_version_is_an_integer_of_either_width_or_a_finite_double() {
-    assert_eq!(stored_version(Some(&Bson::Int64(7))), Some(7));
-    assert_eq!(stored_version(Some(&Bson::Int32(7))), Some(7));
-    assert_eq!(stored_version(Some(&Bson::Double(7.0))), Some(7));
-    assert_eq!(stored_version(Some(&Bson::Double(f64::INFINITY))), None);
-    assert_eq!(stored_version(Some(&Bson::String("7".into()))), None);
-    assert_eq!(stored_version(None), None);
-    assert_eq!(version_of(None), 0);
+    assert_eq!(version_of(Some(&Bson::Int64(7))), Some(7));
+    assert_eq!(version_of(Some(&Bson::Int32(7))), Some(7));
+    assert_eq!(version_of(Some(&Bson::Double(7.0))), Some(7));
+    assert_eq!(version_of(Some(&Bson::Double(f64::INFINITY))), None);
+    assert_eq!(version_of(Some(&Bson::String("7".into()))), None);
+    assert_eq!(version_of(None), None);
+    assert_eq!(event_version(&doc! {}), 0);
+    assert_eq!(event_version(&doc! {"eventId": 7.0}), 7);
 }
 
 #[test]

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use mongodb::bson::{DateTime, Document};
-use ordo_projection::fold::UPDATED_AT_FIELD;
+use ordo_projection::UPDATED_AT_FIELD;
 use ordo_projection::{fold_history, ApplyError, HistoryError, Projection};
 
 /// Read models by collection, then by aggregate id, as stored but without `lastUpdatedAt` (the

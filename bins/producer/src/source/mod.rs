@@ -176,12 +176,15 @@ impl Source {
         }
     }
 
-    fn fault(&self, slot: &mut Option<Fault>) {
+    /// The step after a database error of the reader: the MongoDB fault held in `slot` (once)
+    /// and the retry's pause; false once reading stops.
+    async fn fault_and_pause(
+        &self,
+        slot: &mut Option<Fault>,
+        retry: &mut Retry,
+        e: &mongodb::error::Error,
+    ) -> bool {
         self.readiness.hold(slot, dependency::MONGODB);
-    }
-
-    /// The retry step after a database error of the reader; false once reading stops.
-    async fn pause(&self, retry: &mut Retry, e: &mongodb::error::Error) -> bool {
         retry
             .pause(ordo_core::mongo::error_reason(e), e, &self.cancel)
             .await

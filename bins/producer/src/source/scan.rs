@@ -21,24 +21,15 @@ impl Source {
                 r = self.events.watch() => r,
                 _ = self.cancel.cancelled() => return None,
             };
-            let r = opened.map(|s| s.resume_token());
-            match r {
+            // No post-batch token cannot happen on a server that supports change streams; it
+            // is treated as a fault rather than guessing a position.
+            let e = match opened.map(|s| s.resume_token()) {
                 Ok(Some(token)) => return Some(token),
-                Ok(None) => {
-                    // No post-batch token: cannot happen on a server that supports change
-                    // streams; treat it as a fault rather than guessing a position.
-                    let e = mongodb::error::Error::custom("change stream returned no resume token");
-                    self.fault(&mut failed);
-                    if !self.pause(&mut retry, &e).await {
-                        return None;
-                    }
-                }
-                Err(e) => {
-                    self.fault(&mut failed);
-                    if !self.pause(&mut retry, &e).await {
-                        return None;
-                    }
-                }
+                Ok(None) => mongodb::error::Error::custom("change stream returned no resume token"),
+                Err(e) => e,
+            };
+            if !self.fault_and_pause(&mut failed, &mut retry, &e).await {
+                return None;
             }
         }
     }
@@ -62,8 +53,7 @@ impl Source {
             let mut cursor = match cursor {
                 Ok(c) => c,
                 Err(e) => {
-                    self.fault(&mut failed);
-                    if !self.pause(&mut retry, &e).await {
+                    if !self.fault_and_pause(&mut failed, &mut retry, &e).await {
                         return Ok(None);
                     }
                     continue 'attempt;
@@ -85,8 +75,7 @@ impl Source {
                     Ok(None) => break 'attempt,
                     Err(e) => {
                         // Start over: what was queued stays queued, repeats are deduplicated.
-                        self.fault(&mut failed);
-                        if !self.pause(&mut retry, &e).await {
+                        if !self.fault_and_pause(&mut failed, &mut retry, &e).await {
                             return Ok(None);
                         }
                         continue 'attempt;

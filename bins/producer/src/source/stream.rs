@@ -104,8 +104,7 @@ impl Source {
             at.shrink = true;
             return None;
         }
-        self.fault(&mut at.fault);
-        if !self.pause(&mut at.retry, e).await {
+        if !self.fault_and_pause(&mut at.fault, &mut at.retry, e).await {
             return Some(Read::Stop);
         }
         None

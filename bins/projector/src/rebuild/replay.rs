@@ -10,7 +10,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document};
 use mongodb::Database;
 
-use ordo_projection::{event_version, stored_version, HistoryError, HistoryFold};
+use ordo_projection::{event_version, version_of, HistoryError, HistoryFold};
 use ordo_projection::{Projection, ReadModel};
 
 use crate::{ProjectorError, Store};
@@ -49,7 +49,7 @@ impl Folding {
         let event = match store.to_event(&self.id, raw) {
             Ok(e) => e,
             Err(e) => {
-                let v = stored_version(raw.get(&store.fields().event_id)).unwrap_or(next);
+                let v = version_of(raw.get(&store.fields().event_id)).unwrap_or(next);
                 self.stopped = Some((v.max(next), format!("source document {source}: {e}")));
                 return;
             }

@@ -134,11 +134,8 @@ impl ReconcileError {
     /// ([`ordo_core::mongo::error_reason`]), or what is wrong with a source event.
     fn reason(&self) -> &'static str {
         match self {
-            ReconcileError::Mongo(e) | ReconcileError::Store(StoreError::Mongo(e)) => {
-                ordo_core::mongo::error_reason(e)
-            }
-            ReconcileError::Store(StoreError::BadEvent { .. }) => "invalid_source_event",
-            ReconcileError::Store(StoreError::DuplicateVersion { .. }) => "duplicate_version",
+            ReconcileError::Mongo(e) => ordo_core::mongo::error_reason(e),
+            ReconcileError::Store(e) => e.reason(),
         }
     }
 }

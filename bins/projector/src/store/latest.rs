@@ -48,7 +48,7 @@ impl LatestCursor {
 fn latest_from(d: &Document) -> Option<AggregateLatest> {
     use mongodb::bson::Bson;
     let id = d.get_str("_id").ok()?.to_string();
-    let version = version_of(d.get("v"));
+    let version = version_of(d.get("v")).unwrap_or(0);
     let kinds = d
         .get_array("k")
         .map(|a| {

@@ -68,6 +68,16 @@ impl StoreError {
         }
     }
 
+    /// The `reason` label of `ordo_retries_total`: the driver's class of error
+    /// ([`ordo_core::mongo::error_reason`]), or what is wrong with a source event.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::Mongo(e) => ordo_core::mongo::error_reason(e),
+            StoreError::BadEvent { .. } => "invalid_source_event",
+            StoreError::DuplicateVersion { .. } => "duplicate_version",
+        }
+    }
+
     /// Whether a read-model write was refused for its content (a validator, the 16 MB limit):
     /// a fault of the events folded into it, not of the database. The driver checks an
     /// insert's size itself and answers `InvalidArgument`; the server answers a replace.

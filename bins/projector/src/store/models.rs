@@ -6,15 +6,14 @@ use mongodb::options::{CollectionOptions, ReadPreference, ReplaceOptions, Select
 use mongodb::Collection;
 
 use ordo_core::mongo::is_duplicate_key;
-use ordo_projection::fold::VERSION_FIELD;
-use ordo_projection::{stored_version, Projection, ReadModel};
+use ordo_projection::{version_of, Projection, ReadModel, VERSION_FIELD};
 
 use super::{Store, StoreError};
 
 /// Whether a stored read model carries a numeric `lastEventId`. One that does not (left by
 /// another writer) is not ordo's: it is replaced by the fold from version 1.
 fn is_versioned(d: &Document) -> bool {
-    stored_version(d.get(VERSION_FIELD)).is_some()
+    version_of(d.get(VERSION_FIELD)).is_some()
 }
 
 /// What a guarded write found.

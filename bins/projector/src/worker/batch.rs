@@ -322,13 +322,8 @@ impl Engine {
                 None => return false,
                 Some(Ok(())) => break,
                 Some(Err(e)) => {
-                    let reason = if e.is_retryable() {
-                        "transient"
-                    } else {
-                        "database"
-                    };
                     let delay = tracing::warn_span!("block", aggregate = %record.aggregate_id)
-                        .in_scope(|| retry.next(reason, &e));
+                        .in_scope(|| retry.next(e.reason(), &e));
                     if !self.pause(session, renewal, delay, cancel).await {
                         return false;
                     }
@@ -339,12 +334,11 @@ impl Engine {
         tracing::error!(aggregate = %record.aggregate_id, blocked_at = record.blocked_at_event_id, reason = %record.reason, "aggregate blocked");
         held.blocked = Some(record.blocked_at_event_id);
         held.checked_blocked = true;
-        let state = format!(
-            "blocked at v{} ({})",
-            record.blocked_at_event_id, record.reason
-        )
-        .into_bytes();
-        if session.set_state(state).await.is_err() {
+        if session
+            .set_state(crate::blocked_state::text(record))
+            .await
+            .is_err()
+        {
             return false;
         }
         held.state_says_blocked = true;

@@ -145,8 +145,7 @@ impl WorkError {
     /// The `reason` label of `ordo_retries_total`.
     fn reason(&self) -> &'static str {
         match self {
-            WorkError::Store(e) if e.is_retryable() => "transient",
-            WorkError::Store(_) => "database",
+            WorkError::Store(e) => e.reason(),
             WorkError::ConflictStorm(_) => "conflicts",
         }
     }

@@ -188,11 +188,10 @@ async fn a_hung_database_turns_readiness_off_and_does_not_hold_a_shutdown() {
 /// Waits until the projector has retried an accept or connect for `reason`, and checks it is
 /// not ready meanwhile.
 async fn unready_for(p: &Daemon, reason: &str) {
-    let series = format!("reason=\"{reason}\"");
     wait_until(Duration::from_secs(30), || async {
-        let (_, text) = p.http_get("/metrics").await.unwrap_or_default();
-        text.lines()
-            .any(|l| l.starts_with(ordo_core::metrics::RETRIES) && l.contains(&series))
+        p.metric_where(ordo_core::metrics::RETRIES, ("reason", reason))
+            .await
+            > 0.0
     })
     .await;
     assert!(!ready(p).await, "ready while failing with {reason}");

@@ -34,8 +34,9 @@ pub(crate) type Client = ServiceBusClient<BasicRetryPolicy>;
 #[error("{0}")]
 pub struct BrokerError(String);
 
-impl From<azure_core::Error> for BrokerError {
-    fn from(e: azure_core::Error) -> Self {
+impl BrokerError {
+    /// The client's error, as text (no public `From`: the client's type stays in here).
+    fn client(e: azure_core::Error) -> Self {
         BrokerError(e.to_string())
     }
 }
@@ -165,12 +166,16 @@ pub async fn dead_letter_depth(
     subscription: &str,
     cap: usize,
 ) -> Result<(usize, bool), BrokerError> {
-    let (client, mut receiver) =
-        dead_letter_receiver(conn, topic, subscription, "ordo-status").await?;
+    let (client, mut receiver) = dead_letter_receiver(conn, topic, subscription, "ordo-status")
+        .await
+        .map_err(BrokerError::client)?;
     let mut count = 0;
     let mut from = Some(0);
     while count < cap {
-        let page = receiver.peek_messages(250, from.take()).await?;
+        let page = receiver
+            .peek_messages(250, from.take())
+            .await
+            .map_err(BrokerError::client)?;
         if page.is_empty() {
             break;
         }

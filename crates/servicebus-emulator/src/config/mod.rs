@@ -256,53 +256,47 @@ pub(crate) struct StoreConfig {
     pub dead_lettering_on_message_expiration: bool,
 }
 
-impl TopicConfig {
-    /// The topic as an ingress point.
-    pub(crate) fn ingress(&self) -> IngressConfig<'_> {
-        IngressConfig {
-            name: &self.name,
-            partition_count: self.partition_count,
-            max_message_size_bytes: self.max_message_size_bytes,
-            duplicate_detection_window: self.duplicate_detection_window,
-            default_message_ttl: self.default_message_ttl,
+/// `ingress()` for an entity messages are sent to (a topic, a queue): its fields of the same
+/// names.
+macro_rules! ingress_of {
+    ($entity:ty, $doc:literal) => {
+        impl $entity {
+            #[doc = $doc]
+            pub(crate) fn ingress(&self) -> IngressConfig<'_> {
+                IngressConfig {
+                    name: &self.name,
+                    partition_count: self.partition_count,
+                    max_message_size_bytes: self.max_message_size_bytes,
+                    duplicate_detection_window: self.duplicate_detection_window,
+                    default_message_ttl: self.default_message_ttl,
+                }
+            }
         }
-    }
+    };
 }
 
-impl SubscriptionConfig {
-    /// The subscription as a message store.
-    pub(crate) fn store(&self) -> StoreConfig {
-        StoreConfig {
-            requires_session: self.requires_session,
-            lock_duration: self.lock_duration,
-            max_delivery_count: self.max_delivery_count,
-            dead_lettering_on_message_expiration: self.dead_lettering_on_message_expiration,
+/// `store()` for an entity messages are received from (a subscription, a queue): its fields
+/// of the same names.
+macro_rules! store_of {
+    ($entity:ty, $doc:literal) => {
+        impl $entity {
+            #[doc = $doc]
+            pub(crate) fn store(&self) -> StoreConfig {
+                StoreConfig {
+                    requires_session: self.requires_session,
+                    lock_duration: self.lock_duration,
+                    max_delivery_count: self.max_delivery_count,
+                    dead_lettering_on_message_expiration: self.dead_lettering_on_message_expiration,
+                }
+            }
         }
-    }
+    };
 }
 
-impl QueueConfig {
-    /// The queue as an ingress point.
-    pub(crate) fn ingress(&self) -> IngressConfig<'_> {
-        IngressConfig {
-            name: &self.name,
-            partition_count: self.partition_count,
-            max_message_size_bytes: self.max_message_size_bytes,
-            duplicate_detection_window: self.duplicate_detection_window,
-            default_message_ttl: self.default_message_ttl,
-        }
-    }
-
-    /// The queue as a message store.
-    pub(crate) fn store(&self) -> StoreConfig {
-        StoreConfig {
-            requires_session: self.requires_session,
-            lock_duration: self.lock_duration,
-            max_delivery_count: self.max_delivery_count,
-            dead_lettering_on_message_expiration: self.dead_lettering_on_message_expiration,
-        }
-    }
-}
+ingress_of!(TopicConfig, "The topic as an ingress point.");
+ingress_of!(QueueConfig, "The queue as an ingress point.");
+store_of!(SubscriptionConfig, "The subscription as a message store.");
+store_of!(QueueConfig, "The queue as a message store.");
 
 fn default_max_message_size() -> u64 {
     DEFAULT_MAX_MESSAGE_SIZE_BYTES

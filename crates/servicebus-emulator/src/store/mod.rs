@@ -2,7 +2,8 @@
 //!
 //! - `mod.rs` (this file): the types, [`Entity`] and enqueueing.
 //! - `queue`: one session's messages in delivery order, and the ordering invariant.
-//! - `session`: session locks (grant, renew, release) and session state.
+//! - `session`: session locks (grant, renew, release) and session state (its tests in
+//!   `session_tests.rs`, beside it).
 //! - `deliver`: handing the next message to a link.
 //! - `settle`: what a receiver's outcome or a lost lock does to a message.
 //! - `deferred`: deferred messages, received by sequence number.

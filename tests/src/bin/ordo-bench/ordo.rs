@@ -23,25 +23,8 @@ pub(crate) async fn run_ordo(
     load: &Load,
     ceilings: &MongoCeilings,
 ) -> anyhow::Result<RowResult> {
-    stack.producer_settings.start_at = "now".into();
-    if let Some(bytes) = args.max_in_flight_bytes {
-        stack.producer_settings.max_in_flight_bytes = bytes;
-    }
-    if let Some(n) = args.read_batch_size {
-        stack.producer_settings.read_batch_size = n;
-    }
-    stack.spawn_producer().await?;
-    for slot in 0..args.projectors {
-        stack.spawn_projector(slot).await?;
-    }
+    let pids = spawn_daemons(stack, args).await?;
     let broker = stack.bus.emulator()?.address();
-    let mut pids: Vec<(String, u32)> = Vec::new();
-    if let Some(p) = &stack.producer {
-        pids.push(("ordo-producer".into(), p.pid()));
-    }
-    for (i, p) in stack.projectors.iter().flatten().enumerate() {
-        pids.push((format!("ordo-projector-{}", i + 1), p.pid()));
-    }
     let sampler = ConnectionSampler::start(pids.iter().map(|p| p.1).collect(), broker);
     let times: InsertTimes = Arc::default();
     let watch = ReadModelWatch::start(stack, times.clone()).await?;
@@ -99,6 +82,30 @@ pub(crate) async fn run_ordo(
         events_per_s,
         p99,
     })
+}
+
+/// Starts the producer (from now, with the row's settings) and the projectors; returns their
+/// names and pids, the producer first.
+async fn spawn_daemons(stack: &mut Stack, args: &Args) -> anyhow::Result<Vec<(String, u32)>> {
+    stack.producer_settings.start_at = "now".into();
+    if let Some(bytes) = args.max_in_flight_bytes {
+        stack.producer_settings.max_in_flight_bytes = bytes;
+    }
+    if let Some(n) = args.read_batch_size {
+        stack.producer_settings.read_batch_size = n;
+    }
+    stack.spawn_producer().await?;
+    for slot in 0..args.projectors {
+        stack.spawn_projector(slot).await?;
+    }
+    let mut pids: Vec<(String, u32)> = Vec::new();
+    if let Some(p) = &stack.producer {
+        pids.push(("ordo-producer".into(), p.pid()));
+    }
+    for (i, p) in stack.projectors.iter().flatten().enumerate() {
+        pids.push((format!("ordo-projector-{}", i + 1), p.pid()));
+    }
+    Ok(pids)
 }
 
 /// Where an incomplete row's events are: how many aggregates' read models caught up, the

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::standby::lease_reason;
 use ordo_core::lease::{Lease, LeaseError, LeaseStore};
-use ordo_core::mongo::{error_reason, is_transient};
 use ordo_core::retry::{Backoff, Retry};
 use tokio_util::sync::CancellationToken;
 
@@ -70,9 +70,7 @@ impl LeaseKeeper {
                         self.abandon();
                         return Ok(LeaseEnd::Lost);
                     }
-                    Ok(Err(LeaseError::Mongo(e))) if is_transient(&e) => {
-                        (error_reason(&e), e.to_string())
-                    }
+                    Ok(Err(e)) if e.is_retryable() => (lease_reason(&e), e.to_string()),
                     Ok(Err(e)) => return Err(e),
                     Err(_) => (
                         "database",

@@ -163,7 +163,7 @@ impl Producer {
 }
 
 /// The `reason` of a lease operation's retry.
-fn lease_reason(e: &LeaseError) -> &'static str {
+pub(crate) fn lease_reason(e: &LeaseError) -> &'static str {
     match e {
         LeaseError::Mongo(e) => ordo_core::mongo::error_reason(e),
         LeaseError::Lost { .. } | LeaseError::Malformed { .. } => "refused",

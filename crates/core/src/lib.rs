@@ -1,5 +1,5 @@
 //! ordo-core: the daemons' common ground: what both use, and the stores and clients one of them
-//! uses that tests, the emulator's checks and `status` reach too (the producer's checkpoint and
+//! uses that tests and `status` reach too (the producer's checkpoint and
 //! lease, the projector's heartbeat). The projection engine is its own crate,
 //! `ordo-projection`, so custom projections depend on it alone.
 //!

@@ -30,9 +30,9 @@ pub const LEASE_HELD: &str = "ordo_lease_held";
 /// 1 while `/readyz` answers 200, else 0: readiness for scrapers without HTTP probes (both).
 pub const READY: &str = "ordo_ready";
 /// 1 while the events collection has its unique (aggregateId, eventId) index, 0 when it is
-/// missing or not unique; checked every minute (producer).
+/// missing or not unique; checked at start and every `index_check_interval` (producer).
 pub const EVENTS_INDEX_ENFORCED: &str = "ordo_events_index_enforced";
-/// Retries of a failed operation; labels `operation` and `reason` (producer), `op` (projector).
+/// Retries of a failed operation; labels `operation` and `reason` (both).
 pub const RETRIES: &str = "ordo_retries_total";
 /// Long-running tasks restarted after they panicked or failed; label `task` (producer).
 pub const TASK_RESTARTS: &str = "ordo_task_restarts_total";

@@ -34,10 +34,11 @@
 //!
 //! A version guard that finds its document moved is no fault either: the writer reads the
 //! document again and folds again, a bounded number of times, and hands on what is still
-//! moving (counted in `ordo_guard_conflicts_total`): a worker's batch fails as a transient
-//! error after `transient_retry_limit` conflicts (at least 3) and its messages are received
-//! again (`worker/apply.rs`), reconciliation leaves the model to the worker after 3
-//! (`reconcile/catch_up.rs`), and `repair` reports an error after 10 (`store/models.rs`).
+//! moving: a worker's batch, after more than `transient_retry_limit` conflicts (at least 3),
+//! is retried in place like any other fault, with `reason="conflicts"`, holding its session
+//! (`worker/apply.rs`, `worker/batch.rs`); reconciliation leaves the model to the worker after
+//! 3 (`reconcile/catch_up.rs`); `repair` reports an error after 10 (`store/models.rs`). The
+//! workers' and reconciliation's conflicts are counted in `ordo_guard_conflicts_total`.
 
 use std::{fmt::Display, time::Duration};
 

@@ -98,9 +98,9 @@ ordo_dead_lettered_total{reason=\"blocked\"} 3
 
     #[test]
     fn sums_only_the_samples_with_that_label_value() {
-        let text = "ordo_retries_total{operation=\"apply\",reason=\"transient\"} 2
+        let text = "ordo_retries_total{operation=\"apply\",reason=\"transient_server_error\"} 2
 ordo_retries_total{operation=\"accept\",reason=\"broker\"} 5
-ordo_retries_total{operation=\"apply\",reason=\"database\"} 1
+ordo_retries_total{operation=\"apply\",reason=\"network\"} 1
 ordo_retries_total_x{operation=\"apply\"} 9
 ";
         let apply = ("operation", "apply");

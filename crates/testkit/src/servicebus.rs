@@ -208,6 +208,19 @@ pub enum Topology {
     Unpartitioned,
 }
 
+/// ordo's default entities ([`EmulatorConfig::default_ordo`]) with every subscription's
+/// session lock `lock`: tests use a short one, so the sessions of a killed projector move on
+/// within seconds.
+pub fn emulator_config(lock: std::time::Duration) -> EmulatorConfig {
+    let mut cfg = EmulatorConfig::default_ordo();
+    for t in &mut cfg.topics {
+        for s in &mut t.subscriptions {
+            s.lock_duration = lock;
+        }
+    }
+    cfg
+}
+
 impl Topology {
     /// Whether the topic accepts a batch of several messages of one session.
     pub fn accepts_batches(self) -> bool {

@@ -23,7 +23,7 @@ use ordo_testkit::{
     bin_path, free_health_addr, paths::workspace_root, ConfigFile, Daemon, TestMongo,
 };
 
-pub use ordo_testkit::servicebus::TestServiceBus;
+pub use ordo_testkit::servicebus::{emulator_config, TestServiceBus};
 pub use verify::Verdict;
 pub use workload::{caught_up_and_folded, caught_up_and_folded_for, project_a_workload, write};
 
@@ -51,18 +51,6 @@ pub struct Stack {
     pub producer_env: Vec<(String, String)>,
     /// Extra environment of the projectors.
     pub projector_env: Vec<(String, String)>,
-}
-
-/// The emulator configuration ordo's end-to-end runs use: the default entities with a short
-/// session lock, so the sessions of a killed projector move on within seconds.
-pub fn emulator_config(lock: Duration) -> EmulatorConfig {
-    let mut cfg = EmulatorConfig::default_ordo();
-    for t in &mut cfg.topics {
-        for s in &mut t.subscriptions {
-            s.lock_duration = lock;
-        }
-    }
-    cfg
 }
 
 impl Stack {

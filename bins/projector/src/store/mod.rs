@@ -59,15 +59,6 @@ pub enum StoreError {
 const REFUSAL_CODES: &[i32] = &[121, 10334, 17419, 17420, 52, 56, 57];
 
 impl StoreError {
-    /// Network errors, transient server codes and injected transient failures are retried;
-    /// everything else is not.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            StoreError::Mongo(e) => is_transient(e),
-            StoreError::BadEvent { .. } | StoreError::DuplicateVersion { .. } => false,
-        }
-    }
-
     /// The `reason` label of `ordo_retries_total`: the driver's class of error
     /// ([`ordo_core::mongo::error_reason`]), or what is wrong with a source event.
     pub fn reason(&self) -> &'static str {

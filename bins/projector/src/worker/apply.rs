@@ -1,17 +1,16 @@
-//! Applying events: fold them into the aggregate's read models (filling gaps from the events
-//! collection) and write each changed model once, guarded by the version it was read at.
+//! Applying events: fold them into the aggregate's read models (through gaps filled from the
+//! events collection, `gap.rs`) and write each changed model once, guarded by the version it
+//! was read at.
 
 use ordo_projection::ApplyError;
 
 use super::session::Held;
 use super::{Applied, Engine, Event, WorkError};
-use crate::settle::{
-    Poison, Stop, REASON_DUPLICATE, REASON_GAP, REASON_PROJECTION, REASON_REFUSED, REASON_SOURCE,
-};
-use crate::store::{StoreError, Written};
+use crate::settle::{Poison, Stop, REASON_PROJECTION, REASON_REFUSED};
+use crate::store::Written;
 use mongodb::bson::Document;
 use ordo_core::metrics as m;
-use ordo_projection::{event_version, fold_events, selects, Gap, Projection, ReadModel};
+use ordo_projection::{selects, Projection, ReadModel};
 use std::collections::BTreeMap;
 
 impl Engine {
@@ -184,110 +183,15 @@ impl Engine {
         }
         Ok(plan)
     }
-
-    /// Folds the events up to `limit` into `model`, filling gaps from the events collection.
-    /// Returns where folding must stop, if it must.
-    pub(super) async fn fold(
-        &self,
-        p: &dyn Projection,
-        model: &mut ReadModel,
-        events: &[&Event],
-        limit: i64,
-        gap_events: &mut BTreeMap<i64, Document>,
-    ) -> Result<Option<Stop>, StoreError> {
-        let docs: Vec<&Document> = events
-            .iter()
-            .filter(|e| e.version <= limit)
-            .map(|e| &e.doc)
-            .collect();
-        loop {
-            match fold_events(p, model, docs.iter().copied()) {
-                Ok(None) => return Ok(None),
-                Ok(Some(gap)) => {
-                    if let Some(s) = self.fill_gap(p, model, gap, gap_events).await? {
-                        return Ok(Some(s));
-                    }
-                }
-                Err(e) => return Ok(Some(projection_error(p, &model.id, e))),
-            }
-        }
-    }
-
-    /// Applies the missing versions of `gap` to `model`, read from the events collection first
-    /// unless an earlier fold of this batch read them. Where folding must stop instead, if it
-    /// must: the gap not filled, an invalid or duplicated source event, a projection error.
-    async fn fill_gap(
-        &self,
-        p: &dyn Projection,
-        model: &mut ReadModel,
-        Gap { from, to }: Gap,
-        gap_events: &mut BTreeMap<i64, Document>,
-    ) -> Result<Option<Stop>, StoreError> {
-        if (from..=to).any(|v| !gap_events.contains_key(&v)) {
-            if let Some(s) = self.read_gap(p, &model.id, from, to, gap_events).await? {
-                return Ok(Some(s));
-            }
-        }
-        for v in from..=to {
-            // The read returned every version of the range, each once.
-            let Some(e) = gap_events.get(&v) else {
-                let description = format!(
-                    "event v{v} of {} was not read while filling the gap",
-                    model.id
-                );
-                return Ok(Some(stop_at(p, v, REASON_GAP, description)));
-            };
-            if let Err(e) = model.apply(p, e) {
-                return Ok(Some(projection_error(p, &model.id, e)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Reads versions `from..=to` of `id` into `gap_events`, waiting up to `gap_timeout` for
-    /// them ([`Store::wait_for_events`]). The stop when they cannot be had: not all there in
-    /// time, or a source event that breaks the contract; a database fault is an error.
-    async fn read_gap(
-        &self,
-        p: &dyn Projection,
-        id: &str,
-        from: i64,
-        to: i64,
-        gap_events: &mut BTreeMap<i64, Document>,
-    ) -> Result<Option<Stop>, StoreError> {
-        match self
-            .store
-            .wait_for_events(id, from, to, self.cfg.gap_timeout)
-            .await
-        {
-            Ok(Some(found)) => {
-                metrics::counter!(m::GAP_EVENTS_FILLED).increment(found.len() as u64);
-                tracing::info!(aggregate = %id, from, to, "gap filled from the events collection");
-                for e in found {
-                    gap_events.insert(event_version(&e), e);
-                }
-                Ok(None)
-            }
-            Ok(None) => {
-                let description = format!(
-                    "events v{from}..v{to} of {id} not found in the events collection within {:?}",
-                    self.cfg.gap_timeout
-                );
-                Ok(Some(stop_at(p, from, REASON_GAP, description)))
-            }
-            Err(e @ StoreError::BadEvent { .. }) => {
-                Ok(Some(stop_at(p, from, REASON_SOURCE, e.to_string())))
-            }
-            Err(e @ StoreError::DuplicateVersion { .. }) => {
-                Ok(Some(stop_at(p, from, REASON_DUPLICATE, e.to_string())))
-            }
-            Err(e) => Err(e),
-        }
-    }
 }
 
 /// The stop at `version` of projection `p`, for `reason`.
-fn stop_at(p: &dyn Projection, version: i64, reason: &'static str, description: String) -> Stop {
+pub(super) fn stop_at(
+    p: &dyn Projection,
+    version: i64,
+    reason: &'static str,
+    description: String,
+) -> Stop {
     Stop {
         version,
         poison: Poison {
@@ -299,7 +203,7 @@ fn stop_at(p: &dyn Projection, version: i64, reason: &'static str, description: 
 }
 
 /// A projection cannot apply an event of `aggregate_id`: logged, and a poison stop.
-fn projection_error(p: &dyn Projection, aggregate_id: &str, err: ApplyError) -> Stop {
+pub(super) fn projection_error(p: &dyn Projection, aggregate_id: &str, err: ApplyError) -> Stop {
     tracing::error!(aggregate = %aggregate_id, projection = p.name(), event_id = err.event_id, error = %err, "projection error");
     stop_at(p, err.event_id, REASON_PROJECTION, err.to_string())
 }

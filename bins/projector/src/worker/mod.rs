@@ -24,13 +24,14 @@
 //! and its retries), `release.rs` (sessions a worker is done with, closed in the background),
 //! `session.rs` (one held session, its lock renewed between batches), `renewal.rs` (when a
 //! session's lock is renewed),
-//! `batch.rs` (one batch: decide, settle, pause on a fault, block on poison), `apply.rs` (fold,
-//! fill gaps, guarded write), `gate.rs` (one prober while the broker is down), `message.rs`
+//! `batch.rs` (one batch: decide, settle, pause on a fault, block on poison), `apply.rs` (fold and
+//! guarded write), `gap.rs` (gaps filled from the events collection), `gate.rs` (one prober while the broker is down), `message.rs`
 //! (what a message says).
 
 mod accept;
 mod apply;
 mod batch;
+mod gap;
 mod gate;
 mod message;
 mod release;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use mongodb::bson::Document;
 use ordo_projection::{Projection, ProjectionsFile};
 pub use ordo_projector::config::ProjectorSection;
-use ordo_servicebus_emulator::config::{EmulatorConfig, SubscriptionConfig, TopicConfig};
+use ordo_servicebus_emulator::config::EmulatorConfig;
 use ordo_servicebus_emulator::EmulatorHandle;
 pub use ordo_testkit::oracle::Expected;
 use ordo_testkit::{free_health_addr, ConfigFile, Daemon, TestMongo, TestServiceBus};
@@ -96,14 +96,7 @@ pub async fn start(lock: Duration) -> Env {
 /// Like [`start`], with the emulator's configuration changed by `tune` first.
 pub async fn start_with(lock: Duration, tune: impl FnOnce(&mut EmulatorConfig)) -> Env {
     let mongo = TestMongo::start().await.expect("mongodb");
-    let mut cfg = EmulatorConfig::default_ordo();
-    cfg.topics = vec![TopicConfig {
-        subscriptions: vec![SubscriptionConfig {
-            lock_duration: lock,
-            ..cfg.topics[0].subscriptions[0].clone()
-        }],
-        ..cfg.topics[0].clone()
-    }];
+    let mut cfg = ordo_testkit::servicebus::emulator_config(lock);
     tune(&mut cfg);
     let bus = TestServiceBus::start_emulator(cfg)
         .await

@@ -73,6 +73,19 @@ async fn database_fail_points_are_retried_not_dead_lettered() {
         "{retries} apply retries counted\n{}",
         p.logs()
     );
+    // Labelled with the driver's class of the error (WriteConflict, 112, is transient), as
+    // the producer's MongoDB retries are.
+    let labelled = p
+        .metric_where(
+            ordo_core::metrics::RETRIES,
+            ("reason", "transient_server_error"),
+        )
+        .await;
+    assert!(
+        labelled >= 3.0,
+        "{labelled} retries labelled transient_server_error\n{}",
+        p.logs()
+    );
     env.mongo
         .database()
         .collection::<mongodb::bson::Document>("fail_point_probe")

@@ -30,6 +30,9 @@ pub enum IndexState {
     Missing,
     /// An index on those keys exists but is not unique; ordo does not replace it.
     NotUnique(String),
+    /// A unique index on those keys exists but with a `partialFilterExpression`: events
+    /// outside its filter can repeat a version. ordo does not replace it.
+    Partial(String),
     /// Creating it failed because the collection already holds duplicate versions.
     Duplicates(String),
     /// The server refused to create it (a role without `createIndex`, a conflicting index);
@@ -54,6 +57,9 @@ impl fmt::Display for IndexState {
             }
             IndexState::NotUnique(name) => {
                 write!(f, "NOT UNIQUE: index {name} on (aggregate id, event id) allows duplicate versions")
+            }
+            IndexState::Partial(name) => {
+                write!(f, "PARTIAL: unique index {name} on (aggregate id, event id) has a partialFilterExpression; events outside it can repeat a version")
             }
             IndexState::Refused(e) => write!(f, "MISSING: the server refused to create it: {e}"),
             IndexState::Duplicates(e) => {
@@ -82,7 +88,8 @@ pub async fn event_index(
         Err(e) if server_code(&e) == Some(26) => return Ok(IndexState::Missing),
         Err(e) => return Err(e),
     };
-    let mut not_unique = None;
+    // The best found so far that does not enforce: a partial unique index, else a plain one.
+    let mut weaker = None;
     while let Some(index) = cursor.try_next().await? {
         let direction = |v: &Bson| match v {
             Bson::Int32(d) => matches!(d, 1 | -1),
@@ -101,12 +108,20 @@ pub async fn event_index(
         }
         let options = index.options.unwrap_or_default();
         let name = options.name.unwrap_or_default();
-        if options.unique == Some(true) {
-            return Ok(IndexState::Present(name));
+        match (
+            options.unique == Some(true),
+            options.partial_filter_expression.is_some(),
+        ) {
+            (true, false) => return Ok(IndexState::Present(name)),
+            (true, true) => weaker = Some(IndexState::Partial(name)),
+            (false, _) => {
+                if !matches!(weaker, Some(IndexState::Partial(_))) {
+                    weaker = Some(IndexState::NotUnique(name));
+                }
+            }
         }
-        not_unique = Some(name);
     }
-    Ok(not_unique.map_or(IndexState::Missing, IndexState::NotUnique))
+    Ok(weaker.unwrap_or(IndexState::Missing))
 }
 
 /// Checks the index, and creates it when missing and `create` is true.
@@ -238,5 +253,40 @@ mod tests {
         .unwrap();
         let state = ensure_event_index(&coll, &fields(), true).await.unwrap();
         assert!(matches!(state, IndexState::NotUnique(_)), "{state:?}");
+    }
+
+    /// A unique index that covers only the events matching a filter does not keep a version
+    /// from repeating: it is reported, not counted as enforcement.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partial_unique_index_is_not_enforcement() {
+        let mongo = TestMongo::start().await.expect("mongodb");
+        let coll = mongo.database().collection::<Document>("events");
+        coll.create_index(
+            IndexModel::builder()
+                .keys(doc! { "streamId": 1, "version": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .unique(true)
+                        .partial_filter_expression(doc! { "kind": "NeverUsed" })
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+        // The hole it leaves: a repeated version is stored.
+        coll.insert_many([
+            doc! { "streamId": "a", "version": 1, "kind": "Created" },
+            doc! { "streamId": "a", "version": 1, "kind": "Created" },
+        ])
+        .await
+        .unwrap();
+        let state = ensure_event_index(&coll, &fields(), true).await.unwrap();
+        assert!(matches!(state, IndexState::Partial(_)), "{state:?}");
+        assert!(!state.is_enforced());
+        assert!(
+            state.to_string().contains("partialFilterExpression"),
+            "{state}"
+        );
     }
 }

@@ -255,7 +255,7 @@ where
         let value = toml::Value::Table(table.clone());
         match serde_path_to_error::deserialize::<_, T>(value) {
             Ok(mut cfg) => {
-                cfg.validate()?;
+                cfg.validate().map_err(|e| set_by(e, &overrides))?;
                 return Ok(cfg);
             }
             Err(err) => {
@@ -290,6 +290,23 @@ where
                 return Err(ConfigError::invalid(key, format!("{inner}{origin}")));
             }
         }
+    }
+}
+
+/// A value the checks refused names the variable that set it, as a parse error does.
+fn set_by(e: ConfigError, overrides: &[Override]) -> ConfigError {
+    match e {
+        ConfigError::Invalid { key, message } => {
+            let origin = overrides.iter().rev().find(|o| o.key.join(".") == key);
+            match origin {
+                Some(o) => ConfigError::Invalid {
+                    message: format!("{message} (set by {})", o.origin),
+                    key,
+                },
+                None => ConfigError::Invalid { key, message },
+            }
+        }
+        other => other,
     }
 }
 

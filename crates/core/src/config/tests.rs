@@ -136,6 +136,24 @@ fn unknown_env_key_is_named_with_its_variable() {
     );
 }
 
+/// A value that parses but is out of range names its variable too, not only a value that does
+/// not parse.
+#[test]
+fn an_out_of_range_env_value_is_named_with_its_variable() {
+    let e = load(GOOD, &[("ORDO__SHUTDOWN__GRACE_PERIOD", "20m")]).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("shutdown.grace_period")
+            && text.contains("out of range")
+            && text.contains("(set by ORDO__SHUTDOWN__GRACE_PERIOD)"),
+        "{text}"
+    );
+    // From the file, no variable is named.
+    let file = GOOD.replace("grace_period = \"5s\"", "grace_period = \"20m\"");
+    let e = load(&file, &[]).unwrap_err().to_string();
+    assert!(e.contains("out of range") && !e.contains("set by"), "{e}");
+}
+
 #[test]
 fn secret_file_is_read_and_conflicts_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -276,12 +276,7 @@ where
                 }
                 let inner = err.inner().to_string();
                 let inner = inner.lines().next().unwrap_or_default().trim_end();
-                let origin = overrides
-                    .iter()
-                    .rev()
-                    .find(|o| o.key.join(".") == key || key.starts_with(&(o.key.join(".") + ".")))
-                    .map(|o| format!(" (set by {})", o.origin))
-                    .unwrap_or_default();
+                let origin = set_by_suffix(&overrides, &key);
                 let key = if key == "." {
                     "<root>".to_string()
                 } else {
@@ -293,19 +288,24 @@ where
     }
 }
 
+/// " (set by VARIABLE)" when the last override of `key` (or of a table holding it) came from
+/// the environment; empty otherwise.
+fn set_by_suffix(overrides: &[Override], key: &str) -> String {
+    overrides
+        .iter()
+        .rev()
+        .find(|o| o.key.join(".") == key || key.starts_with(&(o.key.join(".") + ".")))
+        .map(|o| format!(" (set by {})", o.origin))
+        .unwrap_or_default()
+}
+
 /// A value the checks refused names the variable that set it, as a parse error does.
 fn set_by(e: ConfigError, overrides: &[Override]) -> ConfigError {
     match e {
-        ConfigError::Invalid { key, message } => {
-            let origin = overrides.iter().rev().find(|o| o.key.join(".") == key);
-            match origin {
-                Some(o) => ConfigError::Invalid {
-                    message: format!("{message} (set by {})", o.origin),
-                    key,
-                },
-                None => ConfigError::Invalid { key, message },
-            }
-        }
+        ConfigError::Invalid { key, message } => ConfigError::Invalid {
+            message: format!("{message}{}", set_by_suffix(overrides, &key)),
+            key,
+        },
         other => other,
     }
 }

@@ -39,7 +39,7 @@ mod seed;
 pub(crate) use args::{Args, Shape};
 use ceilings::{change_stream_ceiling, guarded_update_ceiling, send_ceiling, MongoCeilings};
 use load::{load_for, Load};
-use report::{print_row, print_table, write_outputs, Bar};
+use report::{print_goals, print_row, print_table, write_outputs, Bar};
 
 /// The embedded emulator and the load writer encode and decode AMQP frames and BSON documents,
 /// allocating many small buffers each: with glibc malloc they took a larger share of the
@@ -193,6 +193,7 @@ async fn run(args: Args, mongo_kind: &str) -> anyhow::Result<()> {
     );
     println!();
     print_table(&m.rows);
+    print_goals(&m.rows);
     Ok(())
 }
 

@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         "secantusd-py"
     };
     if mongo_kind == "secantusd-py" {
-        eprintln!("bench: MongoDB stand-in is the Python SecantusDB (slower; scripts/bench.sh --rust-secantus builds secantusd-rs)");
+        eprintln!("bench: MongoDB stand-in is the Python SecantusDB (one core; every row measures it more than ordo: scripts/bench.sh without --python-secantus uses secantusd-rs)");
     }
     let rt = ordo_core::cli::runtime()?;
     let result = rt.block_on(run(args, mongo_kind));

@@ -197,19 +197,23 @@ mod tests {
 
     #[test]
     fn counts_only_this_process_established_connections_to_the_broker() {
+        let count = |pid, broker| amqp_connections(pid, &established_to(broker)?);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let broker = listener.local_addr().unwrap();
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let pid = std::process::id();
-        assert_eq!(amqp_connections(pid, broker), Some(0));
+        assert_eq!(count(pid, broker), Some(0));
         let a = std::net::TcpStream::connect(broker).unwrap();
         let b = std::net::TcpStream::connect(broker).unwrap();
         let _elsewhere = std::net::TcpStream::connect(other.local_addr().unwrap()).unwrap();
         let (_sa, _) = listener.accept().unwrap();
         let (_sb, _) = listener.accept().unwrap();
         // The accepted ends are this process's too, but their remote is the client's port.
-        assert_eq!(amqp_connections(pid, broker), Some(2));
+        assert_eq!(count(pid, broker), Some(2));
+        // Another process's sockets are not this one's, though the table lists them.
+        let parent = std::os::unix::process::parent_id();
+        assert_eq!(count(parent, broker), Some(0));
         drop((a, b));
-        assert_eq!(amqp_connections(u32::MAX, broker), None);
+        assert_eq!(count(u32::MAX, broker), None);
     }
 }

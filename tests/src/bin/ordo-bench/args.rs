@@ -52,8 +52,8 @@ pub(crate) struct Args {
     /// Events per aggregate of the churn shape.
     #[arg(long, default_value_t = 2)]
     pub(crate) churn_events_per_aggregate: usize,
-    /// How long the steady shape inserts (30 s by default, to keep the whole run near 10
-    /// minutes on 2 cores; the latency percentiles settle within it).
+    /// How long the steady shape inserts (30 s by default, to keep the whole run near 5
+    /// minutes on 2 cores with the Rust SecantusDB; the latency percentiles settle within it).
     #[arg(long, default_value_t = 30)]
     pub(crate) steady_secs: u64,
     /// Offered load of the steady shape as a fraction of the hot shape's events/s measured with

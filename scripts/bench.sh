@@ -15,7 +15,7 @@
 #   scripts/bench.sh --python-secantus ...   # MongoDB stand-in: the Python SecantusDB, which
 #                                            # needs no build but runs on one core (650 guarded
 #                                            # updates/s against 3,900-5,800): every row then
-#                                            # measures that server, not ordo (about 12 minutes)
+#                                            # measures that server, not ordo (about 10 minutes)
 # Other arguments go to ordo-bench (see target/release/ordo-bench --help).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -299,6 +299,7 @@ impl Row<'_> {
                 "events_per_s_vs_seed": seed_rate.map(|s| ordo.events_per_s / s),
                 "p99_seed_over_ordo": seed.and_then(|s| Some(s.p99? / ordo.p99?)),
                 "vs_guarded_update_ceiling": ordo.events_per_s / ceilings.guarded_updates,
+                "vs_insert_ceiling": ordo.events_per_s / ceilings.insert,
                 "vs_change_stream_ceiling": ordo.events_per_s / ceilings.change_stream,
                 "vs_batched_send_ceiling": ordo.events_per_s / send,
             },
